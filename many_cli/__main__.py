@@ -1,0 +1,3 @@
+from many_cli.cli import main
+
+main()

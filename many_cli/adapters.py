@@ -1,0 +1,182 @@
+"""Reading PEFT LoRA adapters (lazily, tensor by tensor) and writing the merged adapter."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors.torch import save_file
+
+from many_cli.errors import InputError
+from many_cli.files import file_fingerprint, open_safetensors, read_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED_KEYS = {
+    "lora_embedding_": "LoRA on embedding layers",
+    "lora_magnitude_vector": "DoRA",
+    ".lora_A.bias": "LoRA with lora_bias",
+    ".lora_B.bias": "LoRA with lora_bias",
+}
+SUPPORTED = "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear layer: τ = scale · B A, A (rank, d_in), B (d_out, rank)."""
+    name: str
+    rank: int
+    scale: float
+    d_in: int
+    d_out: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter directory, read header-first; weights load on demand."""
+    name: str
+    path: Path
+    fingerprint: str
+    base_model: str | None
+    modules: Mapping[str, LoraModule]
+    projector_module: str | None
+    projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside the projector -> shape
+
+    @property
+    def weights(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
+
+    def lora_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with open_safetensors(self.weights) as handle:
+            return (handle.get(f"{PEFT_PREFIX}{module}.lora_A.weight"),
+                    handle.get(f"{PEFT_PREFIX}{module}.lora_B.weight"))
+
+    def projector_tensor(self, parameter: str) -> torch.Tensor:
+        with open_safetensors(self.weights) as handle:
+            return handle.get(f"{PEFT_PREFIX}{self.projector_module}.{parameter}")
+
+
+def find_adapter_dirs(paths: list[Path]) -> list[Path]:
+    """Adapter directories in task order: as given, or, for one folder that holds adapters,
+    its adapter subdirectories in name order."""
+    if len(paths) == 1 and not (paths[0] / ADAPTER_CONFIG).exists() and paths[0].is_dir():
+        found = sorted(child for child in paths[0].iterdir() if (child / ADAPTER_CONFIG).is_file())
+        if not found:
+            raise InputError(paths[0], f"holds no adapter directory (none has {ADAPTER_CONFIG})")
+        return found
+    for path in paths:
+        if not path.is_dir():
+            raise InputError(path, "adapter directory not found")
+    return paths
+
+
+def read_adapter(path: Path) -> Adapter:
+    config_path = path / ADAPTER_CONFIG
+    config = read_json(config_path)
+    _check_supported(config_path, config)
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = path / "adapter_model.bin"
+        hint = " (adapter_model.bin is not read: re-save with safe_serialization=True)" if pickled.exists() else ""
+        raise InputError(weights, f"file not found{hint}")
+
+    saved = [name for name in config.get("modules_to_save") or []]
+    if len(saved) > 1:
+        raise InputError(config_path, f"modules_to_save lists {saved}; many expects at most one "
+                                      f"module there, the projector")
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    projector_module = None
+    projector_shapes: dict[str, tuple[int, ...]] = {}
+    with open_safetensors(weights) as handle:
+        for key in handle.keys():
+            for marker, what in _UNSUPPORTED_KEYS.items():
+                if marker in key:
+                    raise InputError(weights, f"holds {key!r}: {what} is not supported; {SUPPORTED}")
+            name = key.removeprefix(PEFT_PREFIX)
+            match = _LORA_KEY.match(name)
+            if match:
+                factors.setdefault(match["module"], {})[match["part"]] = handle.shape(key)
+                continue
+            split = _split_saved_module(name, saved)
+            if split is None:
+                raise InputError(weights, f"unexpected tensor {key!r}: neither a LoRA factor nor "
+                                          f"under modules_to_save")
+            projector_module, parameter = split
+            projector_shapes[parameter] = handle.shape(key)
+
+    modules = {}
+    for module, shapes in sorted(factors.items()):
+        if set(shapes) != {"A", "B"}:
+            raise InputError(weights, f"module {module} has lora_A or lora_B but not both")
+        modules[module] = _lora_module(weights, config, module, shapes["A"], shapes["B"])
+    if not modules:
+        raise InputError(weights, "holds no LoRA weights")
+    return Adapter(path.name, path, file_fingerprint(weights), config.get("base_model_name_or_path"),
+                   modules, projector_module, projector_shapes)
+
+
+def _check_supported(config_path: Path, config: dict) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InputError(config_path, f"peft_type {peft_type!r} is not supported; {SUPPORTED}")
+    for flag, what in [("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
+                       ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
+                       ("target_parameters", "LoRA on parameters (target_parameters)"),
+                       ("layer_replication", "layer_replication")]:
+        if config.get(flag):
+            raise InputError(config_path, f"{what} is not supported; {SUPPORTED}")
+
+
+def _split_saved_module(name: str, saved: list[str]) -> tuple[str, str] | None:
+    """('model.multi_modal_projector', 'linear_1.weight') from a modules_to_save key."""
+    padded = "." + name
+    for target in saved:
+        start = padded.find(f".{target}.")
+        if start >= 0:
+            end = start + len(target)
+            return name[:end], name[end + 1:]
+    return None
+
+
+def _lora_module(weights: Path, config: dict, module: str, a_shape: tuple[int, ...],
+                 b_shape: tuple[int, ...]) -> LoraModule:
+    rank = a_shape[0]
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != rank:
+        raise InputError(weights, f"module {module}: lora_A {a_shape} and lora_B {b_shape} "
+                                  f"are not the factors of one linear layer")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    declared = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r"))
+    if declared != rank:
+        raise InputError(weights, f"module {module}: the config declares rank {declared}, "
+                                  f"the weights have rank {rank}")
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank))
+    scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    return LoraModule(module, rank, float(scale), a_shape[1], b_shape[0])
+
+
+def write_lora_adapter(out_dir: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       base_model: str | None) -> None:
+    """Write factors {module: (A, B)} as a standard PEFT LoRA adapter with scale 1 everywhere
+    (lora_alpha = r, per-module ranks through rank_pattern and alpha_pattern)."""
+    ranks = {module: a.shape[0] for module, (a, _) in factors.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    # Keys are regexes to PEFT; escaping makes each one match its own module only.
+    pattern = {re.escape(module): rank for module, rank in ranks.items() if rank != common}
+    config = LoraConfig(r=common, lora_alpha=common, target_modules=sorted(factors),
+                        rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
+                        bias="none", base_model_name_or_path=base_model)
+    config.save_pretrained(str(out_dir))
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})

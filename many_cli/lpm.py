@@ -1,0 +1,89 @@
+"""Low-rank Parameter Merging and the baseline merge rules: pure functions on tensors.
+
+Shapes follow torch's Linear: a task vector τ = s·B A is (d_out, d_in), A is (r, d_in),
+B is (d_out, r), a covariance C = Σ x xᵀ is (d_in, d_in), a Gram matrix H = Σ_i C_i.
+LPM's merged vector τ* = (Σ_i τ_i C_i) H⁻¹ = Σ_i (s_i B_i)(A_i C_i H⁻¹) is a LoRA of rank Σ r_i,
+so every function here works on the factors; nothing forms a dense d_out × d_in delta except
+TIES, whose rule is elementwise. Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def add_ridge_(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """H + ρ·mean(diag H)·I, in place: a load relative to the Gram matrix's own scale."""
+    if ridge > 0:
+        gram.diagonal().add_(ridge * gram.diagonal().mean())
+    return gram
+
+
+def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor | None:
+    """X with X (H + ridge) = R, R of shape (k, d), k ≪ d, through a Cholesky factorization
+    in H's dtype (pass float64); H⁻¹ is never formed. Returns None when H is not numerically
+    positive definite. Overwrites `gram` with its factor to save a d×d buffer."""
+    add_ridge_(gram, ridge)
+    factor, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32)))
+    if int(info) != 0:
+        return None
+    rows = torch.cholesky_solve(rhs.to(gram.dtype).T, factor).T
+    return rows if bool(torch.isfinite(rows).all()) else None
+
+
+def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
+                         input_eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
+    """The minimum-norm least-squares X for X (H + ridge) = R when H is singular or indefinite.
+
+    Eigen-directions of H below d·input_eps·max|λ| are treated as unreached by any calibration
+    input (float32 statistics cannot resolve them) and dropped, so X never holds NaN or Inf.
+    """
+    add_ridge_(gram, ridge)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    tolerance = eigenvalues.abs().max() * gram.shape[0] * input_eps
+    kept = eigenvalues > tolerance
+    basis = eigenvectors[:, kept]
+    return ((rhs.to(gram.dtype) @ basis) / eigenvalues[kept]) @ basis.T
+
+
+def stack_factors(a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Tensor],
+                  weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA factors (A, B) of Σ_i w_i B_i A_i: A stacks the A_i, B concatenates the w_i B_i."""
+    a = torch.cat(list(a_blocks), dim=0)
+    b = torch.cat([weight * block for weight, block in zip(weights, b_blocks)], dim=1)
+    return a, b
+
+
+def ties(task_vectors: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES-Merging (Yadav et al., 2023) of dense task vectors: keep each vector's top
+    `density` fraction of entries by magnitude, elect each entry's sign by the sum of what was
+    kept, and average only the kept entries that agree with it (disjoint mean)."""
+    trimmed = torch.stack([_keep_top_magnitude(vector, density) for vector in task_vectors])
+    elected = torch.sign(trimmed.sum(dim=0))
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    total = (trimmed * agrees).sum(dim=0)
+    count = agrees.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def _keep_top_magnitude(vector: torch.Tensor, density: float) -> torch.Tensor:
+    keep = max(1, round(density * vector.numel()))
+    if keep >= vector.numel():
+        return vector
+    threshold = vector.abs().flatten().kthvalue(vector.numel() - keep + 1).values
+    return vector * (vector.abs() >= threshold)
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors (A, B) of a dense delta (truncated SVD, Eckart–Young),
+    with the relative Frobenius error of the approximation."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    a = root[:, None] * vh[:rank]
+    b = u[:, :rank] * root[None, :]
+    total = float(s.square().sum())
+    error = (float(s[rank:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return a, b, error

@@ -1,0 +1,417 @@
+"""`many merge`: check the inputs, merge one input group at a time, write the output directory.
+
+Memory stays flat in the depth of the model: for one group of modules that read the same
+input, the covariances are read one task at a time, the Gram matrix is solved, the state is
+streamed to disk, and only the (small) merged LoRA factors are kept until the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import torch
+from safetensors.torch import save_file
+
+from many_cli import lpm
+from many_cli.adapters import Adapter, find_adapter_dirs, read_adapter, write_lora_adapter
+from many_cli.card import model_card
+from many_cli.errors import InputError
+from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
+from many_cli.state import (BUNDLE_FILE, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
+                            StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
+                            read_bundle_header, read_state_header, read_stats_header,
+                            state_metadata, unpack_symmetric)
+
+METHODS = ("many", "average", "task-arithmetic", "ties")
+DEFAULT_RIDGE = 1e-4
+DEFAULT_ETA = 0.05
+DEFAULT_DENSITY = 0.2
+
+T = TypeVar("T")
+Track = Callable[[Sequence[T], str], Iterable[T]]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every setting of one merge."""
+    method: str = "many"
+    scale: float = 1.0
+    ridge: float = DEFAULT_RIDGE
+    balance: bool = False
+    density: float = DEFAULT_DENSITY
+    eta: float = DEFAULT_ETA
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    adapter: Adapter
+    stats: StatsHeader | None
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A merge output given to --resume."""
+    state: StateHeader
+    bundle: BundleHeader
+
+
+@dataclass(frozen=True)
+class Group:
+    """Modules that read one input, so share one Gram matrix."""
+    key: str
+    dim: int
+    modules: tuple[str, ...]
+    inputs: tuple[str, ...]  # the input's key in each new task's stats file
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    tasks: list[str]
+    modules: int
+    groups: int
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: Path | None = None,
+          track: Track = lambda items, _: items) -> MergeReport:
+    _check_options(options, resume)
+    tasks = [_load_task(path, needs_stats=options.method == "many")
+             for path in find_adapter_dirs(adapter_paths)]
+    previous = _read_previous(resume) if resume is not None else None
+    base_fingerprint = _check_compatible(tasks, previous, options)
+    base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
+    earlier = [task.name for task in previous.state.tasks] if previous else []
+    report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0, 0)
+
+    with atomic_output_dir(out, options.force) as staging:
+        if options.method == "many":
+            groups = _plan_groups(tasks, previous)
+            factors = _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
+                                 staging / STATE_FILE, report, track)
+            report.groups = len(groups)
+        else:
+            factors = _merge_baseline(tasks, options, report, track)
+        report.modules = len(factors)
+        write_lora_adapter(staging, factors, base_model)
+        _write_bundle(staging / BUNDLE_FILE, tasks, previous, options.eta)
+        (staging / "README.md").write_text(
+            model_card(tasks=[(task.adapter.name, task.adapter.fingerprint) for task in tasks],
+                       previous=[(task.name, task.adapter_fingerprint) for task in previous.state.tasks]
+                       if previous else [],
+                       resume=resume, options=options, base_model=base_model,
+                       base_fingerprint=base_fingerprint, report=report))
+    return report
+
+
+def _check_options(options: MergeOptions, resume: Path | None) -> None:
+    if options.method not in METHODS:
+        raise InputError(None, f"--method {options.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if not (options.ridge >= 0 and math.isfinite(options.ridge)):
+        raise InputError(None, f"--ridge must be a finite number ≥ 0, got {options.ridge}")
+    if not math.isfinite(options.scale):
+        raise InputError(None, f"--scale must be finite, got {options.scale}")
+    if not 0 < options.density <= 1:
+        raise InputError(None, f"--density must lie in (0, 1], got {options.density}")
+    if not options.eta > 0:
+        raise InputError(None, f"--eta must be > 0, got {options.eta}")
+    if resume is not None and options.method != "many":
+        raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
+
+
+def _load_task(path: Path, needs_stats: bool) -> Task:
+    adapter = read_adapter(path)
+    stats_path = path / STATS_FILE
+    if not stats_path.exists():
+        if needs_stats:
+            raise InputError(stats_path, f"file not found; run `many stats --adapter {path} ...` first")
+        return Task(adapter, None)
+    stats = read_stats_header(stats_path)
+    if stats.adapter_fingerprint != adapter.fingerprint:
+        raise InputError(stats_path, f"is stale: it was computed for adapter weights "
+                                     f"{stats.adapter_fingerprint}, the adapter is now "
+                                     f"{adapter.fingerprint}; re-run many stats")
+    return Task(adapter, stats)
+
+
+def _read_previous(resume: Path) -> Previous:
+    if not resume.is_dir():
+        raise InputError(resume, "merge directory to resume from not found")
+    return Previous(read_state_header(resume / STATE_FILE), read_bundle_header(resume / BUNDLE_FILE))
+
+
+def _check_compatible(tasks: list[Task], previous: Previous | None, options: MergeOptions) -> str:
+    """Refuse inputs that cannot be merged together; return the shared base fingerprint."""
+    names = [task.name for task in previous.state.tasks] if previous else []
+    for task in tasks:
+        if task.adapter.name in names:
+            raise InputError(task.adapter.path, f"task name {task.adapter.name!r} is already taken; "
+                                                f"task names (adapter directory names) must be unique")
+        names.append(task.adapter.name)
+
+    fingerprints = [(task.stats.path, task.stats.base_fingerprint) for task in tasks if task.stats]
+    if previous:
+        fingerprints.insert(0, (previous.state.path, previous.state.base_fingerprint))
+        if previous.state.balance != options.balance:
+            flag = "--balance" if previous.state.balance else "no --balance"
+            raise InputError(previous.state.path, f"was built with {flag}; resume with the same "
+                                                  f"weighting, or merge all adapters afresh")
+    for path, fingerprint in fingerprints[1:]:
+        if fingerprint != fingerprints[0][1]:
+            raise InputError(path, f"was computed on another base model (fingerprint {fingerprint}, "
+                                   f"while {fingerprints[0][0]} has {fingerprints[0][1]})")
+
+    seen: dict[str, tuple[tuple[int, int], Path]] = {}
+    if previous:
+        for key, shape in previous.state.shapes.items():
+            if key.startswith("b/"):
+                module = key.split("/", 2)[2]
+                seen[module] = ((previous.state.shapes[f"ac/{key.split('/')[1]}/{module}"][1],
+                                 shape[0]), previous.state.path)
+    for task in tasks:
+        for module in task.adapter.modules.values():
+            shape = (module.d_in, module.d_out)
+            first = seen.setdefault(module.name, (shape, task.adapter.weights))
+            if first[0] != shape:
+                raise InputError(task.adapter.weights, f"module {module.name} maps {shape[0]} to "
+                                                       f"{shape[1]} features, but in {first[1]} "
+                                                       f"{first[0][0]} to {first[0][1]}: adapters of "
+                                                       f"different base models?")
+    _check_projectors(tasks, previous)
+    return fingerprints[0][1] if fingerprints else ""
+
+
+def _check_projectors(tasks: list[Task], previous: Previous | None) -> None:
+    reference: tuple[str | None, dict[str, tuple[int, ...]], Path] | None = None
+    if previous:
+        prefix = "projector/0/"
+        shapes = {key[len(prefix):]: shape for key, shape in previous.bundle.shapes.items()
+                  if key.startswith(prefix)}
+        reference = (previous.bundle.projector_module, shapes, previous.bundle.path)
+    for task in tasks:
+        mine = (task.adapter.projector_module, dict(task.adapter.projector_shapes), task.adapter.weights)
+        if reference is None:
+            reference = mine
+        elif mine[:2] != reference[:2]:
+            raise InputError(mine[2], f"its projector ({mine[0] or 'none'}: {mine[1]}) differs from "
+                                      f"the one in {reference[2]} ({reference[0] or 'none'}: "
+                                      f"{reference[1]}); every task must train the same projector")
+
+
+def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
+    """Group the adapted modules by the input they read, as the stats files record it."""
+    union = {module for task in tasks for module in task.adapter.modules}
+    if previous:
+        union.update(module for modules in previous.state.groups.values() for module in modules)
+
+    def signature(module: str) -> tuple[str, ...]:
+        keys = []
+        for task in tasks:
+            stats = task.stats.input_of(module)
+            if stats is None:
+                raise InputError(task.stats.path, f"holds no covariance for the input of {module}, "
+                                                  f"which the merged adapters adapt; re-run many stats")
+            keys.append(stats.key)
+        return tuple(keys)
+
+    signatures = {module: signature(module) for module in sorted(union)}
+    members: dict[str, list[str]] = defaultdict(list)
+    if previous:
+        for key, modules in previous.state.groups.items():
+            members[key].extend(modules)
+            if len({signatures[module] for module in modules}) > 1:
+                raise InputError(tasks[0].stats.path, f"the new stats files do not agree with the "
+                                                      f"state on which modules read one input: {modules}")
+        by_signature = {signatures[modules[0]]: key for key, modules in previous.state.groups.items()}
+        for module in sorted(union - {m for modules in previous.state.groups.values() for m in modules}):
+            key = by_signature.get(signatures[module])
+            if key is None:
+                raise InputError(previous.state.path, f"cannot add {module} on resume: the state holds "
+                                                      f"no statistics of its input for the earlier "
+                                                      f"tasks; merge all adapters afresh")
+            members[key].append(module)
+    else:
+        by_signature: dict[tuple[str, ...], list[str]] = defaultdict(list)
+        for module, keys in signatures.items():
+            by_signature[keys].append(module)
+        for modules in by_signature.values():
+            members[modules[0]] = modules
+
+    groups = []
+    for key, modules in sorted(members.items()):
+        inputs = signatures[modules[0]]
+        dims = {task.stats.inputs[name].dim for task, name in zip(tasks, inputs)}
+        if previous and f"gram/{key}" in previous.state.shapes:
+            dims.add(dim_of_packed(previous.state.shapes[f"gram/{key}"][0]))
+        dims.update(task.adapter.modules[module].d_in for task in tasks for module in modules
+                    if module in task.adapter.modules)
+        if len(dims) != 1:
+            raise InputError(tasks[0].stats.path, f"the input of {key} has differing widths {sorted(dims)} "
+                                                  f"across stats files and adapters")
+        groups.append(Group(key, dims.pop(), tuple(sorted(modules)), inputs))
+    return groups
+
+
+def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
+               options: MergeOptions, base_fingerprint: str, base_model: str | None,
+               state_path: Path, report: MergeReport, track: Track):
+    old_tasks = list(previous.state.tasks) if previous else []
+    new_tasks = [StateTask(task.adapter.name, task.adapter.fingerprint, tuple(task.adapter.modules),
+                           {group.key: task.stats.inputs[name].tokens
+                            for group, name in ((group, group.inputs[index]) for group in groups)})
+                 for index, task in enumerate(tasks)]
+    all_tasks = old_tasks + new_tasks
+    ranks = _ranks(tasks, previous, len(old_tasks))
+    layout = []
+    for group in groups:
+        layout.append((f"gram/{group.key}", torch.float64, (packed_length(group.dim),)))
+        for index, task in enumerate(all_tasks):
+            for module in group.modules:
+                if module in task.modules:
+                    rank, d_out = ranks[index, module]
+                    layout.append((f"ac/{index}/{module}", torch.float64, (rank, group.dim)))
+                    layout.append((f"b/{index}/{module}", torch.float64, (d_out, rank)))
+    writer = StreamingSafetensorsWriter(
+        state_path, layout,
+        state_metadata(base_fingerprint, base_model, options.balance, all_tasks,
+                       {group.key: group.modules for group in groups}))
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    singular: list[str] = []
+    underdetermined = 0
+    for group in track(groups, "merging"):
+        gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance)
+        writer.write(f"gram/{group.key}", gram)
+        for index, module, ac, b in contributions:
+            writer.write(f"ac/{index}/{module}", ac)
+            writer.write(f"b/{index}/{module}", b)
+        if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
+            underdetermined += 1
+        rhs = torch.cat([ac for _, _, ac, _ in contributions])
+        rows = lpm.cholesky_solve_right_(unpack_symmetric(gram), rhs, options.ridge)
+        if rows is None:
+            singular.append(group.key)
+            rows = lpm.min_norm_solve_right(unpack_symmetric(gram), rhs, options.ridge)
+        solved = dict(zip(((index, module) for index, module, _, _ in contributions),
+                          rows.split([ac.shape[0] for _, _, ac, _ in contributions])))
+        for module in group.modules:
+            parts = [(solved[index, m], b) for index, m, _, b in contributions if m == module]
+            factors[module] = lpm.stack_factors([a for a, _ in parts], [b for _, b in parts],
+                                                [options.scale] * len(parts))
+    writer.close()
+
+    if singular:
+        report.warnings.append(
+            f"the Gram matrix of {len(singular)} of {len(groups)} inputs (first: {singular[0]}) is "
+            f"singular or indefinite at --ridge {options.ridge:g}: took the minimum-norm "
+            f"least-squares solution, which leaves directions no calibration input reached unchanged")
+    if underdetermined:
+        report.notes.append(
+            f"{underdetermined} of {len(groups)} inputs saw fewer calibration tokens than their width, "
+            f"so their Gram matrix is rank-deficient" +
+            (f"; --ridge {options.ridge:g} keeps it solvable" if options.ridge > 0 else ""))
+    return factors
+
+
+def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tuple[int, str], tuple[int, int]]:
+    """(task index, module) -> (rank, d_out), for earlier tasks from the state's shapes."""
+    ranks = {}
+    if previous:
+        for key, shape in previous.state.shapes.items():
+            if key.startswith("b/"):
+                _, index, module = key.split("/", 2)
+                ranks[int(index), module] = (shape[1], shape[0])
+    for index, task in enumerate(tasks, start=offset):
+        for module in task.adapter.modules.values():
+            ranks[index, module.name] = (module.rank, module.d_out)
+    return ranks
+
+
+def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, offset: int,
+                  balance: bool):
+    """The group's weighted Gram matrix (packed) and every task's (w·A C, s·B) for its modules,
+    earlier tasks' from the state, new tasks' from their adapters and stats files."""
+    contributions = []
+    if previous:
+        with open_safetensors(previous.state.path) as handle:
+            gram = handle.get(f"gram/{group.key}").to(torch.float64)
+            for index in range(offset):
+                for module in group.modules:
+                    if module in previous.state.tasks[index].modules:
+                        contributions.append((index, module, handle.get(f"ac/{index}/{module}"),
+                                              handle.get(f"b/{index}/{module}")))
+    else:
+        gram = torch.zeros(packed_length(group.dim), dtype=torch.float64)
+    for index, (task, name) in enumerate(zip(tasks, group.inputs), start=offset):
+        stats = task.stats.inputs[name]
+        if stats.tokens <= 0:
+            raise InputError(task.stats.path, f"input {name} saw no calibration tokens")
+        packed = task.stats.covariance(name).to(torch.float64)
+        if balance:
+            packed /= stats.tokens
+        gram += packed
+        adapted = [module for module in group.modules if module in task.adapter.modules]
+        if adapted:
+            covariance = unpack_symmetric(packed)
+            for module in adapted:
+                a, b = task.adapter.lora_factors(module)
+                contributions.append((index, module, a.to(torch.float64) @ covariance,
+                                      b.to(torch.float64) * task.adapter.modules[module].scale))
+            del covariance
+    contributions.sort(key=lambda item: (item[0], group.modules.index(item[1])))
+    return gram, contributions
+
+
+def _merge_baseline(tasks: list[Task], options: MergeOptions, report: MergeReport, track: Track):
+    modules = sorted({module for task in tasks for module in task.adapter.modules})
+    factors = {}
+    worst = 0.0
+    for module in track(modules, "merging"):
+        a_blocks, b_blocks = [], []
+        for task in tasks:
+            if module in task.adapter.modules:
+                a, b = task.adapter.lora_factors(module)
+                a_blocks.append(a.to(torch.float64))
+                b_blocks.append(b.to(torch.float64) * task.adapter.modules[module].scale)
+        if options.method == "ties":
+            # Tasks that do not adapt the module contribute zeros, which TIES ignores.
+            merged = options.scale * lpm.ties([b @ a for a, b in zip(a_blocks, b_blocks)], options.density)
+            a, b, error = lpm.low_rank_factors(merged, sum(block.shape[0] for block in a_blocks))
+            worst = max(worst, error)
+            factors[module] = (a, b)
+        else:
+            weight = options.scale / len(tasks) if options.method == "average" else options.scale
+            factors[module] = lpm.stack_factors(a_blocks, b_blocks, [weight] * len(a_blocks))
+    if options.method == "ties":
+        report.notes.append(f"TIES is elementwise, so its dense result was factored by truncated SVD "
+                            f"to rank Σ r_i per module; largest relative Frobenius error {worst:.2e}")
+    return factors
+
+
+def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:
+    """Task names, per-task projectors and prototypes, and the default η."""
+    tensors: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    projector_module = None
+    if previous:
+        names.extend(previous.bundle.tasks)
+        projector_module = previous.bundle.projector_module
+        with open_safetensors(previous.bundle.path) as handle:
+            for key in previous.bundle.shapes:
+                tensors[key] = handle.get(key)
+    for task in tasks:
+        index = len(names)
+        names.append(task.adapter.name)
+        projector_module = projector_module or task.adapter.projector_module
+        for parameter in task.adapter.projector_shapes:
+            tensors[f"projector/{index}/{parameter}"] = task.adapter.projector_tensor(parameter).contiguous()
+        prototype = task.stats.prototype() if task.stats else None
+        if prototype is not None:
+            tensors[f"prototype/{index}"] = prototype.contiguous()
+    save_file(tensors, str(path), metadata=bundle_metadata(names, projector_module, eta))

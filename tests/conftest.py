@@ -1,0 +1,168 @@
+"""Tiny LLaVA models built from configs, PEFT adapters on them, and covariances gathered by
+brute force (forward hooks, float64, one record at a time) to feed `many merge`."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from many_cli.files import file_fingerprint
+from many_cli.state import STATS_FILE, write_stats
+
+IMAGE_TOKEN = 63
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Which projections read the same input in a Llama block (the test knows; the merge is told
+# through the stats file).
+SHARED_INPUT = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+
+
+def tiny_llava_config(hidden: int = 32) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=8, patch_size=4, projection_dim=16)
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                       max_position_embeddings=64)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                       projector_hidden_act="gelu")
+
+
+def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(hidden)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def load_base(path: Path) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapter(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:
+    """A PEFT adapter with random (nonzero) LoRA factors and its own trained projector."""
+    model = get_peft_model(load_base(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def calibration_records(count: int, seed: int, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for _ in range(count):
+        text = torch.randint(0, IMAGE_TOKEN, (length - 4,), generator=generator)
+        input_ids = torch.cat([text[:2], torch.full((4,), IMAGE_TOKEN), text[2:]])[None]
+        records.append({"input_ids": input_ids,
+                        "pixel_values": torch.randn(1, 3, 8, 8, generator=generator)})
+    return records
+
+
+def brute_force_covariances(base: Path, adapter: Path, records) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ of every language-model projection's input, float64, one record at a time,
+    in base + adapter (its LoRA and its projector)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.base_model.model.named_modules():
+        if re.search(r"language_model\.layers\.\d+\.\w+\.(%s)$" % "|".join(PROJECTIONS), name):
+            def hook(_, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                sums[name] = sums.get(name, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for record in records:
+            model(**record)
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
+def input_key(module: str) -> str:
+    prefix, projection = module.rsplit(".", 1)
+    return f"{prefix.rsplit('.', 1)[0]}.{'self_attn' if projection in PROJECTIONS[:4] else 'mlp'}." \
+           f"{SHARED_INPUT[projection]}"
+
+
+def write_task_stats(adapter: Path, covariances: dict[str, torch.Tensor], tokens: int,
+                     base_fingerprint: str = "base-A", prototype: torch.Tensor | None = None) -> None:
+    """Write the stats file `many merge` reads, through the project's own writer, storing
+    each shared input once (float32, as `many stats` accumulates)."""
+    by_input: dict[str, list[str]] = {}
+    for module in covariances:
+        by_input.setdefault(input_key(module), []).append(module)
+    write_stats(adapter / STATS_FILE,
+                covariances={key: covariances[key].to(torch.float32) for key in by_input},
+                tokens={key: tokens for key in by_input}, modules=by_input,
+                prototype=prototype if prototype is not None else torch.randn(16),
+                images=1, adapter_fingerprint=file_fingerprint(adapter / "adapter_model.safetensors"),
+                base_fingerprint=base_fingerprint, token_rule="test")
+
+
+@dataclass
+class World:
+    base: Path
+    adapters: list[Path]
+    covariances: list[dict[str, torch.Tensor]]  # float32-rounded, as stored, in float64
+
+
+LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def task_configs() -> list[LoraConfig]:
+    saved = ["multi_modal_projector"]
+    return [
+        LoraConfig(r=2, lora_alpha=4, target_modules=LM_TARGETS, modules_to_save=saved),
+        LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=saved,
+                   use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
+        LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
+                   exclude_modules=r".*vision_tower.*",
+                   modules_to_save=saved),
+    ]
+
+
+def build_world(root: Path, records_per_task: int = 3, configs=None) -> World:
+    base = build_base(root / "base")
+    adapters, covariances = [], []
+    for index, config in enumerate(configs or task_configs()):
+        adapter = make_adapter(base, root / "adapters" / f"task{index}", config, seed=100 + index)
+        records = calibration_records(records_per_task, seed=200 + index)
+        sums = brute_force_covariances(base, adapter, records)
+        write_task_stats(adapter, sums, tokens=records_per_task * 12)
+        adapters.append(adapter)
+        covariances.append({name: value.to(torch.float32).to(torch.float64)
+                            for name, value in sums.items()})
+    return World(base, adapters, covariances)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """Run `many ARGS` in-process as the console script would; return (exit status, stderr)."""
+    from many_cli.cli import main
+
+    argv = sys.argv
+    sys.argv = ["many", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err

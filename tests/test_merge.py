@@ -1,0 +1,162 @@
+"""`many merge` against independent dense computations on a tiny LLaVA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+
+from conftest import input_key, load_base, run_cli
+
+RIDGE = 1e-4
+
+
+def task_vector(adapter, module: str) -> torch.Tensor:
+    """s·B A in float64, with s worked out here from the config, as PEFT documents it."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
+        prefix = f"base_model.model.{module}"
+        if f"{prefix}.lora_A.weight" not in handle.keys():
+            return None
+        a = handle.get_tensor(f"{prefix}.lora_A.weight").double()
+        b = handle.get_tensor(f"{prefix}.lora_B.weight").double()
+    rank = a.shape[0]
+    projection = module.rsplit(".", 1)[1]
+    alpha = config["alpha_pattern"].get(projection, config["lora_alpha"])
+    scale = alpha / rank ** 0.5 if config["use_rslora"] else alpha / rank
+    return scale * b @ a
+
+
+def dense_reference(world, module: str, ridge: float, tasks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """τ_ref = (Σ τ_i C_i)(H + ρ·mean(diag H)·I)⁻¹ with an explicit dense solve; and H."""
+    tasks = range(len(world.adapters)) if tasks is None else tasks
+    covariances = [world.covariances[i][input_key(module)] for i in tasks]
+    gram = sum(covariances)
+    numerator = 0
+    for i, covariance in zip(tasks, covariances):
+        tau = task_vector(world.adapters[i], module)
+        if tau is not None:
+            numerator = numerator + tau @ covariance
+    loaded = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(loaded, numerator.T).T, gram
+
+
+def merged_deltas(world, out) -> dict[str, torch.Tensor]:
+    """Each module's delta as PEFT applies it after PeftModel.from_pretrained."""
+    model = PeftModel.from_pretrained(load_base(world.base), out)
+    deltas = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            deltas[name] = module.get_delta_weight("default").double()
+    return deltas
+
+
+def output_error(delta: torch.Tensor, reference: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖(τ* − τ_ref) H½‖ / ‖τ_ref H½‖, i.e. the error in the layer's outputs over the
+    calibration inputs."""
+    def norm(matrix):
+        return torch.sqrt(torch.trace(matrix @ gram @ matrix.T).clamp(min=0))
+    return float(norm(delta - reference) / norm(reference))
+
+
+def test_merged_adapter_equals_dense_least_squares(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", out, "--ridge", RIDGE)
+    assert code == 0, err
+    deltas = merged_deltas(world, out)
+    assert len(deltas) == 2 * 7
+    for module, delta in deltas.items():
+        reference, gram = dense_reference(world, module, RIDGE)
+        assert output_error(delta, reference, gram) <= 1e-4, module
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
+        rank = handle.get_slice("base_model.model.model.language_model.layers.1.self_attn.v_proj"
+                                ".lora_A.weight").get_shape()[0]
+        assert rank == 2 + 2 + 3  # task1's v_proj has rank 2 through rank_pattern
+        rank = handle.get_slice("base_model.model.model.language_model.layers.0.self_attn.k_proj"
+                                ".lora_A.weight").get_shape()[0]
+        assert rank == 2 + 4  # task2 does not adapt k_proj
+
+
+def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", out)[0] == 0
+    with safe_open(str(out / "many_bundle.safetensors"), "pt") as bundle:
+        metadata = bundle.metadata()
+        assert json.loads(metadata["tasks"]) == ["task0", "task1", "task2"]
+        assert float(metadata["eta"]) > 0
+        for index, adapter in enumerate(world.adapters):
+            with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as source:
+                weight = source.get_tensor("base_model.model.model.multi_modal_projector.linear_1.weight")
+            assert torch.equal(bundle.get_tensor(f"projector/{index}/linear_1.weight"), weight)
+            assert bundle.get_tensor(f"prototype/{index}").shape == (16,)
+    card = (out / "README.md").read_text()
+    for adapter in world.adapters:
+        import hashlib
+        digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+        assert adapter.name in card and digest in card
+    assert "ridge" in card and "PeftModel.from_pretrained" in card
+
+
+def test_resume_equals_batch_merge(world, tmp_path, capsys):
+    first, resumed, batch = tmp_path / "m1", tmp_path / "m2", tmp_path / "m3"
+    a, b, c = world.adapters
+    assert run_cli(capsys, "merge", a, b, "--out", first)[0] == 0
+    assert run_cli(capsys, "merge", c, "--resume", first, "--out", resumed)[0] == 0
+    assert run_cli(capsys, "merge", a, b, c, "--out", batch)[0] == 0
+    resumed_deltas, batch_deltas = merged_deltas(world, resumed), merged_deltas(world, batch)
+    assert resumed_deltas.keys() == batch_deltas.keys()
+    for module in batch_deltas:
+        error = (resumed_deltas[module] - batch_deltas[module]).norm() / batch_deltas[module].norm()
+        assert error <= 1e-5, module
+    with safe_open(str(resumed / "many_state.safetensors"), "pt") as state:
+        grams = [key for key in state.keys() if key.startswith("gram/")]
+        assert len(grams) == 2 * 4  # one per distinct input: 4 per Llama layer, 2 layers
+        assert json.loads(state.metadata()["tasks"])[2]["name"] == "task2"
+    with safe_open(str(resumed / "many_bundle.safetensors"), "pt") as bundle:
+        assert json.loads(bundle.metadata()["tasks"]) == ["task0", "task1", "task2"]
+        assert "projector/2/linear_2.weight" in bundle.keys()
+
+
+def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):
+    from conftest import write_task_stats
+    import shutil
+
+    first = tmp_path / "m1"
+    assert run_cli(capsys, "merge", world.adapters[0], "--out", first)[0] == 0
+    code, err = run_cli(capsys, "merge", world.adapters[1], "--resume", first, "--balance",
+                        "--out", tmp_path / "m2")
+    assert code == 2 and "many_state.safetensors" in err and "--balance" in err
+    assert not (tmp_path / "m2").exists()
+
+    other = tmp_path / "other_base" / "task1"
+    shutil.copytree(world.adapters[1], other)
+    covariances = {name: torch.eye(value.shape[0], dtype=torch.float64)
+                   for name, value in world.covariances[1].items()}
+    write_task_stats(other, covariances, tokens=36, base_fingerprint="base-B")
+    code, err = run_cli(capsys, "merge", other, "--resume", first, "--out", tmp_path / "m3")
+    assert code == 2 and "another base model" in err and err.count("\n") == 1
+    assert not (tmp_path / "m3").exists()
+
+
+def test_folder_of_adapters_merges_in_name_order(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", world.adapters[0].parent, "--out", out)[0] == 0
+    with safe_open(str(out / "many_bundle.safetensors"), "pt") as bundle:
+        assert json.loads(bundle.metadata()["tasks"]) == ["task0", "task1", "task2"]
+
+
+def test_balance_weighs_tasks_by_mean_covariance(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", out, "--balance", "--ridge", 0)[0] == 0
+    deltas = merged_deltas(world, out)
+    module = "model.language_model.layers.0.mlp.down_proj"
+    # Every task saw 36 tokens, so dividing each covariance by 36 leaves the solution as is.
+    reference, gram = dense_reference(world, module, 0.0)
+    assert output_error(deltas[module], reference, gram) <= 1e-4
