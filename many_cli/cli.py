@@ -27,7 +27,7 @@ def _commands() -> None:
 def _track(items, description):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[item]}"), TimeElapsedColumn(),
-                  console=stderr, transient=True) as progress:
+                  console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task(description, total=len(items), item="")
         for item in items:
             progress.update(task, item=getattr(item, "key", item))

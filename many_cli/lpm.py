@@ -37,13 +37,13 @@ def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
                          input_eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
     """The minimum-norm least-squares X for X (H + ridge) = R when H is singular or indefinite.
 
-    Eigen-directions of H below d·input_eps·max|λ| are treated as unreached by any calibration
-    input (float32 statistics cannot resolve them) and dropped, so X never holds NaN or Inf.
+    Statistics stored with machine epsilon `input_eps` perturb H by at most about
+    input_eps·‖H‖_F, so eigen-directions below that cannot be told from rounding: they are
+    dropped (no calibration input reached them), and X never holds NaN or Inf.
     """
     add_ridge_(gram, ridge)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    tolerance = eigenvalues.abs().max() * gram.shape[0] * input_eps
-    kept = eigenvalues > tolerance
+    kept = eigenvalues > input_eps * torch.linalg.matrix_norm(gram)
     basis = eigenvectors[:, kept]
     return ((rhs.to(gram.dtype) @ basis) / eigenvalues[kept]) @ basis.T
 

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from many_cli.files import file_fingerprint
 from many_cli.state import STATS_FILE, write_stats
+
+transformers.utils.logging.disable_progress_bar()
 
 IMAGE_TOKEN = 63
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -156,6 +159,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     """Run `many ARGS` in-process as the console script would; return (exit status, stderr)."""
     from many_cli.cli import main
 
+    capsys.readouterr()  # drop what the test's own setup printed
     argv = sys.argv
     sys.argv = ["many", *map(str, args)]
     try:

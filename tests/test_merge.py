@@ -31,6 +31,12 @@ def task_vector(adapter, module: str) -> torch.Tensor:
     return scale * b @ a
 
 
+def lora_rank(adapter, module: str) -> int:
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
+        key = f"base_model.model.{module}.lora_A.weight"
+        return handle.get_slice(key).get_shape()[0] if key in handle.keys() else 0
+
+
 def dense_reference(world, module: str, ridge: float, tasks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """τ_ref = (Σ τ_i C_i)(H + ρ·mean(diag H)·I)⁻¹ with an explicit dense solve; and H."""
     tasks = range(len(world.adapters)) if tasks is None else tasks
@@ -160,3 +166,65 @@ def test_balance_weighs_tasks_by_mean_covariance(world, tmp_path, capsys):
     # Every task saw 36 tokens, so dividing each covariance by 36 leaves the solution as is.
     reference, gram = dense_reference(world, module, 0.0)
     assert output_error(deltas[module], reference, gram) <= 1e-4
+
+
+def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys):
+    """Few calibration tokens make H singular: the minimum-norm solution must still give
+    the adapter's own outputs on its calibration data, with no NaN or Inf."""
+    from conftest import brute_force_covariances, calibration_records, make_adapter, task_configs
+    from conftest import write_task_stats
+
+    adapter = make_adapter(world.base, tmp_path / "solo", task_configs()[0], seed=5)
+    records = calibration_records(1, seed=6)  # 12 tokens, fewer than any layer's width
+    write_task_stats(adapter, brute_force_covariances(world.base, adapter, records), tokens=12)
+    out = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", adapter, "--out", out, "--ridge", 0)
+    assert code == 0, err
+    assert "fewer calibration tokens than their width" in err
+
+    reference = PeftModel.from_pretrained(load_base(world.base), adapter).eval()
+    base = load_base(world.base)
+    with safe_open(str(out / "many_bundle.safetensors"), "pt") as bundle:
+        projector = {key.split("/", 2)[2]: bundle.get_tensor(key) for key in bundle.keys()
+                     if key.startswith("projector/0/")}
+    base.model.multi_modal_projector.load_state_dict(projector)
+    merged = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        expected = reference(**records[0]).logits
+        logits = merged(**records[0]).logits
+    assert torch.isfinite(logits).all()
+    assert (logits - expected).norm() / expected.norm() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["average", "task-arithmetic"])
+def test_linear_baselines_are_exact(world, tmp_path, capsys, method):
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", method,
+                   "--scale", 0.7)[0] == 0
+    for module, delta in merged_deltas(world, out).items():
+        vectors = [v for v in (task_vector(a, module) for a in world.adapters) if v is not None]
+        expected = 0.7 * sum(vectors) / (len(world.adapters) if method == "average" else 1)
+        assert torch.allclose(delta, expected, rtol=1e-5, atol=1e-6), module
+    assert not (out / "many_state.safetensors").exists()
+
+
+def test_ties_is_the_best_low_rank_fit_of_dense_ties(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", "ties",
+                        "--density", 0.3)
+    assert code == 0, err
+    assert "truncated SVD" in err
+    for module, delta in merged_deltas(world, out).items():
+        vectors = [v.numpy() for v in (task_vector(a, module) for a in world.adapters) if v is not None]
+        trimmed = []
+        for vector in vectors:
+            threshold = np.sort(np.abs(vector).ravel())[::-1][round(0.3 * vector.size) - 1]
+            trimmed.append(np.where(np.abs(vector) >= threshold, vector, 0.0))
+        stacked = np.stack(trimmed)
+        sign = np.sign(stacked.sum(axis=0))
+        agree = (np.sign(stacked) == sign) & (stacked != 0)
+        dense = (stacked * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+        rank = sum(lora_rank(adapter, module) for adapter in world.adapters)
+        u, s, vh = np.linalg.svd(dense)
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        np.testing.assert_allclose(delta.numpy(), best, atol=1e-5, err_msg=module)

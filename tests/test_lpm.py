@@ -1,0 +1,95 @@
+"""The pure pieces: packed storage, streaming writes, solves and merge rules, each checked
+against an independent computation (numpy, explicit loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from many_cli import lpm
+from many_cli.files import StreamingSafetensorsWriter
+from many_cli.state import pack_symmetric, packed_length, unpack_symmetric
+
+
+@pytest.mark.parametrize("dim", [1, 7, 600])
+def test_packed_symmetric_round_trip_is_lossless(dim):
+    x = torch.randn(dim, dim, dtype=torch.float64)
+    matrix = x + x.T  # exactly symmetric, unlike a rounded x @ x.T
+    packed = pack_symmetric(matrix)
+    assert packed.shape == (packed_length(dim),)
+    assert np.array_equal(packed.numpy(), matrix.numpy()[np.triu_indices(dim)])
+    assert torch.equal(unpack_symmetric(packed), matrix)
+
+
+def test_streaming_writer_output_reads_back_with_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 4, dtype=torch.float64), "b/c": torch.arange(5),
+               "d": torch.randn(2, dtype=torch.bfloat16), "e": torch.randn(0, 3)}
+    path = tmp_path / "x.safetensors"
+    writer = StreamingSafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+                                        {"note": "hi"})
+    for key, value in tensors.items():
+        writer.write(key, value)
+    writer.close()
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"note": "hi"}
+        for key, value in tensors.items():
+            assert torch.equal(handle.get_tensor(key), value)
+    writer = StreamingSafetensorsWriter(tmp_path / "y.safetensors", [("a", torch.float32, (2,))], {})
+    with pytest.raises(ValueError):
+        writer.write("a", torch.zeros(3))
+
+
+def test_cholesky_solve_matches_dense_solve():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 20, dtype=torch.float64, generator=generator)
+    gram, rhs = x.T @ x, torch.randn(4, 20, dtype=torch.float64, generator=generator)
+    loaded = gram + 1e-3 * gram.diagonal().mean() * torch.eye(20, dtype=torch.float64)
+    expected = np.linalg.solve(loaded.numpy().T, rhs.numpy().T).T
+    rows = lpm.cholesky_solve_right_(gram.clone(), rhs, 1e-3)
+    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_singular_or_indefinite_gram_gets_minimum_norm_solution():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, dtype=torch.float64, generator=generator)  # rank 3 of 20
+    eigenvalues, vectors = torch.linalg.eigh(x.T @ x)
+    eigenvalues[:17] = -1e-9 * eigenvalues[-1]  # float32 rounding makes such noise
+    gram = vectors @ torch.diag(eigenvalues) @ vectors.T
+    rhs = torch.randn(2, 20, dtype=torch.float64, generator=generator) @ gram
+    assert lpm.cholesky_solve_right_(gram.clone(), rhs, 0.0) is None
+    rows = lpm.min_norm_solve_right(gram.clone(), rhs, 0.0)
+    assert torch.isfinite(rows).all()
+    truncated = vectors[:, 17:] @ torch.diag(eigenvalues[17:]) @ vectors[:, 17:].T
+    expected = rhs.numpy() @ np.linalg.pinv(truncated.numpy(), rcond=1e-10)
+    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_ties_matches_an_explicit_loop():
+    generator = torch.Generator().manual_seed(2)
+    vectors = [torch.randn(6, 5, dtype=torch.float64, generator=generator) for _ in range(3)]
+    density = 0.4
+    arrays = [v.numpy() for v in vectors]
+    keep = round(density * 30)
+    trimmed = []
+    for array in arrays:
+        order = np.argsort(-np.abs(array).ravel(), kind="stable")[:keep]
+        kept = np.zeros(30)
+        kept[order] = array.ravel()[order]
+        trimmed.append(kept)
+    expected = np.zeros(30)
+    for j in range(30):
+        sign = np.sign(sum(t[j] for t in trimmed))
+        agreeing = [t[j] for t in trimmed if t[j] != 0 and np.sign(t[j]) == sign]
+        expected[j] = np.mean(agreeing) if agreeing else 0.0
+    np.testing.assert_allclose(lpm.ties(vectors, density).numpy().ravel(), expected, atol=1e-12)
+
+
+def test_low_rank_factors_are_the_truncated_svd():
+    delta = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a, b, error = lpm.low_rank_factors(delta, 4)
+    u, s, vh = np.linalg.svd(delta.numpy())
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    np.testing.assert_allclose((b @ a).numpy(), best, atol=1e-10)
+    assert error == pytest.approx(np.linalg.norm(delta.numpy() - best) / np.linalg.norm(delta.numpy()))

@@ -1,0 +1,128 @@
+"""Bad input: exit 2, one line naming the file and the fault, nothing left behind."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig
+from safetensors.torch import load_file, save_file
+
+from conftest import (LM_TARGETS, brute_force_covariances, build_base, calibration_records,
+                      input_key, make_adapter, run_cli, write_task_stats)
+
+
+def copy_adapters(world, root: Path) -> list[Path]:
+    copies = []
+    for adapter in world.adapters[:2]:
+        copies.append(root / "in" / adapter.name)
+        shutil.copytree(adapter, copies[-1])
+    return copies
+
+
+def other_width_adapter(world, root: Path) -> Path:
+    base = build_base(root / "wide_base", hidden=48)
+    adapter = make_adapter(base, root / "in" / "wide", LoraConfig(r=2, target_modules=LM_TARGETS), 7)
+    write_task_stats(adapter, brute_force_covariances(base, adapter, calibration_records(2, 0)), 24)
+    return adapter
+
+
+def stats_without_down_proj(world, root: Path) -> Path:
+    adapter = root / "in" / "nodown"
+    shutil.copytree(world.adapters[0], adapter)
+    covariances = {name: value for name, value in world.covariances[0].items() if "down_proj" not in name}
+    write_task_stats(adapter, covariances, 36)
+    return adapter
+
+
+def stale_stats(world, root: Path) -> Path:
+    adapter = root / "in" / "stale"
+    shutil.copytree(world.adapters[0], adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter
+
+
+def missing_stats(world, root: Path) -> Path:
+    adapter = root / "in" / "nostats"
+    shutil.copytree(world.adapters[0], adapter)
+    (adapter / "many_stats.safetensors").unlink()
+    return adapter
+
+
+def corrupt_weights(world, root: Path) -> Path:
+    adapter = root / "in" / "corrupt"
+    shutil.copytree(world.adapters[0], adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00\x01not a safetensors file" * 10)
+    return adapter
+
+
+def truncated_stats(world, root: Path) -> Path:
+    adapter = root / "in" / "truncated"
+    shutil.copytree(world.adapters[0], adapter)
+    stats = adapter / "many_stats.safetensors"
+    stats.write_bytes(stats.read_bytes()[: stats.stat().st_size // 2])
+    return adapter
+
+
+def nan_stats(world, root: Path) -> Path:
+    adapter = root / "in" / "nan"
+    shutil.copytree(world.adapters[0], adapter)
+    covariances = dict(world.covariances[0])
+    key = input_key(sorted(covariances)[-1])
+    covariances[key] = covariances[key].clone()
+    covariances[key][0, 0] = float("nan")
+    write_task_stats(adapter, covariances, 36)
+    return adapter
+
+
+def dora_adapter(world, root: Path) -> Path:
+    return make_adapter(world.base, root / "in" / "dora",
+                        LoraConfig(r=2, target_modules=LM_TARGETS, use_dora=True), 8)
+
+
+def ia3_adapter(world, root: Path) -> Path:
+    return make_adapter(world.base, root / "in" / "ia3",
+                        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), 9)
+
+
+CASES = {
+    "different base": (other_width_adapter, "different base models"),
+    "missing covariance": (stats_without_down_proj, "no covariance for the input of"),
+    "stale stats": (stale_stats, "stale"),
+    "missing stats": (missing_stats, "many_stats.safetensors: file not found"),
+    "corrupt safetensors": (corrupt_weights, "adapter_model.safetensors: not a readable safetensors"),
+    "truncated safetensors": (truncated_stats, "many_stats.safetensors: not a readable safetensors"),
+    "NaN statistics": (nan_stats, "NaN"),
+    "DoRA": (dora_adapter, "DoRA is not supported"),
+    "not LoRA": (ia3_adapter, "peft_type 'IA3' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_no_output(world, tmp_path, capsys, case):
+    make_bad, message = CASES[case]
+    bad = make_bad(world, tmp_path)
+    out = tmp_path / "out" / "merged"
+    code, err = run_cli(capsys, "merge", world.adapters[0], bad, "--out", out)
+    assert code == 2
+    assert err.startswith("many: error: ") and err.count("\n") == 1, err
+    assert message in err and bad.name in err
+    assert not out.exists()
+    assert list((tmp_path / "out").iterdir()) == [] if (tmp_path / "out").exists() else True
+
+
+def test_existing_output_needs_force(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out)
+    assert code == 2 and "--force" in err and (out / "keep.txt").exists()
+    code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
