@@ -173,7 +173,7 @@ def write_lora_adapter(out_dir: Path, factors: Mapping[str, tuple[torch.Tensor, 
     pattern = {re.escape(module): rank for module, rank in ranks.items() if rank != common}
     config = LoraConfig(r=common, lora_alpha=common, target_modules=sorted(factors),
                         rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
-                        bias="none", base_model_name_or_path=base_model)
+                        bias="none", base_model_name_or_path=base_model, inference_mode=True)
     config.save_pretrained(str(out_dir))
     tensors = {}
     for module, (a, b) in factors.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -147,6 +148,7 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _apply_umask(staging)
     if out.exists():
         retired = out.with_name(f".{out.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
@@ -155,3 +157,12 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes a private directory; give it and its files the user's usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~mask)
