@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from many_cli.errors import InputError
+from many_cli.data import DEFAULT_PROMPT
 from many_cli.merge import DEFAULT_DENSITY, DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions, merge
+from many_cli.stats import Progress as StatsProgress
+from many_cli.stats import StatsOptions, collect_stats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).")
@@ -58,6 +61,65 @@ def merge_command(
         stderr.print(f"note: {line}", highlight=False)
     stderr.print(f"merged {len(report.tasks)} tasks ({', '.join(report.tasks)}) over "
                  f"{report.modules} modules into {report.out}", highlight=False)
+
+
+class _RecordsBar(StatsProgress):
+    """A rich progress bar over records, with records/s and tokens."""
+
+    def __init__(self, total: int | None):
+        super().__init__(total)
+        self._progress = Progress(TextColumn("stats"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[rate]} records/s, {task.fields[tokens]} tokens"),
+                                  TimeElapsedColumn(), console=stderr, transient=True,
+                                  disable=not stderr.is_terminal)
+        self._task = self._progress.add_task("stats", total=total, rate="-", tokens=0)
+        self._tokens = 0
+        self._progress.start()
+
+    def advance(self, records: int, tokens: int) -> None:
+        self._tokens += tokens
+        self._progress.advance(self._task, records)
+        speed = self._progress.tasks[0].speed
+        self._progress.update(self._task, tokens=self._tokens, rate=f"{speed:.1f}" if speed else "-")
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+@app.command("stats")
+def stats_command(
+    model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="The task's PEFT adapter directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration data: a folder of images, a .jsonl or a LLaVA .json.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Stats file (default: ADAPTER/many_stats.safetensors).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 8,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many records.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, float32, bfloat16 or float16 (statistics are float32 regardless).")] = "auto",
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for a folder of images.")] = DEFAULT_PROMPT,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable records (counted in the metadata) instead of stopping.")] = False,
+    padding_side: Annotated[str, typer.Option("--padding-side", help="left or right; the statistics do not depend on it.")] = "right",
+) -> None:
+    """Accumulate one task's input covariances and visual prototype for `many merge`."""
+    options = StatsOptions(batch_size=batch_size, max_samples=max_samples, device=device, dtype=dtype,
+                           prompt=prompt, skip_bad=skip_bad, padding_side=padding_side)
+    bars: list[_RecordsBar] = []
+
+    def progress(total):
+        bars.append(_RecordsBar(total))
+        return bars[-1]
+
+    try:
+        report = collect_stats(model, adapter, data, out, options, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    if report.rank != 0:
+        return
+    skipped = f", skipped {report.skipped} bad records" if report.skipped else ""
+    stderr.print(f"{report.records} records, {report.tokens} tokens, {report.images} images{skipped}: "
+                 f"{report.inputs} distinct inputs of {report.modules} adapted layers -> {report.out}",
+                 highlight=False)
 
 
 def main() -> None:

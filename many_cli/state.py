@@ -158,7 +158,8 @@ def read_stats_header(path: Path) -> StatsHeader:
 
 def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
                 modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
-                adapter_fingerprint: str, base_fingerprint: str, token_rule: str) -> None:
+                adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
+                extra: Mapping[str, str] | None = None) -> None:
     """Write a stats file. `covariances[input]` is a full symmetric matrix; `modules[input]`
     lists the modules that read that input. Written to a temporary name, then renamed."""
     tensors = {f"covariance/{key}": pack_symmetric(matrix).contiguous()
@@ -176,6 +177,7 @@ def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: 
         "images": str(images),
         "tokens": str(max(tokens.values(), default=0)),
         "inputs": json.dumps(inputs),
+        **(extra or {}),
     }
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)

@@ -1,0 +1,77 @@
+"""A tiny LLaVA built from configs, with a working word-level tokenizer, image processor and
+chat template: no download, a few hundred kB. Tests, benchmarks and the sample use it.
+
+The vocabulary is small words and digits, so tasks can answer with real words
+("red", "three", ...) and the chat template is the usual USER/ASSISTANT one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+WORDS = ("USER ASSISTANT : ? . , what is the a an of in on at to which how many colour color shape "
+         "kind where it this picture image there are dot dots count name answer word one two three "
+         "four five six seven eight nine zero red green blue yellow white black purple orange "
+         "circle square triangle cross star left right top bottom middle centre center up down "
+         "yes no small big describe").split()
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
+    "{% endfor %}{% if message['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+)
+IMAGE_SIZE = 16
+PATCH_SIZE = 8
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIAL + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_processor() -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(),
+                          patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llava_config(hidden: int = 32, layers: int = 2, vocab_size: int | None = None) -> LlavaConfig:
+    tokenizer = tiny_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                              projection_dim=16)
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=vocab_size or len(tokenizer), max_position_embeddings=128,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    return LlavaConfig(vision_config=vision, text_config=text,
+                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default")
+
+
+def build_tiny_llava(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny LLaVA and its processor to `out`."""
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(hidden, layers)).eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.save_pretrained(out)
+    tiny_processor().save_pretrained(out)
+    return out

@@ -1,0 +1,122 @@
+"""Calibration and evaluation records: a folder of images, a JSONL file, or a LLaVA-style JSON
+conversation list. Records are read lazily; images are opened only when a batch needs them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from many_cli.errors import InputError
+
+DEFAULT_PROMPT = "Describe the image."
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # where it came from, for messages: "data.jsonl:12" or the image path
+    image: Path | None
+    prompt: str
+    answer: str | None
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    source: str
+    fault: str
+
+
+def read_records(data: Path, default_prompt: str = DEFAULT_PROMPT) -> Iterator[Record | BadRecord]:
+    """Yield the records of DATA in order; malformed ones come back as BadRecord, so the caller
+    decides whether to stop (the default) or skip them."""
+    if data.is_dir():
+        return _folder_records(data, default_prompt)
+    if not data.is_file():
+        raise InputError(data, "data not found (expected a folder of images, a .jsonl or a .json file)")
+    if data.suffix == ".jsonl":
+        return _jsonl_records(data)
+    if data.suffix == ".json":
+        return _llava_records(data)
+    raise InputError(data, "unknown data format: expected a folder of images, a .jsonl or a .json file")
+
+
+def count_records(data: Path) -> int | None:
+    """How many records DATA holds, when that is cheap to know (for progress bars)."""
+    if data.is_dir():
+        return sum(1 for path in data.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if data.suffix == ".jsonl":
+        with open(data, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+def load_image(record: Record) -> Image.Image:
+    """The record's image as RGB; InputError naming the record if it cannot be read."""
+    try:
+        with Image.open(record.image) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(record.source, f"image {record.image} not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(record.source, f"image {record.image} cannot be read ({error})") from None
+
+
+def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
+    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(folder, f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path in images:
+        yield Record(str(path), path, prompt, None)
+
+
+def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield BadRecord(source, f"not JSON ({error.msg})")
+                continue
+            yield _record_from_fields(source, path.parent, entry)
+
+
+def _record_from_fields(source: str, root: Path, entry: object) -> Record | BadRecord:
+    if not isinstance(entry, dict):
+        return BadRecord(source, "expected a JSON object")
+    missing = [field for field in ("image", "prompt") if not isinstance(entry.get(field), str)]
+    if missing:
+        return BadRecord(source, f"lacks the string field(s) {', '.join(missing)}")
+    answer = entry.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        return BadRecord(source, "field answer is not a string")
+    return Record(source, root / entry["image"], entry["prompt"], answer)
+
+
+def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not valid JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise InputError(path, "expected a LLaVA-style list of conversations")
+    for index, entry in enumerate(entries):
+        source = f"{path}[{index}]"
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list):
+            yield BadRecord(source, "lacks a conversations list")
+            continue
+        human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+        answer = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        if not isinstance(human, str):
+            yield BadRecord(source, "has no human turn")
+            continue
+        prompt = human.replace("<image>", "").strip()
+        yield _record_from_fields(source, path.parent, {"image": entry.get("image"), "prompt": prompt,
+                                                        "answer": answer})

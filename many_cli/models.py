@@ -1,0 +1,97 @@
+"""Loading a base model with an adapter, and finding what `many` needs in it by structure:
+the LoRA layers PEFT created and the module named `multi_modal_projector`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from many_cli.errors import InputError
+
+PROJECTOR_NAME = "multi_modal_projector"
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise InputError(None, f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    choices = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}
+    if dtype not in choices:
+        raise InputError(None, f"--dtype must be one of {', '.join(choices)}, got {dtype!r}")
+    return choices[dtype]
+
+
+def base_fingerprint(base: str) -> str:
+    """sha256 of the base model's config.json as saved, less fields that do not change the
+    model (its path, dtype, the transformers version that wrote it)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(base)
+    except (OSError, ValueError) as error:
+        raise InputError(base, f"not a transformers model (no readable config.json: {error})") from None
+    canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _without_volatile(value):
+    if isinstance(value, dict):
+        return {key: _without_volatile(item) for key, item in value.items() if key not in _VOLATILE_CONFIG_KEYS}
+    return value
+
+
+def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            model = auto.from_pretrained(base, dtype=dtype)
+            return model.to(device).eval()
+        except ValueError:
+            continue
+        except OSError as error:
+            raise InputError(base, f"cannot load the model weights ({error})") from None
+    raise InputError(base, "is neither an image-text-to-text nor a causal language model "
+                           "transformers knows")
+
+
+def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device):
+    """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
+    from peft import PeftModel
+
+    model = load_base_model(base, dtype, device)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).to(device).eval()
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(adapter, f"does not fit the base model {base} ({first_line})") from None
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """The layers PEFT adapted, by their name in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.get_base_model()
+    return {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
+
+
+def find_projector(model: nn.Module) -> nn.Module | None:
+    """The multimodal projector, found by its module name, whatever the model class."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == PROJECTOR_NAME:
+            return module
+    return None

@@ -1,0 +1,325 @@
+"""`many stats`: stream calibration records through base + adapter and accumulate, for every
+distinct input of the adapted layers, Σ x xᵀ over the unmasked positions, and the visual
+prototype of the task. Under torchrun each rank takes a disjoint shard and the sums are
+all-reduced before rank 0 writes the file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from many_cli.adapters import ADAPTER_WEIGHTS
+from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, count_records, load_image, read_records
+from many_cli.errors import InputError
+from many_cli.files import file_fingerprint
+from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
+                             resolve_device, resolve_dtype)
+from many_cli.state import STATS_FILE, write_stats
+
+TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
+              "there is one (else the generation prompt); every position whose attention mask is 1, "
+              "image tokens included")
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """Every setting of one `many stats` run."""
+    batch_size: int = 8
+    max_samples: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt: str = DEFAULT_PROMPT
+    skip_bad: bool = False
+    padding_side: str = "right"
+
+
+@dataclass
+class StatsReport:
+    out: Path
+    rank: int = 0
+    records: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    images: int = 0
+    inputs: int = 0
+    modules: int = 0
+    skipped_sources: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """What the CLI's progress bar is told: records and tokens done so far."""
+
+    def __init__(self, total: int | None):
+        self.total = total
+
+    def advance(self, records: int, tokens: int) -> None:
+        """Override to report progress."""
+
+
+def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, options: StatsOptions,
+                  progress: Callable[[int | None], Progress] = Progress) -> StatsReport:
+    _check_options(options)
+    out = out or adapter / STATS_FILE
+    rank, world = _init_distributed(options.device)
+    device = resolve_device(options.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    records = read_records(data, options.prompt)  # raises on a missing or empty source at once
+    adapter_fingerprint = _adapter_fingerprint(adapter)
+    fingerprint = base_fingerprint(base)
+    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    processor.tokenizer.padding_side = options.padding_side
+    layers = lora_layers(model)
+    if not layers:
+        raise InputError(adapter, "PEFT created no LoRA layer in the base model")
+
+    report = StatsReport(out, rank)
+    covariances = InputCovariances(layers, device)
+    prototype = PrototypeSum(find_projector(model), device)
+    total = count_records(data)
+    if total is not None and options.max_samples is not None:
+        total = min(total, options.max_samples)
+    tracker = progress(None if total is None else (total + world - 1 - rank) // world)
+    try:
+        shard = islice(islice(records, options.max_samples), rank, None, world)
+        for batch in _batches(_good_records(shard, options.skip_bad, report), options.batch_size):
+            encoded = _encode(processor, batch, options.skip_bad, report)
+            if encoded is None:
+                continue
+            mask = encoded["attention_mask"].bool()
+            covariances.begin_batch(mask.to(device))
+            with torch.inference_mode():
+                model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
+                      use_cache=False, logits_to_keep=1)
+            covariances.end_batch()
+            report.records += mask.shape[0]
+            report.tokens += int(mask.sum())
+            tracker.advance(mask.shape[0], int(mask.sum()))
+    finally:
+        covariances.remove_hooks()
+        prototype.remove_hook()
+
+    sums, members = covariances.result()
+    prototype_sum, image_count = prototype.result()
+    if world > 1:
+        sums, members, prototype_sum, image_count = _all_reduce(sums, members, prototype_sum,
+                                                                image_count, report, device)
+    if report.records == 0:
+        raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
+    for key, matrix in sums.items():
+        if not bool(torch.isfinite(matrix.diagonal()).all()):
+            raise InputError(adapter, f"the input of {', '.join(members[key])} holds NaN or Inf on this "
+                                      f"data; check the model's dtype (try --dtype float32)")
+    report.images = image_count
+    report.inputs, report.modules = len(sums), sum(len(names) for names in members.values())
+    if rank == 0:
+        named = {min(members[key]): key for key in sums}
+        write_stats(out, covariances={name: sums[key].cpu() for name, key in named.items()},
+                    tokens={name: report.tokens for name in named},
+                    modules={name: members[key] for name, key in named.items()},
+                    prototype=(prototype_sum / image_count).cpu() if image_count else None,
+                    images=image_count, adapter_fingerprint=adapter_fingerprint,
+                    base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
+                    extra={"records": str(report.records), "skipped": str(report.skipped)})
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return report
+
+
+def _check_options(options: StatsOptions) -> None:
+    if options.batch_size < 1:
+        raise InputError(None, f"--batch-size must be ≥ 1, got {options.batch_size}")
+    if options.max_samples is not None and options.max_samples < 1:
+        raise InputError(None, f"--max-samples must be ≥ 1, got {options.max_samples}")
+    if options.padding_side not in ("left", "right"):
+        raise InputError(None, f"--padding-side must be left or right, got {options.padding_side!r}")
+
+
+def _adapter_fingerprint(adapter: Path) -> str:
+    weights = adapter / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise InputError(weights, "file not found (many reads adapters saved as safetensors)")
+    return file_fingerprint(weights)
+
+
+def _good_records(records: Iterable[Record | BadRecord], skip_bad: bool,
+                  report: StatsReport) -> Iterator[Record]:
+    for record in records:
+        if isinstance(record, BadRecord):
+            if not skip_bad:
+                raise InputError(record.source, f"{record.fault} (--skip-bad skips such records)")
+            report.skipped += 1
+            continue
+        yield record
+
+
+def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    iterator = iter(records)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def messages(record: Record) -> list[dict]:
+    """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is one."""
+    content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.prompt}]
+    turns = [{"role": "user", "content": content}]
+    if record.answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
+    return turns
+
+
+def encode_records(processor, records: list[Record], images: list) -> dict:
+    texts = [processor.apply_chat_template(messages(record), add_generation_prompt=record.answer is None,
+                                           tokenize=False) for record in records]
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+
+
+def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport):
+    kept, images = [], []
+    for record in batch:
+        try:
+            image = load_image(record) if record.image is not None else None
+        except InputError:
+            if not skip_bad:
+                raise
+            report.skipped += 1
+            continue
+        kept.append(record)
+        if image is not None:
+            images.append(image)
+    return encode_records(processor, kept, images) if kept else None
+
+
+def _fingerprint(flat: torch.Tensor) -> tuple:
+    """Three moments of an activation: equal for modules that read the same tensor, and for
+    distinct real activations never all equal."""
+    values = flat.double()
+    weights = torch.arange(1, values.shape[0] + 1, dtype=torch.float64, device=values.device)
+    return (tuple(flat.shape), float(values.sum()), float(values.square().sum()),
+            float((values.sum(dim=1) * weights).sum()))
+
+
+class InputCovariances:
+    """Forward pre-hooks on the adapted layers. During the first batch, layers whose input has
+    the fingerprint of an earlier layer's (q/k/v, gate/up, whatever their names) join its
+    group and lose their hook; afterwards one float32 Σ x xᵀ per distinct input accumulates
+    on the compute device over the positions whose attention mask is 1."""
+
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device):
+        self._device = device
+        self._mask: torch.Tensor | None = None
+        self._discovering = True
+        self._seen: dict[tuple, str] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.members: dict[str, list[str]] = {}
+        self._hooks = {name: layer.register_forward_pre_hook(partial(self._hook, name))
+                       for name, layer in layers.items()}
+
+    def begin_batch(self, mask: torch.Tensor) -> None:
+        self._mask = mask.reshape(-1)
+
+    def end_batch(self) -> None:
+        if self._discovering:
+            self._discovering = False
+            self._seen.clear()
+            for name in list(self._hooks):
+                if name not in self.members:
+                    self._hooks.pop(name).remove()
+
+    def _hook(self, name: str, _module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])[self._mask]
+        if self._discovering:
+            fingerprint = _fingerprint(flat)
+            if fingerprint in self._seen:
+                self.members[self._seen[fingerprint]].append(name)
+                return
+            self._seen[fingerprint] = name
+            self.members[name] = [name]
+            self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=self._device)
+        flat = flat.float()
+        self.sums[name].addmm_(flat.T, flat)
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        return self.sums, self.members
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks.values():
+            hook.remove()
+        self._hooks.clear()
+
+
+class PrototypeSum:
+    """Sums the L2-normalised, mean-pooled projector input of every image (DESIGN §1, CPM)."""
+
+    def __init__(self, projector: nn.Module | None, device: torch.device):
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
+
+    def _add(self, _module: nn.Module, args: tuple) -> None:
+        features = args[0].float()
+        pooled = features.mean(dim=-2) if features.dim() == 3 else features.mean(dim=0, keepdim=True)
+        normalised = torch.nn.functional.normalize(pooled, dim=-1)
+        self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
+        self.count += normalised.shape[0]
+
+    def result(self) -> tuple[torch.Tensor | None, int]:
+        return self.total, self.count
+
+    def remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): under torchrun, join the process group (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world
+
+
+def _all_reduce(sums, members, prototype_sum, image_count, report: StatsReport, device):
+    """Sum every rank's statistics. Ranks agree on the grouping of layers by input (it is
+    structural); a rank whose shard was empty adopts it from the others."""
+    dist = torch.distributed
+    layouts = [None] * dist.get_world_size()
+    dims = {key: matrix.shape[0] for key, matrix in sums.items()}
+    dist.all_gather_object(layouts, (members, dims, None if prototype_sum is None else prototype_sum.numel())
+                           if members else None)
+    known = [layout for layout in layouts if layout is not None]
+    if not known:
+        return sums, members, prototype_sum, image_count
+    members, dims, prototype_width = known[0]
+    if any(layout[0] != members for layout in known):
+        raise RuntimeError("ranks disagree on which layers share an input")
+    reduced = {}
+    for key in sorted(members):
+        matrix = sums.get(key)
+        if matrix is None:
+            matrix = torch.zeros(dims[key], dims[key], dtype=torch.float32, device=device)
+        dist.all_reduce(matrix)
+        reduced[key] = matrix
+    counts = torch.tensor([report.records, report.skipped, report.tokens, image_count],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    report.records, report.skipped, report.tokens, image_count = (int(value) for value in counts.tolist())
+    if prototype_width:
+        if prototype_sum is None:
+            prototype_sum = torch.zeros(prototype_width, device=device)
+        dist.all_reduce(prototype_sum)
+    return reduced, members, prototype_sum, image_count

@@ -1,0 +1,193 @@
+"""`many stats` against brute force: one record at a time, no padding, float64 hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from conftest import LM_TARGETS, make_adapter, run_cli
+from many_cli.bench.tiny import build_tiny_llava
+from many_cli.state import unpack_symmetric
+
+
+def write_images(folder: Path, count: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        pixels = (rng.random((20, 18, 3)) * 255).astype("uint8")
+        paths.append(folder / f"img{index}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats")
+    base = build_tiny_llava(root / "base")
+    adapter = make_adapter(base, root / "adapter",
+                           LoraConfig(r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"]),
+                           seed=3)
+    images = write_images(root / "data" / "images", 5, seed=4)
+    prompts = ["what colour is the shape ?", "how many dots", "where is it", "describe", "what is this picture"]
+    answers = ["red", None, "top left", None, "a star"]
+    with open(root / "data" / "calib.jsonl", "w") as handle:
+        for image, prompt, answer in zip(images, prompts, answers):
+            entry = {"image": f"images/{image.name}", "prompt": prompt}
+            if answer is not None:
+                entry["answer"] = answer
+            handle.write(json.dumps(entry) + "\n")
+    return root, base, adapter
+
+
+def brute_force(base: Path, adapter: Path, data: Path):
+    """Per-module Σ x xᵀ (float64) and the prototype, one record at a time, no padding."""
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
+    sums, pooled = {}, []
+    hooks = []
+    for name, module in model.get_base_model().named_modules():
+        if name.endswith(("_proj",)) and "language_model" in name and hasattr(module, "lora_A"):
+            def hook(_, args, name=name):
+                x = args[0][0].double()
+                sums[name] = sums.get(name, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    projector = model.get_base_model().model.multi_modal_projector
+    hooks.append(projector.register_forward_pre_hook(
+        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))))
+    with torch.no_grad():
+        for line in open(data):
+            entry = json.loads(line)
+            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+            if "answer" in entry:
+                turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
+            text = processor.apply_chat_template(turns, add_generation_prompt="answer" not in entry, tokenize=False)
+            image = Image.open(data.parent / entry["image"]).convert("RGB")
+            model(**processor(text=[text], images=[image], return_tensors="pt"))
+    for handle in hooks:
+        handle.remove()
+    return sums, torch.stack(pooled).mean(0)
+
+
+def read_stats(path: Path):
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        inputs = json.loads(metadata["inputs"])
+        per_module = {}
+        for key, entry in inputs.items():
+            matrix = unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+            for module in entry["modules"]:
+                per_module[module] = matrix
+        return per_module, inputs, handle.get_tensor("prototype"), metadata
+
+
+@pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "right"), (3, "left"), (5, "left")])
+def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, padding_side):
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    out = tmp_path / "stats.safetensors"
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                        "--out", out, "--batch-size", batch_size, "--padding-side", padding_side,
+                        "--device", "cpu")
+    assert code == 0, err
+    expected, prototype = brute_force(base, adapter, data)
+    per_module, inputs, stored_prototype, metadata = read_stats(out)
+    assert set(per_module) == set(expected)  # every adapted layer, nothing else
+    assert len(inputs) == 2 * 4  # q/k/v and gate/up found to share their input
+    for module, matrix in expected.items():
+        error = (per_module[module] - matrix).norm() / matrix.norm()
+        assert error <= 1e-5, module
+    assert torch.allclose(stored_prototype.double(), prototype, atol=1e-6)
+    assert metadata["images"] == "5" and int(metadata["tokens"]) == sum(
+        e["tokens"] for e in inputs.values()) // len(inputs)
+
+
+def test_stats_feed_merge(task, tmp_path, capsys):
+    root, base, adapter = task
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter,
+                        "--data", root / "data" / "images", "--prompt", "what colour", "--device", "cpu")
+    assert code == 0, err
+    assert "5 records" in err
+    code, err = run_cli(capsys, "merge", adapter, "--out", tmp_path / "merged")
+    assert code == 0, err
+
+
+def test_bfloat16_model_accumulates_in_float32(task, tmp_path, capsys):
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    out = tmp_path / "stats.safetensors"
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                        "--out", out, "--dtype", "bfloat16", "--batch-size", 2)
+    assert code == 0, err
+    with safe_open(str(out), "pt") as handle:
+        assert all(handle.get_tensor(key).dtype == torch.float32 for key in handle.keys())
+    expected, _ = brute_force(base, adapter, data)
+    per_module, _, _, _ = read_stats(out)
+    for module, matrix in expected.items():
+        assert (per_module[module] - matrix).norm() / matrix.norm() <= 0.05, module
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_records_stop_with_a_line_naming_them_or_are_skipped(task, tmp_path, capsys):
+    root, base, adapter = task
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    good = json.dumps({"image": str(root / "data" / "images" / "img0.png"), "prompt": "what"})
+    cases = {
+        "not json": (["{oops"], "bad.jsonl:2: not JSON"),
+        "no prompt": ([json.dumps({"image": "x.png"})], "bad.jsonl:2: lacks the string field(s) prompt"),
+        "corrupt image": ([json.dumps({"image": "broken.png", "prompt": "what"})], "cannot be read"),
+        "missing image": ([json.dumps({"image": "nowhere.png", "prompt": "what"})], "not found"),
+    }
+    for name, (lines, message) in cases.items():
+        data = write_jsonl(tmp_path / "bad.jsonl", [good] + lines)
+        out = tmp_path / "s.safetensors"
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", out)
+        assert code == 2 and message in err and err.count("\n") == 1, (name, err)
+        assert not out.exists()
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                            "--out", out, "--skip-bad")
+        assert code == 0, (name, err)
+        with safe_open(str(out), "pt") as handle:
+            assert handle.metadata()["skipped"] == "1" and handle.metadata()["records"] == "1"
+        out.unlink()
+    (tmp_path / "empty").mkdir()
+    for data, message in [(tmp_path / "empty", "holds no images"), (tmp_path / "nope.jsonl", "data not found")]:
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data)
+        assert code == 2 and message in err, err
+
+
+def test_torchrun_shards_equal_a_single_process(task, tmp_path, capsys):
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    single, sharded = tmp_path / "single.safetensors", tmp_path / "sharded.safetensors"
+    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                   "--out", single, "--batch-size", 2, "--device", "cpu")[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "many_cli", "stats", "--model", str(base), "--adapter", str(adapter), "--data", str(data),
+         "--out", str(sharded), "--batch-size", "2", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, inputs_one, prototype_one, metadata_one = read_stats(single)
+    two, inputs_two, prototype_two, metadata_two = read_stats(sharded)
+    assert inputs_one == inputs_two
+    for module in one:
+        assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
+    assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
+    assert metadata_two["records"] == "5" and metadata_two["images"] == "5"
