@@ -22,6 +22,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 stderr = Console(stderr=True)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Measured ratios: ours against a baseline or a floor.")
+app.add_typer(bench_app, name="bench")
+
+
 @app.callback()
 def _commands() -> None:
     """Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny)."""
@@ -120,6 +124,37 @@ def stats_command(
     stderr.print(f"{report.records} records, {report.tokens} tokens, {report.images} images{skipped}: "
                  f"{report.inputs} distinct inputs of {report.modules} adapted layers -> {report.out}",
                  highlight=False)
+
+
+@bench_app.command("stats")
+def bench_stats_command(
+    layers: Annotated[int, typer.Option("--layers", help="Language-model depth (cost is linear in it).")] = 1,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden size (LLaVA-1.5-7B: 4096).")] = 4096,
+    intermediate: Annotated[int, typer.Option("--intermediate", help="MLP size (LLaVA-1.5-7B: 11008).")] = 11008,
+    records: Annotated[int, typer.Option("--records", help="Records (each 576 image tokens plus text).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """`many stats` against a plain forward pass and against the FLOP floor, in one run."""
+    from rich.table import Table
+
+    from many_cli.bench.stats_bench import bench_stats
+
+    result = bench_stats(layers=layers, hidden=hidden, intermediate=intermediate, records=records,
+                         batch_size=batch_size, device=device)
+    table = Table(title=f"many bench stats: {layers} layer(s) of {hidden}/{intermediate}, "
+                        f"{result.tokens} tokens, {result.device}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("plain forward", f"{result.forward_seconds:.2f} s")
+    table.add_row("many stats (forward + statistics)", f"{result.stats_seconds:.2f} s")
+    table.add_row("stats / forward (goal ≤ 1.5)", f"{result.ratio_to_forward:.2f}")
+    table.add_row("FLOP floor (linear layers + covariance triangles at peak matmul speed)",
+                  f"{result.floor_seconds:.2f} s")
+    table.add_row("stats / floor", f"{result.ratio_to_floor:.2f}")
+    table.add_row("covariance FLOPs / forward FLOPs", f"{result.covariance_flops / result.forward_flops:.2f}")
+    table.add_row("peak matmul speed", f"{result.peak_flops / 1e9:.0f} GFLOP/s")
+    Console().print(table)
 
 
 def main() -> None:

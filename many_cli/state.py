@@ -160,14 +160,13 @@ def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: 
                 modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
                 adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
                 extra: Mapping[str, str] | None = None) -> None:
-    """Write a stats file. `covariances[input]` is a full symmetric matrix; `modules[input]`
+    """Write a stats file. `covariances[input]` is packed (`pack_symmetric`); `modules[input]`
     lists the modules that read that input. Written to a temporary name, then renamed."""
-    tensors = {f"covariance/{key}": pack_symmetric(matrix).contiguous()
-               for key, matrix in covariances.items()}
+    tensors = {f"covariance/{key}": packed.contiguous() for key, packed in covariances.items()}
     if prototype is not None:
         tensors["prototype"] = prototype.to(torch.float32).contiguous()
-    inputs = {key: {"modules": sorted(modules[key]), "dim": int(matrix.shape[0]),
-                    "tokens": int(tokens[key])} for key, matrix in covariances.items()}
+    inputs = {key: {"modules": sorted(modules[key]), "dim": dim_of_packed(packed.numel()),
+                    "tokens": int(tokens[key])} for key, packed in covariances.items()}
     metadata = {
         "format": "many-stats",
         "format_version": FORMAT_VERSION,

@@ -98,9 +98,7 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
                 continue
             mask = encoded["attention_mask"].bool()
             covariances.begin_batch(mask.to(device))
-            with torch.inference_mode():
-                model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
-                      use_cache=False, logits_to_keep=1)
+            forward(model, encoded, device)
             covariances.end_batch()
             report.records += mask.shape[0]
             report.tokens += int(mask.sum())
@@ -109,15 +107,16 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
         covariances.remove_hooks()
         prototype.remove_hook()
 
-    sums, members = covariances.result()
+    sums = {key: triangle.packed() for key, triangle in covariances.sums.items()}
+    members = covariances.members
     prototype_sum, image_count = prototype.result()
     if world > 1:
         sums, members, prototype_sum, image_count = _all_reduce(sums, members, prototype_sum,
                                                                 image_count, report, device)
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
-    for key, matrix in sums.items():
-        if not bool(torch.isfinite(matrix.diagonal()).all()):
+    for key, packed in sums.items():
+        if not bool(torch.isfinite(packed).all()):
             raise InputError(adapter, f"the input of {', '.join(members[key])} holds NaN or Inf on this "
                                       f"data; check the model's dtype (try --dtype float32)")
     report.images = image_count
@@ -135,6 +134,15 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return report
+
+
+def forward(model: nn.Module, encoded, device: torch.device) -> None:
+    """One forward pass for statistics: positions follow the attention mask, so left and right
+    padding see the same activations, and only the last position's logits are computed."""
+    mask = encoded["attention_mask"]
+    with torch.inference_mode():
+        model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
+              use_cache=False, logits_to_keep=1)
 
 
 def _check_options(options: StatsOptions) -> None:
@@ -210,6 +218,31 @@ def _fingerprint(flat: torch.Tensor) -> tuple:
             float((values.sum(dim=1) * weights).sum()))
 
 
+class UpperTriangle:
+    """Σ x xᵀ kept as its upper triangle, in row blocks: half the memory and about half the
+    multiply-adds of a full d×d accumulation, and already in the stats file's packed order."""
+
+    BLOCK = 512
+
+    def __init__(self, dim: int, device: torch.device):
+        self.dim = dim
+        self.rows = [torch.zeros(min(self.BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
+                     for start in range(0, dim, self.BLOCK)]
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add xᵀ x for x of shape (tokens, dim), float32."""
+        for index, rows in enumerate(self.rows):
+            start = index * self.BLOCK
+            rows.addmm_(x[:, start:start + rows.shape[0]].T, x[:, start:])
+
+    def packed(self) -> torch.Tensor:
+        """The upper triangle row by row, as `state.pack_symmetric` lays it out."""
+        return torch.cat([rows[row, row:] for rows in self.rows for row in range(rows.shape[0])])
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.cat([rows[:, :rows.shape[0]].diagonal() for rows in self.rows])
+
+
 class InputCovariances:
     """Forward pre-hooks on the adapted layers. During the first batch, layers whose input has
     the fingerprint of an earlier layer's (q/k/v, gate/up, whatever their names) join its
@@ -221,7 +254,7 @@ class InputCovariances:
         self._mask: torch.Tensor | None = None
         self._discovering = True
         self._seen: dict[tuple, str] = {}
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, UpperTriangle] = {}
         self.members: dict[str, list[str]] = {}
         self._hooks = {name: layer.register_forward_pre_hook(partial(self._hook, name))
                        for name, layer in layers.items()}
@@ -247,12 +280,8 @@ class InputCovariances:
                 return
             self._seen[fingerprint] = name
             self.members[name] = [name]
-            self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=self._device)
-        flat = flat.float()
-        self.sums[name].addmm_(flat.T, flat)
-
-    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-        return self.sums, self.members
+            self.sums[name] = UpperTriangle(flat.shape[1], self._device)
+        self.sums[name].add(flat.float())
 
     def remove_hooks(self) -> None:
         for hook in self._hooks.values():
@@ -298,22 +327,22 @@ def _all_reduce(sums, members, prototype_sum, image_count, report: StatsReport, 
     structural); a rank whose shard was empty adopts it from the others."""
     dist = torch.distributed
     layouts = [None] * dist.get_world_size()
-    dims = {key: matrix.shape[0] for key, matrix in sums.items()}
-    dist.all_gather_object(layouts, (members, dims, None if prototype_sum is None else prototype_sum.numel())
+    lengths = {key: packed.numel() for key, packed in sums.items()}
+    dist.all_gather_object(layouts, (members, lengths, None if prototype_sum is None else prototype_sum.numel())
                            if members else None)
     known = [layout for layout in layouts if layout is not None]
     if not known:
         return sums, members, prototype_sum, image_count
-    members, dims, prototype_width = known[0]
+    members, lengths, prototype_width = known[0]
     if any(layout[0] != members for layout in known):
         raise RuntimeError("ranks disagree on which layers share an input")
     reduced = {}
     for key in sorted(members):
-        matrix = sums.get(key)
-        if matrix is None:
-            matrix = torch.zeros(dims[key], dims[key], dtype=torch.float32, device=device)
-        dist.all_reduce(matrix)
-        reduced[key] = matrix
+        packed = sums.get(key)
+        if packed is None:
+            packed = torch.zeros(lengths[key], dtype=torch.float32, device=device)
+        dist.all_reduce(packed)
+        reduced[key] = packed
     counts = torch.tensor([report.records, report.skipped, report.tokens, image_count],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)

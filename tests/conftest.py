@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from many_cli.files import file_fingerprint
-from many_cli.state import STATS_FILE, write_stats
+from many_cli.state import STATS_FILE, pack_symmetric, write_stats
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -107,7 +107,7 @@ def write_task_stats(adapter: Path, covariances: dict[str, torch.Tensor], tokens
     for module in covariances:
         by_input.setdefault(input_key(module), []).append(module)
     write_stats(adapter / STATS_FILE,
-                covariances={key: covariances[key].to(torch.float32) for key in by_input},
+                covariances={key: pack_symmetric(covariances[key].to(torch.float32)) for key in by_input},
                 tokens={key: tokens for key in by_input}, modules=by_input,
                 prototype=prototype if prototype is not None else torch.randn(16),
                 images=1, adapter_fingerprint=file_fingerprint(adapter / "adapter_model.safetensors"),

@@ -191,3 +191,14 @@ def test_torchrun_shards_equal_a_single_process(task, tmp_path, capsys):
         assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
     assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
     assert metadata_two["records"] == "5" and metadata_two["images"] == "5"
+
+
+def test_bench_stats_runs_and_counts_the_covariance_work():
+    from many_cli.bench.stats_bench import bench_stats
+
+    result = bench_stats(layers=1, hidden=64, intermediate=128, records=2, batch_size=1, device="cpu",
+                         repeats=1)
+    # Four distinct inputs per Llama layer (q/k/v, o, gate/up, down), found by the hooks.
+    assert result.covariance_flops == result.tokens * (3 * 64 * 65 + 128 * 129)
+    assert result.tokens > 2 * 576  # two records, each 576 image tokens plus text
+    assert 0 < result.forward_seconds and 0 < result.stats_seconds and result.ratio_to_floor > 0

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX
 from many_cli.files import file_fingerprint
-from many_cli.state import STATS_FILE, write_stats
+from many_cli.state import STATS_FILE, pack_symmetric, write_stats
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def write_task(out: Path, shape: Shape, seed: int) -> Path:
             # Anisotropic inputs, like real activations: a decaying spectrum of directions.
             spread = torch.logspace(0, -2, width) * (1 + 0.1 * seed)
             activations = torch.randn(shape.tokens, width, generator=generator) * spread
-            covariances[key] = activations.T.double() @ activations.double()
+            covariances[key] = pack_symmetric(activations.T @ activations)
             tokens[key], modules[key] = shape.tokens, readers
     projector = f"{PEFT_PREFIX}model.multi_modal_projector"
     tensors[f"{projector}.linear_1.weight"] = torch.randn(shape.hidden, shape.projector_in, generator=generator)

@@ -44,22 +44,25 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_processor() -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(),
-                          patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                          patch_size=patch_size, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_llava_config(hidden: int = 32, layers: int = 2, vocab_size: int | None = None) -> LlavaConfig:
+def tiny_llava_config(hidden: int = 32, layers: int = 2, intermediate: int | None = None,
+                      heads: int = 4, kv_heads: int = 2, vision: CLIPVisionConfig | None = None) -> LlavaConfig:
+    """Defaults make a model of a few hundred kB; LLaVA-1.5-7B's language model is
+    hidden=4096, intermediate=11008, heads=kv_heads=32 (at any depth)."""
     tokenizer = tiny_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                              projection_dim=16)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=vocab_size or len(tokenizer), max_position_embeddings=128,
+    vision = vision or CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=IMAGE_SIZE,
+                                        patch_size=PATCH_SIZE, projection_dim=16)
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or hidden * 3 // 2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       vocab_size=len(tokenizer), max_position_embeddings=4096,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     return LlavaConfig(vision_config=vision, text_config=text,
