@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,7 +20,7 @@ from many_cli.stats import StatsOptions, collect_stats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).")
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measured ratios: ours against a baseline or a floor.")
@@ -29,6 +30,12 @@ app.add_typer(bench_app, name="bench")
 @app.callback()
 def _commands() -> None:
     """Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny)."""
+    # Libraries' own progress bars and deprecation notices would bury the one-line reports.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _track(items, description):

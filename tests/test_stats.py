@@ -202,3 +202,22 @@ def test_bench_stats_runs_and_counts_the_covariance_work():
     assert result.covariance_flops == result.tokens * (3 * 64 * 65 + 128 * 129)
     assert result.tokens > 2 * 576  # two records, each 576 image tokens plus text
     assert 0 < result.forward_seconds and 0 < result.stats_seconds and result.ratio_to_floor > 0
+
+
+def test_nan_activation_names_the_layer(task, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, base, adapter = task
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.language_model.layers.1.mlp.gate_proj.lora_A.weight"
+    weights[key] = torch.full_like(weights[key], float("inf"))
+    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "s.safetensors"
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", broken,
+                        "--data", root / "data" / "calib.jsonl", "--out", out)
+    assert code == 2 and "holds NaN or Inf" in err and "layers.1.mlp.down_proj" in err, err
+    assert err.count("\n") == 1 and not out.exists()
