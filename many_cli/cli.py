@@ -133,6 +133,105 @@ def stats_command(
                  highlight=False)
 
 
+@app.command("infer")
+def infer_command(
+    model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
+    merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="One image to answer about.")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="The question (also for a folder of images).")] = DEFAULT_PROMPT,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="With --data: write JSON lines here (default: standard output).")] = None,
+    eta: Annotated[Optional[float], typer.Option("--eta", help="Routing temperature η (default: the bundle's).")] = None,
+    routing: Annotated[str, typer.Option("--routing", help="soft (weighted projectors) or hard (the closest task's).")] = "soft",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold the merged LoRA into the weights (decoding then costs what the base costs).")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
+    min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when the average per-task accuracy is below this.")] = None,
+) -> None:
+    """Answer one image, or score a data set, with the merged model and routed projectors."""
+    import json
+
+    from many_cli import infer
+    from many_cli.data import BadRecord, Record, read_records
+
+    if (image is None) == (not data):
+        raise InputError(None, "give either --image IMG or --data DATA")
+    options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 device=device, dtype=dtype, fold=fold, prompt=prompt)
+    if image is not None and not image.is_file():
+        raise InputError(image, "image not found")
+    loaded = infer.load_merged(model, merged, options)
+    if image is not None:
+        [prediction] = infer.answer(loaded, [Record(str(image), image, prompt, None)], max_new_tokens)
+        print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
+        return
+
+    def records():
+        for source in data:
+            for record in read_records(source, prompt):
+                if isinstance(record, BadRecord):
+                    raise InputError(record.source, record.fault)
+                yield record
+
+    predictions = []
+    with _JsonLines(out) as sink:
+        for prediction in infer.answer_all(loaded, records(), options):
+            sink.write(json.dumps(prediction.as_json()))
+            predictions.append(prediction)
+    scores = infer.accuracy_by_task(predictions)
+    if not scores:
+        return
+    average = _print_accuracy(scores)
+    if min_accuracy is not None and average < min_accuracy:
+        _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {min_accuracy}")
+
+
+class _JsonLines:
+    """JSON lines to a file (written under a temporary name, renamed when complete) or stdout."""
+
+    def __init__(self, path: Optional[Path]):
+        self._path = path
+        self._partial = path.with_name(path.name + ".partial") if path else None
+        self._handle = None
+
+    def __enter__(self):
+        self._handle = open(self._partial, "w") if self._partial else sys.stdout
+        return self
+
+    def write(self, line: str) -> None:
+        self._handle.write(line + "\n")
+
+    def __exit__(self, kind, *_):
+        if self._partial is None:
+            return
+        self._handle.close()
+        if kind is None:
+            self._partial.replace(self._path)
+        else:
+            self._partial.unlink(missing_ok=True)
+
+
+def _print_accuracy(scores: dict[str, tuple[int, int]]) -> float:
+    from rich.table import Table
+
+    table = Table(title="accuracy (normalised exact match)")
+    table.add_column("task")
+    table.add_column("correct", justify="right")
+    table.add_column("records", justify="right")
+    table.add_column("accuracy", justify="right")
+    accuracies = []
+    for task, (correct, total) in sorted(scores.items()):
+        accuracies.append(correct / total)
+        table.add_row(task, str(correct), str(total), f"{correct / total:.4f}")
+    average = sum(accuracies) / len(accuracies)
+    table.add_row("average", "", "", f"{average:.4f}", style="bold")
+    stderr.print(table)
+    return average
+
+
 @bench_app.command("stats")
 def bench_stats_command(
     layers: Annotated[int, typer.Option("--layers", help="Language-model depth (cost is linear in it).")] = 1,

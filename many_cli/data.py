@@ -22,6 +22,7 @@ class Record:
     image: Path | None
     prompt: str
     answer: str | None
+    task: str = ""  # the record's "task" field, else the name of its file or folder
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
     if not images:
         raise InputError(folder, f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     for path in images:
-        yield Record(str(path), path, prompt, None)
+        yield Record(str(path), path, prompt, None, folder.name)
 
 
 def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -84,10 +85,10 @@ def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
             except json.JSONDecodeError as error:
                 yield BadRecord(source, f"not JSON ({error.msg})")
                 continue
-            yield _record_from_fields(source, path.parent, entry)
+            yield _record_from_fields(source, path.parent, entry, path.stem)
 
 
-def _record_from_fields(source: str, root: Path, entry: object) -> Record | BadRecord:
+def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
     if not isinstance(entry, dict):
         return BadRecord(source, "expected a JSON object")
     missing = [field for field in ("image", "prompt") if not isinstance(entry.get(field), str)]
@@ -96,7 +97,7 @@ def _record_from_fields(source: str, root: Path, entry: object) -> Record | BadR
     answer = entry.get("answer")
     if answer is not None and not isinstance(answer, str):
         return BadRecord(source, "field answer is not a string")
-    return Record(source, root / entry["image"], entry["prompt"], answer)
+    return Record(source, root / entry["image"], entry["prompt"], answer, str(entry.get("task") or task))
 
 
 def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -119,4 +120,25 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
             continue
         prompt = human.replace("<image>", "").strip()
         yield _record_from_fields(source, path.parent, {"image": entry.get("image"), "prompt": prompt,
-                                                        "answer": answer})
+                                                        "answer": answer}, path.stem)
+
+
+def messages(record: Record, with_answer: bool = True) -> list[dict]:
+    """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is
+    one (and it is wanted: statistics take it, inference asks for it)."""
+    content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.prompt}]
+    turns = [{"role": "user", "content": content}]
+    if with_answer and record.answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
+    return turns
+
+
+def encode_records(processor, records: list[Record], images: list, with_answers: bool = True) -> dict:
+    """Model inputs for a batch: the chat template's text, tokenized with the images; the
+    generation prompt closes every conversation that ends on the user's turn."""
+    texts = []
+    for record in records:
+        answered = with_answers and record.answer is not None
+        texts.append(processor.apply_chat_template(messages(record, with_answers),
+                                                   add_generation_prompt=not answered, tokenize=False))
+    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)

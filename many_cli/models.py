@@ -95,3 +95,13 @@ def find_projector(model: nn.Module) -> nn.Module | None:
         if name.split(".")[-1] == PROJECTOR_NAME:
             return module
     return None
+
+
+def replace_projector(model: nn.Module, replacement: nn.Module) -> None:
+    """Put `replacement` where the model's multi_modal_projector was."""
+    for name, _ in model.named_modules():
+        if name.split(".")[-1] == PROJECTOR_NAME:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, PROJECTOR_NAME, replacement)
+            return
+    raise ValueError("the model has no multi_modal_projector")

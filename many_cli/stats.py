@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from many_cli.adapters import ADAPTER_WEIGHTS
-from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, count_records, load_image, read_records
+from many_cli.cpm import pooled_direction
+from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_image,
+                           read_records)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
@@ -178,21 +180,6 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def messages(record: Record) -> list[dict]:
-    """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is one."""
-    content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.prompt}]
-    turns = [{"role": "user", "content": content}]
-    if record.answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
-    return turns
-
-
-def encode_records(processor, records: list[Record], images: list) -> dict:
-    texts = [processor.apply_chat_template(messages(record), add_generation_prompt=record.answer is None,
-                                           tokenize=False) for record in records]
-    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-
-
 def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport):
     kept, images = [], []
     for record in batch:
@@ -298,9 +285,7 @@ class PrototypeSum:
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:
-        features = args[0].float()
-        pooled = features.mean(dim=-2) if features.dim() == 3 else features.mean(dim=0, keepdim=True)
-        normalised = torch.nn.functional.normalize(pooled, dim=-1)
+        normalised = pooled_direction(args[0])
         self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
         self.count += normalised.shape[0]
 

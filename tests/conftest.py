@@ -157,16 +157,28 @@ def world(tmp_path_factory) -> World:
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
     """Run `many ARGS` in-process as the console script would; return (exit status, stderr)."""
+    code, _, err = run_cli_output(capsys, *args)
+    return code, err
+
+
+def run_cli_output(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `many ARGS` in-process; return (exit status, stdout, stderr)."""
+    capsys.readouterr()  # drop what the test's own setup printed
+    code = invoke(*args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def invoke(*args) -> int:
+    """Run `many ARGS` in-process as the console script would; return its exit status."""
     from many_cli.cli import main
 
-    capsys.readouterr()  # drop what the test's own setup printed
     argv = sys.argv
     sys.argv = ["many", *map(str, args)]
     try:
         main()
-        code = 0
+        return 0
     except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 0
+        return done.code if isinstance(done.code, int) else 0
     finally:
         sys.argv = argv
-    return code, capsys.readouterr().err

@@ -21,9 +21,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from many_cli.bench.tiny import tiny_llava_config, tiny_processor
-from many_cli.data import Record
+from many_cli.data import Record, encode_records
 from many_cli.models import find_projector, lora_layers, resolve_device
-from many_cli.stats import InputCovariances, PrototypeSum, encode_records, forward
+from many_cli.stats import InputCovariances, PrototypeSum, forward
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,0 +1,80 @@
+"""Cross-modal Projection Merging: a drop-in `multi_modal_projector` that routes each image
+to the task projectors by the cosine similarity of its pooled projector input to each task's
+prototype. Pure torch, no I/O.
+
+Use from Python (after `model` has its merged LoRA applied):
+
+    routed = RoutedProjector(projectors, prototypes, tasks=["ocr", "vqa"], eta=0.05)
+    model.model.multi_modal_projector = routed
+    model.generate(...)
+    routed.last_weights  # (images, tasks) routing of the last forward
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ROUTINGS = ("soft", "hard")
+
+
+def pooled_direction(features: torch.Tensor) -> torch.Tensor:
+    """One unit vector per image: the projector input mean-pooled over its tokens (patches,
+    and crops or tiles when a model puts them on that axis), then L2-normalised."""
+    features = features.float()
+    pooled = features.mean(dim=-2) if features.dim() == 3 else features.mean(dim=0, keepdim=True)
+    return F.normalize(pooled, dim=-1)
+
+
+def routing_weights(directions: torch.Tensor, prototypes: torch.Tensor, eta: float,
+                    routing: str) -> torch.Tensor:
+    """(images, tasks) weights: softmax(cos(f, µ_i) / η), or one-hot on the closest prototype."""
+    similarity = directions @ F.normalize(prototypes.float(), dim=-1).T
+    if routing == "hard":
+        return F.one_hot(similarity.argmax(dim=-1), similarity.shape[-1]).to(similarity.dtype)
+    return torch.softmax(similarity / eta, dim=-1)
+
+
+class RoutedProjector(nn.Module):
+    """Σ_i w_i P_i(x) per image, with w from `routing_weights`; a projector whose weight is
+    exactly 0 (hard routing) is not run for that image."""
+
+    def __init__(self, projectors: Sequence[nn.Module], prototypes: torch.Tensor, tasks: Sequence[str],
+                 eta: float, routing: str = "soft"):
+        super().__init__()
+        if len(projectors) != len(tasks) or prototypes.shape[0] != len(tasks):
+            raise ValueError("one projector and one prototype per task")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}")
+        self.projectors = nn.ModuleList(projectors)
+        self.register_buffer("prototypes", F.normalize(prototypes.float(), dim=-1))
+        self.tasks = list(tasks)
+        self.eta = eta
+        self.routing = routing
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weights = routing_weights(pooled_direction(image_features), self.prototypes.to(image_features.device),
+                                  self.eta, self.routing)
+        self.last_weights = weights.detach()
+        per_image = image_features.dim() == 3
+        output = None
+        for index, projector in enumerate(self.projectors):
+            chosen = weights[:, index] > 0
+            if not bool(chosen.any()):
+                continue
+            inputs = image_features[chosen] if per_image else image_features
+            projected = projector(inputs, *args, **kwargs)
+            scale = weights[chosen, index].to(projected.dtype)
+            term = projected * scale.view(-1, *([1] * (projected.dim() - 1)))
+            if output is None:
+                output = torch.zeros((image_features.shape[0], *projected.shape[1:]) if per_image
+                                     else projected.shape, dtype=projected.dtype, device=projected.device)
+            if per_image:
+                output[chosen] += term
+            else:
+                output += term
+        return output

@@ -1,0 +1,165 @@
+"""`many infer`: the base model with the merged LoRA (folded into its weights by default) and a
+routed projector holding every task's projector (CPM), answering one image or a data set."""
+
+from __future__ import annotations
+
+import copy
+import re
+import string
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from many_cli.adapters import ADAPTER_CONFIG
+from many_cli.cpm import RoutedProjector
+from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_image
+from many_cli.errors import InputError
+from many_cli.files import open_safetensors
+from many_cli.models import (find_projector, load_base_model, replace_projector, resolve_device,
+                             resolve_dtype)
+from many_cli.state import BUNDLE_FILE, BundleHeader, read_bundle_header
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """Every setting of one `many infer` run."""
+    eta: float | None = None  # None: the bundle's default
+    routing: str = "soft"
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    fold: bool = True
+    prompt: str = DEFAULT_PROMPT
+
+
+@dataclass
+class MergedModel:
+    model: nn.Module
+    processor: object
+    router: RoutedProjector | None
+    device: torch.device
+
+
+def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
+    if options.routing not in ("soft", "hard"):
+        raise InputError(None, f"--routing must be soft or hard, got {options.routing!r}")
+    if options.eta is not None and not options.eta > 0:
+        raise InputError(None, f"--eta must be > 0, got {options.eta}")
+    if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
+        raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
+    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    device = resolve_device(options.device)
+    model = load_base_model(base, resolve_dtype(options.dtype), device)
+    router = _routed_projector(model, bundle, options) if bundle.projector_module else None
+    model = _apply_lora(model, base, merged, options.fold)
+    if router is not None:
+        replace_projector(model, router.to(device))
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    processor.tokenizer.padding_side = "left"  # generation continues every row at its end
+    return MergedModel(model.eval(), processor, router, device)
+
+
+def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOptions) -> RoutedProjector:
+    original = find_projector(model)
+    if original is None:
+        raise InputError(bundle.path, "holds task projectors, but the base model has no multi_modal_projector")
+    projectors, prototypes = [], []
+    with open_safetensors(bundle.path) as handle:
+        for index, task in enumerate(bundle.tasks):
+            prefix = f"projector/{index}/"
+            weights = {key[len(prefix):]: handle.get(key) for key in bundle.shapes if key.startswith(prefix)}
+            projector = copy.deepcopy(original)
+            try:
+                projector.load_state_dict(weights)
+            except RuntimeError as error:
+                detail = " ".join(str(error).split())[:300]
+                raise InputError(bundle.path, f"the projector of task {task} does not fit the base "
+                                              f"model ({detail})") from None
+            projectors.append(projector)
+            if f"prototype/{index}" not in bundle.shapes:
+                raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
+                                              f"routed; merge adapters that have stats files")
+            prototypes.append(handle.get(f"prototype/{index}"))
+    eta = options.eta if options.eta is not None else bundle.eta
+    return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing)
+
+
+def _apply_lora(model: nn.Module, base: str, merged: Path, fold: bool) -> nn.Module:
+    from peft import PeftModel
+
+    try:
+        adapted = PeftModel.from_pretrained(model, str(merged))
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(merged, f"the merged adapter does not fit the base model {base} ({first_line})") from None
+    return adapted.merge_and_unload() if fold else adapted
+
+
+@dataclass
+class Prediction:
+    record: Record
+    prediction: str
+    routing: dict[str, float]
+    seconds: float
+
+    def as_json(self) -> dict:
+        row = {"prediction": self.prediction, "routing": self.routing, "seconds": round(self.seconds, 4),
+               "image": str(self.record.image), "prompt": self.record.prompt}
+        if self.record.task:
+            row["task"] = self.record.task
+        if self.record.answer is not None:
+            row["answer"] = self.record.answer
+        return row
+
+
+def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> list[Prediction]:
+    """Greedy answers for one batch of records (their answers, if any, are not shown to the model)."""
+    images = [load_image(record) for record in records if record.image is not None]
+    encoded = encode_records(merged.processor, records, images, with_answers=False).to(merged.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = (time.perf_counter() - start) / len(records)
+    texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    weights = merged.router.last_weights.tolist() if merged.router is not None else [[] for _ in records]
+    tasks = merged.router.tasks if merged.router is not None else []
+    return [Prediction(record, text.strip(), dict(zip(tasks, row)), seconds)
+            for record, text, row in zip(records, texts, weights)]
+
+
+def answer_all(merged: MergedModel, records: Iterable[Record], options: InferOptions) -> Iterator[Prediction]:
+    batch: list[Record] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == options.batch_size:
+            yield from answer(merged, batch, options.max_new_tokens)
+            batch = []
+    if batch:
+        yield from answer(merged, batch, options.max_new_tokens)
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces: the usual VQA exact-match rule."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def accuracy_by_task(predictions: Iterable[Prediction]) -> dict[str, tuple[int, int]]:
+    """task -> (correct, total) over the records that carry an answer."""
+    scores: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for prediction in predictions:
+        if prediction.record.answer is None:
+            continue
+        score = scores[prediction.record.task]
+        score[0] += normalise_answer(prediction.prediction) == normalise_answer(prediction.record.answer)
+        score[1] += 1
+    return {task: (correct, total) for task, (correct, total) in scores.items()}

@@ -1,0 +1,43 @@
+"""The routed projector against a brute-force weighted sum."""
+
+import torch
+from torch import nn
+
+from many_cli.cpm import RoutedProjector
+
+
+def make_router(eta: float, routing: str = "soft"):
+    torch.manual_seed(0)
+    projectors = [nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5)) for _ in range(3)]
+    prototypes = torch.randn(3, 6)
+    return RoutedProjector(projectors, prototypes, ["a", "b", "c"], eta, routing), projectors, prototypes
+
+
+def test_soft_routing_is_the_softmax_weighted_sum_of_projectors():
+    router, projectors, prototypes = make_router(eta=0.3)
+    features = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        output = router(features)
+        for image in range(4):
+            pooled = features[image].mean(dim=0)
+            cosines = torch.stack([torch.cosine_similarity(pooled, p, dim=0) for p in prototypes])
+            weights = torch.exp(cosines / 0.3) / torch.exp(cosines / 0.3).sum()
+            expected = sum(w * projector(features[image]) for w, projector in zip(weights, projectors))
+            assert torch.allclose(output[image], expected, atol=1e-5)
+            assert torch.allclose(router.last_weights[image], weights, atol=1e-6)
+    assert torch.allclose(router.last_weights.sum(dim=1), torch.ones(4))
+
+
+def test_soft_routing_tends_to_hard_as_eta_goes_to_zero():
+    features = torch.randn(5, 7, 6)
+    hard, projectors, _ = make_router(eta=1.0, routing="hard")
+    with torch.no_grad():
+        hard_output = hard(features)
+        choice = hard.last_weights.argmax(dim=1)
+        for image in range(5):
+            assert torch.allclose(hard_output[image], projectors[choice[image]](features[image]), atol=1e-6)
+        gaps = []
+        for eta in (1.0, 0.1, 1e-3):
+            soft, _, _ = make_router(eta)
+            gaps.append(float((soft(features) - hard_output).abs().max()))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5

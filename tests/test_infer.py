@@ -1,0 +1,182 @@
+"""`many infer` on a tiny LLaVA: against base + adapter run directly, and through its gates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from conftest import LM_TARGETS, invoke, make_adapter, run_cli, run_cli_output
+from many_cli.bench.tiny import WORDS, build_tiny_llava
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
+
+
+def write_task_data(folder: Path, name: str, colour, count: int, seed: int, varied: bool = False) -> Path:
+    """Images of one colour. Calibration prompts are `varied`: random words, so that the inputs
+    of every layer span its whole width (a merge only knows what its calibration data spans)."""
+    rng = np.random.default_rng(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    with open(path, "w") as handle:
+        for index in range(count):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 15, (20, 20, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / name / f"{index}.png")
+            prompt = " ".join(rng.choice(WORDS, 12)) if varied else "what colour is it ?"
+            handle.write(json.dumps({"image": f"{name}/{index}.png", "prompt": prompt, "answer": name}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    base = build_tiny_llava(root / "base")
+    adapters, heldout = [], []
+    for index, (name, colour) in enumerate(COLOURS.items()):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
+        adapters.append(make_adapter(base, root / "adapters" / name, config, seed=10 + index))
+        calibration = write_task_data(root / "calibration", name, colour, 8, seed=index, varied=True)
+        heldout.append(write_task_data(root / "heldout", name, colour, 3, seed=100 + index))
+        assert invoke("stats", "--model", base, "--adapter", adapters[-1], "--data", calibration) == 0
+    return root, base, adapters, heldout
+
+
+def direct_greedy(base: Path, adapter: Path, records: Path, max_new_tokens: int) -> list[list[int]]:
+    """Greedy token ids of base + adapter (its LoRA and its projector), one record at a time."""
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
+    tokens = []
+    for line in open(records):
+        entry = json.loads(line)
+        turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+        text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        encoded = processor(text=[text], images=[Image.open(records.parent / entry["image"]).convert("RGB")],
+                            return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+        tokens.append(output[0, encoded["input_ids"].shape[1]:].tolist())
+    return tokens
+
+
+def predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_one_task_merge_answers_like_its_adapter(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapters[0], "--out", merged, "--ridge", 0)[0] == 0
+    out = tmp_path / "preds.jsonl"
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
+                        "--out", out, "--max-new-tokens", 6, "--batch-size", 1)
+    assert code == 0, err
+    processor = AutoProcessor.from_pretrained(base)
+    expected = [processor.decode(ids, skip_special_tokens=True).strip()
+                for ids in direct_greedy(base, adapters[0], heldout[0], 6)]
+    assert [row["prediction"] for row in predictions(out)] == expected
+    assert all(row["routing"] == {"red": 1.0} for row in predictions(out))
+
+
+def test_hard_routing_sends_heldout_images_to_their_task(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    out = tmp_path / "preds.jsonl"
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *sum((["--data", p] for p in heldout), []),
+                        "--out", out, "--routing", "hard", "--max-new-tokens", 3)
+    assert code == 0, err
+    rows = predictions(out)
+    assert len(rows) == 9
+    for row in rows:
+        assert max(row["routing"], key=row["routing"].get) == row["task"]
+        assert sorted(row["routing"].values()) == [0.0, 0.0, 1.0]
+
+
+def test_batched_answers_equal_single_ones_and_folding_changes_nothing(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    runs = {}
+    for name, extra in {"single": ["--batch-size", 1], "batched": ["--batch-size", 4],
+                        "unfolded": ["--batch-size", 4, "--no-fold"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        args = ["infer", "--model", base, "--merged", merged, "--data", heldout[1], "--data", heldout[2],
+                "--out", out, "--max-new-tokens", 5, *extra]
+        assert run_cli(capsys, *args)[0] == 0
+        runs[name] = predictions(out)
+    for name in ("batched", "unfolded"):
+        assert [r["prediction"] for r in runs[name]] == [r["prediction"] for r in runs["single"]]
+        for mine, single in zip(runs[name], runs["single"]):
+            for task, weight in single["routing"].items():
+                assert mine["routing"][task] == pytest.approx(weight, abs=1e-5)
+    assert all(sum(r["routing"].values()) == pytest.approx(1.0) for r in runs["single"])
+
+
+def test_accuracy_table_and_min_accuracy_gate(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    out = tmp_path / "preds.jsonl"
+    args = ["infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data", heldout[1],
+            "--out", out, "--max-new-tokens", 2]
+    code, err = run_cli(capsys, *args, "--min-accuracy", 0)
+    assert code == 0, err
+    rows = predictions(out)
+    for task in ("red", "green"):
+        mine = [r for r in rows if r["task"] == task]
+        correct = sum(r["prediction"].lower().strip(" .") == r["answer"] for r in mine)
+        assert f"{correct / len(mine):.4f}" in err
+    code, err = run_cli(capsys, *args, "--min-accuracy", 1.01)
+    assert code == 1 and "below --min-accuracy" in err
+
+
+def test_single_image_prints_the_answer_and_json(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    image = heldout[2].parent / "blue" / "0.png"
+    args = ["infer", "--model", base, "--merged", merged, "--image", image, "--prompt", "what colour is it ?",
+            "--max-new-tokens", 3]
+    code, plain, err = run_cli_output(capsys, *args)
+    assert code == 0, err
+    code, out, err = run_cli_output(capsys, *args, "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert plain == row["prediction"] + "\n"
+    assert set(row) >= {"prediction", "routing", "seconds"}
+    assert sum(row["routing"].values()) == pytest.approx(1.0)
+    assert max(row["routing"], key=row["routing"].get) == "blue"
+
+
+def test_bad_inputs_exit_2(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters[:2], "--out", merged)[0] == 0
+    broken_image = tmp_path / "broken.png"
+    broken_image.write_bytes(b"no")
+    wrong = tmp_path / "wrong"
+    shutil.copytree(merged, wrong)
+    bundle = load_file(wrong / "many_bundle.safetensors")
+    bundle["projector/1/linear_1.weight"] = bundle["projector/1/linear_1.weight"][:, :3].contiguous()
+    from safetensors import safe_open
+    with safe_open(str(merged / "many_bundle.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(bundle, wrong / "many_bundle.safetensors", metadata=metadata)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--merged", merged, "--image", tmp_path / "nope.png"], "nope.png: image not found"),
+        (["--merged", merged, "--image", broken_image], "broken.png"),
+        (["--merged", wrong, "--image", heldout[0].parent / "red" / "0.png"], "projector of task green does not fit"),
+        (["--merged", tmp_path / "empty", "--image", heldout[0].parent / "red" / "0.png"], "is not a `many merge` output"),
+    ]
+    for args, message in cases:
+        code, err = run_cli(capsys, "infer", "--model", base, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, err
