@@ -263,6 +263,34 @@ def bench_stats_command(
     Console().print(table)
 
 
+@bench_app.command("infer")
+def bench_infer_command(
+    tasks: Annotated[int, typer.Option("--tasks", help="Merged tasks (routed projectors).")] = 4,
+    hidden: Annotated[int, typer.Option("--hidden", help="Language-model width.")] = 1024,
+    layers: Annotated[int, typer.Option("--layers", help="Language-model depth.")] = 4,
+    images: Annotated[int, typer.Option("--images", help="Images answered per timing.")] = 4,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """`many infer`'s per-image latency against the plain base model, and load times, in one run."""
+    from rich.table import Table
+
+    from many_cli.bench.infer_bench import bench_infer
+
+    result = bench_infer(tasks=tasks, hidden=hidden, layers=layers, images=images, new_tokens=new_tokens,
+                         device=device)
+    table = Table(title=f"many bench infer: {tasks} tasks, {layers} layer(s) of width {hidden}, "
+                        f"{images} images x {new_tokens} new tokens, {result.device}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("plain base model, per image", f"{result.base_seconds_per_image:.3f} s")
+    table.add_row("many infer (folded LoRA + routed projectors), per image", f"{result.many_seconds_per_image:.3f} s")
+    table.add_row("latency ratio (goal ≤ 1.05)", f"{result.latency_ratio:.3f}")
+    table.add_row("load: plain base model", f"{result.base_load_seconds:.2f} s")
+    table.add_row("load: base + merged LoRA (folded) + bundle", f"{result.many_load_seconds:.2f} s")
+    Console().print(table)
+
+
 def main() -> None:
     """Entry point: usage errors exit 2 (typer's message); bad input exits 2 with one line;
     any other failure exits 1 with one line (set MANY_DEBUG=1 for the traceback)."""

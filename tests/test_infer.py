@@ -180,3 +180,27 @@ def test_bad_inputs_exit_2(tasks, tmp_path, capsys):
     for args, message in cases:
         code, err = run_cli(capsys, "infer", "--model", base, *args)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_loaded_model_is_folded_and_routed(tasks, tmp_path, capsys):
+    from peft.tuners.lora import LoraLayer
+
+    from many_cli.cpm import RoutedProjector
+    from many_cli.infer import InferOptions, load_merged
+
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    folded = load_merged(str(base), merged, InferOptions(device="cpu"))
+    assert not any(isinstance(module, LoraLayer) for module in folded.model.modules())
+    assert isinstance(folded.model.model.multi_modal_projector, RoutedProjector)
+    assert folded.router.tasks == ["red", "green", "blue"]
+    unfolded = load_merged(str(base), merged, InferOptions(device="cpu", fold=False))
+    assert any(isinstance(module, LoraLayer) for module in unfolded.model.modules())
+
+
+def test_bench_infer_runs_on_a_tiny_model():
+    from many_cli.bench.infer_bench import bench_infer
+
+    result = bench_infer(tasks=2, hidden=64, layers=1, images=1, new_tokens=2, device="cpu", repeats=1)
+    assert result.tasks == 2 and result.base_seconds_per_image > 0 and result.latency_ratio > 0
