@@ -122,6 +122,20 @@ class StreamingSafetensorsWriter:
         self._file.write(memoryview(data.numpy()))
         self._next += 1
 
+    def write_pieces(self, name: str, pieces) -> None:
+        """Write one declared 1-D tensor from consecutive pieces (rows of a triangle, say)."""
+        expected_name, dtype, shape = self._layout[self._next]
+        if name != expected_name:
+            raise ValueError(f"expected {expected_name}, got {name}")
+        written = 0
+        for piece in pieces:
+            data = piece.detach().to("cpu", dtype).contiguous().reshape(-1)
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel()
+        if written != _numel(shape):
+            raise ValueError(f"{name}: wrote {written} values, declared {_numel(shape)}")
+        self._next += 1
+
     def close(self) -> None:
         self._file.close()
         if self._next != len(self._layout):

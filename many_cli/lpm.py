@@ -23,27 +23,30 @@ def add_ridge_(gram: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor | None:
     """X with X (H + ridge) = R, R of shape (k, d), k ≪ d, through a Cholesky factorization
-    in H's dtype (pass float64); H⁻¹ is never formed. Returns None when H is not numerically
-    positive definite. Overwrites `gram` with its factor to save a d×d buffer."""
+    in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle of `gram` is read,
+    and it is overwritten with the factor (no second d×d buffer). Returns None when H is not
+    numerically positive definite."""
     add_ridge_(gram, ridge)
-    factor, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32)))
+    factor, info = torch.linalg.cholesky_ex(gram, upper=True, out=(gram, torch.empty((), dtype=torch.int32)))
     if int(info) != 0:
         return None
-    rows = torch.cholesky_solve(rhs.to(gram.dtype).T, factor).T
+    rows = torch.cholesky_solve(rhs.to(gram.dtype).T, factor, upper=True).T
     return rows if bool(torch.isfinite(rows).all()) else None
 
 
 def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
                          input_eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
     """The minimum-norm least-squares X for X (H + ridge) = R when H is singular or indefinite.
+    Only the upper triangle of `gram` is read.
 
     Statistics stored with machine epsilon `input_eps` perturb H by at most about
     input_eps·‖H‖_F, so eigen-directions below that cannot be told from rounding: they are
     dropped (no calibration input reached them), and X never holds NaN or Inf.
     """
     add_ridge_(gram, ridge)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    kept = eigenvalues > input_eps * torch.linalg.matrix_norm(gram)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="U")
+    frobenius = eigenvalues.square().sum().sqrt()
+    kept = eigenvalues > input_eps * frobenius
     basis = eigenvectors[:, kept]
     return ((rhs.to(gram.dtype) @ basis) / eigenvalues[kept]) @ basis.T
 

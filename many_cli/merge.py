@@ -22,9 +22,9 @@ from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
 from many_cli.state import (BUNDLE_FILE, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
-                            StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
-                            read_bundle_header, read_state_header, read_stats_header,
-                            state_metadata, unpack_symmetric)
+                            StateTask, StatsHeader, add_packed_to_upper_, bundle_metadata,
+                            dim_of_packed, packed_length, read_bundle_header, read_state_header,
+                            read_stats_header, state_metadata, times_packed_symmetric, upper_rows)
 
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
@@ -287,17 +287,19 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
     underdetermined = 0
     for group in track(groups, "merging"):
         gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance)
-        writer.write(f"gram/{group.key}", gram)
+        writer.write_pieces(f"gram/{group.key}", upper_rows(gram))
         for index, module, ac, b in contributions:
             writer.write(f"ac/{index}/{module}", ac)
             writer.write(f"b/{index}/{module}", b)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined += 1
         rhs = torch.cat([ac for _, _, ac, _ in contributions])
-        rows = lpm.cholesky_solve_right_(unpack_symmetric(gram), rhs, options.ridge)
-        if rows is None:
+        rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
+        if rows is None:  # the factorization overwrote the Gram matrix: gather it again
             singular.append(group.key)
-            rows = lpm.min_norm_solve_right(unpack_symmetric(gram), rhs, options.ridge)
+            gram, _ = _gather_group(group, tasks, previous, len(old_tasks), options.balance, factors=False)
+            rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
+        del gram
         solved = dict(zip(((index, module) for index, module, _, _ in contributions),
                           rows.split([ac.shape[0] for _, _, ac, _ in contributions])))
         for module in group.modules:
@@ -334,36 +336,37 @@ def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tu
 
 
 def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, offset: int,
-                  balance: bool):
-    """The group's weighted Gram matrix (packed) and every task's (w·A C, s·B) for its modules,
-    earlier tasks' from the state, new tasks' from their adapters and stats files."""
+                  balance: bool, factors: bool = True):
+    """The group's weighted Gram matrix H (float64, upper triangle filled) and, with `factors`,
+    every task's (w·A C, s·B) for its modules: earlier tasks' from the state, new tasks' from
+    their adapters and stats files. One packed covariance is in memory at a time, and A C is
+    formed from it directly, so no task's full d×d covariance ever is."""
+    gram = torch.zeros(group.dim, group.dim, dtype=torch.float64)
     contributions = []
     if previous:
         with open_safetensors(previous.state.path) as handle:
-            gram = handle.get(f"gram/{group.key}").to(torch.float64)
-            for index in range(offset):
+            add_packed_to_upper_(gram, handle.get(f"gram/{group.key}"))
+            for index in range(offset if factors else 0):
                 for module in group.modules:
                     if module in previous.state.tasks[index].modules:
                         contributions.append((index, module, handle.get(f"ac/{index}/{module}"),
                                               handle.get(f"b/{index}/{module}")))
-    else:
-        gram = torch.zeros(packed_length(group.dim), dtype=torch.float64)
     for index, (task, name) in enumerate(zip(tasks, group.inputs), start=offset):
         stats = task.stats.inputs[name]
         if stats.tokens <= 0:
             raise InputError(task.stats.path, f"input {name} saw no calibration tokens")
-        packed = task.stats.covariance(name).to(torch.float64)
-        if balance:
-            packed /= stats.tokens
-        gram += packed
-        adapted = [module for module in group.modules if module in task.adapter.modules]
+        packed = task.stats.covariance(name)
+        weight = 1.0 / stats.tokens if balance else 1.0
+        add_packed_to_upper_(gram, packed, weight)
+        adapted = [module for module in group.modules if module in task.adapter.modules] if factors else []
         if adapted:
-            covariance = unpack_symmetric(packed)
-            for module in adapted:
-                a, b = task.adapter.lora_factors(module)
-                contributions.append((index, module, a.to(torch.float64) @ covariance,
+            pairs = [task.adapter.lora_factors(module) for module in adapted]
+            stacked = torch.cat([a for a, _ in pairs]).to(torch.float64)
+            products = (weight * times_packed_symmetric(stacked, packed)).split([a.shape[0] for a, _ in pairs])
+            for module, (_, b), ac in zip(adapted, pairs, products):
+                contributions.append((index, module, ac.contiguous(),
                                       b.to(torch.float64) * task.adapter.modules[module].scale))
-            del covariance
+        del packed
     contributions.sort(key=lambda item: (item[0], group.modules.index(item[1])))
     return gram, contributions
 

@@ -56,22 +56,56 @@ def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([matrix[row, row:] for row in range(dim)])
 
 
-def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype = torch.float64,
-                     block: int = 512) -> torch.Tensor:
-    """The full symmetric matrix from `pack_symmetric`'s output, in `dtype`."""
+def packed_rows(packed: torch.Tensor, block: int = 512):
+    """Yield (start, rows) over the packed upper triangle: rows is the dense (b, d - start)
+    block of rows start..start+b-1 from column `start` on, zeros below the diagonal."""
     dim = dim_of_packed(packed.numel())
-    out = torch.empty(dim, dim, dtype=dtype)
+    offset = 0
+    for start in range(0, dim, block):
+        height = min(block, dim - start)
+        rows = torch.zeros(height, dim - start, dtype=packed.dtype)
+        for row in range(height):
+            length = dim - start - row
+            rows[row, row:] = packed[offset:offset + length]
+            offset += length
+        yield start, rows
+
+
+def add_packed_to_upper_(matrix: torch.Tensor, packed: torch.Tensor, weight: float = 1.0) -> None:
+    """matrix's upper triangle += weight · the packed one (the lower triangle is left alone)."""
+    dim = matrix.shape[0]
     offset = 0
     for row in range(dim):
-        out[row, row:] = packed[offset:offset + dim - row]
-        offset += dim - row
-    # Mirror the upper triangle block by block, so no second d×d buffer is needed.
-    for start in range(0, dim, block):
-        stop = min(start + block, dim)
-        out[start:stop, :start] = out[:start, start:stop].T
-        diagonal = out[start:stop, start:stop]
-        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        length = dim - row
+        matrix[row, row:].add_(packed[offset:offset + length], alpha=weight)
+        offset += length
+
+
+def upper_rows(matrix: torch.Tensor):
+    """The upper triangle of a square matrix, row by row: the packed layout, in pieces."""
+    for row in range(matrix.shape[0]):
+        yield matrix[row, row:]
+
+
+def times_packed_symmetric(a: torch.Tensor, packed: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """A C for a packed symmetric C, without forming C: with U its upper triangle,
+    A C = A U + A Uᵀ − A diag(C), summed block by block in A's dtype."""
+    out = torch.zeros(a.shape[0], dim_of_packed(packed.numel()), dtype=a.dtype)
+    for start, rows in packed_rows(packed, block):
+        rows = rows.to(a.dtype)
+        stop = start + rows.shape[0]
+        out[:, start:] += a[:, start:stop] @ rows
+        out[:, start:stop] += a[:, start:] @ rows.T
+        out[:, start:stop] -= a[:, start:stop] * rows.diagonal()
     return out
+
+
+def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The full symmetric matrix from `pack_symmetric`'s output, in `dtype`."""
+    dim = dim_of_packed(packed.numel())
+    out = torch.zeros(dim, dim, dtype=dtype)
+    add_packed_to_upper_(out, packed)
+    return out + out.triu(1).T
 
 
 def _check_format(path: Path, metadata: Mapping[str, str], expected: str) -> None:

@@ -93,3 +93,16 @@ def test_low_rank_factors_are_the_truncated_svd():
     best = (u[:, :4] * s[:4]) @ vh[:4]
     np.testing.assert_allclose((b @ a).numpy(), best, atol=1e-10)
     assert error == pytest.approx(np.linalg.norm(delta.numpy() - best) / np.linalg.norm(delta.numpy()))
+
+
+@pytest.mark.parametrize("dim", [5, 600])
+def test_product_with_packed_symmetric_equals_dense_product(dim):
+    from many_cli.state import times_packed_symmetric
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
+    symmetric = x + x.T
+    a = torch.randn(3, dim, dtype=torch.float64, generator=generator)
+    expected = a.numpy() @ symmetric.numpy()
+    np.testing.assert_allclose(times_packed_symmetric(a, pack_symmetric(symmetric)).numpy(), expected,
+                               rtol=1e-10, atol=1e-9)
