@@ -291,6 +291,42 @@ def bench_infer_command(
     Console().print(table)
 
 
+@bench_app.command("merge")
+def bench_merge_command(
+    layers: Annotated[int, typer.Option("--layers", help="Language-model layers (LLaVA-1.5-7B: 32); all figures scale linearly.")] = 32,
+    tasks: Annotated[int, typer.Option("--tasks", help="Tasks merged (a further one is added with --resume).")] = 6,
+    dense_layers: Annotated[int, typer.Option("--dense-layers", help="Layers the (slow) dense reference is timed and checked on.")] = 1,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to write the synthetic adapters (default: the temp folder).")] = None,
+) -> None:
+    """`many merge` on 7B-shaped adapters against dense RegMean and the Cholesky floor, in one run."""
+    from rich.table import Table
+
+    from many_cli.bench.merge_bench import bench_merge
+
+    result = bench_merge(layers=layers, tasks=tasks, workdir=workdir, dense_layers=dense_layers)
+    gigabyte = 1e9
+    table = Table(title=f"many bench merge: {tasks} tasks, {layers} layer(s) of LLaVA-1.5-7B shapes, rank 16")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("merge time", f"{result.merge_seconds:.1f} s")
+    table.add_row("peak RSS (goal ≤ 2 GB)", f"{result.peak_rss / gigabyte:.2f} GB")
+    table.add_row("bytes read (stats + adapters) / written", f"{result.bytes_read / gigabyte:.2f} GB / "
+                                                             f"{result.bytes_written / gigabyte:.2f} GB")
+    table.add_row(f"dense RegMean reference, per layer ({result.dense_layers} timed)",
+                  f"{result.dense_seconds_per_layer:.1f} s")
+    table.add_row("speed-up over dense (goal ≥ 10)", f"{result.speedup_over_dense:.1f}x")
+    table.add_row("largest relative difference from dense (goal ≤ 1e-4)", f"{result.dense_error:.1e}")
+    table.add_row("floor: one Cholesky per distinct input", f"{result.floor_seconds:.1f} s")
+    table.add_row("merge / floor (goal ≤ 1.3)", f"{result.ratio_to_floor:.2f}")
+    table.add_row("merged adapter / dense merged delta (goal ≤ 5%)",
+                  f"{100 * result.adapter_bytes / result.dense_delta_bytes:.2f}%")
+    table.add_row("--resume with one more task", f"{result.resume_seconds:.1f} s")
+    table.add_row("resume / (one-task merge + floor) (goal ≤ 1)", f"{result.resume_ratio:.2f}")
+    table.add_row("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB")
+    table.add_row("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB")
+    Console().print(table)
+
+
 def main() -> None:
     """Entry point: usage errors exit 2 (typer's message); bad input exits 2 with one line;
     any other failure exits 1 with one line (set MANY_DEBUG=1 for the traceback)."""

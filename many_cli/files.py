@@ -61,6 +61,13 @@ class _CheckedHandle:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(key).get_shape())
 
+    def slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements start..stop-1 of a 1-D tensor, read without loading the rest."""
+        try:
+            return self._handle.get_slice(key)[start:stop]
+        except (SafetensorError, RuntimeError, ValueError) as error:
+            raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handle.get_tensor(key)

@@ -23,14 +23,18 @@ def add_ridge_(gram: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor | None:
     """X with X (H + ridge) = R, R of shape (k, d), k ≪ d, through a Cholesky factorization
-    in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle of `gram` is read,
-    and it is overwritten with the factor (no second d×d buffer). Returns None when H is not
-    numerically positive definite."""
+    in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle of `gram` (a
+    contiguous, row-major matrix) is read, and it is overwritten with the factor. Returns None
+    when H is not numerically positive definite."""
     add_ridge_(gram, ridge)
-    factor, info = torch.linalg.cholesky_ex(gram, upper=True, out=(gram, torch.empty((), dtype=torch.int32)))
+    # gram.mT is column-major, as LAPACK wants, and its lower triangle is gram's upper one:
+    # factoring it in place needs no second d×d buffer.
+    lower = gram.mT
+    _, info = torch.linalg.cholesky_ex(lower, out=(lower, torch.empty((), dtype=torch.int32)))
     if int(info) != 0:
         return None
-    rows = torch.cholesky_solve(rhs.to(gram.dtype).T, factor, upper=True).T
+    half = torch.linalg.solve_triangular(lower, rhs.to(gram.dtype).T, upper=False)
+    rows = torch.linalg.solve_triangular(lower.mT, half, upper=True).T
     return rows if bool(torch.isfinite(rows).all()) else None
 
 
@@ -49,6 +53,16 @@ def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
     kept = eigenvalues > input_eps * frobenius
     basis = eigenvectors[:, kept]
     return ((rhs.to(gram.dtype) @ basis) / eigenvalues[kept]) @ basis.T
+
+
+def add_symmetric_block_product_(out: torch.Tensor, a: torch.Tensor, start: int, rows: torch.Tensor) -> None:
+    """Accumulate A C into `out` from one block of C's upper triangle: `rows` holds
+    C[start:start+b, start:] with zeros below the diagonal. Over all blocks this sums
+    A U + A Uᵀ − A diag(C) = A C, U the upper triangle, without ever forming C."""
+    stop = start + rows.shape[0]
+    out[:, start:] += a[:, start:stop] @ rows
+    out[:, start:stop] += a[:, start:] @ rows.T
+    out[:, start:stop] -= a[:, start:stop] * rows.diagonal()
 
 
 def stack_factors(a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Tensor],

@@ -22,9 +22,9 @@ from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
 from many_cli.state import (BUNDLE_FILE, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
-                            StateTask, StatsHeader, add_packed_to_upper_, bundle_metadata,
-                            dim_of_packed, packed_length, read_bundle_header, read_state_header,
-                            read_stats_header, state_metadata, times_packed_symmetric, upper_rows)
+                            StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
+                            read_bundle_header, read_packed_blocks, read_state_header,
+                            read_stats_header, state_metadata, upper_blocks)
 
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
@@ -287,7 +287,7 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
     underdetermined = 0
     for group in track(groups, "merging"):
         gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance)
-        writer.write_pieces(f"gram/{group.key}", upper_rows(gram))
+        writer.write_pieces(f"gram/{group.key}", upper_blocks(gram))
         for index, module, ac, b in contributions:
             writer.write(f"ac/{index}/{module}", ac)
             writer.write(f"b/{index}/{module}", b)
@@ -295,9 +295,11 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
             underdetermined += 1
         rhs = torch.cat([ac for _, _, ac, _ in contributions])
         rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
-        if rows is None:  # the factorization overwrote the Gram matrix: gather it again
-            singular.append(group.key)
+        if rows is None:
+            # The factorization overwrote the Gram matrix: gather it again, now checking every
+            # value, so that NaN or Inf in a file is reported as such and not as a singular H.
             gram, _ = _gather_group(group, tasks, previous, len(old_tasks), options.balance, factors=False)
+            singular.append(group.key)
             rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
         del gram
         solved = dict(zip(((index, module) for index, module, _, _ in contributions),
@@ -339,34 +341,40 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
                   balance: bool, factors: bool = True):
     """The group's weighted Gram matrix H (float64, upper triangle filled) and, with `factors`,
     every task's (w·A C, s·B) for its modules: earlier tasks' from the state, new tasks' from
-    their adapters and stats files. One packed covariance is in memory at a time, and A C is
-    formed from it directly, so no task's full d×d covariance ever is."""
+    their adapters and stats files. Covariances stream from their files a block of rows at a
+    time; H is the only d×d matrix in memory.
+
+    The first gather (with factors) skips the NaN scan: NaN anywhere makes the factorization
+    fail, and the second gather (without factors), which scans, then names the file."""
     gram = torch.zeros(group.dim, group.dim, dtype=torch.float64)
     contributions = []
     if previous:
-        with open_safetensors(previous.state.path) as handle:
-            add_packed_to_upper_(gram, handle.get(f"gram/{group.key}"))
-            for index in range(offset if factors else 0):
-                for module in group.modules:
-                    if module in previous.state.tasks[index].modules:
-                        contributions.append((index, module, handle.get(f"ac/{index}/{module}"),
-                                              handle.get(f"b/{index}/{module}")))
+        for start, rows in read_packed_blocks(previous.state.path, f"gram/{group.key}", check_finite=not factors):
+            gram[start:start + rows.shape[0], start:] += rows
+        if factors:
+            with open_safetensors(previous.state.path) as handle:
+                for index in range(offset):
+                    for module in group.modules:
+                        if module in previous.state.tasks[index].modules:
+                            contributions.append((index, module, handle.get(f"ac/{index}/{module}"),
+                                                  handle.get(f"b/{index}/{module}")))
     for index, (task, name) in enumerate(zip(tasks, group.inputs), start=offset):
         stats = task.stats.inputs[name]
         if stats.tokens <= 0:
             raise InputError(task.stats.path, f"input {name} saw no calibration tokens")
-        packed = task.stats.covariance(name)
         weight = 1.0 / stats.tokens if balance else 1.0
-        add_packed_to_upper_(gram, packed, weight)
         adapted = [module for module in group.modules if module in task.adapter.modules] if factors else []
-        if adapted:
-            pairs = [task.adapter.lora_factors(module) for module in adapted]
-            stacked = torch.cat([a for a, _ in pairs]).to(torch.float64)
-            products = (weight * times_packed_symmetric(stacked, packed)).split([a.shape[0] for a, _ in pairs])
-            for module, (_, b), ac in zip(adapted, pairs, products):
-                contributions.append((index, module, ac.contiguous(),
-                                      b.to(torch.float64) * task.adapter.modules[module].scale))
-        del packed
+        pairs = [task.adapter.lora_factors(module) for module in adapted]
+        stacked = torch.cat([a for a, _ in pairs]).to(torch.float64) if pairs else None
+        product = torch.zeros(0 if stacked is None else stacked.shape[0], group.dim, dtype=torch.float64)
+        for start, rows in task.stats.covariance_blocks(name, check_finite=not factors):
+            rows = rows.to(torch.float64)
+            gram[start:start + rows.shape[0], start:].add_(rows, alpha=weight)
+            if stacked is not None:
+                lpm.add_symmetric_block_product_(product, stacked, start, rows)
+        for module, (_, b), ac in zip(adapted, pairs, (weight * product).split([a.shape[0] for a, _ in pairs])):
+            contributions.append((index, module, ac.contiguous(),
+                                  b.to(torch.float64) * task.adapter.modules[module].scale))
     contributions.sort(key=lambda item: (item[0], group.modules.index(item[1])))
     return gram, contributions
 

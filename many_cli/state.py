@@ -29,6 +29,7 @@ from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
+from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
@@ -56,55 +57,63 @@ def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([matrix[row, row:] for row in range(dim)])
 
 
-def packed_rows(packed: torch.Tensor, block: int = 512):
-    """Yield (start, rows) over the packed upper triangle: rows is the dense (b, d - start)
-    block of rows start..start+b-1 from column `start` on, zeros below the diagonal."""
+BLOCK = 512
+
+
+def _block_length(dim: int, start: int, height: int) -> int:
+    """Entries of packed rows start..start+height-1 of a dim×dim triangle."""
+    return height * (dim - start) - height * (height - 1) // 2
+
+
+def _rows_from_flat(flat: torch.Tensor, dim: int, start: int, height: int) -> torch.Tensor:
+    """The dense (height, dim - start) upper block from its packed rows: each row right-aligned,
+    zeros before its diagonal (one pad_sequence call instead of a Python loop over rows)."""
+    lengths = [dim - start - row for row in range(height)]
+    return pad_sequence(list(flat.split(lengths)), batch_first=True, padding_side="left")
+
+
+def packed_blocks(packed: torch.Tensor, block: int = BLOCK):
+    """Yield (start, rows) over a packed upper triangle: rows is the dense (b, d - start) block
+    of rows start..start+b-1 from column `start` on, zeros below the diagonal."""
     dim = dim_of_packed(packed.numel())
     offset = 0
     for start in range(0, dim, block):
         height = min(block, dim - start)
-        rows = torch.zeros(height, dim - start, dtype=packed.dtype)
-        for row in range(height):
-            length = dim - start - row
-            rows[row, row:] = packed[offset:offset + length]
-            offset += length
-        yield start, rows
-
-
-def add_packed_to_upper_(matrix: torch.Tensor, packed: torch.Tensor, weight: float = 1.0) -> None:
-    """matrix's upper triangle += weight · the packed one (the lower triangle is left alone)."""
-    dim = matrix.shape[0]
-    offset = 0
-    for row in range(dim):
-        length = dim - row
-        matrix[row, row:].add_(packed[offset:offset + length], alpha=weight)
+        length = _block_length(dim, start, height)
+        yield start, _rows_from_flat(packed[offset:offset + length], dim, start, height)
         offset += length
 
 
-def upper_rows(matrix: torch.Tensor):
-    """The upper triangle of a square matrix, row by row: the packed layout, in pieces."""
-    for row in range(matrix.shape[0]):
-        yield matrix[row, row:]
+def read_packed_blocks(path: Path, key: str, block: int = BLOCK, check_finite: bool = True):
+    """`packed_blocks` of one packed tensor of a safetensors file, read slice by slice, so the
+    whole triangle is never in memory; with `check_finite`, NaN or Inf is an InputError
+    naming the file."""
+    with open_safetensors(path) as handle:
+        dim = dim_of_packed(handle.shape(key)[0])
+        offset = 0
+        for start in range(0, dim, block):
+            height = min(block, dim - start)
+            length = _block_length(dim, start, height)
+            flat = handle.slice(key, offset, offset + length)
+            if check_finite and not bool(torch.isfinite(flat).all()):
+                raise InputError(path, f"{key} holds NaN or Inf; re-create the file")
+            yield start, _rows_from_flat(flat, dim, start, height)
+            offset += length
 
 
-def times_packed_symmetric(a: torch.Tensor, packed: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """A C for a packed symmetric C, without forming C: with U its upper triangle,
-    A C = A U + A Uᵀ − A diag(C), summed block by block in A's dtype."""
-    out = torch.zeros(a.shape[0], dim_of_packed(packed.numel()), dtype=a.dtype)
-    for start, rows in packed_rows(packed, block):
-        rows = rows.to(a.dtype)
-        stop = start + rows.shape[0]
-        out[:, start:] += a[:, start:stop] @ rows
-        out[:, start:stop] += a[:, start:] @ rows.T
-        out[:, start:stop] -= a[:, start:stop] * rows.diagonal()
-    return out
+def upper_blocks(matrix: torch.Tensor, block: int = BLOCK):
+    """The upper triangle of a square matrix in the packed layout, a block of rows at a time."""
+    dim = matrix.shape[0]
+    for start in range(0, dim, block):
+        yield torch.cat([matrix[row, row:] for row in range(start, min(start + block, dim))])
 
 
 def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The full symmetric matrix from `pack_symmetric`'s output, in `dtype`."""
     dim = dim_of_packed(packed.numel())
     out = torch.zeros(dim, dim, dtype=dtype)
-    add_packed_to_upper_(out, packed)
+    for start, rows in packed_blocks(packed):
+        out[start:start + rows.shape[0], start:] = rows
     return out + out.triu(1).T
 
 
@@ -150,13 +159,9 @@ class StatsHeader:
                 return stats
         return None
 
-    def covariance(self, key: str) -> torch.Tensor:
-        """The packed covariance of one input, checked for NaN and Inf."""
-        with open_safetensors(self.path) as handle:
-            packed = handle.get(f"covariance/{key}")
-        if not torch.isfinite(packed).all():
-            raise InputError(self.path, f"covariance of {key} holds NaN or Inf; re-run many stats")
-        return packed
+    def covariance_blocks(self, key: str, check_finite: bool = True):
+        """The packed covariance of one input, as `packed_blocks`, read from the file lazily."""
+        return read_packed_blocks(self.path, f"covariance/{key}", check_finite=check_finite)
 
     def prototype(self) -> torch.Tensor | None:
         if not self.has_prototype:
@@ -190,18 +195,12 @@ def read_stats_header(path: Path) -> StatsHeader:
         )
 
 
-def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
-                modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
-                adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
-                extra: Mapping[str, str] | None = None) -> None:
-    """Write a stats file. `covariances[input]` is packed (`pack_symmetric`); `modules[input]`
-    lists the modules that read that input. Written to a temporary name, then renamed."""
-    tensors = {f"covariance/{key}": packed.contiguous() for key, packed in covariances.items()}
-    if prototype is not None:
-        tensors["prototype"] = prototype.to(torch.float32).contiguous()
-    inputs = {key: {"modules": sorted(modules[key]), "dim": dim_of_packed(packed.numel()),
-                    "tokens": int(tokens[key])} for key, packed in covariances.items()}
-    metadata = {
+def stats_metadata(*, dims: Mapping[str, int], tokens: Mapping[str, int], modules: Mapping[str, list[str]],
+                   images: int, adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
+                   extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    inputs = {key: {"modules": sorted(modules[key]), "dim": int(dim), "tokens": int(tokens[key])}
+              for key, dim in dims.items()}
+    return {
         "format": "many-stats",
         "format_version": FORMAT_VERSION,
         "adapter_fingerprint": adapter_fingerprint,
@@ -212,6 +211,21 @@ def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: 
         "inputs": json.dumps(inputs),
         **(extra or {}),
     }
+
+
+def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
+                modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
+                adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
+                extra: Mapping[str, str] | None = None) -> None:
+    """Write a stats file. `covariances[input]` is packed (`pack_symmetric`); `modules[input]`
+    lists the modules that read that input. Written to a temporary name, then renamed."""
+    tensors = {f"covariance/{key}": packed.contiguous() for key, packed in covariances.items()}
+    if prototype is not None:
+        tensors["prototype"] = prototype.to(torch.float32).contiguous()
+    metadata = stats_metadata(dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
+                              tokens=tokens, modules=modules, images=images,
+                              adapter_fingerprint=adapter_fingerprint, base_fingerprint=base_fingerprint,
+                              token_rule=token_rule, extra=extra)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)

@@ -96,13 +96,14 @@ def test_low_rank_factors_are_the_truncated_svd():
 
 
 @pytest.mark.parametrize("dim", [5, 600])
-def test_product_with_packed_symmetric_equals_dense_product(dim):
-    from many_cli.state import times_packed_symmetric
+def test_product_from_upper_blocks_equals_dense_product(dim):
+    from many_cli.state import packed_blocks
 
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
     symmetric = x + x.T
     a = torch.randn(3, dim, dtype=torch.float64, generator=generator)
-    expected = a.numpy() @ symmetric.numpy()
-    np.testing.assert_allclose(times_packed_symmetric(a, pack_symmetric(symmetric)).numpy(), expected,
-                               rtol=1e-10, atol=1e-9)
+    product = torch.zeros(3, dim, dtype=torch.float64)
+    for start, rows in packed_blocks(pack_symmetric(symmetric)):
+        lpm.add_symmetric_block_product_(product, a, start, rows)
+    np.testing.assert_allclose(product.numpy(), a.numpy() @ symmetric.numpy(), rtol=1e-10, atol=1e-9)

@@ -1,0 +1,248 @@
+"""`many bench merge`: `many merge` on adapters and stats files of LLaVA-1.5-7B's language-model
+shapes (hidden 4096, MLP 11008, rank-16 LoRA on q, k, v, o, gate, up, down, a 21M-parameter
+projector), written in the real formats with synthetic weights and positive-definite
+covariances, against a dense RegMean reference and against the Cholesky floor, in one run.
+
+Layers are independent, so every time and size here is linear in the number of layers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX
+from many_cli.errors import InputError
+from many_cli.files import StreamingSafetensorsWriter, file_fingerprint
+from many_cli.state import STATE_FILE, STATS_FILE, packed_length, pack_symmetric, stats_metadata, unpack_symmetric
+
+RIDGE = 1e-4
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 4096
+    intermediate: int = 11008
+    rank: int = 16
+    vision: int = 1024
+
+
+def inputs_of_layer(layer: int, shape: Shape) -> dict[str, tuple[list[str], int]]:
+    """The four distinct inputs of a Llama block: key -> (modules reading it, width)."""
+    attention = f"model.language_model.layers.{layer}.self_attn"
+    mlp = f"model.language_model.layers.{layer}.mlp"
+    return {
+        f"{attention}.k_proj": ([f"{attention}.{p}" for p in ("k_proj", "q_proj", "v_proj")], shape.hidden),
+        f"{attention}.o_proj": ([f"{attention}.o_proj"], shape.hidden),
+        f"{mlp}.gate_proj": ([f"{mlp}.gate_proj", f"{mlp}.up_proj"], shape.hidden),
+        f"{mlp}.down_proj": ([f"{mlp}.down_proj"], shape.intermediate),
+    }
+
+
+def output_width(module: str, shape: Shape) -> int:
+    return shape.intermediate if module.endswith(("gate_proj", "up_proj")) else shape.hidden
+
+
+def synthetic_covariance(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A positive-definite covariance with a decaying spectrum: L Lᵀ + a spread diagonal."""
+    factor = torch.randn(dim, 64, generator=generator) / 8
+    covariance = factor @ factor.T
+    covariance.diagonal().add_(torch.logspace(0, -3, dim))
+    return covariance
+
+
+def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
+    """One adapter directory in PEFT's format and its stats file, streamed input by input."""
+    generator = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in range(layers):
+        for modules, width in inputs_of_layer(layer, shape).values():
+            for module in modules:
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(shape.rank, width, generator=generator) / width ** 0.5
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(output_width(module, shape), shape.rank,
+                                                                              generator=generator) / 100
+    projector = f"{PEFT_PREFIX}model.multi_modal_projector"
+    tensors[f"{projector}.linear_1.weight"] = torch.randn(shape.hidden, shape.vision, generator=generator).bfloat16()
+    tensors[f"{projector}.linear_1.bias"] = torch.zeros(shape.hidden, dtype=torch.bfloat16)
+    tensors[f"{projector}.linear_2.weight"] = torch.randn(shape.hidden, shape.hidden, generator=generator).bfloat16()
+    tensors[f"{projector}.linear_2.bias"] = torch.zeros(shape.hidden, dtype=torch.bfloat16)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=["multi_modal_projector"], base_model_name_or_path="synthetic-llava-7b").save_pretrained(str(out))
+
+    inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}
+    layout = [(f"covariance/{key}", torch.float32, (packed_length(width),)) for key, (_, width) in inputs.items()]
+    layout.append(("prototype", torch.float32, (shape.vision,)))
+    metadata = stats_metadata(dims={key: width for key, (_, width) in inputs.items()},
+                              tokens={key: 100_000 for key in inputs}, modules={k: m for k, (m, _) in inputs.items()},
+                              images=1000, adapter_fingerprint=file_fingerprint(out / ADAPTER_WEIGHTS),
+                              base_fingerprint="synthetic-llava-7b", token_rule="synthetic")
+    writer = StreamingSafetensorsWriter(out / STATS_FILE, layout, metadata)
+    for key, (_, width) in inputs.items():
+        writer.write(f"covariance/{key}", pack_symmetric(synthetic_covariance(width, generator)))
+    writer.write("prototype", torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
+    writer.close()
+    return out
+
+
+def stats_bytes_per_layer(shape: Shape) -> int:
+    return 4 * (3 * packed_length(shape.hidden) + packed_length(shape.intermediate))
+
+
+_MERGE_IN_CHILD = """
+import sys, time
+from pathlib import Path
+from many_cli.merge import MergeOptions, merge
+*adapters, out, resume, ridge = sys.argv[1:]
+start = time.perf_counter()
+merge([Path(a) for a in adapters], Path(out), MergeOptions(ridge=float(ridge)), resume=Path(resume) if resume else None)
+print(time.perf_counter() - start)
+"""
+
+
+def run_merge(adapters: list[Path], out: Path, resume: Path | None = None) -> tuple[float, int]:
+    """Seconds of the merge itself (after the interpreter and libraries have loaded) and the
+    peak RSS in bytes of the whole process, run on its own so that the peak is the merge's."""
+    process = subprocess.Popen([sys.executable, "-c", _MERGE_IN_CHILD, *map(str, adapters), str(out),
+                                str(resume or ""), str(RIDGE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"many merge failed: {process.stderr.read().decode()[-2000:]}")
+    return float(process.stdout.read().decode().split()[-1]), usage.ru_maxrss * 1024
+
+
+def dense_regmean_layer(adapters: list[Path], layer: int, shape: Shape) -> tuple[dict[str, torch.Tensor], float]:
+    """RegMean as existing tools compute it: materialise each τ_i = s B_i A_i (d_out × d_in),
+    Σ τ_i C_i, and solve against d_out right-hand sides (float64). Returns τ* per module, seconds."""
+    start = time.perf_counter()
+    merged = {}
+    scale = 2.0  # lora_alpha / r
+    for key, (modules, width) in inputs_of_layer(layer, shape).items():
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        numerators = {module: 0 for module in modules}
+        for adapter in adapters:
+            with safe_open(str(adapter / STATS_FILE), "pt") as stats:
+                covariance = unpack_symmetric(stats.get_tensor(f"covariance/{key}"))
+            gram += covariance
+            with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as weights:
+                for module in modules:
+                    a = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").double()
+                    b = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").double()
+                    numerators[module] = numerators[module] + (scale * b @ a) @ covariance
+            del covariance
+        gram.diagonal().add_(RIDGE * gram.diagonal().mean())
+        for module in modules:
+            merged[module] = torch.linalg.solve(gram, numerators[module].T).T
+    return merged, time.perf_counter() - start
+
+
+def cholesky_floor(layers: int, shape: Shape) -> float:
+    """Seconds for the one factorization per distinct input that any exact merge needs."""
+    generator = torch.Generator().manual_seed(1)
+    total = 0.0
+    for width in [shape.hidden] * 3 + [shape.intermediate]:
+        lower = synthetic_covariance(width, generator).double().mT  # column-major: LAPACK's fastest case
+        start = time.perf_counter()
+        torch.linalg.cholesky_ex(lower, out=(lower, torch.empty((), dtype=torch.int32)))
+        total += time.perf_counter() - start
+        del lower
+    return total * layers
+
+
+def merged_deltas(out: Path, layer: int) -> dict[str, torch.Tensor]:
+    deltas = {}
+    with safe_open(str(out / ADAPTER_WEIGHTS), "pt") as handle:
+        for key in handle.keys():
+            if f".layers.{layer}." in key and key.endswith("lora_A.weight"):
+                module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+                b = handle.get_tensor(key.replace("lora_A", "lora_B")).double()
+                deltas[module] = b @ handle.get_tensor(key).double()
+    return deltas
+
+
+@dataclass(frozen=True)
+class MergeBenchResult:
+    layers: int
+    tasks: int
+    dense_layers: int
+    merge_seconds: float
+    peak_rss: int
+    bytes_read: int
+    bytes_written: int
+    dense_seconds_per_layer: float
+    dense_error: float
+    floor_seconds: float
+    stats_bytes_per_layer: int
+    state_bytes_per_layer: int
+    adapter_bytes: int
+    dense_delta_bytes: int
+    resume_seconds: float
+    one_task_seconds: float
+
+    @property
+    def speedup_over_dense(self) -> float:
+        return self.dense_seconds_per_layer * self.layers / self.merge_seconds
+
+    @property
+    def ratio_to_floor(self) -> float:
+        return self.merge_seconds / self.floor_seconds
+
+    @property
+    def resume_ratio(self) -> float:
+        """--resume with one more task against a fresh one-task merge plus one factorization per input."""
+        return self.resume_seconds / (self.one_task_seconds + self.floor_seconds)
+
+
+def _size(path: Path) -> int:
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdir: Path | None = None,
+                dense_layers: int = 1) -> MergeBenchResult:
+    root = Path(tempfile.mkdtemp(prefix="many-bench-", dir=workdir))
+    try:
+        needed = (tasks + 1) * stats_bytes_per_layer(shape) * layers * 3  # stats, state, headroom
+        free = shutil.disk_usage(root).free
+        if needed > free:
+            fitting = max(1, int(free / ((tasks + 1) * stats_bytes_per_layer(shape) * 3)))
+            raise InputError(root, f"needs about {needed / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB are free; "
+                                   f"try --layers {fitting} (times scale linearly with layers)")
+        adapters = [write_task(root / "adapters" / f"task{i + 1}", layers, shape, seed=i) for i in range(tasks + 1)]
+        first, extra = adapters[:tasks], adapters[tasks]
+        merged = root / "merged"
+        merge_seconds, peak_rss = run_merge(first, merged)
+        resume_seconds, _ = run_merge([extra], root / "resumed", resume=merged)
+        one_task_seconds, _ = run_merge([extra], root / "one")
+        floor = cholesky_floor(layers, shape)
+
+        dense_seconds, worst = 0.0, 0.0
+        for layer in range(dense_layers):
+            reference, seconds = dense_regmean_layer(first, layer, shape)
+            dense_seconds += seconds
+            ours = merged_deltas(merged, layer)
+            for module, expected in reference.items():
+                worst = max(worst, float((ours[module] - expected).norm() / expected.norm()))
+        dense_delta_bytes = 4 * layers * sum(output_width(m, shape) * width for modules, width in
+                                             inputs_of_layer(0, shape).values() for m in modules)
+        return MergeBenchResult(
+            layers=layers, tasks=tasks, dense_layers=dense_layers, merge_seconds=merge_seconds, peak_rss=peak_rss,
+            bytes_read=sum(_size(a / STATS_FILE) + _size(a / ADAPTER_WEIGHTS) for a in first),
+            bytes_written=_size(merged), dense_seconds_per_layer=dense_seconds / dense_layers,
+            dense_error=worst, floor_seconds=floor, stats_bytes_per_layer=_size(first[0] / STATS_FILE) // layers,
+            state_bytes_per_layer=_size(merged / STATE_FILE) // layers, adapter_bytes=_size(merged / ADAPTER_WEIGHTS),
+            dense_delta_bytes=dense_delta_bytes, resume_seconds=resume_seconds, one_task_seconds=one_task_seconds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
