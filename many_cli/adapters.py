@@ -11,10 +11,8 @@ from typing import Mapping
 import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors.torch import save_file
-
 from many_cli.errors import InputError
-from many_cli.files import file_fingerprint, open_safetensors, read_json
+from many_cli.files import StreamingSafetensorsWriter, file_fingerprint, open_safetensors, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -163,20 +161,37 @@ def _lora_module(weights: Path, config: dict, module: str, a_shape: tuple[int, .
     return LoraModule(module, rank, float(scale), a_shape[1], b_shape[0])
 
 
-def write_lora_adapter(out_dir: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                       base_model: str | None) -> None:
-    """Write factors {module: (A, B)} as a standard PEFT LoRA adapter with scale 1 everywhere
-    (lora_alpha = r, per-module ranks through rank_pattern and alpha_pattern)."""
-    ranks = {module: a.shape[0] for module, (a, _) in factors.items()}
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    # Keys are regexes to PEFT; escaping makes each one match its own module only.
-    pattern = {re.escape(module): rank for module, rank in ranks.items() if rank != common}
-    config = LoraConfig(r=common, lora_alpha=common, target_modules=sorted(factors),
-                        rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
-                        bias="none", base_model_name_or_path=base_model, inference_mode=True)
-    config.save_pretrained(str(out_dir))
-    tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+@dataclass(frozen=True)
+class MergedModule:
+    """One module of a merged adapter: its LoRA factors are A (rank, d_in) and B (d_out, rank)."""
+    name: str
+    rank: int
+    d_in: int
+    d_out: int
+
+
+class MergedAdapterWriter:
+    """Writes a merged LoRA as a standard PEFT adapter with scale 1 everywhere (lora_alpha = r,
+    per-module ranks through rank_pattern and alpha_pattern), streaming the factors to disk
+    module by module, in the order declared, so that they never all sit in memory."""
+
+    def __init__(self, out_dir: Path, modules: list[MergedModule], base_model: str | None):
+        ranks = {module.name: module.rank for module in modules}
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        # Keys are regexes to PEFT; escaping makes each one match its own module only.
+        pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != common}
+        LoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=pattern,
+                   alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
+                   base_model_name_or_path=base_model, inference_mode=True).save_pretrained(str(out_dir))
+        layout = []
+        for module in modules:
+            layout.append((f"{PEFT_PREFIX}{module.name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))
+            layout.append((f"{PEFT_PREFIX}{module.name}.lora_B.weight", torch.float32, (module.d_out, module.rank)))
+        self._writer = StreamingSafetensorsWriter(out_dir / ADAPTER_WEIGHTS, layout, {"format": "pt"})
+
+    def write(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self._writer.write(f"{PEFT_PREFIX}{module}.lora_A.weight", a.to(torch.float32))
+        self._writer.write(f"{PEFT_PREFIX}{module}.lora_B.weight", b.to(torch.float32))
+
+    def close(self) -> None:
+        self._writer.close()

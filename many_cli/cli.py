@@ -61,10 +61,11 @@ def merge_command(
     density: Annotated[float, typer.Option("--density", help="TIES: fraction of each task vector kept.")] = DEFAULT_DENSITY,
     eta: Annotated[float, typer.Option("--eta", help="Default routing temperature η stored in the bundle.")] = DEFAULT_ETA,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where to factor and solve: cpu, cuda or auto.")] = "cpu",
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options = MergeOptions(method=method, scale=scale, ridge=ridge, balance=balance,
-                           density=density, eta=eta, force=force)
+                           density=density, eta=eta, force=force, device=device)
     report = merge(adapters, out, options, resume=resume, track=_track)
     for line in report.warnings:
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -232,6 +233,17 @@ def _print_accuracy(scores: dict[str, tuple[int, int]]) -> float:
     return average
 
 
+def _print_measures(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for measure, value in rows:
+        table.add_row(measure, value)
+    Console().print(table)
+
+
 @bench_app.command("stats")
 def bench_stats_command(
     layers: Annotated[int, typer.Option("--layers", help="Language-model depth (cost is linear in it).")] = 1,
@@ -242,25 +254,20 @@ def bench_stats_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """`many stats` against a plain forward pass and against the FLOP floor, in one run."""
-    from rich.table import Table
-
     from many_cli.bench.stats_bench import bench_stats
 
     result = bench_stats(layers=layers, hidden=hidden, intermediate=intermediate, records=records,
                          batch_size=batch_size, device=device)
-    table = Table(title=f"many bench stats: {layers} layer(s) of {hidden}/{intermediate}, "
-                        f"{result.tokens} tokens, {result.device}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("plain forward", f"{result.forward_seconds:.2f} s")
-    table.add_row("many stats (forward + statistics)", f"{result.stats_seconds:.2f} s")
-    table.add_row("stats / forward (goal ≤ 1.5)", f"{result.ratio_to_forward:.2f}")
-    table.add_row("FLOP floor (linear layers + covariance triangles at peak matmul speed)",
-                  f"{result.floor_seconds:.2f} s")
-    table.add_row("stats / floor", f"{result.ratio_to_floor:.2f}")
-    table.add_row("covariance FLOPs / forward FLOPs", f"{result.covariance_flops / result.forward_flops:.2f}")
-    table.add_row("peak matmul speed", f"{result.peak_flops / 1e9:.0f} GFLOP/s")
-    Console().print(table)
+    _print_measures(f"many bench stats: {layers} layer(s) of {hidden}/{intermediate}, {result.tokens} tokens, "
+                    f"{result.device}", [
+        ("plain forward", f"{result.forward_seconds:.2f} s"),
+        ("many stats (forward + statistics)", f"{result.stats_seconds:.2f} s"),
+        ("stats / forward (goal ≤ 1.5)", f"{result.ratio_to_forward:.2f}"),
+        ("FLOP floor (linear layers + covariance triangles at peak matmul speed)", f"{result.floor_seconds:.2f} s"),
+        ("stats / floor", f"{result.ratio_to_floor:.2f}"),
+        ("covariance FLOPs / forward FLOPs", f"{result.covariance_flops / result.forward_flops:.2f}"),
+        ("peak matmul speed", f"{result.peak_flops / 1e9:.0f} GFLOP/s"),
+    ])
 
 
 @bench_app.command("infer")
@@ -273,22 +280,18 @@ def bench_infer_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """`many infer`'s per-image latency against the plain base model, and load times, in one run."""
-    from rich.table import Table
-
     from many_cli.bench.infer_bench import bench_infer
 
     result = bench_infer(tasks=tasks, hidden=hidden, layers=layers, images=images, new_tokens=new_tokens,
                          device=device)
-    table = Table(title=f"many bench infer: {tasks} tasks, {layers} layer(s) of width {hidden}, "
-                        f"{images} images x {new_tokens} new tokens, {result.device}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("plain base model, per image", f"{result.base_seconds_per_image:.3f} s")
-    table.add_row("many infer (folded LoRA + routed projectors), per image", f"{result.many_seconds_per_image:.3f} s")
-    table.add_row("latency ratio (goal ≤ 1.05)", f"{result.latency_ratio:.3f}")
-    table.add_row("load: plain base model", f"{result.base_load_seconds:.2f} s")
-    table.add_row("load: base + merged LoRA (folded) + bundle", f"{result.many_load_seconds:.2f} s")
-    Console().print(table)
+    _print_measures(f"many bench infer: {tasks} tasks, {layers} layer(s) of width {hidden}, "
+                    f"{images} images x {new_tokens} new tokens, {result.device}", [
+        ("plain base model, per image", f"{result.base_seconds_per_image:.3f} s"),
+        ("many infer (folded LoRA + routed projectors), per image", f"{result.many_seconds_per_image:.3f} s"),
+        ("latency ratio (goal ≤ 1.05)", f"{result.latency_ratio:.3f}"),
+        ("load: plain base model", f"{result.base_load_seconds:.2f} s"),
+        ("load: base + merged LoRA (folded) + bundle", f"{result.many_load_seconds:.2f} s"),
+    ])
 
 
 @bench_app.command("merge")
@@ -299,32 +302,27 @@ def bench_merge_command(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to write the synthetic adapters (default: the temp folder).")] = None,
 ) -> None:
     """`many merge` on 7B-shaped adapters against dense RegMean and the Cholesky floor, in one run."""
-    from rich.table import Table
-
     from many_cli.bench.merge_bench import bench_merge
 
     result = bench_merge(layers=layers, tasks=tasks, workdir=workdir, dense_layers=dense_layers)
     gigabyte = 1e9
-    table = Table(title=f"many bench merge: {tasks} tasks, {layers} layer(s) of LLaVA-1.5-7B shapes, rank 16")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("merge time", f"{result.merge_seconds:.1f} s")
-    table.add_row("peak RSS (goal ≤ 2 GB)", f"{result.peak_rss / gigabyte:.2f} GB")
-    table.add_row("bytes read (stats + adapters) / written", f"{result.bytes_read / gigabyte:.2f} GB / "
-                                                             f"{result.bytes_written / gigabyte:.2f} GB")
-    table.add_row(f"dense RegMean reference, per layer ({result.dense_layers} timed)",
-                  f"{result.dense_seconds_per_layer:.1f} s")
-    table.add_row("speed-up over dense (goal ≥ 10)", f"{result.speedup_over_dense:.1f}x")
-    table.add_row("largest relative difference from dense (goal ≤ 1e-4)", f"{result.dense_error:.1e}")
-    table.add_row("floor: one Cholesky per distinct input", f"{result.floor_seconds:.1f} s")
-    table.add_row("merge / floor (goal ≤ 1.3)", f"{result.ratio_to_floor:.2f}")
-    table.add_row("merged adapter / dense merged delta (goal ≤ 5%)",
-                  f"{100 * result.adapter_bytes / result.dense_delta_bytes:.2f}%")
-    table.add_row("--resume with one more task", f"{result.resume_seconds:.1f} s")
-    table.add_row("resume / (one-task merge + floor) (goal ≤ 1)", f"{result.resume_ratio:.2f}")
-    table.add_row("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB")
-    table.add_row("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB")
-    Console().print(table)
+    _print_measures(f"many bench merge: {tasks} tasks, {layers} layer(s) of LLaVA-1.5-7B shapes, rank 16", [
+        ("merge time", f"{result.merge_seconds:.1f} s"),
+        ("peak RSS (goal ≤ 2 GB)", f"{result.peak_rss / gigabyte:.2f} GB"),
+        ("bytes read (stats + adapters) / written",
+         f"{result.bytes_read / gigabyte:.2f} GB / {result.bytes_written / gigabyte:.2f} GB"),
+        (f"dense RegMean reference, per layer ({result.dense_layers} timed)", f"{result.dense_seconds_per_layer:.1f} s"),
+        ("speed-up over dense (goal ≥ 10)", f"{result.speedup_over_dense:.1f}x"),
+        ("largest relative difference from dense (goal ≤ 1e-4)", f"{result.dense_error:.1e}"),
+        ("floor: one Cholesky per distinct input", f"{result.floor_seconds:.1f} s"),
+        ("merge / floor (goal ≤ 1.3)", f"{result.ratio_to_floor:.2f}"),
+        ("merged adapter / dense merged delta (goal ≤ 5%)",
+         f"{100 * result.adapter_bytes / result.dense_delta_bytes:.2f}%"),
+        ("--resume with one more task", f"{result.resume_seconds:.1f} s"),
+        ("resume / (one-task merge + floor) (goal ≤ 1)", f"{result.resume_ratio:.2f}"),
+        ("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB"),
+        ("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB"),
+    ])
 
 
 def main() -> None:

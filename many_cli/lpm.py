@@ -30,7 +30,8 @@ def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -
     # gram.mT is column-major, as LAPACK wants, and its lower triangle is gram's upper one:
     # factoring it in place needs no second d×d buffer.
     lower = gram.mT
-    _, info = torch.linalg.cholesky_ex(lower, out=(lower, torch.empty((), dtype=torch.int32)))
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))
     if int(info) != 0:
         return None
     half = torch.linalg.solve_triangular(lower, rhs.to(gram.dtype).T, upper=False)

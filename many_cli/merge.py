@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from many_cli import lpm
-from many_cli.adapters import Adapter, find_adapter_dirs, read_adapter, write_lora_adapter
+from many_cli.adapters import (Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter)
 from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
+from many_cli.models import resolve_device
 from many_cli.state import (BUNDLE_FILE, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
                             StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
                             read_bundle_header, read_packed_blocks, read_state_header,
@@ -33,6 +34,7 @@ DEFAULT_DENSITY = 0.2
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
+Emit = Callable[[str, torch.Tensor, torch.Tensor], None]  # (module, A, B) of the merged adapter
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class MergeOptions:
     density: float = DEFAULT_DENSITY
     eta: float = DEFAULT_ETA
     force: bool = False
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,19 @@ def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: P
     with atomic_output_dir(out, options.force) as staging:
         if options.method == "many":
             groups = _plan_groups(tasks, previous)
-            factors = _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
-                                 staging / STATE_FILE, report, track)
+            modules = _merged_modules(tasks, previous, [(m, g.dim) for g in groups for m in g.modules])
+            adapter = MergedAdapterWriter(staging, modules, base_model)
+            _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
+                       staging / STATE_FILE, report, track, adapter.write)
             report.groups = len(groups)
         else:
-            factors = _merge_baseline(tasks, options, report, track)
-        report.modules = len(factors)
-        write_lora_adapter(staging, factors, base_model)
+            names = sorted({module for task in tasks for module in task.adapter.modules})
+            modules = _merged_modules(tasks, None, [(m, _d_in(tasks, m)) for m in names],
+                                      full_rank_cap=options.method == "ties")
+            adapter = MergedAdapterWriter(staging, modules, base_model)
+            _merge_baseline(tasks, names, options, report, track, adapter.write)
+        adapter.close()
+        report.modules = len(modules)
         _write_bundle(staging / BUNDLE_FILE, tasks, previous, options.eta)
         (staging / "README.md").write_text(
             model_card(tasks=[(task.adapter.name, task.adapter.fingerprint) for task in tasks],
@@ -108,6 +117,23 @@ def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: P
                        resume=resume, options=options, base_model=base_model,
                        base_fingerprint=base_fingerprint, report=report))
     return report
+
+
+def _d_in(tasks: list[Task], module: str) -> int:
+    return next(task.adapter.modules[module].d_in for task in tasks if module in task.adapter.modules)
+
+
+def _merged_modules(tasks: list[Task], previous: Previous | None, order: list[tuple[str, int]],
+                    full_rank_cap: bool = False) -> list[MergedModule]:
+    """The merged adapter's modules in the order they will be written: rank Σ r_i over the
+    tasks that adapt each (capped at min(d_in, d_out) where a dense result is factored)."""
+    ranks = _ranks(tasks, previous, len(previous.state.tasks) if previous else 0)
+    modules = []
+    for name, d_in in order:
+        entries = [value for (_, module), value in ranks.items() if module == name]
+        rank, d_out = sum(rank for rank, _ in entries), entries[0][1]
+        modules.append(MergedModule(name, min(rank, d_in, d_out) if full_rank_cap else rank, d_in, d_out))
+    return modules
 
 
 def _check_options(options: MergeOptions, resume: Path | None) -> None:
@@ -260,7 +286,7 @@ def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
 
 def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
                options: MergeOptions, base_fingerprint: str, base_model: str | None,
-               state_path: Path, report: MergeReport, track: Track):
+               state_path: Path, report: MergeReport, track: Track, emit: Emit) -> None:
     old_tasks = list(previous.state.tasks) if previous else []
     new_tasks = [StateTask(task.adapter.name, task.adapter.fingerprint, tuple(task.adapter.modules),
                            {group.key: task.stats.inputs[name].tokens
@@ -282,32 +308,33 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         state_metadata(base_fingerprint, base_model, options.balance, all_tasks,
                        {group.key: group.modules for group in groups}))
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    device = resolve_device(options.device)
     singular: list[str] = []
     underdetermined = 0
     for group in track(groups, "merging"):
-        gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance)
+        gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance, device)
         writer.write_pieces(f"gram/{group.key}", upper_blocks(gram))
         for index, module, ac, b in contributions:
             writer.write(f"ac/{index}/{module}", ac)
             writer.write(f"b/{index}/{module}", b)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined += 1
-        rhs = torch.cat([ac for _, _, ac, _ in contributions])
+        rhs = torch.cat([ac for _, _, ac, _ in contributions]).to(device)
         rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
         if rows is None:
             # The factorization overwrote the Gram matrix: gather it again, now checking every
             # value, so that NaN or Inf in a file is reported as such and not as a singular H.
-            gram, _ = _gather_group(group, tasks, previous, len(old_tasks), options.balance, factors=False)
+            gram, _ = _gather_group(group, tasks, previous, len(old_tasks), options.balance, device,
+                                    factors=False)
             singular.append(group.key)
             rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
         del gram
         solved = dict(zip(((index, module) for index, module, _, _ in contributions),
-                          rows.split([ac.shape[0] for _, _, ac, _ in contributions])))
+                          rows.cpu().split([ac.shape[0] for _, _, ac, _ in contributions])))
         for module in group.modules:
             parts = [(solved[index, m], b) for index, m, _, b in contributions if m == module]
-            factors[module] = lpm.stack_factors([a for a, _ in parts], [b for _, b in parts],
-                                                [options.scale] * len(parts))
+            emit(module, *lpm.stack_factors([a for a, _ in parts], [b for _, b in parts],
+                                            [options.scale] * len(parts)))
     writer.close()
 
     if singular:
@@ -320,7 +347,6 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
             f"{underdetermined} of {len(groups)} inputs saw fewer calibration tokens than their width, "
             f"so their Gram matrix is rank-deficient" +
             (f"; --ridge {options.ridge:g} keeps it solvable" if options.ridge > 0 else ""))
-    return factors
 
 
 def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tuple[int, str], tuple[int, int]]:
@@ -338,7 +364,7 @@ def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tu
 
 
 def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, offset: int,
-                  balance: bool, factors: bool = True):
+                  balance: bool, device: torch.device, factors: bool = True):
     """The group's weighted Gram matrix H (float64, upper triangle filled) and, with `factors`,
     every task's (w·A C, s·B) for its modules: earlier tasks' from the state, new tasks' from
     their adapters and stats files. Covariances stream from their files a block of rows at a
@@ -346,11 +372,11 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
 
     The first gather (with factors) skips the NaN scan: NaN anywhere makes the factorization
     fail, and the second gather (without factors), which scans, then names the file."""
-    gram = torch.zeros(group.dim, group.dim, dtype=torch.float64)
+    gram = torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device)
     contributions = []
     if previous:
         for start, rows in read_packed_blocks(previous.state.path, f"gram/{group.key}", check_finite=not factors):
-            gram[start:start + rows.shape[0], start:] += rows
+            gram[start:start + rows.shape[0], start:] += rows.to(device)
         if factors:
             with open_safetensors(previous.state.path) as handle:
                 for index in range(offset):
@@ -365,23 +391,23 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
         weight = 1.0 / stats.tokens if balance else 1.0
         adapted = [module for module in group.modules if module in task.adapter.modules] if factors else []
         pairs = [task.adapter.lora_factors(module) for module in adapted]
-        stacked = torch.cat([a for a, _ in pairs]).to(torch.float64) if pairs else None
-        product = torch.zeros(0 if stacked is None else stacked.shape[0], group.dim, dtype=torch.float64)
+        stacked = torch.cat([a for a, _ in pairs]).to(device, torch.float64) if pairs else None
+        product = torch.zeros(0 if stacked is None else stacked.shape[0], group.dim, dtype=torch.float64,
+                              device=device)
         for start, rows in task.stats.covariance_blocks(name, check_finite=not factors):
-            rows = rows.to(torch.float64)
+            rows = rows.to(device, torch.float64)
             gram[start:start + rows.shape[0], start:].add_(rows, alpha=weight)
             if stacked is not None:
                 lpm.add_symmetric_block_product_(product, stacked, start, rows)
         for module, (_, b), ac in zip(adapted, pairs, (weight * product).split([a.shape[0] for a, _ in pairs])):
-            contributions.append((index, module, ac.contiguous(),
+            contributions.append((index, module, ac.cpu().contiguous(),
                                   b.to(torch.float64) * task.adapter.modules[module].scale))
     contributions.sort(key=lambda item: (item[0], group.modules.index(item[1])))
     return gram, contributions
 
 
-def _merge_baseline(tasks: list[Task], options: MergeOptions, report: MergeReport, track: Track):
-    modules = sorted({module for task in tasks for module in task.adapter.modules})
-    factors = {}
+def _merge_baseline(tasks: list[Task], modules: list[str], options: MergeOptions, report: MergeReport,
+                    track: Track, emit: Emit) -> None:
     worst = 0.0
     for module in track(modules, "merging"):
         a_blocks, b_blocks = [], []
@@ -395,14 +421,13 @@ def _merge_baseline(tasks: list[Task], options: MergeOptions, report: MergeRepor
             merged = options.scale * lpm.ties([b @ a for a, b in zip(a_blocks, b_blocks)], options.density)
             a, b, error = lpm.low_rank_factors(merged, sum(block.shape[0] for block in a_blocks))
             worst = max(worst, error)
-            factors[module] = (a, b)
+            emit(module, a, b)
         else:
             weight = options.scale / len(tasks) if options.method == "average" else options.scale
-            factors[module] = lpm.stack_factors(a_blocks, b_blocks, [weight] * len(a_blocks))
+            emit(module, *lpm.stack_factors(a_blocks, b_blocks, [weight] * len(a_blocks)))
     if options.method == "ties":
         report.notes.append(f"TIES is elementwise, so its dense result was factored by truncated SVD "
                             f"to rank Σ r_i per module; largest relative Frobenius error {worst:.2e}")
-    return factors
 
 
 def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:

@@ -19,15 +19,12 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGeneration
 
-from many_cli.bench.tiny import tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
 from many_cli.infer import InferOptions, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.models import load_base_model, resolve_device
 from many_cli.stats import StatsOptions, collect_stats
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 @dataclass(frozen=True)
 class InferBenchResult:
@@ -58,7 +55,7 @@ def build_world(root: Path, tasks: int, hidden: int, layers: int, seed: int = 0)
     adapters = []
     for task in range(tasks):
         model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"),
-                               LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
+                               LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS,
                                           exclude_modules=r".*vision_tower.*",
                                           modules_to_save=["multi_modal_projector"]))
         with torch.no_grad():

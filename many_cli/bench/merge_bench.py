@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX
+from many_cli.bench.tiny import LLAMA_PROJECTIONS
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, file_fingerprint
 from many_cli.state import STATE_FILE, STATS_FILE, packed_length, pack_symmetric, stats_metadata, unpack_symmetric
@@ -79,8 +80,7 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
     tensors[f"{projector}.linear_2.weight"] = torch.randn(shape.hidden, shape.hidden, generator=generator).bfloat16()
     tensors[f"{projector}.linear_2.bias"] = torch.zeros(shape.hidden, dtype=torch.bfloat16)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=LLAMA_PROJECTIONS,
         modules_to_save=["multi_modal_projector"], base_model_name_or_path="synthetic-llava-7b").save_pretrained(str(out))
 
     inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}

@@ -20,13 +20,10 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
-from many_cli.bench.tiny import tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
 from many_cli.models import find_projector, lora_layers, resolve_device
 from many_cli.stats import InputCovariances, PrototypeSum, forward
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 @dataclass(frozen=True)
 class StatsBenchResult:
@@ -55,7 +52,7 @@ def build_model(layers: int, hidden: int, intermediate: int, device: torch.devic
                                heads=max(1, hidden // 128), kv_heads=max(1, hidden // 128), vision=vision)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS,
                       exclude_modules=r".*vision_tower.*", modules_to_save=["multi_modal_projector"])
     return get_peft_model(model, lora).to(device).eval()
 

@@ -28,6 +28,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if message['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
 )
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMAGE_SIZE = 16
 PATCH_SIZE = 8
 
@@ -95,8 +96,7 @@ def write_demo(out: Path, tasks: int = 3, images_per_task: int = 6, seed: int = 
     for task in range(tasks):
         name = f"task{task + 1}"
         model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=[
-                                   "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_PROJECTIONS,
                                    exclude_modules=r".*vision_tower.*", modules_to_save=["multi_modal_projector"]))
         generator = torch.Generator().manual_seed(seed + task)
         with torch.no_grad():
