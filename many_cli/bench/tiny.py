@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -46,7 +46,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+    # The PIL image processor: the default one wants torchvision, which this project does not need.
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(),
                           patch_size=patch_size, vision_feature_select_strategy="default",
@@ -116,6 +117,13 @@ def write_demo(out: Path, tasks: int = 3, images_per_task: int = 6, seed: int = 
 
 if __name__ == "__main__":
     import argparse
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     parser = argparse.ArgumentParser(description="Write a tiny LLaVA, task adapters and calibration data.")
     parser.add_argument("out", type=Path)
