@@ -62,10 +62,11 @@ def merge_command(
     eta: Annotated[float, typer.Option("--eta", help="Default routing temperature η stored in the bundle.")] = DEFAULT_ETA,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where to factor and solve: cpu, cuda or auto.")] = "cpu",
+    experts: Annotated[bool, typer.Option("--experts/--no-experts", help="Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")] = True,
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options = MergeOptions(method=method, scale=scale, ridge=ridge, balance=balance,
-                           density=density, eta=eta, force=force, device=device)
+                           density=density, eta=eta, force=force, device=device, experts=experts)
     report = merge(adapters, out, options, resume=resume, track=_track)
     for line in report.warnings:
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -151,6 +152,8 @@ def infer_command(
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold the merged LoRA into the weights (decoding then costs what the base costs).")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
     min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when the average per-task accuracy is below this.")] = None,
+    lm_routing: Annotated[str, typer.Option("--lm-routing", help="merged (one merged LoRA) or experts (each image's task's own LoRA).")] = "merged",
+    confidence: Annotated[float, typer.Option("--confidence", help="experts: below this routing weight, answer with the merged LoRA.")] = 0.5,
 ) -> None:
     """Answer one image, or score a data set, with the merged model and routed projectors."""
     import json
@@ -161,7 +164,8 @@ def infer_command(
     if (image is None) == (not data):
         raise InputError(None, "give either --image IMG or --data DATA")
     options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 device=device, dtype=dtype, fold=fold, prompt=prompt)
+                                 device=device, dtype=dtype, fold=fold, prompt=prompt, lm_routing=lm_routing,
+                                 confidence=confidence)
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
     loaded = infer.load_merged(model, merged, options)
@@ -291,6 +295,9 @@ def bench_infer_command(
         ("latency ratio (goal ≤ 1.05)", f"{result.latency_ratio:.3f}"),
         ("load: plain base model", f"{result.base_load_seconds:.2f} s"),
         ("load: base + merged LoRA (folded) + bundle", f"{result.many_load_seconds:.2f} s"),
+        ("--lm-routing experts (routing pre-pass + mixed-batch LoRA), per image",
+         f"{result.experts_seconds_per_image:.3f} s"),
+        ("experts latency ratio", f"{result.experts_latency_ratio:.3f}"),
     ])
 
 

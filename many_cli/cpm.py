@@ -29,13 +29,19 @@ def pooled_direction(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(pooled, dim=-1)
 
 
-def routing_weights(directions: torch.Tensor, prototypes: torch.Tensor, eta: float,
-                    routing: str) -> torch.Tensor:
-    """(images, tasks) weights: softmax(cos(f, µ_i) / η), or one-hot on the closest prototype."""
+def routing_weights(directions: torch.Tensor, prototypes: torch.Tensor, eta: float, routing: str,
+                    confidence: float | None = None) -> torch.Tensor:
+    """(images, tasks) weights: softmax(cos(f, µ_i) / η), or one-hot on the closest prototype.
+    With `confidence`, soft weights whose largest entry reaches it become one-hot too (the
+    image is routed to that task alone; the others keep the soft mixture)."""
     similarity = directions @ F.normalize(prototypes.float(), dim=-1).T
+    hard = F.one_hot(similarity.argmax(dim=-1), similarity.shape[-1]).to(similarity.dtype)
     if routing == "hard":
-        return F.one_hot(similarity.argmax(dim=-1), similarity.shape[-1]).to(similarity.dtype)
-    return torch.softmax(similarity / eta, dim=-1)
+        return hard
+    soft = torch.softmax(similarity / eta, dim=-1)
+    if confidence is None:
+        return soft
+    return torch.where(soft.max(dim=-1, keepdim=True).values >= confidence, hard, soft)
 
 
 class RoutedProjector(nn.Module):
@@ -43,7 +49,7 @@ class RoutedProjector(nn.Module):
     exactly 0 (hard routing) is not run for that image."""
 
     def __init__(self, projectors: Sequence[nn.Module], prototypes: torch.Tensor, tasks: Sequence[str],
-                 eta: float, routing: str = "soft"):
+                 eta: float, routing: str = "soft", confidence: float | None = None):
         super().__init__()
         if len(projectors) != len(tasks) or prototypes.shape[0] != len(tasks):
             raise ValueError("one projector and one prototype per task")
@@ -54,11 +60,12 @@ class RoutedProjector(nn.Module):
         self.tasks = list(tasks)
         self.eta = eta
         self.routing = routing
+        self.confidence = confidence
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weights = routing_weights(pooled_direction(image_features), self.prototypes.to(image_features.device),
-                                  self.eta, self.routing)
+                                  self.eta, self.routing, self.confidence)
         self.last_weights = weights.detach()
         per_image = image_features.dim() == 3
         output = None

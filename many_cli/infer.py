@@ -22,7 +22,11 @@ from many_cli.errors import InputError
 from many_cli.files import open_safetensors
 from many_cli.models import (find_projector, load_base_model, replace_projector, resolve_device,
                              resolve_dtype)
-from many_cli.state import BUNDLE_FILE, BundleHeader, read_bundle_header
+from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
+
+
+MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
+DEFAULT_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class InferOptions:
     dtype: str = "auto"
     fold: bool = True
     prompt: str = DEFAULT_PROMPT
+    lm_routing: str = "merged"  # or "experts": each image's task's own LoRA (PEFT mixed batches)
+    confidence: float = DEFAULT_CONFIDENCE  # experts: below this routing weight, the merged LoRA
 
 
 @dataclass
@@ -44,6 +50,8 @@ class MergedModel:
     processor: object
     router: RoutedProjector | None
     device: torch.device
+    experts: bool = False
+    confidence: float = DEFAULT_CONFIDENCE
 
 
 def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
@@ -51,20 +59,29 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         raise InputError(None, f"--routing must be soft or hard, got {options.routing!r}")
     if options.eta is not None and not options.eta > 0:
         raise InputError(None, f"--eta must be > 0, got {options.eta}")
+    if options.lm_routing not in ("merged", "experts"):
+        raise InputError(None, f"--lm-routing must be merged or experts, got {options.lm_routing!r}")
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     device = resolve_device(options.device)
     model = load_base_model(base, resolve_dtype(options.dtype), device)
     router = _routed_projector(model, bundle, options) if bundle.projector_module else None
-    model = _apply_lora(model, base, merged, options.fold)
+    experts = options.lm_routing == "experts"
+    if experts:
+        if router is None:
+            raise InputError(bundle.path, "holds no projectors to route by, so --lm-routing experts cannot choose")
+        model = _apply_experts(model, base, merged, bundle.tasks)
+        router.confidence = options.confidence
+    else:
+        model = _apply_lora(model, base, merged, options.fold)
     if router is not None:
         replace_projector(model, router.to(device))
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
     processor.tokenizer.padding_side = "left"  # generation continues every row at its end
-    return MergedModel(model.eval(), processor, router, device)
+    return MergedModel(model.eval(), processor, router, device, experts, options.confidence)
 
 
 def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOptions) -> RoutedProjector:
@@ -103,16 +120,35 @@ def _apply_lora(model: nn.Module, base: str, merged: Path, fold: bool) -> nn.Mod
     return adapted.merge_and_unload() if fold else adapted
 
 
+def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, ...]) -> nn.Module:
+    """The merged LoRA and every task's own, side by side as named PEFT adapters (unfolded)."""
+    from peft import PeftModel
+
+    folder = merged / EXPERTS_DIR
+    missing = [task for task in tasks if not (folder / task / ADAPTER_CONFIG).is_file()]
+    if missing:
+        raise InputError(folder, f"holds no expert for {', '.join(missing)}; merge without --no-experts")
+    try:
+        adapted = PeftModel.from_pretrained(model, str(merged), adapter_name=MERGED)
+        for task in tasks:
+            adapted.load_adapter(str(folder / task), adapter_name=task)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(merged, f"the adapters do not fit the base model {base} ({first_line})") from None
+    return adapted
+
+
 @dataclass
 class Prediction:
     record: Record
     prediction: str
     routing: dict[str, float]
     seconds: float
+    lm: str = MERGED  # which language-model adapter answered: "merged" or a task's name
 
     def as_json(self) -> dict:
-        row = {"prediction": self.prediction, "routing": self.routing, "seconds": round(self.seconds, 4),
-               "image": str(self.record.image), "prompt": self.record.prompt}
+        row = {"prediction": self.prediction, "routing": self.routing, "lm": self.lm,
+               "seconds": round(self.seconds, 4), "image": str(self.record.image), "prompt": self.record.prompt}
         if self.record.task:
             row["task"] = self.record.task
         if self.record.answer is not None:
@@ -125,14 +161,29 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
     images = [load_image(record) for record in records if record.image is not None]
     encoded = encode_records(merged.processor, records, images, with_answers=False).to(merged.device)
     start = time.perf_counter()
+    extra = {}
     with torch.inference_mode():
-        generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+        if merged.experts:
+            extra["adapter_names"] = choose_adapters(merged, encoded)
+        generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     seconds = (time.perf_counter() - start) / len(records)
     texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     weights = merged.router.last_weights.tolist() if merged.router is not None else [[] for _ in records]
     tasks = merged.router.tasks if merged.router is not None else []
-    return [Prediction(record, text.strip(), dict(zip(tasks, row)), seconds)
-            for record, text, row in zip(records, texts, weights)]
+    names = extra.get("adapter_names", [MERGED] * len(records))
+    return [Prediction(record, text.strip(), dict(zip(tasks, row)), seconds, name)
+            for record, text, row, name in zip(records, texts, weights, names)]
+
+
+def choose_adapters(merged: MergedModel, encoded) -> list[str]:
+    """Experts mode: route each image first (the vision tower and projectors run once more),
+    then answer with its task's own LoRA when the routing weight reaches the confidence, else
+    with the merged one."""
+    merged.model.get_image_features(pixel_values=encoded["pixel_values"])
+    weights = merged.router.last_weights
+    best = weights.max(dim=-1)
+    return [merged.router.tasks[index] if value >= merged.confidence else MERGED
+            for value, index in zip(best.values.tolist(), best.indices.tolist())]
 
 
 def answer_all(merged: MergedModel, records: Iterable[Record], options: InferOptions) -> Iterator[Prediction]:

@@ -8,6 +8,7 @@ streamed to disk, and only the (small) merged LoRA factors are kept until the en
 from __future__ import annotations
 
 import math
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
 from many_cli.models import resolve_device
-from many_cli.state import (BUNDLE_FILE, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
+from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
                             StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
                             read_bundle_header, read_packed_blocks, read_state_header,
                             read_stats_header, state_metadata, upper_blocks)
@@ -48,6 +49,7 @@ class MergeOptions:
     eta: float = DEFAULT_ETA
     force: bool = False
     device: str = "cpu"
+    experts: bool = True  # keep each task's own LoRA for `many infer --lm-routing experts`
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: P
         adapter.close()
         report.modules = len(modules)
         _write_bundle(staging / BUNDLE_FILE, tasks, previous, options.eta)
+        if options.experts:
+            _write_experts(staging / EXPERTS_DIR, tasks, previous, base_model, report)
         (staging / "README.md").write_text(
             model_card(tasks=[(task.adapter.name, task.adapter.fingerprint) for task in tasks],
                        previous=[(task.name, task.adapter_fingerprint) for task in previous.state.tasks]
@@ -428,6 +432,28 @@ def _merge_baseline(tasks: list[Task], modules: list[str], options: MergeOptions
     if options.method == "ties":
         report.notes.append(f"TIES is elementwise, so its dense result was factored by truncated SVD "
                             f"to rank Σ r_i per module; largest relative Frobenius error {worst:.2e}")
+
+
+def _write_experts(folder: Path, tasks: list[Task], previous: Previous | None, base_model: str | None,
+                   report: MergeReport) -> None:
+    """Each task's own LoRA as a PEFT adapter of scale 1 (B scaled by s_i), so that inference can
+    route the language model too; earlier tasks' are carried over from the resumed output."""
+    if previous:
+        earlier = previous.state.path.parent / EXPERTS_DIR
+        missing = [task.name for task in previous.state.tasks if not (earlier / task.name).is_dir()]
+        if missing:
+            report.notes.append(f"the resumed merge kept no experts for {', '.join(missing)} "
+                                f"(made with --no-experts); --lm-routing experts will not offer them")
+        for task in previous.state.tasks:
+            if (earlier / task.name).is_dir():
+                shutil.copytree(earlier / task.name, folder / task.name)
+    for task in tasks:
+        modules = [MergedModule(m.name, m.rank, m.d_in, m.d_out) for m in task.adapter.modules.values()]
+        writer = MergedAdapterWriter(folder / task.adapter.name, modules, base_model)
+        for module in task.adapter.modules.values():
+            a, b = task.adapter.lora_factors(module.name)
+            writer.write(module.name, a, b.to(torch.float64) * module.scale)
+        writer.close()
 
 
 def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:

@@ -36,6 +36,7 @@ from many_cli.files import open_safetensors
 
 STATS_FILE = "many_stats.safetensors"
 BUNDLE_FILE = "many_bundle.safetensors"
+EXPERTS_DIR = "experts"  # in a merge output: one PEFT LoRA adapter (scale 1) per task, by name
 STATE_FILE = "many_state.safetensors"
 FORMAT_VERSION = "1"
 

@@ -204,3 +204,45 @@ def test_bench_infer_runs_on_a_tiny_model():
 
     result = bench_infer(tasks=2, hidden=64, layers=1, images=1, new_tokens=2, device="cpu", repeats=1)
     assert result.tasks == 2 and result.base_seconds_per_image > 0 and result.latency_ratio > 0
+
+
+def test_experts_routing_answers_like_each_tasks_own_adapter_in_mixed_batches(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    data = sum((["--data", path] for path in heldout), [])
+    outputs = {}
+    for batch in (4, 1):  # batches of 4 over 3 + 3 + 3 records mix the tasks
+        out = tmp_path / f"experts{batch}.jsonl"
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *data, "--out", out,
+                            "--lm-routing", "experts", "--batch-size", batch, "--max-new-tokens", 5)
+        assert code == 0, err
+        outputs[batch] = predictions(out)
+    assert [r["prediction"] for r in outputs[4]] == [r["prediction"] for r in outputs[1]]
+    processor = AutoProcessor.from_pretrained(base)
+    for adapter, records in zip(adapters, heldout):
+        expected = [processor.decode(ids, skip_special_tokens=True).strip()
+                    for ids in direct_greedy(base, adapter, records, 5)]
+        mine = [row for row in outputs[4] if row["task"] == adapter.name]
+        assert [row["lm"] for row in mine] == [adapter.name] * len(mine)
+        assert [row["prediction"] for row in mine] == expected
+
+
+def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    runs = {}
+    for name, extra in {"fallback": ["--lm-routing", "experts", "--confidence", 1.01],
+                        "merged": ["--lm-routing", "merged"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        assert run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
+                       "--data", heldout[2], "--out", out, "--max-new-tokens", 5, *extra)[0] == 0
+        runs[name] = predictions(out)
+    assert all(row["lm"] == "merged" for row in runs["fallback"])
+    assert [r["prediction"] for r in runs["fallback"]] == [r["prediction"] for r in runs["merged"]]
+    code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "lean", "--no-experts")
+    assert code == 0 and not (tmp_path / "lean" / "experts").exists()
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "lean", "--data", heldout[0],
+                        "--lm-routing", "experts")
+    assert code == 2 and "--no-experts" in err

@@ -128,6 +128,11 @@ def test_resume_equals_batch_merge(world, tmp_path, capsys):
     with safe_open(str(resumed / "many_bundle.safetensors"), "pt") as bundle:
         assert json.loads(bundle.metadata()["tasks"]) == ["task0", "task1", "task2"]
         assert "projector/2/linear_2.weight" in bundle.keys()
+    assert sorted(p.name for p in (resumed / "experts").iterdir()) == ["task0", "task1", "task2"]
+    expert = PeftModel.from_pretrained(load_base(world.base), resumed / "experts" / "task0")
+    module = "model.language_model.layers.0.self_attn.q_proj"
+    delta = expert.base_model.model.get_submodule(module).get_delta_weight("default").double()
+    assert torch.allclose(delta, task_vector(world.adapters[0], module), atol=1e-6)
 
 
 def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):

@@ -21,7 +21,7 @@ from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGen
 
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
-from many_cli.infer import InferOptions, load_merged
+from many_cli.infer import InferOptions, MergedModel, choose_adapters, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.models import load_base_model, resolve_device
 from many_cli.stats import StatsOptions, collect_stats
@@ -36,10 +36,15 @@ class InferBenchResult:
     many_seconds_per_image: float
     base_load_seconds: float
     many_load_seconds: float
+    experts_seconds_per_image: float
 
     @property
     def latency_ratio(self) -> float:
         return self.many_seconds_per_image / self.base_seconds_per_image
+
+    @property
+    def experts_latency_ratio(self) -> float:
+        return self.experts_seconds_per_image / self.base_seconds_per_image
 
 
 def build_world(root: Path, tasks: int, hidden: int, layers: int, seed: int = 0) -> tuple[Path, Path]:
@@ -80,12 +85,14 @@ def _timed(function):
     return value, time.perf_counter() - start
 
 
-def _per_image(model, inputs, new_tokens: int) -> float:
-    """Seconds per image for greedy decoding of exactly `new_tokens`, one image at a time."""
+def _per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None) -> float:
+    """Seconds per image for greedy decoding of exactly `new_tokens`, one image at a time
+    (with `experts`, routing each image to its task's LoRA first, as `many infer` does)."""
     start = time.perf_counter()
     with torch.inference_mode():
         for encoded in inputs:
-            model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            extra = {"adapter_names": choose_adapters(experts, encoded)} if experts else {}
+            model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra)
     return (time.perf_counter() - start) / len(inputs)
 
 
@@ -96,6 +103,7 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
         base, merged = build_world(Path(folder), tasks, hidden, layers)
         plain, base_load = _timed(lambda: load_base_model(str(base), "auto", compute))
         ours, many_load = _timed(lambda: load_merged(str(base), merged, InferOptions(device=str(compute.type))))
+        routed = load_merged(str(base), merged, InferOptions(device=str(compute.type), lm_routing="experts"))
         processor = AutoProcessor.from_pretrained(base)
         rng = np.random.default_rng(1)
         record = Record("bench", Path("bench.png"), "what colour is it ?", None)
@@ -104,9 +112,11 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
                                  with_answers=False).to(compute) for _ in range(images)]
         _per_image(plain, inputs[:1], 2)
         _per_image(ours.model, inputs[:1], 2)
-        base_seconds = many_seconds = float("inf")
+        _per_image(routed.model, inputs[:1], 2, routed)
+        base_seconds = many_seconds = experts_seconds = float("inf")
         for _ in range(repeats):  # interleaved, best of each
             base_seconds = min(base_seconds, _per_image(plain, inputs, new_tokens))
             many_seconds = min(many_seconds, _per_image(ours.model, inputs, new_tokens))
+            experts_seconds = min(experts_seconds, _per_image(routed.model, inputs, new_tokens, routed))
     return InferBenchResult(str(compute), tasks, images, new_tokens, base_seconds, many_seconds,
-                            base_load, many_load)
+                            base_load, many_load, experts_seconds)
