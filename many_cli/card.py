@@ -53,6 +53,8 @@ def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
         "- `many_bundle.safetensors`: task names, per-task projectors and prototypes, default η.",
         *(["- `many_state.safetensors`: sufficient statistics; `many merge NEW --resume THIS` adds tasks."]
           if options.method == "many" else []),
+        *(["- `experts/TASK/`: each task's own LoRA, for `many infer --lm-routing experts`."]
+          if options.experts else []),
         "",
         "## Loading",
         "",
