@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from peft import IA3Config, LoraConfig
 from safetensors.torch import load_file, save_file
 
