@@ -260,7 +260,7 @@ class InputCovariances:
     def _hook(self, name: str, _module: nn.Module, args: tuple) -> None:
         x = args[0]
         flat = x.reshape(-1, x.shape[-1])[self._mask]
-        if self._discovering:
+        if self._discovering and name not in self.sums:  # a layer called again keeps all its inputs
             fingerprint = _fingerprint(flat)
             if fingerprint in self._seen:
                 self.members[self._seen[fingerprint]].append(name)

@@ -221,3 +221,48 @@ def test_nan_activation_names_the_layer(task, tmp_path, capsys):
                         "--data", root / "data" / "calib.jsonl", "--out", out)
     assert code == 2 and "holds NaN or Inf" in err and "layers.1.mlp.down_proj" in err, err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_shared_inputs_are_detected_whatever_the_layer_names():
+    """Layers are grouped by what they read, not by what they are called."""
+    from torch import nn
+
+    from many_cli.state import unpack_symmetric
+    from many_cli.stats import InputCovariances
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha, self.beta, self.gamma, self.delta = (nn.Linear(6, 6) for _ in range(4))
+
+        def forward(self, x):
+            shared = torch.tanh(x)
+            mixed = self.alpha(shared) + self.gamma(shared)  # alpha and gamma read one tensor
+            return self.delta(self.beta(mixed).sin())
+
+    torch.manual_seed(0)
+    block = Block()
+    layers = {name: getattr(block, name) for name in ("alpha", "beta", "gamma", "delta")}
+    collector = InputCovariances(layers, torch.device("cpu"))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = {name: torch.zeros(6, 6, dtype=torch.float64) for name in layers}
+    batches = [torch.randn(2, 5, 6) for _ in range(3)]
+    with torch.no_grad():
+        for x in batches:
+            collector.begin_batch(mask)
+            block(x)
+            collector.end_batch()
+        collector.remove_hooks()
+        for x in batches:
+            shared = torch.tanh(x)
+            mixed = block.alpha(shared) + block.gamma(shared)
+            for name, value in (("alpha", shared), ("gamma", shared), ("beta", mixed),
+                                ("delta", block.beta(mixed).sin())):
+                rows = value[mask].double()
+                expected[name] += rows.T @ rows
+    groups = sorted(sorted(members) for members in collector.members.values())
+    assert groups == [["alpha", "gamma"], ["beta"], ["delta"]]
+    for key, triangle in collector.sums.items():
+        measured = unpack_symmetric(triangle.packed())
+        for name in collector.members[key]:
+            assert (measured - expected[name]).norm() / expected[name].norm() <= 1e-5, name
