@@ -20,8 +20,8 @@ from many_cli.cpm import RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_image
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
-from many_cli.models import (find_projector, load_base_model, replace_projector, resolve_device,
-                             resolve_dtype)
+from many_cli.models import (apply_adapters, find_projector, load_base_model, replace_projector,
+                             resolve_device, resolve_dtype)
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
 
@@ -51,7 +51,6 @@ class MergedModel:
     router: RoutedProjector | None
     device: torch.device
     experts: bool = False
-    confidence: float = DEFAULT_CONFIDENCE
 
 
 def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
@@ -72,7 +71,6 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         if router is None:
             raise InputError(bundle.path, "holds no projectors to route by, so --lm-routing experts cannot choose")
         model = _apply_experts(model, base, merged, bundle.tasks)
-        router.confidence = options.confidence
     else:
         model = _apply_lora(model, base, merged, options.fold)
     if router is not None:
@@ -81,7 +79,7 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
 
     processor = AutoProcessor.from_pretrained(base)
     processor.tokenizer.padding_side = "left"  # generation continues every row at its end
-    return MergedModel(model.eval(), processor, router, device, experts, options.confidence)
+    return MergedModel(model.eval(), processor, router, device, experts)
 
 
 def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOptions) -> RoutedProjector:
@@ -106,36 +104,22 @@ def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOpti
                                               f"routed; merge adapters that have stats files")
             prototypes.append(handle.get(f"prototype/{index}"))
     eta = options.eta if options.eta is not None else bundle.eta
-    return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing)
+    confidence = options.confidence if options.lm_routing == "experts" else None
+    return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing, confidence)
 
 
 def _apply_lora(model: nn.Module, base: str, merged: Path, fold: bool) -> nn.Module:
-    from peft import PeftModel
-
-    try:
-        adapted = PeftModel.from_pretrained(model, str(merged))
-    except (RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(merged, f"the merged adapter does not fit the base model {base} ({first_line})") from None
+    adapted = apply_adapters(model, base, [(merged, "default")])
     return adapted.merge_and_unload() if fold else adapted
 
 
 def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, ...]) -> nn.Module:
     """The merged LoRA and every task's own, side by side as named PEFT adapters (unfolded)."""
-    from peft import PeftModel
-
     folder = merged / EXPERTS_DIR
     missing = [task for task in tasks if not (folder / task / ADAPTER_CONFIG).is_file()]
     if missing:
         raise InputError(folder, f"holds no expert for {', '.join(missing)}; merge without --no-experts")
-    try:
-        adapted = PeftModel.from_pretrained(model, str(merged), adapter_name=MERGED)
-        for task in tasks:
-            adapted.load_adapter(str(folder / task), adapter_name=task)
-    except (RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(merged, f"the adapters do not fit the base model {base} ({first_line})") from None
-    return adapted
+    return apply_adapters(model, base, [(merged, MERGED)] + [(folder / task, task) for task in tasks])
 
 
 @dataclass
@@ -182,7 +166,7 @@ def choose_adapters(merged: MergedModel, encoded) -> list[str]:
     merged.model.get_image_features(pixel_values=encoded["pixel_values"])
     weights = merged.router.last_weights
     best = weights.max(dim=-1)
-    return [merged.router.tasks[index] if value >= merged.confidence else MERGED
+    return [merged.router.tasks[index] if value >= merged.router.confidence else MERGED
             for value, index in zip(best.values.tolist(), best.indices.tolist())]
 
 

@@ -1,8 +1,9 @@
 """`many merge`: check the inputs, merge one input group at a time, write the output directory.
 
 Memory stays flat in the depth of the model: for one group of modules that read the same
-input, the covariances are read one task at a time, the Gram matrix is solved, the state is
-streamed to disk, and only the (small) merged LoRA factors are kept until the end.
+input, each task's covariance streams from its file a block of rows at a time into one Gram
+matrix, which is factored in place; the state and the merged adapter stream to disk as each
+group is solved.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from many_cli import lpm
-from many_cli.adapters import (Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter)
+from many_cli.adapters import Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter
 from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors

@@ -69,16 +69,28 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -
                            "transformers knows")
 
 
-def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device):
-    """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
+def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]) -> nn.Module:
+    """`model` with each PEFT adapter (directory, name) loaded under its name, the first one
+    active; one that does not fit the base model is an InputError naming its directory."""
     from peft import PeftModel
 
+    adapted = None
+    for directory, name in adapters:
+        try:
+            if adapted is None:
+                adapted = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
+            else:
+                adapted.load_adapter(str(directory), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(directory, f"does not fit the base model {base} ({first_line})") from None
+    return adapted
+
+
+def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device):
+    """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
     model = load_base_model(base, dtype, device)
-    try:
-        return PeftModel.from_pretrained(model, str(adapter)).to(device).eval()
-    except (RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(adapter, f"does not fit the base model {base} ({first_line})") from None
+    return apply_adapters(model, base, [(adapter, "default")]).to(device).eval()
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
@@ -89,19 +101,20 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
 
 
+def _projector_name(model: nn.Module) -> str | None:
+    return next((name for name, _ in model.named_modules() if name.split(".")[-1] == PROJECTOR_NAME), None)
+
+
 def find_projector(model: nn.Module) -> nn.Module | None:
     """The multimodal projector, found by its module name, whatever the model class."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == PROJECTOR_NAME:
-            return module
-    return None
+    name = _projector_name(model)
+    return None if name is None else model.get_submodule(name)
 
 
 def replace_projector(model: nn.Module, replacement: nn.Module) -> None:
     """Put `replacement` where the model's multi_modal_projector was."""
-    for name, _ in model.named_modules():
-        if name.split(".")[-1] == PROJECTOR_NAME:
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, PROJECTOR_NAME, replacement)
-            return
-    raise ValueError("the model has no multi_modal_projector")
+    name = _projector_name(model)
+    if name is None:
+        raise ValueError("the model has no multi_modal_projector")
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, PROJECTOR_NAME, replacement)

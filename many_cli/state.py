@@ -39,6 +39,7 @@ BUNDLE_FILE = "many_bundle.safetensors"
 EXPERTS_DIR = "experts"  # in a merge output: one PEFT LoRA adapter (scale 1) per task, by name
 STATE_FILE = "many_state.safetensors"
 FORMAT_VERSION = "1"
+BLOCK = 512  # rows per block when packed triangles are streamed
 
 
 def packed_length(dim: int) -> int:
@@ -52,61 +53,46 @@ def dim_of_packed(length: int) -> int:
     return dim
 
 
-def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of a symmetric matrix, row by row: no information is lost."""
-    dim = matrix.shape[0]
-    return torch.cat([matrix[row, row:] for row in range(dim)])
-
-
-BLOCK = 512
-
-
-def _block_length(dim: int, start: int, height: int) -> int:
-    """Entries of packed rows start..start+height-1 of a dim×dim triangle."""
-    return height * (dim - start) - height * (height - 1) // 2
-
-
-def _rows_from_flat(flat: torch.Tensor, dim: int, start: int, height: int) -> torch.Tensor:
-    """The dense (height, dim - start) upper block from its packed rows: each row right-aligned,
-    zeros before its diagonal (one pad_sequence call instead of a Python loop over rows)."""
-    lengths = [dim - start - row for row in range(height)]
-    return pad_sequence(list(flat.split(lengths)), batch_first=True, padding_side="left")
-
-
-def packed_blocks(packed: torch.Tensor, block: int = BLOCK):
-    """Yield (start, rows) over a packed upper triangle: rows is the dense (b, d - start) block
-    of rows start..start+b-1 from column `start` on, zeros below the diagonal."""
-    dim = dim_of_packed(packed.numel())
-    offset = 0
-    for start in range(0, dim, block):
-        height = min(block, dim - start)
-        length = _block_length(dim, start, height)
-        yield start, _rows_from_flat(packed[offset:offset + length], dim, start, height)
-        offset += length
-
-
-def read_packed_blocks(path: Path, key: str, block: int = BLOCK, check_finite: bool = True):
-    """`packed_blocks` of one packed tensor of a safetensors file, read slice by slice, so the
-    whole triangle is never in memory; with `check_finite`, NaN or Inf is an InputError
-    naming the file."""
-    with open_safetensors(path) as handle:
-        dim = dim_of_packed(handle.shape(key)[0])
-        offset = 0
-        for start in range(0, dim, block):
-            height = min(block, dim - start)
-            length = _block_length(dim, start, height)
-            flat = handle.slice(key, offset, offset + length)
-            if check_finite and not bool(torch.isfinite(flat).all()):
-                raise InputError(path, f"{key} holds NaN or Inf; re-create the file")
-            yield start, _rows_from_flat(flat, dim, start, height)
-            offset += length
-
-
 def upper_blocks(matrix: torch.Tensor, block: int = BLOCK):
     """The upper triangle of a square matrix in the packed layout, a block of rows at a time."""
     dim = matrix.shape[0]
     for start in range(0, dim, block):
         yield torch.cat([matrix[row, row:] for row in range(start, min(start + block, dim))])
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric matrix, row by row: no information is lost."""
+    return torch.cat(list(upper_blocks(matrix)))
+
+
+def _blocks(dim: int, take, block: int):
+    """(start, rows) over a packed triangle whose entries offset..stop come from take(offset, stop):
+    rows is the dense (b, dim - start) block of rows start..start+b-1 from column `start` on,
+    each packed row right-aligned, zeros before its diagonal."""
+    offset = 0
+    for start in range(0, dim, block):
+        lengths = [dim - row for row in range(start, min(start + block, dim))]
+        flat = take(offset, offset + sum(lengths))
+        yield start, pad_sequence(list(flat.split(lengths)), batch_first=True, padding_side="left")
+        offset += sum(lengths)
+
+
+def packed_blocks(packed: torch.Tensor, block: int = BLOCK):
+    """`_blocks` of a packed triangle in memory."""
+    return _blocks(dim_of_packed(packed.numel()), lambda start, stop: packed[start:stop], block)
+
+
+def read_packed_blocks(path: Path, key: str, block: int = BLOCK, check_finite: bool = True):
+    """`_blocks` of one packed tensor of a safetensors file, read slice by slice, so the whole
+    triangle is never in memory; with `check_finite`, NaN or Inf is an InputError naming the file."""
+    with open_safetensors(path) as handle:
+        def take(start: int, stop: int) -> torch.Tensor:
+            flat = handle.slice(key, start, stop)
+            if check_finite and not bool(torch.isfinite(flat).all()):
+                raise InputError(path, f"{key} holds NaN or Inf; re-create the file")
+            return flat
+
+        yield from _blocks(dim_of_packed(handle.shape(key)[0]), take, block)
 
 
 def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -6,7 +6,7 @@ all-reduced before rank 0 writes the file."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -23,7 +23,7 @@ from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
                              resolve_device, resolve_dtype)
-from many_cli.state import STATS_FILE, write_stats
+from many_cli.state import BLOCK, STATS_FILE, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
               "there is one (else the generation prompt); every position whose attention mask is 1, "
@@ -52,7 +52,6 @@ class StatsReport:
     images: int = 0
     inputs: int = 0
     modules: int = 0
-    skipped_sources: list[str] = field(default_factory=list)
 
 
 class Progress:
@@ -87,7 +86,7 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
 
     report = StatsReport(out, rank)
     covariances = InputCovariances(layers, device)
-    prototype = PrototypeSum(find_projector(model), device)
+    prototype = PrototypeSum(find_projector(model))
     total = count_records(data)
     if total is not None and options.max_samples is not None:
         total = min(total, options.max_samples)
@@ -209,25 +208,20 @@ class UpperTriangle:
     """Σ x xᵀ kept as its upper triangle, in row blocks: half the memory and about half the
     multiply-adds of a full d×d accumulation, and already in the stats file's packed order."""
 
-    BLOCK = 512
-
     def __init__(self, dim: int, device: torch.device):
         self.dim = dim
-        self.rows = [torch.zeros(min(self.BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
-                     for start in range(0, dim, self.BLOCK)]
+        self.rows = [torch.zeros(min(BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
+                     for start in range(0, dim, BLOCK)]
 
     def add(self, x: torch.Tensor) -> None:
         """Add xᵀ x for x of shape (tokens, dim), float32."""
         for index, rows in enumerate(self.rows):
-            start = index * self.BLOCK
+            start = index * BLOCK
             rows.addmm_(x[:, start:start + rows.shape[0]].T, x[:, start:])
 
     def packed(self) -> torch.Tensor:
         """The upper triangle row by row, as `state.pack_symmetric` lays it out."""
         return torch.cat([rows[row, row:] for rows in self.rows for row in range(rows.shape[0])])
-
-    def diagonal(self) -> torch.Tensor:
-        return torch.cat([rows[:, :rows.shape[0]].diagonal() for rows in self.rows])
 
 
 class InputCovariances:
@@ -279,7 +273,7 @@ class InputCovariances:
 class PrototypeSum:
     """Sums the L2-normalised, mean-pooled projector input of every image (DESIGN §1, CPM)."""
 
-    def __init__(self, projector: nn.Module | None, device: torch.device):
+    def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
         self.count = 0
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None

@@ -84,7 +84,7 @@ def run_stats(model, batches, device) -> tuple[float, list[int]]:
     """Seconds for the statistics pass, and the width of each distinct input it found."""
     start = time.perf_counter()
     covariances = InputCovariances(lora_layers(model), device)
-    prototype = PrototypeSum(find_projector(model), device)
+    prototype = PrototypeSum(find_projector(model))
     for batch in batches:
         covariances.begin_batch(batch["attention_mask"].bool().to(device))
         forward(model, batch, device)
