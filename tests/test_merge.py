@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -104,7 +105,6 @@ def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
             assert bundle.get_tensor(f"prototype/{index}").shape == (16,)
     card = (out / "README.md").read_text()
     for adapter in world.adapters:
-        import hashlib
         digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
         assert adapter.name in card and digest in card
     assert "ridge" in card and "PeftModel.from_pretrained" in card

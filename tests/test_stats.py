@@ -266,3 +266,33 @@ def test_shared_inputs_are_detected_whatever_the_layer_names():
         measured = unpack_symmetric(triangle.packed())
         for name in collector.members[key]:
             assert (measured - expected[name]).norm() / expected[name].norm() <= 1e-5, name
+
+
+def test_llava_json_and_max_samples_read_the_same_records(task, tmp_path, capsys):
+    """A LLaVA-style conversation list and --max-samples, against brute force over the
+    equivalent JSONL records."""
+    root, base, adapter = task
+    lines = (root / "data" / "calib.jsonl").read_text().splitlines()
+    conversations = []
+    for index, line in enumerate(lines):
+        entry = json.loads(line)
+        turns = [{"from": "human", "value": "<image>\n" + entry["prompt"]}]
+        if "answer" in entry:
+            turns.append({"from": "gpt", "value": entry["answer"]})
+        conversations.append({"id": str(index), "image": entry["image"], "conversations": turns})
+    llava = root / "data" / "calib_llava.json"
+    llava.write_text(json.dumps(conversations))
+    first_three = root / "data" / "first_three.jsonl"
+    first_three.write_text("\n".join(lines[:3]) + "\n")
+    for data, extra, reference, records in [(llava, [], root / "data" / "calib.jsonl", "5"),
+                                            (root / "data" / "calib.jsonl", ["--max-samples", 3], first_three, "3")]:
+        out = tmp_path / f"{data.stem}.safetensors"
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                            "--out", out, "--batch-size", 2, *extra)
+        assert code == 0, err
+        expected, prototype = brute_force(base, adapter, reference)
+        per_module, _, stored_prototype, metadata = read_stats(out)
+        assert metadata["records"] == records
+        for module, matrix in expected.items():
+            assert (per_module[module] - matrix).norm() / matrix.norm() <= 1e-5, module
+        assert torch.allclose(stored_prototype.double(), prototype, atol=1e-6)
