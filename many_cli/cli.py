@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -330,6 +331,71 @@ def bench_merge_command(
         ("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB"),
         ("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB"),
     ])
+
+
+@bench_app.command("continual")
+def bench_continual_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for continual.md and continual.png.")] = Path("continual"),
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per base (mean ± std over them).")] = 3,
+    bases: Annotated[str, typer.Option("--bases", help="Comma-separated: generalist, blank.")] = "generalist,blank",
+    task_steps: Annotated[Optional[int], typer.Option("--task-steps", help="Training steps per task [default: 400].")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option("--pretrain-steps", help="Generalist pretraining steps [default: 600].")] = None,
+    sweeps: Annotated[bool, typer.Option("--sweeps/--no-sweeps", help="MAny against ridge, η and calibration size.")] = True,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the models, adapters and merges here (default: a temp folder, removed).")] = None,
+) -> None:
+    """A miniature continual benchmark: every merge method and MAny against the per-task upper
+    bound and sequential fine-tuning, trained and scored on the synthetic world."""
+    import tempfile
+
+    from many_cli.bench.continual import BASES, ContinualOptions, markdown, plot, run_benchmark
+    from many_cli.bench.training import TrainOptions
+
+    kinds = tuple(kind.strip() for kind in bases.split(","))
+    if not kinds or any(kind not in BASES for kind in kinds):
+        raise InputError(None, f"--bases takes a comma-separated list of {', '.join(BASES)}, got {bases!r}")
+    steps = {"task_steps": task_steps, "pretrain_steps": pretrain_steps}
+    options = ContinualOptions(seeds=tuple(range(seeds)), bases=kinds,
+                               train=TrainOptions(**{key: value for key, value in steps.items() if value is not None}))
+    if not sweeps:
+        options = replace(options, ridges=(), etas=(), calibration_sizes=())
+    with tempfile.TemporaryDirectory(prefix="many-continual-") as scratch:
+        runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(runs, options)
+    (out / "continual.md").write_text(table + "\n")
+    plot(runs, out / "continual.png")
+    Console().print(table)
+    stderr.print(f"wrote {out / 'continual.md'} and {out / 'continual.png'}")
+
+
+@bench_app.command("sample")
+def bench_sample_command(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the sample.")] = Path("sample_adapters"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing sample.")] = False,
+) -> None:
+    """Regenerate the shipped sample (tiny LLaVA, four trained task adapters, their data)."""
+    from many_cli.bench.sample import write_sample
+
+    write_sample(out, force)
+    stderr.print(f"wrote {out}")
+
+
+@app.command("demo")
+def demo_command(
+    sample: Annotated[Path, typer.Option("--sample", help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
+    out: Annotated[Path, typer.Option("--out", help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = True,
+) -> None:
+    """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
+    from many_cli.demo import run_demo
+
+    report = run_demo(sample, out, force, say=lambda command: stderr.print(f"[dim]$ {command}[/dim]"))
+    print(f"many infer with {report.merged} (MAny: merged LoRA + routed projectors):")
+    for prediction in report.predictions:
+        task, weight = max(prediction.routing.items(), key=lambda item: item[1])
+        print(f"  {prediction.record.image.relative_to(sample)}  {prediction.record.prompt!r} -> "
+              f"{prediction.prediction!r} (expected {prediction.record.answer!r}; routed to {task}, "
+              f"weight {weight:.2f})")
 
 
 def main() -> None:

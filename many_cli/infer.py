@@ -89,15 +89,8 @@ def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOpti
     projectors, prototypes = [], []
     with open_safetensors(bundle.path) as handle:
         for index, task in enumerate(bundle.tasks):
-            prefix = f"projector/{index}/"
-            weights = {key[len(prefix):]: handle.get(key) for key in bundle.shapes if key.startswith(prefix)}
             projector = copy.deepcopy(original)
-            try:
-                projector.load_state_dict(weights)
-            except RuntimeError as error:
-                detail = " ".join(str(error).split())[:300]
-                raise InputError(bundle.path, f"the projector of task {task} does not fit the base "
-                                              f"model ({detail})") from None
+            load_task_projector(projector, bundle, handle, index)
             projectors.append(projector)
             if f"prototype/{index}" not in bundle.shapes:
                 raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
@@ -106,6 +99,18 @@ def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOpti
     eta = options.eta if options.eta is not None else bundle.eta
     confidence = options.confidence if options.lm_routing == "experts" else None
     return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing, confidence)
+
+
+def load_task_projector(projector: nn.Module, bundle: BundleHeader, handle, index: int) -> None:
+    """Load task `index`'s projector weights from the open bundle into `projector`."""
+    prefix = f"projector/{index}/"
+    weights = {key[len(prefix):]: handle.get(key) for key in bundle.shapes if key.startswith(prefix)}
+    try:
+        projector.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise InputError(bundle.path, f"the projector of task {bundle.tasks[index]} does not fit the base "
+                                      f"model ({detail})") from None
 
 
 def _apply_lora(model: nn.Module, base: str, merged: Path, fold: bool) -> nn.Module:

@@ -19,7 +19,7 @@ WORDS = ("USER ASSISTANT : ? . , what is the a an of in on at to which how many 
          "kind where it this picture image there are dot dots count name answer word one two three "
          "four five six seven eight nine zero red green blue yellow white black purple orange "
          "circle square triangle cross star left right top bottom middle centre center up down "
-         "yes no small big describe").split()
+         "yes no small big describe grey say background").split()
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
@@ -80,54 +80,3 @@ def build_tiny_llava(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0
     model.save_pretrained(out)
     tiny_processor().save_pretrained(out)
     return out
-
-
-def write_demo(out: Path, tasks: int = 3, images_per_task: int = 6, seed: int = 0) -> None:
-    """A tiny base model, `tasks` LoRA adapters (random, each with its own projector) and a
-    calibration JSONL of coloured images per task: enough to run stats, merge and infer."""
-    import json
-
-    import numpy as np
-    from peft import LoraConfig, get_peft_model
-    from PIL import Image
-
-    base = build_tiny_llava(out / "base", seed=seed)
-    colours = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40), (160, 60, 200)]
-    rng = np.random.default_rng(seed)
-    for task in range(tasks):
-        name = f"task{task + 1}"
-        model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_PROJECTIONS,
-                                   exclude_modules=r".*vision_tower.*", modules_to_save=["multi_modal_projector"]))
-        generator = torch.Generator().manual_seed(seed + task)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name or "modules_to_save" in parameter_name:
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        model.save_pretrained(out / "adapters" / name)
-        folder = out / "data" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(out / "data" / f"{name}.jsonl", "w") as handle:
-            for index in range(images_per_task):
-                pixels = np.clip(np.array(colours[task % len(colours)]) + rng.normal(0, 20, (24, 24, 3)), 0, 255)
-                Image.fromarray(pixels.astype("uint8")).save(folder / f"{index}.png")
-                handle.write(json.dumps({"image": f"{name}/{index}.png", "prompt": "what colour is it ?",
-                                         "answer": ["red", "green", "blue", "yellow", "purple"][task % 5]}) + "\n")
-
-
-if __name__ == "__main__":
-    import argparse
-    import warnings
-
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-    parser = argparse.ArgumentParser(description="Write a tiny LLaVA, task adapters and calibration data.")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--tasks", type=int, default=3)
-    arguments = parser.parse_args()
-    write_demo(arguments.out, arguments.tasks)
-    print(f"wrote {arguments.out}/base, {arguments.out}/adapters, {arguments.out}/data")

@@ -1,0 +1,270 @@
+"""`many bench continual`: a miniature continual instruction-tuning benchmark on the synthetic
+world. For each seed and each kind of base (a generalist pretrained on the broad mixture, and a
+blank one that knows nothing), it trains one adapter per task from the base, one adapter through
+all tasks in sequence, gathers statistics with `many stats`, merges after every task with each
+method through `many merge`, and scores every system on the held-out sets with `many infer`'s
+greedy decoding and exact-match rule.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
+from many_cli.bench.world import TASKS, write_split
+from many_cli.data import Record, read_records
+from many_cli.files import open_safetensors
+from many_cli.infer import (InferOptions, MergedModel, Prediction, accuracy_by_task, answer_all,
+                            load_merged, load_task_projector)
+from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
+from many_cli.models import apply_adapters, find_projector, load_adapted_model, load_base_model
+from many_cli.state import BUNDLE_FILE, read_bundle_header
+from many_cli.stats import StatsOptions, collect_stats
+
+UPPER = "each adapter alone (upper bound)"
+SEQUENTIAL = "sequential fine-tuning"
+LPM = "LPM alone (last projector)"
+CPM = "CPM alone (averaged LoRA)"
+MANY = "MAny (LPM + CPM)"
+EXPERTS = "MAny + routed experts"
+BASELINES = {"average": "average (last projector)", "task-arithmetic": "task arithmetic (last projector)",
+             "ties": "TIES (last projector)"}
+SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), LPM, CPM, MANY, EXPERTS)
+BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
+
+
+@dataclass(frozen=True)
+class ContinualOptions:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    bases: tuple[str, ...] = tuple(BASES)
+    train: TrainOptions = TrainOptions()
+    calibration: int = 32  # records per task for `many stats`
+    evaluation: int = 48  # held-out records per task
+    ridges: tuple[float, ...] = (0.0, 1e-6, 1e-4, 1e-2, 1.0)
+    etas: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
+    calibration_sizes: tuple[int, ...] = (2, 8, 32)
+
+
+Scores = dict[str, float]  # task -> accuracy
+
+
+@dataclass
+class WorldRun:
+    """One seed on one base: per system, the accuracy on each seen task after each step."""
+    base: str
+    seed: int
+    steps: dict[str, list[Scores]] = field(default_factory=dict)
+    routing_accuracy: float = float("nan")
+    sweeps: dict[tuple[str, float], float] = field(default_factory=dict)  # (setting, value) -> MAny FAA
+
+    def final(self, system: str) -> Scores:
+        return self.steps[system][-1]
+
+    def faa(self, system: str) -> float:
+        return statistics.fmean(self.final(system).values())
+
+    def forgetting(self, system: str) -> float | None:
+        """Mean over all tasks but the last of (best accuracy it had after any step) − final."""
+        history = self.steps[system]
+        if len(history) < 2:
+            return None
+        tasks = list(history[-1])[:-1]
+        return statistics.fmean(max(step[task] for step in history if task in step) - history[-1][task]
+                                for task in tasks)
+
+
+def run_world(root: Path, base_kind: str, seed: int, options: ContinualOptions,
+              say: Callable[[str], None] = lambda message: None) -> WorldRun:
+    run = WorldRun(base_kind, seed)
+    names = [task.name for task in TASKS]
+    say(f"[{base_kind} seed {seed}] base, data, {len(TASKS)} adapters and the sequential fine-tune")
+    base = str(build_base(root / "base", BASES[base_kind], seed, options.train))
+    data = {task.name: {split: write_split(root / "data" / task.name, task, split, count, seed)
+                        for split, count in (("calibration", options.calibration), ("evaluation", options.evaluation))}
+            for task in TASKS}
+    evaluation = {name: list(read_records(data[name]["evaluation"])) for name in names}
+    adapters = [train_adapter(Path(base), task, root / "adapters" / task.name, seed, options.train) for task in TASKS]
+    sequential = train_sequentially(Path(base), TASKS, root / "sequential", seed, options.train)
+    for adapter, name in zip(adapters, names):
+        collect_stats(base, adapter, data[name]["calibration"], None, StatsOptions(device="cpu"))
+
+    say(f"[{base_kind} seed {seed}] merging after every task and scoring")
+    run.steps[UPPER] = [{name: _score(_adapted(base, adapter), evaluation[name])[name]
+                         for name, adapter in zip(names, adapters)}]
+    for system in SYSTEMS[1:]:
+        run.steps[system] = []
+    for step in range(1, len(TASKS) + 1):
+        seen = [record for name in names[:step] for record in evaluation[name]]
+        run.steps[SEQUENTIAL].append(_score(_adapted(base, sequential[step - 1]), seen))
+        merged = {method: _merge(adapters[:step], root / "merged" / f"{method}_{step}", MergeOptions(method=method))
+                  for method in ("many", *BASELINES)}
+        for method, system in BASELINES.items():
+            run.steps[system].append(_score(_fixed_projector(base, merged[method], step - 1), seen))
+        run.steps[LPM].append(_score(_fixed_projector(base, merged["many"], step - 1), seen))
+        run.steps[CPM].append(_score(load_merged(base, merged["average"], InferOptions(device="cpu")), seen))
+        predictions = _predict(load_merged(base, merged["many"], InferOptions(device="cpu")), seen)
+        run.steps[MANY].append(accuracy(predictions))
+        run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], InferOptions(device="cpu",
+                                                                                      lm_routing="experts")), seen))
+    run.routing_accuracy = statistics.fmean(max(p.routing, key=p.routing.get) == p.record.task for p in predictions)
+
+    if options.ridges or options.etas or options.calibration_sizes:
+        say(f"[{base_kind} seed {seed}] MAny against ridge, η and calibration size")
+    seen = [record for name in names for record in evaluation[name]]
+    final = root / "merged" / f"many_{len(TASKS)}"
+    for ridge in options.ridges:
+        out = _merge(adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
+        run.sweeps[("ridge", ridge)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    for eta in options.etas:
+        run.sweeps[("eta", eta)] = _faa(_score(load_merged(base, final, InferOptions(device="cpu", eta=eta)), seen))
+    for size in options.calibration_sizes:
+        copies = []
+        for adapter, name in zip(adapters, names):
+            copy = shutil.copytree(adapter, root / "sweep" / f"calibration_{size}" / name, dirs_exist_ok=True)
+            collect_stats(base, copy, data[name]["calibration"], None, StatsOptions(device="cpu", max_samples=size))
+            copies.append(copy)
+        out = _merge(copies, root / "sweep" / f"calibration_{size}_merged", MergeOptions())
+        run.sweeps[("calibration", size)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    return run
+
+
+def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
+    merge(adapters, out, replace(options, force=True))
+    return out
+
+
+def _processor(base: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def _adapted(base: str, adapter: Path) -> MergedModel:
+    """base + one adapter (its LoRA and its projector), as PEFT loads it."""
+    model = load_adapted_model(base, adapter, torch.float32, torch.device("cpu"))
+    return MergedModel(model, _processor(base), None, torch.device("cpu"))
+
+
+def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
+    """The merged LoRA with one task's projector (a merge without CPM)."""
+    model = apply_adapters(load_base_model(base, torch.float32, torch.device("cpu")), base,
+                           [(merged, "default")]).merge_and_unload()
+    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    with open_safetensors(bundle.path) as handle:
+        load_task_projector(find_projector(model), bundle, handle, index)
+    return MergedModel(model.eval(), _processor(base), None, torch.device("cpu"))
+
+
+def _predict(model: MergedModel, records: list[Record]) -> list[Prediction]:
+    return list(answer_all(model, records, InferOptions(max_new_tokens=3, batch_size=64)))
+
+
+def accuracy(predictions: list[Prediction]) -> Scores:
+    return {task: correct / total for task, (correct, total) in accuracy_by_task(predictions).items()}
+
+
+def _score(model: MergedModel, records: list[Record]) -> Scores:
+    return accuracy(_predict(model, records))
+
+
+def _faa(scores: Scores) -> float:
+    return statistics.fmean(scores.values())
+
+
+def run_benchmark(root: Path, options: ContinualOptions, say: Callable[[str], None] = lambda message: None
+                  ) -> list[WorldRun]:
+    return [run_world(root / f"{base}_{seed}", base, seed, options, say)
+            for base in options.bases for seed in options.seeds]
+
+
+def _mean_spread(values: list[float], percent: bool = True) -> str:
+    scale = 100 if percent else 1
+    mean = statistics.fmean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
+
+
+def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
+    """Per base: per-task accuracy, FAA and forgetting of every system (mean ± standard deviation
+    over seeds, in %), routing accuracy, and MAny's FAA against ridge, η and calibration size."""
+    names = [task.name for task in TASKS]
+    lines = []
+    for base in dict.fromkeys(run.base for run in runs):
+        group = [run for run in runs if run.base == base]
+        lines += [f"### {base} base ({len(group)} seed{'s' * (len(group) > 1)}; accuracy in %, mean ± std)", "",
+                  "| system | " + " | ".join(names) + " | FAA | forgetting |",
+                  "|---" * (len(names) + 3) + "|"]
+        upper = statistics.fmean(run.faa(UPPER) for run in group)
+        for system in SYSTEMS:
+            cells = [_mean_spread([run.final(system)[name] for run in group]) for name in names]
+            forgetting = [run.forgetting(system) for run in group]
+            faa = _mean_spread([run.faa(system) for run in group])
+            bold = "**" if system in (MANY, EXPERTS) else ""
+            lines.append(f"| {bold}{system}{bold} | " + " | ".join(cells) + f" | {bold}{faa}{bold} | "
+                         + ("—" if forgetting[0] is None else _mean_spread(forgetting)) + " |")
+        many = statistics.fmean(run.faa(MANY) for run in group)
+        experts = statistics.fmean(run.faa(EXPERTS) for run in group)
+        lines += [f"| routing accuracy (prototype arg-max = true task) | | | | | "
+                  f"{_mean_spread([run.routing_accuracy for run in group])} | |", "",
+                  f"MAny / upper bound: {many / upper:.3f}; MAny + routed experts / upper bound: "
+                  f"{experts / upper:.3f}.", ""]
+        sweeps = sorted({key for run in group for key in run.sweeps}, key=lambda key: (key[0], key[1]))
+        if sweeps:
+            lines += [f"MAny's FAA (%) on the {base} base against one setting (others at their defaults: "
+                      f"ridge {DEFAULT_RIDGE:g}, η {DEFAULT_ETA:g}, calibration {options.calibration}):", "",
+                      "| setting | value | FAA |", "|---|---|---|"]
+            for setting, value in sweeps:
+                lines.append(f"| {setting} | {value:g} | {_mean_spread([run.sweeps[(setting, value)] for run in group])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(runs: list[WorldRun], path: Path) -> None:
+    """FAA of every system per base (bars, spread as error bars), and MAny's FAA against the
+    ridge, η and the calibration size (one line per base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = list(dict.fromkeys(run.base for run in runs))
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.8), gridspec_kw={"width_ratios": [2.4, 1, 1, 1]})
+    width = 0.8 / len(bases)
+    for offset, base in enumerate(bases):
+        group = [run for run in runs if run.base == base]
+        values = [[100 * run.faa(system) for run in group] for system in SYSTEMS]
+        axes[0].bar([index + offset * width for index in range(len(SYSTEMS))],
+                    [statistics.fmean(v) for v in values], width,
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], label=f"{base} base", capsize=2)
+        for axis, setting, label in zip(axes[1:], ("ridge", "eta", "calibration"),
+                                        ("ridge ρ", "η (CPM temperature)", "calibration records per task")):
+            keys = sorted(key for key in group[0].sweeps if key[0] == setting)
+            xs = [value for _, value in keys]
+            if setting == "ridge":  # a log axis cannot show 0: put it one decade below the smallest
+                positive = [x for x in xs if x > 0]
+                xs = [x if x > 0 else min(positive) / 10 for x in xs]
+            axis.plot(xs, [100 * statistics.fmean(run.sweeps[key] for run in group) for key in keys],
+                      marker="o", label=f"{base} base")
+            axis.set_xscale("log")
+            axis.set_xlabel(label + (" (leftmost point: 0)" if setting == "ridge" else ""))
+            axis.set_ylabel("MAny FAA (%)")
+            axis.set_ylim(0, 102)
+            axis.legend(fontsize=8)
+    axes[0].set_xticks([index + width * (len(bases) - 1) / 2 for index in range(len(SYSTEMS))],
+                       [system.replace(" (", "\n(") for system in SYSTEMS], rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel("final average accuracy (%)")
+    axes[0].set_ylim(0, 102)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("held-out accuracy after the last task")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -1,0 +1,118 @@
+"""The synthetic world, the shipped sample, `many demo`, and the continual benchmark in its
+reduced CI form (one seed, the blank base, few steps, no sweeps)."""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from many_cli.bench.continual import (BASELINES, CPM, EXPERTS, LPM, MANY, SEQUENTIAL, SYSTEMS, UPPER,
+                                      ContinualOptions, markdown, run_world)
+from many_cli.bench.training import TrainOptions
+from many_cli.bench.world import TASKS
+from many_cli.data import read_records
+from many_cli.models import load_base_model
+from conftest import run_cli_output
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_adapters"
+
+
+def test_world_images_are_a_function_of_the_seed_and_tasks_look_apart():
+    for task in TASKS:
+        first, again = task.example(random.Random(7)), task.example(random.Random(7))
+        assert np.array_equal(np.asarray(first.image), np.asarray(again.image)) and first.answer == again.answer
+    # Tasks are told apart by their pictures: the mean colour of every task's images differs.
+    means = [np.mean([np.asarray(task.example(random.Random(seed)).image, dtype=float).mean(axis=(0, 1))
+                      for seed in range(20)], axis=0) for task in TASKS]
+    gaps = [np.abs(means[i] - means[j]).max() for i in range(len(TASKS)) for j in range(i + 1, len(TASKS))]
+    assert min(gaps) > 20
+
+
+def test_sample_is_small_and_complete():
+    size = sum(path.stat().st_size for path in SAMPLE.rglob("*") if path.is_file())
+    assert size < 20e6
+    assert (SAMPLE / "base" / "chat_template.jinja").is_file() or "chat_template" in \
+        (SAMPLE / "base" / "processor_config.json").read_text() + (SAMPLE / "base" / "tokenizer_config.json").read_text()
+    for task in TASKS:
+        assert (SAMPLE / "adapters" / task.name / "adapter_model.safetensors").is_file()
+        for split in ("calibration", "evaluation"):
+            assert len(list(read_records(SAMPLE / "data" / task.name / f"{split}.jsonl"))) >= 32
+
+
+def _greedy_accuracy(model, processor, jsonl: Path) -> float:
+    from many_cli.data import encode_records, load_image
+
+    records = list(read_records(jsonl))
+    processor.tokenizer.padding_side = "left"
+    encoded = encode_records(processor, records, [load_image(record) for record in records], with_answers=False)
+    with torch.inference_mode():
+        logits = model(**encoded).logits[:, -1]
+    words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    return statistics.fmean(word == record.answer for word, record in zip(words, records))
+
+
+def test_shipped_adapters_know_their_task_and_the_base_does_not():
+    """Independent of `many infer`: the first answer word by one forward pass."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(SAMPLE / "base")
+    base = load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu"))
+    for task in TASKS:
+        data = SAMPLE / "data" / task.name / "evaluation.jsonl"
+        assert _greedy_accuracy(base, processor, data) <= 0.5
+    for task in TASKS:
+        data = SAMPLE / "data" / task.name / "evaluation.jsonl"
+        model = PeftModel.from_pretrained(load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")),
+                                          str(SAMPLE / "adapters" / task.name)).eval()
+        assert _greedy_accuracy(model, processor, data) >= 0.85, task.name
+
+
+def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path):
+    code, out, err = run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert (tmp_path / "demo" / "merged" / "adapter_model.safetensors").is_file()
+    assert not list(SAMPLE.rglob("many_stats.safetensors"))  # the sample stays as shipped
+    rows = [line for line in out.splitlines() if "evaluation/" in line]
+    assert len(rows) == len(TASKS)
+    for task, row in zip(TASKS, rows):
+        assert task.name in row  # routed to its own task
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory):
+    options = ContinualOptions(seeds=(0,), bases=("blank",), train=TrainOptions(task_steps=150),
+                               calibration=16, evaluation=24, ridges=(), etas=(), calibration_sizes=())
+    return run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options), options
+
+
+def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
+    run, _ = reduced_run
+    upper = run.faa(UPPER)
+    assert upper >= 0.8  # the tasks are learnable
+    assert run.forgetting(SEQUENTIAL) >= 0.5  # and conflict: fine-tuning on later tasks forgets
+    assert run.routing_accuracy >= 0.9  # and look apart to the prototypes
+    for system in (SEQUENTIAL, LPM, CPM, *BASELINES.values()):
+        assert run.faa(MANY) > run.faa(system), system
+    assert run.faa(EXPERTS) >= run.faa(MANY) - 0.01
+    # Accuracy after a step is over the tasks seen so far, and only those.
+    assert [len(step) for step in run.steps[MANY]] == list(range(1, len(TASKS) + 1))
+
+
+def test_markdown_table_agrees_with_the_runs(reduced_run):
+    run, options = reduced_run
+    table = markdown([run], options)
+    for system in SYSTEMS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {system} |")
+                   or line.startswith(f"| **{system}** |"))
+        cells = [cell.strip("* ") for cell in row.strip("|").split("|")]
+        tasks = [float(cell) for cell in cells[1:1 + len(TASKS)]]
+        assert tasks == [round(100 * run.final(system)[task.name], 1) for task in TASKS]
+        assert float(cells[1 + len(TASKS)]) == pytest.approx(statistics.fmean(tasks), abs=0.06)
+    assert re.search(r"routing accuracy .*\| (\d+\.\d) \|", table)
