@@ -17,7 +17,7 @@ from many_cli.files import StreamingSafetensorsWriter, file_fingerprint, open_sa
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_KEYS = {
     "lora_embedding_": "LoRA on embedding layers",
     "lora_magnitude_vector": "DoRA",
@@ -99,7 +99,7 @@ def read_adapter(path: Path) -> Adapter:
                 if marker in key:
                     raise InputError(weights, f"holds {key!r}: {what} is not supported; {SUPPORTED}")
             name = key.removeprefix(PEFT_PREFIX)
-            match = _LORA_KEY.match(name)
+            match = LORA_KEY.match(name)
             if match:
                 factors.setdefault(match["module"], {})[match["part"]] = handle.shape(key)
                 continue

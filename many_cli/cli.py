@@ -359,7 +359,7 @@ def bench_continual_command(
     if not sweeps:
         options = replace(options, ridges=(), etas=(), calibration_sizes=())
     with tempfile.TemporaryDirectory(prefix="many-continual-") as scratch:
-        runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message))
+        runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message, markup=False))
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(runs, options)
     (out / "continual.md").write_text(table + "\n")
@@ -378,6 +378,20 @@ def bench_sample_command(
 
     write_sample(out, force)
     stderr.print(f"wrote {out}")
+
+
+@app.command("convert")
+def convert_command(
+    source: Annotated[Path, typer.Argument(help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin).")],
+    out: Annotated[Path, typer.Option("--out", help="The PEFT adapter directory to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Write an original-LLaVA-layout checkpoint as a standard PEFT adapter (transformers names)."""
+    from many_cli.llava_layout import convert
+
+    convert(source, out, force)
+    stderr.print(f"wrote {out}: PeftModel.from_pretrained(LlavaForConditionalGeneration..., {str(out)!r})",
+                 markup=False)
 
 
 @app.command("demo")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -23,6 +24,7 @@ from many_cli.adapters import Adapter, MergedAdapterWriter, MergedModule, find_a
 from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
+from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
                             StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
@@ -88,8 +90,15 @@ class MergeReport:
 def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: Path | None = None,
           track: Track = lambda items, _: items) -> MergeReport:
     _check_options(options, resume)
-    tasks = [_load_task(path, needs_stats=options.method == "many")
-             for path in find_adapter_dirs(adapter_paths)]
+    with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
+        tasks = [_load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE,
+                            needs_stats=options.method == "many")
+                 for path in find_adapter_dirs(adapter_paths)]
+        return _merge_tasks(tasks, out, options, resume, track)
+
+
+def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Path | None,
+                 track: Track) -> MergeReport:
     previous = _read_previous(resume) if resume is not None else None
     base_fingerprint = _check_compatible(tasks, previous, options)
     base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
@@ -156,12 +165,11 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
         raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
 
 
-def _load_task(path: Path, needs_stats: bool) -> Task:
+def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
     adapter = read_adapter(path)
-    stats_path = path / STATS_FILE
     if not stats_path.exists():
         if needs_stats:
-            raise InputError(stats_path, f"file not found; run `many stats --adapter {path} ...` first")
+            raise InputError(stats_path, f"file not found; run `many stats --adapter {stats_path.parent} ...` first")
         return Task(adapter, None)
     stats = read_stats_header(stats_path)
     if stats.adapter_fingerprint != adapter.fingerprint:

@@ -21,6 +21,7 @@ from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, enc
                            read_records)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
+from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
                              resolve_device, resolve_dtype)
 from many_cli.state import BLOCK, STATS_FILE, write_stats
@@ -66,8 +67,15 @@ class Progress:
 
 def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, options: StatsOptions,
                   progress: Callable[[int | None], Progress] = Progress) -> StatsReport:
+    """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
+    An original-LLaVA-layout adapter is run through its PEFT conversion."""
     _check_options(options)
-    out = out or adapter / STATS_FILE
+    with peft_adapter_dir(adapter) as converted:
+        return _collect(base, converted, data, out or adapter / STATS_FILE, options, progress)
+
+
+def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
+             progress: Callable[[int | None], Progress]) -> StatsReport:
     rank, world = _init_distributed(options.device)
     device = resolve_device(options.device)
     if world > 1 and device.type == "cuda":

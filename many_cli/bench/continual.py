@@ -60,7 +60,7 @@ class WorldRun:
     base: str
     seed: int
     steps: dict[str, list[Scores]] = field(default_factory=dict)
-    routing_accuracy: float = float("nan")
+    routing: Scores = field(default_factory=dict)  # task -> share of its images routed to it
     sweeps: dict[tuple[str, float], float] = field(default_factory=dict)  # (setting, value) -> MAny FAA
 
     def final(self, system: str) -> Scores:
@@ -112,7 +112,8 @@ def run_world(root: Path, base_kind: str, seed: int, options: ContinualOptions,
         run.steps[MANY].append(accuracy(predictions))
         run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], InferOptions(device="cpu",
                                                                                       lm_routing="experts")), seen))
-    run.routing_accuracy = statistics.fmean(max(p.routing, key=p.routing.get) == p.record.task for p in predictions)
+    run.routing = {name: statistics.fmean(max(p.routing, key=p.routing.get) == name
+                                          for p in predictions if p.record.task == name) for name in names}
 
     if options.ridges or options.etas or options.calibration_sizes:
         say(f"[{base_kind} seed {seed}] MAny against ridge, η and calibration size")
@@ -213,10 +214,17 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
                          + ("—" if forgetting[0] is None else _mean_spread(forgetting)) + " |")
         many = statistics.fmean(run.faa(MANY) for run in group)
         experts = statistics.fmean(run.faa(EXPERTS) for run in group)
-        lines += [f"| routing accuracy (prototype arg-max = true task) | | | | | "
-                  f"{_mean_spread([run.routing_accuracy for run in group])} | |", "",
+        routing = [_mean_spread([run.routing[name] for run in group]) for name in names]
+        lines += ["| routing accuracy (prototype arg-max = true task) | " + " | ".join(routing) + " | "
+                  + _mean_spread([_faa(run.routing) for run in group]) + " | |", "",
                   f"MAny / upper bound: {many / upper:.3f}; MAny + routed experts / upper bound: "
                   f"{experts / upper:.3f}.", ""]
+        routed = [(run, name) for run in group for name in names if run.routing[name] >= 0.98]
+        if routed:
+            ratio = (statistics.fmean(run.final(EXPERTS)[name] for run, name in routed)
+                     / statistics.fmean(run.final(UPPER)[name] for run, name in routed))
+            lines += [f"Where routing reached 98% ({len(routed)} of {len(group) * len(names)} task runs), "
+                      f"routed experts / upper bound: {ratio:.3f}.", ""]
         sweeps = sorted({key for run in group for key in run.sweeps}, key=lambda key: (key[0], key[1]))
         if sweeps:
             lines += [f"MAny's FAA (%) on the {base} base against one setting (others at their defaults: "
@@ -255,7 +263,9 @@ def plot(runs: list[WorldRun], path: Path) -> None:
             axis.plot(xs, [100 * statistics.fmean(run.sweeps[key] for run in group) for key in keys],
                       marker="o", label=f"{base} base")
             axis.set_xscale("log")
-            axis.set_xlabel(label + (" (leftmost point: 0)" if setting == "ridge" else ""))
+            axis.set_xticks(xs, ["0" if value == 0 else f"{value:g}" for _, value in keys])
+            axis.minorticks_off()
+            axis.set_xlabel(label)
             axis.set_ylabel("MAny FAA (%)")
             axis.set_ylim(0, 102)
             axis.legend(fontsize=8)

@@ -1,0 +1,120 @@
+"""Adapters in the original LLaVA training layout (the LLaVA repository, MCITlib): a PEFT LoRA
+saved against `LlavaLlamaForCausalLM` names (`model.layers.N...`), and `non_lora_trainables.bin`
+holding the projector as `model.mm_projector.{0,2}.*`. They are read with
+`torch.load(weights_only=True)` (tensors only, never arbitrary pickled objects) and mapped to
+the transformers LLaVA names: `model.language_model.layers.N...` and
+`model.multi_modal_projector.linear_{1,2}.*`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from many_cli.adapters import LORA_KEY, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from many_cli.errors import InputError
+from many_cli.files import atomic_output_dir, open_safetensors, read_json
+
+NON_LORA_TRAINABLES = "non_lora_trainables.bin"
+PICKLED_WEIGHTS = "adapter_model.bin"
+# LLaVA-1.5's mlp2x_gelu projector: Sequential(Linear, GELU, Linear).
+PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+_PROJECTOR_KEY = re.compile(r"(?:^|\.)mm_projector\.(?P<index>\d+)\.(?P<parameter>weight|bias)$")
+
+
+def is_llava_layout(path: Path) -> bool:
+    return (path / NON_LORA_TRAINABLES).is_file()
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        with open_safetensors(path) as handle:
+            return {key: handle.get(key) for key in handle.keys()}
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling refusal or corruption is bad input
+        raise InputError(path, f"is not a tensors-only torch file ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise InputError(path, "does not hold a dictionary of tensors")
+    return loaded
+
+
+def _language_model_name(key: str, source: Path) -> str:
+    """`base_model.model.model.layers.0...` -> `model.language_model.layers.0...`."""
+    name = key.removeprefix(PEFT_PREFIX)
+    if name.startswith("model.language_model.") or name.startswith("lm_head."):
+        return name
+    if "vision_tower" in name or "mm_projector" in name:
+        raise InputError(source, f"holds LoRA weights {key!r} outside the language model, which many does "
+                                 f"not map")
+    if not name.startswith("model."):
+        raise InputError(source, f"unexpected tensor {key!r} for the LLaVA layout")
+    return "model.language_model." + name.removeprefix("model.")
+
+
+def convert_tensors(source: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The PEFT adapter config and weights (transformers names) of an original-layout checkpoint."""
+    config = read_json(source / ADAPTER_CONFIG)
+    weights = source / ADAPTER_WEIGHTS
+    lora = _load_tensors(weights if weights.is_file() else source / PICKLED_WEIGHTS)
+    tensors, targets = {}, set()
+    for key, value in lora.items():
+        match = LORA_KEY.match(_language_model_name(key, source))
+        if match is None:
+            raise InputError(source, f"unexpected tensor {key!r}: not a LoRA factor")
+        targets.add(match["module"])
+        tensors[f"{PEFT_PREFIX}{match['module']}.lora_{match['part']}.weight"] = value.contiguous()
+    extra = source / NON_LORA_TRAINABLES
+    for key, value in _load_tensors(extra).items():
+        match = _PROJECTOR_KEY.search(key)
+        if match is None or match["index"] not in PROJECTOR_LAYERS:
+            raise InputError(extra, f"holds {key!r}; many maps only the mlp2x_gelu projector "
+                                    f"(mm_projector.0 and mm_projector.2)")
+        layer = PROJECTOR_LAYERS[match["index"]]
+        tensors[f"{PEFT_PREFIX}model.multi_modal_projector.{layer}.{match['parameter']}"] = value.contiguous()
+    if not targets:
+        raise InputError(source, "holds no LoRA weights")
+    config = {**config, "target_modules": sorted(targets), "modules_to_save": ["multi_modal_projector"],
+              "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
+    return config, tensors
+
+
+def write_peft_adapter(source: Path, out: Path) -> None:
+    """Write `source` (original layout) as a standard PEFT adapter directory `out`."""
+    import json
+
+    config, tensors = convert_tensors(source)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def convert(source: Path, out: Path, force: bool) -> Path:
+    """`many convert`: an original-layout checkpoint to a PEFT adapter, all or nothing."""
+    if not is_llava_layout(source):
+        raise InputError(source, f"is not an original LLaVA checkpoint (no {NON_LORA_TRAINABLES})")
+    with atomic_output_dir(out, force) as staging:
+        write_peft_adapter(source, staging)
+    return out
+
+
+@contextmanager
+def peft_adapter_dir(path: Path) -> Iterator[Path]:
+    """`path` itself for a PEFT adapter; for an original-layout checkpoint, a temporary PEFT copy
+    of the same name (the conversion is deterministic, so its fingerprint is too)."""
+    if not is_llava_layout(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="many-llava-") as scratch:
+        converted = Path(scratch) / path.name
+        write_peft_adapter(path, converted)
+        yield converted
