@@ -141,7 +141,7 @@ def infer_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
     merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
     image: Annotated[Optional[Path], typer.Option("--image", help="One image to answer about.")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="The question (also for a folder of images).")] = DEFAULT_PROMPT,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="With --data: write JSON lines here (default: standard output).")] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="Routing temperature η (default: the bundle's).")] = None,
@@ -162,16 +162,18 @@ def infer_command(
     from many_cli import infer
     from many_cli.data import BadRecord, Record, read_records
 
-    if (image is None) == (not data):
-        raise InputError(None, "give either --image IMG or --data DATA")
+    single = image is not None or (prompt is not None and not data)
+    if single == bool(data):
+        raise InputError(None, "give --image IMG (and --prompt), --prompt TEXT alone, or --data DATA")
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
     options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  device=device, dtype=dtype, fold=fold, prompt=prompt, lm_routing=lm_routing,
                                  confidence=confidence)
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
     loaded = infer.load_merged(model, merged, options)
-    if image is not None:
-        [prediction] = infer.answer(loaded, [Record(str(image), image, prompt, None)], max_new_tokens)
+    if single:
+        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, prompt, None)], max_new_tokens)
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
@@ -345,8 +347,11 @@ def bench_continual_command(
 ) -> None:
     """A miniature continual benchmark: every merge method and MAny against the per-task upper
     bound and sequential fine-tuning, trained and scored on the synthetic world."""
+    import importlib.util
     import tempfile
 
+    if importlib.util.find_spec("matplotlib") is None:  # checked before the long run, not after
+        raise InputError(None, "many bench continual draws its plot with matplotlib: pip install 'many-cli[bench]'")
     from many_cli.bench.continual import BASES, ContinualOptions, markdown, plot, run_benchmark
     from many_cli.bench.training import TrainOptions
 

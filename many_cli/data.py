@@ -91,13 +91,13 @@ def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
 def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
     if not isinstance(entry, dict):
         return BadRecord(source, "expected a JSON object")
-    missing = [field for field in ("image", "prompt") if not isinstance(entry.get(field), str)]
-    if missing:
-        return BadRecord(source, f"lacks the string field(s) {', '.join(missing)}")
-    answer = entry.get("answer")
-    if answer is not None and not isinstance(answer, str):
-        return BadRecord(source, "field answer is not a string")
-    return Record(source, root / entry["image"], entry["prompt"], answer, str(entry.get("task") or task))
+    if not isinstance(entry.get("prompt"), str):
+        return BadRecord(source, "lacks the string field(s) prompt")
+    for optional in ("image", "answer"):  # a record without an image is a text record
+        if entry.get(optional) is not None and not isinstance(entry[optional], str):
+            return BadRecord(source, f"field {optional} is not a string")
+    image = root / entry["image"] if entry.get("image") is not None else None
+    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task))
 
 
 def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -123,22 +123,41 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
                                                         "answer": answer}, path.stem)
 
 
-def messages(record: Record, with_answer: bool = True) -> list[dict]:
+def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
     """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is
-    one (and it is wanted: statistics take it, inference asks for it)."""
-    content = ([{"type": "image"}] if record.image is not None else []) + [{"type": "text", "text": record.prompt}]
-    turns = [{"role": "user", "content": content}]
+    one (and it is wanted: statistics take it, inference asks for it). A plain language model's
+    tokenizer gets the usual string contents instead of typed parts."""
+    def content(text: str, image: bool = False) -> list[dict] | str:
+        if not multimodal:
+            return text
+        return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+
+    turns = [{"role": "user", "content": content(record.prompt, record.image is not None)}]
     if with_answer and record.answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": record.answer}]})
+        turns.append({"role": "assistant", "content": content(record.answer)})
     return turns
+
+
+def is_multimodal(processor) -> bool:
+    """A multimodal processor, as opposed to a plain language model's tokenizer."""
+    return hasattr(processor, "tokenizer")
+
+
+def tokenizer_of(processor):
+    return processor.tokenizer if is_multimodal(processor) else processor
 
 
 def encode_records(processor, records: list[Record], images: list, with_answers: bool = True) -> dict:
     """Model inputs for a batch: the chat template's text, tokenized with the images; the
     generation prompt closes every conversation that ends on the user's turn."""
+    multimodal = is_multimodal(processor)
+    if images and not multimodal:
+        raise InputError(records[0].source, "has an image, but the model is a plain language model")
     texts = []
     for record in records:
         answered = with_answers and record.answer is not None
-        texts.append(processor.apply_chat_template(messages(record, with_answers),
+        texts.append(processor.apply_chat_template(messages(record, with_answers, multimodal),
                                                    add_generation_prompt=not answered, tokenize=False))
+    if not multimodal:  # the template already wrote the special tokens
+        return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return processor(text=texts, images=images or None, return_tensors="pt", padding=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import RoutedProjector
-from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_image
+from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_image, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
 from many_cli.models import (apply_adapters, find_projector, load_base_model, replace_projector,
@@ -78,7 +78,7 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
-    processor.tokenizer.padding_side = "left"  # generation continues every row at its end
+    tokenizer_of(processor).padding_side = "left"  # generation continues every row at its end
     return MergedModel(model.eval(), processor, router, device, experts)
 
 
@@ -137,7 +137,9 @@ class Prediction:
 
     def as_json(self) -> dict:
         row = {"prediction": self.prediction, "routing": self.routing, "lm": self.lm,
-               "seconds": round(self.seconds, 4), "image": str(self.record.image), "prompt": self.record.prompt}
+               "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
+        if self.record.image is not None:
+            row["image"] = str(self.record.image)
         if self.record.task:
             row["task"] = self.record.task
         if self.record.answer is not None:

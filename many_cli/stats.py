@@ -18,7 +18,7 @@ from torch import nn
 from many_cli.adapters import ADAPTER_WEIGHTS
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_image,
-                           read_records)
+                           read_records, tokenizer_of)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
 from many_cli.llava_layout import peft_adapter_dir
@@ -87,7 +87,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
-    processor.tokenizer.padding_side = options.padding_side
+    tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
     if not layers:
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -26,6 +26,12 @@ CHAT_TEMPLATE = (
     "{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
     "{% endfor %}{% if message['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+)
+TEXT_CHAT_TEMPLATE = (  # a plain language model's template: string contents
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}{{ message['content'] }} "
+    "{% if message['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
 )
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,4 +85,16 @@ def build_tiny_llava(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.save_pretrained(out)
     tiny_processor().save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama causal LM and its tokenizer (text chat template)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llava_config(hidden, layers).text_config).eval()
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.save_pretrained(out)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TEXT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,142 @@
+"""Plain causal language models (a tiny Llama, text JSONL records): `many stats` against a
+brute-force covariance, LPM-only `many merge`, and `many infer` on a text prompt against
+base + adapter run directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from conftest import run_cli, run_cli_output
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, WORDS, build_tiny_llama
+from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header, unpack_symmetric
+
+
+def write_text_records(path: Path, count: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            handle.write(json.dumps({"prompt": " ".join(rng.choice(WORDS, 14)), "answer": str(rng.choice(WORDS))}) + "\n")
+    return path
+
+
+def make_text_adapter(base: Path, out: Path, seed: int) -> Path:
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
+                                                                              target_modules=LLAMA_PROJECTIONS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal_lm")
+    base = build_tiny_llama(root / "base")
+    adapters = [make_text_adapter(base, root / f"task{index}", seed=index) for index in range(2)]
+    data = [write_text_records(root / f"task{index}.jsonl", 10, seed=index) for index in range(2)]
+    return root, base, adapters, data
+
+
+def brute_force(base: Path, adapter: Path, data: Path) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
+    sums, hooks = {}, []
+    for name, module in model.base_model.model.named_modules():
+        if name.split(".")[-1] in LLAMA_PROJECTIONS:
+            def hook(_, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                sums[name] = sums.get(name, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for line in open(data):
+            entry = json.loads(line)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": entry["prompt"]},
+                                                  {"role": "assistant", "content": entry["answer"]}], tokenize=False)
+            model(**tokenizer(text, return_tensors="pt", add_special_tokens=False))
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
+def test_text_stats_equal_brute_force(text_world, capsys):
+    root, base, adapters, data = text_world
+    for adapter, records in zip(adapters, data):
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
+                            "--batch-size", "3")
+        assert code == 0, err
+        expected = brute_force(base, adapter, records)
+        with safe_open(str(adapter / STATS_FILE), "pt") as handle:
+            inputs = json.loads(handle.metadata()["inputs"])
+            assert "prototype" not in handle.keys()
+            measured = {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+                        for key, entry in inputs.items() for module in entry["modules"]}
+        assert measured.keys() == expected.keys()
+        for module, matrix in expected.items():
+            assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
+
+
+def direct_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_one_task_text_merge_answers_like_its_adapter(text_world, tmp_path, capsys):
+    root, base, adapters, data = text_world
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", data[0])
+    assert code == 0, err
+    code, err = run_cli(capsys, "merge", adapters[0], "--out", tmp_path / "merged", "--ridge", "0")
+    assert code == 0, err
+    bundle = read_bundle_header(tmp_path / "merged" / BUNDLE_FILE)
+    assert bundle.projector_module is None and not any(key.startswith("projector/") for key in bundle.shapes)
+    for line in open(data[0]).readlines()[:3]:
+        prompt = json.loads(line)["prompt"]
+        code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", tmp_path / "merged",
+                                        "--prompt", prompt, "--max-new-tokens", "4", "--json")
+        assert code == 0, err
+        answer = json.loads(out)
+        assert answer["prediction"] == direct_greedy(base, adapters[0], prompt, 4)
+        assert answer["routing"] == {} and "image" not in answer
+
+
+def test_two_task_text_merge_and_scored_data_set(text_world, tmp_path, capsys):
+    root, base, adapters, data = text_world
+    for adapter, records in zip(adapters, data):
+        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)[0] == 0
+    code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")
+    assert code == 0, err
+    code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", tmp_path / "merged",
+                                    "--data", data[0], "--data", data[1], "--out", tmp_path / "answers.jsonl",
+                                    "--max-new-tokens", "2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "answers.jsonl")]
+    assert [row["task"] for row in rows] == ["task0"] * 10 + ["task1"] * 10
+
+
+def test_an_image_record_for_a_text_model_is_refused(text_world, tmp_path, capsys):
+    root, base, adapters, _ = text_world
+    records = tmp_path / "images.jsonl"
+    records.write_text(json.dumps({"image": "x.png", "prompt": "what is it ?"}) + "\n")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", records,
+                        "--out", tmp_path / "stats.safetensors")
+    assert code == 2 and "plain language model" in err and len(err.strip().splitlines()) == 1
