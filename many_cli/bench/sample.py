@@ -26,5 +26,7 @@ def write_sample(out: Path, force: bool = False) -> Path:
         for task in TASKS:
             write_split(staging / "data" / task.name, task, "calibration", CALIBRATION, SEED)
             write_split(staging / "data" / task.name, task, "evaluation", EVALUATION, SEED)
-            train_adapter(base, task, staging / "adapters" / task.name, SEED, options, f"{out}/base")
+            adapter = train_adapter(base, task, staging / "adapters" / task.name, SEED, options, f"{out}/base")
+            # PEFT's boilerplate card names the temporary folder the base was trained in.
+            (adapter / "README.md").unlink(missing_ok=True)
     return out

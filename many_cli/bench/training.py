@@ -131,8 +131,10 @@ def train_adapter(base: Path, task: WorldTask, out: Path, seed: int, options: Tr
     model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base), adapter_config(options.rank))
     train(model, task_pool(world_processor(), task, seed), options.task_steps, options.task_lr,
           options.batch_size, seed)
+    config = model.peft_config["default"]
+    config.target_modules = sorted(config.target_modules)  # PEFT keeps a set: fix the order written
     if base_name is not None:  # what the adapter's config names as its base, when not where it was trained
-        model.peft_config["default"].base_model_name_or_path = base_name
+        config.base_model_name_or_path = base_name
     model.save_pretrained(out)
     return out
 
