@@ -79,30 +79,57 @@ class WorldRun:
                                 for task in tasks)
 
 
+@dataclass(frozen=True)
+class TrainedWorld:
+    base: str
+    adapters: list[Path]  # one per task, trained from the base, with its stats file
+    sequential: list[Path]  # the sequential fine-tune after each task
+    calibration: dict[str, Path]
+    evaluation: dict[str, list[Record]]
+
+    def seen(self, steps: int) -> list[Record]:
+        return [record for task in TASKS[:steps] for record in self.evaluation[task.name]]
+
+
 def run_world(root: Path, base_kind: str, seed: int, options: ContinualOptions,
               say: Callable[[str], None] = lambda message: None) -> WorldRun:
     run = WorldRun(base_kind, seed)
-    names = [task.name for task in TASKS]
     say(f"[{base_kind} seed {seed}] base, data, {len(TASKS)} adapters and the sequential fine-tune")
-    base = str(build_base(root / "base", BASES[base_kind], seed, options.train))
-    data = {task.name: {split: write_split(root / "data" / task.name, task, split, count, seed)
-                        for split, count in (("calibration", options.calibration), ("evaluation", options.evaluation))}
-            for task in TASKS}
-    evaluation = {name: list(read_records(data[name]["evaluation"])) for name in names}
-    adapters = [train_adapter(Path(base), task, root / "adapters" / task.name, seed, options.train) for task in TASKS]
-    sequential = train_sequentially(Path(base), TASKS, root / "sequential", seed, options.train)
-    for adapter, name in zip(adapters, names):
-        collect_stats(base, adapter, data[name]["calibration"], None, StatsOptions(device="cpu"))
-
+    world = _train_world(root, base_kind, seed, options)
     say(f"[{base_kind} seed {seed}] merging after every task and scoring")
-    run.steps[UPPER] = [{name: _score(_adapted(base, adapter), evaluation[name])[name]
-                         for name, adapter in zip(names, adapters)}]
+    _score_steps(run, world, root)
+    if options.ridges or options.etas or options.calibration_sizes:
+        say(f"[{base_kind} seed {seed}] MAny against ridge, η and calibration size")
+        _sweep(run, world, root, options)
+    return run
+
+
+def _train_world(root: Path, base_kind: str, seed: int, options: ContinualOptions) -> TrainedWorld:
+    base = build_base(root / "base", BASES[base_kind], seed, options.train)
+    calibration, evaluation = {}, {}
+    for task in TASKS:
+        folder = root / "data" / task.name
+        calibration[task.name] = write_split(folder, task, "calibration", options.calibration, seed)
+        evaluation[task.name] = list(read_records(write_split(folder, task, "evaluation", options.evaluation, seed)))
+    adapters = [train_adapter(base, task, root / "adapters" / task.name, seed, options.train) for task in TASKS]
+    for adapter, task in zip(adapters, TASKS):
+        collect_stats(str(base), adapter, calibration[task.name], None, StatsOptions(device="cpu"))
+    sequential = train_sequentially(base, TASKS, root / "sequential", seed, options.train)
+    return TrainedWorld(str(base), adapters, sequential, calibration, evaluation)
+
+
+def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
+    """Every system after every task, on the tasks seen so far; the routing of MAny's last step."""
+    base, names = world.base, [task.name for task in TASKS]
+    run.steps[UPPER] = [{name: _score(_adapted(base, adapter), world.evaluation[name])[name]
+                         for name, adapter in zip(names, world.adapters)}]
     for system in SYSTEMS[1:]:
         run.steps[system] = []
     for step in range(1, len(TASKS) + 1):
-        seen = [record for name in names[:step] for record in evaluation[name]]
-        run.steps[SEQUENTIAL].append(_score(_adapted(base, sequential[step - 1]), seen))
-        merged = {method: _merge(adapters[:step], root / "merged" / f"{method}_{step}", MergeOptions(method=method))
+        seen = world.seen(step)
+        run.steps[SEQUENTIAL].append(_score(_adapted(base, world.sequential[step - 1]), seen))
+        merged = {method: _merge(world.adapters[:step], root / "merged" / f"{method}_{step}",
+                                 MergeOptions(method=method))
                   for method in ("many", *BASELINES)}
         for method, system in BASELINES.items():
             run.steps[system].append(_score(_fixed_projector(base, merged[method], step - 1), seen))
@@ -110,29 +137,29 @@ def run_world(root: Path, base_kind: str, seed: int, options: ContinualOptions,
         run.steps[CPM].append(_score(load_merged(base, merged["average"], InferOptions(device="cpu")), seen))
         predictions = _predict(load_merged(base, merged["many"], InferOptions(device="cpu")), seen)
         run.steps[MANY].append(accuracy(predictions))
-        run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], InferOptions(device="cpu",
-                                                                                      lm_routing="experts")), seen))
+        experts = InferOptions(device="cpu", lm_routing="experts")
+        run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], experts), seen))
     run.routing = {name: statistics.fmean(max(p.routing, key=p.routing.get) == name
                                           for p in predictions if p.record.task == name) for name in names}
 
-    if options.ridges or options.etas or options.calibration_sizes:
-        say(f"[{base_kind} seed {seed}] MAny against ridge, η and calibration size")
-    seen = [record for name in names for record in evaluation[name]]
-    final = root / "merged" / f"many_{len(TASKS)}"
+
+def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOptions) -> None:
+    """MAny's FAA with one setting changed at a time: ridge, η, calibration records per task."""
+    base, seen = world.base, world.seen(len(TASKS))
     for ridge in options.ridges:
-        out = _merge(adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
+        out = _merge(world.adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
         run.sweeps[("ridge", ridge)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    final = root / "merged" / f"many_{len(TASKS)}"
     for eta in options.etas:
         run.sweeps[("eta", eta)] = _faa(_score(load_merged(base, final, InferOptions(device="cpu", eta=eta)), seen))
     for size in options.calibration_sizes:
         copies = []
-        for adapter, name in zip(adapters, names):
-            copy = shutil.copytree(adapter, root / "sweep" / f"calibration_{size}" / name, dirs_exist_ok=True)
-            collect_stats(base, copy, data[name]["calibration"], None, StatsOptions(device="cpu", max_samples=size))
+        for adapter, task in zip(world.adapters, TASKS):
+            copy = shutil.copytree(adapter, root / "sweep" / f"calibration_{size}" / task.name, dirs_exist_ok=True)
+            collect_stats(base, copy, world.calibration[task.name], None, StatsOptions(device="cpu", max_samples=size))
             copies.append(copy)
         out = _merge(copies, root / "sweep" / f"calibration_{size}_merged", MergeOptions())
         run.sweeps[("calibration", size)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
-    return run
 
 
 def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
