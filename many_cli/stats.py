@@ -147,11 +147,15 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:
     """One forward pass for statistics: positions follow the attention mask, so left and right
-    padding see the same activations, and only the last position's logits are computed."""
+    padding see the same activations, and only the last position's logits are computed, unless
+    the output layer is adapted (its input covariance then needs every position)."""
+    from peft.tuners.lora import LoraLayer
+
     mask = encoded["attention_mask"]
+    keep = 0 if isinstance(model.get_output_embeddings(), LoraLayer) else 1  # 0: every position
     with torch.inference_mode():
         model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
-              use_cache=False, logits_to_keep=1)
+              use_cache=False, logits_to_keep=keep)
 
 
 def _check_options(options: StatsOptions) -> None:

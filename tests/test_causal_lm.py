@@ -27,9 +27,9 @@ def write_text_records(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def make_text_adapter(base: Path, out: Path, seed: int) -> Path:
+def make_text_adapter(base: Path, out: Path, seed: int, targets: list[str] = LLAMA_PROJECTIONS) -> Path:
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
-                                                                              target_modules=LLAMA_PROJECTIONS))
+                                                                              target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -54,7 +54,7 @@ def brute_force(base: Path, adapter: Path, data: Path) -> dict[str, torch.Tensor
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
     sums, hooks = {}, []
     for name, module in model.base_model.model.named_modules():
-        if name.split(".")[-1] in LLAMA_PROJECTIONS:
+        if hasattr(module, "lora_A"):  # the layers PEFT adapted
             def hook(_, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
                 sums[name] = sums.get(name, 0) + x.T @ x
@@ -85,6 +85,20 @@ def test_text_stats_equal_brute_force(text_world, capsys):
         assert measured.keys() == expected.keys()
         for module, matrix in expected.items():
             assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
+
+
+def test_an_adapted_output_layer_counts_every_position(text_world, tmp_path, capsys):
+    root, base, _, data = text_world
+    adapter = make_text_adapter(base, tmp_path / "with_head", seed=5, targets=["q_proj", "lm_head"])
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data[0],
+                        "--batch-size", "4")
+    assert code == 0, err
+    expected = brute_force(base, adapter, data[0])
+    with safe_open(str(adapter / STATS_FILE), "pt") as handle:
+        inputs = json.loads(handle.metadata()["inputs"])
+        [key] = [key for key, entry in inputs.items() if "lm_head" in entry["modules"]]
+        measured = unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+    assert torch.linalg.norm(measured - expected["lm_head"]) <= 1e-5 * torch.linalg.norm(expected["lm_head"])
 
 
 def direct_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
