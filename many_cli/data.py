@@ -160,4 +160,7 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
                                                    add_generation_prompt=not answered, tokenize=False))
     if not multimodal:  # the template already wrote the special tokens
         return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    # One list of images per record: what every multimodal processor accepts (Gemma3 requires it).
+    remaining = iter(images)
+    nested = [[next(remaining)] if record.image is not None else [] for record in records]
+    return processor(text=texts, images=nested if images else None, return_tensors="pt", padding=True)

@@ -1,0 +1,58 @@
+"""Tiny instances of the model families `many` supports, built from configs with a word-level
+tokenizer and the family's own processor class (no download): each builder saves a base model
+directory and returns it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from many_cli.bench.tiny import CHAT_TEMPLATE, SPECIAL, WORDS, build_tiny_llava
+
+
+def word_tokenizer(extra_special: dict[str, str]) -> PreTrainedTokenizerFast:
+    """The tiny word-level tokenizer with the family's own special tokens added."""
+    specials = SPECIAL + [token for token in extra_special.values() if token not in SPECIAL]
+    vocab = {token: index for index, token in enumerate(specials + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens=extra_special)
+
+
+def build_llava(out: Path) -> Path:
+    return build_tiny_llava(out)
+
+
+def build_gemma3(out: Path) -> Path:
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+
+    tokenizer = word_tokenizer({"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                "image_token": "<image_soft_token>"})
+    template = CHAT_TEMPLATE.replace("<image> ", "<start_of_image> ")
+    tokenizer.chat_template = template
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 16, "width": 16}),
+                                tokenizer=tokenizer, chat_template=template, image_seq_length=4)
+    ids = tokenizer.convert_tokens_to_ids
+    text = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=256,
+                            sliding_window=64, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                          image_token_index=ids("<image_soft_token>"))
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+FAMILIES = {"llava": build_llava, "gemma3": build_gemma3}

@@ -1,0 +1,125 @@
+"""`many stats`, `merge` and `infer` end to end on each supported model family: covariances
+against a brute force, and a one-task merge at --ridge 0 against base + adapter run directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from conftest import LM_TARGETS, run_cli
+from families import FAMILIES
+from many_cli.bench.tiny import WORDS
+from many_cli.state import STATS_FILE, unpack_symmetric
+
+
+def load_base(base: Path):
+    return AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """Random nonzero LoRA factors on the language model and a perturbed own projector."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
+    model = get_peft_model(load_base(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+def write_records(folder: Path, name: str, count: int, seed: int) -> Path:
+    """Noise images and prompts of varied words, so that calibration spans every layer's input."""
+    rng = np.random.default_rng(seed)
+    (folder / name).mkdir(parents=True)
+    with open(folder / f"{name}.jsonl", "w") as handle:
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3)).astype("uint8")).save(folder / name / f"{index}.png")
+            handle.write(json.dumps({"image": f"{name}/{index}.png", "prompt": " ".join(rng.choice(WORDS, 12)),
+                                     "answer": str(rng.choice(WORDS))}) + "\n")
+    return folder / f"{name}.jsonl"
+
+
+def encode_one(processor, entry: dict, root: Path, with_answer: bool):
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+    if with_answer:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
+    text = processor.apply_chat_template(turns, add_generation_prompt=not with_answer, tokenize=False)
+    image = Image.open(root / entry["image"]).convert("RGB")
+    return processor(text=[text], images=[[image]], return_tensors="pt")
+
+
+def brute_force(base: Path, adapter: Path, records: Path) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    sums, hooks = {}, []
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A"):
+            def hook(_, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                sums[name] = sums.get(name, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for line in open(records):
+            model(**encode_one(processor, json.loads(line), records.parent, with_answer=True))
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base = FAMILIES[request.param](root / "base")
+    adapters = [make_adapter(base, root / "adapters" / f"task{index}", seed=index) for index in range(2)]
+    calibration = [write_records(root / "calibration", f"task{index}", 8, seed=index) for index in range(2)]
+    heldout = write_records(root / "heldout", "task0", 3, seed=100)
+    return root, base, adapters, calibration, heldout
+
+
+def test_covariances_equal_brute_force_and_two_tasks_merge(family, tmp_path, capsys):
+    root, base, adapters, calibration, _ = family
+    for adapter, records in zip(adapters, calibration):
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
+                            "--batch-size", "3")
+        assert code == 0, err
+        expected = brute_force(base, adapter, records)
+        with safe_open(str(adapter / STATS_FILE), "pt") as handle:
+            inputs = json.loads(handle.metadata()["inputs"])
+            measured = {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+                        for key, entry in inputs.items() for module in entry["modules"]}
+        assert measured.keys() == expected.keys()
+        for module, matrix in expected.items():
+            assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
+    code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")
+    assert code == 0, err
+
+
+def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
+    root, base, adapters, calibration, heldout = family
+    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", calibration[0])[0] == 0
+    code, err = run_cli(capsys, "merge", adapters[0], "--out", tmp_path / "merged", "--ridge", "0")
+    assert code == 0, err
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout,
+                        "--out", tmp_path / "answers.jsonl", "--max-new-tokens", "4")
+    assert code == 0, err
+    answers = [json.loads(line)["prediction"] for line in open(tmp_path / "answers.jsonl")]
+    assert all(answers)  # words to compare, not empty strings
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(load_base(base), adapters[0]).eval()
+    for line, answer in zip(open(heldout), answers):
+        encoded = encode_one(processor, json.loads(line), heldout.parent, with_answer=False)
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
+        direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        assert answer == direct.strip()
