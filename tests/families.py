@@ -56,3 +56,4 @@ def build_gemma3(out: Path) -> Path:
 
 
 FAMILIES = {"llava": build_llava, "gemma3": build_gemma3}
+
