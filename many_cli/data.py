@@ -4,10 +4,12 @@ conversation list. Records are read lazily; images are opened only when a batch 
 from __future__ import annotations
 
 import json
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from many_cli.errors import InputError
@@ -23,6 +25,7 @@ class Record:
     prompt: str
     answer: str | None
     task: str = ""  # the record's "task" field, else the name of its file or folder
+    audio: Path | None = None  # a 16-bit PCM WAV file, for audio-language models
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,36 @@ def load_image(record: Record) -> Image.Image:
         raise InputError(record.source, f"image {record.image} cannot be read ({error})") from None
 
 
+def load_audio(record: Record, sampling_rate: int) -> np.ndarray:
+    """The record's WAV file as mono float32 in [-1, 1]; InputError naming the record if it cannot
+    be read or is not at the model's sampling rate (resample it first: many does not)."""
+    try:
+        with wave.open(str(record.audio), "rb") as handle:
+            if handle.getsampwidth() != 2:
+                raise InputError(record.source, f"audio {record.audio} is not 16-bit PCM WAV")
+            if handle.getframerate() != sampling_rate:
+                raise InputError(record.source, f"audio {record.audio} is sampled at {handle.getframerate()} Hz; "
+                                                f"the model needs {sampling_rate} Hz")
+            frames = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
+            channels = handle.getnchannels()
+    except FileNotFoundError:
+        raise InputError(record.source, f"audio {record.audio} not found") from None
+    except (wave.Error, EOFError) as error:
+        raise InputError(record.source, f"audio {record.audio} cannot be read ({error})") from None
+    return frames.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0
+
+
+def load_inputs(processor, record: Record) -> tuple[Image.Image | None, np.ndarray | None]:
+    """The record's image and audio (either may be None), read as the processor needs them."""
+    audio = None
+    if record.audio is not None:
+        extractor = getattr(processor, "feature_extractor", None)
+        if extractor is None:
+            raise InputError(record.source, "has an audio file, but the model's processor takes no audio")
+        audio = load_audio(record, extractor.sampling_rate)
+    return (load_image(record) if record.image is not None else None), audio
+
+
 def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
     images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -93,11 +126,12 @@ def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Re
         return BadRecord(source, "expected a JSON object")
     if not isinstance(entry.get("prompt"), str):
         return BadRecord(source, "lacks the string field(s) prompt")
-    for optional in ("image", "answer"):  # a record without an image is a text record
+    for optional in ("image", "audio", "answer"):  # a record without image or audio is a text record
         if entry.get(optional) is not None and not isinstance(entry[optional], str):
             return BadRecord(source, f"field {optional} is not a string")
     image = root / entry["image"] if entry.get("image") is not None else None
-    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task))
+    audio = root / entry["audio"] if entry.get("audio") is not None else None
+    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task), audio)
 
 
 def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -127,12 +161,13 @@ def messages(record: Record, with_answer: bool = True, multimodal: bool = True) 
     """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is
     one (and it is wanted: statistics take it, inference asks for it). A plain language model's
     tokenizer gets the usual string contents instead of typed parts."""
-    def content(text: str, image: bool = False) -> list[dict] | str:
+    def content(text: str, image: bool = False, audio: bool = False) -> list[dict] | str:
         if not multimodal:
             return text
-        return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+        return ([{"type": "image"}] if image else []) + ([{"type": "audio"}] if audio else []) + \
+            [{"type": "text", "text": text}]
 
-    turns = [{"role": "user", "content": content(record.prompt, record.image is not None)}]
+    turns = [{"role": "user", "content": content(record.prompt, record.image is not None, record.audio is not None)}]
     if with_answer and record.answer is not None:
         turns.append({"role": "assistant", "content": content(record.answer)})
     return turns
@@ -147,7 +182,8 @@ def tokenizer_of(processor):
     return processor.tokenizer if is_multimodal(processor) else processor
 
 
-def encode_records(processor, records: list[Record], images: list, with_answers: bool = True) -> dict:
+def encode_records(processor, records: list[Record], images: list, with_answers: bool = True,
+                   audios: list | None = None) -> dict:
     """Model inputs for a batch: the chat template's text, tokenized with the images; the
     generation prompt closes every conversation that ends on the user's turn."""
     multimodal = is_multimodal(processor)
@@ -163,4 +199,7 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
     # One list of images per record: what every multimodal processor accepts (Gemma3 requires it).
     remaining = iter(images)
     nested = [[next(remaining)] if record.image is not None else [] for record in records]
-    return processor(text=texts, images=nested if images else None, return_tensors="pt", padding=True)
+    media = {"images": nested} if images else {}
+    if audios:
+        media.update(audio=audios, sampling_rate=processor.feature_extractor.sampling_rate)
+    return processor(text=texts, **media, return_tensors="pt", padding=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import RoutedProjector
-from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_image, tokenizer_of
+from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
 from many_cli.models import (apply_adapters, find_projector, load_base_model, replace_projector,
@@ -149,8 +149,10 @@ class Prediction:
 
 def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> list[Prediction]:
     """Greedy answers for one batch of records (their answers, if any, are not shown to the model)."""
-    images = [load_image(record) for record in records if record.image is not None]
-    encoded = encode_records(merged.processor, records, images, with_answers=False).to(merged.device)
+    inputs = [load_inputs(merged.processor, record) for record in records]
+    images = [image for image, _ in inputs if image is not None]
+    audios = [audio for _, audio in inputs if audio is not None]
+    encoded = encode_records(merged.processor, records, images, with_answers=False, audios=audios).to(merged.device)
     start = time.perf_counter()
     extra = {}
     with torch.inference_mode():

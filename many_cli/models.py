@@ -54,10 +54,11 @@ def _without_volatile(value):
 
 
 def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+    # Vision-language first, then any-modality (audio-language: Qwen2-Audio), then plain LMs.
+    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM):
         try:
             model = auto.from_pretrained(base, dtype=dtype)
             return model.to(device).eval()
@@ -65,8 +66,8 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -
             continue
         except OSError as error:
             raise InputError(base, f"cannot load the model weights ({error})") from None
-    raise InputError(base, "is neither an image-text-to-text nor a causal language model "
-                           "transformers knows")
+    raise InputError(base, "is neither an image-text-to-text, a multimodal nor a causal language "
+                           "model transformers knows")
 
 
 def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]) -> nn.Module:

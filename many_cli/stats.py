@@ -17,7 +17,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_WEIGHTS
 from many_cli.cpm import pooled_direction
-from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_image,
+from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_inputs,
                            read_records, tokenizer_of)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
@@ -192,19 +192,19 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 
 def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport):
-    kept, images = [], []
+    kept, images, audios = [], [], []
     for record in batch:
         try:
-            image = load_image(record) if record.image is not None else None
+            image, audio = load_inputs(processor, record)
         except InputError:
             if not skip_bad:
                 raise
             report.skipped += 1
             continue
         kept.append(record)
-        if image is not None:
-            images.append(image)
-    return encode_records(processor, kept, images) if kept else None
+        images += [image] if image is not None else []
+        audios += [audio] if audio is not None else []
+    return encode_records(processor, kept, images, audios=audios) if kept else None
 
 
 def _fingerprint(flat: torch.Tensor) -> tuple:

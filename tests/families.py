@@ -57,3 +57,34 @@ def build_gemma3(out: Path) -> Path:
 
 FAMILIES = {"llava": build_llava, "gemma3": build_gemma3}
 
+
+
+def build_qwen2_audio(out: Path) -> Path:
+    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
+
+    tokenizer = word_tokenizer({"audio_token": "<|AUDIO|>"})
+    template = CHAT_TEMPLATE.replace("{% if item['type'] == 'image' %}<image> ",
+                                     "{% if item['type'] == 'audio' %}<|AUDIO|> ")
+    tokenizer.chat_template = template
+    # One-second clips at 16 kHz: 100 mel frames of 8 bins, 25 audio tokens after the encoder's pooling.
+    extractor = WhisperFeatureExtractor(feature_size=8, sampling_rate=16000, chunk_length=1, n_fft=400, hop_length=160)
+    processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=template)
+    text = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    audio = Qwen2AudioEncoderConfig(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                    d_model=16, max_source_positions=50)
+    config = Qwen2AudioConfig(audio_config=audio, text_config=text,
+                              audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+FAMILIES["qwen2_audio"] = build_qwen2_audio
+AUDIO_FAMILIES = {"qwen2_audio"}  # their records carry a WAV file instead of an image

@@ -4,6 +4,7 @@ against a brute force, and a one-task merge at --ridge 0 against base + adapter 
 from __future__ import annotations
 
 import json
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,19 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 
 from conftest import LM_TARGETS, run_cli
-from families import FAMILIES
+from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
 from many_cli.state import STATS_FILE, unpack_symmetric
 
 
 def load_base(base: Path):
-    return AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
+    try:
+        return AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
+    except ValueError:  # an audio-language model
+        return AutoModelForMultimodalLM.from_pretrained(base, dtype=torch.float32).eval()
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -37,23 +41,36 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def write_records(folder: Path, name: str, count: int, seed: int) -> Path:
-    """Noise images and prompts of varied words, so that calibration spans every layer's input."""
+def write_records(folder: Path, name: str, count: int, seed: int, audio: bool) -> Path:
+    """Noise images (or one-second 16 kHz noise clips) and prompts of varied words, so that
+    calibration spans every layer's input."""
     rng = np.random.default_rng(seed)
     (folder / name).mkdir(parents=True)
     with open(folder / f"{name}.jsonl", "w") as handle:
         for index in range(count):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3)).astype("uint8")).save(folder / name / f"{index}.png")
-            handle.write(json.dumps({"image": f"{name}/{index}.png", "prompt": " ".join(rng.choice(WORDS, 12)),
+            if audio:
+                media = {"audio": f"{name}/{index}.wav"}
+                with wave.open(str(folder / media["audio"]), "wb") as clip:
+                    clip.setnchannels(1), clip.setsampwidth(2), clip.setframerate(16000)
+                    clip.writeframes((rng.normal(0, 3000, 16000)).astype("<i2").tobytes())
+            else:
+                media = {"image": f"{name}/{index}.png"}
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3)).astype("uint8")).save(folder / media["image"])
+            handle.write(json.dumps({**media, "prompt": " ".join(rng.choice(WORDS, 12)),
                                      "answer": str(rng.choice(WORDS))}) + "\n")
     return folder / f"{name}.jsonl"
 
 
 def encode_one(processor, entry: dict, root: Path, with_answer: bool):
-    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+    kind = "audio" if "audio" in entry else "image"
+    turns = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": entry["prompt"]}]}]
     if with_answer:
         turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
     text = processor.apply_chat_template(turns, add_generation_prompt=not with_answer, tokenize=False)
+    if kind == "audio":
+        with wave.open(str(root / entry["audio"])) as clip:
+            samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype="<i2").astype(np.float32) / 32768
+        return processor(text=[text], audio=[samples], return_tensors="pt")
     image = Image.open(root / entry["image"]).convert("RGB")
     return processor(text=[text], images=[[image]], return_tensors="pt")
 
@@ -82,8 +99,9 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base = FAMILIES[request.param](root / "base")
     adapters = [make_adapter(base, root / "adapters" / f"task{index}", seed=index) for index in range(2)]
-    calibration = [write_records(root / "calibration", f"task{index}", 8, seed=index) for index in range(2)]
-    heldout = write_records(root / "heldout", "task0", 3, seed=100)
+    audio = request.param in AUDIO_FAMILIES
+    calibration = [write_records(root / "calibration", f"task{index}", 8, index, audio) for index in range(2)]
+    heldout = write_records(root / "heldout", "task0", 3, 100, audio)
     return root, base, adapters, calibration, heldout
 
 
