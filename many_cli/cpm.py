@@ -21,11 +21,18 @@ from torch.nn import functional as F
 ROUTINGS = ("soft", "hard")
 
 
-def pooled_direction(features: torch.Tensor) -> torch.Tensor:
-    """One unit vector per image: the projector input mean-pooled over its tokens (patches,
-    and crops or tiles when a model puts them on that axis), then L2-normalised."""
+def pooled_direction(features: torch.Tensor, rows_per_image: Sequence[int] | None = None) -> torch.Tensor:
+    """One unit vector per image: the projector input mean-pooled over its tokens, then
+    L2-normalised. When a model cuts an image into crops and feeds them as separate rows
+    (LLaVA-NeXT), `rows_per_image` says how many rows each image has, and the pooling runs over
+    every token of all its crops, so an image is one direction however it was cut."""
     features = features.float()
-    pooled = features.mean(dim=-2) if features.dim() == 3 else features.mean(dim=0, keepdim=True)
+    if features.dim() != 3:
+        pooled = features.mean(dim=0, keepdim=True)
+    elif rows_per_image is None:
+        pooled = features.mean(dim=-2)
+    else:
+        pooled = torch.stack([crops.mean(dim=(0, 1)) for crops in features.split(list(rows_per_image))])
     return F.normalize(pooled, dim=-1)
 
 
@@ -62,11 +69,15 @@ class RoutedProjector(nn.Module):
         self.routing = routing
         self.confidence = confidence
         self.last_weights: torch.Tensor | None = None
+        self.rows_per_image: Sequence[int] | None = None  # set before each forward for cropping models
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weights = routing_weights(pooled_direction(image_features), self.prototypes.to(image_features.device),
-                                  self.eta, self.routing, self.confidence)
+        weights = routing_weights(pooled_direction(image_features, self.rows_per_image),
+                                  self.prototypes.to(image_features.device), self.eta, self.routing, self.confidence)
         self.last_weights = weights.detach()
+        if self.rows_per_image is not None:  # every crop of an image takes the image's weights
+            counts = torch.tensor(list(self.rows_per_image), device=weights.device)
+            weights = weights.repeat_interleave(counts, dim=0)
         per_image = image_features.dim() == 3
         output = None
         for index, projector in enumerate(self.projectors):

@@ -21,7 +21,7 @@ from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, t
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
 from many_cli.models import (apply_adapters, find_projector, load_base_model, replace_projector,
-                             resolve_device, resolve_dtype)
+                             resolve_device, resolve_dtype, track_crops)
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
 
@@ -75,6 +75,7 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         model = _apply_lora(model, base, merged, options.fold)
     if router is not None:
         replace_projector(model, router.to(device))
+        track_crops(model, router)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
@@ -172,7 +173,9 @@ def choose_adapters(merged: MergedModel, encoded) -> list[str]:
     """Experts mode: route each image first (the vision tower and projectors run once more),
     then answer with its task's own LoRA when the routing weight reaches the confidence, else
     with the merged one."""
-    merged.model.get_image_features(pixel_values=encoded["pixel_values"])
+    image_sizes = encoded.get("image_sizes")
+    merged.model.get_image_features(pixel_values=encoded["pixel_values"],
+                                    **({"image_sizes": image_sizes} if image_sizes is not None else {}))
     weights = merged.router.last_weights
     best = weights.max(dim=-1)
     return [merged.router.tasks[index] if value >= merged.router.confidence else MERGED

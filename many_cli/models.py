@@ -3,8 +3,11 @@ the LoRA layers PEFT created and the module named `multi_modal_projector`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -119,3 +122,35 @@ def replace_projector(model: nn.Module, replacement: nn.Module) -> None:
         raise ValueError("the model has no multi_modal_projector")
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     setattr(parent, PROJECTOR_NAME, replacement)
+
+
+def crops_per_image(model: nn.Module, pixel_values: torch.Tensor | None, image_sizes) -> list[int] | None:
+    """How many crops of each image the projector will see as separate rows, for models that cut
+    images into a grid of crops (LLaVA-NeXT, LLaVA-OneVision: 5-D pixel values and the model's
+    own `image_size_to_num_patches` rule); None for models that give one row per image."""
+    config = getattr(model, "config", None)
+    rule = getattr(sys.modules[type(model).__module__], "image_size_to_num_patches", None)
+    if pixel_values is None or pixel_values.dim() != 5 or image_sizes is None or rule is None:
+        return None
+    return [rule(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                 patch_size=config.vision_config.image_size) for size in image_sizes]
+
+
+def track_crops(model: nn.Module, target: nn.Module | object) -> None:
+    """Whenever the module that owns the projector encodes images (`get_image_features`, called
+    by forward and by generate alike), tell `target` (a RoutedProjector or a prototype sum) how
+    many projector rows belong to each image."""
+    name = _projector_name(model)
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if name and "." in name else model
+    encode = getattr(owner, "get_image_features", None)
+    if encode is None:
+        return
+    signature = inspect.signature(encode)
+
+    @functools.wraps(encode)  # generate() inspects its signature
+    def get_image_features(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        target.rows_per_image = crops_per_image(owner, bound.get("pixel_values"), bound.get("image_sizes"))
+        return encode(*args, **kwargs)
+
+    owner.get_image_features = get_image_features

@@ -23,7 +23,7 @@ from many_cli.errors import InputError
 from many_cli.files import file_fingerprint
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
-                             resolve_device, resolve_dtype)
+                             resolve_device, resolve_dtype, track_crops)
 from many_cli.state import BLOCK, STATS_FILE, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
@@ -95,6 +95,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     report = StatsReport(out, rank)
     covariances = InputCovariances(layers, device)
     prototype = PrototypeSum(find_projector(model))
+    track_crops(model, prototype)
     total = count_records(data)
     if total is not None and options.max_samples is not None:
         total = min(total, options.max_samples)
@@ -288,10 +289,11 @@ class PrototypeSum:
     def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.rows_per_image: list[int] | None = None  # set before each forward for cropping models
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:
-        normalised = pooled_direction(args[0])
+        normalised = pooled_direction(args[0], self.rows_per_image)
         self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
         self.count += normalised.shape[0]
 

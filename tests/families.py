@@ -87,4 +87,34 @@ def build_qwen2_audio(out: Path) -> Path:
 
 
 FAMILIES["qwen2_audio"] = build_qwen2_audio
+
+
+def build_llava_next(out: Path) -> Path:
+    """16 px crops on a grid up to 32 × 32: a 20 × 20 image becomes a base crop plus tiles."""
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    from many_cli.bench.tiny import tiny_llava_config, tiny_tokenizer
+
+    grid = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    tokenizer = tiny_tokenizer()
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                 image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=16)
+    llava = tiny_llava_config(vision=vision)
+    config = LlavaNextConfig(vision_config=vision, text_config=llava.text_config, image_grid_pinpoints=grid,
+                             image_token_index=llava.image_token_index, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+FAMILIES["llava_next"] = build_llava_next
 AUDIO_FAMILIES = {"qwen2_audio"}  # their records carry a WAV file instead of an image

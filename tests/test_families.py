@@ -141,3 +141,73 @@ def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
             output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
         direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         assert answer == direct.strip()
+
+
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory):
+    """LLaVA-NeXT with images of three shapes, so images are cut into different numbers of crops."""
+    root = tmp_path_factory.mktemp("crops")
+    base = FAMILIES["llava_next"](root / "base")
+    adapters = [make_adapter(base, root / "adapters" / f"task{index}", seed=10 + index) for index in range(2)]
+    data = []
+    for index in range(2):
+        rng = np.random.default_rng(index)
+        (root / f"task{index}").mkdir()
+        lines = []
+        for number, shape in enumerate([(20, 20, 3), (20, 40, 3), (40, 20, 3)] * 2):
+            colour = np.array([200, 40, 40]) if index == 0 else np.array([40, 40, 200])
+            pixels = np.clip(colour + rng.normal(0, 30, shape), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / f"task{index}" / f"{number}.png")
+            lines.append(json.dumps({"image": f"task{index}/{number}.png", "prompt": " ".join(rng.choice(WORDS, 10)),
+                                     "answer": str(rng.choice(WORDS))}))
+        (root / f"task{index}.jsonl").write_text("\n".join(lines) + "\n")
+        data.append(root / f"task{index}.jsonl")
+    return root, base, adapters, data
+
+
+def test_prototype_pools_every_crop_of_an_image(cropped, capsys):
+    root, base, adapters, data = cropped
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", data[0],
+                        "--batch-size", "4")
+    assert code == 0, err
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(load_base(base), adapters[0]).eval()
+    directions, crops = [], []
+
+    def record_input(_module, args):
+        features = args[0].to(torch.float64)  # (crops of this one image, tokens, width)
+        crops.append(features.shape[0])
+        directions.append(torch.nn.functional.normalize(features.mean(dim=(0, 1)), dim=0))
+
+    projector = model.base_model.model.model.multi_modal_projector
+    handle = projector.register_forward_pre_hook(record_input)
+    with torch.no_grad():
+        for line in open(data[0]):
+            model(**encode_one(processor, json.loads(line), data[0].parent, with_answer=True))
+    handle.remove()
+    assert len(set(crops)) > 1  # the images were cut into different numbers of crops
+    with safe_open(str(adapters[0] / STATS_FILE), "pt") as stats:
+        prototype = stats.get_tensor("prototype").to(torch.float64)
+        assert stats.metadata()["images"] == str(len(directions))
+    assert torch.allclose(prototype, torch.stack(directions).mean(0), atol=1e-5)
+
+
+def test_mixed_batches_of_cropped_images_route_per_image(cropped, tmp_path, capsys):
+    root, base, adapters, data = cropped
+    for adapter, records in zip(adapters, data):
+        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)[0] == 0
+    assert run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")[0] == 0
+    outputs = {}
+    for batch in ("1", "5"):
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", data[0],
+                            "--data", data[1], "--batch-size", batch, "--max-new-tokens", "3",
+                            "--out", tmp_path / f"batch{batch}.jsonl")
+        assert code == 0, err
+        outputs[batch] = [json.loads(line) for line in open(tmp_path / f"batch{batch}.jsonl")]
+    for alone, mixed in zip(outputs["1"], outputs["5"]):
+        assert alone["prediction"] == mixed["prediction"]
+        assert list(mixed["routing"]) == ["task0", "task1"]
+        for task in ("task0", "task1"):
+            assert mixed["routing"][task] == pytest.approx(alone["routing"][task], abs=1e-5)
+    # Each image goes to its own task (the two tasks' pictures differ in colour).
+    assert all(max(row["routing"], key=row["routing"].get) == row["task"] for row in outputs["5"])
