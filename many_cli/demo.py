@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from many_cli.data import Record, read_records
+from many_cli.data import BadRecord, Record, read_records
 from many_cli.errors import InputError
+from many_cli.files import atomic_output_dir
 from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
+from many_cli.state import STATS_FILE
 from many_cli.stats import StatsOptions, collect_stats
 
 
@@ -24,24 +26,33 @@ class DemoReport:
 def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -> DemoReport:
     """Copy the sample's adapters to `out/adapters` (the sample stays as shipped), run
     `many stats` on each with its calibration set, `many merge` them to `out/merged`, and
-    `many infer` the first evaluation image of every task."""
+    `many infer` the first evaluation image of every task. `out` appears only when all of it worked."""
     base, adapters = sample / "base", sample / "adapters"
     if not adapters.is_dir() or not base.is_dir():
         raise InputError(sample, "is not a sample folder (it needs base/ and adapters/; regenerate it "
                                  "with `many bench sample`)")
-    if out.exists() and not force:
-        raise InputError(out, "already exists; choose another --out or pass --force")
     tasks = sorted(path.name for path in adapters.iterdir() if path.is_dir())
-    copies = []
-    for task in tasks:
-        copy = shutil.copytree(adapters / task, out / "adapters" / task, dirs_exist_ok=True)
-        calibration = sample / "data" / task / "calibration.jsonl"
-        say(f"many stats --model {base} --adapter {copy} --data {calibration}")
-        collect_stats(str(base), copy, calibration, None, StatsOptions(device="cpu"))
-        copies.append(copy)
-    say(f"many merge {out / 'adapters'} --out {out / 'merged'} --force")
-    merge(copies, out / "merged", MergeOptions(force=True))
-    records: list[Record] = [next(iter(read_records(sample / "data" / task / "evaluation.jsonl"))) for task in tasks]
+    records = [_first_record(sample / "data" / task / "evaluation.jsonl") for task in tasks]
+    with atomic_output_dir(out, force) as staging:
+        copies = []
+        for task in tasks:
+            copy = shutil.copytree(adapters / task, staging / "adapters" / task)
+            calibration = sample / "data" / task / "calibration.jsonl"
+            say(f"many stats --model {base} --adapter {out / 'adapters' / task} --data {calibration}")
+            # Run on the sample's own adapter, so that errors name it; the stats go beside the copy.
+            collect_stats(str(base), adapters / task, calibration, copy / STATS_FILE, StatsOptions(device="cpu"))
+            copies.append(copy)
+        say(f"many merge {out / 'adapters'} --out {out / 'merged'} --force")
+        merge(copies, staging / "merged", MergeOptions())
     say(f"many infer --model {base} --merged {out / 'merged'} --image ... (one per task)")
     model = load_merged(str(base), out / "merged", InferOptions(device="cpu"))
     return DemoReport(out / "merged", answer(model, records, max_new_tokens=4))
+
+
+def _first_record(path: Path) -> Record:
+    record = next(iter(read_records(path)), None)
+    if record is None:
+        raise InputError(path, "holds no record")
+    if isinstance(record, BadRecord):
+        raise InputError(record.source, record.fault)
+    return record

@@ -8,6 +8,7 @@ the transformers LLaVA names: `model.language_model.layers.N...` and
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from contextlib import contextmanager
@@ -90,8 +91,6 @@ def convert_tensors(source: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def write_peft_adapter(source: Path, out: Path) -> None:
     """Write `source` (original layout) as a standard PEFT adapter directory `out`."""
-    import json
-
     config, tensors = convert_tensors(source)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -77,6 +77,7 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
     """`model` with each PEFT adapter (directory, name) loaded under its name, the first one
     active; one that does not fit the base model is an InputError naming its directory."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     adapted = None
     for directory, name in adapters:
@@ -85,6 +86,8 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
                 adapted = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
             else:
                 adapted.load_adapter(str(directory), adapter_name=name)
+        except SafetensorError as error:
+            raise InputError(directory, f"its adapter weights are not a readable safetensors file ({error})") from None
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(directory, f"does not fit the base model {base} ({first_line})") from None

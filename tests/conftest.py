@@ -3,6 +3,7 @@ brute force (forward hooks, float64, one record at a time) to feed `many merge`.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM,
+                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
 
 from many_cli.files import file_fingerprint
-from many_cli.state import STATS_FILE, pack_symmetric, write_stats
+from many_cli.state import STATS_FILE, pack_symmetric, unpack_symmetric, write_stats
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -44,8 +46,15 @@ def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def load_base(path: Path) -> LlavaForConditionalGeneration:
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+def load_base(path: Path):
+    """A saved tiny model, through transformers' own auto classes: vision-language first, then
+    audio-language, then plain causal LMs."""
+    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM):
+        try:
+            return auto.from_pretrained(path, dtype=torch.float32).eval()
+        except ValueError:
+            continue
+    raise ValueError(f"{path}: no auto class loads it")
 
 
 def make_adapter(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:
@@ -91,6 +100,32 @@ def brute_force_covariances(base: Path, adapter: Path, records) -> dict[str, tor
     for handle in hooks:
         handle.remove()
     return sums
+
+
+def lora_input_sums(model, run) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ, float64, of the input of every layer PEFT adapted in `model`, over what `run()` feeds it."""
+    sums, hooks = {}, []
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A"):
+            def hook(_, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                sums[name] = sums.get(name, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        run()
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
+def stats_covariances(path: Path) -> dict[str, torch.Tensor]:
+    """Each module's covariance as a `many_stats.safetensors` file stores it (shared inputs once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        inputs = json.loads(handle.metadata()["inputs"])
+        return {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+                for key, entry in inputs.items() for module in entry["modules"]}
 
 
 def input_key(module: str) -> str:

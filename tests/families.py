@@ -23,6 +23,16 @@ def word_tokenizer(extra_special: dict[str, str]) -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", extra_special_tokens=extra_special)
 
 
+def save_model(model_class, config, processor, out: Path) -> Path:
+    """A randomly initialised model (seed 0) and its processor, saved as a base model directory."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def build_llava(out: Path) -> Path:
     return build_tiny_llava(out)
 
@@ -47,12 +57,7 @@ def build_gemma3(out: Path) -> Path:
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                           boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                           image_token_index=ids("<image_soft_token>"))
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_model(Gemma3ForConditionalGeneration, config, processor, out)
 
 
 FAMILIES = {"llava": build_llava, "gemma3": build_gemma3}
@@ -78,12 +83,7 @@ def build_qwen2_audio(out: Path) -> Path:
                                     d_model=16, max_source_positions=50)
     config = Qwen2AudioConfig(audio_config=audio, text_config=text,
                               audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
-    torch.manual_seed(0)
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_model(Qwen2AudioForConditionalGeneration, config, processor, out)
 
 
 FAMILIES["qwen2_audio"] = build_qwen2_audio
@@ -108,12 +108,7 @@ def build_llava_next(out: Path) -> Path:
     llava = tiny_llava_config(vision=vision)
     config = LlavaNextConfig(vision_config=vision, text_config=llava.text_config, image_grid_pinpoints=grid,
                              image_token_index=llava.image_token_index, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_model(LlavaNextForConditionalGeneration, config, processor, out)
 
 
 FAMILIES["llava_next"] = build_llava_next

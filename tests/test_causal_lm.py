@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import run_cli, run_cli_output
+from conftest import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, WORDS, build_tiny_llama
-from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header, unpack_symmetric
+from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 
 
 def write_text_records(path: Path, count: int, seed: int) -> Path:
@@ -28,15 +28,7 @@ def write_text_records(path: Path, count: int, seed: int) -> Path:
 
 
 def make_text_adapter(base: Path, out: Path, seed: int, targets: list[str] = LLAMA_PROJECTIONS) -> Path:
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
-                                                                              target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    model.save_pretrained(out)
-    return out
+    return make_adapter(base, out, LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed)
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +44,11 @@ def brute_force(base: Path, adapter: Path, data: Path) -> dict[str, torch.Tensor
     """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
-    sums, hooks = {}, []
-    for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A"):  # the layers PEFT adapted
-            def hook(_, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                sums[name] = sums.get(name, 0) + x.T @ x
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for line in open(data):
-            entry = json.loads(line)
-            text = tokenizer.apply_chat_template([{"role": "user", "content": entry["prompt"]},
-                                                  {"role": "assistant", "content": entry["answer"]}], tokenize=False)
-            model(**tokenizer(text, return_tensors="pt", add_special_tokens=False))
-    for handle in hooks:
-        handle.remove()
-    return sums
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": entry["prompt"]},
+                                            {"role": "assistant", "content": entry["answer"]}], tokenize=False)
+             for entry in map(json.loads, open(data))]
+    return lora_input_sums(model, lambda: [model(**tokenizer(text, return_tensors="pt", add_special_tokens=False))
+                                           for text in texts])
 
 
 def test_text_stats_equal_brute_force(text_world, capsys):
@@ -78,10 +59,8 @@ def test_text_stats_equal_brute_force(text_world, capsys):
         assert code == 0, err
         expected = brute_force(base, adapter, records)
         with safe_open(str(adapter / STATS_FILE), "pt") as handle:
-            inputs = json.loads(handle.metadata()["inputs"])
             assert "prototype" not in handle.keys()
-            measured = {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
-                        for key, entry in inputs.items() for module in entry["modules"]}
+        measured = stats_covariances(adapter / STATS_FILE)
         assert measured.keys() == expected.keys()
         for module, matrix in expected.items():
             assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
@@ -94,10 +73,7 @@ def test_an_adapted_output_layer_counts_every_position(text_world, tmp_path, cap
                         "--batch-size", "4")
     assert code == 0, err
     expected = brute_force(base, adapter, data[0])
-    with safe_open(str(adapter / STATS_FILE), "pt") as handle:
-        inputs = json.loads(handle.metadata()["inputs"])
-        [key] = [key for key, entry in inputs.items() if "lm_head" in entry["modules"]]
-        measured = unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+    measured = stats_covariances(adapter / STATS_FILE)["lm_head"]
     assert torch.linalg.norm(measured - expected["lm_head"]) <= 1e-5 * torch.linalg.norm(expected["lm_head"])
 
 

@@ -4,6 +4,7 @@ reduced CI form (one seed, the blank base, few steps, no sweeps)."""
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -117,3 +118,13 @@ def test_markdown_table_agrees_with_the_runs(reduced_run):
     routing = next(line for line in table.splitlines() if line.startswith("| routing accuracy"))
     cells = [float(cell) for cell in routing.strip("|").split("|")[1:1 + len(TASKS)]]
     assert cells == [round(100 * run.routing[task.name], 1) for task in TASKS]
+
+
+def test_demo_on_a_broken_sample_says_so_and_leaves_nothing(capsys, tmp_path):
+    sample = shutil.copytree(SAMPLE, tmp_path / "sample")
+    (sample / "adapters" / "3_shape" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run_cli_output(capsys, "demo", "--sample", sample, "--out", tmp_path / "demo")
+    errors = [line for line in err.splitlines() if line.startswith("many: error:")]  # beside the $ command lines
+    assert code == 2 and len(errors) == 1 and str(sample / "adapters" / "3_shape") in errors[0]
+    assert not (tmp_path / "demo").exists()
+    assert not list(tmp_path.glob(".demo*"))  # no staging folder left either

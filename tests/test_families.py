@@ -10,35 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+from transformers import AutoProcessor
 
-from conftest import LM_TARGETS, run_cli
+from conftest import LM_TARGETS, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
 from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
-from many_cli.state import STATS_FILE, unpack_symmetric
+from many_cli.state import STATS_FILE
 
 
-def load_base(base: Path):
-    try:
-        return AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
-    except ValueError:  # an audio-language model
-        return AutoModelForMultimodalLM.from_pretrained(base, dtype=torch.float32).eval()
-
-
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """Random nonzero LoRA factors on the language model and a perturbed own projector."""
+def family_adapter(base: Path, out: Path, seed: int) -> Path:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
-    model = get_peft_model(load_base(base), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(out)
-    return out
+    return make_adapter(base, out, config, seed)
 
 
 def write_records(folder: Path, name: str, count: int, seed: int, audio: bool) -> Path:
@@ -79,26 +64,16 @@ def brute_force(base: Path, adapter: Path, records: Path) -> dict[str, torch.Ten
     """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
-    sums, hooks = {}, []
-    for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A"):
-            def hook(_, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                sums[name] = sums.get(name, 0) + x.T @ x
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for line in open(records):
-            model(**encode_one(processor, json.loads(line), records.parent, with_answer=True))
-    for handle in hooks:
-        handle.remove()
-    return sums
+    lines = [json.loads(line) for line in open(records)]
+    return lora_input_sums(model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True))
+                                           for entry in lines])
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base = FAMILIES[request.param](root / "base")
-    adapters = [make_adapter(base, root / "adapters" / f"task{index}", seed=index) for index in range(2)]
+    adapters = [family_adapter(base, root / "adapters" / f"task{index}", seed=index) for index in range(2)]
     audio = request.param in AUDIO_FAMILIES
     calibration = [write_records(root / "calibration", f"task{index}", 8, index, audio) for index in range(2)]
     heldout = write_records(root / "heldout", "task0", 3, 100, audio)
@@ -112,10 +87,7 @@ def test_covariances_equal_brute_force_and_two_tasks_merge(family, tmp_path, cap
                             "--batch-size", "3")
         assert code == 0, err
         expected = brute_force(base, adapter, records)
-        with safe_open(str(adapter / STATS_FILE), "pt") as handle:
-            inputs = json.loads(handle.metadata()["inputs"])
-            measured = {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
-                        for key, entry in inputs.items() for module in entry["modules"]}
+        measured = stats_covariances(adapter / STATS_FILE)
         assert measured.keys() == expected.keys()
         for module, matrix in expected.items():
             assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
@@ -148,7 +120,7 @@ def cropped(tmp_path_factory):
     """LLaVA-NeXT with images of three shapes, so images are cut into different numbers of crops."""
     root = tmp_path_factory.mktemp("crops")
     base = FAMILIES["llava_next"](root / "base")
-    adapters = [make_adapter(base, root / "adapters" / f"task{index}", seed=10 + index) for index in range(2)]
+    adapters = [family_adapter(base, root / "adapters" / f"task{index}", seed=10 + index) for index in range(2)]
     data = []
     for index in range(2):
         rng = np.random.default_rng(index)
