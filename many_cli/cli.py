@@ -403,7 +403,7 @@ def convert_command(
 def demo_command(
     sample: Annotated[Path, typer.Option("--sample", help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
     out: Annotated[Path, typer.Option("--out", help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = True,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace an existing --out.")] = True,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
     from many_cli.demo import run_demo

@@ -72,7 +72,9 @@ class Pool:
 
 def encode_pool(processor, examples: list[Example]) -> Pool:
     processor.tokenizer.padding_side = "right"
-    records = [Record(f"train/{index}", Path(f"{index}.png"), example.prompt, example.answer) for index, example in enumerate(examples)]
+    # The images are in memory; a record's path only says that it has one.
+    records = [Record(f"train/{index}", Path(f"{index}.png"), example.prompt, example.answer)
+               for index, example in enumerate(examples)]
     encoded = dict(encode_records(processor, records, [example.image for example in examples], with_answers=True))
     ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
     # Learn what the assistant says: every position after the last "ASSISTANT :".
