@@ -17,6 +17,7 @@ from many_cli.bench.continual import (BASELINES, CPM, EXPERTS, LPM, MANY, SEQUEN
 from many_cli.bench.training import TrainOptions
 from many_cli.bench.world import TASKS
 from many_cli.data import read_records
+from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE
 from many_cli.models import load_base_model
 from conftest import run_cli_output
 
@@ -87,8 +88,10 @@ def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def reduced_run(tmp_path_factory):
+    # One point per sweep, at the defaults where a second path can check it.
     options = ContinualOptions(seeds=(0,), bases=("blank",), train=TrainOptions(task_steps=150),
-                               calibration=16, evaluation=24, ridges=(), etas=(), calibration_sizes=())
+                               calibration=16, evaluation=24, ridges=(DEFAULT_RIDGE,), etas=(DEFAULT_ETA,),
+                               calibration_sizes=(4,))
     return run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options), options
 
 
@@ -103,6 +106,29 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     assert run.faa(EXPERTS) >= run.faa(MANY) - 0.01
     # Accuracy after a step is over the tasks seen so far, and only those.
     assert [len(step) for step in run.steps[MANY]] == list(range(1, len(TASKS) + 1))
+
+
+def test_sweeps_at_the_defaults_repeat_the_main_run(reduced_run):
+    run, _ = reduced_run
+    # A fresh merge at the default ridge, and the final merge read at the default η: both are MAny.
+    assert run.sweeps[("ridge", DEFAULT_RIDGE)] == pytest.approx(run.faa(MANY))
+    assert run.sweeps[("eta", DEFAULT_ETA)] == pytest.approx(run.faa(MANY))
+    assert 0 <= run.sweeps[("calibration", 4)] <= 1
+
+
+def test_sample_data_is_what_the_world_writes(tmp_path):
+    """The shipped calibration and evaluation sets regenerate byte for byte (the weights take a
+    minute to retrain, so CI checks the data only)."""
+    from many_cli.bench.sample import CALIBRATION, EVALUATION, SEED
+    from many_cli.bench.world import write_split
+
+    for task in TASKS:
+        for split, count in (("calibration", CALIBRATION), ("evaluation", EVALUATION)):
+            written = write_split(tmp_path / task.name, task, split, count, SEED)
+            shipped = SAMPLE / "data" / task.name / f"{split}.jsonl"
+            assert written.read_bytes() == shipped.read_bytes()
+            for image in (tmp_path / task.name / split).iterdir():
+                assert image.read_bytes() == (shipped.parent / split / image.name).read_bytes()
 
 
 def test_markdown_table_agrees_with_the_runs(reduced_run):
