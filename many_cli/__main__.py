@@ -1,3 +1,3 @@
-from many_cli.cli import main
+from many_cli.entry import main
 
 main()

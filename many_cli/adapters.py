@@ -16,6 +16,9 @@ from many_cli.files import StreamingSafetensorsWriter, file_fingerprint, open_sa
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"  # never unpickled but by the LLaVA layout's weights_only load
+NON_LORA_TRAINABLES = "non_lora_trainables.bin"  # the original LLaVA layout's projector
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, NON_LORA_TRAINABLES)
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_KEYS = {
@@ -82,7 +85,7 @@ def read_adapter(path: Path) -> Adapter:
     _check_supported(config_path, config)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
-        pickled = path / "adapter_model.bin"
+        pickled = path / PICKLED_WEIGHTS
         hint = " (adapter_model.bin is not read: re-save with safe_serialization=True)" if pickled.exists() else ""
         raise InputError(weights, f"file not found{hint}")
 
@@ -180,9 +183,11 @@ class MergedAdapterWriter:
         common = Counter(ranks.values()).most_common(1)[0][0]
         # Keys are regexes to PEFT; escaping makes each one match its own module only.
         pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != common}
-        LoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=pattern,
-                   alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
-                   base_model_name_or_path=base_model, inference_mode=True).save_pretrained(str(out_dir))
+        config = LoraConfig(r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
+                            lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
+                            inference_mode=True)
+        config.target_modules = sorted(ranks)  # PEFT keeps a set, written in arbitrary order
+        config.save_pretrained(str(out_dir))
         layout = []
         for module in modules:
             layout.append((f"{PEFT_PREFIX}{module.name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))

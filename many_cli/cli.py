@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional, TextIO
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from many_cli.errors import InputError
+from many_cli.errors import InputError, Terminated
+from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
 from many_cli.data import DEFAULT_PROMPT
+from many_cli.infer import DEFAULT_CONFIDENCE
 from many_cli.merge import DEFAULT_DENSITY, DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions, merge
 from many_cli.stats import Progress as StatsProgress
 from many_cli.stats import StatsOptions, collect_stats
@@ -113,10 +116,11 @@ def stats_command(
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt for a folder of images.")] = DEFAULT_PROMPT,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable records (counted in the metadata) instead of stopping.")] = False,
     padding_side: Annotated[str, typer.Option("--padding-side", help="left or right; the statistics do not depend on it.")] = "right",
+    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not a many stats file.")] = False,
 ) -> None:
     """Accumulate one task's input covariances and visual prototype for `many merge`."""
     options = StatsOptions(batch_size=batch_size, max_samples=max_samples, device=device, dtype=dtype,
-                           prompt=prompt, skip_bad=skip_bad, padding_side=padding_side)
+                           prompt=prompt, skip_bad=skip_bad, padding_side=padding_side, force=force)
     bars: list[_RecordsBar] = []
 
     def progress(total):
@@ -154,7 +158,8 @@ def infer_command(
     json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
     min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when the average per-task accuracy is below this.")] = None,
     lm_routing: Annotated[str, typer.Option("--lm-routing", help="merged (one merged LoRA) or experts (each image's task's own LoRA).")] = "merged",
-    confidence: Annotated[float, typer.Option("--confidence", help="experts: below this routing weight, answer with the merged LoRA.")] = 0.5,
+    confidence: Annotated[float, typer.Option("--confidence", help="experts: below this routing weight, answer with the merged LoRA.")] = DEFAULT_CONFIDENCE,
+    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier `many infer` output.")] = False,
 ) -> None:
     """Answer one image, or score a data set, with the merged model and routed projectors."""
     import json
@@ -165,29 +170,33 @@ def infer_command(
     single = image is not None or (prompt is not None and not data)
     if single == bool(data):
         raise InputError(None, "give --image IMG (and --prompt), --prompt TEXT alone, or --data DATA")
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
     options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 device=device, dtype=dtype, fold=fold, prompt=prompt, lm_routing=lm_routing,
-                                 confidence=confidence)
+                                 device=device, dtype=dtype, fold=fold, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+                                 lm_routing=lm_routing, confidence=confidence, min_accuracy=min_accuracy)
+    options.check()
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
+    if out is not None:
+        refuse_overlap(out, [merged, model, *(data or [])])
+        refuse_foreign_file(out, force, infer.is_predictions_file, "many infer output (JSON lines)")
     loaded = infer.load_merged(model, merged, options)
     if single:
-        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, prompt, None)], max_new_tokens)
+        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, options.prompt, None)],
+                                    max_new_tokens)
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
     def records():
         for source in data:
-            for record in read_records(source, prompt):
+            for record in read_records(source, options.prompt):
                 if isinstance(record, BadRecord):
                     raise InputError(record.source, record.fault)
                 yield record
 
     predictions = []
-    with _JsonLines(out) as sink:
+    with _json_lines(out) as sink:
         for prediction in infer.answer_all(loaded, records(), options):
-            sink.write(json.dumps(prediction.as_json()))
+            sink.write(json.dumps(prediction.as_json()) + "\n")
             predictions.append(prediction)
     scores = infer.accuracy_by_task(predictions)
     if not scores:
@@ -197,29 +206,14 @@ def infer_command(
         _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {min_accuracy}")
 
 
-class _JsonLines:
-    """JSON lines to a file (written under a temporary name, renamed when complete) or stdout."""
-
-    def __init__(self, path: Optional[Path]):
-        self._path = path
-        self._partial = path.with_name(path.name + ".partial") if path else None
-        self._handle = None
-
-    def __enter__(self):
-        self._handle = open(self._partial, "w") if self._partial else sys.stdout
-        return self
-
-    def write(self, line: str) -> None:
-        self._handle.write(line + "\n")
-
-    def __exit__(self, kind, *_):
-        if self._partial is None:
-            return
-        self._handle.close()
-        if kind is None:
-            self._partial.replace(self._path)
-        else:
-            self._partial.unlink(missing_ok=True)
+@contextmanager
+def _json_lines(path: Optional[Path]) -> Iterator[TextIO]:
+    """Standard output, or a file that appears complete or not at all."""
+    if path is None:
+        yield sys.stdout
+        return
+    with atomic_output_file(path) as partial, open(partial, "w") as handle:
+        yield handle
 
 
 def _print_accuracy(scores: dict[str, tuple[int, int]]) -> float:
@@ -418,10 +412,20 @@ def demo_command(
 
 
 def main() -> None:
-    """Entry point: usage errors exit 2 (typer's message); bad input exits 2 with one line;
-    any other failure exits 1 with one line (set MANY_DEBUG=1 for the traceback)."""
+    """Run the command line: usage errors exit 2 (typer's message); bad input exits 2 with one
+    line; Ctrl-C exits 130 and SIGTERM 143, each with one line, after the outputs in progress
+    are cleaned up; any other failure exits 1 with one line (MANY_DEBUG=1 shows the traceback)."""
+    warnings.showwarning = _warn_in_one_line
     try:
         app()
+    except SystemExit as done:
+        if done.code == 130:  # typer's silent exit on Ctrl-C inside a command
+            _fail(130, "interrupted")
+        raise
+    except KeyboardInterrupt:
+        _fail(130, "interrupted")
+    except Terminated:
+        _fail(143, "terminated")
     except InputError as error:
         _fail(2, str(error))
     except Exception as error:  # noqa: BLE001 - the last line of defence, reported in one line
@@ -430,6 +434,12 @@ def main() -> None:
         _fail(1, f"{type(error).__name__}: {error}")
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (PEFT, Pillow) as one line each, not a source excerpt."""
+    text = " ".join(str(message).split())
+    print(f"many: warning: {text[:300]}", file=sys.stderr)
+
+
 def _fail(code: int, message: str) -> None:
-    print(f"many: error: {message}", file=sys.stderr)
+    print(f"many: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from many_cli.data import BadRecord, Record, read_records
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_dir
+from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.state import STATS_FILE
@@ -33,6 +33,7 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
                                  "with `many bench sample`)")
     tasks = sorted(path.name for path in adapters.iterdir() if path.is_dir())
     records = [_first_record(sample / "data" / task / "evaluation.jsonl") for task in tasks]
+    refuse_overlap(out, [sample])
     with atomic_output_dir(out, force) as staging:
         copies = []
         for task in tasks:

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user's input is wrong" (exit status 2)."""
+"""The exception types the command line turns into exit statuses: bad input (2), SIGTERM (143)."""
 
 from pathlib import Path
 
@@ -13,3 +13,8 @@ class InputError(Exception):
         self.path = path
         self.fault = fault
         super().__init__(f"{path}: {fault}" if path is not None else fault)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that outputs in progress are cleaned up as on
+    Ctrl-C (a BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it)."""

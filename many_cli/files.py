@@ -3,15 +3,19 @@ fingerprints and all-or-nothing output directories."""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import signal
 import struct
-import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -107,7 +111,7 @@ class StreamingSafetensorsWriter:
                  metadata: Mapping[str, str]):
         self._layout = list(layout)
         self._next = 0
-        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
         offset = 0
         for name, dtype, shape in self._layout:
             size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
@@ -149,6 +153,17 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"{len(self._layout) - self._next} declared tensors never written")
 
 
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """safetensors' `save_file`, but byte for byte the same on every run (its metadata order
+    is not): tensors by element size, then name, as safetensors lays them out."""
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    writer = StreamingSafetensorsWriter(path, [(name, tensors[name].dtype, tuple(tensors[name].shape))
+                                               for name in names], metadata)
+    for name in names:
+        writer.write(name, tensors[name])
+    writer.close()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     count = 1
     for size in shape:
@@ -156,34 +171,190 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def refuse_overlap(out: Path, inputs: Iterable[Path | str]) -> None:
+    """An output that is, contains or lies inside an input would destroy it: refuse it
+    (symbolic links and hard links are seen through)."""
+    target = out.resolve()
+    for source in inputs:
+        path = Path(source)
+        if not path.exists():
+            continue
+        resolved = path.resolve()
+        same = out.exists() and os.path.samefile(out, path)
+        if same or target == resolved or target in resolved.parents or resolved in target.parents:
+            raise InputError(out, f"the output would overwrite the input {source}; choose an --out "
+                                  f"outside every input")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise InputError(out, "the output may not be the current directory or one of its parents")
+
+
+def refuse_foreign_file(out: Path, force: bool, is_own_kind: Callable[[Path], bool], kind: str) -> None:
+    """Replacing an existing file is fine when it is this command's own kind of output;
+    anything else needs --force. A directory is never replaced by a file."""
+    if out.is_dir():
+        raise InputError(out, "is a directory; --out takes a file name")
+    if out.exists() and not force and not is_own_kind(out):
+        raise InputError(out, f"exists and is not a {kind}; choose another --out or pass --force to replace it")
+
+
+@contextmanager
+def atomic_output_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling file; on success it replaces `out` in one rename, on any
+    failure (or signal) it is removed."""
+    with _locked_output(out):
+        partial = _fresh_sibling(out, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+        try:
+            yield partial
+            os.replace(partial, out)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it becomes `out`, on any failure
-    it is removed, so no command leaves a half-written output behind."""
+    """Yield a temporary sibling directory; on success it becomes `out`, on any failure (or
+    signal) it is removed, so no command leaves a half-written output behind and `out` is at
+    every moment either the old output or the new one."""
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a directory; remove it or choose another --out")
     if out.exists() and not force:
         raise InputError(out, "output directory already exists; choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    with _locked_output(out):
+        staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
+        try:
+            yield staging
+            _swap_in(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+# Hidden siblings of an output NAME: the lock of the writing process, the staging copy being
+# written, and the old output during a replacement. A run killed outright (SIGKILL, power loss)
+# leaves them; the next writer of NAME, once it holds the lock, restores or removes them.
+def _lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.many-lock")
+
+
+def _old_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.many-old")
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.many-partial-"
+
+
+@contextmanager
+def _locked_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` while it is written: a second writer is refused at once.
+    Parent directories this creates are removed again if the write fails."""
+    created = _make_parents(out.parent)
     try:
-        yield staging
+        handle = _acquire_lock(out)
+        try:
+            _recover(out)
+            yield
+        finally:
+            _lock_path(out).unlink(missing_ok=True)  # still holding it: nobody can be waiting
+            handle.close()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:
+            with suppress(OSError):
+                directory.rmdir()
         raise
-    _apply_umask(staging)
-    if out.exists():
-        retired = out.with_name(f".{out.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        out.rename(retired)
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _acquire_lock(out: Path):
+    path = _lock_path(out)
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise InputError(out, "another many process is writing this output now; wait for it to "
+                                  "finish or choose another --out") from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # the lock file was removed by its previous holder meanwhile: take the new one
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed writer left: put the old output back if the new one never arrived,
+    and remove staging copies."""
+    old = _old_path(out)
+    if old.exists() or old.is_symlink():
+        if out.exists():
+            _remove(old)
+        else:
+            old.rename(out)
+    for leftover in out.parent.glob(glob.escape(_partial_prefix(out)) + "*"):
+        _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
+        path.unlink(missing_ok=True)
+
+
+def _fresh_sibling(out: Path, create: Callable[[str], None]) -> Path:
+    """A new hidden sibling of `out`, made by `create` with the user's usual permissions (umask)."""
+    while True:
+        path = out.with_name(_partial_prefix(out) + secrets.token_hex(4))
+        try:
+            create(str(path))
+            return path
+        except FileExistsError:
+            continue
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Make `staging` the output `out`. Where the kernel can exchange two names at once
+    (renameat2), `out` is never missing; elsewhere the two renames run with SIGINT and SIGTERM
+    held back, and a SIGKILL between them is undone by the next writer (`_recover`)."""
+    if not out.exists():
         staging.rename(out)
+    elif _exchange(staging, out):
+        shutil.rmtree(staging)
+    else:
+        old = _old_path(out)
+        with _signals_held():
+            out.rename(old)
+            staging.rename(out)
+        shutil.rmtree(old)
 
 
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp makes a private directory; give it and its files the user's usual permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
-    directory.chmod(0o777 & ~mask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~mask)
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

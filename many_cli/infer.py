@@ -4,6 +4,8 @@ routed projector holding every task's projector (CPM), answering one image or a 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import re
 import string
 import time
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
-from many_cli.cpm import RoutedProjector
+from many_cli.cpm import ROUTINGS, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
@@ -42,6 +44,26 @@ class InferOptions:
     prompt: str = DEFAULT_PROMPT
     lm_routing: str = "merged"  # or "experts": each image's task's own LoRA (PEFT mixed batches)
     confidence: float = DEFAULT_CONFIDENCE  # experts: below this routing weight, the merged LoRA
+    min_accuracy: float | None = None  # the CLI fails when the average per-task accuracy is below it
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        if self.routing not in ROUTINGS:
+            raise InputError(None, f"--routing must be soft or hard, got {self.routing!r}")
+        if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
+            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        if self.lm_routing not in ("merged", "experts"):
+            raise InputError(None, f"--lm-routing must be merged or experts, got {self.lm_routing!r}")
+        if not 0 <= self.confidence <= 1:
+            raise InputError(None, f"--confidence is a routing weight in [0, 1], got {self.confidence}")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise InputError(None, f"--min-accuracy is an accuracy in [0, 1], got {self.min_accuracy}")
+        if self.max_new_tokens < 1:
+            raise InputError(None, f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
 
 
 @dataclass
@@ -54,12 +76,7 @@ class MergedModel:
 
 
 def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
-    if options.routing not in ("soft", "hard"):
-        raise InputError(None, f"--routing must be soft or hard, got {options.routing!r}")
-    if options.eta is not None and not options.eta > 0:
-        raise InputError(None, f"--eta must be > 0, got {options.eta}")
-    if options.lm_routing not in ("merged", "experts"):
-        raise InputError(None, f"--lm-routing must be merged or experts, got {options.lm_routing!r}")
+    options.check()
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_bundle_header(merged / BUNDLE_FILE)
@@ -149,37 +166,56 @@ class Prediction:
 
 
 def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> list[Prediction]:
-    """Greedy answers for one batch of records (their answers, if any, are not shown to the model)."""
+    """Greedy answers for one batch of records (their answers, if any, are not shown to the
+    model). Records with and without an image may mix: each gets its own routing, in order."""
     inputs = [load_inputs(merged.processor, record) for record in records]
     images = [image for image, _ in inputs if image is not None]
     audios = [audio for _, audio in inputs if audio is not None]
     encoded = encode_records(merged.processor, records, images, with_answers=False, audios=audios).to(merged.device)
     start = time.perf_counter()
     extra = {}
+    if merged.router is not None:
+        merged.router.last_weights = None  # never report an earlier batch's routing
     with torch.inference_mode():
         if merged.experts:
-            extra["adapter_names"] = choose_adapters(merged, encoded)
+            extra["adapter_names"] = choose_adapters(merged, encoded, records)
         generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     seconds = (time.perf_counter() - start) / len(records)
     texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    weights = merged.router.last_weights.tolist() if merged.router is not None else [[] for _ in records]
-    tasks = merged.router.tasks if merged.router is not None else []
+    routing = _routing_per_record(merged, records)
     names = extra.get("adapter_names", [MERGED] * len(records))
-    return [Prediction(record, text.strip(), dict(zip(tasks, row)), seconds, name)
-            for record, text, row, name in zip(records, texts, weights, names)]
+    return [Prediction(record, text.strip(), weights, seconds, name)
+            for record, text, weights, name in zip(records, texts, routing, names, strict=True)]
 
 
-def choose_adapters(merged: MergedModel, encoded) -> list[str]:
+def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict[str, float]]:
+    """The router's weights of the last forward, one row per media record in order; records
+    without image or audio were not routed."""
+    routed = [record.image is not None or record.audio is not None for record in records]
+    if merged.router is None or not any(routed):
+        return [{} for _ in records]
+    rows = merged.router.last_weights
+    if rows is None or rows.shape[0] != sum(routed):
+        raise RuntimeError(f"the router saw {0 if rows is None else rows.shape[0]} images for "
+                           f"{sum(routed)} records with media")
+    weights = iter(rows.tolist())
+    return [dict(zip(merged.router.tasks, next(weights))) if media else {} for media in routed]
+
+
+def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list[str]:
     """Experts mode: route each image first (the vision tower and projectors run once more),
     then answer with its task's own LoRA when the routing weight reaches the confidence, else
-    with the merged one."""
+    (and for records without an image) with the merged one."""
+    if "pixel_values" not in encoded:
+        return [MERGED] * len(records)
     image_sizes = encoded.get("image_sizes")
     merged.model.get_image_features(pixel_values=encoded["pixel_values"],
                                     **({"image_sizes": image_sizes} if image_sizes is not None else {}))
-    weights = merged.router.last_weights
-    best = weights.max(dim=-1)
-    return [merged.router.tasks[index] if value >= merged.router.confidence else MERGED
-            for value, index in zip(best.values.tolist(), best.indices.tolist())]
+    names = []
+    for record, weights in zip(records, _routing_per_record(merged, records), strict=True):
+        task, weight = max(weights.items(), key=lambda item: item[1]) if weights else (MERGED, 1.0)
+        names.append(task if weight >= merged.router.confidence else MERGED)
+    return names
 
 
 def answer_all(merged: MergedModel, records: Iterable[Record], options: InferOptions) -> Iterator[Prediction]:
@@ -191,6 +227,16 @@ def answer_all(merged: MergedModel, records: Iterable[Record], options: InferOpt
             batch = []
     if batch:
         yield from answer(merged, batch, options.max_new_tokens)
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether `path` is empty or holds `many infer` JSON lines (which `--out` may replace)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+        return not first.strip() or "prediction" in json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 def normalise_answer(text: str) -> str:

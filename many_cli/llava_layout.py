@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
-from many_cli.adapters import LORA_KEY, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from many_cli.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_KEY, NON_LORA_TRAINABLES, PEFT_PREFIX,
+                               PICKLED_WEIGHTS)
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_dir, open_safetensors, read_json
+from many_cli.files import atomic_output_dir, open_safetensors, read_json, refuse_overlap, save_tensors
 
-NON_LORA_TRAINABLES = "non_lora_trainables.bin"
-PICKLED_WEIGHTS = "adapter_model.bin"
 # LLaVA-1.5's mlp2x_gelu projector: Sequential(Linear, GELU, Linear).
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 _PROJECTOR_KEY = re.compile(r"(?:^|\.)mm_projector\.(?P<index>\d+)\.(?P<parameter>weight|bias)$")
@@ -94,13 +92,14 @@ def write_peft_adapter(source: Path, out: Path) -> None:
     config, tensors = convert_tensors(source)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_tensors(out / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
 
 
 def convert(source: Path, out: Path, force: bool) -> Path:
     """`many convert`: an original-layout checkpoint to a PEFT adapter, all or nothing."""
     if not is_llava_layout(source):
         raise InputError(source, f"is not an original LLaVA checkpoint (no {NON_LORA_TRAINABLES})")
+    refuse_overlap(out, [source])
     with atomic_output_dir(out, force) as staging:
         write_peft_adapter(source, staging)
     return out

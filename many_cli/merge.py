@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
-from safetensors.torch import save_file
 
 from many_cli import lpm
 from many_cli.adapters import Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter
 from many_cli.card import model_card
 from many_cli.errors import InputError
-from many_cli.files import StreamingSafetensorsWriter, atomic_output_dir, open_safetensors
+from many_cli.files import (StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, refuse_overlap,
+                            save_tensors)
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
@@ -90,10 +90,12 @@ class MergeReport:
 def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: Path | None = None,
           track: Track = lambda items, _: items) -> MergeReport:
     _check_options(options, resume)
+    paths = find_adapter_dirs(adapter_paths)
+    refuse_overlap(out, [*adapter_paths, *paths, *([resume] if resume else [])])
     with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
         tasks = [_load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE,
                             needs_stats=options.method == "many")
-                 for path in find_adapter_dirs(adapter_paths)]
+                 for path in paths]
         return _merge_tasks(tasks, out, options, resume, track)
 
 
@@ -159,8 +161,9 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
         raise InputError(None, f"--scale must be finite, got {options.scale}")
     if not 0 < options.density <= 1:
         raise InputError(None, f"--density must lie in (0, 1], got {options.density}")
-    if not options.eta > 0:
-        raise InputError(None, f"--eta must be > 0, got {options.eta}")
+    if not (options.eta > 0 and math.isfinite(options.eta)):
+        raise InputError(None, f"--eta must be a finite number > 0, got {options.eta}")
+    resolve_device(options.device)
     if resume is not None and options.method != "many":
         raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
 
@@ -485,4 +488,4 @@ def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta:
         prototype = task.stats.prototype() if task.stats else None
         if prototype is not None:
             tensors[f"prototype/{index}"] = prototype.contiguous()
-    save_file(tensors, str(path), metadata=bundle_metadata(names, projector_module, eta))
+    save_tensors(path, tensors, bundle_metadata(names, projector_module, eta))

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
-from many_cli.files import open_safetensors
+from many_cli.files import atomic_output_file, open_safetensors, save_tensors
 
 STATS_FILE = "many_stats.safetensors"
 BUNDLE_FILE = "many_bundle.safetensors"
@@ -182,6 +181,15 @@ def read_stats_header(path: Path) -> StatsHeader:
         )
 
 
+def is_stats_file(path: Path) -> bool:
+    """Whether `path` is a readable `many stats` file (which `many stats --out` may replace)."""
+    try:
+        with open_safetensors(path) as handle:
+            return handle.metadata().get("format") == "many-stats"
+    except InputError:
+        return False
+
+
 def stats_metadata(*, dims: Mapping[str, int], tokens: Mapping[str, int], modules: Mapping[str, list[str]],
                    images: int, adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -213,9 +221,8 @@ def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: 
                               tokens=tokens, modules=modules, images=images,
                               adapter_fingerprint=adapter_fingerprint, base_fingerprint=base_fingerprint,
                               token_rule=token_rule, extra=extra)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
+    with atomic_output_file(path) as partial:
+        save_tensors(partial, tensors, metadata)
 
 
 # ---------------------------------------------------------------- bundle

@@ -15,16 +15,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_WEIGHTS
+from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_inputs,
                            read_records, tokenizer_of)
 from many_cli.errors import InputError
-from many_cli.files import file_fingerprint
+from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
                              resolve_device, resolve_dtype, track_crops)
-from many_cli.state import BLOCK, STATS_FILE, write_stats
+from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
               "there is one (else the generation prompt); every position whose attention mask is 1, "
@@ -41,6 +41,7 @@ class StatsOptions:
     prompt: str = DEFAULT_PROMPT
     skip_bad: bool = False
     padding_side: str = "right"
+    force: bool = False  # replace an existing --out that is not a stats file
 
 
 @dataclass
@@ -70,8 +71,11 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
     """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
     _check_options(options)
+    out = out or adapter / STATS_FILE
+    refuse_overlap(out, [data, base, *(adapter / name for name in ADAPTER_FILES)])
+    refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
     with peft_adapter_dir(adapter) as converted:
-        return _collect(base, converted, data, out or adapter / STATS_FILE, options, progress)
+        return _collect(base, converted, data, out, options, progress)
 
 
 def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
@@ -166,6 +170,8 @@ def _check_options(options: StatsOptions) -> None:
         raise InputError(None, f"--max-samples must be ≥ 1, got {options.max_samples}")
     if options.padding_side not in ("left", "right"):
         raise InputError(None, f"--padding-side must be left or right, got {options.padding_side!r}")
+    resolve_device(options.device)
+    resolve_dtype(options.dtype)
 
 
 def _adapter_fingerprint(adapter: Path) -> str:

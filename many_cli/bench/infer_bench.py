@@ -85,13 +85,13 @@ def _timed(function):
     return value, time.perf_counter() - start
 
 
-def _per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None) -> float:
+def _per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None, record: Record | None = None) -> float:
     """Seconds per image for greedy decoding of exactly `new_tokens`, one image at a time
-    (with `experts`, routing each image to its task's LoRA first, as `many infer` does)."""
+    (with `experts`, routing each image (`record`) to its task's LoRA first, as `many infer` does)."""
     start = time.perf_counter()
     with torch.inference_mode():
         for encoded in inputs:
-            extra = {"adapter_names": choose_adapters(experts, encoded)} if experts else {}
+            extra = {"adapter_names": choose_adapters(experts, encoded, [record])} if experts else {}
             model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra)
     return (time.perf_counter() - start) / len(inputs)
 
@@ -112,11 +112,11 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
                                  with_answers=False).to(compute) for _ in range(images)]
         _per_image(plain, inputs[:1], 2)
         _per_image(ours.model, inputs[:1], 2)
-        _per_image(routed.model, inputs[:1], 2, routed)
+        _per_image(routed.model, inputs[:1], 2, routed, record)
         base_seconds = many_seconds = experts_seconds = float("inf")
         for _ in range(repeats):  # interleaved, best of each
             base_seconds = min(base_seconds, _per_image(plain, inputs, new_tokens))
             many_seconds = min(many_seconds, _per_image(ours.model, inputs, new_tokens))
-            experts_seconds = min(experts_seconds, _per_image(routed.model, inputs, new_tokens, routed))
+            experts_seconds = min(experts_seconds, _per_image(routed.model, inputs, new_tokens, routed, record))
     return InferBenchResult(str(compute), tasks, images, new_tokens, base_seconds, many_seconds,
                             base_load, many_load, experts_seconds)
