@@ -27,6 +27,7 @@ _UNSUPPORTED_KEYS = {
     ".lora_A.bias": "LoRA with lora_bias",
     ".lora_B.bias": "LoRA with lora_bias",
 }
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 SUPPORTED = "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)"
 
 
@@ -101,6 +102,8 @@ def read_adapter(path: Path) -> Adapter:
             for marker, what in _UNSUPPORTED_KEYS.items():
                 if marker in key:
                     raise InputError(weights, f"holds {key!r}: {what} is not supported; {SUPPORTED}")
+            if handle.dtype(key) not in FLOAT_CODES:
+                raise InputError(weights, f"tensor {key!r} is {handle.dtype(key)}, not floating point")
             name = key.removeprefix(PEFT_PREFIX)
             match = LORA_KEY.match(name)
             if match:

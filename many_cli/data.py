@@ -59,14 +59,23 @@ def count_records(data: Path) -> int | None:
 
 
 def load_image(record: Record) -> Image.Image:
-    """The record's image as RGB; InputError naming the record if it cannot be read."""
+    """The record's image as 8-bit RGB; InputError naming the record if it cannot be read."""
     try:
         with Image.open(record.image) as image:
-            return image.convert("RGB")
+            return _as_rgb(image)
     except FileNotFoundError:
         raise InputError(record.source, f"image {record.image} not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise InputError(record.source, f"image {record.image} cannot be read ({error})") from None
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """Pillow's convert("RGB") clips 16- and 32-bit grey values at 255 (all white): scale
+    them to 8 bits first, as the 16-bit range they hold."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def load_audio(record: Record, sampling_rate: int) -> np.ndarray:
@@ -108,13 +117,16 @@ def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
 
 
 def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             source = f"{path}:{number}"
             try:
-                entry = json.loads(line)
+                entry = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield BadRecord(source, "is not UTF-8 text")
+                continue
             except json.JSONDecodeError as error:
                 yield BadRecord(source, f"not JSON ({error.msg})")
                 continue

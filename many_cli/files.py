@@ -72,11 +72,28 @@ class _CheckedHandle:
         except (SafetensorError, RuntimeError, ValueError) as error:
             raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype's safetensors code ("F32", "BF16", "I64", ...), without reading data."""
+        return self._handle.get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
+        """One tensor, checked: every tensor `many` reads is floating point and finite."""
         try:
-            return self._handle.get_tensor(key)
+            tensor = self._handle.get_tensor(key)
         except (SafetensorError, RuntimeError, ValueError) as error:
             raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
+        if not tensor.is_floating_point():
+            raise InputError(self.path, f"tensor {key!r} is {tensor.dtype}, not floating point; re-create the file")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(self.path, f"tensor {key!r} holds NaN or Inf; re-create the file")
+        return tensor
+
+
+def check_tensors(path: Path) -> None:
+    """Read every tensor of a safetensors file once, so a bad one is reported before any use."""
+    with open_safetensors(path) as handle:
+        for key in handle.keys():
+            handle.get(key)
 
 
 def read_json(path: Path) -> dict:

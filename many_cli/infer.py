@@ -22,8 +22,8 @@ from many_cli.cpm import ROUTINGS, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.files import open_safetensors
-from many_cli.models import (apply_adapters, find_projector, load_base_model, replace_projector,
-                             resolve_device, resolve_dtype, track_crops)
+from many_cli.models import (apply_adapters, find_projector, load_base_model, lora_layers, replace_projector,
+                             resolve_device, resolve_dtype, text_layers, track_crops)
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
 
@@ -142,7 +142,13 @@ def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, 
     missing = [task for task in tasks if not (folder / task / ADAPTER_CONFIG).is_file()]
     if missing:
         raise InputError(folder, f"holds no expert for {', '.join(missing)}; merge without --no-experts")
-    return apply_adapters(model, base, [(merged, MERGED)] + [(folder / task, task) for task in tasks])
+    adapted = apply_adapters(model, base, [(merged, MERGED)] + [(folder / task, task) for task in tasks])
+    layers = lora_layers(adapted)
+    media = sorted(set(layers) - text_layers(adapted.get_base_model(), layers))
+    if media:  # PEFT's mixed batches pick an adapter per text row; media layers see other rows
+        raise InputError(folder, f"the experts adapt layers outside the language model ({media[0]}, ...); "
+                                 f"--lm-routing experts routes language-model LoRA only: use --lm-routing merged")
+    return adapted
 
 
 @dataclass

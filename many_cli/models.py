@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from many_cli.adapters import ADAPTER_WEIGHTS
 from many_cli.errors import InputError
+from many_cli.files import check_tensors
 
 PROJECTOR_NAME = "multi_modal_projector"
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
@@ -62,13 +64,14 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
     # Vision-language first, then any-modality (audio-language: Qwen2-Audio), then plain LMs.
     for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM):
-        try:
-            model = auto.from_pretrained(base, dtype=dtype)
+        try:  # safetensors only: a pickled checkpoint could run code when loaded
+            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True)
             return model.to(device).eval()
         except ValueError:
             continue
         except OSError as error:
-            raise InputError(base, f"cannot load the model weights ({error})") from None
+            raise InputError(base, f"cannot load safetensors model weights (many loads no pickled "
+                                   f".bin checkpoint: {' '.join(str(error).split())[:300]})") from None
     raise InputError(base, "is neither an image-text-to-text, a multimodal nor a causal language "
                            "model transformers knows")
 
@@ -81,6 +84,11 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
 
     adapted = None
     for directory, name in adapters:
+        weights = directory / ADAPTER_WEIGHTS
+        if not weights.is_file():  # PEFT would fall back to unpickling adapter_model.bin
+            raise InputError(weights, "file not found (many reads adapter weights from safetensors only; "
+                                      "re-save with safe_serialization=True)")
+        check_tensors(weights)
         try:
             if adapted is None:
                 adapted = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
@@ -106,6 +114,16 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
     inner = peft_model.get_base_model()
     return {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
+
+
+def text_layers(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
+    """Those of `layers` (by name in `model`) that read the token sequence: the language model's
+    own and its output layer; the others (a vision or audio tower's) read media features."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        return set(layers)
+    inside = {id(module) for module in decoder.modules()} | {id(model.get_output_embeddings())}
+    return {name for name, layer in layers.items() if id(layer) in inside}
 
 
 def _projector_name(model: nn.Module) -> str | None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -156,8 +157,19 @@ class StatsHeader:
             return handle.get("prototype")
 
 
-def read_stats_header(path: Path) -> StatsHeader:
+@contextmanager
+def _metadata_of(path: Path) -> Iterator:
+    """Open a `many` file; metadata that is there but malformed is an InputError naming the file."""
     with open_safetensors(path) as handle:
+        try:
+            yield handle
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise InputError(path, f"its metadata is malformed ({type(error).__name__}: {error}); "
+                                   f"re-create the file") from None
+
+
+def read_stats_header(path: Path) -> StatsHeader:
+    with _metadata_of(path) as handle:
         metadata = handle.metadata()
         _check_format(path, metadata, "many-stats")
         inputs = {}
@@ -237,12 +249,14 @@ class BundleHeader:
 
 
 def read_bundle_header(path: Path) -> BundleHeader:
-    with open_safetensors(path) as handle:
+    with _metadata_of(path) as handle:
         metadata = handle.metadata()
         _check_format(path, metadata, "many-bundle")
+        eta = float(metadata.get("eta", "nan"))
+        if not (eta > 0 and math.isfinite(eta)):
+            raise InputError(path, f"its default η {metadata.get('eta')!r} is not a finite number > 0")
         return BundleHeader(path, tuple(_json_field(path, metadata, "tasks")),
-                            metadata.get("projector_module") or None,
-                            float(metadata.get("eta", "nan")),
+                            metadata.get("projector_module") or None, eta,
                             {key: handle.shape(key) for key in handle.keys()})
 
 
@@ -273,7 +287,7 @@ class StateHeader:
 
 
 def read_state_header(path: Path) -> StateHeader:
-    with open_safetensors(path) as handle:
+    with _metadata_of(path) as handle:
         metadata = handle.metadata()
         _check_format(path, metadata, "many-state")
         tasks = tuple(StateTask(entry["name"], entry["adapter_fingerprint"], tuple(entry["modules"]),

@@ -23,7 +23,7 @@ from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
-                             resolve_device, resolve_dtype, track_crops)
+                             resolve_device, resolve_dtype, text_layers, track_crops)
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
@@ -97,7 +97,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
 
     report = StatsReport(out, rank)
-    covariances = InputCovariances(layers, device)
+    covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
     track_crops(model, prototype)
     total = count_records(data)
@@ -122,11 +122,12 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
         prototype.remove_hook()
 
     sums = {key: triangle.packed() for key, triangle in covariances.sums.items()}
+    rows = {key: triangle.rows_added for key, triangle in covariances.sums.items()}
     members = covariances.members
     prototype_sum, image_count = prototype.result()
     if world > 1:
-        sums, members, prototype_sum, image_count = _all_reduce(sums, members, prototype_sum,
-                                                                image_count, report, device)
+        sums, rows, members, prototype_sum, image_count = _all_reduce(sums, rows, members, prototype_sum,
+                                                                      image_count, report, device)
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
     for key, packed in sums.items():
@@ -138,12 +139,13 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     if rank == 0:
         named = {min(members[key]): key for key in sums}
         write_stats(out, covariances={name: sums[key].cpu() for name, key in named.items()},
-                    tokens={name: report.tokens for name in named},
+                    tokens={name: rows[key] for name, key in named.items()},
                     modules={name: members[key] for name, key in named.items()},
                     prototype=(prototype_sum / image_count).cpu() if image_count else None,
                     images=image_count, adapter_fingerprint=adapter_fingerprint,
                     base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
-                    extra={"records": str(report.records), "skipped": str(report.skipped)})
+                    extra={"records": str(report.records), "skipped": str(report.skipped),
+                           "tokens": str(report.tokens)})  # text tokens; media layers count rows
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -229,11 +231,13 @@ class UpperTriangle:
 
     def __init__(self, dim: int, device: torch.device):
         self.dim = dim
+        self.rows_added = 0  # the tokens counted
         self.rows = [torch.zeros(min(BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
                      for start in range(0, dim, BLOCK)]
 
     def add(self, x: torch.Tensor) -> None:
         """Add xᵀ x for x of shape (tokens, dim), float32."""
+        self.rows_added += x.shape[0]
         for index, rows in enumerate(self.rows):
             start = index * BLOCK
             rows.addmm_(x[:, start:start + rows.shape[0]].T, x[:, start:])
@@ -247,10 +251,13 @@ class InputCovariances:
     """Forward pre-hooks on the adapted layers. During the first batch, layers whose input has
     the fingerprint of an earlier layer's (q/k/v, gate/up, whatever their names) join its
     group and lose their hook; afterwards one float32 Σ x xᵀ per distinct input accumulates
-    on the compute device over the positions whose attention mask is 1."""
+    on the compute device: over the positions whose attention mask is 1 for `text_layers`
+    (which read the token sequence), over every row for the others (a vision tower's layers
+    read image patches: every one counts)."""
 
-    def __init__(self, layers: dict[str, nn.Module], device: torch.device):
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device, text_layers: set[str]):
         self._device = device
+        self._text_layers = text_layers
         self._mask: torch.Tensor | None = None
         self._discovering = True
         self._seen: dict[tuple, str] = {}
@@ -272,7 +279,9 @@ class InputCovariances:
 
     def _hook(self, name: str, _module: nn.Module, args: tuple) -> None:
         x = args[0]
-        flat = x.reshape(-1, x.shape[-1])[self._mask]
+        flat = x.reshape(-1, x.shape[-1])
+        if name in self._text_layers:
+            flat = flat[self._mask]
         if self._discovering and name not in self.sums:  # a layer called again keeps all its inputs
             fingerprint = _fingerprint(flat)
             if fingerprint in self._seen:
@@ -321,7 +330,7 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
-def _all_reduce(sums, members, prototype_sum, image_count, report: StatsReport, device):
+def _all_reduce(sums, rows, members, prototype_sum, image_count, report: StatsReport, device):
     """Sum every rank's statistics. Ranks agree on the grouping of layers by input (it is
     structural); a rank whose shard was empty adopts it from the others."""
     dist = torch.distributed
@@ -331,17 +340,20 @@ def _all_reduce(sums, members, prototype_sum, image_count, report: StatsReport, 
                            if members else None)
     known = [layout for layout in layouts if layout is not None]
     if not known:
-        return sums, members, prototype_sum, image_count
+        return sums, rows, members, prototype_sum, image_count
     members, lengths, prototype_width = known[0]
     if any(layout[0] != members for layout in known):
         raise RuntimeError("ranks disagree on which layers share an input")
-    reduced = {}
+    reduced, reduced_rows = {}, {}
     for key in sorted(members):
         packed = sums.get(key)
         if packed is None:
             packed = torch.zeros(lengths[key], dtype=torch.float32, device=device)
         dist.all_reduce(packed)
         reduced[key] = packed
+        count = torch.tensor([rows.get(key, 0)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        reduced_rows[key] = int(count.item())
     counts = torch.tensor([report.records, report.skipped, report.tokens, image_count],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
@@ -350,4 +362,4 @@ def _all_reduce(sums, members, prototype_sum, image_count, report: StatsReport, 
         if prototype_sum is None:
             prototype_sum = torch.zeros(prototype_width, device=device)
         dist.all_reduce(prototype_sum)
-    return reduced, members, prototype_sum, image_count
+    return reduced, reduced_rows, members, prototype_sum, image_count

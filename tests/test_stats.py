@@ -214,12 +214,20 @@ def test_nan_activation_names_the_layer(task, tmp_path, capsys):
     shutil.copytree(adapter, broken)
     weights = load_file(broken / "adapter_model.safetensors")
     key = "base_model.model.model.language_model.layers.1.mlp.gate_proj.lora_A.weight"
-    weights[key] = torch.full_like(weights[key], float("inf"))
-    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "s.safetensors"
+    # Finite weights whose activations overflow: the covariance of down_proj's input is Inf.
+    weights[key] = torch.full_like(weights[key], 1e30)
+    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", broken,
                         "--data", root / "data" / "calib.jsonl", "--out", out)
     assert code == 2 and "holds NaN or Inf" in err and "layers.1.mlp.down_proj" in err, err
+    assert err.count("\n") == 1 and not out.exists()
+    # Inf in the weights themselves is found where they are read, naming the tensor.
+    weights[key] = torch.full_like(weights[key], float("inf"))
+    save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", broken,
+                        "--data", root / "data" / "calib.jsonl", "--out", out)
+    assert code == 2 and "holds NaN or Inf" in err and key in err, err
     assert err.count("\n") == 1 and not out.exists()
 
 
@@ -243,7 +251,7 @@ def test_shared_inputs_are_detected_whatever_the_layer_names():
     torch.manual_seed(0)
     block = Block()
     layers = {name: getattr(block, name) for name in ("alpha", "beta", "gamma", "delta")}
-    collector = InputCovariances(layers, torch.device("cpu"))
+    collector = InputCovariances(layers, torch.device("cpu"), set(layers))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     expected = {name: torch.zeros(6, 6, dtype=torch.float64) for name in layers}
     batches = [torch.randn(2, 5, 6) for _ in range(3)]

@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
-from many_cli.models import find_projector, lora_layers, resolve_device
+from many_cli.models import find_projector, lora_layers, resolve_device, text_layers
 from many_cli.stats import InputCovariances, PrototypeSum, forward
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def run_forward(model, batches, device) -> float:
 def run_stats(model, batches, device) -> tuple[float, list[int]]:
     """Seconds for the statistics pass, and the width of each distinct input it found."""
     start = time.perf_counter()
-    covariances = InputCovariances(lora_layers(model), device)
+    layers = lora_layers(model)
+    covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
     for batch in batches:
         covariances.begin_batch(batch["attention_mask"].bool().to(device))
