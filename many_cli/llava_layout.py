@@ -97,9 +97,9 @@ def write_peft_adapter(source: Path, out: Path) -> None:
 
 def convert(source: Path, out: Path, force: bool) -> Path:
     """`many convert`: an original-layout checkpoint to a PEFT adapter, all or nothing."""
+    refuse_overlap(out, [source])
     if not is_llava_layout(source):
         raise InputError(source, f"is not an original LLaVA checkpoint (no {NON_LORA_TRAINABLES})")
-    refuse_overlap(out, [source])
     with atomic_output_dir(out, force) as staging:
         write_peft_adapter(source, staging)
     return out

@@ -1,0 +1,202 @@
+"""Trust: an output never destroys an input; an interrupted or killed run leaves the old output
+or the new one and, after the next run, no leftovers; concurrent writers are refused; bad
+options are refused before any work; the same command writes the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from many_cli import files
+from many_cli import merge as merge_module
+from many_cli.data import Record, load_image
+from many_cli.errors import Terminated
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of the file itself), by path relative to it."""
+    paths = [path] if path.is_file() else sorted(item for item in path.rglob("*") if item.is_file())
+    return {str(item.relative_to(path) if path.is_dir() else item.name): hashlib.sha256(item.read_bytes()).hexdigest()
+            for item in paths}
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(item.name for item in folder.iterdir() if item.name.startswith("."))
+
+
+@pytest.fixture
+def adapters(world, tmp_path) -> Path:
+    """A folder holding copies of two of the world's adapters (with their stats)."""
+    folder = tmp_path / "adapters"
+    for adapter in world.adapters[:2]:
+        shutil.copytree(adapter, folder / adapter.name)
+    return folder
+
+
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(world, adapters, tmp_path, capsys):
+    first = sorted(adapters.iterdir())[0]
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hello"}\n')
+    before = digest(tmp_path)
+    cases = [
+        ["merge", adapters, "--out", adapters, "--force"],  # the folder holding the inputs
+        ["merge", *sorted(adapters.iterdir()), "--out", first, "--force"],  # one of the inputs
+        ["merge", adapters, "--out", adapters / "merged"],  # inside the inputs' folder
+        ["merge", first, "--out", tmp_path, "--force"],  # a folder that contains the inputs
+        ["stats", "--model", world.base, "--adapter", first, "--data", data,
+         "--out", first / "adapter_model.safetensors", "--force"],
+        ["stats", "--model", world.base, "--adapter", first, "--data", data, "--out", data, "--force"],
+        ["stats", "--model", world.base, "--adapter", first, "--data", data,
+         "--out", world.base / "many_stats.safetensors"],
+        ["convert", first, "--out", first, "--force"],
+    ]
+    for args in cases:
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and "would overwrite the input" in err and err.count("\n") == 1, (args, err)
+    assert digest(tmp_path) == before
+
+
+def test_the_current_directory_and_files_are_not_replaced_by_a_directory(adapters, tmp_path, capsys, monkeypatch):
+    first = sorted(adapters.iterdir())[0]
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    for out in (".", ".."):
+        code, err = run_cli(capsys, "merge", first, "--out", out, "--force")
+        assert code == 2 and "current directory" in err, err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    code, err = run_cli(capsys, "merge", first, "--out", a_file, "--force")
+    assert code == 2 and "not a directory" in err and a_file.read_text() == "mine"
+    assert hidden(tmp_path) == [] and sorted(os.listdir(elsewhere)) == []
+
+
+@pytest.mark.parametrize("signal_exception,code,line", [(KeyboardInterrupt, 130, "interrupted"),
+                                                         (Terminated, 143, "terminated")])
+def test_an_interrupted_merge_keeps_the_old_output_and_leaves_nothing(world, tmp_path, capsys, monkeypatch,
+                                                                      signal_exception, code, line):
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", out)[0] == 0
+    before = digest(out)
+
+    def interrupted(*args, **kwargs):
+        raise signal_exception()
+
+    monkeypatch.setattr(merge_module, "_write_bundle", interrupted)  # late: the staging copy is nearly whole
+    status, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
+    assert (status, err) == (code, f"many: error: {line}\n")
+    assert digest(out) == before and hidden(tmp_path) == []
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from many_cli import files
+
+out, moment = Path(sys.argv[1]), sys.argv[2]
+files._exchange = lambda first, second: False  # the two-rename path, where a kill can fall between
+rename = Path.rename
+
+def rename_then_die(self, target):
+    result = rename(self, target)
+    if Path(target).name.endswith(".many-old"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+Path.rename = rename_then_die
+with files.atomic_output_dir(out, force=True) as staging:
+    (staging / "version.txt").write_text("new")
+    if moment == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("moment", ["writing", "between renames"])
+def test_a_killed_writer_is_recovered_by_the_next_run(tmp_path, moment):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "version.txt").write_text("old")
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out), moment], capture_output=True)
+    assert run.returncode == -signal.SIGKILL
+    assert hidden(tmp_path), "the kill should have left something behind"
+    # A later writer that fails still finds (and leaves) the old output, and cleans up.
+    with pytest.raises(RuntimeError), files.atomic_output_dir(out, force=True):
+        raise RuntimeError("failed")
+    assert (out / "version.txt").read_text() == "old" and hidden(tmp_path) == []
+    with files.atomic_output_dir(out, force=True) as staging:
+        (staging / "version.txt").write_text("newer")
+    assert (out / "version.txt").read_text() == "newer" and hidden(tmp_path) == []
+
+
+def test_a_second_writer_of_one_output_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    with files.atomic_output_dir(out, force=True) as staging:  # another process, as far as flock knows
+        (staging / "x").write_text("first")
+        code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
+        assert code == 2 and "another many process is writing" in err, err
+    assert (out / "x").read_text() == "first" and hidden(tmp_path) == []
+
+
+def console_script() -> list[str]:
+    script = Path(sys.executable).with_name("many")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
+
+
+@pytest.mark.parametrize("sent,code,line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, line):
+    process = subprocess.Popen([*console_script(), "merge", *world.adapters, "--out", tmp_path / "m"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside the imports of torch and transformers
+    process.send_signal(sent)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code and err == f"many: error: {line}\n", err
+    assert not (tmp_path / "m").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,option", [
+    (["infer", "--image", "x.png", "--eta", "inf"], "--eta"),
+    (["infer", "--image", "x.png", "--confidence", "1.5", "--lm-routing", "experts"], "--confidence"),
+    (["infer", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["infer", "--data", "x.jsonl", "--min-accuracy", "nan"], "--min-accuracy"),
+    (["infer", "--data", "x.jsonl", "--min-accuracy", "1.5"], "--min-accuracy"),
+    (["infer", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["infer", "--image", "x.png", "--device", "tpu"], "--device"),
+    (["merge", "nowhere", "--out", "m", "--eta", "inf"], "--eta"),
+    (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
+    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--dtype", "float8"], "--dtype"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option):
+    command, rest = args[0], args[1:]
+    model = [] if command == "merge" else ["--model", tmp_path / "no-model"]
+    merged = ["--merged", tmp_path / "no-merge"] if command == "infer" else []
+    code, err = run_cli(capsys, command, *model, *merged, *rest)
+    assert code == 2 and option in err and "no-model" not in err and err.count("\n") == 1, err
+
+
+def test_the_same_merge_writes_the_same_bytes(world, tmp_path, capsys):
+    for name in ("first", "second"):
+        assert run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / name)[0] == 0
+    first, second = digest(tmp_path / "first"), digest(tmp_path / "second")
+    assert len(first) > 6 and first == second
+
+
+def test_a_16_bit_grey_image_reads_as_its_8_bit_values(tmp_path):
+    values = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values * 257).save(path)  # 16-bit PNG: v·257 is v at 8 bits
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")
+    pixels = np.asarray(load_image(Record("grey16", path, "", None)))
+    assert pixels.shape == (16, 16, 3) and (pixels == values[..., None]).all()
