@@ -251,3 +251,138 @@ def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, 
     code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "lean", "--data", heldout[0],
                         "--lm-routing", "experts")
     assert code == 2 and "--no-experts" in err
+
+
+def test_an_ordinary_user_merges_resumes_and_routes_experts(tasks, tmp_path):
+    """As root, run the console script without the powers that ignore file permissions, so that a
+    directory without its search bit fails here as it would for any user."""
+    import os
+    import subprocess
+    import sys
+
+    root, base, adapters, heldout = tasks
+    script = Path(sys.executable).with_name("many")
+    many = [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
+    if os.geteuid() == 0:
+        many = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                "--inh-caps=-dac_override,-dac_read_search", *many]
+    for args in (["merge", *adapters[:2], "--out", tmp_path / "first"],
+                 ["merge", adapters[2], "--resume", tmp_path / "first", "--out", tmp_path / "all"],
+                 ["infer", "--model", base, "--merged", tmp_path / "all", "--data", heldout[2],
+                  "--lm-routing", "experts", "--max-new-tokens", 2, "--out", tmp_path / "preds.jsonl"]):
+        run = subprocess.run([*many, *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    rows = predictions(tmp_path / "preds.jsonl")
+    assert len(rows) == 3 and {row["lm"] for row in rows} == {"blue"}
+
+
+def write_mixed_records(folder: Path, heldout: list[Path]) -> Path:
+    """Text-only records between the image records of two tasks, in one file."""
+    lines = []
+    for index, source in enumerate(heldout[:2]):
+        for line in open(source):
+            entry = json.loads(line)
+            entry["image"] = str((source.parent / entry["image"]).resolve())
+            lines.append(entry)
+            lines.append({"prompt": f"say word {index}", "task": "text"})
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
+    return path
+
+
+@pytest.mark.parametrize("lm_routing", ["merged", "experts"])
+def test_text_only_records_mixed_with_images_answer_in_order(tasks, tmp_path, capsys, lm_routing):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    mixed = write_mixed_records(tmp_path, heldout)
+    common = ["infer", "--model", base, "--merged", merged, "--max-new-tokens", 3, "--lm-routing", lm_routing]
+    code, err = run_cli(capsys, *common, "--data", mixed, "--out", tmp_path / "mixed.out", "--batch-size", 4)
+    assert code == 0, err
+    rows = predictions(tmp_path / "mixed.out")
+    expected = [json.loads(line) for line in open(mixed)]
+    assert [row["prompt"] for row in rows] == [entry["prompt"] for entry in expected]
+    # Each record alone (batch size 1) is the independent answer: same words, same routing.
+    code, err = run_cli(capsys, *common, "--data", mixed, "--out", tmp_path / "alone.out", "--batch-size", 1)
+    assert code == 0, err
+    alone = predictions(tmp_path / "alone.out")
+    for row, single, entry in zip(rows, alone, expected, strict=True):
+        assert row["prediction"] == single["prediction"] and row["lm"] == single["lm"]
+        assert row["routing"].keys() == single["routing"].keys()
+        for task, weight in single["routing"].items():
+            assert row["routing"][task] == pytest.approx(weight, abs=1e-5)
+        if "image" in entry:
+            assert max(row["routing"], key=row["routing"].get) == entry["answer"]
+        else:
+            assert row["routing"] == {} and row["lm"] == "merged"
+    code, out, err = run_cli_output(capsys, *common, "--prompt", "say word 0")
+    assert code == 0 and out.strip() == alone[1]["prediction"], err
+
+
+def test_infer_out_never_replaces_its_input_or_a_foreign_file(tasks, tmp_path, capsys):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapters[0], "--out", merged)[0] == 0
+    data = tmp_path / "data.jsonl"
+    shutil.copy(heldout[0], data)
+    for name in ("red",):
+        shutil.copytree(heldout[0].parent / name, tmp_path / name)
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("mine\n")
+    common = ["infer", "--model", base, "--merged", merged, "--data", data, "--max-new-tokens", 1]
+    before = data.read_bytes()
+    code, err = run_cli(capsys, *common, "--out", data, "--force")
+    assert code == 2 and "would overwrite the input" in err and data.read_bytes() == before
+    code, err = run_cli(capsys, *common, "--out", merged / "preds.jsonl")
+    assert code == 2 and "would overwrite the input" in err
+    code, err = run_cli(capsys, *common, "--out", foreign)
+    assert code == 2 and "--force" in err and foreign.read_text() == "mine\n"
+    code, err = run_cli(capsys, *common, "--out", tmp_path / "red")
+    assert code == 2 and "is a directory" in err
+    assert run_cli(capsys, *common, "--out", foreign, "--force")[0] == 0
+    assert len(predictions(foreign)) == 3
+    assert run_cli(capsys, *common, "--out", foreign)[0] == 0  # its own kind now
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_pickled_weights_are_never_loaded(tasks, tmp_path, capsys):
+    """A pickle that would write a marker file if it were ever unpickled."""
+    import pickle
+
+    root, base, adapters, heldout = tasks
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapters[0], "--out", merged)[0] == 0
+    (merged / "adapter_model.safetensors").unlink()
+    (merged / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    pickled_base = tmp_path / "base"
+    shutil.copytree(base, pickled_base)
+    (pickled_base / "model.safetensors").unlink()
+    (pickled_base / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    image = heldout[0].parent / "red" / "0.png"
+    for model, folder, message in ((base, merged, "adapter_model.safetensors: file not found"),
+                                   (pickled_base, tmp_path / "ok", "safetensors")):
+        if folder.name == "ok":
+            assert run_cli(capsys, "merge", adapters[0], "--out", folder)[0] == 0
+        code, err = run_cli(capsys, "infer", "--model", model, "--merged", folder, "--image", image)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+def test_oversized_images_warn_or_fail_in_one_line(tasks, tmp_path, capsys, monkeypatch):
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapters[0], "--out", merged)[0] == 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    for side, status in ((20, 0), (30, 2)):  # 400 pixels: Pillow warns; 900 > 2 x 300: it refuses
+        path = tmp_path / f"{side}.png"
+        Image.new("RGB", (side, side), (200, 10, 10)).save(path)
+        code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", merged, "--image", path,
+                                        "--max-new-tokens", 1)
+        assert code == status and err.count("\n") == 1 and err.startswith("many: "), err
+        assert str(path) in err if status else "warning" in err
