@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from peft import IA3Config, LoraConfig
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import (LM_TARGETS, brute_force_covariances, build_base, calibration_records,
@@ -79,6 +82,40 @@ def nan_stats(world, root: Path) -> Path:
     return adapter
 
 
+def rewritten_lora(world, root: Path, name: str, change) -> Path:
+    """A copy of the second adapter whose last layer's down_proj.lora_B is `change`d, with fresh
+    stats (so only the weights are wrong)."""
+    adapter = root / "in" / name
+    shutil.copytree(world.adapters[1], adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = max(key for key in weights if "down_proj.lora_B" in key)
+    weights[key] = change(weights[key])
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_task_stats(adapter, world.covariances[1], 36)
+    return adapter
+
+
+def nan_lora(world, root: Path) -> Path:
+    return rewritten_lora(world, root, "nanlora", lambda b: b.index_fill(0, torch.tensor([0]), float("nan")))
+
+
+def integer_lora(world, root: Path) -> Path:
+    return rewritten_lora(world, root, "intlora", lambda b: (b * 100).to(torch.int64))
+
+
+def malformed_stats_metadata(world, root: Path) -> Path:
+    adapter = root / "in" / "badmeta"
+    shutil.copytree(world.adapters[0], adapter)
+    stats = adapter / "many_stats.safetensors"
+    with safe_open(str(stats), "pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    inputs = json.loads(metadata["inputs"])
+    for entry in inputs.values():
+        del entry["dim"]
+    save_file(tensors, stats, metadata={**metadata, "inputs": json.dumps(inputs)})
+    return adapter
+
+
 def dora_adapter(world, root: Path) -> Path:
     return make_adapter(world.base, root / "in" / "dora",
                         LoraConfig(r=2, target_modules=LM_TARGETS, use_dora=True), 8)
@@ -97,6 +134,9 @@ CASES = {
     "corrupt safetensors": (corrupt_weights, "adapter_model.safetensors: not a readable safetensors"),
     "truncated safetensors": (truncated_stats, "many_stats.safetensors: not a readable safetensors"),
     "NaN statistics": (nan_stats, "NaN"),
+    "NaN in LoRA weights": (nan_lora, "layers.1.mlp.down_proj.lora_B.weight' holds NaN or Inf"),
+    "integer LoRA weights": (integer_lora, "is I64, not floating point"),
+    "malformed stats metadata": (malformed_stats_metadata, "metadata is malformed"),
     "DoRA": (dora_adapter, "DoRA is not supported"),
     "not LoRA": (ia3_adapter, "peft_type 'IA3' is not supported"),
 }

@@ -51,17 +51,20 @@ def task(tmp_path_factory):
     return root, base, adapter
 
 
-def brute_force(base: Path, adapter: Path, data: Path):
-    """Per-module Σ x xᵀ (float64) and the prototype, one record at a time, no padding."""
+def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None):
+    """Per-module Σ x xᵀ (float64) and the prototype, one record at a time, no padding (so every
+    row of every adapted layer counts); `rows`, if given, receives each module's row count."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
     sums, pooled = {}, []
+    rows = {} if rows is None else rows
     hooks = []
     for name, module in model.get_base_model().named_modules():
-        if name.endswith(("_proj",)) and "language_model" in name and hasattr(module, "lora_A"):
+        if hasattr(module, "lora_A"):
             def hook(_, args, name=name):
                 x = args[0][0].double()
                 sums[name] = sums.get(name, 0) + x.T @ x
+                rows[name] = rows.get(name, 0) + x.shape[0]
             hooks.append(module.register_forward_pre_hook(hook))
     projector = model.get_base_model().model.multi_modal_projector
     hooks.append(projector.register_forward_pre_hook(
@@ -101,7 +104,8 @@ def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, paddi
                         "--out", out, "--batch-size", batch_size, "--padding-side", padding_side,
                         "--device", "cpu")
     assert code == 0, err
-    expected, prototype = brute_force(base, adapter, data)
+    rows = {}
+    expected, prototype = brute_force(base, adapter, data, rows)
     per_module, inputs, stored_prototype, metadata = read_stats(out)
     assert set(per_module) == set(expected)  # every adapted layer, nothing else
     assert len(inputs) == 2 * 4  # q/k/v and gate/up found to share their input
@@ -109,8 +113,9 @@ def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, paddi
         error = (per_module[module] - matrix).norm() / matrix.norm()
         assert error <= 1e-5, module
     assert torch.allclose(stored_prototype.double(), prototype, atol=1e-6)
-    assert metadata["images"] == "5" and int(metadata["tokens"]) == sum(
-        e["tokens"] for e in inputs.values()) // len(inputs)
+    assert metadata["images"] == "5"
+    assert all(entry["tokens"] == rows[module] for entry in inputs.values() for module in entry["modules"])
+    assert int(metadata["tokens"]) == rows["model.language_model.layers.0.self_attn.q_proj"]
 
 
 def test_stats_feed_merge(task, tmp_path, capsys):
@@ -304,3 +309,45 @@ def test_llava_json_and_max_samples_read_the_same_records(task, tmp_path, capsys
         for module, matrix in expected.items():
             assert (per_module[module] - matrix).norm() / matrix.norm() <= 1e-5, module
         assert torch.allclose(stored_prototype.double(), prototype, atol=1e-6)
+
+
+def test_a_vision_tower_lora_counts_every_patch(task, tmp_path, capsys):
+    """List-style target_modules also hit CLIP's q_proj/v_proj: their inputs are image patches,
+    every one of which counts (no text mask), and the merge folds them like any other layer."""
+    root, base, _ = task
+    adapter = make_adapter(base, tmp_path / "both", LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                               modules_to_save=["multi_modal_projector"]), seed=5)
+    data = root / "data" / "calib.jsonl"
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                        "--batch-size", 3, "--padding-side", "left", "--device", "cpu")
+    assert code == 0, err
+    rows = {}
+    expected, _ = brute_force(base, adapter, data, rows)
+    per_module, inputs, _, _ = read_stats(adapter / "many_stats.safetensors")
+    assert any("vision_tower" in module for module in expected) and set(per_module) == set(expected)
+    for module, matrix in expected.items():
+        assert (per_module[module] - matrix).norm() / matrix.norm() <= 1e-5, module
+    assert all(entry["tokens"] == rows[module] for entry in inputs.values() for module in entry["modules"])
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapter, "--out", merged)[0] == 0
+    image = next((root / "data" / "images").iterdir())
+    common = ["infer", "--model", base, "--merged", merged, "--image", image, "--max-new-tokens", 2]
+    assert run_cli(capsys, *common)[0] == 0
+    code, err = run_cli(capsys, *common, "--lm-routing", "experts")
+    assert code == 2 and "outside the language model" in err and err.count("\n") == 1, err
+
+
+def test_stats_out_replaces_only_a_stats_file_and_writes_the_same_bytes(task, tmp_path, capsys):
+    root, base, adapter = task
+    common = ["stats", "--model", base, "--adapter", adapter, "--data", root / "data" / "calib.jsonl"]
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("mine")
+    code, err = run_cli(capsys, *common, "--out", foreign)
+    assert code == 2 and "not a many stats file" in err and foreign.read_text() == "mine"
+    code, err = run_cli(capsys, *common, "--out", tmp_path)
+    assert code == 2 and "is a directory" in err
+    assert run_cli(capsys, *common, "--out", foreign, "--force")[0] == 0
+    first = foreign.read_bytes()
+    assert run_cli(capsys, *common, "--out", foreign)[0] == 0  # a stats file now: replaced freely
+    assert foreign.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
