@@ -361,8 +361,10 @@ def bench_continual_command(
         runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message, markup=False))
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(runs, options)
-    (out / "continual.md").write_text(table + "\n")
-    plot(runs, out / "continual.png")
+    with atomic_output_file(out / "continual.md") as partial:
+        partial.write_text(table + "\n")
+    with atomic_output_file(out / "continual.png") as partial:
+        plot(runs, partial)
     Console().print(table)
     stderr.print(f"wrote {out / 'continual.md'} and {out / 'continual.png'}")
 

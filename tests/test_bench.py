@@ -9,5 +9,4 @@ def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
                          workdir=tmp_path, dense_layers=2)
     assert result.dense_error <= 1e-6
     assert result.adapter_bytes < result.dense_delta_bytes
-    assert result.peak_rss > 0 and result.merge_seconds > 0 and result.resume_seconds > 0
     assert list(tmp_path.iterdir()) == []  # the synthetic world is cleaned up

@@ -82,7 +82,7 @@ def family(request, tmp_path_factory):
 
 def test_covariances_equal_brute_force_and_two_tasks_merge(family, tmp_path, capsys):
     root, base, adapters, calibration, _ = family
-    for adapter, records in zip(adapters, calibration):
+    for adapter, records in zip(adapters, calibration, strict=True):
         code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
                             "--batch-size", "3")
         assert code == 0, err
@@ -107,7 +107,7 @@ def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
     assert all(answers)  # words to compare, not empty strings
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(load_base(base), adapters[0]).eval()
-    for line, answer in zip(open(heldout), answers):
+    for line, answer in zip(open(heldout), answers, strict=True):
         encoded = encode_one(processor, json.loads(line), heldout.parent, with_answer=False)
         with torch.no_grad():
             output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
@@ -166,7 +166,7 @@ def test_prototype_pools_every_crop_of_an_image(cropped, capsys):
 
 def test_mixed_batches_of_cropped_images_route_per_image(cropped, tmp_path, capsys):
     root, base, adapters, data = cropped
-    for adapter, records in zip(adapters, data):
+    for adapter, records in zip(adapters, data, strict=True):
         assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)[0] == 0
     assert run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")[0] == 0
     outputs = {}
@@ -176,7 +176,7 @@ def test_mixed_batches_of_cropped_images_route_per_image(cropped, tmp_path, caps
                             "--out", tmp_path / f"batch{batch}.jsonl")
         assert code == 0, err
         outputs[batch] = [json.loads(line) for line in open(tmp_path / f"batch{batch}.jsonl")]
-    for alone, mixed in zip(outputs["1"], outputs["5"]):
+    for alone, mixed in zip(outputs["1"], outputs["5"], strict=True):
         assert alone["prediction"] == mixed["prediction"]
         assert list(mixed["routing"]) == ["task0", "task1"]
         for task in ("task0", "task1"):

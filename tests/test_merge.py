@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -164,13 +165,26 @@ def test_folder_of_adapters_merges_in_name_order(world, tmp_path, capsys):
 
 
 def test_balance_weighs_tasks_by_mean_covariance(world, tmp_path, capsys):
-    out = tmp_path / "merged"
-    assert run_cli(capsys, "merge", *world.adapters, "--out", out, "--balance", "--ridge", 0)[0] == 0
-    deltas = merged_deltas(world, out)
+    """Tasks with 12, 36 and 90 calibration tokens: --balance divides each covariance by its
+    count, the default does not, and the two answers differ."""
+    from conftest import write_task_stats
+
+    counts = [12, 36, 90]
+    copies = []
+    for adapter, covariances, count in zip(world.adapters, world.covariances, counts):
+        copies.append(shutil.copytree(adapter, tmp_path / "in" / adapter.name))
+        write_task_stats(copies[-1], covariances, tokens=count)
     module = "model.language_model.layers.0.mlp.down_proj"
-    # Every task saw 36 tokens, so dividing each covariance by 36 leaves the solution as is.
-    reference, gram = dense_reference(world, module, 0.0)
-    assert output_error(deltas[module], reference, gram) <= 1e-4
+    weighted = [covariances[input_key(module)] / count for covariances, count in zip(world.covariances, counts)]
+    gram = sum(weighted)
+    numerator = sum(task_vector(adapter, module) @ covariance for adapter, covariance in zip(world.adapters, weighted))
+    reference = torch.linalg.solve(gram, numerator.T).T
+    errors = {}
+    for flags in (["--balance"], []):
+        out = tmp_path / f"merged{len(flags)}"
+        assert run_cli(capsys, "merge", *copies, "--out", out, "--ridge", 0, *flags)[0] == 0
+        errors[bool(flags)] = output_error(merged_deltas(world, out)[module], reference, gram)
+    assert errors[True] <= 1e-4 and errors[False] >= 1e-3, errors
 
 
 def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys):

@@ -206,7 +206,6 @@ def test_bench_stats_runs_and_counts_the_covariance_work():
     # Four distinct inputs per Llama layer (q/k/v, o, gate/up, down), found by the hooks.
     assert result.covariance_flops == result.tokens * (3 * 64 * 65 + 128 * 129)
     assert result.tokens > 2 * 576  # two records, each 576 image tokens plus text
-    assert 0 < result.forward_seconds and 0 < result.stats_seconds and result.ratio_to_floor > 0
 
 
 def test_nan_activation_names_the_layer(task, tmp_path, capsys):

@@ -303,5 +303,5 @@ def plot(runs: list[WorldRun], path: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[0].set_title("held-out accuracy after the last task")
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=90, format="png")
     plt.close(figure)
