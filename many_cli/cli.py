@@ -170,6 +170,11 @@ def infer_command(
     single = image is not None or (prompt is not None and not data)
     if single == bool(data):
         raise InputError(None, "give --image IMG (and --prompt), --prompt TEXT alone, or --data DATA")
+    unused = [flag for flag, given in (("--out", out is not None), ("--min-accuracy", min_accuracy is not None))
+              if single and given] + (["--json"] if json_output and not single else [])
+    if unused:
+        raise InputError(None, f"{unused[0]} does not apply here: --out and --min-accuracy go with --data, "
+                               f"--json with --image or --prompt alone")
     options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  device=device, dtype=dtype, fold=fold, prompt=DEFAULT_PROMPT if prompt is None else prompt,
                                  lm_routing=lm_routing, confidence=confidence, min_accuracy=min_accuracy)

@@ -349,13 +349,13 @@ def _swap_in(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
     elif _exchange(staging, out):
-        shutil.rmtree(staging)
+        _remove(staging)  # now the old output (or the symbolic link that named it)
     else:
         old = _old_path(out)
         with _signals_held():
             out.rename(old)
             staging.rename(out)
-        shutil.rmtree(old)
+        _remove(old)
 
 
 def _exchange(first: Path, second: Path) -> bool:
