@@ -35,8 +35,10 @@ app.add_typer(bench_app, name="bench")
 def _commands() -> None:
     """Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny)."""
     # Libraries' own progress bars and deprecation notices would bury the one-line reports.
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
+    hub_logging.set_verbosity_error()  # its retry notices, one per attempt, would bury the one-line error
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_WEIGHTS
+from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from many_cli.errors import InputError
 from many_cli.files import check_tensors
 
@@ -44,10 +44,16 @@ def base_fingerprint(base: str) -> str:
     model (its path, dtype, the transformers version that wrote it)."""
     from transformers import PretrainedConfig
 
+    local = Path(base).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        hint = (f"; it holds {ADAPTER_CONFIG}: --model takes the base model, not an adapter"
+                if (local / ADAPTER_CONFIG).is_file() else "")
+        raise InputError(base, f"not a transformers model directory (no config.json){hint}")
     try:
         config, _ = PretrainedConfig.get_config_dict(base)
     except (OSError, ValueError) as error:
-        raise InputError(base, f"not a transformers model (no readable config.json: {error})") from None
+        where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
+        raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
