@@ -350,3 +350,14 @@ def test_stats_out_replaces_only_a_stats_file_and_writes_the_same_bytes(task, tm
     assert run_cli(capsys, *common, "--out", foreign)[0] == 0  # a stats file now: replaced freely
     assert foreign.read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_adapter_many_cannot_merge_is_refused_before_the_model_loads(task, tmp_path, capsys):
+    from peft import IA3Config
+
+    root, base, _ = task
+    ia3 = make_adapter(base, tmp_path / "ia3", IA3Config(target_modules=["q_proj", "down_proj"],
+                                                         feedforward_modules=["down_proj"]), seed=6)
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", ia3, "--data", root / "data" / "calib.jsonl")
+    assert code == 2 and err == f"many: error: {ia3 / 'adapter_config.json'}: peft_type 'IA3' is not supported; " \
+                                "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)\n"
