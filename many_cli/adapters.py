@@ -81,9 +81,8 @@ def find_adapter_dirs(paths: list[Path]) -> list[Path]:
 
 
 def read_adapter(path: Path) -> Adapter:
+    config = check_supported_config(path)
     config_path = path / ADAPTER_CONFIG
-    config = read_json(config_path)
-    _check_supported(config_path, config)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = path / PICKLED_WEIGHTS
@@ -127,7 +126,10 @@ def read_adapter(path: Path) -> Adapter:
                    modules, projector_module, projector_shapes)
 
 
-def _check_supported(config_path: Path, config: dict) -> None:
+def check_supported_config(path: Path) -> dict:
+    """The adapter's config, if it is of a kind many can merge (else an InputError naming it)."""
+    config_path = path / ADAPTER_CONFIG
+    config = read_json(config_path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(config_path, f"peft_type {peft_type!r} is not supported; {SUPPORTED}")
@@ -137,6 +139,7 @@ def _check_supported(config_path: Path, config: dict) -> None:
                        ("layer_replication", "layer_replication")]:
         if config.get(flag):
             raise InputError(config_path, f"{what} is not supported; {SUPPORTED}")
+    return config
 
 
 def _split_saved_module(name: str, saved: list[str]) -> tuple[str, str] | None:

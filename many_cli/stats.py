@@ -15,12 +15,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_FILES, read_adapter
+from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_inputs,
                            read_records, tokenizer_of)
 from many_cli.errors import InputError
-from many_cli.files import refuse_foreign_file, refuse_overlap
+from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
                              resolve_device, resolve_dtype, text_layers, track_crops)
@@ -85,7 +85,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     records = read_records(data, options.prompt)  # raises on a missing or empty source at once
-    adapter_fingerprint = read_adapter(adapter).fingerprint  # refuses what many cannot merge, early
+    adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
     model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device)
     from transformers import AutoProcessor
@@ -174,6 +174,14 @@ def _check_options(options: StatsOptions) -> None:
         raise InputError(None, f"--padding-side must be left or right, got {options.padding_side!r}")
     resolve_device(options.device)
     resolve_dtype(options.dtype)
+
+
+def _adapter_fingerprint(adapter: Path) -> str:
+    check_supported_config(adapter)  # IA3, DoRA ... refused before the model loads
+    weights = adapter / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise InputError(weights, "file not found (many reads adapters saved as safetensors)")
+    return file_fingerprint(weights)
 
 
 def _good_records(records: Iterable[Record | BadRecord], skip_bad: bool,
