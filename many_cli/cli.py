@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from many_cli.data import DEFAULT_PROMPT
 from many_cli.errors import InputError, Terminated
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
-from many_cli.data import DEFAULT_PROMPT
 from many_cli.infer import DEFAULT_CONFIDENCE
 from many_cli.merge import DEFAULT_DENSITY, DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions, merge
 from many_cli.stats import Progress as StatsProgress

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_supported_config
 from many_cli.errors import InputError
 from many_cli.files import check_tensors
 
@@ -90,6 +90,7 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
 
     adapted = None
     for directory, name in adapters:
+        check_supported_config(directory)
         weights = directory / ADAPTER_WEIGHTS
         if not weights.is_file():  # PEFT would fall back to unpickling adapter_model.bin
             raise InputError(weights, "file not found (many reads adapter weights from safetensors only; "

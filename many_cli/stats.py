@@ -177,7 +177,7 @@ def _check_options(options: StatsOptions) -> None:
 
 
 def _adapter_fingerprint(adapter: Path) -> str:
-    check_supported_config(adapter)  # IA3, DoRA ... refused before the model loads
+    check_supported_config(adapter)  # IA3, DoRA ... refused before the base model loads
     weights = adapter / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise InputError(weights, "file not found (many reads adapters saved as safetensors)")
