@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from many_cli.errors import InputError
+from many_cli.files import check_readable
 
 DEFAULT_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,10 +38,11 @@ class BadRecord:
 def read_records(data: Path, default_prompt: str = DEFAULT_PROMPT) -> Iterator[Record | BadRecord]:
     """Yield the records of DATA in order; malformed ones come back as BadRecord, so the caller
     decides whether to stop (the default) or skip them."""
+    if not data.exists():
+        raise InputError(data, "data not found (expected a folder of images, a .jsonl or a .json file)")
+    check_readable(data)
     if data.is_dir():
         return _folder_records(data, default_prompt)
-    if not data.is_file():
-        raise InputError(data, "data not found (expected a folder of images, a .jsonl or a .json file)")
     if data.suffix == ".jsonl":
         return _jsonl_records(data)
     if data.suffix == ".json":

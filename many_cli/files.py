@@ -38,6 +38,7 @@ def open_safetensors(path: Path) -> Iterator:
     into an InputError naming the file."""
     if not path.is_file():
         raise InputError(path, "file not found")
+    check_readable(path)
     try:
         opened = safe_open(str(path), framework="pt")
         handle = opened.__enter__()
@@ -96,9 +97,21 @@ def check_tensors(path: Path) -> None:
             handle.get(key)
 
 
+def check_readable(path: Path) -> None:
+    """An unreadable input is named as such (not as missing or corrupt, as libraries report it)."""
+    try:
+        if path.is_dir():
+            next(os.scandir(path), None)
+        else:
+            open(path, "rb").close()
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from None
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise InputError(path, "file not found")
+    check_readable(path)
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -266,7 +279,10 @@ def _partial_prefix(out: Path) -> str:
 def _locked_output(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` while it is written: a second writer is refused at once.
     Parent directories this creates are removed again if the write fails."""
-    created = _make_parents(out.parent)
+    try:
+        created = _make_parents(out.parent)
+    except OSError as error:
+        raise InputError(out, f"cannot create its folder ({error.strerror or error}); choose another --out") from None
     try:
         handle = _acquire_lock(out)
         try:
@@ -285,7 +301,10 @@ def _locked_output(out: Path) -> Iterator[None]:
 def _acquire_lock(out: Path):
     path = _lock_path(out)
     while True:
-        handle = open(path, "a")
+        try:
+            handle = open(path, "a")
+        except OSError as error:
+            raise InputError(out, f"cannot write here ({error.strerror or error}); choose another --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

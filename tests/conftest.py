@@ -217,3 +217,16 @@ def invoke(*args) -> int:
         return done.code if isinstance(done.code, int) else 0
     finally:
         sys.argv = argv
+
+
+def many_as_ordinary_user() -> list[str]:
+    """The console script, run (when the tests run as root) without the powers that ignore
+    file permissions, so that permission bugs fail here as they would for any user."""
+    import os
+
+    script = Path(sys.executable).with_name("many")
+    many = [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
+    if os.geteuid() == 0:
+        many = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                "--inh-caps=-dac_override,-dac_read_search", *many]
+    return many

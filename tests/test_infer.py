@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import LM_TARGETS, invoke, make_adapter, run_cli, run_cli_output
+from conftest import LM_TARGETS, invoke, make_adapter, many_as_ordinary_user, run_cli, run_cli_output
 from many_cli.bench.tiny import WORDS, build_tiny_llava
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
@@ -259,16 +259,10 @@ def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, 
 def test_an_ordinary_user_merges_resumes_and_routes_experts(tasks, tmp_path):
     """As root, run the console script without the powers that ignore file permissions, so that a
     directory without its search bit fails here as it would for any user."""
-    import os
     import subprocess
-    import sys
 
     root, base, adapters, heldout = tasks
-    script = Path(sys.executable).with_name("many")
-    many = [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
-    if os.geteuid() == 0:
-        many = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                "--inh-caps=-dac_override,-dac_read_search", *many]
+    many = many_as_ordinary_user()
     for args in (["merge", *adapters[:2], "--out", tmp_path / "first"],
                  ["merge", adapters[2], "--resume", tmp_path / "first", "--out", tmp_path / "all"],
                  ["infer", "--model", base, "--merged", tmp_path / "all", "--data", heldout[2],

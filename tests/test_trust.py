@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import many_as_ordinary_user, run_cli
 from many_cli import files
 from many_cli import merge as merge_module
 from many_cli.data import Record, load_image
@@ -215,3 +215,17 @@ def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(tmp_path):
         partial.write_text("half")
         raise OSError(28, "No space left on device")
     assert out.read_text() == "old\n" and hidden(tmp_path) == []
+
+
+def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    unreadable = shutil.copytree(world.adapters[0], tmp_path / "unreadable")
+    (unreadable / "adapter_model.safetensors").chmod(0)
+    cases = [(["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
+             (["merge", world.adapters[0], "--out", locked / "sub" / "m"], "cannot create its folder (Permission denied)"),
+             (["merge", unreadable, "--out", tmp_path / "m"], "adapter_model.safetensors: cannot be read (Permission denied)")]
+    for args, message in cases:
+        run = subprocess.run([*many_as_ordinary_user(), *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert hidden(tmp_path) == [] and list(locked.iterdir()) == []
