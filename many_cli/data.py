@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from many_cli.errors import InputError
 from many_cli.files import check_readable
@@ -72,8 +72,10 @@ def load_image(record: Record) -> Image.Image:
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
-    """Pillow's convert("RGB") clips 16- and 32-bit grey values at 255 (all white): scale
-    them to 8 bits first, as the 16-bit range they hold."""
+    """The image upright (its EXIF orientation applied, as transformers' own `load_image` does)
+    in 8-bit RGB. Pillow's convert("RGB") clips 16- and 32-bit grey values at 255 (all white):
+    they are scaled to 8 bits first, as the 16-bit range they hold."""
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))

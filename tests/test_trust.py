@@ -229,3 +229,13 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
         run = subprocess.run([*many_as_ordinary_user(), *map(str, args)], capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert hidden(tmp_path) == [] and list(locked.iterdir()) == []
+
+
+def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "sideways.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    upright = np.asarray(load_image(Record("sideways", path, "", None)))
+    assert (upright == np.rot90(pixels, k=-1)).all()
