@@ -240,8 +240,11 @@ def is_predictions_file(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as handle:
             first = handle.readline()
-        return not first.strip() or "prediction" in json.loads(first)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        if not first.strip():
+            return True
+        row = json.loads(first)
+        return isinstance(row, dict) and "prediction" in row
+    except (OSError, UnicodeDecodeError, ValueError):
         return False
 
 
