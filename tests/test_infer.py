@@ -383,3 +383,26 @@ def test_oversized_images_warn_or_fail_in_one_line(tasks, tmp_path, capsys, monk
                                         "--max-new-tokens", 1)
         assert code == status and err.count("\n") == 1 and err.startswith("many: "), err
         assert str(path) in err if status else "warning" in err
+
+
+def test_a_projector_adapted_by_lora_is_merged_not_routed(tasks, tmp_path, capsys):
+    """LoRA on the projector's own first layer (no modules_to_save): its input rows (image
+    patches) all count in the statistics, LPM merges it like any layer, and infer applies it
+    instead of routing; a one-task merge at ridge 0 answers like base + adapter."""
+    root, base, _, heldout = tasks
+    targets = r".*(multi_modal_projector\.linear_1|language_model.*\.(q_proj|v_proj|down_proj))"
+    adapter = make_adapter(base, tmp_path / "red", LoraConfig(r=2, target_modules=targets), seed=21)
+    calibration = root / "calibration" / "red.jsonl"
+    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", calibration)[0] == 0
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapter, "--out", merged, "--ridge", 0)[0] == 0
+    out = tmp_path / "preds.jsonl"
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
+                        "--out", out, "--max-new-tokens", 6)
+    assert code == 0, err
+    processor = AutoProcessor.from_pretrained(base)
+    expected = [processor.decode(ids, skip_special_tokens=True).strip()
+                for ids in direct_greedy(base, adapter, heldout[0], 6)]
+    rows = predictions(out)
+    assert [row["prediction"] for row in rows] == expected
+    assert all(row["routing"] == {} for row in rows)  # nothing routed: the bundle holds no projector
