@@ -21,7 +21,6 @@ from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
 from many_cli.errors import InputError
-from many_cli.files import open_safetensors
 from many_cli.models import (apply_adapters, find_projector, load_base_model, lora_layers, replace_projector,
                              resolve_device, resolve_dtype, text_layers, track_crops)
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
@@ -105,26 +104,24 @@ def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOpti
     if original is None:
         raise InputError(bundle.path, "holds task projectors, but the base model has no multi_modal_projector")
     projectors, prototypes = [], []
-    with open_safetensors(bundle.path) as handle:
-        for index, task in enumerate(bundle.tasks):
-            projector = copy.deepcopy(original)
-            load_task_projector(projector, bundle, handle, index)
-            projectors.append(projector)
-            if f"prototype/{index}" not in bundle.shapes:
-                raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
-                                              f"routed; merge adapters that have stats files")
-            prototypes.append(handle.get(f"prototype/{index}"))
+    for index, task in enumerate(bundle.tasks):
+        projector = copy.deepcopy(original)
+        load_task_projector(projector, bundle, index)
+        projectors.append(projector)
+        prototype = bundle.prototype(index)
+        if prototype is None:
+            raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
+                                          f"routed; merge adapters that have stats files")
+        prototypes.append(prototype)
     eta = options.eta if options.eta is not None else bundle.eta
     confidence = options.confidence if options.lm_routing == "experts" else None
     return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing, confidence)
 
 
-def load_task_projector(projector: nn.Module, bundle: BundleHeader, handle, index: int) -> None:
-    """Load task `index`'s projector weights from the open bundle into `projector`."""
-    prefix = f"projector/{index}/"
-    weights = {key[len(prefix):]: handle.get(key) for key in bundle.shapes if key.startswith(prefix)}
+def load_task_projector(projector: nn.Module, bundle: BundleHeader, index: int) -> None:
+    """Load task `index`'s projector weights from the bundle into `projector`."""
     try:
-        projector.load_state_dict(weights)
+        projector.load_state_dict(bundle.projector(index))
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
         raise InputError(bundle.path, f"the projector of task {bundle.tasks[index]} does not fit the base "

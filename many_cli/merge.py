@@ -22,14 +22,12 @@ from many_cli import lpm
 from many_cli.adapters import Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter
 from many_cli.card import model_card
 from many_cli.errors import InputError
-from many_cli.files import (StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, refuse_overlap,
-                            save_tensors)
+from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device
-from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, StateHeader,
-                            StateTask, StatsHeader, bundle_metadata, dim_of_packed, packed_length,
-                            read_bundle_header, read_packed_blocks, read_state_header,
-                            read_stats_header, state_metadata, upper_blocks)
+from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
+                            StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, read_bundle_header,
+                            read_state_header, read_stats_header, write_bundle)
 
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
@@ -75,6 +73,15 @@ class Group:
     dim: int
     modules: tuple[str, ...]
     inputs: tuple[str, ...]  # the input's key in each new task's stats file
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One task's share of one module in a group: w·A C (rank, d_in) and s·B (d_out, rank)."""
+    index: int
+    module: str
+    ac: torch.Tensor
+    b: torch.Tensor
 
 
 @dataclass
@@ -211,11 +218,8 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
 
     seen: dict[str, tuple[tuple[int, int], Path]] = {}
     if previous:
-        for key, shape in previous.state.shapes.items():
-            if key.startswith("b/"):
-                module = key.split("/", 2)[2]
-                seen[module] = ((previous.state.shapes[f"ac/{key.split('/')[1]}/{module}"][1],
-                                 shape[0]), previous.state.path)
+        for (_, module), (_, d_in, d_out) in previous.state.factor_shapes().items():
+            seen[module] = ((d_in, d_out), previous.state.path)
     for task in tasks:
         for module in task.adapter.modules.values():
             shape = (module.d_in, module.d_out)
@@ -232,10 +236,7 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
 def _check_projectors(tasks: list[Task], previous: Previous | None) -> None:
     reference: tuple[str | None, dict[str, tuple[int, ...]], Path] | None = None
     if previous:
-        prefix = "projector/0/"
-        shapes = {key[len(prefix):]: shape for key, shape in previous.bundle.shapes.items()
-                  if key.startswith(prefix)}
-        reference = (previous.bundle.projector_module, shapes, previous.bundle.path)
+        reference = (previous.bundle.projector_module, previous.bundle.projector_shapes(0), previous.bundle.path)
     for task in tasks:
         mine = (task.adapter.projector_module, dict(task.adapter.projector_shapes), task.adapter.weights)
         if reference is None:
@@ -289,8 +290,8 @@ def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
     for key, modules in sorted(members.items()):
         inputs = signatures[modules[0]]
         dims = {task.stats.inputs[name].dim for task, name in zip(tasks, inputs)}
-        if previous and f"gram/{key}" in previous.state.shapes:
-            dims.add(dim_of_packed(previous.state.shapes[f"gram/{key}"][0]))
+        if previous and key in previous.state.groups:
+            dims.add(previous.state.gram_dim(key))
         dims.update(task.adapter.modules[module].d_in for task in tasks for module in modules
                     if module in task.adapter.modules)
         if len(dims) != 1:
@@ -310,32 +311,23 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
                  for index, task in enumerate(tasks)]
     all_tasks = old_tasks + new_tasks
     ranks = _ranks(tasks, previous, len(old_tasks))
-    layout = []
-    for group in groups:
-        layout.append((f"gram/{group.key}", torch.float64, (packed_length(group.dim),)))
-        for index, task in enumerate(all_tasks):
-            for module in group.modules:
-                if module in task.modules:
-                    rank, d_out = ranks[index, module]
-                    layout.append((f"ac/{index}/{module}", torch.float64, (rank, group.dim)))
-                    layout.append((f"b/{index}/{module}", torch.float64, (d_out, rank)))
-    writer = StreamingSafetensorsWriter(
-        state_path, layout,
-        state_metadata(base_fingerprint, base_model, options.balance, all_tasks,
-                       {group.key: group.modules for group in groups}))
+    writer = StateWriter(state_path, [StateGroup(group.key, group.dim, tuple(
+        (index, module, *ranks[index, module]) for index, task in enumerate(all_tasks)
+        for module in group.modules if module in task.modules)) for group in groups],
+        base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance, tasks=all_tasks,
+        members={group.key: group.modules for group in groups})
 
     device = resolve_device(options.device)
     singular: list[str] = []
     underdetermined = 0
     for group in track(groups, "merging"):
         gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance, device)
-        writer.write_pieces(f"gram/{group.key}", upper_blocks(gram))
-        for index, module, ac, b in contributions:
-            writer.write(f"ac/{index}/{module}", ac)
-            writer.write(f"b/{index}/{module}", b)
+        writer.gram(group.key, gram)
+        for part in contributions:
+            writer.factors(part.index, part.module, part.ac, part.b)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined += 1
-        rhs = torch.cat([ac for _, _, ac, _ in contributions]).to(device)
+        rhs = torch.cat([part.ac for part in contributions]).to(device)
         rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
         if rows is None:
             # The factorization overwrote the Gram matrix: gather it again, now checking every
@@ -345,10 +337,9 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
             singular.append(group.key)
             rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
         del gram
-        solved = dict(zip(((index, module) for index, module, _, _ in contributions),
-                          rows.cpu().split([ac.shape[0] for _, _, ac, _ in contributions])))
+        solved = rows.cpu().split([part.ac.shape[0] for part in contributions])
         for module in group.modules:
-            parts = [(solved[index, m], b) for index, m, _, b in contributions if m == module]
+            parts = [(a, part.b) for a, part in zip(solved, contributions) if part.module == module]
             emit(module, *lpm.stack_factors([a for a, _ in parts], [b for _, b in parts],
                                             [options.scale] * len(parts)))
     writer.close()
@@ -369,10 +360,8 @@ def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tu
     """(task index, module) -> (rank, d_out), for earlier tasks from the state's shapes."""
     ranks = {}
     if previous:
-        for key, shape in previous.state.shapes.items():
-            if key.startswith("b/"):
-                _, index, module = key.split("/", 2)
-                ranks[int(index), module] = (shape[1], shape[0])
+        for key, (rank, _, d_out) in previous.state.factor_shapes().items():
+            ranks[key] = (rank, d_out)
     for index, task in enumerate(tasks, start=offset):
         for module in task.adapter.modules.values():
             ranks[index, module.name] = (module.rank, module.d_out)
@@ -391,15 +380,13 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
     gram = torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device)
     contributions = []
     if previous:
-        for start, rows in read_packed_blocks(previous.state.path, f"gram/{group.key}", check_finite=not factors):
+        for start, rows in previous.state.gram_blocks(group.key, check_finite=not factors):
             gram[start:start + rows.shape[0], start:] += rows.to(device)
         if factors:
-            with open_safetensors(previous.state.path) as handle:
-                for index in range(offset):
-                    for module in group.modules:
-                        if module in previous.state.tasks[index].modules:
-                            contributions.append((index, module, handle.get(f"ac/{index}/{module}"),
-                                                  handle.get(f"b/{index}/{module}")))
+            for index in range(offset):
+                for module in group.modules:
+                    if module in previous.state.tasks[index].modules:
+                        contributions.append(Contribution(index, module, *previous.state.factors(index, module)))
     for index, (task, name) in enumerate(zip(tasks, group.inputs), start=offset):
         stats = task.stats.inputs[name]
         if stats.tokens <= 0:
@@ -416,9 +403,9 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
             if stacked is not None:
                 lpm.add_symmetric_block_product_(product, stacked, start, rows)
         for module, (_, b), ac in zip(adapted, pairs, (weight * product).split([a.shape[0] for a, _ in pairs])):
-            contributions.append((index, module, ac.cpu().contiguous(),
-                                  b.to(torch.float64) * task.adapter.modules[module].scale))
-    contributions.sort(key=lambda item: (item[0], group.modules.index(item[1])))
+            contributions.append(Contribution(index, module, ac.cpu().contiguous(),
+                                              b.to(torch.float64) * task.adapter.modules[module].scale))
+    contributions.sort(key=lambda part: (part.index, group.modules.index(part.module)))
     return gram, contributions
 
 
@@ -470,22 +457,14 @@ def _write_experts(folder: Path, tasks: list[Task], previous: Previous | None, b
 
 def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:
     """Task names, per-task projectors and prototypes, and the default η."""
-    tensors: dict[str, torch.Tensor] = {}
-    names: list[str] = []
-    projector_module = None
+    bundled, projector_module = [], None
     if previous:
-        names.extend(previous.bundle.tasks)
         projector_module = previous.bundle.projector_module
-        with open_safetensors(previous.bundle.path) as handle:
-            for key in previous.bundle.shapes:
-                tensors[key] = handle.get(key)
+        bundled = [BundleTask(name, previous.bundle.projector(index), previous.bundle.prototype(index))
+                   for index, name in enumerate(previous.bundle.tasks)]
     for task in tasks:
-        index = len(names)
-        names.append(task.adapter.name)
         projector_module = projector_module or task.adapter.projector_module
-        for parameter in task.adapter.projector_shapes:
-            tensors[f"projector/{index}/{parameter}"] = task.adapter.projector_tensor(parameter).contiguous()
-        prototype = task.stats.prototype() if task.stats else None
-        if prototype is not None:
-            tensors[f"prototype/{index}"] = prototype.contiguous()
-    save_tensors(path, tensors, bundle_metadata(names, projector_module, eta))
+        bundled.append(BundleTask(task.adapter.name,
+                                  {name: task.adapter.projector_tensor(name) for name in task.adapter.projector_shapes},
+                                  task.stats.prototype() if task.stats else None))
+    write_bundle(path, bundled, projector_module, eta)

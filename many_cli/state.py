@@ -1,5 +1,8 @@
 """The three files `many` writes besides the PEFT adapter, and their layouts.
 
+Only this module builds or parses these key names; everything else reads and writes through
+the typed headers and writers below.
+
 Stats file (`many_stats.safetensors`, one per adapter, written by `many stats`):
   covariance/<input>   1-D, the upper triangle of Σ x xᵀ packed row by row (float32 or float64)
   prototype            1-D float32, the mean of L2-normalised pooled projector inputs (if images)
@@ -32,7 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_file, open_safetensors, save_tensors
+from many_cli.files import StreamingSafetensorsWriter, atomic_output_file, open_safetensors, save_tensors
 
 STATS_FILE = "many_stats.safetensors"
 BUNDLE_FILE = "many_bundle.safetensors"
@@ -148,7 +151,12 @@ class StatsHeader:
 
     def covariance_blocks(self, key: str, check_finite: bool = True):
         """The packed covariance of one input, as `packed_blocks`, read from the file lazily."""
-        return read_packed_blocks(self.path, f"covariance/{key}", check_finite=check_finite)
+        return read_packed_blocks(self.path, _covariance_key(key), check_finite=check_finite)
+
+    def covariance(self, key: str) -> torch.Tensor:
+        """The whole covariance of one input, symmetric, float64 (for references and tests)."""
+        with open_safetensors(self.path) as handle:
+            return unpack_symmetric(handle.get(_covariance_key(key)))
 
     def prototype(self) -> torch.Tensor | None:
         if not self.has_prototype:
@@ -174,7 +182,7 @@ def read_stats_header(path: Path) -> StatsHeader:
         _check_format(path, metadata, "many-stats")
         inputs = {}
         for key, entry in _json_field(path, metadata, "inputs").items():
-            name = f"covariance/{key}"
+            name = _covariance_key(key)
             if name not in handle.keys():
                 raise InputError(path, f"tensor {name!r} is missing")
             dim = int(entry["dim"])
@@ -202,42 +210,78 @@ def is_stats_file(path: Path) -> bool:
         return False
 
 
-def stats_metadata(*, dims: Mapping[str, int], tokens: Mapping[str, int], modules: Mapping[str, list[str]],
-                   images: int, adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
-                   extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    inputs = {key: {"modules": sorted(modules[key]), "dim": int(dim), "tokens": int(tokens[key])}
-              for key, dim in dims.items()}
-    return {
-        "format": "many-stats",
-        "format_version": FORMAT_VERSION,
-        "adapter_fingerprint": adapter_fingerprint,
-        "base_fingerprint": base_fingerprint,
-        "token_rule": token_rule,
-        "images": str(images),
-        "tokens": str(max(tokens.values(), default=0)),
-        "inputs": json.dumps(inputs),
-        **(extra or {}),
-    }
+def _covariance_key(input_key: str) -> str:
+    return f"covariance/{input_key}"
+
+
+class StatsWriter:
+    """Streams a stats file: each input's packed covariance in key order, then the prototype,
+    so that a 7B model's covariances never sit in memory together.
+
+    `dims[input]` is its width, `tokens[input]` the rows it counted, `modules[input]` the modules
+    that read it; `extra` adds metadata (`many stats` sets the header's text `tokens` there)."""
+
+    def __init__(self, path: Path, *, dims: Mapping[str, int], tokens: Mapping[str, int],
+                 modules: Mapping[str, list[str]], images: int, adapter_fingerprint: str, base_fingerprint: str,
+                 token_rule: str, prototype_width: int | None, dtype: torch.dtype = torch.float32,
+                 extra: Mapping[str, str] | None = None):
+        self.keys = sorted(dims)  # the order covariances must be written in
+        layout = [(_covariance_key(key), dtype, (packed_length(dims[key]),)) for key in self.keys]
+        if prototype_width is not None:
+            layout.append(("prototype", torch.float32, (prototype_width,)))
+        inputs = {key: {"modules": sorted(modules[key]), "dim": int(dims[key]), "tokens": int(tokens[key])}
+                  for key in dims}
+        metadata = {
+            "format": "many-stats",
+            "format_version": FORMAT_VERSION,
+            "adapter_fingerprint": adapter_fingerprint,
+            "base_fingerprint": base_fingerprint,
+            "token_rule": token_rule,
+            "images": str(images),
+            "tokens": str(max(tokens.values(), default=0)),
+            "inputs": json.dumps(inputs),
+            **(extra or {}),
+        }
+        self._writer = StreamingSafetensorsWriter(path, layout, metadata)
+
+    def covariance(self, key: str, packed: torch.Tensor) -> None:
+        self._writer.write(_covariance_key(key), packed.contiguous())
+
+    def prototype(self, prototype: torch.Tensor) -> None:
+        self._writer.write("prototype", prototype.to(torch.float32).contiguous())
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
                 modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
                 adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
                 extra: Mapping[str, str] | None = None) -> None:
-    """Write a stats file. `covariances[input]` is packed (`pack_symmetric`); `modules[input]`
-    lists the modules that read that input. Written to a temporary name, then renamed."""
-    tensors = {f"covariance/{key}": packed.contiguous() for key, packed in covariances.items()}
-    if prototype is not None:
-        tensors["prototype"] = prototype.to(torch.float32).contiguous()
-    metadata = stats_metadata(dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
-                              tokens=tokens, modules=modules, images=images,
-                              adapter_fingerprint=adapter_fingerprint, base_fingerprint=base_fingerprint,
-                              token_rule=token_rule, extra=extra)
+    """Write a stats file all or nothing. `covariances[input]` is packed (`pack_symmetric`), all
+    of one dtype; `modules[input]` lists the modules that read that input."""
+    dtype = next(iter(covariances.values())).dtype if covariances else torch.float32
     with atomic_output_file(path) as partial:
-        save_tensors(partial, tensors, metadata)
+        writer = StatsWriter(partial, dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
+                             tokens=tokens, modules=modules, images=images, adapter_fingerprint=adapter_fingerprint,
+                             base_fingerprint=base_fingerprint, token_rule=token_rule, dtype=dtype,
+                             prototype_width=None if prototype is None else prototype.numel(), extra=extra)
+        for key in writer.keys:
+            writer.covariance(key, covariances[key])
+        if prototype is not None:
+            writer.prototype(prototype)
+        writer.close()
 
 
 # ---------------------------------------------------------------- bundle
+
+def _projector_key(index: int, parameter: str) -> str:
+    return f"projector/{index}/{parameter}"
+
+
+def _prototype_key(index: int) -> str:
+    return f"prototype/{index}"
+
 
 @dataclass(frozen=True)
 class BundleHeader:
@@ -246,6 +290,23 @@ class BundleHeader:
     projector_module: str | None
     eta: float
     shapes: Mapping[str, tuple[int, ...]]
+
+    def projector_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Task `index`'s projector: parameter name -> shape."""
+        prefix = _projector_key(index, "")
+        return {key[len(prefix):]: shape for key, shape in self.shapes.items() if key.startswith(prefix)}
+
+    def projector(self, index: int) -> dict[str, torch.Tensor]:
+        """Task `index`'s projector weights, by parameter name (a state dict)."""
+        with open_safetensors(self.path) as handle:
+            return {name: handle.get(_projector_key(index, name)) for name in self.projector_shapes(index)}
+
+    def prototype(self, index: int) -> torch.Tensor | None:
+        """Task `index`'s prototype, or None where its adapter had no stats."""
+        if _prototype_key(index) not in self.shapes:
+            return None
+        with open_safetensors(self.path) as handle:
+            return handle.get(_prototype_key(index))
 
 
 def read_bundle_header(path: Path) -> BundleHeader:
@@ -260,9 +321,24 @@ def read_bundle_header(path: Path) -> BundleHeader:
                             {key: handle.shape(key) for key in handle.keys()})
 
 
-def bundle_metadata(tasks: list[str], projector_module: str | None, eta: float) -> dict[str, str]:
-    return {"format": "many-bundle", "format_version": FORMAT_VERSION,
-            "tasks": json.dumps(tasks), "projector_module": projector_module or "", "eta": repr(eta)}
+@dataclass(frozen=True)
+class BundleTask:
+    """One task as the bundle keeps it."""
+    name: str
+    projector: Mapping[str, torch.Tensor]  # parameter name -> weight (empty: no projector)
+    prototype: torch.Tensor | None
+
+
+def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | None, eta: float) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for index, task in enumerate(tasks):
+        for name, weight in task.projector.items():
+            tensors[_projector_key(index, name)] = weight.contiguous()
+        if task.prototype is not None:
+            tensors[_prototype_key(index)] = task.prototype.contiguous()
+    metadata = {"format": "many-bundle", "format_version": FORMAT_VERSION, "tasks": json.dumps([t.name for t in tasks]),
+                "projector_module": projector_module or "", "eta": repr(eta)}
+    save_tensors(path, tensors, metadata)
 
 
 # ---------------------------------------------------------------- merge state
@@ -275,6 +351,18 @@ class StateTask:
     tokens: Mapping[str, int]  # calibration tokens per group
 
 
+def _gram_key(group: str) -> str:
+    return f"gram/{group}"
+
+
+def _ac_key(index: int, module: str) -> str:
+    return f"ac/{index}/{module}"
+
+
+def _b_key(index: int, module: str) -> str:
+    return f"b/{index}/{module}"
+
+
 @dataclass(frozen=True)
 class StateHeader:
     path: Path
@@ -285,6 +373,23 @@ class StateHeader:
     groups: Mapping[str, tuple[str, ...]]
     shapes: Mapping[str, tuple[int, ...]]
 
+    def factor_shapes(self) -> dict[tuple[int, str], tuple[int, int, int]]:
+        """(task index, module) -> (rank, d_in, d_out) of every task's factors."""
+        return {(index, module): (*self.shapes[_ac_key(index, module)], self.shapes[_b_key(index, module)][0])
+                for index, task in enumerate(self.tasks) for module in task.modules}
+
+    def gram_dim(self, group: str) -> int:
+        return dim_of_packed(self.shapes[_gram_key(group)][0])
+
+    def gram_blocks(self, group: str, check_finite: bool = True):
+        """The packed Gram matrix of one group, as `packed_blocks`, read from the file lazily."""
+        return read_packed_blocks(self.path, _gram_key(group), check_finite=check_finite)
+
+    def factors(self, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w·A C, s·B) of task `index` for `module`."""
+        with open_safetensors(self.path) as handle:
+            return handle.get(_ac_key(index, module)), handle.get(_b_key(index, module))
+
 
 def read_state_header(path: Path) -> StateHeader:
     with _metadata_of(path) as handle:
@@ -293,22 +398,57 @@ def read_state_header(path: Path) -> StateHeader:
         tasks = tuple(StateTask(entry["name"], entry["adapter_fingerprint"], tuple(entry["modules"]),
                                 entry["tokens"]) for entry in _json_field(path, metadata, "tasks"))
         groups = {key: tuple(modules) for key, modules in _json_field(path, metadata, "groups").items()}
-        return StateHeader(path, metadata.get("base_fingerprint", ""),
-                           metadata.get("base_model") or None,
-                           metadata.get("balance") == "true", tasks, groups,
-                           {key: handle.shape(key) for key in handle.keys()})
+        header = StateHeader(path, metadata.get("base_fingerprint", ""), metadata.get("base_model") or None,
+                             metadata.get("balance") == "true", tasks, groups,
+                             {key: handle.shape(key) for key in handle.keys()})
+        missing = [key for key in [_gram_key(group) for group in groups] +
+                   [make(index, module) for index, task in enumerate(tasks) for module in task.modules
+                    for make in (_ac_key, _b_key)] if key not in header.shapes]
+        if missing:
+            raise InputError(path, f"tensor {missing[0]!r} is missing; re-create the merge")
+        return header
 
 
-def state_metadata(base_fingerprint: str, base_model: str | None, balance: bool,
-                   tasks: list[StateTask], groups: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    return {
-        "format": "many-state",
-        "format_version": FORMAT_VERSION,
-        "base_fingerprint": base_fingerprint,
-        "base_model": base_model or "",
-        "balance": "true" if balance else "false",
-        "tasks": json.dumps([{"name": task.name, "adapter_fingerprint": task.adapter_fingerprint,
-                              "modules": list(task.modules), "tokens": dict(task.tokens)}
-                             for task in tasks]),
-        "groups": json.dumps({key: list(modules) for key, modules in groups.items()}),
-    }
+@dataclass(frozen=True)
+class StateGroup:
+    """What the state holds for one input: its Gram matrix and, in order, each task's factors
+    for the modules that read it: (task index, module, rank, d_out)."""
+    key: str
+    dim: int
+    factors: tuple[tuple[int, str, int, int], ...]
+
+
+class StateWriter:
+    """Streams a merge state to disk group by group: declared first, then written in order."""
+
+    def __init__(self, path: Path, groups: list[StateGroup], *, base_fingerprint: str, base_model: str | None,
+                 balance: bool, tasks: list[StateTask], members: Mapping[str, tuple[str, ...]]):
+        layout = []
+        for group in groups:
+            layout.append((_gram_key(group.key), torch.float64, (packed_length(group.dim),)))
+            for index, module, rank, d_out in group.factors:
+                layout.append((_ac_key(index, module), torch.float64, (rank, group.dim)))
+                layout.append((_b_key(index, module), torch.float64, (d_out, rank)))
+        metadata = {
+            "format": "many-state",
+            "format_version": FORMAT_VERSION,
+            "base_fingerprint": base_fingerprint,
+            "base_model": base_model or "",
+            "balance": "true" if balance else "false",
+            "tasks": json.dumps([{"name": task.name, "adapter_fingerprint": task.adapter_fingerprint,
+                                  "modules": list(task.modules), "tokens": dict(task.tokens)}
+                                 for task in tasks]),
+            "groups": json.dumps({key: list(modules) for key, modules in members.items()}),
+        }
+        self._writer = StreamingSafetensorsWriter(path, layout, metadata)
+
+    def gram(self, group: str, gram: torch.Tensor) -> None:
+        """The group's Gram matrix (its upper triangle is what is kept)."""
+        self._writer.write_pieces(_gram_key(group), upper_blocks(gram))
+
+    def factors(self, index: int, module: str, ac: torch.Tensor, b: torch.Tensor) -> None:
+        self._writer.write(_ac_key(index, module), ac)
+        self._writer.write(_b_key(index, module), b)
+
+    def close(self) -> None:
+        self._writer.close()

@@ -19,7 +19,6 @@ import torch
 from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
 from many_cli.bench.world import TASKS, write_split
 from many_cli.data import Record, read_records
-from many_cli.files import open_safetensors
 from many_cli.infer import (InferOptions, MergedModel, Prediction, accuracy_by_task, answer_all,
                             load_merged, load_task_projector)
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
@@ -186,8 +185,7 @@ def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
     model = apply_adapters(load_base_model(base, torch.float32, torch.device("cpu")), base,
                            [(merged, "default")]).merge_and_unload()
     bundle = read_bundle_header(merged / BUNDLE_FILE)
-    with open_safetensors(bundle.path) as handle:
-        load_task_projector(find_projector(model), bundle, handle, index)
+    load_task_projector(find_projector(model), bundle, index)
     return MergedModel(model.eval(), _processor(base), None, torch.device("cpu"))
 
 

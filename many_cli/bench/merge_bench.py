@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX
 from many_cli.bench.tiny import LLAMA_PROJECTIONS
 from many_cli.errors import InputError
-from many_cli.files import StreamingSafetensorsWriter, file_fingerprint
-from many_cli.state import STATE_FILE, STATS_FILE, packed_length, pack_symmetric, stats_metadata, unpack_symmetric
+from many_cli.files import file_fingerprint
+from many_cli.state import STATE_FILE, STATS_FILE, StatsWriter, pack_symmetric, packed_length, read_stats_header
 
 RIDGE = 1e-4
 
@@ -84,16 +84,13 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
         modules_to_save=["multi_modal_projector"], base_model_name_or_path="synthetic-llava-7b").save_pretrained(str(out))
 
     inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}
-    layout = [(f"covariance/{key}", torch.float32, (packed_length(width),)) for key, (_, width) in inputs.items()]
-    layout.append(("prototype", torch.float32, (shape.vision,)))
-    metadata = stats_metadata(dims={key: width for key, (_, width) in inputs.items()},
-                              tokens={key: 100_000 for key in inputs}, modules={k: m for k, (m, _) in inputs.items()},
-                              images=1000, adapter_fingerprint=file_fingerprint(out / ADAPTER_WEIGHTS),
-                              base_fingerprint="synthetic-llava-7b", token_rule="synthetic")
-    writer = StreamingSafetensorsWriter(out / STATS_FILE, layout, metadata)
-    for key, (_, width) in inputs.items():
-        writer.write(f"covariance/{key}", pack_symmetric(synthetic_covariance(width, generator)))
-    writer.write("prototype", torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
+    writer = StatsWriter(out / STATS_FILE, dims={key: width for key, (_, width) in inputs.items()},
+                         tokens={key: 100_000 for key in inputs}, modules={k: m for k, (m, _) in inputs.items()},
+                         images=1000, adapter_fingerprint=file_fingerprint(out / ADAPTER_WEIGHTS),
+                         base_fingerprint="synthetic-llava-7b", token_rule="synthetic", prototype_width=shape.vision)
+    for key in writer.keys:
+        writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
+    writer.prototype(torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
     writer.close()
     return out
 
@@ -134,8 +131,7 @@ def dense_regmean_layer(adapters: list[Path], layer: int, shape: Shape) -> tuple
         gram = torch.zeros(width, width, dtype=torch.float64)
         numerators = {module: 0 for module in modules}
         for adapter in adapters:
-            with safe_open(str(adapter / STATS_FILE), "pt") as stats:
-                covariance = unpack_symmetric(stats.get_tensor(f"covariance/{key}"))
+            covariance = read_stats_header(adapter / STATS_FILE).covariance(key)
             gram += covariance
             with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as weights:
                 for module in modules:
