@@ -81,75 +81,126 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
 def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
              progress: Callable[[int | None], Progress]) -> StatsReport:
     rank, world = _init_distributed(options.device)
-    device = resolve_device(options.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    device = _rank_device(options.device, rank, world)
     records = read_records(data, options.prompt)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
-    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device)
+    model, processor, layers = _load(base, adapter, options, device)
+    report = StatsReport(out, rank)
+    covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
+    prototype = PrototypeSum(find_projector(model))
+    track_crops(model, prototype)
+    tracker = progress(_shard_size(data, options.max_samples, rank, world))
+
+    def done(records: int, tokens: int) -> None:
+        report.records += records
+        report.tokens += tokens
+        tracker.advance(records, tokens)
+
+    try:
+        shard = islice(islice(records, options.max_samples), rank, None, world)
+        accumulate(model, _encoded_batches(processor, shard, options, report), covariances, device, done)
+    finally:
+        covariances.remove_hooks()
+        prototype.remove_hook()
+    totals = _totals(covariances, prototype, world, report, device)
+    _check_totals(totals, report, data, adapter)
+    if rank == 0:
+        _write(out, totals, report, adapter_fingerprint, fingerprint)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return report
+
+
+def accumulate(model: nn.Module, batches: Iterable, covariances: "InputCovariances", device: torch.device,
+               done: Callable[[int, int], None] = lambda records, tokens: None) -> None:
+    """The statistics pass: one forward per encoded batch, its attention mask given to the hooks
+    first; `done(records, tokens)` after each batch."""
+    for encoded in batches:
+        mask = encoded["attention_mask"].bool()
+        covariances.begin_batch(mask.to(device))
+        forward(model, encoded, device)
+        covariances.end_batch()
+        done(mask.shape[0], int(mask.sum()))
+
+
+@dataclass
+class _Totals:
+    """What a stats run sums (over every rank under torchrun)."""
+    sums: dict[str, torch.Tensor]  # input -> packed Σ x xᵀ
+    rows: dict[str, int]  # input -> rows counted
+    members: dict[str, list[str]]  # input -> the modules that read it
+    prototype_sum: torch.Tensor | None
+    images: int
+
+
+def _rank_device(device: str, rank: int, world: int) -> torch.device:
+    resolved = resolve_device(device)
+    if world > 1 and resolved.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    return resolved
+
+
+def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
+    """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     from transformers import AutoProcessor
 
+    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device)
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
     if not layers:
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
+    return model, processor, layers
 
-    report = StatsReport(out, rank)
-    covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
-    prototype = PrototypeSum(find_projector(model))
-    track_crops(model, prototype)
+
+def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> int | None:
+    """How many records this rank will read, when that is cheap to know (for the progress bar)."""
     total = count_records(data)
-    if total is not None and options.max_samples is not None:
-        total = min(total, options.max_samples)
-    tracker = progress(None if total is None else (total + world - 1 - rank) // world)
-    try:
-        shard = islice(islice(records, options.max_samples), rank, None, world)
-        for batch in _batches(_good_records(shard, options.skip_bad, report), options.batch_size):
-            encoded = _encode(processor, batch, options.skip_bad, report)
-            if encoded is None:
-                continue
-            mask = encoded["attention_mask"].bool()
-            covariances.begin_batch(mask.to(device))
-            forward(model, encoded, device)
-            covariances.end_batch()
-            report.records += mask.shape[0]
-            report.tokens += int(mask.sum())
-            tracker.advance(mask.shape[0], int(mask.sum()))
-    finally:
-        covariances.remove_hooks()
-        prototype.remove_hook()
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
+    return None if total is None else (total + world - 1 - rank) // world
 
-    sums = {key: triangle.packed() for key, triangle in covariances.sums.items()}
-    rows = {key: triangle.rows_added for key, triangle in covariances.sums.items()}
-    members = covariances.members
-    prototype_sum, image_count = prototype.result()
-    if world > 1:
-        sums, rows, members, prototype_sum, image_count = _all_reduce(sums, rows, members, prototype_sum,
-                                                                      image_count, report, device)
+
+def _encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
+                     report: StatsReport) -> Iterator:
+    for batch in _batches(_good_records(records, options.skip_bad, report), options.batch_size):
+        encoded = _encode(processor, batch, options.skip_bad, report)
+        if encoded is not None:
+            yield encoded
+
+
+def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport,
+            device: torch.device) -> _Totals:
+    prototype_sum, images = prototype.result()
+    totals = _Totals({key: triangle.packed() for key, triangle in covariances.sums.items()},
+                     {key: triangle.rows_added for key, triangle in covariances.sums.items()},
+                     covariances.members, prototype_sum, images)
+    return _all_reduce(totals, report, device) if world > 1 else totals
+
+
+def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path) -> None:
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
-    for key, packed in sums.items():
+    for key, packed in totals.sums.items():
         if not bool(torch.isfinite(packed).all()):
-            raise InputError(adapter, f"the input of {', '.join(members[key])} holds NaN or Inf on this "
+            raise InputError(adapter, f"the input of {', '.join(totals.members[key])} holds NaN or Inf on this "
                                       f"data; check the model's dtype (try --dtype float32)")
-    report.images = image_count
-    report.inputs, report.modules = len(sums), sum(len(names) for names in members.values())
-    if rank == 0:
-        named = {min(members[key]): key for key in sums}
-        write_stats(out, covariances={name: sums[key].cpu() for name, key in named.items()},
-                    tokens={name: rows[key] for name, key in named.items()},
-                    modules={name: members[key] for name, key in named.items()},
-                    prototype=(prototype_sum / image_count).cpu() if image_count else None,
-                    images=image_count, adapter_fingerprint=adapter_fingerprint,
-                    base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
-                    extra={"records": str(report.records), "skipped": str(report.skipped),
-                           "tokens": str(report.tokens)})  # text tokens; media layers count rows
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return report
+    report.images = totals.images
+    report.inputs, report.modules = len(totals.sums), sum(len(names) for names in totals.members.values())
+
+
+def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str) -> None:
+    named = {min(totals.members[key]): key for key in totals.sums}  # an input is named after its first module
+    write_stats(out, covariances={name: totals.sums[key].cpu() for name, key in named.items()},
+                tokens={name: totals.rows[key] for name, key in named.items()},
+                modules={name: totals.members[key] for name, key in named.items()},
+                prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
+                images=totals.images, adapter_fingerprint=adapter_fingerprint,
+                base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
+                extra={"records": str(report.records), "skipped": str(report.skipped),
+                       "tokens": str(report.tokens)})  # text tokens; media layers count rows
 
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:
@@ -331,36 +382,37 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
-def _all_reduce(sums, rows, members, prototype_sum, image_count, report: StatsReport, device):
+def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _Totals:
     """Sum every rank's statistics. Ranks agree on the grouping of layers by input (it is
     structural); a rank whose shard was empty adopts it from the others."""
     dist = torch.distributed
     layouts = [None] * dist.get_world_size()
-    lengths = {key: packed.numel() for key, packed in sums.items()}
-    dist.all_gather_object(layouts, (members, lengths, None if prototype_sum is None else prototype_sum.numel())
-                           if members else None)
+    lengths = {key: packed.numel() for key, packed in totals.sums.items()}
+    prototype_width = None if totals.prototype_sum is None else totals.prototype_sum.numel()
+    dist.all_gather_object(layouts, (totals.members, lengths, prototype_width) if totals.members else None)
     known = [layout for layout in layouts if layout is not None]
     if not known:
-        return sums, rows, members, prototype_sum, image_count
+        return totals
     members, lengths, prototype_width = known[0]
     if any(layout[0] != members for layout in known):
         raise RuntimeError("ranks disagree on which layers share an input")
-    reduced, reduced_rows = {}, {}
+    sums, rows = {}, {}
     for key in sorted(members):
-        packed = sums.get(key)
+        packed = totals.sums.get(key)
         if packed is None:
             packed = torch.zeros(lengths[key], dtype=torch.float32, device=device)
         dist.all_reduce(packed)
-        reduced[key] = packed
-        count = torch.tensor([rows.get(key, 0)], dtype=torch.float64, device=device)
+        sums[key] = packed
+        count = torch.tensor([totals.rows.get(key, 0)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
-        reduced_rows[key] = int(count.item())
-    counts = torch.tensor([report.records, report.skipped, report.tokens, image_count],
+        rows[key] = int(count.item())
+    counts = torch.tensor([report.records, report.skipped, report.tokens, totals.images],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    report.records, report.skipped, report.tokens, image_count = (int(value) for value in counts.tolist())
+    report.records, report.skipped, report.tokens, images = (int(value) for value in counts.tolist())
+    prototype_sum = totals.prototype_sum
     if prototype_width:
         if prototype_sum is None:
             prototype_sum = torch.zeros(prototype_width, device=device)
         dist.all_reduce(prototype_sum)
-    return reduced, reduced_rows, members, prototype_sum, image_count
+    return _Totals(sums, rows, members, prototype_sum, images)

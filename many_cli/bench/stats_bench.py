@@ -23,7 +23,7 @@ from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
 from many_cli.models import find_projector, lora_layers, resolve_device, text_layers
-from many_cli.stats import InputCovariances, PrototypeSum, forward
+from many_cli.stats import InputCovariances, PrototypeSum, accumulate, forward
 
 @dataclass(frozen=True)
 class StatsBenchResult:
@@ -86,10 +86,7 @@ def run_stats(model, batches, device) -> tuple[float, list[int]]:
     layers = lora_layers(model)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
-    for batch in batches:
-        covariances.begin_batch(batch["attention_mask"].bool().to(device))
-        forward(model, batch, device)
-        covariances.end_batch()
+    accumulate(model, batches, covariances, device)  # the loop `many stats` runs
     for triangle in covariances.sums.values():
         triangle.packed()
     _synchronize(device)
