@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from many_cli.data import DEFAULT_PROMPT
 from many_cli.errors import InputError, Terminated
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
-from many_cli.infer import DEFAULT_CONFIDENCE
+from many_cli.infer import DEFAULT_CONFIDENCE, average_accuracy
 from many_cli.merge import DEFAULT_DENSITY, DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions, merge
 from many_cli.stats import Progress as StatsProgress
 from many_cli.stats import StatsOptions, collect_stats
@@ -167,16 +167,10 @@ def infer_command(
     import json
 
     from many_cli import infer
-    from many_cli.data import BadRecord, Record, read_records
+    from many_cli.data import Record, read_all_records
 
     single = image is not None or (prompt is not None and not data)
-    if single == bool(data):
-        raise InputError(None, "give --image IMG (and --prompt), --prompt TEXT alone, or --data DATA")
-    unused = [flag for flag, given in (("--out", out is not None), ("--min-accuracy", min_accuracy is not None))
-              if single and given] + (["--json"] if json_output and not single else [])
-    if unused:
-        raise InputError(None, f"{unused[0]} does not apply here: --out and --min-accuracy go with --data, "
-                               f"--json with --image or --prompt alone")
+    _check_infer_mode(single, bool(data), out is not None or min_accuracy is not None, json_output)
     options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  device=device, dtype=dtype, fold=fold, prompt=DEFAULT_PROMPT if prompt is None else prompt,
                                  lm_routing=lm_routing, confidence=confidence, min_accuracy=min_accuracy)
@@ -193,24 +187,29 @@ def infer_command(
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
-    def records():
-        for source in data:
-            for record in read_records(source, options.prompt):
-                if isinstance(record, BadRecord):
-                    raise InputError(record.source, record.fault)
-                yield record
-
     predictions = []
     with _json_lines(out) as sink:
-        for prediction in infer.answer_all(loaded, records(), options):
+        for prediction in infer.answer_all(loaded, read_all_records(data, options.prompt), options):
             sink.write(json.dumps(prediction.as_json()) + "\n")
             predictions.append(prediction)
     scores = infer.accuracy_by_task(predictions)
     if not scores:
         return
-    average = _print_accuracy(scores)
+    _print_accuracy(scores)
+    average = average_accuracy(scores)
     if min_accuracy is not None and average < min_accuracy:
         _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {min_accuracy}")
+
+
+def _check_infer_mode(single: bool, data: bool, data_only_options: bool, json_output: bool) -> None:
+    """One image or prompt, or a data set; refuse the options that would be ignored."""
+    if single == data:
+        raise InputError(None, "give --image IMG (and --prompt), --prompt TEXT alone, or --data DATA")
+    unused = ["--out or --min-accuracy"] if single and data_only_options else []
+    unused += ["--json"] if json_output and data else []
+    if unused:
+        raise InputError(None, f"{unused[0]} does not apply here: --out and --min-accuracy go with --data, "
+                               f"--json with --image or --prompt alone")
 
 
 @contextmanager
@@ -223,7 +222,7 @@ def _json_lines(path: Optional[Path]) -> Iterator[TextIO]:
         yield handle
 
 
-def _print_accuracy(scores: dict[str, tuple[int, int]]) -> float:
+def _print_accuracy(scores: dict[str, tuple[int, int]]) -> None:
     from rich.table import Table
 
     table = Table(title="accuracy (normalised exact match)")
@@ -231,14 +230,10 @@ def _print_accuracy(scores: dict[str, tuple[int, int]]) -> float:
     table.add_column("correct", justify="right")
     table.add_column("records", justify="right")
     table.add_column("accuracy", justify="right")
-    accuracies = []
     for task, (correct, total) in sorted(scores.items()):
-        accuracies.append(correct / total)
         table.add_row(task, str(correct), str(total), f"{correct / total:.4f}")
-    average = sum(accuracies) / len(accuracies)
-    table.add_row("average", "", "", f"{average:.4f}", style="bold")
+    table.add_row("average", "", "", f"{average_accuracy(scores):.4f}", style="bold")
     stderr.print(table)
-    return average
 
 
 def _print_measures(title: str, rows: list[tuple[str, str]]) -> None:

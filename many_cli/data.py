@@ -50,6 +50,15 @@ def read_records(data: Path, default_prompt: str = DEFAULT_PROMPT) -> Iterator[R
     raise InputError(data, "unknown data format: expected a folder of images, a .jsonl or a .json file")
 
 
+def read_all_records(sources: list[Path], default_prompt: str = DEFAULT_PROMPT) -> Iterator[Record]:
+    """The records of every source in turn; the first malformed one is an InputError naming it."""
+    for source in sources:
+        for record in read_records(source, default_prompt):
+            if isinstance(record, BadRecord):
+                raise InputError(record.source, record.fault)
+            yield record
+
+
 def count_records(data: Path) -> int | None:
     """How many records DATA holds, when that is cheap to know (for progress bars)."""
     if data.is_dir():

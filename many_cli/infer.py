@@ -262,3 +262,8 @@ def accuracy_by_task(predictions: Iterable[Prediction]) -> dict[str, tuple[int, 
         score[0] += normalise_answer(prediction.prediction) == normalise_answer(prediction.record.answer)
         score[1] += 1
     return {task: (correct, total) for task, (correct, total) in scores.items()}
+
+
+def average_accuracy(scores: dict[str, tuple[int, int]]) -> float:
+    """The mean over tasks of each task's accuracy (every task weighs the same)."""
+    return sum(correct / total for correct, total in scores.values()) / len(scores)
