@@ -183,7 +183,7 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
 
 
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
-    """DESIGN §3's conversation: one user turn [image, prompt], and the answer when there is
+    """The conversation of the token rule: one user turn [image, prompt], and the answer when there is
     one (and it is wanted: statistics take it, inference asks for it). A plain language model's
     tokenizer gets the usual string contents instead of typed parts."""
     def content(text: str, image: bool = False, audio: bool = False) -> list[dict] | str:

@@ -89,7 +89,6 @@ class MergeReport:
     out: Path
     tasks: list[str]
     modules: int
-    groups: int
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -112,7 +111,7 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
     base_fingerprint = _check_compatible(tasks, previous, options)
     base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
     earlier = [task.name for task in previous.state.tasks] if previous else []
-    report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0, 0)
+    report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
 
     with atomic_output_dir(out, options.force) as staging:
         if options.method == "many":
@@ -121,7 +120,6 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
             adapter = MergedAdapterWriter(staging, modules, base_model)
             _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
                        staging / STATE_FILE, report, track, adapter.write)
-            report.groups = len(groups)
         else:
             names = sorted({module for task in tasks for module in task.adapter.modules})
             modules = _merged_modules(tasks, None, [(m, _d_in(tasks, m)) for m in names],
@@ -304,56 +302,66 @@ def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
 def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
                options: MergeOptions, base_fingerprint: str, base_model: str | None,
                state_path: Path, report: MergeReport, track: Track, emit: Emit) -> None:
-    old_tasks = list(previous.state.tasks) if previous else []
-    new_tasks = [StateTask(task.adapter.name, task.adapter.fingerprint, tuple(task.adapter.modules),
-                           {group.key: task.stats.inputs[name].tokens
-                            for group, name in ((group, group.inputs[index]) for group in groups)})
-                 for index, task in enumerate(tasks)]
-    all_tasks = old_tasks + new_tasks
-    ranks = _ranks(tasks, previous, len(old_tasks))
+    """Per input group: gather H and every task's factors, keep them in the state, solve, emit."""
+    offset = len(previous.state.tasks) if previous else 0
+    all_tasks = list(previous.state.tasks if previous else []) + [_state_task(task, index, groups)
+                                                                   for index, task in enumerate(tasks)]
+    ranks = _ranks(tasks, previous, offset)
     writer = StateWriter(state_path, [StateGroup(group.key, group.dim, tuple(
         (index, module, *ranks[index, module]) for index, task in enumerate(all_tasks)
         for module in group.modules if module in task.modules)) for group in groups],
         base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance, tasks=all_tasks,
         members={group.key: group.modules for group in groups})
-
     device = resolve_device(options.device)
-    singular: list[str] = []
-    underdetermined = 0
+    singular, underdetermined = [], []
     for group in track(groups, "merging"):
-        gram, contributions = _gather_group(group, tasks, previous, len(old_tasks), options.balance, device)
+        gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
         writer.gram(group.key, gram)
         for part in contributions:
             writer.factors(part.index, part.module, part.ac, part.b)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
-            underdetermined += 1
+            underdetermined.append(group.key)
         rhs = torch.cat([part.ac for part in contributions]).to(device)
         rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
         if rows is None:
             # The factorization overwrote the Gram matrix: gather it again, now checking every
             # value, so that NaN or Inf in a file is reported as such and not as a singular H.
-            gram, _ = _gather_group(group, tasks, previous, len(old_tasks), options.balance, device,
-                                    factors=False)
+            gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
             singular.append(group.key)
             rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
         del gram
-        solved = rows.cpu().split([part.ac.shape[0] for part in contributions])
-        for module in group.modules:
-            parts = [(a, part.b) for a, part in zip(solved, contributions) if part.module == module]
-            emit(module, *lpm.stack_factors([a for a, _ in parts], [b for _, b in parts],
-                                            [options.scale] * len(parts)))
+        _emit_group(group, contributions, rows.cpu(), options.scale, emit)
     writer.close()
+    _report_conditioning(report, singular, underdetermined, len(groups), options.ridge)
 
+
+def _state_task(task: Task, index: int, groups: list[Group]) -> StateTask:
+    """A new task as the state records it: its calibration tokens per input group."""
+    return StateTask(task.adapter.name, task.adapter.fingerprint, tuple(task.adapter.modules),
+                     {group.key: task.stats.inputs[group.inputs[index]].tokens for group in groups})
+
+
+def _emit_group(group: Group, contributions: list["Contribution"], rows: torch.Tensor, scale: float,
+                emit: Emit) -> None:
+    """Each module's merged factors: its tasks' solved rows of A* beside their s·B, scaled by λ."""
+    solved = rows.split([part.ac.shape[0] for part in contributions])
+    for module in group.modules:
+        parts = [(a, part.b) for a, part in zip(solved, contributions) if part.module == module]
+        emit(module, *lpm.stack_factors([a for a, _ in parts], [b for _, b in parts], [scale] * len(parts)))
+
+
+def _report_conditioning(report: MergeReport, singular: list[str], underdetermined: list[str], groups: int,
+                         ridge: float) -> None:
     if singular:
         report.warnings.append(
-            f"the Gram matrix of {len(singular)} of {len(groups)} inputs (first: {singular[0]}) is "
-            f"singular or indefinite at --ridge {options.ridge:g}: took the minimum-norm "
+            f"the Gram matrix of {len(singular)} of {groups} inputs (first: {singular[0]}) is "
+            f"singular or indefinite at --ridge {ridge:g}: took the minimum-norm "
             f"least-squares solution, which leaves directions no calibration input reached unchanged")
     if underdetermined:
         report.notes.append(
-            f"{underdetermined} of {len(groups)} inputs saw fewer calibration tokens than their width, "
+            f"{len(underdetermined)} of {groups} inputs saw fewer calibration tokens than their width, "
             f"so their Gram matrix is rank-deficient" +
-            (f"; --ridge {options.ridge:g} keeps it solvable" if options.ridge > 0 else ""))
+            (f"; --ridge {ridge:g} keeps it solvable" if ridge > 0 else ""))
 
 
 def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tuple[int, str], tuple[int, int]]:

@@ -138,7 +138,6 @@ class StatsHeader:
     path: Path
     adapter_fingerprint: str
     base_fingerprint: str
-    token_rule: str
     images: int
     inputs: Mapping[str, InputStats]
     has_prototype: bool
@@ -194,7 +193,6 @@ def read_stats_header(path: Path) -> StatsHeader:
             path=path,
             adapter_fingerprint=metadata.get("adapter_fingerprint", ""),
             base_fingerprint=metadata.get("base_fingerprint", ""),
-            token_rule=metadata.get("token_rule", ""),
             images=int(metadata.get("images", "0")),
             inputs=inputs,
             has_prototype="prototype" in handle.keys(),

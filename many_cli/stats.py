@@ -351,7 +351,7 @@ class InputCovariances:
 
 
 class PrototypeSum:
-    """Sums the L2-normalised, mean-pooled projector input of every image (DESIGN §1, CPM)."""
+    """Sums the L2-normalised, mean-pooled projector input of every image: the CPM prototype."""
 
     def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
