@@ -246,11 +246,11 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it becomes `out`, on any failure (or
     signal) it is removed, so no command leaves a half-written output behind and `out` is at
     every moment either the old output or the new one."""
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a directory; remove it or choose another --out")
-    if out.exists() and not force:
-        raise InputError(out, "output directory already exists; choose another --out or pass --force")
-    with _locked_output(out):
+    with _locked_output(out):  # checked under the lock, after a killed run's output is put back
+        if out.exists() and not out.is_dir():
+            raise InputError(out, "exists and is not a directory; remove it or choose another --out")
+        if out.exists() and not force:
+            raise InputError(out, "output directory already exists; choose another --out or pass --force")
         staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
         try:
             yield staging

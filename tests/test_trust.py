@@ -21,7 +21,7 @@ from conftest import many_as_ordinary_user, run_cli
 from many_cli import files
 from many_cli import merge as merge_module
 from many_cli.data import Record, load_image
-from many_cli.errors import Terminated
+from many_cli.errors import InputError, Terminated
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -130,6 +130,10 @@ def test_a_killed_writer_is_recovered_by_the_next_run(tmp_path, moment):
     run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out), moment], capture_output=True)
     assert run.returncode == -signal.SIGKILL
     assert hidden(tmp_path), "the kill should have left something behind"
+    # The next writer puts the old output back first, so without --force it does not replace it.
+    with pytest.raises(InputError, match="--force"), files.atomic_output_dir(out, force=False) as staging:
+        (staging / "version.txt").write_text("unwanted")
+    assert (out / "version.txt").read_text() == "old" and hidden(tmp_path) == []
     # A later writer that fails still finds (and leaves) the old output, and cleans up.
     with pytest.raises(RuntimeError), files.atomic_output_dir(out, force=True):
         raise RuntimeError("failed")
