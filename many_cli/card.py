@@ -12,19 +12,11 @@ if TYPE_CHECKING:
 def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None,
                options: "MergeOptions", base_model: str | None, base_fingerprint: str,
                report: "MergeReport") -> str:
-    rows = [f"| {number} | {name} | `{fingerprint}` | {source} |"
-            for number, (name, fingerprint, source) in enumerate(
-                [(name, fingerprint, f"state of `{resume}`") for name, fingerprint in previous] +
-                [(name, fingerprint, "adapter") for name, fingerprint in tasks], start=1)]
-    settings = [f"- method: `{options.method}`", f"- scale λ: {options.scale:g}"]
-    if options.method == "many":
-        settings += [f"- ridge ρ: {options.ridge:g} (relative to the mean diagonal of each Gram matrix)",
-                     f"- weighting: {'balanced (each task divided by its token count)' if options.balance else 'by calibration tokens (plain least squares)'}"]
-    if options.method == "ties":
-        settings.append(f"- TIES density: {options.density:g}")
-    settings.append(f"- default routing temperature η: {options.eta:g}")
+    rows = _task_rows(tasks, previous, resume)
+    settings = _settings(options)
     notes = [f"- {line}" for line in report.warnings + report.notes]
     base = base_model or "BASE"
+    # The card's whole text as one template, top to bottom, so it reads as the card itself does.
     return "\n".join([
         "---",
         "library_name: peft",
@@ -67,3 +59,24 @@ def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
         "```",
         "",
     ]).replace("\n\n\n", "\n\n")
+
+
+def _task_rows(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None) -> list[str]:
+    """One table row per task, in merge order: earlier tasks from the resumed state first."""
+    sources = [(name, fingerprint, f"state of `{resume}`") for name, fingerprint in previous] + \
+              [(name, fingerprint, "adapter") for name, fingerprint in tasks]
+    return [f"| {number} | {name} | `{fingerprint}` | {source} |"
+            for number, (name, fingerprint, source) in enumerate(sources, start=1)]
+
+
+def _settings(options: "MergeOptions") -> list[str]:
+    settings = [f"- method: `{options.method}`", f"- scale λ: {options.scale:g}"]
+    if options.method == "many":
+        weighting = ("balanced (each task divided by its token count)" if options.balance
+                     else "by calibration tokens (plain least squares)")
+        settings += [f"- ridge ρ: {options.ridge:g} (relative to the mean diagonal of each Gram matrix)",
+                     f"- weighting: {weighting}"]
+    if options.method == "ties":
+        settings.append(f"- TIES density: {options.density:g}")
+    settings.append(f"- default routing temperature η: {options.eta:g}")
+    return settings

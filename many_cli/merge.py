@@ -250,53 +250,63 @@ def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
     union = {module for task in tasks for module in task.adapter.modules}
     if previous:
         union.update(module for modules in previous.state.groups.values() for module in modules)
+    signatures = {module: _input_signature(tasks, module) for module in sorted(union)}
+    members = _resumed_members(tasks, previous, signatures) if previous else _fresh_members(signatures)
+    return [Group(key, _group_width(tasks, previous, key, modules, signatures[modules[0]]),
+                  tuple(sorted(modules)), signatures[modules[0]]) for key, modules in sorted(members.items())]
 
-    def signature(module: str) -> tuple[str, ...]:
-        keys = []
-        for task in tasks:
-            stats = task.stats.input_of(module)
-            if stats is None:
-                raise InputError(task.stats.path, f"holds no covariance for the input of {module}, "
-                                                  f"which the merged adapters adapt; re-run many stats")
-            keys.append(stats.key)
-        return tuple(keys)
 
-    signatures = {module: signature(module) for module in sorted(union)}
-    members: dict[str, list[str]] = defaultdict(list)
-    if previous:
-        for key, modules in previous.state.groups.items():
-            members[key].extend(modules)
-            if len({signatures[module] for module in modules}) > 1:
-                raise InputError(tasks[0].stats.path, f"the new stats files do not agree with the "
-                                                      f"state on which modules read one input: {modules}")
-        by_signature = {signatures[modules[0]]: key for key, modules in previous.state.groups.items()}
-        for module in sorted(union - {m for modules in previous.state.groups.values() for m in modules}):
-            key = by_signature.get(signatures[module])
-            if key is None:
-                raise InputError(previous.state.path, f"cannot add {module} on resume: the state holds "
-                                                      f"no statistics of its input for the earlier "
-                                                      f"tasks; merge all adapters afresh")
-            members[key].append(module)
-    else:
-        by_signature: dict[tuple[str, ...], list[str]] = defaultdict(list)
-        for module, keys in signatures.items():
-            by_signature[keys].append(module)
-        for modules in by_signature.values():
-            members[modules[0]] = modules
+def _input_signature(tasks: list[Task], module: str) -> tuple[str, ...]:
+    """The key of the input `module` reads, in each new task's stats file."""
+    keys = []
+    for task in tasks:
+        stats = task.stats.input_of(module)
+        if stats is None:
+            raise InputError(task.stats.path, f"holds no covariance for the input of {module}, "
+                                              f"which the merged adapters adapt; re-run many stats")
+        keys.append(stats.key)
+    return tuple(keys)
 
-    groups = []
-    for key, modules in sorted(members.items()):
-        inputs = signatures[modules[0]]
-        dims = {task.stats.inputs[name].dim for task, name in zip(tasks, inputs)}
-        if previous and key in previous.state.groups:
-            dims.add(previous.state.gram_dim(key))
-        dims.update(task.adapter.modules[module].d_in for task in tasks for module in modules
-                    if module in task.adapter.modules)
-        if len(dims) != 1:
-            raise InputError(tasks[0].stats.path, f"the input of {key} has differing widths {sorted(dims)} "
-                                                  f"across stats files and adapters")
-        groups.append(Group(key, dims.pop(), tuple(sorted(modules)), inputs))
-    return groups
+
+def _fresh_members(signatures: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """Modules reading one input in every task form a group, named after its first module."""
+    by_signature: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for module, keys in signatures.items():
+        by_signature[keys].append(module)
+    return {modules[0]: modules for modules in by_signature.values()}
+
+
+def _resumed_members(tasks: list[Task], previous: Previous,
+                     signatures: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The state's groups, joined by new modules that read one of their inputs."""
+    members = {key: list(modules) for key, modules in previous.state.groups.items()}
+    for key, modules in previous.state.groups.items():
+        if len({signatures[module] for module in modules}) > 1:
+            raise InputError(tasks[0].stats.path, f"the new stats files do not agree with the "
+                                                  f"state on which modules read one input: {modules}")
+    by_signature = {signatures[modules[0]]: key for key, modules in previous.state.groups.items()}
+    for module in sorted(set(signatures) - {m for modules in previous.state.groups.values() for m in modules}):
+        key = by_signature.get(signatures[module])
+        if key is None:
+            raise InputError(previous.state.path, f"cannot add {module} on resume: the state holds "
+                                                  f"no statistics of its input for the earlier "
+                                                  f"tasks; merge all adapters afresh")
+        members[key].append(module)
+    return members
+
+
+def _group_width(tasks: list[Task], previous: Previous | None, key: str, modules: list[str],
+                 inputs: tuple[str, ...]) -> int:
+    """The input's width, which every stats file, the state and every adapter must agree on."""
+    dims = {task.stats.inputs[name].dim for task, name in zip(tasks, inputs)}
+    if previous and key in previous.state.groups:
+        dims.add(previous.state.gram_dim(key))
+    dims.update(task.adapter.modules[module].d_in for task in tasks for module in modules
+                if module in task.adapter.modules)
+    if len(dims) != 1:
+        raise InputError(tasks[0].stats.path, f"the input of {key} has differing widths {sorted(dims)} "
+                                              f"across stats files and adapters")
+    return dims.pop()
 
 
 def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
