@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from many_cli.data import DEFAULT_PROMPT
 from many_cli.errors import InputError, Terminated
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
-from many_cli.infer import DEFAULT_CONFIDENCE, average_accuracy
-from many_cli.merge import DEFAULT_DENSITY, DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions, merge
+from many_cli.infer import InferOptions, average_accuracy
+from many_cli.merge import MergeOptions, merge
+from many_cli.options import with_options
 from many_cli.stats import Progress as StatsProgress
 from many_cli.stats import StatsOptions, collect_stats
 
@@ -56,23 +57,15 @@ def _track(items, description):
 
 
 @app.command("merge")
+@with_options(MergeOptions)
 def merge_command(
     adapters: Annotated[list[Path], typer.Argument(help="Adapter directories in task order, or one folder holding them (name order).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (must not exist unless --force).")],
-    scale: Annotated[float, typer.Option("--scale", help="λ: the merged task vector is applied as W + λ τ*.")] = 1.0,
-    ridge: Annotated[float, typer.Option("--ridge", help="ρ: H + ρ·mean(diag H)·I; 0 is pure least squares.")] = DEFAULT_RIDGE,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="A previous merge directory to add these tasks to.")] = None,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "many",
-    balance: Annotated[bool, typer.Option("--balance", help="Weigh tasks equally, not by calibration tokens.")] = False,
-    density: Annotated[float, typer.Option("--density", help="TIES: fraction of each task vector kept.")] = DEFAULT_DENSITY,
-    eta: Annotated[float, typer.Option("--eta", help="Default routing temperature η stored in the bundle.")] = DEFAULT_ETA,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    device: Annotated[str, typer.Option("--device", help="Where to factor and solve: cpu, cuda or auto.")] = "cpu",
-    experts: Annotated[bool, typer.Option("--experts/--no-experts", help="Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")] = True,
+    *,
+    options: MergeOptions,
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
-    options = MergeOptions(method=method, scale=scale, ridge=ridge, balance=balance,
-                           density=density, eta=eta, force=force, device=device, experts=experts)
     report = merge(adapters, out, options, resume=resume, track=_track)
     for line in report.warnings:
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -106,23 +99,16 @@ class _RecordsBar(StatsProgress):
 
 
 @app.command("stats")
+@with_options(StatsOptions)
 def stats_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
     adapter: Annotated[Path, typer.Option("--adapter", help="The task's PEFT adapter directory.")],
     data: Annotated[Path, typer.Option("--data", help="Calibration data: a folder of images, a .jsonl or a LLaVA .json.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Stats file (default: ADAPTER/many_stats.safetensors).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 8,
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many records.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, float32, bfloat16 or float16 (statistics are float32 regardless).")] = "auto",
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for a folder of images.")] = DEFAULT_PROMPT,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable records (counted in the metadata) instead of stopping.")] = False,
-    padding_side: Annotated[str, typer.Option("--padding-side", help="left or right; the statistics do not depend on it.")] = "right",
-    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not a many stats file.")] = False,
+    *,
+    options: StatsOptions,
 ) -> None:
     """Accumulate one task's input covariances and visual prototype for `many merge`."""
-    options = StatsOptions(batch_size=batch_size, max_samples=max_samples, device=device, dtype=dtype,
-                           prompt=prompt, skip_bad=skip_bad, padding_side=padding_side, force=force)
     bars: list[_RecordsBar] = []
 
     def progress(total):
@@ -143,6 +129,7 @@ def stats_command(
 
 
 @app.command("infer")
+@with_options(InferOptions)
 def infer_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
     merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
@@ -150,18 +137,10 @@ def infer_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="With --data: write JSON lines here (default: standard output).")] = None,
-    eta: Annotated[Optional[float], typer.Option("--eta", help="Routing temperature η (default: the bundle's).")] = None,
-    routing: Annotated[str, typer.Option("--routing", help="soft (weighted projectors) or hard (the closest task's).")] = "soft",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
-    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold the merged LoRA into the weights (decoding then costs what the base costs).")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
-    min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="Exit 1 when the average per-task accuracy is below this.")] = None,
-    lm_routing: Annotated[str, typer.Option("--lm-routing", help="merged (one merged LoRA) or experts (each image's task's own LoRA).")] = "merged",
-    confidence: Annotated[float, typer.Option("--confidence", help="experts: below this routing weight, answer with the merged LoRA.")] = DEFAULT_CONFIDENCE,
     force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier `many infer` output.")] = False,
+    *,
+    options: InferOptions,
 ) -> None:
     """Answer one image, or score a data set, with the merged model and routed projectors."""
     import json
@@ -170,10 +149,8 @@ def infer_command(
     from many_cli.data import Record, read_all_records
 
     single = image is not None or (prompt is not None and not data)
-    _check_infer_mode(single, bool(data), out is not None or min_accuracy is not None, json_output)
-    options = infer.InferOptions(eta=eta, routing=routing, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 device=device, dtype=dtype, fold=fold, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-                                 lm_routing=lm_routing, confidence=confidence, min_accuracy=min_accuracy)
+    _check_infer_mode(single, bool(data), out is not None or options.min_accuracy is not None, json_output)
+    options = replace(options, prompt=DEFAULT_PROMPT if prompt is None else prompt)
     options.check()
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
@@ -183,7 +160,7 @@ def infer_command(
     loaded = infer.load_merged(model, merged, options)
     if single:
         [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, options.prompt, None)],
-                                    max_new_tokens)
+                                    options.max_new_tokens)
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
@@ -197,8 +174,8 @@ def infer_command(
         return
     _print_accuracy(scores)
     average = average_accuracy(scores)
-    if min_accuracy is not None and average < min_accuracy:
-        _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {min_accuracy}")
+    if options.min_accuracy is not None and average < options.min_accuracy:
+        _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {options.min_accuracy}")
 
 
 def _check_infer_mode(single: bool, data: bool, data_only_options: bool, json_output: bool) -> None:

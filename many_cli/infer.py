@@ -23,6 +23,7 @@ from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, t
 from many_cli.errors import InputError
 from many_cli.models import (apply_adapters, find_projector, load_base_model, lora_layers, replace_projector,
                              resolve_device, resolve_dtype, text_layers, track_crops)
+from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
 
@@ -32,18 +33,22 @@ DEFAULT_CONFIDENCE = 0.5
 
 @dataclass(frozen=True)
 class InferOptions:
-    """Every setting of one `many infer` run."""
-    eta: float | None = None  # None: the bundle's default
-    routing: str = "soft"
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    fold: bool = True
-    prompt: str = DEFAULT_PROMPT
-    lm_routing: str = "merged"  # or "experts": each image's task's own LoRA (PEFT mixed batches)
-    confidence: float = DEFAULT_CONFIDENCE  # experts: below this routing weight, the merged LoRA
-    min_accuracy: float | None = None  # the CLI fails when the average per-task accuracy is below it
+    """Every setting of one `many infer` run, each declared once and checked in `check`."""
+    eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
+    routing: str = option("soft", "--routing", "soft (weighted projectors) or hard (the closest task's).")
+    max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
+    batch_size: int = option(8, "--batch-size", "Records per generate call.")
+    device: str = option("auto", "--device", "auto, cpu or cuda.")
+    dtype: str = option("auto", "--dtype", "auto, float32, bfloat16 or float16.")
+    fold: bool = option(True, "--fold/--no-fold",
+                        "Fold the merged LoRA into the weights (decoding then costs what the base costs).")
+    prompt: str = DEFAULT_PROMPT  # the CLI's --prompt also chooses the mode (a text prompt alone)
+    lm_routing: str = option("merged", "--lm-routing",
+                             "merged (one merged LoRA) or experts (each image's task's own LoRA).")
+    confidence: float = option(DEFAULT_CONFIDENCE, "--confidence",
+                               "experts: below this routing weight, answer with the merged LoRA.")
+    min_accuracy: float | None = option(None, "--min-accuracy",
+                                        "Exit 1 when the average per-task accuracy is below this.")
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""

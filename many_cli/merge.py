@@ -25,6 +25,7 @@ from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device
+from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, read_bundle_header,
                             read_state_header, read_stats_header, write_bundle)
@@ -41,16 +42,31 @@ Emit = Callable[[str, torch.Tensor, torch.Tensor], None]  # (module, A, B) of th
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Every setting of one merge."""
-    method: str = "many"
-    scale: float = 1.0
-    ridge: float = DEFAULT_RIDGE
-    balance: bool = False
-    density: float = DEFAULT_DENSITY
-    eta: float = DEFAULT_ETA
-    force: bool = False
-    device: str = "cpu"
-    experts: bool = True  # keep each task's own LoRA for `many infer --lm-routing experts`
+    """Every setting of one merge, each declared once (flag, default, help) and checked in `check`."""
+    method: str = option("many", "--method", f"One of: {', '.join(METHODS)}.")
+    scale: float = option(1.0, "--scale", "λ: the merged task vector is applied as W + λ τ*.")
+    ridge: float = option(DEFAULT_RIDGE, "--ridge", "ρ: H + ρ·mean(diag H)·I; 0 is pure least squares.")
+    balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
+    density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
+    eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
+    force: bool = option(False, "--force", "Replace --out if it exists.")
+    device: str = option("cpu", "--device", "Where to factor and solve: cpu, cuda or auto.")
+    experts: bool = option(True, "--experts/--no-experts",
+                           "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        if self.method not in METHODS:
+            raise InputError(None, f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
+        if not math.isfinite(self.scale):
+            raise InputError(None, f"--scale must be finite, got {self.scale}")
+        if not 0 < self.density <= 1:
+            raise InputError(None, f"--density must lie in (0, 1], got {self.density}")
+        if not (self.eta > 0 and math.isfinite(self.eta)):
+            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -158,17 +174,7 @@ def _merged_modules(tasks: list[Task], previous: Previous | None, order: list[tu
 
 
 def _check_options(options: MergeOptions, resume: Path | None) -> None:
-    if options.method not in METHODS:
-        raise InputError(None, f"--method {options.method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if not (options.ridge >= 0 and math.isfinite(options.ridge)):
-        raise InputError(None, f"--ridge must be a finite number ≥ 0, got {options.ridge}")
-    if not math.isfinite(options.scale):
-        raise InputError(None, f"--scale must be finite, got {options.scale}")
-    if not 0 < options.density <= 1:
-        raise InputError(None, f"--density must lie in (0, 1], got {options.density}")
-    if not (options.eta > 0 and math.isfinite(options.eta)):
-        raise InputError(None, f"--eta must be a finite number > 0, got {options.eta}")
-    resolve_device(options.device)
+    options.check()
     if resume is not None and options.method != "many":
         raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
 

@@ -24,6 +24,7 @@ from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
                              resolve_device, resolve_dtype, text_layers, track_crops)
+from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
@@ -33,15 +34,26 @@ TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assist
 
 @dataclass(frozen=True)
 class StatsOptions:
-    """Every setting of one `many stats` run."""
-    batch_size: int = 8
-    max_samples: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    prompt: str = DEFAULT_PROMPT
-    skip_bad: bool = False
-    padding_side: str = "right"
-    force: bool = False  # replace an existing --out that is not a stats file
+    """Every setting of one `many stats` run, each declared once and checked in `check`."""
+    batch_size: int = option(8, "--batch-size", "Records per forward pass.")
+    max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
+    device: str = option("auto", "--device", "auto, cpu or cuda.")
+    dtype: str = option("auto", "--dtype", "Model dtype: auto, float32, bfloat16 or float16 (statistics are float32 regardless).")
+    prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
+    skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
+    padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
+    force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        if self.batch_size < 1:
+            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
+        if self.padding_side not in ("left", "right"):
+            raise InputError(None, f"--padding-side must be left or right, got {self.padding_side!r}")
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
 
 
 @dataclass
@@ -70,7 +82,7 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None, option
                   progress: Callable[[int | None], Progress] = Progress) -> StatsReport:
     """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
-    _check_options(options)
+    options.check()
     out = out or adapter / STATS_FILE
     refuse_overlap(out, [data, base, *(adapter / name for name in ADAPTER_FILES)])
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
@@ -214,17 +226,6 @@ def forward(model: nn.Module, encoded, device: torch.device) -> None:
     with torch.inference_mode():
         model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
               use_cache=False, logits_to_keep=keep)
-
-
-def _check_options(options: StatsOptions) -> None:
-    if options.batch_size < 1:
-        raise InputError(None, f"--batch-size must be ≥ 1, got {options.batch_size}")
-    if options.max_samples is not None and options.max_samples < 1:
-        raise InputError(None, f"--max-samples must be ≥ 1, got {options.max_samples}")
-    if options.padding_side not in ("left", "right"):
-        raise InputError(None, f"--padding-side must be left or right, got {options.padding_side!r}")
-    resolve_device(options.device)
-    resolve_dtype(options.dtype)
 
 
 def _adapter_fingerprint(adapter: Path) -> str:
