@@ -130,7 +130,7 @@ def stats_command(
 
 @app.command("infer")
 @with_options(InferOptions)
-def infer_command(
+def infer_command(  # long only by the parameters typer declares: the body is six steps
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
     merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
     image: Annotated[Optional[Path], typer.Option("--image", help="One image to answer about.")] = None,

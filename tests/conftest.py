@@ -13,8 +13,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM,
-                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from many_cli.files import file_fingerprint
 from many_cli.state import STATS_FILE, pack_symmetric, unpack_symmetric, write_stats
@@ -47,14 +46,10 @@ def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
 
 
 def load_base(path: Path):
-    """A saved tiny model, through transformers' own auto classes: vision-language first, then
-    audio-language, then plain causal LMs."""
-    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM):
-        try:
-            return auto.from_pretrained(path, dtype=torch.float32).eval()
-        except ValueError:
-            continue
-    raise ValueError(f"{path}: no auto class loads it")
+    """A saved tiny model in float32 on the CPU, loaded as `many` loads a base."""
+    from many_cli.models import load_base_model
+
+    return load_base_model(str(path), torch.float32, torch.device("cpu"))
 
 
 def make_adapter(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:

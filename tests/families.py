@@ -7,20 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from many_cli.bench.tiny import CHAT_TEMPLATE, SPECIAL, WORDS, build_tiny_llava
+from many_cli.bench.tiny import CHAT_TEMPLATE, build_tiny_llava, tiny_tokenizer
 
 
 def word_tokenizer(extra_special: dict[str, str]) -> PreTrainedTokenizerFast:
-    """The tiny word-level tokenizer with the family's own special tokens added."""
-    specials = SPECIAL + [token for token in extra_special.values() if token not in SPECIAL]
-    vocab = {token: index for index, token in enumerate(specials + sorted(set(WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens=extra_special)
+    """The tiny word-level tokenizer with the family's own special tokens (the family's processor
+    brings its chat template)."""
+    return tiny_tokenizer(extra_special, chat_template=None)
 
 
 def save_model(model_class, config, processor, out: Path) -> Path:

@@ -39,15 +39,19 @@ IMAGE_SIZE = 16
 PATCH_SIZE = 8
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(SPECIAL + sorted(set(WORDS)))}
+def tiny_tokenizer(extra_special: dict[str, str] | None = None,
+                   chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of the tiny models; `extra_special` names a family's own special
+    tokens (default: LLaVA's image token), added to the vocabulary after the usual ones."""
+    extra_special = {"image_token": "<image>"} if extra_special is None else extra_special
+    specials = SPECIAL + [token for token in extra_special.values() if token not in SPECIAL]
+    vocab = {token: index for index, token in enumerate(specials + sorted(set(WORDS)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                      pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
+                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens=extra_special)
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
