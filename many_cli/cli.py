@@ -158,6 +158,8 @@ def infer_command(  # long only by the parameters typer declares: the body is si
         refuse_overlap(out, [merged, model, *(data or [])])
         refuse_foreign_file(out, force, infer.is_predictions_file, "many infer output (JSON lines)")
     loaded = infer.load_merged(model, merged, options)
+    for note in loaded.notes:
+        stderr.print(f"note: {note}", highlight=False)
     if single:
         [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, options.prompt, None)],
                                     options.max_new_tokens)

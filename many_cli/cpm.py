@@ -1,6 +1,6 @@
-"""Cross-modal Projection Merging: a drop-in `multi_modal_projector` that routes each image
-to the task projectors by the cosine similarity of its pooled projector input to each task's
-prototype. Pure torch, no I/O.
+"""Cross-modal Projection Merging: a drop-in projector (LLaVA's `multi_modal_projector`,
+Qwen-VL's `visual.merger`, ...) that routes each image to the task projectors by the cosine
+similarity of its pooled projector input to each task's prototype. Pure torch, no I/O.
 
 Use from Python (after `model` has its merged LoRA applied):
 
@@ -21,18 +21,31 @@ from torch.nn import functional as F
 ROUTINGS = ("soft", "hard")
 
 
-def pooled_direction(features: torch.Tensor, rows_per_image: Sequence[int] | None = None) -> torch.Tensor:
-    """One unit vector per image: the projector input mean-pooled over its tokens, then
-    L2-normalised. When a model cuts an image into crops and feeds them as separate rows
-    (LLaVA-NeXT), `rows_per_image` says how many rows each image has, and the pooling runs over
-    every token of all its crops, so an image is one direction however it was cut."""
+def image_rows(total: int, image_shares: Sequence[int] | None) -> list[int] | None:
+    """How many of `total` rows (along the first dimension) belong to each image, when each
+    image's share of them is known (crops, tiles, patches, frames); None: one row per image."""
+    if image_shares is None:
+        return None
+    whole = sum(image_shares)
+    if whole == 0 or any(total * share % whole for share in image_shares):
+        raise ValueError(f"{total} projector rows do not split into images by shares {list(image_shares)}")
+    return [total * share // whole for share in image_shares]
+
+
+def pooled_direction(features: torch.Tensor, image_shares: Sequence[int] | None = None) -> torch.Tensor:
+    """One unit vector per image: the projector input mean-pooled over all of the image's rows,
+    then L2-normalised. Rows along the first dimension are images, unless `image_shares` says
+    how they divide into images (crops of LLaVA-NeXT, tiles of InternVL, a flat list of patches
+    in Qwen-VL): an image is then one direction however it was cut. A 2-D input without shares
+    is one image."""
     features = features.float()
-    if features.dim() != 3:
-        pooled = features.mean(dim=0, keepdim=True)
-    elif rows_per_image is None:
+    if image_shares is None and features.dim() == 2:
+        image_shares = [1]
+    rows = image_rows(features.shape[0], image_shares)
+    if rows is None:
         pooled = features.mean(dim=-2)
     else:
-        pooled = torch.stack([crops.mean(dim=(0, 1)) for crops in features.split(list(rows_per_image))])
+        pooled = torch.stack([part.reshape(-1, part.shape[-1]).mean(dim=0) for part in features.split(rows)])
     return F.normalize(pooled, dim=-1)
 
 
@@ -69,30 +82,39 @@ class RoutedProjector(nn.Module):
         self.routing = routing
         self.confidence = confidence
         self.last_weights: torch.Tensor | None = None
-        self.rows_per_image: Sequence[int] | None = None  # set before each forward for cropping models
+        self.image_shares: Sequence[int] | None = None  # set before each forward (models.ImageTracker)
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weights = routing_weights(pooled_direction(image_features, self.rows_per_image),
+        weights = routing_weights(pooled_direction(image_features, self.image_shares),
                                   self.prototypes.to(image_features.device), self.eta, self.routing, self.confidence)
         self.last_weights = weights.detach()
-        if self.rows_per_image is not None:  # every crop of an image takes the image's weights
-            counts = torch.tensor(list(self.rows_per_image), device=weights.device)
-            weights = weights.repeat_interleave(counts, dim=0)
-        per_image = image_features.dim() == 3
+        # Rows along the first dimension are whole images, crops or tiles (then a projector runs
+        # on the rows of the images routed to it); a flat list of patches (Qwen-VL, Mistral3)
+        # is merged across neighbours, so each projector runs on all of it.
+        per_row = image_features.dim() == 3
         output = None
         for index, projector in enumerate(self.projectors):
-            chosen = weights[:, index] > 0
-            if not bool(chosen.any()):
+            weight = weights[:, index]
+            if not bool((weight > 0).any()):
                 continue
-            inputs = image_features[chosen] if per_image else image_features
-            projected = projector(inputs, *args, **kwargs)
-            scale = weights[chosen, index].to(projected.dtype)
-            term = projected * scale.view(-1, *([1] * (projected.dim() - 1)))
+            if per_row:
+                chosen = self._spread(weight, image_features.shape[0]) > 0
+                projected = projector(image_features[chosen], *args, **kwargs)
+                scale = self._spread(weight, image_features.shape[0])[chosen]
+            else:
+                projected = projector(image_features, *args, **kwargs)
+                scale = self._spread(weight, projected.shape[0])
+            term = projected * scale.to(projected.dtype).view(-1, *([1] * (projected.dim() - 1)))
             if output is None:
-                output = torch.zeros((image_features.shape[0], *projected.shape[1:]) if per_image
+                output = torch.zeros((image_features.shape[0], *projected.shape[1:]) if per_row
                                      else projected.shape, dtype=projected.dtype, device=projected.device)
-            if per_image:
+            if per_row:
                 output[chosen] += term
             else:
                 output += term
         return output
+
+    def _spread(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        """Each image's weight repeated over its share of `rows` rows."""
+        counts = image_rows(rows, self.image_shares or [1] * weight.numel())
+        return weight.repeat_interleave(torch.tensor(counts, device=weight.device))

@@ -227,4 +227,6 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
     media = {"images": nested} if images else {}
     if audios:
         media.update(audio=audios, sampling_rate=processor.feature_extractor.sampling_rate)
-    return processor(text=texts, **media, return_tensors="pt", padding=True)
+    encoded = processor(text=texts, **media, return_tensors="pt", padding=True)
+    encoded.pop("labels", None)  # PaliGemma's processor adds training labels: nothing here trains
+    return encoded

@@ -10,7 +10,7 @@ import re
 import string
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,8 +21,8 @@ from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
 from many_cli.errors import InputError
-from many_cli.models import (apply_adapters, find_projector, load_base_model, lora_layers, replace_projector,
-                             resolve_device, resolve_dtype, text_layers, track_crops)
+from many_cli.models import (ImageTracker, apply_adapters, find_projector, load_base_model, lora_layers,
+                             no_projector_reason, replace_projector, resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
@@ -77,6 +77,8 @@ class MergedModel:
     router: RoutedProjector | None
     device: torch.device
     experts: bool = False
+    tracker: ImageTracker | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
@@ -86,7 +88,11 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     device = resolve_device(options.device)
     model = load_base_model(base, resolve_dtype(options.dtype), device)
-    router = _routed_projector(model, bundle, options) if bundle.projector_module else None
+    notes = []
+    if bundle.projector_module and find_projector(model) is None:
+        notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
+                     f"language model applies")
+    router = _routed_projector(model, bundle, options) if bundle.projector_module and not notes else None
     experts = options.lm_routing == "experts"
     if experts:
         if router is None:
@@ -94,20 +100,19 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         model = _apply_experts(model, base, merged, bundle.tasks)
     else:
         model = _apply_lora(model, base, merged, options.fold)
+    tracker = None
     if router is not None:
         replace_projector(model, router.to(device))
-        track_crops(model, router)
+        tracker = ImageTracker(model, router)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = "left"  # generation continues every row at its end
-    return MergedModel(model.eval(), processor, router, device, experts)
+    return MergedModel(model.eval(), processor, router, device, experts, tracker, notes)
 
 
 def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOptions) -> RoutedProjector:
     original = find_projector(model)
-    if original is None:
-        raise InputError(bundle.path, "holds task projectors, but the base model has no multi_modal_projector")
     projectors, prototypes = [], []
     for index, task in enumerate(bundle.tasks):
         projector = copy.deepcopy(original)
@@ -216,9 +221,7 @@ def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list
     (and for records without an image) with the merged one."""
     if "pixel_values" not in encoded:
         return [MERGED] * len(records)
-    image_sizes = encoded.get("image_sizes")
-    merged.model.get_image_features(pixel_values=encoded["pixel_values"],
-                                    **({"image_sizes": image_sizes} if image_sizes is not None else {}))
+    merged.tracker.encode_images(encoded)
     names = []
     for record, weights in zip(records, _routing_per_record(merged, records), strict=True):
         task, weight = max(weights.items(), key=lambda item: item[1]) if weights else (MERGED, 1.0)

@@ -9,6 +9,7 @@ group is solved.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from collections import defaultdict
 from contextlib import ExitStack
@@ -256,22 +257,31 @@ def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
     union = {module for task in tasks for module in task.adapter.modules}
     if previous:
         union.update(module for modules in previous.state.groups.values() for module in modules)
-    signatures = {module: _input_signature(tasks, module) for module in sorted(union)}
+    signatures = {module: _input_signature(tasks, module, union) for module in sorted(union)}
     members = _resumed_members(tasks, previous, signatures) if previous else _fresh_members(signatures)
     return [Group(key, _group_width(tasks, previous, key, modules, signatures[modules[0]]),
                   tuple(sorted(modules)), signatures[modules[0]]) for key, modules in sorted(members.items())]
 
 
-def _input_signature(tasks: list[Task], module: str) -> tuple[str, ...]:
+def _input_signature(tasks: list[Task], module: str, union: set[str]) -> tuple[str, ...]:
     """The key of the input `module` reads, in each new task's stats file."""
     keys = []
     for task in tasks:
         stats = task.stats.input_of(module)
         if stats is None:
-            raise InputError(task.stats.path, f"holds no covariance for the input of {module}, "
-                                              f"which the merged adapters adapt; re-run many stats")
+            raise InputError(task.stats.path, f"holds no covariance for the input of {module}, which "
+                                              f"{'its' if module in task.adapter.modules else 'another'} adapter "
+                                              f"adapts; to cover every merged module, re-run: many stats --model BASE "
+                                              f"--adapter {task.adapter.path} --data DATA --modules "
+                                              f"'{modules_pattern(union)}'")
         keys.append(stats.key)
     return tuple(keys)
+
+
+def modules_pattern(modules: Iterable[str]) -> str:
+    """A regular expression matching `modules` (and the same modules of every layer)."""
+    shapes = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(module)) for module in modules})
+    return shapes[0] if len(shapes) == 1 else f"({'|'.join(shapes)})"
 
 
 def _fresh_members(signatures: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:

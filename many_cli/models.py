@@ -1,5 +1,5 @@
 """Loading a base model with an adapter, and finding what `many` needs in it by structure:
-the LoRA layers PEFT created and the module named `multi_modal_projector`."""
+the LoRA layers PEFT created and, through the family table, the projector CPM routes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import functools
 import hashlib
 import inspect
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -17,7 +20,6 @@ from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_supported_c
 from many_cli.errors import InputError
 from many_cli.files import check_tensors
 
-PROJECTOR_NAME = "multi_modal_projector"
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
@@ -123,6 +125,21 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
 
 
+def linear_layers(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    """The base model's own linear layers whose names fully match `pattern` (PEFT's rule for a
+    target_modules string); a LoRA layer's inner layers and a saved module's copies are not the
+    model's own."""
+    wrapped = re.compile(r".*\.(base_layer|lora_[A-Za-z_]+|original_module|modules_to_save)(\.|$).*")
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and re.fullmatch(pattern, name) and not wrapped.fullmatch(name)}
+
+
+def computes_own_positions(model: nn.Module) -> bool:
+    """Whether the model derives its position ids from the attention mask itself (the Qwen-VL
+    families' multimodal rope), so that passing 1-D positions would be wrong."""
+    return any(hasattr(module, "get_rope_index") for module in model.modules())
+
+
 def text_layers(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
     """Those of `layers` (by name in `model`) that read the token sequence: the language model's
     own and its output layer; the others (a vision or audio tower's) read media features."""
@@ -133,52 +150,167 @@ def text_layers(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
     return {name for name, layer in layers.items() if id(layer) in inside}
 
 
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps the projector CPM routes, and how its input rows belong to
+    images. `projector` is the module's path inside the module that encodes images (the one
+    with `get_image_features`); `shares` gives each image's share of the projector's input rows
+    (its crops, tiles or patches) from that encoding call's arguments, or None for one row
+    (along the first dimension) per image. An image's rows are pooled into one direction."""
+    projector: str
+    shares: Callable[[nn.Module, dict[str, Any]], list[int] | None] | None = None
+
+
+def _grid_crops(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
+    """LLaVA-NeXT, LLaVA-OneVision: crops per image by the model's own grid rule (5-D pixels);
+    a video's frames (its pixel values are frames × …) are one clip each."""
+    pixel_values, sizes = arguments.get("pixel_values"), arguments.get("image_sizes")
+    if pixel_values is None or pixel_values.dim() != 5:
+        return None
+    if sizes is None:  # get_video_features: (videos, frames, channels, height, width)
+        return [pixel_values.shape[1]] * pixel_values.shape[0]
+    rule = sys.modules[type(owner).__module__].image_size_to_num_patches
+    return [rule(image_size=size, grid_pinpoints=owner.config.image_grid_pinpoints,
+                 patch_size=owner.config.vision_config.image_size) for size in sizes]
+
+
+def _patch_grid(_owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
+    """Qwen-VL: a flat list of patches, t·h·w of them per image or video."""
+    grid = next((arguments[key] for key in ("image_grid_thw", "video_grid_thw") if arguments.get(key) is not None),
+                None)
+    return None if grid is None else grid.prod(dim=-1).tolist()
+
+
+def _patch_sizes(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
+    """Mistral3 (Pixtral): a flat list of patches, (height / patch) · (width / patch) per image."""
+    sizes = arguments.get("image_sizes")
+    patch = owner.vision_tower.patch_size
+    return None if sizes is None else [int(height // patch) * int(width // patch) for height, width in sizes.tolist()]
+
+
+def _placeholders(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
+    """InternVL: tiles in proportion to the image tokens of each record (one image per record),
+    counted in the input ids that went with the pixels."""
+    input_ids = arguments.get("input_ids")
+    if input_ids is None:
+        return None
+    counts = (input_ids == owner.config.image_token_id).sum(dim=-1).tolist()
+    return [count for count in counts if count]
+
+
+def _real_tiles(_owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
+    """Idefics3, SmolVLM: the tiles of each record, less the all-zero padding ones (the rule the
+    model itself uses to drop them)."""
+    pixel_values = arguments.get("pixel_values")
+    if pixel_values is None or pixel_values.dim() != 5:
+        return None
+    real = pixel_values.flatten(start_dim=2).ne(0).any(dim=-1).sum(dim=-1).tolist()
+    return [count for count in real if count]
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("multi_modal_projector"),
+    "llava_next": Family("multi_modal_projector", _grid_crops),
+    "llava_onevision": Family("multi_modal_projector", _grid_crops),
+    "gemma3": Family("multi_modal_projector"),
+    "paligemma": Family("multi_modal_projector"),
+    "qwen2_audio": Family("multi_modal_projector"),
+    "internvl": Family("multi_modal_projector", _placeholders),
+    "mistral3": Family("multi_modal_projector", _patch_sizes),
+    "qwen2_vl": Family("visual.merger", _patch_grid),
+    "qwen2_5_vl": Family("visual.merger", _patch_grid),
+    "idefics3": Family("connector", _real_tiles),
+    "smolvlm": Family("connector", _real_tiles),
+}
+_ENCODERS = ("get_image_features", "get_video_features")
+
+
+def family_of(model: nn.Module) -> Family | None:
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
 def _projector_name(model: nn.Module) -> str | None:
-    return next((name for name, _ in model.named_modules() if name.split(".")[-1] == PROJECTOR_NAME), None)
+    family = family_of(model)
+    if family is None:
+        return None
+    return next((name for name, _ in model.named_modules()
+                 if name == family.projector or name.endswith("." + family.projector)), None)
+
+
+def _owner_name(model: nn.Module) -> str | None:
+    name = _projector_name(model)
+    return None if name is None else name[:-len(family_of(model).projector)].rstrip(".")
+
+
+def no_projector_reason(model: nn.Module) -> str:
+    """Why `find_projector` found nothing, saying what was looked for."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = family_of(model)
+    if family is None:
+        return (f"many knows no projector for model type {model_type!r} (known: {', '.join(sorted(FAMILIES))})")
+    return f"the {model_type} model has no module {family.projector!r}"
 
 
 def find_projector(model: nn.Module) -> nn.Module | None:
-    """The multimodal projector, found by its module name, whatever the model class."""
+    """The multimodal projector, found through the family table, whatever the model class."""
     name = _projector_name(model)
     return None if name is None else model.get_submodule(name)
 
 
 def replace_projector(model: nn.Module, replacement: nn.Module) -> None:
-    """Put `replacement` where the model's multi_modal_projector was."""
+    """Put `replacement` where the model's projector was."""
     name = _projector_name(model)
     if name is None:
-        raise ValueError("the model has no multi_modal_projector")
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    setattr(parent, PROJECTOR_NAME, replacement)
+        raise ValueError(no_projector_reason(model))
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, replacement)
 
 
-def crops_per_image(model: nn.Module, pixel_values: torch.Tensor | None, image_sizes) -> list[int] | None:
-    """How many crops of each image the projector will see as separate rows, for models that cut
-    images into a grid of crops (LLaVA-NeXT, LLaVA-OneVision: 5-D pixel values and the model's
-    own `image_size_to_num_patches` rule); None for models that give one row per image."""
-    config = getattr(model, "config", None)
-    rule = getattr(sys.modules[type(model).__module__], "image_size_to_num_patches", None)
-    if pixel_values is None or pixel_values.dim() != 5 or image_sizes is None or rule is None:
-        return None
-    return [rule(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                 patch_size=config.vision_config.image_size) for size in image_sizes]
+class ImageTracker:
+    """Whenever the module that owns the projector encodes images or videos (forward and
+    generate alike), tells `target` (a RoutedProjector or a prototype sum) each image's share of
+    the projector's input rows, by the family's rule."""
 
+    def __init__(self, model: nn.Module, target: object):
+        self.target = target
+        self.input_ids: torch.Tensor | None = None
+        owner_name = _owner_name(model)
+        self.owner = None if owner_name is None else model.get_submodule(owner_name)
+        if self.owner is None:
+            return
+        self.family = family_of(model)
+        # generate() encodes images before the first forward: the input ids come from either.
+        self._wrap(model, "generate", self._remember_ids)
+        self._wrap(self.owner, "forward", self._remember_ids)
+        for encoder in _ENCODERS:
+            self._wrap(self.owner, encoder, self._set_shares)
 
-def track_crops(model: nn.Module, target: nn.Module | object) -> None:
-    """Whenever the module that owns the projector encodes images (`get_image_features`, called
-    by forward and by generate alike), tell `target` (a RoutedProjector or a prototype sum) how
-    many projector rows belong to each image."""
-    name = _projector_name(model)
-    owner = model.get_submodule(name.rsplit(".", 1)[0]) if name and "." in name else model
-    encode = getattr(owner, "get_image_features", None)
-    if encode is None:
-        return
-    signature = inspect.signature(encode)
+    @staticmethod
+    def _wrap(module: nn.Module, method: str, before: Callable[[dict[str, Any]], None]) -> None:
+        original = getattr(module, method, None)
+        if original is None:
+            return
+        signature = inspect.signature(original)
 
-    @functools.wraps(encode)  # generate() inspects its signature
-    def get_image_features(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        target.rows_per_image = crops_per_image(owner, bound.get("pixel_values"), bound.get("image_sizes"))
-        return encode(*args, **kwargs)
+        @functools.wraps(original)  # generate() inspects the signatures
+        def wrapped(*args, **kwargs):
+            before(signature.bind_partial(*args, **kwargs).arguments)
+            return original(*args, **kwargs)
 
-    owner.get_image_features = get_image_features
+        setattr(module, method, wrapped)
+
+    def _remember_ids(self, arguments: dict[str, Any]) -> None:
+        self.input_ids = arguments.get("input_ids", arguments.get("kwargs", {}).get("input_ids"))
+
+    def _set_shares(self, arguments: dict[str, Any]) -> None:
+        rule = self.family.shares
+        known = {"input_ids": self.input_ids, **arguments}
+        self.input_ids = None  # used once: never another batch's
+        self.target.image_shares = None if rule is None else rule(self.owner, known)
+
+    def encode_images(self, encoded: Mapping[str, Any]) -> None:
+        """Run the image encoder alone on a processor's output (routing before generation)."""
+        encode = self.owner.get_image_features
+        accepted = inspect.signature(encode).parameters
+        self.input_ids = encoded.get("input_ids")
+        encode(**{key: value for key, value in encoded.items() if key in accepted})

@@ -6,6 +6,7 @@ all-reduced before rank 0 writes the file."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -22,8 +23,8 @@ from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, enc
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import (base_fingerprint, find_projector, load_adapted_model, lora_layers,
-                             resolve_device, resolve_dtype, text_layers, track_crops)
+from many_cli.models import (ImageTracker, base_fingerprint, computes_own_positions, find_projector, linear_layers,
+                             load_adapted_model, lora_layers, resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
@@ -43,9 +44,17 @@ class StatsOptions:
     skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
     padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
     force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
+    modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
+                                 "names match this regular expression (full match, as PEFT's target_modules string), "
+                                 "so that the stats cover modules other tasks' adapters target.")
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as error:
+                raise InputError(None, f"--modules is not a regular expression ({error}): {self.modules!r}") from None
         if self.batch_size < 1:
             raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -101,7 +110,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     report = StatsReport(out, rank)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
-    track_crops(model, prototype)
+    ImageTracker(model, prototype)
     tracker = progress(_shard_size(data, options.max_samples, rank, world))
 
     def done(records: int, tokens: int) -> None:
@@ -118,7 +127,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     totals = _totals(covariances, prototype, world, report, device)
     _check_totals(totals, report, data, adapter)
     if rank == 0:
-        _write(out, totals, report, adapter_fingerprint, fingerprint)
+        _write(out, totals, report, adapter_fingerprint, fingerprint, options.modules)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -164,6 +173,11 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     layers = lora_layers(model)
     if not layers:
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
+    if options.modules is not None:
+        extra = linear_layers(model.get_base_model(), options.modules)
+        if not extra:
+            raise InputError(base, f"no linear layer's name matches --modules {options.modules!r}")
+        layers = {**extra, **layers}
     return model, processor, layers
 
 
@@ -203,7 +217,8 @@ def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Pat
     report.inputs, report.modules = len(totals.sums), sum(len(names) for names in totals.members.values())
 
 
-def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str) -> None:
+def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str,
+           pattern: str | None) -> None:
     named = {min(totals.members[key]): key for key in totals.sums}  # an input is named after its first module
     write_stats(out, covariances={name: totals.sums[key].cpu() for name, key in named.items()},
                 tokens={name: totals.rows[key] for name, key in named.items()},
@@ -212,7 +227,7 @@ def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint:
                 images=totals.images, adapter_fingerprint=adapter_fingerprint,
                 base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
                 extra={"records": str(report.records), "skipped": str(report.skipped),
-                       "tokens": str(report.tokens)})  # text tokens; media layers count rows
+                       "tokens": str(report.tokens), **({"modules_pattern": pattern} if pattern else {})})  # text tokens; media layers count rows
 
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:
@@ -224,8 +239,10 @@ def forward(model: nn.Module, encoded, device: torch.device) -> None:
     mask = encoded["attention_mask"]
     keep = 0 if isinstance(model.get_output_embeddings(), LoraLayer) else 1  # 0: every position
     with torch.inference_mode():
-        model(**encoded.to(device), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0).to(device),
-              use_cache=False, logits_to_keep=keep)
+        # Positions follow the mask, unless the model derives its own from it (Qwen-VL's 3-D rope).
+        positions = {} if computes_own_positions(model) else {
+            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
+        model(**encoded.to(device), **positions, use_cache=False, logits_to_keep=keep)
 
 
 def _adapter_fingerprint(adapter: Path) -> str:
@@ -357,11 +374,11 @@ class PrototypeSum:
     def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
         self.count = 0
-        self.rows_per_image: list[int] | None = None  # set before each forward for cropping models
+        self.image_shares: list[int] | None = None  # set before each forward (models.ImageTracker)
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:
-        normalised = pooled_direction(args[0], self.rows_per_image)
+        normalised = pooled_direction(args[0], self.image_shares)
         self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
         self.count += normalised.shape[0]
 

@@ -1,5 +1,7 @@
-"""`many stats`, `merge` and `infer` end to end on each supported model family: covariances
-against a brute force, and a one-task merge at --ridge 0 against base + adapter run directly."""
+"""`many stats`, `merge` and `infer` end to end on each supported model family (tiny configs,
+the family's own processor class): covariances and prototypes against a brute force, a one-task
+merge at --ridge 0 against base + adapter run directly, and two tasks' images routed each to its
+own task, a mixed batch answering as one record at a time."""
 
 from __future__ import annotations
 
@@ -13,22 +15,32 @@ import torch
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 
-from conftest import LM_TARGETS, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
+from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
 from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
+from many_cli.models import FAMILIES as PROJECTORS
+from many_cli.models import find_projector
 from many_cli.state import STATS_FILE
+
+# The language model's projections, whatever the family calls it (Idefics3: text_model).
+TEXT_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+COLOURS = (np.array([200, 40, 40]), np.array([40, 40, 200]))  # task 0's images are red, task 1's blue
+SHAPES = ((20, 20, 3), (20, 40, 3), (40, 20, 3))  # cut into different numbers of crops, tiles or patches
 
 
 def family_adapter(base: Path, out: Path, seed: int) -> Path:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
+    """A LoRA on the language model with the family's projector trained (modules_to_save)."""
+    projector = PROJECTORS[AutoConfig.from_pretrained(base).model_type].projector
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=[projector])
     return make_adapter(base, out, config, seed)
 
 
-def write_records(folder: Path, name: str, count: int, seed: int, audio: bool) -> Path:
-    """Noise images (or one-second 16 kHz noise clips) and prompts of varied words, so that
-    calibration spans every layer's input."""
+def write_records(folder: Path, name: str, count: int, seed: int, task: int, audio: bool) -> Path:
+    """Images in the task's colour and of three shapes (or one-second 16 kHz clips: noise, and a
+    tone in task 1's), with
+    prompts of varied words, so that calibration spans every layer's input."""
     rng = np.random.default_rng(seed)
     (folder / name).mkdir(parents=True)
     with open(folder / f"{name}.jsonl", "w") as handle:
@@ -37,14 +49,16 @@ def write_records(folder: Path, name: str, count: int, seed: int, audio: bool) -
                 media = {"audio": f"{name}/{index}.wav"}
                 with wave.open(str(folder / media["audio"]), "wb") as clip:
                     clip.setnchannels(1), clip.setsampwidth(2), clip.setframerate(16000)
-                    clip.writeframes((rng.normal(0, 3000, 16000)).astype("<i2").tobytes())
+                    tone = 8000 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * task  # task 1 hums
+                    clip.writeframes((tone + rng.normal(0, 3000, 16000)).astype("<i2").tobytes())
             else:
                 media = {"image": f"{name}/{index}.png"}
-                Image.fromarray(rng.integers(0, 256, (20, 20, 3)).astype("uint8")).save(folder / media["image"])
+                shape = SHAPES[index % len(SHAPES)]
+                pixels = np.clip(COLOURS[task] + rng.normal(0, 30, shape), 0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / media["image"])
             handle.write(json.dumps({**media, "prompt": " ".join(rng.choice(WORDS, 12)),
                                      "answer": str(rng.choice(WORDS))}) + "\n")
     return folder / f"{name}.jsonl"
-
 
 def encode_one(processor, entry: dict, root: Path, with_answer: bool):
     kind = "audio" if "audio" in entry else "image"
@@ -60,44 +74,57 @@ def encode_one(processor, entry: dict, root: Path, with_answer: bool):
     return processor(text=[text], images=[[image]], return_tensors="pt")
 
 
-def brute_force(base: Path, adapter: Path, records: Path) -> dict[str, torch.Tensor]:
-    """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
+def brute_force(base: Path, adapter: Path, records: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding; and the
+    prototype: the mean over records of the normalised mean of all the projector's input rows
+    (each forward holds one image, however the family cuts it)."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    directions = []
+
+    def pool(_module, args):
+        rows = args[0].to(torch.float64)
+        directions.append(torch.nn.functional.normalize(rows.reshape(-1, rows.shape[-1]).mean(dim=0), dim=0))
+
+    handle = find_projector(model.get_base_model()).register_forward_pre_hook(pool)
     lines = [json.loads(line) for line in open(records)]
-    return lora_input_sums(model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True))
+    sums = lora_input_sums(model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True))
                                            for entry in lines])
+    handle.remove()
+    assert len(directions) == len(lines)
+    return sums, torch.stack(directions).mean(dim=0)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
+    """A tiny base of the family, two task adapters with their calibration and held-out records,
+    and each adapter's stats."""
     root = tmp_path_factory.mktemp(request.param)
     base = FAMILIES[request.param](root / "base")
     adapters = [family_adapter(base, root / "adapters" / f"task{index}", seed=index) for index in range(2)]
     audio = request.param in AUDIO_FAMILIES
-    calibration = [write_records(root / "calibration", f"task{index}", 8, index, audio) for index in range(2)]
-    heldout = write_records(root / "heldout", "task0", 3, 100, audio)
+    calibration = [write_records(root / "calibration", f"task{index}", 6, index, index, audio) for index in range(2)]
+    heldout = [write_records(root / "heldout", f"task{index}", 3, 100 + index, index, audio) for index in range(2)]
+    for adapter, records in zip(adapters, calibration, strict=True):
+        assert invoke("stats", "--model", base, "--adapter", adapter, "--data", records, "--batch-size", "4") == 0
     return root, base, adapters, calibration, heldout
 
 
-def test_covariances_equal_brute_force_and_two_tasks_merge(family, tmp_path, capsys):
+def test_stats_equal_brute_force_for_two_tasks(family):
     root, base, adapters, calibration, _ = family
     for adapter, records in zip(adapters, calibration, strict=True):
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
-                            "--batch-size", "3")
-        assert code == 0, err
-        expected = brute_force(base, adapter, records)
+        expected, prototype = brute_force(base, adapter, records)
         measured = stats_covariances(adapter / STATS_FILE)
         assert measured.keys() == expected.keys()
         for module, matrix in expected.items():
             assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
-    code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")
-    assert code == 0, err
+        with safe_open(str(adapter / STATS_FILE), "pt") as stats:
+            assert torch.allclose(stats.get_tensor("prototype").to(torch.float64), prototype, atol=1e-5)
 
 
 def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
-    root, base, adapters, calibration, heldout = family
-    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", calibration[0])[0] == 0
+    root, base, adapters, calibration, heldouts = family
+    heldout = heldouts[0]
     code, err = run_cli(capsys, "merge", adapters[0], "--out", tmp_path / "merged", "--ridge", "0")
     assert code == 0, err
     code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout,
@@ -115,71 +142,24 @@ def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
         assert answer == direct.strip()
 
 
-@pytest.fixture(scope="module")
-def cropped(tmp_path_factory):
-    """LLaVA-NeXT with images of three shapes, so images are cut into different numbers of crops."""
-    root = tmp_path_factory.mktemp("crops")
-    base = FAMILIES["llava_next"](root / "base")
-    adapters = [family_adapter(base, root / "adapters" / f"task{index}", seed=10 + index) for index in range(2)]
-    data = []
-    for index in range(2):
-        rng = np.random.default_rng(index)
-        (root / f"task{index}").mkdir()
-        lines = []
-        for number, shape in enumerate([(20, 20, 3), (20, 40, 3), (40, 20, 3)] * 2):
-            colour = np.array([200, 40, 40]) if index == 0 else np.array([40, 40, 200])
-            pixels = np.clip(colour + rng.normal(0, 30, shape), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(root / f"task{index}" / f"{number}.png")
-            lines.append(json.dumps({"image": f"task{index}/{number}.png", "prompt": " ".join(rng.choice(WORDS, 10)),
-                                     "answer": str(rng.choice(WORDS))}))
-        (root / f"task{index}.jsonl").write_text("\n".join(lines) + "\n")
-        data.append(root / f"task{index}.jsonl")
-    return root, base, adapters, data
 
 
-def test_prototype_pools_every_crop_of_an_image(cropped, capsys):
-    root, base, adapters, data = cropped
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", data[0],
-                        "--batch-size", "4")
-    assert code == 0, err
-    processor = AutoProcessor.from_pretrained(base)
-    model = PeftModel.from_pretrained(load_base(base), adapters[0]).eval()
-    directions, crops = [], []
-
-    def record_input(_module, args):
-        features = args[0].to(torch.float64)  # (crops of this one image, tokens, width)
-        crops.append(features.shape[0])
-        directions.append(torch.nn.functional.normalize(features.mean(dim=(0, 1)), dim=0))
-
-    projector = model.base_model.model.model.multi_modal_projector
-    handle = projector.register_forward_pre_hook(record_input)
-    with torch.no_grad():
-        for line in open(data[0]):
-            model(**encode_one(processor, json.loads(line), data[0].parent, with_answer=True))
-    handle.remove()
-    assert len(set(crops)) > 1  # the images were cut into different numbers of crops
-    with safe_open(str(adapters[0] / STATS_FILE), "pt") as stats:
-        prototype = stats.get_tensor("prototype").to(torch.float64)
-        assert stats.metadata()["images"] == str(len(directions))
-    assert torch.allclose(prototype, torch.stack(directions).mean(0), atol=1e-5)
-
-
-def test_mixed_batches_of_cropped_images_route_per_image(cropped, tmp_path, capsys):
-    root, base, adapters, data = cropped
-    for adapter, records in zip(adapters, data, strict=True):
-        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)[0] == 0
+def test_images_route_to_their_own_task_and_a_mixed_batch_equals_one_by_one(family, tmp_path, capsys):
+    root, base, adapters, _, heldout = family
     assert run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")[0] == 0
     outputs = {}
-    for batch in ("1", "5"):
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", data[0],
-                            "--data", data[1], "--batch-size", batch, "--max-new-tokens", "3",
-                            "--out", tmp_path / f"batch{batch}.jsonl")
+    for routing, batch in (("soft", "1"), ("soft", "4"), ("hard", "4")):
+        out = tmp_path / f"{routing}{batch}.jsonl"
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout[0],
+                            "--data", heldout[1], "--batch-size", batch, "--max-new-tokens", "3",
+                            "--routing", routing, "--out", out)
         assert code == 0, err
-        outputs[batch] = [json.loads(line) for line in open(tmp_path / f"batch{batch}.jsonl")]
-    for alone, mixed in zip(outputs["1"], outputs["5"], strict=True):
+        outputs[routing, batch] = [json.loads(line) for line in open(out)]
+    for alone, mixed in zip(outputs["soft", "1"], outputs["soft", "4"], strict=True):
         assert alone["prediction"] == mixed["prediction"]
         assert list(mixed["routing"]) == ["task0", "task1"]
         for task in ("task0", "task1"):
             assert mixed["routing"][task] == pytest.approx(alone["routing"][task], abs=1e-5)
-    # Each image goes to its own task (the two tasks' pictures differ in colour).
-    assert all(max(row["routing"], key=row["routing"].get) == row["task"] for row in outputs["5"])
+    assert [row["task"] for row in outputs["hard", "4"]] == ["task0"] * 3 + ["task1"] * 3
+    for row in outputs["hard", "4"]:  # the task's own colour: all weight on its own projector
+        assert row["routing"] == {task: float(task == row["task"]) for task in ("task0", "task1")}
