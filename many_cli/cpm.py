@@ -7,7 +7,7 @@ Use from Python (after `model` has its merged LoRA applied):
     routed = RoutedProjector(projectors, prototypes, tasks=["ocr", "vqa"], eta=0.05)
     model.model.multi_modal_projector = routed
     model.generate(...)
-    routed.last_weights  # (images, tasks) routing of the last forward
+    routed.last_weights  # (images, tasks) routing since it was last set to None
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ class RoutedProjector(nn.Module):
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weights = routing_weights(pooled_direction(image_features, self.image_shares),
                                   self.prototypes.to(image_features.device), self.eta, self.routing, self.confidence)
-        self.last_weights = weights.detach()
+        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
+        self.last_weights = weights.detach() if self.last_weights is None else torch.cat([self.last_weights,
+                                                                                             weights.detach()])
         # Rows along the first dimension are whole images, crops or tiles (then a projector runs
         # on the rows of the images routed to it); a flat list of patches (Qwen-VL, Mistral3)
         # is merged across neighbours, so each projector runs on all of it.

@@ -27,6 +27,19 @@ class Record:
     answer: str | None
     task: str = ""  # the record's "task" field, else the name of its file or folder
     audio: Path | None = None  # a 16-bit PCM WAV file, for audio-language models
+    video: Path | None = None  # a folder of frames (name order) or a video file the processor reads
+
+    @property
+    def has_media(self) -> bool:
+        return self.image is not None or self.audio is not None or self.video is not None
+
+
+@dataclass(frozen=True)
+class Media:
+    """A record's inputs besides its text, read as the processor takes them."""
+    image: Image.Image | None = None
+    audio: np.ndarray | None = None
+    video: list[Image.Image] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,15 +123,31 @@ def load_audio(record: Record, sampling_rate: int) -> np.ndarray:
     return frames.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0
 
 
-def load_inputs(processor, record: Record) -> tuple[Image.Image | None, np.ndarray | None]:
-    """The record's image and audio (either may be None), read as the processor needs them."""
+def load_video(record: Record) -> list[Image.Image] | str:
+    """A folder's frames (its images in name order) as RGB; a file is left to the processor."""
+    if not record.video.exists():
+        raise InputError(record.source, f"video {record.video} not found")
+    if not record.video.is_dir():
+        return str(record.video)
+    frames = sorted(path for path in record.video.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise InputError(record.source, f"video folder {record.video} holds no frames "
+                                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [load_image(Record(record.source, frame, record.prompt, None)) for frame in frames]
+
+
+def load_inputs(processor, record: Record) -> Media:
+    """The record's image, audio and video (each may be None), read as the processor needs them."""
     audio = None
     if record.audio is not None:
         extractor = getattr(processor, "feature_extractor", None)
         if extractor is None:
             raise InputError(record.source, "has an audio file, but the model's processor takes no audio")
         audio = load_audio(record, extractor.sampling_rate)
-    return (load_image(record) if record.image is not None else None), audio
+    if record.video is not None and getattr(processor, "video_processor", None) is None:
+        raise InputError(record.source, "has a video, but the model's processor takes no video")
+    return Media(load_image(record) if record.image is not None else None, audio,
+                 load_video(record) if record.video is not None else None)
 
 
 def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
@@ -151,12 +180,13 @@ def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Re
         return BadRecord(source, "expected a JSON object")
     if not isinstance(entry.get("prompt"), str):
         return BadRecord(source, "lacks the string field(s) prompt")
-    for optional in ("image", "audio", "answer"):  # a record without image or audio is a text record
+    for optional in ("image", "audio", "video", "answer"):  # a record without any is a text record
         if entry.get(optional) is not None and not isinstance(entry[optional], str):
             return BadRecord(source, f"field {optional} is not a string")
     image = root / entry["image"] if entry.get("image") is not None else None
     audio = root / entry["audio"] if entry.get("audio") is not None else None
-    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task), audio)
+    video = root / entry["video"] if entry.get("video") is not None else None
+    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task), audio, video)
 
 
 def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -183,16 +213,16 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
 
 
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
-    """The conversation of the token rule: one user turn [image, prompt], and the answer when there is
+    """The conversation of the token rule: one user turn [media, prompt], and the answer when there is
     one (and it is wanted: statistics take it, inference asks for it). A plain language model's
     tokenizer gets the usual string contents instead of typed parts."""
-    def content(text: str, image: bool = False, audio: bool = False) -> list[dict] | str:
+    def content(text: str, media: Record | None = None) -> list[dict] | str:
         if not multimodal:
             return text
-        return ([{"type": "image"}] if image else []) + ([{"type": "audio"}] if audio else []) + \
-            [{"type": "text", "text": text}]
+        kinds = [] if media is None else [kind for kind in ("image", "audio", "video") if getattr(media, kind)]
+        return [{"type": kind} for kind in kinds] + [{"type": "text", "text": text}]
 
-    turns = [{"role": "user", "content": content(record.prompt, record.image is not None, record.audio is not None)}]
+    turns = [{"role": "user", "content": content(record.prompt, record)}]
     if with_answer and record.answer is not None:
         turns.append({"role": "assistant", "content": content(record.answer)})
     return turns
@@ -207,8 +237,15 @@ def tokenizer_of(processor):
     return processor.tokenizer if is_multimodal(processor) else processor
 
 
+def encode_loaded(processor, records: list[Record], media: list[Media], with_answers: bool = True) -> dict:
+    """`encode_records` for records whose media `load_inputs` read."""
+    return encode_records(processor, records, [item.image for item in media if item.image is not None], with_answers,
+                          audios=[item.audio for item in media if item.audio is not None],
+                          videos=[item.video for item in media if item.video is not None])
+
+
 def encode_records(processor, records: list[Record], images: list, with_answers: bool = True,
-                   audios: list | None = None) -> dict:
+                   audios: list | None = None, videos: list | None = None) -> dict:
     """Model inputs for a batch: the chat template's text, tokenized with the images; the
     generation prompt closes every conversation that ends on the user's turn."""
     multimodal = is_multimodal(processor)
@@ -227,6 +264,8 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
     media = {"images": nested} if images else {}
     if audios:
         media.update(audio=audios, sampling_rate=processor.feature_extractor.sampling_rate)
+    if videos:
+        media["videos"] = videos
     encoded = processor(text=texts, **media, return_tensors="pt", padding=True)
     encoded.pop("labels", None)  # PaliGemma's processor adds training labels: nothing here trains
     return encoded

@@ -19,7 +19,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, RoutedProjector
-from many_cli.data import DEFAULT_PROMPT, Record, encode_records, load_inputs, tokenizer_of
+from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.models import (ImageTracker, apply_adapters, find_projector, load_base_model, lora_layers,
                              no_projector_reason, replace_projector, resolve_device, resolve_dtype, text_layers)
@@ -169,8 +169,9 @@ class Prediction:
     def as_json(self) -> dict:
         row = {"prediction": self.prediction, "routing": self.routing, "lm": self.lm,
                "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
-        if self.record.image is not None:
-            row["image"] = str(self.record.image)
+        for kind in ("image", "audio", "video"):
+            if getattr(self.record, kind) is not None:
+                row[kind] = str(getattr(self.record, kind))
         if self.record.task:
             row["task"] = self.record.task
         if self.record.answer is not None:
@@ -181,17 +182,15 @@ class Prediction:
 def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> list[Prediction]:
     """Greedy answers for one batch of records (their answers, if any, are not shown to the
     model). Records with and without an image may mix: each gets its own routing, in order."""
-    inputs = [load_inputs(merged.processor, record) for record in records]
-    images = [image for image, _ in inputs if image is not None]
-    audios = [audio for _, audio in inputs if audio is not None]
-    encoded = encode_records(merged.processor, records, images, with_answers=False, audios=audios).to(merged.device)
+    media = [load_inputs(merged.processor, record) for record in records]
+    encoded = encode_loaded(merged.processor, records, media, with_answers=False).to(merged.device)
     start = time.perf_counter()
     extra = {}
-    if merged.router is not None:
-        merged.router.last_weights = None  # never report an earlier batch's routing
     with torch.inference_mode():
         if merged.experts:
             extra["adapter_names"] = choose_adapters(merged, encoded, records)
+        if merged.router is not None:
+            merged.router.last_weights = None  # never report an earlier batch's routing
         generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     seconds = (time.perf_counter() - start) / len(records)
     texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -203,24 +202,31 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
 
 def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict[str, float]]:
     """The router's weights of the last forward, one row per media record in order; records
-    without image or audio were not routed."""
-    routed = [record.image is not None or record.audio is not None for record in records]
+    without image, audio or video were not routed."""
+    routed = [record.has_media for record in records]
     if merged.router is None or not any(routed):
         return [{} for _ in records]
     rows = merged.router.last_weights
     if rows is None or rows.shape[0] != sum(routed):
         raise RuntimeError(f"the router saw {0 if rows is None else rows.shape[0]} images for "
                            f"{sum(routed)} records with media")
-    weights = iter(rows.tolist())
-    return [dict(zip(merged.router.tasks, next(weights))) if media else {} for media in routed]
+    # The model encodes a batch's images (or audio) first, then its videos.
+    order = [index for index, record in enumerate(records) if record.has_media and record.video is None]
+    order += [index for index, record in enumerate(records) if record.video is not None]
+    weights = dict(zip(order, rows.tolist()))
+    return [dict(zip(merged.router.tasks, weights[index])) if index in weights else {} for index in range(len(records))]
 
 
 def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list[str]:
     """Experts mode: route each image first (the vision tower and projectors run once more),
     then answer with its task's own LoRA when the routing weight reaches the confidence, else
     (and for records without an image) with the merged one."""
+    video = next((record for record in records if record.video is not None), None)
+    if video is not None:
+        raise InputError(video.source, "has a video: --lm-routing experts routes images only (use merged)")
     if "pixel_values" not in encoded:
         return [MERGED] * len(records)
+    merged.router.last_weights = None
     merged.tracker.encode_images(encoded)
     names = []
     for record, weights in zip(records, _routing_per_record(merged, records), strict=True):

@@ -163,12 +163,13 @@ class Family:
 
 def _grid_crops(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
     """LLaVA-NeXT, LLaVA-OneVision: crops per image by the model's own grid rule (5-D pixels);
-    a video's frames (its pixel values are frames × …) are one clip each."""
+    a video's frames are one clip each."""
+    videos = arguments.get("pixel_values_videos")
+    if videos is not None:  # (videos, frames, channels, height, width)
+        return [videos.shape[1]] * videos.shape[0]
     pixel_values, sizes = arguments.get("pixel_values"), arguments.get("image_sizes")
-    if pixel_values is None or pixel_values.dim() != 5:
+    if pixel_values is None or pixel_values.dim() != 5 or sizes is None:
         return None
-    if sizes is None:  # get_video_features: (videos, frames, channels, height, width)
-        return [pixel_values.shape[1]] * pixel_values.shape[0]
     rule = sys.modules[type(owner).__module__].image_size_to_num_patches
     return [rule(image_size=size, grid_pinpoints=owner.config.image_grid_pinpoints,
                  patch_size=owner.config.vision_config.image_size) for size in sizes]

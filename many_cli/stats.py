@@ -18,7 +18,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config
 from many_cli.cpm import pooled_direction
-from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_records, load_inputs,
+from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_loaded, load_inputs,
                            read_records, tokenizer_of)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
@@ -271,19 +271,17 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 
 def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport):
-    kept, images, audios = [], [], []
+    kept, media = [], []
     for record in batch:
         try:
-            image, audio = load_inputs(processor, record)
+            media.append(load_inputs(processor, record))
         except InputError:
             if not skip_bad:
                 raise
             report.skipped += 1
             continue
         kept.append(record)
-        images += [image] if image is not None else []
-        audios += [audio] if audio is not None else []
-    return encode_records(processor, kept, images, audios=audios) if kept else None
+    return encode_loaded(processor, kept, media) if kept else None
 
 
 def _fingerprint(flat: torch.Tensor) -> tuple:

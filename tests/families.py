@@ -118,18 +118,22 @@ def _text_config(config_class, tokenizer, **extra):
                         eos_token_id=tokenizer.eos_token_id, **extra)
 
 
-def _family_tokenizer(specials: dict[str, str], image_text: str):
+def _family_tokenizer(specials: dict[str, str], image_text: str, video_text: str | None = None):
     """The word-level tokenizer with the family's special tokens, its chat template writing
-    `image_text` where the user turn holds an image."""
+    `image_text` where the user turn holds an image (and `video_text` where it holds a video)."""
     tokenizer = word_tokenizer(specials)
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("<image> ", image_text + " ")
+    template = CHAT_TEMPLATE.replace("<image> ", image_text + " ")
+    if video_text is not None:
+        text = "{% elif item['type'] == 'text' %}"
+        template = template.replace(text, "{% elif item['type'] == 'video' %}" + video_text + " " + text)
+    tokenizer.chat_template = template
     return tokenizer
 
 
 def _qwen_vl_parts(video_processor_class, image_processor_class):
     tokenizer = _family_tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                    "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-                                  "<|vision_start|><|image_pad|><|vision_end|>")
+                                  "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
     pixels = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
     image_processor = image_processor_class(min_pixels=256, max_pixels=1024, **pixels)
     video_processor = video_processor_class(size={"shortest_edge": 256, "longest_edge": 1024}, **pixels)
@@ -266,7 +270,7 @@ def build_llava_onevision(out: Path) -> Path:
                               LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
 
     grid = [[16, 16], [16, 32], [32, 16], [32, 32]]
-    tokenizer = _family_tokenizer({"image_token": "<image>", "video_token": "<video>"}, "<image>")
+    tokenizer = _family_tokenizer({"image_token": "<image>", "video_token": "<video>"}, "<image>", "<video>")
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=grid)
     video_processor = LlavaOnevisionVideoProcessor(size={"height": 16, "width": 16})
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,

@@ -61,7 +61,7 @@ def write_records(folder: Path, name: str, count: int, seed: int, task: int, aud
     return folder / f"{name}.jsonl"
 
 def encode_one(processor, entry: dict, root: Path, with_answer: bool):
-    kind = "audio" if "audio" in entry else "image"
+    kind = next(kind for kind in ("audio", "video", "image") if kind in entry)
     turns = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": entry["prompt"]}]}]
     if with_answer:
         turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
@@ -70,6 +70,9 @@ def encode_one(processor, entry: dict, root: Path, with_answer: bool):
         with wave.open(str(root / entry["audio"])) as clip:
             samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype="<i2").astype(np.float32) / 32768
         return processor(text=[text], audio=[samples], return_tensors="pt")
+    if "video" in entry:
+        frames = [Image.open(frame).convert("RGB") for frame in sorted((root / entry["video"]).iterdir())]
+        return processor(text=[text], videos=[frames], return_tensors="pt")
     image = Image.open(root / entry["image"]).convert("RGB")
     return processor(text=[text], images=[[image]], return_tensors="pt")
 
@@ -163,3 +166,54 @@ def test_images_route_to_their_own_task_and_a_mixed_batch_equals_one_by_one(fami
     assert [row["task"] for row in outputs["hard", "4"]] == ["task0"] * 3 + ["task1"] * 3
     for row in outputs["hard", "4"]:  # the task's own colour: all weight on its own projector
         assert row["routing"] == {task: float(task == row["task"]) for task in ("task0", "task1")}
+
+
+def write_videos(folder: Path, name: str, count: int, seed: int, task: int) -> Path:
+    """Records of four-frame clips (a folder of PNGs each) in the task's colour, then as many
+    still images: the model encodes a batch's images first, its videos second."""
+    rng = np.random.default_rng(seed)
+    records = write_records(folder, name, count, seed, task, audio=False)
+    lines = [json.loads(line) for line in open(records)]
+    for index in range(count):
+        clip = folder / name / f"clip{index}"
+        clip.mkdir()
+        for frame in range(4):
+            pixels = np.clip(COLOURS[task] + rng.normal(0, 30, SHAPES[index % len(SHAPES)]), 0, 255)
+            Image.fromarray(pixels.astype("uint8")).save(clip / f"{frame}.png")
+        lines.insert(2 * index, {"video": f"{name}/clip{index}", "prompt": " ".join(rng.choice(WORDS, 8)),
+                                 "answer": str(rng.choice(WORDS))})
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return records
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
+    base = FAMILIES[name](tmp_path / "base")
+    adapters = [family_adapter(base, tmp_path / "adapters" / f"task{index}", seed=index) for index in range(2)]
+    for index, adapter in enumerate(adapters):
+        records = write_videos(tmp_path / "calibration", f"task{index}", 3, index, index)
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
+                            "--batch-size", "4")
+        assert code == 0, err
+        expected, prototype = brute_force(base, adapter, records)
+        measured = stats_covariances(adapter / STATS_FILE)
+        for module, matrix in expected.items():
+            assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
+        with safe_open(str(adapter / STATS_FILE), "pt") as stats:
+            assert stats.metadata()["images"] == "6"  # three clips, three images: one direction each
+            assert torch.allclose(stats.get_tensor("prototype").to(torch.float64), prototype, atol=1e-5)
+    assert run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")[0] == 0
+    heldout = [write_videos(tmp_path / "heldout", f"task{index}", 2, 50 + index, index) for index in range(2)]
+    outputs = {}
+    for batch in ("1", "4"):
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout[0],
+                            "--data", heldout[1], "--batch-size", batch, "--max-new-tokens", "3",
+                            "--out", tmp_path / f"{batch}.jsonl")
+        assert code == 0, err
+        outputs[batch] = [json.loads(line) for line in open(tmp_path / f"{batch}.jsonl")]
+    assert sum("video" in row for row in outputs["4"]) == 4
+    for alone, mixed in zip(outputs["1"], outputs["4"], strict=True):
+        assert alone["prediction"] == mixed["prediction"]
+        for task in ("task0", "task1"):
+            assert mixed["routing"][task] == pytest.approx(alone["routing"][task], abs=1e-5)
+        assert max(mixed["routing"], key=mixed["routing"].get) == mixed["task"]

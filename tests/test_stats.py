@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -361,3 +362,66 @@ def test_an_adapter_many_cannot_merge_is_refused_before_the_model_loads(task, tm
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", ia3, "--data", root / "data" / "calib.jsonl")
     assert code == 2 and err == f"many: error: {ia3 / 'adapter_config.json'}: peft_type 'IA3' is not supported; " \
                                 "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)\n"
+
+
+def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ (float64) of the inputs of `modules` in base + adapter, one record at a time."""
+    processor = AutoProcessor.from_pretrained(base)
+    model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
+    sums = {}
+
+    def hook(_, args, name):
+        x = args[0][0].double()
+        sums[name] = sums.get(name, 0) + x.T @ x
+
+    hooks = [model.get_base_model().get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: hook(module, args, name)) for name in modules]
+    with torch.no_grad():
+        for line in open(data):
+            entry = json.loads(line)
+            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+            if "answer" in entry:
+                turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
+            text = processor.apply_chat_template(turns, add_generation_prompt="answer" not in entry, tokenize=False)
+            model(**processor(text=[text], images=[Image.open(data.parent / entry["image"]).convert("RGB")],
+                              return_tensors="pt"))
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
+def test_adapters_of_other_modules_merge_once_stats_cover_their_union(task, tmp_path, capsys):
+    """Task q adapts q/v_proj, task d down_proj: the merge names the command that fixes the
+    missing covariances; with it, down_proj's merge is τ_d C_d (C_q + C_d)⁻¹ by brute force."""
+    root, base, _ = task
+    data = root / "data" / "calib.jsonl"
+    adapters = {name: make_adapter(base, tmp_path / name, LoraConfig(r=2, target_modules=targets), seed=seed)
+                for name, targets, seed in [("q", r".*language_model.*\.(q_proj|v_proj)", 11),
+                                            ("d", r".*language_model.*\.down_proj", 12)]}
+    for adapter in adapters.values():
+        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data)[0] == 0
+    code, err = run_cli(capsys, "merge", *adapters.values(), "--out", tmp_path / "merged")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    pattern = re.search(r"--modules '(.*)'", err).group(1)
+    assert f"--adapter {adapters['q']}" in err
+    for adapter in adapters.values():
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
+                            "--modules", pattern)
+        assert code == 0, err
+    code, err = run_cli(capsys, "merge", *adapters.values(), "--out", tmp_path / "merged", "--ridge", "0")
+    assert code == 0, err
+
+    module = "model.language_model.layers.1.mlp.down_proj"
+    covariance = {name: covariances_of(base, adapter, data, [module])[module] for name, adapter in adapters.items()}
+    stored, _, _, metadata = read_stats(adapters["q"] / "many_stats.safetensors")
+    assert metadata["modules_pattern"] == pattern
+    assert (stored[module] - covariance["q"]).norm() <= 1e-5 * covariance["q"].norm()
+    with safe_open(str(adapters["d"] / "adapter_model.safetensors"), "pt") as weights:
+        a, b = (weights.get_tensor(f"base_model.model.{module}.lora_{part}.weight").double() for part in "AB")
+    task_vector = LoraConfig().lora_alpha / 2 * b @ a  # PEFT's default alpha over r = 2
+    gram = covariance["q"] + covariance["d"]
+    expected = task_vector @ covariance["d"] @ torch.linalg.inv(gram)
+    merged = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), tmp_path / "merged")
+    delta = merged.get_base_model().get_submodule(module).get_delta_weight("default").double()
+    root_gram = torch.linalg.cholesky(gram)
+    assert ((delta - expected) @ root_gram).norm() <= 1e-5 * (expected @ root_gram).norm()
