@@ -220,6 +220,7 @@ FAMILIES: dict[str, Family] = {
     "mistral3": Family("multi_modal_projector", _patch_sizes),
     "qwen2_vl": Family("visual.merger", _patch_grid),
     "qwen2_5_vl": Family("visual.merger", _patch_grid),
+    "qwen3_vl": Family("visual.merger", _patch_grid),
     "idefics3": Family("connector", _real_tiles),
     "smolvlm": Family("connector", _real_tiles),
 }

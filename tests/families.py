@@ -287,3 +287,26 @@ def build_llava_onevision(out: Path) -> Path:
 
 FAMILIES.update(mistral3=build_mistral3, idefics3=build_idefics3, paligemma=build_paligemma,
                 llava_onevision=build_llava_onevision)
+
+
+def build_qwen3_vl(out: Path) -> Path:
+    """Qwen2-VL's layout with DeepStack: the second vision block's patches also go, through their
+    own merger, into the language model's first layers."""
+    from transformers import (Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+
+    tokenizer, image_processor, video_processor, tokens = _qwen_vl_parts(Qwen3VLVideoProcessor,
+                                                                         Qwen2VLImageProcessorPil)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor, chat_template=tokenizer.chat_template)
+    text = _text_config(Qwen3VLTextConfig, tokenizer, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision, **tokens)
+    return save_model(Qwen3VLForConditionalGeneration, config, processor, out)
+
+
+FAMILIES["qwen3_vl"] = build_qwen3_vl
