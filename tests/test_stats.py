@@ -52,6 +52,15 @@ def task(tmp_path_factory):
     return root, base, adapter
 
 
+def encode_entry(processor, entry: dict, root: Path):
+    """One JSONL record as the token rule encodes it, alone (no padding)."""
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+    if "answer" in entry:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
+    text = processor.apply_chat_template(turns, add_generation_prompt="answer" not in entry, tokenize=False)
+    return processor(text=[text], images=[Image.open(root / entry["image"]).convert("RGB")], return_tensors="pt")
+
+
 def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None):
     """Per-module Σ x xᵀ (float64) and the prototype, one record at a time, no padding (so every
     row of every adapted layer counts); `rows`, if given, receives each module's row count."""
@@ -72,13 +81,7 @@ def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None)
         lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))))
     with torch.no_grad():
         for line in open(data):
-            entry = json.loads(line)
-            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
-            if "answer" in entry:
-                turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
-            text = processor.apply_chat_template(turns, add_generation_prompt="answer" not in entry, tokenize=False)
-            image = Image.open(data.parent / entry["image"]).convert("RGB")
-            model(**processor(text=[text], images=[image], return_tensors="pt"))
+            model(**encode_entry(processor, json.loads(line), data.parent))
     for handle in hooks:
         handle.remove()
     return sums, torch.stack(pooled).mean(0)
@@ -378,13 +381,7 @@ def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) ->
         lambda module, args, name=name: hook(module, args, name)) for name in modules]
     with torch.no_grad():
         for line in open(data):
-            entry = json.loads(line)
-            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
-            if "answer" in entry:
-                turns.append({"role": "assistant", "content": [{"type": "text", "text": entry["answer"]}]})
-            text = processor.apply_chat_template(turns, add_generation_prompt="answer" not in entry, tokenize=False)
-            model(**processor(text=[text], images=[Image.open(data.parent / entry["image"]).convert("RGB")],
-                              return_tensors="pt"))
+            model(**encode_entry(processor, json.loads(line), data.parent))
     for handle in hooks:
         handle.remove()
     return sums
