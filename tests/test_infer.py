@@ -406,3 +406,27 @@ def test_a_projector_adapted_by_lora_is_merged_not_routed(tasks, tmp_path, capsy
     rows = predictions(out)
     assert [row["prediction"] for row in rows] == expected
     assert all(row["routing"] == {} for row in rows)  # nothing routed: the bundle holds no projector
+
+
+def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line(tasks, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """With LLaVA taken out of the family table, infer answers as base + the merged LoRA (the
+    base's own projector, nothing routed) and says in one line what it looked for."""
+    from many_cli import models
+
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    monkeypatch.setattr(models, "FAMILIES", {name: family for name, family in models.FAMILIES.items()
+                                             if name != "llava"})
+    out = tmp_path / "preds.jsonl"
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
+                        "--out", out, "--max-new-tokens", 4)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "projector" in line]
+    assert notes == [notes[0]] and "no projector for model type 'llava'" in notes[0], err
+    processor = AutoProcessor.from_pretrained(base)
+    expected = [processor.decode(ids, skip_special_tokens=True).strip()
+                for ids in direct_greedy(base, merged, heldout[0], 4)]
+    assert [row["prediction"] for row in predictions(out)] == expected
+    assert all(row["routing"] == {} for row in predictions(out))
