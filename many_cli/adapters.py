@@ -49,8 +49,9 @@ class Adapter:
     fingerprint: str
     base_model: str | None
     modules: Mapping[str, LoraModule]
-    projector_module: str | None
-    projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside the projector -> shape
+    projector_module: str | None  # the module saved whole (modules_to_save), or the parent of several
+    projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside projector_module -> shape
+    saved_modules: tuple[str, ...] = ()
 
     @property
     def weights(self) -> Path:
@@ -82,7 +83,6 @@ def find_adapter_dirs(paths: list[Path]) -> list[Path]:
 
 def read_adapter(path: Path) -> Adapter:
     config = check_supported_config(path)
-    config_path = path / ADAPTER_CONFIG
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = path / PICKLED_WEIGHTS
@@ -90,12 +90,8 @@ def read_adapter(path: Path) -> Adapter:
         raise InputError(weights, f"file not found{hint}")
 
     saved = [name for name in config.get("modules_to_save") or []]
-    if len(saved) > 1:
-        raise InputError(config_path, f"modules_to_save lists {saved}; many expects at most one "
-                                      f"module there, the projector")
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
-    projector_module = None
-    projector_shapes: dict[str, tuple[int, ...]] = {}
+    saved_shapes: dict[tuple[str, str], tuple[int, ...]] = {}  # (module, parameter) -> shape
     with open_safetensors(weights) as handle:
         for key in handle.keys():
             for marker, what in _UNSUPPORTED_KEYS.items():
@@ -112,8 +108,7 @@ def read_adapter(path: Path) -> Adapter:
             if split is None:
                 raise InputError(weights, f"unexpected tensor {key!r}: neither a LoRA factor nor "
                                           f"under modules_to_save")
-            projector_module, parameter = split
-            projector_shapes[parameter] = handle.shape(key)
+            saved_shapes[split] = handle.shape(key)
 
     modules = {}
     for module, shapes in sorted(factors.items()):
@@ -122,8 +117,21 @@ def read_adapter(path: Path) -> Adapter:
         modules[module] = _lora_module(weights, config, module, shapes["A"], shapes["B"])
     if not modules:
         raise InputError(weights, "holds no LoRA weights")
+    saved_modules = tuple(sorted({module for module, _ in saved_shapes}))
+    projector_module = _common_parent(saved_modules) if saved_modules else None
+    projector_shapes = {f"{module}.{parameter}".removeprefix(f"{projector_module}."): shape
+                        for (module, parameter), shape in saved_shapes.items()}
     return Adapter(path.name, path, file_fingerprint(weights), config.get("base_model_name_or_path"),
-                   modules, projector_module, projector_shapes)
+                   modules, projector_module, projector_shapes, saved_modules)
+
+
+def _common_parent(modules: tuple[str, ...]) -> str:
+    """The one module, or the deepest module holding all of them."""
+    if len(modules) == 1:
+        return modules[0]
+    parts = [module.split(".") for module in modules]
+    common = [part[0] for part in zip(*parts) if len(set(part)) == 1]
+    return ".".join(parts[0][:len(common)])
 
 
 def check_supported_config(path: Path) -> dict:

@@ -82,12 +82,13 @@ class RoutedProjector(nn.Module):
         self.routing = routing
         self.confidence = confidence
         self.last_weights: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None  # the latest forward's
         self.image_shares: Sequence[int] | None = None  # set before each forward (models.ImageTracker)
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weights = routing_weights(pooled_direction(image_features, self.image_shares),
                                   self.prototypes.to(image_features.device), self.eta, self.routing, self.confidence)
-        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
+        self.weights = weights        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
         self.last_weights = weights.detach() if self.last_weights is None else torch.cat([self.last_weights,
                                                                                              weights.detach()])
         # Rows along the first dimension are whole images, crops or tiles (then a projector runs
@@ -106,7 +107,7 @@ class RoutedProjector(nn.Module):
             else:
                 projected = projector(image_features, *args, **kwargs)
                 scale = self._spread(weight, projected.shape[0])
-            term = projected * scale.to(projected.dtype).view(-1, *([1] * (projected.dim() - 1)))
+            term = _scaled(projected, scale)
             if output is None:
                 output = torch.zeros((image_features.shape[0], *projected.shape[1:]) if per_row
                                      else projected.shape, dtype=projected.dtype, device=projected.device)
@@ -116,7 +117,48 @@ class RoutedProjector(nn.Module):
                 output += term
         return output
 
+    def mix(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ_i w_i outputs_i, one output per task, with the latest forward's weights spread over
+        each image's rows: the mixture for projectors that ran before this one decided."""
+        return sum(_scaled(output, self._spread(weight, output.shape[0]))
+                   for weight, output in zip(self.weights.T, outputs, strict=True))
+
     def _spread(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
         """Each image's weight repeated over its share of `rows` rows."""
         counts = image_rows(rows, self.image_shares or [1] * weight.numel())
         return weight.repeat_interleave(torch.tensor(counts, device=weight.device))
+
+
+def _scaled(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each row (along the first dimension) times its scale."""
+    return rows * scale.to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+
+
+class DeferredProjector(nn.Module):
+    """Each task's version of a projector that runs before the routed one has decided (Qwen3-VL's
+    DeepStack mergers run on inner vision blocks): every version runs, the first one's output
+    stands in, and `settle` later swaps the stand-in for the mixture with the routed projector's
+    weights for the same images."""
+
+    def __init__(self, projectors: Sequence[nn.Module]):
+        super().__init__()
+        self.projectors = nn.ModuleList(projectors)
+        self._pending: dict[int, list[torch.Tensor]] = {}  # id(stand-in) -> every task's output
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        outputs = [projector(*args, **kwargs) for projector in self.projectors]
+        self._pending[id(outputs[0])] = outputs
+        return outputs[0]
+
+    def settle(self, values: list, router: RoutedProjector) -> None:
+        """Replace, in place, the stand-ins found in `values` by their routed mixtures."""
+        for index, value in enumerate(values):
+            outputs = self._pending.pop(id(value), None)
+            if outputs is not None:
+                values[index] = router.mix(outputs)
+
+    def check_settled(self) -> None:
+        """A stand-in left unsettled would silently answer with the first task's projector."""
+        if self._pending:
+            self._pending.clear()
+            raise RuntimeError("a deferred projector's output did not reach the encoder's output unchanged")

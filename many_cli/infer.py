@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
-from many_cli.cpm import ROUTINGS, RoutedProjector
+from many_cli.cpm import ROUTINGS, DeferredProjector, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs, tokenizer_of
 from many_cli.errors import InputError
 from many_cli.models import (ImageTracker, apply_adapters, find_projector, load_base_model, lora_layers,
-                             no_projector_reason, replace_projector, resolve_device, resolve_dtype, text_layers)
+                             no_projector_reason, module_at, projector_paths, replace_projectors, resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
@@ -92,7 +92,8 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
     if bundle.projector_module and find_projector(model) is None:
         notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
                      f"language model applies")
-    router = _routed_projector(model, bundle, options) if bundle.projector_module and not notes else None
+    routed = _routed_projectors(model, bundle, options) if bundle.projector_module and not notes else None
+    router = routed[0] if routed else None
     experts = options.lm_routing == "experts"
     if experts:
         if router is None:
@@ -102,7 +103,7 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         model = _apply_lora(model, base, merged, options.fold)
     tracker = None
     if router is not None:
-        replace_projector(model, router.to(device))
+        replace_projectors(model, router.to(device), {name: module.to(device) for name, module in routed[1].items()})
         tracker = ImageTracker(model, router)
     from transformers import AutoProcessor
 
@@ -111,27 +112,52 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
     return MergedModel(model.eval(), processor, router, device, experts, tracker, notes)
 
 
-def _routed_projector(model: nn.Module, bundle: BundleHeader, options: InferOptions) -> RoutedProjector:
-    original = find_projector(model)
-    projectors, prototypes = [], []
+def _routed_projectors(model: nn.Module, bundle: BundleHeader,
+                       options: InferOptions) -> tuple[RoutedProjector, dict[str, DeferredProjector]]:
+    """The routed projector, and a deferred one for each companion the bundle holds weights for
+    (by its path from `projector_paths`)."""
+    prototypes = []
     for index, task in enumerate(bundle.tasks):
-        projector = copy.deepcopy(original)
-        load_task_projector(projector, bundle, index)
-        projectors.append(projector)
         prototype = bundle.prototype(index)
         if prototype is None:
             raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
                                           f"routed; merge adapters that have stats files")
         prototypes.append(prototype)
+    versions = {}  # module name -> each task's copy, loaded
+    for name in _bundled_modules(model, bundle):
+        versions[name] = [copy.deepcopy(module_at(model, name)) for _ in bundle.tasks]
+        for index, module in enumerate(versions[name]):
+            load_task_module(module, bundle, index, name)
     eta = options.eta if options.eta is not None else bundle.eta
     confidence = options.confidence if options.lm_routing == "experts" else None
-    return RoutedProjector(projectors, torch.stack(prototypes), bundle.tasks, eta, options.routing, confidence)
+    projector, *companions = versions
+    router = RoutedProjector(versions[projector], torch.stack(prototypes), bundle.tasks, eta, options.routing,
+                             confidence)
+    return router, {name: DeferredProjector(versions[name]) for name in companions}
 
 
-def load_task_projector(projector: nn.Module, bundle: BundleHeader, index: int) -> None:
-    """Load task `index`'s projector weights from the bundle into `projector`."""
+def _bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:
+    """The projector and those of its companions the bundle's tasks hold weights for, by name in
+    the base model; a bundle whose weights do not all fit there is an InputError."""
+    paths = projector_paths(model)
+    held = {path: len(bundle.module_state(0, path)) for path in paths}
+    if not held.get(paths[0]) or sum(held.values()) != len(bundle.projector_shapes(0)):
+        raise InputError(bundle.path, f"its projector weights (under {bundle.projector_module}) do not all "
+                                      f"belong to the base model's {' and '.join(paths)}: merged for another model?")
+    return [path for path in paths if held[path]]
+
+
+def load_task_projectors(model: nn.Module, bundle: BundleHeader, index: int) -> None:
+    """Load task `index`'s projector (and companions) from the bundle into `model` itself."""
+    for path in _bundled_modules(model, bundle):
+        load_task_module(module_at(model, path), bundle, index, path)
+
+
+def load_task_module(module: nn.Module, bundle: BundleHeader, index: int, path: str) -> None:
+    """Load task `index`'s weights for the module at `path` from the bundle into `module`."""
+    state = bundle.module_state(index, path)
     try:
-        projector.load_state_dict(bundle.projector(index))
+        module.load_state_dict(state)
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
         raise InputError(bundle.path, f"the projector of task {bundle.tasks[index]} does not fit the base "

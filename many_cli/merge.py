@@ -20,12 +20,13 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 
 from many_cli import lpm
-from many_cli.adapters import Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs, read_adapter
+from many_cli.adapters import (ADAPTER_CONFIG, Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs,
+                               read_adapter)
 from many_cli.card import model_card
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import resolve_device
+from many_cli.models import resolve_device, routable_modules
 from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, read_bundle_header,
@@ -243,6 +244,11 @@ def _check_projectors(tasks: list[Task], previous: Previous | None) -> None:
     if previous:
         reference = (previous.bundle.projector_module, previous.bundle.projector_shapes(0), previous.bundle.path)
     for task in tasks:
+        saved = list(task.adapter.saved_modules)
+        if len(saved) > 1 and not routable_modules(saved):
+            raise InputError(task.adapter.path / ADAPTER_CONFIG, f"saves {saved} whole (modules_to_save); many "
+                                                                 f"routes one projector (with Qwen3-VL's DeepStack "
+                                                                 f"mergers) and can merge nothing else saved whole")
         mine = (task.adapter.projector_module, dict(task.adapter.projector_shapes), task.adapter.weights)
         if reference is None:
             reference = mine

@@ -156,9 +156,14 @@ class Family:
     images. `projector` is the module's path inside the module that encodes images (the one
     with `get_image_features`); `shares` gives each image's share of the projector's input rows
     (its crops, tiles or patches) from that encoding call's arguments, or None for one row
-    (along the first dimension) per image. An image's rows are pooled into one direction."""
+    (along the first dimension) per image. An image's rows are pooled into one direction.
+    `companions`, a ModuleList's path next to the projector, holds projectors the encoding runs
+    before the projector decides (Qwen3-VL's DeepStack mergers, on inner vision blocks): each
+    task's versions run, and their outputs are weighted like the projector's once the module
+    holding the list returns."""
     projector: str
     shares: Callable[[nn.Module, dict[str, Any]], list[int] | None] | None = None
+    companions: str | None = None
 
 
 def _grid_crops(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
@@ -220,7 +225,7 @@ FAMILIES: dict[str, Family] = {
     "mistral3": Family("multi_modal_projector", _patch_sizes),
     "qwen2_vl": Family("visual.merger", _patch_grid),
     "qwen2_5_vl": Family("visual.merger", _patch_grid),
-    "qwen3_vl": Family("visual.merger", _patch_grid),
+    "qwen3_vl": Family("visual.merger", _patch_grid, companions="visual.deepstack_merger_list"),
     "idefics3": Family("connector", _real_tiles),
     "smolvlm": Family("connector", _real_tiles),
 }
@@ -231,12 +236,43 @@ def family_of(model: nn.Module) -> Family | None:
     return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
+def _module_name(model: nn.Module, path: str) -> str | None:
+    """The name in `model` of the module at `path` inside the module that encodes images."""
+    return next((name for name, _ in model.named_modules() if name == path or name.endswith("." + path)), None)
+
+
 def _projector_name(model: nn.Module) -> str | None:
     family = family_of(model)
-    if family is None:
-        return None
-    return next((name for name, _ in model.named_modules()
-                 if name == family.projector or name.endswith("." + family.projector)), None)
+    return None if family is None else _module_name(model, family.projector)
+
+
+def projector_paths(model: nn.Module) -> list[str]:
+    """Where the projector and each of its companions sit, as paths inside the module that
+    encodes images (what a bundle's weights are matched by); empty without a known projector."""
+    family = family_of(model)
+    if family is None or _projector_name(model) is None:
+        return []
+    companions = _module_name(model, family.companions) if family.companions else None
+    count = 0 if companions is None else len(model.get_submodule(companions))
+    return [family.projector, *(f"{family.companions}.{index}" for index in range(count))]
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The module at `path` (from `projector_paths`) in `model`, wrapped by PEFT or not."""
+    return model.get_submodule(_module_name(model, path))
+
+
+def routable_modules(saved: list[str]) -> bool:
+    """Whether modules saved whole by an adapter (modules_to_save) are one family's projector,
+    alone or with items of its companion list: the modules CPM can route."""
+    for family in FAMILIES.values():
+        kinds = [rf"(.*\.)?{re.escape(family.projector)}"]
+        if family.companions:
+            kinds.append(rf"(.*\.)?{re.escape(family.companions)}\.\d+")
+        if (any(re.fullmatch(kinds[0], name) for name in saved)
+                and all(any(re.fullmatch(kind, name) for kind in kinds) for name in saved)):
+            return True
+    return False
 
 
 def _owner_name(model: nn.Module) -> str | None:
@@ -259,13 +295,30 @@ def find_projector(model: nn.Module) -> nn.Module | None:
     return None if name is None else model.get_submodule(name)
 
 
-def replace_projector(model: nn.Module, replacement: nn.Module) -> None:
-    """Put `replacement` where the model's projector was."""
+def replace_projectors(model: nn.Module, router: nn.Module, deferred: Mapping[str, nn.Module]) -> None:
+    """Put `router` where the model's projector was and each of `deferred` where the companion
+    at that path (from `projector_paths`) was; the module holding the companions settles their
+    outputs each time it returns."""
     name = _projector_name(model)
     if name is None:
         raise ValueError(no_projector_reason(model))
-    parent, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent), attribute, replacement)
+    for path, replacement in {name: router, **deferred}.items():
+        parent, _, attribute = _module_name(model, path).rpartition(".")
+        setattr(model.get_submodule(parent), attribute, replacement)
+    if deferred:
+        caller = model.get_submodule(_module_name(model, next(iter(deferred))).rsplit(".", 2)[0])
+        caller.register_forward_hook(lambda _module, _args, output: _settle(output, list(deferred.values()), router))
+
+
+def _settle(output: Any, deferred: list[nn.Module], router: nn.Module) -> None:
+    """Swap, in every list the encoder returned, the deferred projectors' stand-ins for their
+    routed mixtures."""
+    for value in (output.values() if hasattr(output, "values") else output):
+        if isinstance(value, list):
+            for projector in deferred:
+                projector.settle(value, router)
+    for projector in deferred:
+        projector.check_settled()
 
 
 class ImageTracker:

@@ -11,7 +11,9 @@ Stats file (`many_stats.safetensors`, one per adapter, written by `many stats`):
   An <input> is named after the first module (in name order) that reads it.
 
 Bundle (`many_bundle.safetensors`, in a merge output):
-  projector/<i>/<param>, prototype/<i> for task i (0-based, merge order)
+  projector/<i>/<param>, prototype/<i> for task i (0-based, merge order); <param> is named
+                       inside projector_module: the module the adapters saved whole, or the
+                       parent of several (Qwen3-VL's merger with its DeepStack mergers)
   metadata             format, format_version, tasks = JSON [names], projector_module, eta
 
 State (`many_state.safetensors`, in a merge output; the sufficient statistics of a merge):
@@ -298,6 +300,18 @@ class BundleHeader:
         """Task `index`'s projector weights, by parameter name (a state dict)."""
         with open_safetensors(self.path) as handle:
             return {name: handle.get(_projector_key(index, name)) for name in self.projector_shapes(index)}
+
+    def module_state(self, index: int, path: str) -> dict[str, torch.Tensor]:
+        """Task `index`'s weights for the module whose name ends with `path` (the projector or a
+        companion), by parameter name inside it; empty if the task holds none for it."""
+        marker = f".{path}."
+        inside = {}
+        for name in self.projector_shapes(index):
+            full = f".{self.projector_module}.{name}"
+            if marker in full:
+                inside[full[full.index(marker) + len(marker):]] = name
+        with open_safetensors(self.path) as handle:
+            return {parameter: handle.get(_projector_key(index, name)) for parameter, name in inside.items()}
 
     def prototype(self, index: int) -> torch.Tensor | None:
         """Task `index`'s prototype, or None where its adapter had no stats."""

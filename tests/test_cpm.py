@@ -1,9 +1,10 @@
 """The routed projector against a brute-force weighted sum."""
 
+import pytest
 import torch
 from torch import nn
 
-from many_cli.cpm import RoutedProjector
+from many_cli.cpm import DeferredProjector, RoutedProjector
 
 
 def make_router(eta: float, routing: str = "soft"):
@@ -44,3 +45,29 @@ def test_soft_routing_tends_to_hard_as_eta_goes_to_zero():
             soft, _, _ = make_router(eta)
             gaps.append(float((soft(features) - hard_output).abs().max()))
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5
+
+
+def test_a_deferred_projector_settles_to_each_images_own_mixture():
+    """Qwen3-VL's order: a deferred projector runs on inner rows before the routed one decides on
+    the final rows of the same images (a flat list: 3 rows of one image, 5 of the next)."""
+    router, _, prototypes = make_router(eta=0.3)
+    torch.manual_seed(1)
+    inner = [nn.Linear(4, 2) for _ in range(3)]
+    deferred = DeferredProjector(inner)
+    early, late = torch.randn(8, 4), torch.randn(8, 6)
+    router.image_shares = [3, 5]
+    with torch.no_grad():
+        stand_in = deferred(early)
+        router(late)
+        outputs = [stand_in]
+        deferred.settle(outputs, router)
+        deferred.check_settled()
+        for rows in (slice(0, 3), slice(3, 8)):
+            cosines = torch.stack([torch.cosine_similarity(late[rows].mean(dim=0), p, dim=0) for p in prototypes])
+            weights = torch.softmax(cosines / 0.3, dim=0)
+            expected = sum(w * projector(early[rows]) for w, projector in zip(weights, inner))
+            assert torch.allclose(outputs[0][rows], expected, atol=1e-6)
+        assert not torch.allclose(outputs[0][:3], inner[0](early[:3]))
+        deferred(early)  # never settled: the first task's output would answer silently
+        with pytest.raises(RuntimeError):
+            deferred.check_settled()

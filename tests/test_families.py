@@ -21,7 +21,7 @@ from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, 
 from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
 from many_cli.models import FAMILIES as PROJECTORS
-from many_cli.models import find_projector
+from many_cli.models import find_projector, projector_paths
 from many_cli.state import STATS_FILE
 
 # The language model's projections, whatever the family calls it (Idefics3: text_model).
@@ -31,9 +31,9 @@ SHAPES = ((20, 20, 3), (20, 40, 3), (40, 20, 3))  # cut into different numbers o
 
 
 def family_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA on the language model with the family's projector trained (modules_to_save)."""
-    projector = PROJECTORS[AutoConfig.from_pretrained(base).model_type].projector
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=[projector])
+    """A LoRA on the language model with the family's projector and its companions (Qwen3-VL's
+    DeepStack mergers) trained (modules_to_save)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=projector_paths(load_base(base)))
     return make_adapter(base, out, config, seed)
 
 
@@ -217,3 +217,34 @@ def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
         for task in ("task0", "task1"):
             assert mixed["routing"][task] == pytest.approx(alone["routing"][task], abs=1e-5)
         assert max(mixed["routing"], key=mixed["routing"].get) == mixed["task"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl"], indirect=True)
+def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_path, capsys):
+    """Hard routing: each image is answered by the merged LoRA with its own task's main merger
+    *and* DeepStack mergers, copied straight from that task's adapter file into the base model."""
+    root, base, adapters, _, heldout = family
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data",
+                        heldout[1], "--batch-size", "4", "--max-new-tokens", "4", "--routing", "hard",
+                        "--out", tmp_path / "answers.jsonl")
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "answers.jsonl")]
+    processor = AutoProcessor.from_pretrained(base)
+    for index, adapter in enumerate(adapters):
+        model = PeftModel.from_pretrained(load_base(base), merged).merge_and_unload().eval()
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+            saved = {key.removeprefix("base_model.model."): weights.get_tensor(key) for key in weights.keys()
+                     if "merger" in key}
+        assert any("deepstack" in key for key in saved)
+        model.load_state_dict(saved, strict=False)
+        for row in rows:
+            if row["task"] != f"task{index}":
+                continue
+            assert row["routing"][f"task{index}"] == 1.0
+            encoded = encode_one(processor, row, heldout[index].parent, with_answer=False)
+            with torch.no_grad():
+                output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
+            direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert row["prediction"] == direct[0].strip()

@@ -126,6 +126,13 @@ def ia3_adapter(world, root: Path) -> Path:
                         IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), 9)
 
 
+def lm_head_saved_whole(world, root: Path) -> Path:
+    adapter = make_adapter(world.base, root / "in" / "lmhead", LoraConfig(
+        r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector", "lm_head"]), 10)
+    write_task_stats(adapter, world.covariances[0], 36)
+    return adapter
+
+
 CASES = {
     "different base": (other_width_adapter, "different base models"),
     "missing covariance": (stats_without_down_proj, "no covariance for the input of"),
@@ -139,6 +146,7 @@ CASES = {
     "malformed stats metadata": (malformed_stats_metadata, "metadata is malformed"),
     "DoRA": (dora_adapter, "DoRA is not supported"),
     "not LoRA": (ia3_adapter, "peft_type 'IA3' is not supported"),
+    "a module saved whole besides the projector": (lm_head_saved_whole, "can merge nothing else saved whole"),
 }
 
 

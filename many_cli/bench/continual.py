@@ -20,9 +20,9 @@ from many_cli.bench.training import TrainOptions, build_base, train_adapter, tra
 from many_cli.bench.world import TASKS, write_split
 from many_cli.data import Record, read_records
 from many_cli.infer import (InferOptions, MergedModel, Prediction, accuracy_by_task, answer_all,
-                            load_merged, load_task_projector)
+                            load_merged, load_task_projectors)
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
-from many_cli.models import apply_adapters, find_projector, load_adapted_model, load_base_model
+from many_cli.models import apply_adapters, load_adapted_model, load_base_model
 from many_cli.state import BUNDLE_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
 
@@ -185,7 +185,7 @@ def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
     model = apply_adapters(load_base_model(base, torch.float32, torch.device("cpu")), base,
                            [(merged, "default")]).merge_and_unload()
     bundle = read_bundle_header(merged / BUNDLE_FILE)
-    load_task_projector(find_projector(model), bundle, index)
+    load_task_projectors(model, bundle, index)
     return MergedModel(model.eval(), _processor(base), None, torch.device("cpu"))
 
 
