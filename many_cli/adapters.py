@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -195,13 +196,19 @@ class MergedAdapterWriter:
     def __init__(self, out_dir: Path, modules: list[MergedModule], base_model: str | None):
         ranks = {module.name: module.rank for module in modules}
         common = Counter(ranks.values()).most_common(1)[0][0]
-        # Keys are regexes to PEFT; escaping makes each one match its own module only.
-        pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != common}
+        # PEFT matches a pattern key K as `(.*\.)?(K)$` against each module's full name, first
+        # key first: the anchor makes a key match its own module only, never one whose name
+        # ends like it (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`).
+        pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != common}
         config = LoraConfig(r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
                             lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
                             inference_mode=True)
         config.target_modules = sorted(ranks)  # PEFT keeps a set, written in arbitrary order
         config.save_pretrained(str(out_dir))
+        if not pattern:  # one uniform rank: no pattern keys at all (vLLM and others read `r` alone)
+            saved = read_json(out_dir / ADAPTER_CONFIG)
+            del saved["rank_pattern"], saved["alpha_pattern"]
+            (out_dir / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         layout = []
         for module in modules:
             layout.append((f"{PEFT_PREFIX}{module.name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCardData
 
 if TYPE_CHECKING:
     from many_cli.merge import MergeOptions, MergeReport
@@ -19,9 +22,7 @@ def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
     # The card's whole text as one template, top to bottom, so it reads as the card itself does.
     return "\n".join([
         "---",
-        "library_name: peft",
-        f"base_model: {base_model}" if base_model else "",
-        "tags: [lora, many, model-merging, continual-learning]",
+        _front_matter(tasks, previous, options, base_model, base_fingerprint, report).strip(),
         "---",
         "",
         "# Merged adapter made by `many merge`",
@@ -38,6 +39,7 @@ def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
         "",
         *settings,
         *(["", "## Notes", "", *notes] if notes else []),
+        *_energy_table(report),
         "",
         "## Files",
         "",
@@ -79,4 +81,34 @@ def _settings(options: "MergeOptions") -> list[str]:
     if options.method == "ties":
         settings.append(f"- TIES density: {options.density:g}")
     settings.append(f"- default routing temperature η: {options.eta:g}")
+    if options.rank is not None:
+        settings.append(f"- rank budget: --rank {options.rank} (one uniform r; the best rank-{options.rank} fit "
+                        f"in each layer's output space{'' if options.method == 'many' else ', plain Frobenius'})")
     return settings
+
+
+def _front_matter(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], options: "MergeOptions",
+                  base_model: str | None, base_fingerprint: str, report: "MergeReport") -> str:
+    """The Hugging Face card metadata (YAML): the hub's own fields, and the merge under `many`.
+    A local base path is not a hub id, so it is kept under `many` only."""
+    is_hub_id = base_model is not None and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
+    merge = {"method": options.method, "tasks": [name for name, _ in previous + tasks], "scale": options.scale,
+             "eta": options.eta, "base_model": base_model, "base_fingerprint": base_fingerprint or None}
+    if options.method == "many":
+        merge.update(ridge=options.ridge, balance=options.balance)
+    if options.method == "ties":
+        merge["density"] = options.density
+    if options.rank is not None:
+        merge.update(rank=options.rank, energy_kept=round(report.energy_kept(), 6))
+    return ModelCardData(library_name="peft", base_model=base_model if is_hub_id else None,
+                         tags=["lora", "many", "model-merging", "continual-learning"], many=merge).to_yaml()
+
+
+def _energy_table(report: "MergeReport") -> list[str]:
+    """Under --rank: the fraction of each module's output energy kept."""
+    if not report.energy:
+        return []
+    rows = [f"| {module} | {kept / whole if whole > 0 else 1.0:.4%} |" for module, (kept, whole) in report.energy.items()]
+    return ["", "## Rank budget", "", f"Output energy kept over all modules: {report.energy_kept():.4%}.", "",
+            "<details><summary>per module</summary>", "", "| module | energy kept |", "|---|---|", *rows, "",
+            "</details>"]

@@ -9,7 +9,8 @@ TIES, whose rule is elementwise. Nothing here reads or writes files.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,11 +22,19 @@ def add_ridge_(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     return gram
 
 
-def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class Solution:
+    """X = R H⁻¹ and, for the rank budget, X W with H = W Wᵀ and the map back: Y ↦ Y W⁺."""
+    rows: torch.Tensor
+    weighted: torch.Tensor
+    unweigh: Callable[[torch.Tensor], torch.Tensor]
+
+
+def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> Solution | None:
     """X with X (H + ridge) = R, R of shape (k, d), k ≪ d, through a Cholesky factorization
-    in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle of `gram` (a
-    contiguous, row-major matrix) is read, and it is overwritten with the factor. Returns None
-    when H is not numerically positive definite."""
+    H + ridge = L Lᵀ in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle
+    of `gram` (a contiguous, row-major matrix) is read, and it is overwritten with the factor
+    (W = L). Returns None when H is not numerically positive definite."""
     add_ridge_(gram, ridge)
     # gram.mT is column-major, as LAPACK wants, and its lower triangle is gram's upper one:
     # factoring it in place needs no second d×d buffer.
@@ -34,26 +43,30 @@ def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -
     torch.linalg.cholesky_ex(lower, out=(lower, info))
     if int(info) != 0:
         return None
-    half = torch.linalg.solve_triangular(lower, rhs.to(gram.dtype).T, upper=False)
+    half = torch.linalg.solve_triangular(lower, rhs.to(gram.dtype).T, upper=False)  # L⁻¹ Rᵀ = (X L)ᵀ
     rows = torch.linalg.solve_triangular(lower.mT, half, upper=True).T
-    return rows if bool(torch.isfinite(rows).all()) else None
+    if not bool(torch.isfinite(rows).all()):
+        return None
+    return Solution(rows, half.T, lambda weighted: torch.linalg.solve_triangular(lower.mT, weighted.T, upper=True).T)
 
 
 def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
-                         input_eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
+                         input_eps: float = torch.finfo(torch.float32).eps) -> Solution:
     """The minimum-norm least-squares X for X (H + ridge) = R when H is singular or indefinite.
     Only the upper triangle of `gram` is read.
 
     Statistics stored with machine epsilon `input_eps` perturb H by at most about
     input_eps·‖H‖_F, so eigen-directions below that cannot be told from rounding: they are
-    dropped (no calibration input reached them), and X never holds NaN or Inf.
+    dropped (no calibration input reached them), and X never holds NaN or Inf. W = V Λ^½ over
+    the kept eigenpairs.
     """
     add_ridge_(gram, ridge)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="U")
     frobenius = eigenvalues.square().sum().sqrt()
     kept = eigenvalues > input_eps * frobenius
-    basis = eigenvectors[:, kept]
-    return ((rhs.to(gram.dtype) @ basis) / eigenvalues[kept]) @ basis.T
+    basis, root = eigenvectors[:, kept], eigenvalues[kept].sqrt()
+    coordinates = (rhs.to(gram.dtype) @ basis) / eigenvalues[kept]
+    return Solution(coordinates @ basis.T, coordinates * root, lambda weighted: (weighted / root) @ basis.T)
 
 
 def add_symmetric_block_product_(out: torch.Tensor, a: torch.Tensor, start: int, rows: torch.Tensor) -> None:
@@ -72,6 +85,28 @@ def stack_factors(a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Ten
     a = torch.cat(list(a_blocks), dim=0)
     b = torch.cat([weight * block for weight, block in zip(weights, b_blocks)], dim=1)
     return a, b
+
+
+def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation of B A (B: d_out × k, A: k × m, k > rank;
+    Eckart–Young) as factors (B_r, A_r), from QR factorizations and the SVD of a k × k core
+    (B A = Q_B (R_B R_Aᵀ) Q_Aᵀ): never a d_out × m matrix. Also ‖B_r A_r‖², the energy kept."""
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, singular, vh = torch.linalg.svd(r_b @ r_a.T)
+    return (q_b @ (u[:, :rank] * singular[:rank]), vh[:rank] @ q_a.T, float(singular[:rank].square().sum()))
+
+
+def squared_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """‖B A‖² (Frobenius) = Σ (BᵀB) ∘ (A Aᵀ), from k × k products."""
+    return float(((b.T @ b) * (a @ a.T)).sum())
+
+
+def pad_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and A with zero columns and rows appended up to `rank` (the product unchanged)."""
+    missing = rank - b.shape[1]
+    return (torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1),
+            torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0))
 
 
 def ties(task_vectors: Sequence[torch.Tensor], density: float) -> torch.Tensor:

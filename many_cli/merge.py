@@ -51,6 +51,9 @@ class MergeOptions:
     balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
     density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
     eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
+    rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
+                                              "rank-R approximation in each layer's output space; exact where "
+                                              "Σ r_i ≤ R. Default: rank Σ r_i per module.")
     force: bool = option(False, "--force", "Replace --out if it exists.")
     device: str = option("cpu", "--device", "Where to factor and solve: cpu, cuda or auto.")
     experts: bool = option(True, "--experts/--no-experts",
@@ -68,6 +71,8 @@ class MergeOptions:
             raise InputError(None, f"--density must lie in (0, 1], got {self.density}")
         if not (self.eta > 0 and math.isfinite(self.eta)):
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        if self.rank is not None and self.rank < 1:
+            raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
         resolve_device(self.device)
 
 
@@ -109,6 +114,12 @@ class MergeReport:
     modules: int
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    energy: dict[str, tuple[float, float]] = field(default_factory=dict)  # --rank: module -> (kept, whole)
+
+    def energy_kept(self) -> float:
+        """The fraction of the merged update's output energy the rank budget kept, all modules."""
+        whole = sum(total for _, total in self.energy.values())
+        return sum(kept for kept, _ in self.energy.values()) / whole if whole > 0 else 1.0
 
 
 def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: Path | None = None,
@@ -134,18 +145,19 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
     with atomic_output_dir(out, options.force) as staging:
         if options.method == "many":
             groups = _plan_groups(tasks, previous)
-            modules = _merged_modules(tasks, previous, [(m, g.dim) for g in groups for m in g.modules])
+            modules = _merged_modules(tasks, previous, [(m, g.dim) for g in groups for m in g.modules], options.rank)
             adapter = MergedAdapterWriter(staging, modules, base_model)
             _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
                        staging / STATE_FILE, report, track, adapter.write)
         else:
             names = sorted({module for task in tasks for module in task.adapter.modules})
-            modules = _merged_modules(tasks, None, [(m, _d_in(tasks, m)) for m in names],
+            modules = _merged_modules(tasks, None, [(m, _d_in(tasks, m)) for m in names], options.rank,
                                       full_rank_cap=options.method == "ties")
             adapter = MergedAdapterWriter(staging, modules, base_model)
             _merge_baseline(tasks, names, options, report, track, adapter.write)
         adapter.close()
         report.modules = len(modules)
+        _report_energy(report, options.rank)
         _write_bundle(staging / BUNDLE_FILE, tasks, previous, options.eta)
         if options.experts:
             _write_experts(staging / EXPERTS_DIR, tasks, previous, base_model, report)
@@ -163,15 +175,20 @@ def _d_in(tasks: list[Task], module: str) -> int:
 
 
 def _merged_modules(tasks: list[Task], previous: Previous | None, order: list[tuple[str, int]],
-                    full_rank_cap: bool = False) -> list[MergedModule]:
+                    rank_budget: int | None, full_rank_cap: bool = False) -> list[MergedModule]:
     """The merged adapter's modules in the order they will be written: rank Σ r_i over the
-    tasks that adapt each (capped at min(d_in, d_out) where a dense result is factored)."""
+    tasks that adapt each (capped at min(d_in, d_out) where a dense result is factored), or the
+    rank budget."""
     ranks = _ranks(tasks, previous, len(previous.state.tasks) if previous else 0)
     modules = []
     for name, d_in in order:
         entries = [value for (_, module), value in ranks.items() if module == name]
         rank, d_out = sum(rank for rank, _ in entries), entries[0][1]
-        modules.append(MergedModule(name, min(rank, d_in, d_out) if full_rank_cap else rank, d_in, d_out))
+        if rank_budget is not None:
+            rank = rank_budget
+        elif full_rank_cap:
+            rank = min(rank, d_in, d_out)
+        modules.append(MergedModule(name, rank, d_in, d_out))
     return modules
 
 
@@ -354,15 +371,15 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined.append(group.key)
         rhs = torch.cat([part.ac for part in contributions]).to(device)
-        rows = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
-        if rows is None:
+        solution = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
+        if solution is None:
             # The factorization overwrote the Gram matrix: gather it again, now checking every
             # value, so that NaN or Inf in a file is reported as such and not as a singular H.
             gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
             singular.append(group.key)
-            rows = lpm.min_norm_solve_right(gram, rhs, options.ridge)
+            solution = lpm.min_norm_solve_right(gram, rhs, options.ridge)
         del gram
-        _emit_group(group, contributions, rows.cpu(), options.scale, emit)
+        _emit_group(group, contributions, solution, options, emit, report.energy)
     writer.close()
     _report_conditioning(report, singular, underdetermined, len(groups), options.ridge)
 
@@ -373,13 +390,49 @@ def _state_task(task: Task, index: int, groups: list[Group]) -> StateTask:
                      {group.key: task.stats.inputs[group.inputs[index]].tokens for group in groups})
 
 
-def _emit_group(group: Group, contributions: list["Contribution"], rows: torch.Tensor, scale: float,
-                emit: Emit) -> None:
-    """Each module's merged factors: its tasks' solved rows of A* beside their s·B, scaled by λ."""
-    solved = rows.split([part.ac.shape[0] for part in contributions])
+def _emit_group(group: Group, contributions: list["Contribution"], solution: lpm.Solution, options: MergeOptions,
+                emit: Emit, energy: dict[str, tuple[float, float]]) -> None:
+    """Each module's merged factors: its tasks' solved rows of A* beside their s·B, scaled by λ;
+    under a rank budget, the best rank-R approximation in the output space H weighs."""
+    sizes = [part.ac.shape[0] for part in contributions]
+    solved, weighted = solution.rows.split(sizes), solution.weighted.split(sizes)
     for module in group.modules:
-        parts = [(a, part.b) for a, part in zip(solved, contributions) if part.module == module]
-        emit(module, *lpm.stack_factors([a for a, _ in parts], [b for _, b in parts], [scale] * len(parts)))
+        mine = [index for index, part in enumerate(contributions) if part.module == module]
+        b = torch.cat([options.scale * contributions[index].b for index in mine], dim=1).to(solution.rows.device)
+        a = torch.cat([solved[index] for index in mine])
+        if options.rank is not None:
+            a, b = _fit_rank(module, a, b, options.rank, energy, torch.cat([weighted[index] for index in mine]),
+                             solution.unweigh)
+        emit(module, a.cpu(), b.cpu())
+
+
+def _fit_rank(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, energy: dict[str, tuple[float, float]],
+              weighted: torch.Tensor | None = None,
+              unweigh: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank exactly `rank` for the update B A: exact and zero-padded when it fits,
+    else the best approximation of B A W (`weighted` = A W; plain Frobenius without W), mapped
+    back by `unweigh`. Records the energy kept and the whole (in the weighted space)."""
+    weighted = a if weighted is None else weighted
+    whole = lpm.squared_norm(b, weighted)
+    if b.shape[1] <= rank:
+        energy[module] = (whole, whole)
+        b, a = lpm.pad_rank(b, a, rank)
+        return a, b
+    b, kept_rows, kept = lpm.truncate(b, weighted, rank)
+    energy[module] = (kept, whole)
+    return unweigh(kept_rows), b
+
+
+def _report_energy(report: MergeReport, rank: int | None) -> None:
+    if rank is None or not report.energy:
+        return
+    lowest = min(report.energy, key=lambda module: _fraction(*report.energy[module]))
+    report.notes.append(f"--rank {rank}: {report.energy_kept():.2%} of the merged update's output energy kept "
+                        f"over all modules (lowest: {_fraction(*report.energy[lowest]):.2%}, {lowest})")
+
+
+def _fraction(kept: float, whole: float) -> float:
+    return kept / whole if whole > 0 else 1.0
 
 
 def _report_conditioning(report: MergeReport, singular: list[str], underdetermined: list[str], groups: int,
@@ -464,10 +517,12 @@ def _merge_baseline(tasks: list[Task], modules: list[str], options: MergeOptions
             merged = options.scale * lpm.ties([b @ a for a, b in zip(a_blocks, b_blocks)], options.density)
             a, b, error = lpm.low_rank_factors(merged, sum(block.shape[0] for block in a_blocks))
             worst = max(worst, error)
-            emit(module, a, b)
         else:
             weight = options.scale / len(tasks) if options.method == "average" else options.scale
-            emit(module, *lpm.stack_factors(a_blocks, b_blocks, [weight] * len(a_blocks)))
+            a, b = lpm.stack_factors(a_blocks, b_blocks, [weight] * len(a_blocks))
+        if options.rank is not None:
+            a, b = _fit_rank(module, a, b, options.rank, report.energy)
+        emit(module, a, b)
     if options.method == "ties":
         report.notes.append(f"TIES is elementwise, so its dense result was factored by truncated SVD "
                             f"to rank Σ r_i per module; largest relative Frobenius error {worst:.2e}")

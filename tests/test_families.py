@@ -15,12 +15,11 @@ import torch
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoProcessor
 
 from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
 from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
-from many_cli.models import FAMILIES as PROJECTORS
 from many_cli.models import find_projector, projector_paths
 from many_cli.state import STATS_FILE
 

@@ -47,8 +47,12 @@ def test_cholesky_solve_matches_dense_solve():
     gram, rhs = x.T @ x, torch.randn(4, 20, dtype=torch.float64, generator=generator)
     loaded = gram + 1e-3 * gram.diagonal().mean() * torch.eye(20, dtype=torch.float64)
     expected = np.linalg.solve(loaded.numpy().T, rhs.numpy().T).T
-    rows = lpm.cholesky_solve_right_(gram.clone(), rhs, 1e-3)
-    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-9, atol=1e-12)
+    solution = lpm.cholesky_solve_right_(gram.clone(), rhs, 1e-3)
+    np.testing.assert_allclose(solution.rows.numpy(), expected, rtol=1e-9, atol=1e-12)
+    # The rank budget's weighted space: X L with H + ridge = L Lᵀ, and back again.
+    lower = torch.linalg.cholesky(loaded)
+    np.testing.assert_allclose(solution.weighted.numpy(), (solution.rows @ lower).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(solution.unweigh(solution.weighted).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_singular_or_indefinite_gram_gets_minimum_norm_solution():
@@ -59,11 +63,30 @@ def test_singular_or_indefinite_gram_gets_minimum_norm_solution():
     gram = vectors @ torch.diag(eigenvalues) @ vectors.T
     rhs = torch.randn(2, 20, dtype=torch.float64, generator=generator) @ gram
     assert lpm.cholesky_solve_right_(gram.clone(), rhs, 0.0) is None
-    rows = lpm.min_norm_solve_right(gram.clone(), rhs, 0.0)
-    assert torch.isfinite(rows).all()
+    solution = lpm.min_norm_solve_right(gram.clone(), rhs, 0.0)
+    assert torch.isfinite(solution.rows).all()
     truncated = vectors[:, 17:] @ torch.diag(eigenvalues[17:]) @ vectors[:, 17:].T
     expected = rhs.numpy() @ np.linalg.pinv(truncated.numpy(), rcond=1e-10)
-    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(solution.rows.numpy(), expected, rtol=1e-7, atol=1e-9)
+    # X W with W Wᵀ the kept part of H: (X W)(X W)ᵀ = X H Xᵀ; and back again.
+    weighted = solution.weighted
+    np.testing.assert_allclose((weighted @ weighted.T).numpy(), (solution.rows @ truncated @ solution.rows.T).numpy(),
+                               rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(solution.unweigh(weighted).numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_truncate_is_the_svd_of_the_product_and_reports_its_energy():
+    generator = torch.Generator().manual_seed(5)
+    b, a = torch.randn(30, 6, dtype=torch.float64, generator=generator), torch.randn(6, 40, dtype=torch.float64,
+                                                                                     generator=generator)
+    u, s, vh = torch.linalg.svd(b @ a)
+    b_r, a_r, kept = lpm.truncate(b, a, 2)
+    assert b_r.shape == (30, 2) and a_r.shape == (2, 40)
+    np.testing.assert_allclose((b_r @ a_r).numpy(), ((u[:, :2] * s[:2]) @ vh[:2]).numpy(), atol=1e-10)
+    assert kept == pytest.approx(float(s[:2].square().sum()))
+    assert lpm.squared_norm(b, a) == pytest.approx(float((b @ a).square().sum()))
+    padded_b, padded_a = lpm.pad_rank(b, a, 9)
+    assert padded_b.shape == (30, 9) and torch.equal(padded_b @ padded_a, b @ a)
 
 
 def test_ties_matches_an_explicit_loop():
