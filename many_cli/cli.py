@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from many_cli.data import DEFAULT_PROMPT
 from many_cli.errors import InputError, Terminated
+from many_cli.export import ExportOptions, export
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
 from many_cli.infer import InferOptions, average_accuracy
 from many_cli.merge import MergeOptions, merge
@@ -73,6 +74,21 @@ def merge_command(
         stderr.print(f"note: {line}", highlight=False)
     stderr.print(f"merged {len(report.tasks)} tasks ({', '.join(report.tasks)}) over "
                  f"{report.modules} modules into {report.out}", highlight=False)
+
+
+@app.command("export")
+@with_options(ExportOptions)
+def export_command(
+    model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory.")],
+    merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The transformers model directory to write (must not exist unless --force).")],
+    *,
+    options: ExportOptions,
+) -> None:
+    """Write a standard transformers model: the merged LoRA folded into the base, one projector chosen."""
+    report = export(model, merged, out, options, track=_track)
+    stderr.print(f"folded {report.folded} merged LoRA modules into {report.tensors} tensors with the "
+                 f"{report.projector} projector -> {report.out}", highlight=False)
 
 
 class _RecordsBar(StatsProgress):

@@ -29,7 +29,12 @@ _DTYPE_CODES = {
     torch.bfloat16: "BF16",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
+DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 @contextmanager
@@ -76,6 +81,13 @@ class _CheckedHandle:
     def dtype(self, key: str) -> str:
         """The stored dtype's safetensors code ("F32", "BF16", "I64", ...), without reading data."""
         return self._handle.get_slice(key).get_dtype()
+
+    def raw(self, key: str) -> torch.Tensor:
+        """One tensor as stored, of any dtype, unchecked (a model's buffers, copied as they are)."""
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, RuntimeError, ValueError) as error:
+            raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
 
     def get(self, key: str) -> torch.Tensor:
         """One tensor, checked: every tensor `many` reads is floating point and finite."""

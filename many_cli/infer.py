@@ -81,7 +81,9 @@ class MergedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
+def load_merged(base: str, merged: Path, options: InferOptions = InferOptions()) -> MergedModel:
+    """base + the merged LoRA (folded unless options.fold is False) with the task projectors
+    routed (CPM), ready for `answer` or `.model.generate`."""
     options.check()
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
@@ -93,23 +95,43 @@ def load_merged(base: str, merged: Path, options: InferOptions) -> MergedModel:
         notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
                      f"language model applies")
     routed = _routed_projectors(model, bundle, options) if bundle.projector_module and not notes else None
-    router = routed[0] if routed else None
     experts = options.lm_routing == "experts"
     if experts:
-        if router is None:
+        if routed is None:
             raise InputError(bundle.path, "holds no projectors to route by, so --lm-routing experts cannot choose")
         model = _apply_experts(model, base, merged, bundle.tasks)
     else:
         model = _apply_lora(model, base, merged, options.fold)
-    tracker = None
-    if router is not None:
-        replace_projectors(model, router.to(device), {name: module.to(device) for name, module in routed[1].items()})
-        tracker = ImageTracker(model, router)
+    router, tracker = install_router(model, routed, device) if routed else (None, None)
+    return MergedModel(model.eval(), load_processor(base), router, device, experts, tracker, notes)
+
+
+def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedModel:
+    """A model `many export --projector routed` wrote (the merged LoRA folded in), with its task
+    projectors routed again from the bundle beside the weights."""
+    options.check()
+    bundle = read_bundle_header(path / BUNDLE_FILE)
+    device = resolve_device(options.device)
+    model = load_base_model(str(path), resolve_dtype(options.dtype), device)
+    router, tracker = install_router(model, _routed_projectors(model, bundle, options), device)
+    return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker)
+
+
+def install_router(model: nn.Module, routed: tuple[RoutedProjector, dict[str, DeferredProjector]],
+                   device: torch.device) -> tuple[RoutedProjector, ImageTracker]:
+    """Put the routed projector (and deferred companions) into `model`, with the tracker that
+    tells it each image's rows."""
+    router, deferred = routed
+    replace_projectors(model, router.to(device), {name: module.to(device) for name, module in deferred.items()})
+    return router, ImageTracker(model, router)
+
+
+def load_processor(base: str):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = "left"  # generation continues every row at its end
-    return MergedModel(model.eval(), processor, router, device, experts, tracker, notes)
+    return processor
 
 
 def _routed_projectors(model: nn.Module, bundle: BundleHeader,

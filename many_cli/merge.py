@@ -122,7 +122,7 @@ class MergeReport:
         return sum(kept for kept, _ in self.energy.values()) / whole if whole > 0 else 1.0
 
 
-def merge(adapter_paths: list[Path], out: Path, options: MergeOptions, resume: Path | None = None,
+def merge(adapter_paths: list[Path], out: Path, options: MergeOptions = MergeOptions(), resume: Path | None = None,
           track: Track = lambda items, _: items) -> MergeReport:
     _check_options(options, resume)
     paths = find_adapter_dirs(adapter_paths)

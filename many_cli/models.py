@@ -66,12 +66,17 @@ def _without_volatile(value):
     return value
 
 
-def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
+def auto_model_classes() -> tuple[type, ...]:
+    """The transformers auto classes a base model is tried with, in order: vision-language
+    first, then any-modality (audio-language: Qwen2-Audio), then plain language models."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
+    return AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM
+
+
+def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
-    # Vision-language first, then any-modality (audio-language: Qwen2-Audio), then plain LMs.
-    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM):
+    for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
             model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True)
             return model.to(device).eval()
@@ -236,14 +241,14 @@ def family_of(model: nn.Module) -> Family | None:
     return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
-def _module_name(model: nn.Module, path: str) -> str | None:
+def module_name(model: nn.Module, path: str) -> str | None:
     """The name in `model` of the module at `path` inside the module that encodes images."""
     return next((name for name, _ in model.named_modules() if name == path or name.endswith("." + path)), None)
 
 
 def _projector_name(model: nn.Module) -> str | None:
     family = family_of(model)
-    return None if family is None else _module_name(model, family.projector)
+    return None if family is None else module_name(model, family.projector)
 
 
 def projector_paths(model: nn.Module) -> list[str]:
@@ -252,14 +257,14 @@ def projector_paths(model: nn.Module) -> list[str]:
     family = family_of(model)
     if family is None or _projector_name(model) is None:
         return []
-    companions = _module_name(model, family.companions) if family.companions else None
+    companions = module_name(model, family.companions) if family.companions else None
     count = 0 if companions is None else len(model.get_submodule(companions))
     return [family.projector, *(f"{family.companions}.{index}" for index in range(count))]
 
 
 def module_at(model: nn.Module, path: str) -> nn.Module:
     """The module at `path` (from `projector_paths`) in `model`, wrapped by PEFT or not."""
-    return model.get_submodule(_module_name(model, path))
+    return model.get_submodule(module_name(model, path))
 
 
 def routable_modules(saved: list[str]) -> bool:
@@ -303,10 +308,10 @@ def replace_projectors(model: nn.Module, router: nn.Module, deferred: Mapping[st
     if name is None:
         raise ValueError(no_projector_reason(model))
     for path, replacement in {name: router, **deferred}.items():
-        parent, _, attribute = _module_name(model, path).rpartition(".")
+        parent, _, attribute = module_name(model, path).rpartition(".")
         setattr(model.get_submodule(parent), attribute, replacement)
     if deferred:
-        caller = model.get_submodule(_module_name(model, next(iter(deferred))).rsplit(".", 2)[0])
+        caller = model.get_submodule(module_name(model, next(iter(deferred))).rsplit(".", 2)[0])
         caller.register_forward_hook(lambda _module, _args, output: _settle(output, list(deferred.values()), router))
 
 

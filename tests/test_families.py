@@ -247,3 +247,50 @@ def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_pa
                 output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
             direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
             assert row["prediction"] == direct[0].strip()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"], indirect=True)
+def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tmp_path, capsys, monkeypatch):
+    """`many export --projector task1` loads with transformers alone and answers task 1's images
+    as `many infer --routing hard` does (which sends them to task 1's projector); `routed`
+    loads through many_cli.load_routed and answers as `many infer` does."""
+    from transformers import AutoModelForImageTextToText, PreTrainedModel
+
+    import many_cli
+
+    root, base, adapters, _, heldout = family
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    inferred = {}
+    for routing in ("hard", "soft"):
+        out = tmp_path / f"{routing}.jsonl"
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data",
+                            heldout[1], "--max-new-tokens", "4", "--routing", routing, "--out", out)
+        assert code == 0, err
+        inferred[routing] = [json.loads(line) for line in open(out)]
+
+    def no_full_load(*_args, **_kwargs):
+        raise AssertionError("export loaded the whole model")
+
+    with monkeypatch.context() as patched:  # export streams the checkpoint: it never loads the model
+        patched.setattr(PreTrainedModel, "from_pretrained", no_full_load)
+        for projector in ("task1", "routed"):
+            code, err = run_cli(capsys, "export", "--model", base, "--merged", merged, "--projector", projector,
+                                "--out", tmp_path / projector)
+            assert code == 0, err
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "task1").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "task1")
+    task1 = [row for row in inferred["hard"] if row["task"] == "task1"]
+    assert task1 and all(row["routing"]["task1"] == 1.0 for row in task1)
+    for row in task1:
+        encoded = encode_one(processor, row, heldout[1].parent, with_answer=False)
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
+        assert row["prediction"] == processor.batch_decode(output[:, encoded["input_ids"].shape[1]:],
+                                                           skip_special_tokens=True)[0].strip()
+    routed = many_cli.load_routed(tmp_path / "routed")
+    for row in inferred["soft"]:
+        record = many_cli.Record(row["image"], Path(row["image"]), row["prompt"], None)
+        [prediction] = many_cli.answer(routed, [record], max_new_tokens=4)
+        assert prediction.prediction == row["prediction"]
+        assert prediction.routing == pytest.approx(row["routing"], abs=1e-5)

@@ -20,7 +20,7 @@ from many_cli.bench.training import TrainOptions, build_base, train_adapter, tra
 from many_cli.bench.world import TASKS, write_split
 from many_cli.data import Record, read_records
 from many_cli.infer import (InferOptions, MergedModel, Prediction, accuracy_by_task, answer_all,
-                            load_merged, load_task_projectors)
+                            load_merged, load_processor, load_task_projectors)
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
 from many_cli.models import apply_adapters, load_adapted_model, load_base_model
 from many_cli.state import BUNDLE_FILE, read_bundle_header
@@ -166,18 +166,10 @@ def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
     return out
 
 
-def _processor(base: str):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(base)
-    processor.tokenizer.padding_side = "left"
-    return processor
-
-
 def _adapted(base: str, adapter: Path) -> MergedModel:
     """base + one adapter (its LoRA and its projector), as PEFT loads it."""
     model = load_adapted_model(base, adapter, torch.float32, torch.device("cpu"))
-    return MergedModel(model, _processor(base), None, torch.device("cpu"))
+    return MergedModel(model, load_processor(base), None, torch.device("cpu"))
 
 
 def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
@@ -186,7 +178,7 @@ def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
                            [(merged, "default")]).merge_and_unload()
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     load_task_projectors(model, bundle, index)
-    return MergedModel(model.eval(), _processor(base), None, torch.device("cpu"))
+    return MergedModel(model.eval(), load_processor(base), None, torch.device("cpu"))
 
 
 def _predict(model: MergedModel, records: list[Record]) -> list[Prediction]:

@@ -1,0 +1,221 @@
+"""`many export`: a merge output folded into a standard transformers model directory that any
+loader of the family reads: the merged LoRA added into the base weights (W + s·B A) and one
+projector chosen. The base checkpoint streams tensor by tensor into shards of the same names
+and keys (its own layout, whatever transformers version wrote it), so memory holds one tensor.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from many_cli.adapters import Adapter, read_adapter
+from many_cli.errors import InputError
+from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
+from many_cli.models import auto_model_classes, module_name, projector_paths
+from many_cli.options import option
+from many_cli.state import BUNDLE_FILE, BundleHeader, read_bundle_header
+
+MEAN, ROUTED = "mean", "routed"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_INDEX = "model.safetensors.index.json"
+
+T = TypeVar("T")
+Track = Callable[[Sequence[T], str], Iterable[T]]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    projector: str = option(ROUTED, "--projector",
+                            "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
+                            "(the mean in the weights, and the bundle beside them for many.load_routed).")
+    force: bool = option(False, "--force", "Replace --out if it exists.")
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    folded: int  # merged LoRA modules added into the base weights
+    projector: str
+    tensors: int
+
+
+def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOptions(),
+           track: Track = lambda items, _: items) -> ExportReport:
+    """Write the base model with `merged` folded in to `out` (see the module's docstring)."""
+    base_dir = Path(base).expanduser()
+    if not (base_dir / "config.json").is_file():
+        raise InputError(base, "export reads the base model's own files: give a local model directory "
+                               "(for a hub id, its snapshot folder)")
+    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    adapter = read_adapter(merged)
+    refuse_overlap(out, [base_dir, merged])
+    shards = _shards(base_dir)
+    model = _meta_model(base_dir)
+    raw_names = _checkpoint_names(model, [key for keys in shards.values() for key in keys])
+    changes = {**_folds(adapter, raw_names, merged), **_projector(model, bundle, options.projector, raw_names)}
+    with atomic_output_dir(out, options.force) as staging:
+        for shard in track(list(shards), "export"):
+            _stream_shard(base_dir / shard, staging / shard, changes)
+        for path in base_dir.iterdir():
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "README.md":
+                shutil.copy2(path, staging / path.name)
+        if (base_dir / _INDEX).is_file():
+            shutil.copy2(base_dir / _INDEX, staging / _INDEX)
+        if options.projector == ROUTED:
+            shutil.copy2(bundle.path, staging / BUNDLE_FILE)
+        (staging / "README.md").write_text(_card(base, merged, adapter, options.projector))
+    return ExportReport(out, len(adapter.modules), options.projector, sum(len(keys) for keys in shards.values()))
+
+
+def _shards(base_dir: Path) -> dict[str, list[str]]:
+    """The base checkpoint's safetensors files and the keys of each."""
+    if (base_dir / _INDEX).is_file():
+        weight_map = read_json(base_dir / _INDEX).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    shards = {}
+    for name in files:
+        with open_safetensors(base_dir / name) as handle:
+            shards[name] = handle.keys()
+    return shards
+
+
+def _meta_model(base_dir: Path) -> nn.Module:
+    """The base model's structure without its weights (on the meta device): its parameter names."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    for auto in auto_model_classes():
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except ValueError:
+            continue
+    raise InputError(base_dir, "is neither an image-text-to-text, a multimodal nor a causal language model "
+                               "transformers knows")
+
+
+def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Each parameter's name in the model -> its key in the checkpoint, through the renamings
+    transformers applies when it loads (checkpoints keep older layouts); keys that transformers
+    converts (fuses, splits) are left out: they cannot be rewritten one at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [item for item in transforms if not isinstance(item, WeightConverter)]
+    converters = [item for item in transforms if isinstance(item, WeightConverter)]
+    state = model.state_dict()
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is None:
+            names[name] = key
+    return names
+
+
+Change = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _folds(adapter: Adapter, raw_names: dict[str, str], merged: Path) -> dict[str, Change]:
+    """Checkpoint key -> W ↦ W + s·B A for every merged module (computed in float32, stored in
+    W's dtype)."""
+    changes = {}
+    for module in adapter.modules.values():
+        key = raw_names.get(f"{module.name}.weight")
+        if key is None:
+            raise InputError(merged, f"module {module.name} has no weight in the base checkpoint that can be "
+                                     f"rewritten: merged for another model?")
+
+        def fold(weight: torch.Tensor, module=module) -> torch.Tensor:
+            a, b = adapter.lora_factors(module.name)
+            if weight.shape != (b.shape[0], a.shape[1]):
+                raise InputError(merged, f"module {module.name} is {b.shape[0]}×{a.shape[1]}, the base weight "
+                                         f"{tuple(weight.shape)}: merged for another model?")
+            return torch.addmm(weight.float(), b.float(), a.float(), alpha=module.scale).to(weight.dtype)
+
+        changes[key] = fold
+    return changes
+
+
+def _projector(model: nn.Module, bundle: BundleHeader, choice: str, raw_names: dict[str, str]) -> dict[str, Change]:
+    """Checkpoint key -> the chosen projector's tensor (one task's, or the tasks' mean), for
+    the projector and every companion the bundle holds."""
+    if not bundle.projector_module:
+        if choice not in (MEAN, ROUTED):
+            raise InputError(bundle.path, "holds no projectors, so --projector can only be mean or routed")
+        return {}
+    indices = _chosen_tasks(bundle, choice)
+    changes = {}
+    for path in projector_paths(model):
+        states = [bundle.module_state(index, path) for index in indices]
+        for parameter in states[0]:
+            key = raw_names.get(f"{module_name(model, path)}.{parameter}")
+            if key is None:
+                raise InputError(bundle.path, f"the projector parameter {path}.{parameter} has no tensor in the "
+                                              f"base checkpoint that can be rewritten")
+            value = torch.stack([state[parameter].float() for state in states]).mean(dim=0)
+            changes[key] = lambda weight, value=value, key=key: _replace(weight, value, bundle.path, key)
+    return changes
+
+
+def _chosen_tasks(bundle: BundleHeader, choice: str) -> list[int]:
+    if choice in (MEAN, ROUTED):
+        return list(range(len(bundle.tasks)))
+    if choice not in bundle.tasks:
+        raise InputError(bundle.path, f"has no task {choice!r} (its tasks: {', '.join(bundle.tasks)}); --projector "
+                                      f"takes a task, mean or routed")
+    return [bundle.tasks.index(choice)]
+
+
+def _replace(weight: torch.Tensor, value: torch.Tensor, bundle: Path, key: str) -> torch.Tensor:
+    if weight.shape != value.shape:
+        raise InputError(bundle, f"its projector tensor for {key} is {tuple(value.shape)}, the base's "
+                                 f"{tuple(weight.shape)}: merged for another model?")
+    return value.to(weight.dtype)
+
+
+def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> None:
+    with open_safetensors(source) as handle:
+        keys = handle.keys()
+        layout = [(key, DTYPES[handle.dtype(key)], handle.shape(key)) for key in keys]
+        writer = StreamingSafetensorsWriter(target, layout, handle.metadata() or {"format": "pt"})
+        for key in keys:
+            tensor = handle.raw(key)
+            writer.write(key, changes[key](tensor) if key in changes else tensor)
+        writer.close()
+
+
+def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:
+    routed = projector == ROUTED
+    chosen = {MEAN: "the tasks' projectors averaged", ROUTED: "the tasks' projectors averaged (routed through "
+              "many, below)"}.get(projector, f"task {projector}'s projector")
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "tags: [many, model-merging, continual-learning]",
+        "---",
+        "",
+        "# Model exported by `many export`",
+        "",
+        f"The base model `{base}` with the merged LoRA of `{merged}` folded into its weights "
+        f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. It loads as the base does:",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        'model = AutoModelForImageTextToText.from_pretrained("THIS_DIRECTORY")',
+        'processor = AutoProcessor.from_pretrained("THIS_DIRECTORY")',
+        "```",
+        *(["", "With `many` installed, the task projectors are routed per image again (CPM), from "
+           f"`{BUNDLE_FILE}` beside the weights:", "", "```python", "import many_cli", "",
+           'model, processor = many_cli.load_routed("THIS_DIRECTORY")', "```"] if routed else []),
+        "",
+    ])
