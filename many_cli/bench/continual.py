@@ -48,6 +48,7 @@ class ContinualOptions:
     ridges: tuple[float, ...] = (0.0, 1e-6, 1e-4, 1e-2, 1.0)
     etas: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
     calibration_sizes: tuple[int, ...] = (2, 8, 32)
+    ranks: tuple[int, ...] = (8, 16, 32)  # merge --rank: the serving budget (Σ r_i = 32 here)
 
 
 Scores = dict[str, float]  # task -> accuracy
@@ -143,11 +144,15 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
 
 
 def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOptions) -> None:
-    """MAny's FAA with one setting changed at a time: ridge, η, calibration records per task."""
+    """MAny's FAA with one setting changed at a time: ridge, η, calibration records per task,
+    the merged adapter's rank budget."""
     base, seen = world.base, world.seen(len(TASKS))
     for ridge in options.ridges:
         out = _merge(world.adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
         run.sweeps[("ridge", ridge)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    for rank in options.ranks:
+        out = _merge(world.adapters, root / "sweep" / f"rank_{rank}", MergeOptions(rank=rank))
+        run.sweeps[("rank", rank)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
     final = root / "merged" / f"many_{len(TASKS)}"
     for eta in options.etas:
         run.sweeps[("eta", eta)] = _faa(_score(load_merged(base, final, InferOptions(device="cpu", eta=eta)), seen))
@@ -245,7 +250,8 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
         sweeps = sorted({key for run in group for key in run.sweeps}, key=lambda key: (key[0], key[1]))
         if sweeps:
             lines += [f"MAny's FAA (%) on the {base} base against one setting (others at their defaults: "
-                      f"ridge {DEFAULT_RIDGE:g}, η {DEFAULT_ETA:g}, calibration {options.calibration}):", "",
+                      f"ridge {DEFAULT_RIDGE:g}, η {DEFAULT_ETA:g}, calibration {options.calibration}, rank Σ r_i "
+                      f"= {len(TASKS) * options.train.rank}):", "",
                       "| setting | value | FAA |", "|---|---|---|"]
             for setting, value in sweeps:
                 lines.append(f"| {setting} | {value:g} | {_mean_spread([run.sweeps[(setting, value)] for run in group])} |")
