@@ -31,9 +31,10 @@ Track = Callable[[Sequence[T], str], Iterable[T]]
 
 @dataclass(frozen=True)
 class ExportOptions:
+    """Every setting of one export, each declared once (flag, default, help)."""
     projector: str = option(ROUTED, "--projector",
                             "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
-                            "(the mean in the weights, and the bundle beside them for many.load_routed).")
+                            "(the mean in the weights, and the bundle beside them for many_cli.load_routed).")
     force: bool = option(False, "--force", "Replace --out if it exists.")
 
 
@@ -216,6 +217,7 @@ def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:
         "```",
         *(["", "With `many` installed, the task projectors are routed per image again (CPM), from "
            f"`{BUNDLE_FILE}` beside the weights:", "", "```python", "import many_cli", "",
-           'model, processor = many_cli.load_routed("THIS_DIRECTORY")', "```"] if routed else []),
+           'routed = many_cli.load_routed("THIS_DIRECTORY")  # .model (ready to generate), .processor',
+           "```"] if routed else []),
         "",
     ])

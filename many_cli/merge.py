@@ -420,7 +420,8 @@ def _fit_rank(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, energy: 
         return a, b
     b, kept_rows, kept = lpm.truncate(b, weighted, rank)
     energy[module] = (kept, whole)
-    return unweigh(kept_rows), b
+    b, a = lpm.pad_rank(b, unweigh(kept_rows), rank)  # a layer narrower than `rank` has fewer directions
+    return a, b
 
 
 def _report_energy(report: MergeReport, rank: int | None) -> None:
