@@ -333,7 +333,7 @@ def bench_continual_command(
     bases: Annotated[str, typer.Option("--bases", help="Comma-separated: generalist, blank.")] = "generalist,blank",
     task_steps: Annotated[Optional[int], typer.Option("--task-steps", help="Training steps per task [default: 400].")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option("--pretrain-steps", help="Generalist pretraining steps [default: 600].")] = None,
-    sweeps: Annotated[bool, typer.Option("--sweeps/--no-sweeps", help="MAny against ridge, η, calibration size and rank budget.")] = True,
+    sweeps: Annotated[bool, typer.Option("--sweeps/--no-sweeps", help="MAny against ridge, η, calibration size, rank budget, α and answer weight.")] = True,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the models, adapters and merges here (default: a temp folder, removed).")] = None,
 ) -> None:
     """A miniature continual benchmark: every merge method and MAny against the per-task upper
@@ -353,7 +353,7 @@ def bench_continual_command(
     options = ContinualOptions(seeds=tuple(range(seeds)), bases=kinds,
                                train=TrainOptions(**{key: value for key, value in steps.items() if value is not None}))
     if not sweeps:
-        options = replace(options, ridges=(), etas=(), calibration_sizes=(), ranks=())
+        options = replace(options, ridges=(), etas=(), calibration_sizes=(), ranks=(), alphas=(), answer_weights=())
     with tempfile.TemporaryDirectory(prefix="many-continual-") as scratch:
         runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message, markup=False))
     out.mkdir(parents=True, exist_ok=True)

@@ -228,6 +228,27 @@ def messages(record: Record, with_answer: bool = True, multimodal: bool = True) 
     return turns
 
 
+def answer_token_counts(processor, records: list[Record]) -> list[int]:
+    """How many tokens each record's answer takes in the chat template (0 without an answer):
+    the tokens between the generation prompt and the conversation's end."""
+    multimodal = is_multimodal(processor)
+    tokenizer = tokenizer_of(processor)
+    counts = []
+    for record in records:
+        if record.answer is None:
+            counts.append(0)
+            continue
+        prompt = processor.apply_chat_template(messages(record, False, multimodal), add_generation_prompt=True,
+                                               tokenize=False)
+        full = processor.apply_chat_template(messages(record, True, multimodal), tokenize=False)
+        if not full.startswith(prompt):
+            raise InputError(record.source, "the chat template does not write the answer after the generation "
+                                            "prompt, so its tokens cannot be told apart (--answer-weight)")
+        lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (full, prompt)]
+        counts.append(lengths[0] - lengths[1])
+    return counts
+
+
 def is_multimodal(processor) -> bool:
     """A multimodal processor, as opposed to a plain language model's tokenizer."""
     return hasattr(processor, "tokenizer")

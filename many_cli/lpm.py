@@ -30,6 +30,15 @@ class Solution:
     unweigh: Callable[[torch.Tensor], torch.Tensor]
 
 
+def reduce_off_diagonal_(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's reduction α H + (1 − α) diag(H), in place: the off-diagonal scaled by α."""
+    if alpha < 1:
+        diagonal = gram.diagonal().clone()
+        gram.mul_(alpha)
+        gram.diagonal().copy_(diagonal)
+    return gram
+
+
 def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> Solution | None:
     """X with X (H + ridge) = R, R of shape (k, d), k ≪ d, through a Cholesky factorization
     H + ridge = L Lᵀ in H's dtype (pass float64); H⁻¹ is never formed. Only the upper triangle

@@ -51,6 +51,8 @@ class MergeOptions:
     balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
     density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
     eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
+    alpha: float = option(1.0, "--alpha", "RegMean's off-diagonal reduction: H_α = α H + (1−α) diag(H), each "
+                                          "task's A C likewise; 1 is LPM's exact least squares.")
     rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
                                               "rank-R approximation in each layer's output space; exact where "
                                               "Σ r_i ≤ R. Default: rank Σ r_i per module.")
@@ -71,6 +73,8 @@ class MergeOptions:
             raise InputError(None, f"--density must lie in (0, 1], got {self.density}")
         if not (self.eta > 0 and math.isfinite(self.eta)):
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(None, f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.rank is not None and self.rank < 1:
             raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
         resolve_device(self.device)
@@ -100,11 +104,17 @@ class Group:
 
 @dataclass(frozen=True)
 class Contribution:
-    """One task's share of one module in a group: w·A C (rank, d_in) and s·B (d_out, rank)."""
+    """One task's share of one module in a group: w·A C and w·A diag(C) (rank, d_in) and s·B
+    (d_out, rank)."""
     index: int
     module: str
     ac: torch.Tensor
+    ad: torch.Tensor
     b: torch.Tensor
+
+    def rhs(self, alpha: float) -> torch.Tensor:
+        """w·A C_α, with C_α = α C + (1 − α) diag(C)."""
+        return self.ac if alpha == 1 else alpha * self.ac + (1 - alpha) * self.ad
 
 
 @dataclass
@@ -196,6 +206,8 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
     options.check()
     if resume is not None and options.method != "many":
         raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
+    if options.alpha != 1 and options.method != "many":
+        raise InputError(None, "--alpha applies to --method many only (the baselines use no covariances)")
 
 
 def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
@@ -238,6 +250,11 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
         if fingerprint != fingerprints[0][1]:
             raise InputError(path, f"was computed on another base model (fingerprint {fingerprint}, "
                                    f"while {fingerprints[0][0]} has {fingerprints[0][1]})")
+    weighed = [task.stats for task in tasks if task.stats]
+    for stats in weighed[1:]:
+        if stats.answer_weight != weighed[0].answer_weight:
+            raise InputError(stats.path, f"weighs answer positions {stats.answer_weight:g}, {weighed[0].path} "
+                                         f"{weighed[0].answer_weight:g}: re-run many stats with one --answer-weight")
 
     seen: dict[str, tuple[tuple[int, int], Path]] = {}
     if previous:
@@ -367,17 +384,17 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
         writer.gram(group.key, gram)
         for part in contributions:
-            writer.factors(part.index, part.module, part.ac, part.b)
+            writer.factors(part.index, part.module, part.ac, part.ad, part.b)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined.append(group.key)
-        rhs = torch.cat([part.ac for part in contributions]).to(device)
-        solution = lpm.cholesky_solve_right_(gram, rhs, options.ridge)
+        rhs = torch.cat([part.rhs(options.alpha) for part in contributions]).to(device)
+        solution = lpm.cholesky_solve_right_(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
         if solution is None:
             # The factorization overwrote the Gram matrix: gather it again, now checking every
             # value, so that NaN or Inf in a file is reported as such and not as a singular H.
             gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
             singular.append(group.key)
-            solution = lpm.min_norm_solve_right(gram, rhs, options.ridge)
+            solution = lpm.min_norm_solve_right(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
         del gram
         _emit_group(group, contributions, solution, options, emit, report.energy)
     writer.close()
@@ -465,7 +482,7 @@ def _ranks(tasks: list[Task], previous: Previous | None, offset: int) -> dict[tu
 def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, offset: int,
                   balance: bool, device: torch.device, factors: bool = True):
     """The group's weighted Gram matrix H (float64, upper triangle filled) and, with `factors`,
-    every task's (w·A C, s·B) for its modules: earlier tasks' from the state, new tasks' from
+    every task's (w·A C, w·A diag(C), s·B) for its modules: earlier tasks' from the state, new tasks' from
     their adapters and stats files. Covariances stream from their files a block of rows at a
     time; H is the only d×d matrix in memory.
 
@@ -491,13 +508,18 @@ def _gather_group(group: Group, tasks: list[Task], previous: Previous | None, of
         stacked = torch.cat([a for a, _ in pairs]).to(device, torch.float64) if pairs else None
         product = torch.zeros(0 if stacked is None else stacked.shape[0], group.dim, dtype=torch.float64,
                               device=device)
+        diagonal = torch.zeros(group.dim, dtype=torch.float64, device=device)
         for start, rows in task.stats.covariance_blocks(name, check_finite=not factors):
             rows = rows.to(device, torch.float64)
             gram[start:start + rows.shape[0], start:].add_(rows, alpha=weight)
+            diagonal[start:start + rows.shape[0]] = rows.diagonal()
             if stacked is not None:
                 lpm.add_symmetric_block_product_(product, stacked, start, rows)
-        for module, (_, b), ac in zip(adapted, pairs, (weight * product).split([a.shape[0] for a, _ in pairs])):
-            contributions.append(Contribution(index, module, ac.cpu().contiguous(),
+        sizes = [a.shape[0] for a, _ in pairs]
+        products = (weight * product).split(sizes)
+        diagonal_products = (weight * stacked * diagonal).split(sizes) if stacked is not None else []
+        for module, (_, b), ac, ad in zip(adapted, pairs, products, diagonal_products):
+            contributions.append(Contribution(index, module, ac.cpu().contiguous(), ad.cpu().contiguous(),
                                               b.to(torch.float64) * task.adapter.modules[module].scale))
     contributions.sort(key=lambda part: (part.index, group.modules.index(part.module)))
     return gram, contributions

@@ -19,6 +19,7 @@ Bundle (`many_bundle.safetensors`, in a merge output):
 State (`many_state.safetensors`, in a merge output; the sufficient statistics of a merge):
   gram/<group>         1-D float64, packed upper triangle of H = Σ_i w_i C_i (no ridge)
   ac/<i>/<module>      float64 (r_i, d_in): w_i · A_i C_i
+  ad/<i>/<module>      float64 (r_i, d_in): w_i · A_i diag(C_i), for RegMean's α
   b/<i>/<module>       float64 (d_out, r_i): s_i · B_i
   metadata             format, format_version, base_fingerprint, balance, tasks, groups
   with w_i = 1 (token-weighted least squares) or 1 / tokens_i under --balance.
@@ -143,6 +144,7 @@ class StatsHeader:
     images: int
     inputs: Mapping[str, InputStats]
     has_prototype: bool
+    answer_weight: float = 1.0  # the weight of the positions that decide the answer
 
     def input_of(self, module: str) -> InputStats | None:
         for stats in self.inputs.values():
@@ -198,6 +200,7 @@ def read_stats_header(path: Path) -> StatsHeader:
             images=int(metadata.get("images", "0")),
             inputs=inputs,
             has_prototype="prototype" in handle.keys(),
+            answer_weight=float(metadata.get("answer_weight", "1.0")),
         )
 
 
@@ -371,6 +374,10 @@ def _ac_key(index: int, module: str) -> str:
     return f"ac/{index}/{module}"
 
 
+def _ad_key(index: int, module: str) -> str:
+    return f"ad/{index}/{module}"
+
+
 def _b_key(index: int, module: str) -> str:
     return f"b/{index}/{module}"
 
@@ -397,10 +404,10 @@ class StateHeader:
         """The packed Gram matrix of one group, as `packed_blocks`, read from the file lazily."""
         return read_packed_blocks(self.path, _gram_key(group), check_finite=check_finite)
 
-    def factors(self, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w·A C, s·B) of task `index` for `module`."""
+    def factors(self, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w·A C, w·A diag(C), s·B) of task `index` for `module`."""
         with open_safetensors(self.path) as handle:
-            return handle.get(_ac_key(index, module)), handle.get(_b_key(index, module))
+            return tuple(handle.get(key(index, module)) for key in (_ac_key, _ad_key, _b_key))
 
 
 def read_state_header(path: Path) -> StateHeader:
@@ -415,7 +422,7 @@ def read_state_header(path: Path) -> StateHeader:
                              {key: handle.shape(key) for key in handle.keys()})
         missing = [key for key in [_gram_key(group) for group in groups] +
                    [make(index, module) for index, task in enumerate(tasks) for module in task.modules
-                    for make in (_ac_key, _b_key)] if key not in header.shapes]
+                    for make in (_ac_key, _ad_key, _b_key)] if key not in header.shapes]
         if missing:
             raise InputError(path, f"tensor {missing[0]!r} is missing; re-create the merge")
         return header
@@ -440,6 +447,7 @@ class StateWriter:
             layout.append((_gram_key(group.key), torch.float64, (packed_length(group.dim),)))
             for index, module, rank, d_out in group.factors:
                 layout.append((_ac_key(index, module), torch.float64, (rank, group.dim)))
+                layout.append((_ad_key(index, module), torch.float64, (rank, group.dim)))
                 layout.append((_b_key(index, module), torch.float64, (d_out, rank)))
         metadata = {
             "format": "many-state",
@@ -458,8 +466,9 @@ class StateWriter:
         """The group's Gram matrix (its upper triangle is what is kept)."""
         self._writer.write_pieces(_gram_key(group), upper_blocks(gram))
 
-    def factors(self, index: int, module: str, ac: torch.Tensor, b: torch.Tensor) -> None:
+    def factors(self, index: int, module: str, ac: torch.Tensor, ad: torch.Tensor, b: torch.Tensor) -> None:
         self._writer.write(_ac_key(index, module), ac)
+        self._writer.write(_ad_key(index, module), ad)
         self._writer.write(_b_key(index, module), b)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ all-reduced before rank 0 writes the file."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config
 from many_cli.cpm import pooled_direction
-from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, count_records, encode_loaded, load_inputs,
-                           read_records, tokenizer_of)
+from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, count_records, encode_loaded,
+                           load_inputs, read_records, tokenizer_of)
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
@@ -44,6 +45,9 @@ class StatsOptions:
     skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
     padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
     force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
+    answer_weight: float = option(1.0, "--answer-weight",
+                                  "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
+                                  "position and the answer's tokens); 1 counts every token alike.")
     modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
                                  "names match this regular expression (full match, as PEFT's target_modules string), "
                                  "so that the stats cover modules other tasks' adapters target.")
@@ -57,6 +61,8 @@ class StatsOptions:
                 raise InputError(None, f"--modules is not a regular expression ({error}): {self.modules!r}") from None
         if self.batch_size < 1:
             raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
+            raise InputError(None, f"--answer-weight must be a finite number > 0, got {self.answer_weight}")
         if self.max_samples is not None and self.max_samples < 1:
             raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
         if self.padding_side not in ("left", "right"):
@@ -127,20 +133,20 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     totals = _totals(covariances, prototype, world, report, device)
     _check_totals(totals, report, data, adapter)
     if rank == 0:
-        _write(out, totals, report, adapter_fingerprint, fingerprint, options.modules)
+        _write(out, totals, report, adapter_fingerprint, fingerprint, options)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return report
 
 
-def accumulate(model: nn.Module, batches: Iterable, covariances: "InputCovariances", device: torch.device,
-               done: Callable[[int, int], None] = lambda records, tokens: None) -> None:
-    """The statistics pass: one forward per encoded batch, its attention mask given to the hooks
-    first; `done(records, tokens)` after each batch."""
-    for encoded in batches:
+def accumulate(model: nn.Module, batches: Iterable[tuple[dict, torch.Tensor | None]], covariances: "InputCovariances",
+               device: torch.device, done: Callable[[int, int], None] = lambda records, tokens: None) -> None:
+    """The statistics pass: one forward per encoded batch, its attention mask (and the weight of
+    each position, if any) given to the hooks first; `done(records, tokens)` after each batch."""
+    for encoded, weights in batches:
         mask = encoded["attention_mask"].bool()
-        covariances.begin_batch(mask.to(device))
+        covariances.begin_batch(mask.to(device), None if weights is None else weights.to(device))
         forward(model, encoded, device)
         covariances.end_batch()
         done(mask.shape[0], int(mask.sum()))
@@ -190,11 +196,27 @@ def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> i
 
 
 def _encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
-                     report: StatsReport) -> Iterator:
+                     report: StatsReport) -> Iterator[tuple[dict, torch.Tensor | None]]:
+    """Encoded batches, each with the weight of every position (None: all weigh 1)."""
     for batch in _batches(_good_records(records, options.skip_bad, report), options.batch_size):
-        encoded = _encode(processor, batch, options.skip_bad, report)
-        if encoded is not None:
-            yield encoded
+        kept, encoded = _encode(processor, batch, options.skip_bad, report)
+        if encoded is None:
+            continue
+        weights = None
+        if options.answer_weight != 1:
+            weights = deciding_weights(encoded["attention_mask"], answer_token_counts(processor, kept),
+                                       options.answer_weight)
+        yield encoded, weights
+
+
+def deciding_weights(mask: torch.Tensor, answer_tokens: list[int], weight: float) -> torch.Tensor:
+    """Per position: `weight` for the last `answer + 1` unmasked positions of each row (the last
+    prompt position, which predicts the answer's first token, and the answer's tokens), else 1."""
+    weights = torch.ones(mask.shape, dtype=torch.float32)
+    for row, count in enumerate(answer_tokens):
+        positions = mask[row].nonzero().flatten()
+        weights[row, positions[-(count + 1):]] = weight
+    return weights
 
 
 def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport,
@@ -218,15 +240,19 @@ def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Pat
 
 
 def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str,
-           pattern: str | None) -> None:
+           options: StatsOptions) -> None:
+    pattern = options.modules
+    token_rule = TOKEN_RULE if options.answer_weight == 1 else (
+        f"{TOKEN_RULE}; the last prompt position and the answer's tokens weigh {options.answer_weight:g}")
     named = {min(totals.members[key]): key for key in totals.sums}  # an input is named after its first module
     write_stats(out, covariances={name: totals.sums[key].cpu() for name, key in named.items()},
                 tokens={name: totals.rows[key] for name, key in named.items()},
                 modules={name: totals.members[key] for name, key in named.items()},
                 prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
                 images=totals.images, adapter_fingerprint=adapter_fingerprint,
-                base_fingerprint=fingerprint, token_rule=TOKEN_RULE,
+                base_fingerprint=fingerprint, token_rule=token_rule,
                 extra={"records": str(report.records), "skipped": str(report.skipped),
+                       "answer_weight": repr(options.answer_weight),
                        "tokens": str(report.tokens), **({"modules_pattern": pattern} if pattern else {})})  # text tokens; media layers count rows
 
 
@@ -270,7 +296,7 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport):
+def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport) -> tuple[list[Record], dict | None]:
     kept, media = [], []
     for record in batch:
         try:
@@ -281,7 +307,7 @@ def _encode(processor, batch: list[Record], skip_bad: bool, report: StatsReport)
             report.skipped += 1
             continue
         kept.append(record)
-    return encode_loaded(processor, kept, media) if kept else None
+    return kept, encode_loaded(processor, kept, media) if kept else None
 
 
 def _fingerprint(flat: torch.Tensor) -> tuple:
@@ -327,6 +353,7 @@ class InputCovariances:
         self._device = device
         self._text_layers = text_layers
         self._mask: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None  # √weight of each unmasked position
         self._discovering = True
         self._seen: dict[tuple, str] = {}
         self.sums: dict[str, UpperTriangle] = {}
@@ -334,8 +361,9 @@ class InputCovariances:
         self._hooks = {name: layer.register_forward_pre_hook(partial(self._hook, name))
                        for name, layer in layers.items()}
 
-    def begin_batch(self, mask: torch.Tensor) -> None:
+    def begin_batch(self, mask: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         self._mask = mask.reshape(-1)
+        self._scale = None if weights is None else weights.reshape(-1)[self._mask].sqrt()[:, None]
 
     def end_batch(self) -> None:
         if self._discovering:
@@ -350,6 +378,8 @@ class InputCovariances:
         flat = x.reshape(-1, x.shape[-1])
         if name in self._text_layers:
             flat = flat[self._mask]
+            if self._scale is not None:  # Σ w x xᵀ = Σ (√w x)(√w x)ᵀ
+                flat = flat * self._scale.to(flat.dtype)
         if self._discovering and name not in self.sums:  # a layer called again keeps all its inputs
             fingerprint = _fingerprint(flat)
             if fingerprint in self._seen:

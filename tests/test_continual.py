@@ -94,7 +94,7 @@ def reduced_run(tmp_path_factory):
     # One point per sweep, at the defaults where a second path can check it.
     options = ContinualOptions(seeds=(0,), bases=("blank",), train=TrainOptions(task_steps=150),
                                calibration=16, evaluation=24, ridges=(DEFAULT_RIDGE,), etas=(DEFAULT_ETA,),
-                               calibration_sizes=(16,), ranks=(32,))
+                               calibration_sizes=(16,), ranks=(32,), alphas=(1.0,), answer_weights=(1.0,))
     return run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options), options
 
 
@@ -120,6 +120,9 @@ def test_sweeps_at_the_defaults_repeat_the_main_run(reduced_run):
     assert run.sweeps[("calibration", 16)] == pytest.approx(run.faa(MANY))
     # A rank budget of Σ r_i (four rank-8 adapters) is exact: zero-padded, the same answers.
     assert run.sweeps[("rank", 32)] == pytest.approx(run.faa(MANY))
+    # α = 1 is LPM's own least squares; answer weight 1 counts every token as `many stats` does.
+    assert run.sweeps[("alpha", 1.0)] == pytest.approx(run.faa(MANY))
+    assert run.sweeps[("answer weight", 1.0)] == pytest.approx(run.faa(MANY))
 
 
 def test_sample_data_is_what_the_world_writes(tmp_path):

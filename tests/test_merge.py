@@ -187,6 +187,36 @@ def test_balance_weighs_tasks_by_mean_covariance(world, tmp_path, capsys):
     assert errors[True] <= 1e-4 and errors[False] >= 1e-3, errors
 
 
+def regmean_reference(world, module: str, alpha: float, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """FusionBench's RegMean on the task vectors, by a dense solve: each task's (weighted)
+    covariance C_i,α = α C_i + (1 − α) diag(C_i), τ = (Σ τ_i C_i,α)(Σ C_i,α)⁻¹; and Σ C_i."""
+    covariances = [weight * world.covariances[i][input_key(module)] for i, weight in enumerate(weights)]
+    reduced = [alpha * c + (1 - alpha) * torch.diag(c.diagonal()) for c in covariances]
+    numerator = sum(task_vector(adapter, module) @ c for adapter, c in zip(world.adapters, reduced)
+                    if task_vector(adapter, module) is not None)
+    return torch.linalg.solve(sum(reduced), numerator.T).T, sum(covariances)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.1])
+def test_alpha_reduces_the_off_diagonals_as_regmean_does_and_resumes_exactly(world, tmp_path, capsys, alpha):
+    a, b, c = world.adapters
+    batch, first, resumed = tmp_path / "batch", tmp_path / "first", tmp_path / "resumed"
+    assert run_cli(capsys, "merge", a, b, c, "--out", batch, "--ridge", 0, "--balance", "--alpha", alpha)[0] == 0
+    # The state keeps A diag(C) beside A C: a state merged at α = 1 resumes at any α.
+    assert run_cli(capsys, "merge", a, b, "--out", first, "--ridge", 0, "--balance")[0] == 0
+    assert run_cli(capsys, "merge", c, "--resume", first, "--out", resumed, "--ridge", 0, "--balance",
+                   "--alpha", alpha)[0] == 0
+    tokens = 3 * 12  # every task's stats count 36 tokens (conftest.build_world)
+    for out in (batch, resumed):
+        deltas = merged_deltas(world, out)
+        for module, delta in deltas.items():
+            reference, gram = regmean_reference(world, module, alpha, [1 / tokens] * 3)
+            assert output_error(delta, reference, gram) <= 1e-4, (out.name, module)
+    exact, _ = dense_reference(world, "model.language_model.layers.0.mlp.down_proj", 0.0)
+    module = "model.language_model.layers.0.mlp.down_proj"
+    assert output_error(merged_deltas(world, batch)[module], exact, regmean_reference(world, module, 1, [1] * 3)[1]) > 1e-3
+
+
 def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys):
     """Few calibration tokens make H singular: the minimum-norm solution must still give
     the adapter's own outputs on its calibration data, with no NaN or Inf."""

@@ -116,6 +116,16 @@ def malformed_stats_metadata(world, root: Path) -> Path:
     return adapter
 
 
+def other_answer_weight(world, root: Path) -> Path:
+    adapter = root / "in" / "weighted"
+    shutil.copytree(world.adapters[1], adapter)
+    stats = adapter / "many_stats.safetensors"
+    with safe_open(str(stats), "pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, stats, metadata={**metadata, "answer_weight": "4.0"})
+    return adapter
+
+
 def dora_adapter(world, root: Path) -> Path:
     return make_adapter(world.base, root / "in" / "dora",
                         LoraConfig(r=2, target_modules=LM_TARGETS, use_dora=True), 8)
@@ -146,6 +156,7 @@ CASES = {
     "malformed stats metadata": (malformed_stats_metadata, "metadata is malformed"),
     "DoRA": (dora_adapter, "DoRA is not supported"),
     "not LoRA": (ia3_adapter, "peft_type 'IA3' is not supported"),
+    "stats of another answer weight": (other_answer_weight, "re-run many stats with one --answer-weight"),
     "a module saved whole besides the projector": (lm_head_saved_whole, "can merge nothing else saved whole"),
 }
 

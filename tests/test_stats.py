@@ -61,19 +61,31 @@ def encode_entry(processor, entry: dict, root: Path):
     return processor(text=[text], images=[Image.open(root / entry["image"]).convert("RGB")], return_tensors="pt")
 
 
-def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None):
-    """Per-module Σ x xᵀ (float64) and the prototype, one record at a time, no padding (so every
-    row of every adapted layer counts); `rows`, if given, receives each module's row count."""
+def deciding_positions(processor, entry: dict, root: Path) -> slice:
+    """The positions that decide the answer, from the prompt encoded alone with its generation
+    prompt: its last position (which predicts the answer's first token) to the record's end."""
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+    text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    prompt = processor(text=[text], images=[Image.open(root / entry["image"]).convert("RGB")], return_tensors="pt")
+    return slice(prompt["input_ids"].shape[1] - 1, None)
+
+
+def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None, answer_weight: float = 1.0):
+    """Per-module Σ w x xᵀ (float64) and the prototype, one record at a time, no padding (so every
+    row of every adapted layer counts; w = `answer_weight` at the positions that decide the
+    answer of the language model's layers, else 1); `rows`, if given, receives each module's row count."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
     sums, pooled = {}, []
     rows = {} if rows is None else rows
     hooks = []
+    weights = None  # the current record's, per position
     for name, module in model.get_base_model().named_modules():
         if hasattr(module, "lora_A"):
             def hook(_, args, name=name):
                 x = args[0][0].double()
-                sums[name] = sums.get(name, 0) + x.T @ x
+                weighted = x * weights.sqrt()[:, None] if "language_model" in name else x
+                sums[name] = sums.get(name, 0) + weighted.T @ weighted
                 rows[name] = rows.get(name, 0) + x.shape[0]
             hooks.append(module.register_forward_pre_hook(hook))
     projector = model.get_base_model().model.multi_modal_projector
@@ -81,7 +93,11 @@ def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None)
         lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))))
     with torch.no_grad():
         for line in open(data):
-            model(**encode_entry(processor, json.loads(line), data.parent))
+            entry = json.loads(line)
+            encoded = encode_entry(processor, entry, data.parent)
+            weights = torch.ones(encoded["input_ids"].shape[1], dtype=torch.float64)
+            weights[deciding_positions(processor, entry, data.parent)] = answer_weight
+            model(**encoded)
     for handle in hooks:
         handle.remove()
     return sums, torch.stack(pooled).mean(0)
@@ -120,6 +136,26 @@ def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, paddi
     assert metadata["images"] == "5"
     assert all(entry["tokens"] == rows[module] for entry in inputs.values() for module in entry["modules"])
     assert int(metadata["tokens"]) == rows["model.language_model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_answer_positions_weigh_as_asked(task, tmp_path, capsys, padding_side):
+    """--answer-weight 5: the last prompt position and the answer's tokens count five times
+    (found here from the prompt encoded alone); records without an answer weigh their last
+    prompt position; the vision tower and the prototype are untouched."""
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    out = tmp_path / "stats.safetensors"
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", out,
+                        "--batch-size", "3", "--padding-side", padding_side, "--answer-weight", "5")
+    assert code == 0, err
+    expected, _ = brute_force(base, adapter, data, answer_weight=5.0)
+    unweighted, _ = brute_force(base, adapter, data)
+    per_module, _, _, metadata = read_stats(out)
+    for module, matrix in expected.items():
+        assert (per_module[module] - matrix).norm() / matrix.norm() <= 1e-5, module
+        assert (unweighted[module] - matrix).norm() / matrix.norm() >= 1e-3, module
+    assert metadata["answer_weight"] == "5.0" and "weigh 5" in metadata["token_rule"]
 
 
 def test_stats_feed_merge(task, tmp_path, capsys):
@@ -381,7 +417,11 @@ def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) ->
         lambda module, args, name=name: hook(module, args, name)) for name in modules]
     with torch.no_grad():
         for line in open(data):
-            model(**encode_entry(processor, json.loads(line), data.parent))
+            entry = json.loads(line)
+            encoded = encode_entry(processor, entry, data.parent)
+            weights = torch.ones(encoded["input_ids"].shape[1], dtype=torch.float64)
+            weights[deciding_positions(processor, entry, data.parent)] = answer_weight
+            model(**encoded)
     for handle in hooks:
         handle.remove()
     return sums

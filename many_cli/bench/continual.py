@@ -34,7 +34,11 @@ MANY = "MAny (LPM + CPM)"
 EXPERTS = "MAny + routed experts"
 BASELINES = {"average": "average (last projector)", "task-arithmetic": "task arithmetic (last projector)",
              "ties": "TIES (last projector)"}
-SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), LPM, CPM, MANY, EXPERTS)
+REGMEAN = "RegMean as FusionBench runs it (last projector)"
+REGMEAN_CPM = "RegMean as FusionBench runs it + CPM"
+# FusionBench's RegMean: each task's mean covariance (--balance), off-diagonals × 0.6, no ridge.
+REGMEAN_OPTIONS = MergeOptions(balance=True, alpha=0.6, ridge=0.0)
+SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY, EXPERTS)
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
 
@@ -49,6 +53,8 @@ class ContinualOptions:
     etas: tuple[float, ...] = (0.01, 0.05, 0.2, 1.0)
     calibration_sizes: tuple[int, ...] = (2, 8, 32)
     ranks: tuple[int, ...] = (8, 16, 32)  # merge --rank: the serving budget (Σ r_i = 32 here)
+    alphas: tuple[float, ...] = (1.0, 0.6, 0.3, 0.1)  # merge --alpha: RegMean's off-diagonal reduction
+    answer_weights: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0)  # stats --answer-weight
 
 
 Scores = dict[str, float]  # task -> accuracy
@@ -131,8 +137,11 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
         merged = {method: _merge(world.adapters[:step], root / "merged" / f"{method}_{step}",
                                  MergeOptions(method=method))
                   for method in ("many", *BASELINES)}
+        merged["regmean"] = _merge(world.adapters[:step], root / "merged" / f"regmean_{step}", REGMEAN_OPTIONS)
         for method, system in BASELINES.items():
             run.steps[system].append(_score(_fixed_projector(base, merged[method], step - 1), seen))
+        run.steps[REGMEAN].append(_score(_fixed_projector(base, merged["regmean"], step - 1), seen))
+        run.steps[REGMEAN_CPM].append(_score(load_merged(base, merged["regmean"], InferOptions(device="cpu")), seen))
         run.steps[LPM].append(_score(_fixed_projector(base, merged["many"], step - 1), seen))
         run.steps[CPM].append(_score(load_merged(base, merged["average"], InferOptions(device="cpu")), seen))
         predictions = _predict(load_merged(base, merged["many"], InferOptions(device="cpu")), seen)
@@ -153,17 +162,31 @@ def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOpt
     for rank in options.ranks:
         out = _merge(world.adapters, root / "sweep" / f"rank_{rank}", MergeOptions(rank=rank))
         run.sweeps[("rank", rank)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    for alpha in options.alphas:
+        out = _merge(world.adapters, root / "sweep" / f"alpha_{alpha}", MergeOptions(alpha=alpha))
+        run.sweeps[("alpha", alpha)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    for weight in options.answer_weights:
+        copies = _restat(world, root / "sweep" / f"answer_weight_{weight}", StatsOptions(device="cpu",
+                                                                                          answer_weight=weight))
+        out = _merge(copies, root / "sweep" / f"answer_weight_{weight}_merged", MergeOptions())
+        run.sweeps[("answer weight", weight)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
     final = root / "merged" / f"many_{len(TASKS)}"
     for eta in options.etas:
         run.sweeps[("eta", eta)] = _faa(_score(load_merged(base, final, InferOptions(device="cpu", eta=eta)), seen))
     for size in options.calibration_sizes:
-        copies = []
-        for adapter, task in zip(world.adapters, TASKS):
-            copy = shutil.copytree(adapter, root / "sweep" / f"calibration_{size}" / task.name, dirs_exist_ok=True)
-            collect_stats(base, copy, world.calibration[task.name], None, StatsOptions(device="cpu", max_samples=size))
-            copies.append(copy)
+        copies = _restat(world, root / "sweep" / f"calibration_{size}", StatsOptions(device="cpu", max_samples=size))
         out = _merge(copies, root / "sweep" / f"calibration_{size}_merged", MergeOptions())
         run.sweeps[("calibration", size)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+
+
+def _restat(world: TrainedWorld, folder: Path, options: StatsOptions) -> list[Path]:
+    """Copies of the task adapters with their stats taken again under `options`."""
+    copies = []
+    for adapter, task in zip(world.adapters, TASKS):
+        copy = shutil.copytree(adapter, folder / task.name, dirs_exist_ok=True)
+        collect_stats(world.base, copy, world.calibration[task.name], None, replace(options, force=True))
+        copies.append(copy)
+    return copies
 
 
 def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
@@ -251,7 +274,7 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
         if sweeps:
             lines += [f"MAny's FAA (%) on the {base} base against one setting (others at their defaults: "
                       f"ridge {DEFAULT_RIDGE:g}, η {DEFAULT_ETA:g}, calibration {options.calibration}, rank Σ r_i "
-                      f"= {len(TASKS) * options.train.rank}):", "",
+                      f"= {len(TASKS) * options.train.rank}, α 1, answer weight 1):", "",
                       "| setting | value | FAA |", "|---|---|---|"]
             for setting, value in sweeps:
                 lines.append(f"| {setting} | {value:g} | {_mean_spread([run.sweeps[(setting, value)] for run in group])} |")

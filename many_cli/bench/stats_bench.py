@@ -86,7 +86,7 @@ def run_stats(model, batches, device) -> tuple[float, list[int]]:
     layers = lora_layers(model)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
-    accumulate(model, batches, covariances, device)  # the loop `many stats` runs
+    accumulate(model, ((batch, None) for batch in batches), covariances, device)  # the loop `many stats` runs
     for triangle in covariances.sums.values():
         triangle.packed()
     _synchronize(device)
