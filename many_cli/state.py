@@ -156,6 +156,11 @@ class StatsHeader:
         """The packed covariance of one input, as `packed_blocks`, read from the file lazily."""
         return read_packed_blocks(self.path, _covariance_key(key), check_finite=check_finite)
 
+    def packed(self, key: str) -> torch.Tensor:
+        """The packed covariance of one input, as stored."""
+        with open_safetensors(self.path) as handle:
+            return handle.get(_covariance_key(key))
+
     def covariance(self, key: str) -> torch.Tensor:
         """The whole covariance of one input, symmetric, float64 (for references and tests)."""
         with open_safetensors(self.path) as handle:

@@ -126,7 +126,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
 
     try:
         shard = islice(islice(records, options.max_samples), rank, None, world)
-        accumulate(model, _encoded_batches(processor, shard, options, report), covariances, device, done)
+        accumulate(model, encoded_batches(processor, shard, options, report), covariances, device, done)
     finally:
         covariances.remove_hooks()
         prototype.remove_hook()
@@ -195,7 +195,7 @@ def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> i
     return None if total is None else (total + world - 1 - rank) // world
 
 
-def _encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
+def encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
                      report: StatsReport) -> Iterator[tuple[dict, torch.Tensor | None]]:
     """Encoded batches, each with the weight of every position (None: all weigh 1)."""
     for batch in _batches(_good_records(records, options.skip_bad, report), options.batch_size):

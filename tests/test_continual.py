@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from many_cli.bench.continual import (BASELINES, CPM, EXPERTS, LPM, MANY, SEQUENTIAL, SYSTEMS, UPPER,
-                                      ContinualOptions, markdown, run_world)
+from many_cli.bench.continual import (BASELINES, CPM, EXPERTS, LPM, MANY, REGMEAN, REGMEAN_CPM, SEQUENTIAL, SYSTEMS,
+                                      UPPER, ContinualOptions, markdown, run_world)
 from many_cli.bench.training import TrainOptions
 from many_cli.bench.world import TASKS
 from many_cli.data import read_records
@@ -104,7 +104,7 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     assert upper >= 0.8  # the tasks are learnable
     assert run.forgetting(SEQUENTIAL) >= 0.5  # and conflict: fine-tuning on later tasks forgets
     assert statistics.fmean(run.routing.values()) >= 0.9  # and look apart to the prototypes
-    for system in (SEQUENTIAL, LPM, CPM, *BASELINES.values()):
+    for system in (SEQUENTIAL, LPM, CPM, *BASELINES.values(), REGMEAN, REGMEAN_CPM):
         assert run.faa(MANY) > run.faa(system), system
     assert run.faa(EXPERTS) >= run.faa(MANY) - 0.01
     # Accuracy after a step is over the tasks seen so far, and only those.

@@ -103,27 +103,28 @@ def integer_lora(world, root: Path) -> Path:
     return rewritten_lora(world, root, "intlora", lambda b: (b * 100).to(torch.int64))
 
 
-def malformed_stats_metadata(world, root: Path) -> Path:
-    adapter = root / "in" / "badmeta"
-    shutil.copytree(world.adapters[0], adapter)
+def stats_with_metadata(world, root: Path, name: str, index: int, change) -> Path:
+    """A copy of adapter `index` whose stats file's metadata is `change`d (tensors as they are)."""
+    adapter = root / "in" / name
+    shutil.copytree(world.adapters[index], adapter)
     stats = adapter / "many_stats.safetensors"
     with safe_open(str(stats), "pt") as handle:
         metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
-    inputs = json.loads(metadata["inputs"])
-    for entry in inputs.values():
-        del entry["dim"]
-    save_file(tensors, stats, metadata={**metadata, "inputs": json.dumps(inputs)})
+    save_file(tensors, stats, metadata=change(metadata))
     return adapter
+
+
+def malformed_stats_metadata(world, root: Path) -> Path:
+    def without_dims(metadata):
+        inputs = json.loads(metadata["inputs"])
+        for entry in inputs.values():
+            del entry["dim"]
+        return {**metadata, "inputs": json.dumps(inputs)}
+    return stats_with_metadata(world, root, "badmeta", 0, without_dims)
 
 
 def other_answer_weight(world, root: Path) -> Path:
-    adapter = root / "in" / "weighted"
-    shutil.copytree(world.adapters[1], adapter)
-    stats = adapter / "many_stats.safetensors"
-    with safe_open(str(stats), "pt") as handle:
-        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
-    save_file(tensors, stats, metadata={**metadata, "answer_weight": "4.0"})
-    return adapter
+    return stats_with_metadata(world, root, "weighted", 1, lambda metadata: {**metadata, "answer_weight": "4.0"})
 
 
 def dora_adapter(world, root: Path) -> Path:

@@ -417,11 +417,7 @@ def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) ->
         lambda module, args, name=name: hook(module, args, name)) for name in modules]
     with torch.no_grad():
         for line in open(data):
-            entry = json.loads(line)
-            encoded = encode_entry(processor, entry, data.parent)
-            weights = torch.ones(encoded["input_ids"].shape[1], dtype=torch.float64)
-            weights[deciding_positions(processor, entry, data.parent)] = answer_weight
-            model(**encoded)
+            model(**encode_entry(processor, json.loads(line), data.parent))
     for handle in hooks:
         handle.remove()
     return sums

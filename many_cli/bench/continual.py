@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from many_cli.bench.layerwise import layerwise_adapters
 from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
 from many_cli.bench.world import TASKS, write_split
 from many_cli.data import Record, read_records
@@ -38,7 +39,12 @@ REGMEAN = "RegMean as FusionBench runs it (last projector)"
 REGMEAN_CPM = "RegMean as FusionBench runs it + CPM"
 # FusionBench's RegMean: each task's mean covariance (--balance), off-diagonals × 0.6, no ridge.
 REGMEAN_OPTIONS = MergeOptions(balance=True, alpha=0.6, ridge=0.0)
-SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY, EXPERTS)
+# Issue 15's leads: MAny with one change each, scored after every task as MAny is.
+LEAD_ALPHA = "MAny, α = 0.6 (RegMean's off-diagonal reduction)"
+LEAD_ANSWERS = "MAny, answer positions × 64"
+LEAD_LAYERWISE = "MAny, layer by layer (RegMean++)"
+SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY, LEAD_ALPHA, LEAD_ANSWERS,
+           LEAD_LAYERWISE, EXPERTS)
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
 
@@ -131,6 +137,7 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
                          for name, adapter in zip(names, world.adapters)}]
     for system in SYSTEMS[1:]:
         run.steps[system] = []
+    answer_weighted = _restat(world, root / "leads" / "answers", StatsOptions(device="cpu", answer_weight=64.0))
     for step in range(1, len(TASKS) + 1):
         seen = world.seen(step)
         run.steps[SEQUENTIAL].append(_score(_adapted(base, world.sequential[step - 1]), seen))
@@ -148,6 +155,14 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
         run.steps[MANY].append(accuracy(predictions))
         experts = InferOptions(device="cpu", lm_routing="experts")
         run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], experts), seen))
+        layerwise = layerwise_adapters(base, world.adapters[:step], [world.calibration[task.name] for task in
+                                                                     TASKS[:step]], root / "leads" / f"layerwise_{step}")
+        for system, name, adapters, options in (
+                (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6)),
+                (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions()),
+                (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions())):
+            out = _merge(adapters[:step], root / "leads" / f"{name}_merged_{step}", options)
+            run.steps[system].append(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
     run.routing = {name: statistics.fmean(max(p.routing, key=p.routing.get) == name
                                           for p in predictions if p.record.task == name) for name in names}
 
