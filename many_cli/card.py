@@ -110,7 +110,7 @@ def _energy_table(report: "MergeReport") -> list[str]:
     """Under --rank: the fraction of each module's output energy kept."""
     if not report.energy:
         return []
-    rows = [f"| {module} | {kept / whole if whole > 0 else 1.0:.4%} |" for module, (kept, whole) in report.energy.items()]
+    rows = [f"| {module} | {report.energy_kept(module):.4%} |" for module in report.energy]
     return ["", "## Rank budget", "", f"Output energy kept over all modules: {report.energy_kept():.4%}.", "",
             "<details><summary>per module</summary>", "", "| module | energy kept |", "|---|---|", *rows, "",
             "</details>"]

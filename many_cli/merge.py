@@ -126,14 +126,16 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     energy: dict[str, tuple[float, float]] = field(default_factory=dict)  # --rank: module -> (kept, whole)
 
-    def energy_kept(self) -> float:
-        """The fraction of the merged update's output energy the rank budget kept, all modules."""
-        whole = sum(total for _, total in self.energy.values())
-        return sum(kept for kept, _ in self.energy.values()) / whole if whole > 0 else 1.0
+    def energy_kept(self, module: str | None = None) -> float:
+        """The fraction of the merged update's output energy the rank budget kept, in `module`
+        or over all modules."""
+        parts = self.energy.values() if module is None else [self.energy[module]]
+        whole = sum(total for _, total in parts)
+        return sum(kept for kept, _ in parts) / whole if whole > 0 else 1.0
 
 
-def merge(adapter_paths: list[Path], out: Path, options: MergeOptions = MergeOptions(), resume: Path | None = None,
-          track: Track = lambda items, _: items) -> MergeReport:
+def merge(adapter_paths: list[Path], out: Path, options: MergeOptions = MergeOptions(),
+          resume: Path | None = None, track: Track = lambda items, _: items) -> MergeReport:
     _check_options(options, resume)
     paths = find_adapter_dirs(adapter_paths)
     refuse_overlap(out, [*adapter_paths, *paths, *([resume] if resume else [])])
@@ -444,13 +446,9 @@ def _fit_rank(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, energy: 
 def _report_energy(report: MergeReport, rank: int | None) -> None:
     if rank is None or not report.energy:
         return
-    lowest = min(report.energy, key=lambda module: _fraction(*report.energy[module]))
+    lowest = min(report.energy, key=report.energy_kept)
     report.notes.append(f"--rank {rank}: {report.energy_kept():.2%} of the merged update's output energy kept "
-                        f"over all modules (lowest: {_fraction(*report.energy[lowest]):.2%}, {lowest})")
-
-
-def _fraction(kept: float, whole: float) -> float:
-    return kept / whole if whole > 0 else 1.0
+                        f"over all modules (lowest: {report.energy_kept(lowest):.2%}, {lowest})")
 
 
 def _report_conditioning(report: MergeReport, singular: list[str], underdetermined: list[str], groups: int,

@@ -93,7 +93,8 @@ class Progress:
         """Override to report progress."""
 
 
-def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None, options: StatsOptions = StatsOptions(),
+def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None,
+                  options: StatsOptions = StatsOptions(),
                   progress: Callable[[int | None], Progress] = Progress) -> StatsReport:
     """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
