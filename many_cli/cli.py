@@ -60,9 +60,9 @@ def _track(items, description):
 @app.command("merge")
 @with_options(MergeOptions)
 def merge_command(
-    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories in task order, or one folder holding them (name order).")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory (must not exist unless --force).")],
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="A previous merge directory to add these tasks to.")] = None,
+    adapters: Annotated[list[Path], typer.Argument(readable=False, help="Adapter directories in task order, or one folder holding them (name order).")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Output directory (must not exist unless --force).")],
+    resume: Annotated[Optional[Path], typer.Option("--resume", readable=False, help="A previous merge directory to add these tasks to.")] = None,
     *,
     options: MergeOptions,
 ) -> None:
@@ -80,8 +80,8 @@ def merge_command(
 @with_options(ExportOptions)
 def export_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory.")],
-    merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
-    out: Annotated[Path, typer.Option("--out", help="The transformers model directory to write (must not exist unless --force).")],
+    merged: Annotated[Path, typer.Option("--merged", readable=False, help="A `many merge` output directory.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="The transformers model directory to write (must not exist unless --force).")],
     *,
     options: ExportOptions,
 ) -> None:
@@ -118,9 +118,9 @@ class _RecordsBar(StatsProgress):
 @with_options(StatsOptions)
 def stats_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
-    adapter: Annotated[Path, typer.Option("--adapter", help="The task's PEFT adapter directory.")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration data: a folder of images, a .jsonl or a LLaVA .json.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Stats file (default: ADAPTER/many_stats.safetensors).")] = None,
+    adapter: Annotated[Path, typer.Option("--adapter", readable=False, help="The task's PEFT adapter directory.")],
+    data: Annotated[Path, typer.Option("--data", readable=False, help="Calibration data: a folder of images, a .jsonl or a LLaVA .json.")],
+    out: Annotated[Optional[Path], typer.Option("--out", readable=False, help="Stats file (default: ADAPTER/many_stats.safetensors).")] = None,
     *,
     options: StatsOptions,
 ) -> None:
@@ -148,11 +148,11 @@ def stats_command(
 @with_options(InferOptions)
 def infer_command(  # long only by the parameters typer declares: the body is six steps
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
-    merged: Annotated[Path, typer.Option("--merged", help="A `many merge` output directory.")],
-    image: Annotated[Optional[Path], typer.Option("--image", help="One image to answer about.")] = None,
+    merged: Annotated[Path, typer.Option("--merged", readable=False, help="A `many merge` output directory.")],
+    image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="One image to answer about.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.")] = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="With --data: write JSON lines here (default: standard output).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", readable=False, help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", readable=False, help="With --data: write JSON lines here (default: standard output).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier `many infer` output.")] = False,
     *,
@@ -300,7 +300,7 @@ def bench_merge_command(
     layers: Annotated[int, typer.Option("--layers", help="Language-model layers (LLaVA-1.5-7B: 32); all figures scale linearly.")] = 32,
     tasks: Annotated[int, typer.Option("--tasks", help="Tasks merged (a further one is added with --resume).")] = 6,
     dense_layers: Annotated[int, typer.Option("--dense-layers", help="Layers the (slow) dense reference is timed and checked on.")] = 1,
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to write the synthetic adapters (default: the temp folder).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", readable=False, help="Where to write the synthetic adapters (default: the temp folder).")] = None,
 ) -> None:
     """`many merge` on 7B-shaped adapters against dense RegMean and the Cholesky floor, in one run."""
     from many_cli.bench.merge_bench import bench_merge
@@ -328,13 +328,13 @@ def bench_merge_command(
 
 @bench_app.command("continual")
 def bench_continual_command(
-    out: Annotated[Path, typer.Option("--out", help="Folder for continual.md and continual.png.")] = Path("continual"),
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Folder for continual.md and continual.png.")] = Path("continual"),
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per base (mean ± std over them).")] = 3,
     bases: Annotated[str, typer.Option("--bases", help="Comma-separated: generalist, blank.")] = "generalist,blank",
     task_steps: Annotated[Optional[int], typer.Option("--task-steps", help="Training steps per task [default: 400].")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option("--pretrain-steps", help="Generalist pretraining steps [default: 600].")] = None,
     sweeps: Annotated[bool, typer.Option("--sweeps/--no-sweeps", help="MAny against ridge, η, calibration size, rank budget, α and answer weight.")] = True,
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the models, adapters and merges here (default: a temp folder, removed).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", readable=False, help="Keep the models, adapters and merges here (default: a temp folder, removed).")] = None,
 ) -> None:
     """A miniature continual benchmark: every merge method and MAny against the per-task upper
     bound and sequential fine-tuning, trained and scored on the synthetic world."""
@@ -368,7 +368,7 @@ def bench_continual_command(
 
 @bench_app.command("sample")
 def bench_sample_command(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the sample.")] = Path("sample_adapters"),
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Where to write the sample.")] = Path("sample_adapters"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing sample.")] = False,
 ) -> None:
     """Regenerate the shipped sample (tiny LLaVA, four trained task adapters, their data)."""
@@ -380,8 +380,8 @@ def bench_sample_command(
 
 @app.command("convert")
 def convert_command(
-    source: Annotated[Path, typer.Argument(help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin).")],
-    out: Annotated[Path, typer.Option("--out", help="The PEFT adapter directory to write.")],
+    source: Annotated[Path, typer.Argument(readable=False, help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin).")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="The PEFT adapter directory to write.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Write an original-LLaVA-layout checkpoint as a standard PEFT adapter (transformers names)."""
@@ -394,8 +394,8 @@ def convert_command(
 
 @app.command("demo")
 def demo_command(
-    sample: Annotated[Path, typer.Option("--sample", help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
-    out: Annotated[Path, typer.Option("--out", help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
+    sample: Annotated[Path, typer.Option("--sample", readable=False, help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
     force: Annotated[bool, typer.Option("--force/--no-force", help="Replace an existing --out.")] = True,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""

@@ -226,7 +226,11 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
     locked.mkdir(mode=0o555)
     unreadable = shutil.copytree(world.adapters[0], tmp_path / "unreadable")
     (unreadable / "adapter_model.safetensors").chmod(0)
-    cases = [(["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    data.chmod(0)
+    cases = [(["stats", "--model", world.base, "--adapter", world.adapters[0], "--data", data, "--out",
+               tmp_path / "s.safetensors"], "data.jsonl: cannot be read (Permission denied)"),(["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
              (["merge", world.adapters[0], "--out", locked / "sub" / "m"], "cannot create its folder (Permission denied)"),
              (["merge", unreadable, "--out", tmp_path / "m"], "adapter_model.safetensors: cannot be read (Permission denied)")]
     for args, message in cases:
