@@ -197,7 +197,7 @@ def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> i
 
 
 def encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
-                     report: StatsReport) -> Iterator[tuple[dict, torch.Tensor | None]]:
+                    report: StatsReport) -> Iterator[tuple[dict, torch.Tensor | None]]:
     """Encoded batches, each with the weight of every position (None: all weigh 1)."""
     for batch in _batches(_good_records(records, options.skip_bad, report), options.batch_size):
         kept, encoded = _encode(processor, batch, options.skip_bad, report)
