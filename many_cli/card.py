@@ -80,6 +80,7 @@ def _settings(options: "MergeOptions") -> list[str]:
                      f"- weighting: {weighting}"]
         if options.alpha != 1:
             settings.append(f"- off-diagonal reduction α: {options.alpha:g} (RegMean: α C + (1 − α) diag C)")
+        settings.append(f"- merge state stored in {options.state_precision}")
     if options.method == "ties":
         settings.append(f"- TIES density: {options.density:g}")
     settings.append(f"- default routing temperature η: {options.eta:g}")
@@ -97,7 +98,8 @@ def _front_matter(tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
     merge = {"method": options.method, "tasks": [name for name, _ in previous + tasks], "scale": options.scale,
              "eta": options.eta, "base_model": base_model, "base_fingerprint": base_fingerprint or None}
     if options.method == "many":
-        merge.update(ridge=options.ridge, balance=options.balance, alpha=options.alpha)
+        merge.update(ridge=options.ridge, balance=options.balance, alpha=options.alpha,
+                     state_precision=options.state_precision)
     if options.method == "ties":
         merge["density"] = options.density
     if options.rank is not None:

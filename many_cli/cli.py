@@ -323,6 +323,9 @@ def bench_merge_command(
         ("resume / (one-task merge + floor) (goal ≤ 1)", f"{result.resume_ratio:.2f}"),
         ("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB"),
         ("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB"),
+        ("merge state per layer, --state-precision float32", f"{result.float32_state_bytes_per_layer / 1e6:.0f} MB"),
+        ("float32 state: resumed merge's largest relative difference from float64",
+         f"{result.float32_state_error:.1e}"),
     ])
 
 

@@ -36,6 +36,7 @@ METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
 DEFAULT_ETA = 0.05
 DEFAULT_DENSITY = 0.2
+STATE_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
@@ -56,6 +57,9 @@ class MergeOptions:
     rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
                                               "rank-R approximation in each layer's output space; exact where "
                                               "Σ r_i ≤ R. Default: rank Σ r_i per module.")
+    state_precision: str = option("float64", "--state-precision",
+                                  "float64, or float32 for half the state's disk (H rounded once per merge; "
+                                  "solving stays float64).")
     force: bool = option(False, "--force", "Replace --out if it exists.")
     device: str = option("cpu", "--device", "Where to factor and solve: cpu, cuda or auto.")
     experts: bool = option(True, "--experts/--no-experts",
@@ -75,6 +79,9 @@ class MergeOptions:
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
         if not 0 <= self.alpha <= 1:
             raise InputError(None, f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.state_precision not in STATE_PRECISIONS:
+            raise InputError(None, f"--state-precision must be one of {', '.join(STATE_PRECISIONS)}, "
+                                   f"got {self.state_precision!r}")
         if self.rank is not None and self.rank < 1:
             raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
         resolve_device(self.device)
@@ -379,7 +386,8 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         (index, module, *ranks[index, module]) for index, task in enumerate(all_tasks)
         for module in group.modules if module in task.modules)) for group in groups],
         base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance, tasks=all_tasks,
-        members={group.key: group.modules for group in groups})
+        members={group.key: group.modules for group in groups},
+        dtype=STATE_PRECISIONS[options.state_precision])
     device = resolve_device(options.device)
     singular, underdetermined = [], []
     for group in track(groups, "merging"):

@@ -17,10 +17,11 @@ Bundle (`many_bundle.safetensors`, in a merge output):
   metadata             format, format_version, tasks = JSON [names], projector_module, eta
 
 State (`many_state.safetensors`, in a merge output; the sufficient statistics of a merge):
-  gram/<group>         1-D float64, packed upper triangle of H = Σ_i w_i C_i (no ridge)
-  ac/<i>/<module>      float64 (r_i, d_in): w_i · A_i C_i
-  ad/<i>/<module>      float64 (r_i, d_in): w_i · A_i diag(C_i), for RegMean's α
-  b/<i>/<module>       float64 (d_out, r_i): s_i · B_i
+  gram/<group>         1-D, packed upper triangle of H = Σ_i w_i C_i (no ridge)
+  ac/<i>/<module>      (r_i, d_in): w_i · A_i C_i
+  ad/<i>/<module>      (r_i, d_in): w_i · A_i diag(C_i), for RegMean's α
+  b/<i>/<module>       (d_out, r_i): s_i · B_i
+  all float64, or all float32 under `merge --state-precision float32`
   metadata             format, format_version, base_fingerprint, balance, tasks, groups
   with w_i = 1 (token-weighted least squares) or 1 / tokens_i under --balance.
 """
@@ -410,9 +411,9 @@ class StateHeader:
         return read_packed_blocks(self.path, _gram_key(group), check_finite=check_finite)
 
     def factors(self, index: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w·A C, w·A diag(C), s·B) of task `index` for `module`."""
+        """(w·A C, w·A diag(C), s·B) of task `index` for `module`, float64 whatever the stored precision."""
         with open_safetensors(self.path) as handle:
-            return tuple(handle.get(key(index, module)) for key in (_ac_key, _ad_key, _b_key))
+            return tuple(handle.get(key(index, module)).double() for key in (_ac_key, _ad_key, _b_key))
 
 
 def read_state_header(path: Path) -> StateHeader:
@@ -446,14 +447,16 @@ class StateWriter:
     """Streams a merge state to disk group by group: declared first, then written in order."""
 
     def __init__(self, path: Path, groups: list[StateGroup], *, base_fingerprint: str, base_model: str | None,
-                 balance: bool, tasks: list[StateTask], members: Mapping[str, tuple[str, ...]]):
+                 balance: bool, tasks: list[StateTask], members: Mapping[str, tuple[str, ...]],
+                 dtype: torch.dtype = torch.float64):
+        self._dtype = dtype
         layout = []
         for group in groups:
-            layout.append((_gram_key(group.key), torch.float64, (packed_length(group.dim),)))
+            layout.append((_gram_key(group.key), dtype, (packed_length(group.dim),)))
             for index, module, rank, d_out in group.factors:
-                layout.append((_ac_key(index, module), torch.float64, (rank, group.dim)))
-                layout.append((_ad_key(index, module), torch.float64, (rank, group.dim)))
-                layout.append((_b_key(index, module), torch.float64, (d_out, rank)))
+                layout.append((_ac_key(index, module), dtype, (rank, group.dim)))
+                layout.append((_ad_key(index, module), dtype, (rank, group.dim)))
+                layout.append((_b_key(index, module), dtype, (d_out, rank)))
         metadata = {
             "format": "many-state",
             "format_version": FORMAT_VERSION,
@@ -472,9 +475,9 @@ class StateWriter:
         self._writer.write_pieces(_gram_key(group), upper_blocks(gram))
 
     def factors(self, index: int, module: str, ac: torch.Tensor, ad: torch.Tensor, b: torch.Tensor) -> None:
-        self._writer.write(_ac_key(index, module), ac)
-        self._writer.write(_ad_key(index, module), ad)
-        self._writer.write(_b_key(index, module), b)
+        self._writer.write(_ac_key(index, module), ac.to(self._dtype))
+        self._writer.write(_ad_key(index, module), ad.to(self._dtype))
+        self._writer.write(_b_key(index, module), b.to(self._dtype))
 
     def close(self) -> None:
         self._writer.close()

@@ -9,4 +9,6 @@ def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
                          workdir=tmp_path, dense_layers=2)
     assert result.dense_error <= 1e-6
     assert result.adapter_bytes < result.dense_delta_bytes
+    assert 0 < result.float32_state_error <= 1e-4
+    assert result.float32_state_bytes_per_layer < 0.6 * result.state_bytes_per_layer
     assert list(tmp_path.iterdir()) == []  # the synthetic world is cleaned up

@@ -136,6 +136,19 @@ def test_resume_equals_batch_merge(world, tmp_path, capsys):
     assert torch.allclose(delta, task_vector(world.adapters[0], module), atol=1e-6)
 
 
+def test_a_float32_state_resumes_within_the_bound(world, tmp_path, capsys):
+    first, resumed = tmp_path / "m1", tmp_path / "m2"
+    a, b, c = world.adapters
+    assert run_cli(capsys, "merge", a, b, "--out", first, "--state-precision", "float32")[0] == 0
+    assert run_cli(capsys, "merge", c, "--resume", first, "--out", resumed, "--state-precision", "float32")[0] == 0
+    with safe_open(str(first / "many_state.safetensors"), "pt") as state:
+        assert {state.get_slice(key).get_dtype() for key in state.keys()} == {"F32"}
+    for module, delta in merged_deltas(world, resumed).items():
+        reference, gram = dense_reference(world, module, RIDGE)
+        assert output_error(delta, reference, gram) <= 1e-4, module
+    assert "state_precision: float32" in (resumed / "README.md").read_text()
+
+
 def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):
     from conftest import write_task_stats
     import shutil

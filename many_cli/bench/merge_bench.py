@@ -103,18 +103,20 @@ _MERGE_IN_CHILD = """
 import sys, time
 from pathlib import Path
 from many_cli.merge import MergeOptions, merge
-*adapters, out, resume, ridge = sys.argv[1:]
+*adapters, out, resume, ridge, precision = sys.argv[1:]
 start = time.perf_counter()
-merge([Path(a) for a in adapters], Path(out), MergeOptions(ridge=float(ridge)), resume=Path(resume) if resume else None)
+merge([Path(a) for a in adapters], Path(out), MergeOptions(ridge=float(ridge), state_precision=precision),
+      resume=Path(resume) if resume else None)
 print(time.perf_counter() - start)
 """
 
 
-def run_merge(adapters: list[Path], out: Path, resume: Path | None = None) -> tuple[float, int]:
+def run_merge(adapters: list[Path], out: Path, resume: Path | None = None,
+              state_precision: str = "float64") -> tuple[float, int]:
     """Seconds of the merge itself (after the interpreter and libraries have loaded) and the
     peak RSS in bytes of the whole process, run on its own so that the peak is the merge's."""
     process = subprocess.Popen([sys.executable, "-c", _MERGE_IN_CHILD, *map(str, adapters), str(out),
-                                str(resume or ""), str(RIDGE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                str(resume or ""), str(RIDGE), state_precision], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"many merge failed: {process.stderr.read().decode()[-2000:]}")
@@ -169,6 +171,11 @@ def merged_deltas(out: Path, layer: int) -> dict[str, torch.Tensor]:
     return deltas
 
 
+def largest_difference(reference: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> float:
+    """The largest relative Frobenius difference of `ours` from `reference`, over modules."""
+    return max(float((ours[module] - expected).norm() / expected.norm()) for module, expected in reference.items())
+
+
 @dataclass(frozen=True)
 class MergeBenchResult:
     layers: int
@@ -187,6 +194,8 @@ class MergeBenchResult:
     dense_delta_bytes: int
     resume_seconds: float
     one_task_seconds: float
+    float32_state_bytes_per_layer: int
+    float32_state_error: float
 
     @property
     def speedup_over_dense(self) -> float:
@@ -223,14 +232,16 @@ def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdi
         resume_seconds, _ = run_merge([extra], root / "resumed", resume=merged)
         one_task_seconds, _ = run_merge([extra], root / "one")
         floor = cholesky_floor(layers, shape)
+        run_merge(first, root / "merged32", state_precision="float32")
+        run_merge([extra], root / "resumed32", resume=root / "merged32", state_precision="float32")
+        float32_state_error = largest_difference(merged_deltas(root / "resumed", 0),
+                                                 merged_deltas(root / "resumed32", 0))
 
         dense_seconds, worst = 0.0, 0.0
         for layer in range(dense_layers):
             reference, seconds = dense_regmean_layer(first, layer, shape)
             dense_seconds += seconds
-            ours = merged_deltas(merged, layer)
-            for module, expected in reference.items():
-                worst = max(worst, float((ours[module] - expected).norm() / expected.norm()))
+            worst = max(worst, largest_difference(reference, merged_deltas(merged, layer)))
         dense_delta_bytes = 4 * layers * sum(output_width(m, shape) * width for modules, width in
                                              inputs_of_layer(0, shape).values() for m in modules)
         return MergeBenchResult(
@@ -239,6 +250,8 @@ def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdi
             bytes_written=_size(merged), dense_seconds_per_layer=dense_seconds / dense_layers,
             dense_error=worst, floor_seconds=floor, stats_bytes_per_layer=_size(first[0] / STATS_FILE) // layers,
             state_bytes_per_layer=_size(merged / STATE_FILE) // layers, adapter_bytes=_size(merged / ADAPTER_WEIGHTS),
-            dense_delta_bytes=dense_delta_bytes, resume_seconds=resume_seconds, one_task_seconds=one_task_seconds)
+            dense_delta_bytes=dense_delta_bytes, resume_seconds=resume_seconds, one_task_seconds=one_task_seconds,
+            float32_state_bytes_per_layer=_size(root / "merged32" / STATE_FILE) // layers,
+            float32_state_error=float32_state_error)
     finally:
         shutil.rmtree(root, ignore_errors=True)
