@@ -369,6 +369,46 @@ def bench_continual_command(
     stderr.print(f"wrote {out / 'continual.md'} and {out / 'continual.png'}")
 
 
+@bench_app.command("e2e")
+def bench_e2e_command(
+    family: Annotated[str, typer.Option("--family", help="llava-1.5-7b (its real configuration), or tiny.")] = "llava-1.5-7b",
+    layers: Annotated[Optional[int], typer.Option("--layers", help="Language-model layers [default: the family's]; figures scale linearly.")] = None,
+    vision_layers: Annotated[Optional[int], typer.Option("--vision-layers", help="Vision-tower layers [default: the family's].")] = None,
+    tasks: Annotated[int, typer.Option("--tasks", help="Task adapters written, gathered and merged.")] = 6,
+    records: Annotated[int, typer.Option("--records", help="Calibration records per task.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per stats forward.")] = 2,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image by infer.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where the weights are created and every phase runs.")] = "auto",
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", readable=False, help="Where to write the model and adapters (default: the temp folder).")] = None,
+) -> None:
+    """stats, merge and infer at a real model's size (random bf16 weights), each timed in one run."""
+    from many_cli.bench.e2e import FAMILIES, bench_e2e
+
+    if family not in FAMILIES:
+        raise InputError(None, f"--family takes one of {', '.join(FAMILIES)}, got {family!r}")
+    result = bench_e2e(family, layers, vision_layers, tasks, records, batch_size, new_tokens, device, workdir)
+    gigabyte = 1e9
+    _print_measures(f"many bench e2e: {family} ({result.layers} language / {result.vision_layers} vision layers), "
+                    f"{tasks} tasks, {records} records each, on {result.device}", [
+        ("stats: tokens per task", f"{result.stats_tokens}"),
+        ("stats: statistics pass, tokens/s", f"{result.tokens_per_second:.0f}"),
+        ("stats: pass / plain forward (same batches)", f"{result.stats_ratio:.2f}"),
+        ("stats: command per task (load and write included)", f"{result.stats_seconds:.1f} s"),
+        ("stats: peak host / device memory", f"{result.stats_peak_host / gigabyte:.2f} / "
+                                              f"{result.stats_peak_device / gigabyte:.2f} GB"),
+        (f"merge: {tasks} tasks, all layers", f"{result.merge_seconds:.1f} s"),
+        ("merge: peak host memory", f"{result.merge_peak_host / gigabyte:.2f} GB"),
+        ("infer: base model, per image", f"{result.infer_base_seconds:.2f} s"),
+        ("infer: merged model, routed projector, per image", f"{result.infer_many_seconds:.2f} s"),
+        ("infer: latency ratio to the base model", f"{result.latency_ratio:.2f}"),
+        ("infer: peak host / device memory (base and merged loaded)",
+         f"{result.infer_peak_host / gigabyte:.2f} / {result.infer_peak_device / gigabyte:.2f} GB"),
+        ("disk per task: adapter + stats file", f"{result.adapter_bytes_per_task / gigabyte:.3f} + "
+                                                f"{result.stats_bytes_per_task / gigabyte:.2f} GB"),
+        ("disk: merge output (state, adapter, bundle, experts)", f"{result.merged_bytes / gigabyte:.2f} GB"),
+    ])
+
+
 @bench_app.command("sample")
 def bench_sample_command(
     out: Annotated[Path, typer.Option("--out", readable=False, help="Where to write the sample.")] = Path("sample_adapters"),

@@ -103,24 +103,34 @@ _MERGE_IN_CHILD = """
 import sys, time
 from pathlib import Path
 from many_cli.merge import MergeOptions, merge
-*adapters, out, resume, ridge, precision = sys.argv[1:]
+*adapters, out, resume, ridge, precision, device = sys.argv[1:]
 start = time.perf_counter()
-merge([Path(a) for a in adapters], Path(out), MergeOptions(ridge=float(ridge), state_precision=precision),
+merge([Path(a) for a in adapters], Path(out), MergeOptions(ridge=float(ridge), state_precision=precision,
+                                                           device=device),
       resume=Path(resume) if resume else None)
 print(time.perf_counter() - start)
 """
 
 
+def run_python(script: str, *arguments: object) -> tuple[str, int]:
+    """The last line a Python child running `script` prints, and its peak RSS in bytes; a
+    process of its own, so that the peak is the child's work alone."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen([sys.executable, "-c", script, *map(str, arguments)], stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"benchmark child failed: {err.read().decode()[-2000:]}")
+        out.seek(0)
+        return out.read().decode().splitlines()[-1], usage.ru_maxrss * 1024
+
+
 def run_merge(adapters: list[Path], out: Path, resume: Path | None = None,
-              state_precision: str = "float64") -> tuple[float, int]:
+              state_precision: str = "float64", device: str = "cpu") -> tuple[float, int]:
     """Seconds of the merge itself (after the interpreter and libraries have loaded) and the
-    peak RSS in bytes of the whole process, run on its own so that the peak is the merge's."""
-    process = subprocess.Popen([sys.executable, "-c", _MERGE_IN_CHILD, *map(str, adapters), str(out),
-                                str(resume or ""), str(RIDGE), state_precision], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"many merge failed: {process.stderr.read().decode()[-2000:]}")
-    return float(process.stdout.read().decode().split()[-1]), usage.ru_maxrss * 1024
+    peak RSS in bytes of the whole process."""
+    seconds, peak = run_python(_MERGE_IN_CHILD, *adapters, out, resume or "", RIDGE, state_precision, device)
+    return float(seconds), peak
 
 
 def dense_regmean_layer(adapters: list[Path], layer: int, shape: Shape) -> tuple[dict[str, torch.Tensor], float]:

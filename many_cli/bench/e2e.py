@@ -1,0 +1,240 @@
+"""`many bench e2e`: the whole job at a real model's size: a base model of the family's real
+configuration with random weights (created on the target device, in bf16; no download),
+`tasks` PEFT adapters (rank 16 on all seven projections, plus the projector), then `stats`
+per task, one `merge` of every task, and `infer` against the base model, each phase in a
+process of its own so that its peak memory is its own.
+
+The depth may be reduced (`--layers`, `--vision-layers`) where the machine is small: the
+language model's statistics, forward and merge scale linearly in its layers, the vision
+tower's cost linearly in its layers, and the disk per task linearly in the adapted layers.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from many_cli.bench.merge_bench import run_merge, run_python
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, WORDS, tiny_llava_config, tiny_processor
+from many_cli.models import resolve_device
+from many_cli.state import STATS_FILE
+
+LORA_RANK = 16
+
+
+def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[LlavaConfig, object]:
+    """LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, features from the second to last),
+    a two-layer GELU projector, Llama-2-7B (32 layers, 4096 wide, MLP 11008, vocabulary 32064)."""
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    config = tiny_llava_config(hidden=4096, layers=layers or 32, intermediate=11008, heads=32, kv_heads=32,
+                               vision=vision)
+    config.text_config.vocab_size = 32064
+    config.text_config.rms_norm_eps = 1e-5
+    config.vision_feature_layer = -2
+    return config, tiny_processor(image_size=336, patch_size=14)
+
+
+def tiny(layers: int | None, vision_layers: int | None) -> tuple[LlavaConfig, object]:
+    """The tests' tiny LLaVA: every path of the benchmark in a second."""
+    config = tiny_llava_config(layers=layers or 2)
+    config.vision_config.num_hidden_layers = vision_layers or 1
+    return config, tiny_processor()
+
+
+FAMILIES: dict[str, Callable[[int | None, int | None], tuple[LlavaConfig, object]]] = {
+    "llava-1.5-7b": llava_15_7b, "tiny": tiny}
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    family: str
+    device: str
+    layers: int
+    vision_layers: int
+    tasks: int
+    records: int
+    stats_tokens: int  # per task
+    stats_seconds: float  # the stats command per task, load and write included (mean)
+    stats_loop_seconds: float  # the statistics pass alone, first task
+    forward_seconds: float  # a plain forward over the same batches, same model
+    stats_peak_host: int
+    stats_peak_device: int
+    merge_seconds: float
+    merge_peak_host: int
+    infer_base_seconds: float  # per image
+    infer_many_seconds: float
+    infer_peak_host: int
+    infer_peak_device: int
+    stats_bytes_per_task: int
+    adapter_bytes_per_task: int
+    merged_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats_tokens / self.stats_loop_seconds
+
+    @property
+    def stats_ratio(self) -> float:
+        return self.stats_loop_seconds / self.forward_seconds
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.infer_many_seconds / self.infer_base_seconds
+
+
+def build_base(out: Path, config: LlavaConfig, processor, device: torch.device) -> Path:
+    """Random bf16 weights created directly on `device`, saved as a transformers model directory."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    del model
+    return out
+
+
+def write_adapters(base: Path, root: Path, tasks: int, device: torch.device) -> list[Path]:
+    """`tasks` PEFT adapters saved by `save_pretrained`: random LoRA factors on the seven
+    projections and a perturbed copy of the projector, one seed per task."""
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16).to(device)
+    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LLAMA_PROJECTIONS,
+                                             exclude_modules=r".*vision_tower.*",
+                                             modules_to_save=["multi_modal_projector"]))
+    adapters = []
+    for task in range(tasks):
+        generator = torch.Generator(device).manual_seed(task)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:  # the LoRA factors and the projector's trained copy
+                    noise = torch.randn(parameter.shape, generator=generator, device=device, dtype=parameter.dtype)
+                    if "lora_A" in name:
+                        parameter.copy_(noise / parameter.shape[1] ** 0.5)
+                    elif "lora_B" in name:
+                        parameter.copy_(noise / 100)
+                    else:
+                        parameter.add_(noise * 0.01 * parameter.float().std().to(parameter.dtype))
+        adapter = root / f"task{task + 1}"
+        model.save_pretrained(adapter)
+        adapters.append(adapter)
+    return adapters
+
+
+def write_records(out: Path, records: int, image_size: int, seed: int) -> Path:
+    """A JSONL file of `records` noise images with prompts and one-word answers."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    with open(out / "data.jsonl", "w") as lines:
+        for index in range(records):
+            image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
+            image.save(out / f"{index}.png")
+            words = rng.choice(WORDS, size=8)
+            lines.write(json.dumps({"image": f"{index}.png", "prompt": " ".join(words[:7]) + " ?",
+                                    "answer": str(words[7])}) + "\n")
+    return out / "data.jsonl"
+
+
+_STATS_IN_CHILD = """
+import json, sys, time
+from pathlib import Path
+import torch
+from many_cli.bench.stats_bench import run_forward, run_stats
+from many_cli.data import read_records
+from many_cli.infer import load_processor
+from many_cli.models import load_adapted_model, resolve_device
+from many_cli.stats import StatsOptions, StatsReport, collect_stats, encoded_batches
+base, adapter, data, device, batch_size, measure = sys.argv[1:]
+options = StatsOptions(device=device, batch_size=int(batch_size))
+start = time.perf_counter()
+report = collect_stats(base, Path(adapter), Path(data), None, options)
+result = {"seconds": time.perf_counter() - start, "tokens": report.tokens}
+if measure == "1":  # the statistics pass against a plain forward, same model, same batches
+    compute = resolve_device(device)
+    model = load_adapted_model(base, Path(adapter), "auto", compute)
+    batches = [encoded for encoded, _ in encoded_batches(load_processor(base), read_records(Path(data)),
+                                                         options, StatsReport(Path(data)))]
+    run_forward(model, batches[:1], compute)
+    result["forward"] = min(run_forward(model, batches, compute) for _ in range(2))
+    result["loop"] = min(run_stats(model, batches, compute)[0] for _ in range(2))
+if torch.cuda.is_available():
+    result["device_peak"] = torch.cuda.max_memory_allocated()
+print(json.dumps(result))
+"""
+
+_INFER_IN_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from many_cli.bench.infer_bench import _per_image
+from many_cli.data import load_inputs, read_records, encode_loaded
+from many_cli.infer import InferOptions, load_merged, load_processor
+from many_cli.models import load_base_model, resolve_device
+base, merged, data, device, new_tokens = sys.argv[1:]
+compute = resolve_device(device)
+processor = load_processor(base)
+inputs = [encode_loaded(processor, [record], [load_inputs(processor, record)], with_answers=False).to(compute)
+          for record in read_records(Path(data))]
+plain = load_base_model(base, "auto", compute)
+ours = load_merged(base, Path(merged), InferOptions(device=device)).model
+_per_image(plain, inputs[:1], 2)
+_per_image(ours, inputs[:1], 2)
+base_seconds = many_seconds = float("inf")
+for _ in range(2):  # interleaved, best of each
+    base_seconds = min(base_seconds, _per_image(plain, inputs, int(new_tokens)))
+    many_seconds = min(many_seconds, _per_image(ours, inputs, int(new_tokens)))
+result = {"base": base_seconds, "many": many_seconds}
+if torch.cuda.is_available():
+    result["device_peak"] = torch.cuda.max_memory_allocated()
+print(json.dumps(result))
+"""
+
+
+def _child(script: str, *arguments: object) -> tuple[dict, int]:
+    """The JSON a child Python prints last, and the child's peak RSS in bytes."""
+    line, peak = run_python(script, *arguments)
+    return json.loads(line), peak
+
+
+def _size(path: Path) -> int:
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def bench_e2e(family: str = "llava-1.5-7b", layers: int | None = None, vision_layers: int | None = None,
+              tasks: int = 6, records: int = 4, batch_size: int = 2, new_tokens: int = 8, device: str = "auto",
+              workdir: Path | None = None) -> E2EResult:
+    compute = resolve_device(device)
+    config, processor = FAMILIES[family](layers, vision_layers)
+    with tempfile.TemporaryDirectory(prefix="many-e2e-", dir=workdir) as folder:
+        root = Path(folder)
+        base = build_base(root / "base", config, processor, compute)
+        adapters = write_adapters(base, root / "adapters", tasks, compute)
+        size = config.vision_config.image_size
+        data = [write_records(root / "data" / adapter.name, records, size, seed=index)
+                for index, adapter in enumerate(adapters)]
+        stats = [_child(_STATS_IN_CHILD, base, adapter, records_file, compute.type, batch_size, int(index == 0))
+                 for index, (adapter, records_file) in enumerate(zip(adapters, data))]
+        merge_seconds, merge_peak = run_merge(adapters, root / "merged", device=compute.type)
+        infer, infer_peak = _child(_INFER_IN_CHILD, base, root / "merged", data[0], compute.type, new_tokens)
+        return E2EResult(
+            family=family, device=str(compute), layers=config.text_config.num_hidden_layers,
+            vision_layers=config.vision_config.num_hidden_layers, tasks=tasks, records=records,
+            stats_tokens=stats[0][0]["tokens"], stats_seconds=sum(measures["seconds"] for measures, _ in stats) / tasks,
+            stats_loop_seconds=stats[0][0]["loop"], forward_seconds=stats[0][0]["forward"],
+            stats_peak_host=max(peak for _, peak in stats),
+            stats_peak_device=max(measures.get("device_peak", 0) for measures, _ in stats),
+            merge_seconds=merge_seconds, merge_peak_host=merge_peak,
+            infer_base_seconds=infer["base"], infer_many_seconds=infer["many"], infer_peak_host=infer_peak,
+            infer_peak_device=infer.get("device_peak", 0),
+            stats_bytes_per_task=(adapters[0] / STATS_FILE).stat().st_size,
+            adapter_bytes_per_task=_size(adapters[0]) - (adapters[0] / STATS_FILE).stat().st_size,
+            merged_bytes=_size(root / "merged"))
