@@ -68,6 +68,8 @@ def merge_command(
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     report = merge(adapters, out, options, resume=resume, track=_track)
+    if report.rank != 0:
+        return
     for line in report.warnings:
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False)
     for line in report.notes:

@@ -14,6 +14,7 @@ import shutil
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -23,12 +24,14 @@ from many_cli import lpm
 from many_cli.adapters import (ADAPTER_CONFIG, Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs,
                                read_adapter)
 from many_cli.card import model_card
+from many_cli.distributed import init_distributed, receive_tensors, send_tensors
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device, routable_modules
 from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
+                            pack_symmetric,
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, read_bundle_header,
                             read_state_header, read_stats_header, write_bundle)
 
@@ -132,6 +135,7 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     energy: dict[str, tuple[float, float]] = field(default_factory=dict)  # --rank: module -> (kept, whole)
+    rank: int = 0  # under torchrun, the process's rank: only rank 0 writes and reports
 
     def energy_kept(self, module: str | None = None) -> float:
         """The fraction of the merged update's output energy the rank budget kept, in `module`
@@ -161,6 +165,12 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
     earlier = [task.name for task in previous.state.tasks] if previous else []
     report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
 
+    report.rank = init_distributed(options.device)[0]
+    if report.rank != 0:  # another torchrun rank: it solves its share of the groups, rank 0 writes
+        if options.method == "many":
+            _merge_lpm(tasks, previous, _plan_groups(tasks, previous), options, base_fingerprint, base_model,
+                       None, report, track, emit=None)
+        return report
     with atomic_output_dir(out, options.force) as staging:
         if options.method == "many":
             groups = _plan_groups(tasks, previous)
@@ -376,39 +386,113 @@ def _group_width(tasks: list[Task], previous: Previous | None, key: str, modules
 
 def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
                options: MergeOptions, base_fingerprint: str, base_model: str | None,
-               state_path: Path, report: MergeReport, track: Track, emit: Emit) -> None:
-    """Per input group: gather H and every task's factors, keep them in the state, solve, emit."""
+               state_path: Path | None, report: MergeReport, track: Track, emit: Emit) -> None:
+    """Per input group: gather H and every task's factors, keep them in the state, solve, emit.
+    Under torchrun, group n is solved by rank n mod world size, and rank 0 alone writes (its
+    `state_path`; the other ranks pass None), taking the other ranks' groups in order."""
+    rank, world = init_distributed(options.device)
     offset = len(previous.state.tasks) if previous else 0
     all_tasks = list(previous.state.tasks if previous else []) + [_state_task(task, index, groups)
                                                                    for index, task in enumerate(tasks)]
     ranks = _ranks(tasks, previous, offset)
-    writer = StateWriter(state_path, [StateGroup(group.key, group.dim, tuple(
-        (index, module, *ranks[index, module]) for index, task in enumerate(all_tasks)
-        for module in group.modules if module in task.modules)) for group in groups],
-        base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance, tasks=all_tasks,
-        members={group.key: group.modules for group in groups},
+    writer = None if rank else StateWriter(state_path, [StateGroup(group.key, group.dim, tuple(
+        (index, module, *ranks[index, module]) for index, module in _contribution_keys(group, all_tasks)))
+        for group in groups], base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance,
+        tasks=all_tasks, members={group.key: group.modules for group in groups},
         dtype=STATE_PRECISIONS[options.state_precision])
     device = resolve_device(options.device)
     singular, underdetermined = [], []
-    for group in track(groups, "merging"):
-        gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
-        writer.gram(group.key, gram)
-        for part in contributions:
+    for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
+        owner = number % world
+        if owner == rank:
+            keep = partial(writer.gram, group.key) if writer else None
+            solved = _solve_group(group, tasks, previous, offset, options, device, keep)
+            if rank:
+                _send_group(solved)
+                continue
+        elif rank == 0:
+            solved = _receive_group(owner, group, _contribution_keys(group, all_tasks), options.rank)
+            writer.gram(group.key, solved.gram)
+        else:
+            continue
+        for part in solved.contributions:
             writer.factors(part.index, part.module, part.ac, part.ad, part.b)
+        for module, a, b in solved.merged:
+            emit(module, a, b)
+        report.energy.update(solved.energy)
+        if solved.singular:
+            singular.append(group.key)
         if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
             underdetermined.append(group.key)
-        rhs = torch.cat([part.rhs(options.alpha) for part in contributions]).to(device)
-        solution = lpm.cholesky_solve_right_(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
-        if solution is None:
-            # The factorization overwrote the Gram matrix: gather it again, now checking every
-            # value, so that NaN or Inf in a file is reported as such and not as a singular H.
-            gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
-            singular.append(group.key)
-            solution = lpm.min_norm_solve_right(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
-        del gram
-        _emit_group(group, contributions, solution, options, emit, report.energy)
-    writer.close()
+    if writer:
+        writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     _report_conditioning(report, singular, underdetermined, len(groups), options.ridge)
+
+
+def _contribution_keys(group: Group, all_tasks: list[StateTask]) -> list[tuple[int, str]]:
+    """(task index, module) of every task's share in `group`, in the order the state keeps them."""
+    return [(index, module) for index, task in enumerate(all_tasks) for module in group.modules
+            if module in task.modules]
+
+
+@dataclass
+class SolvedGroup:
+    """What one input group adds to the output: its tasks' shares (for the state), the merged
+    (module, A, B), the energy a rank budget kept, and whether H needed the minimum-norm solve.
+    `gram` (packed) only when the group was solved on another rank."""
+    contributions: list[Contribution]
+    merged: list[tuple[str, torch.Tensor, torch.Tensor]]
+    energy: dict[str, tuple[float, float]]
+    singular: bool
+    gram: torch.Tensor | None = None
+
+
+def _solve_group(group: Group, tasks: list[Task], previous: Previous | None, offset: int, options: MergeOptions,
+                 device: torch.device, keep_gram: Callable[[torch.Tensor], None] | None) -> SolvedGroup:
+    """Gather, solve and factor one group; its Gram matrix goes to `keep_gram` before the
+    factorization overwrites it (without one, it is kept packed in the result)."""
+    gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
+    packed = None
+    if keep_gram:
+        keep_gram(gram)
+    else:
+        packed = pack_symmetric(gram)  # its upper triangle
+    rhs = torch.cat([part.rhs(options.alpha) for part in contributions]).to(device)
+    solution = lpm.cholesky_solve_right_(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
+    singular = solution is None
+    if singular:
+        # The factorization overwrote the Gram matrix: gather it again, now checking every
+        # value, so that NaN or Inf in a file is reported as such and not as a singular H.
+        gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
+        solution = lpm.min_norm_solve_right(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
+    del gram
+    merged, energy = [], {}
+    _emit_group(group, contributions, solution, options, lambda *factors: merged.append(factors), energy)
+    return SolvedGroup(contributions, merged, energy, singular, packed)
+
+
+def _send_group(solved: SolvedGroup) -> None:
+    """A solved group to rank 0, as `_receive_group` reads it."""
+    energy = torch.tensor([solved.energy.get(module, (0.0, 0.0)) for module, _, _ in solved.merged],
+                          dtype=torch.float64)
+    send_tensors([solved.gram, *[tensor for part in solved.contributions for tensor in (part.ac, part.ad, part.b)],
+                  *[tensor for _, a, b in solved.merged for tensor in (a, b)], energy,
+                  torch.tensor([float(solved.singular)])], 0)
+
+
+def _receive_group(owner: int, group: Group, keys: list[tuple[int, str]], rank_budget: int | None) -> SolvedGroup:
+    """A group solved by rank `owner`, as `_send_group` sent it."""
+    gram, *rest = receive_tensors(owner)
+    shares = [Contribution(index, module, *rest[3 * number:3 * number + 3])
+              for number, (index, module) in enumerate(keys)]
+    rest = rest[3 * len(keys):]
+    merged = [(module, rest[2 * number], rest[2 * number + 1]) for number, module in enumerate(group.modules)]
+    energy_rows, flag = rest[2 * len(group.modules):]
+    energy = {module: tuple(row.tolist()) for module, row in zip(group.modules, energy_rows)} if rank_budget else {}
+    return SolvedGroup(shares, merged, energy, bool(flag.item()), gram)
 
 
 def _state_task(task: Task, index: int, groups: list[Group]) -> StateTask:

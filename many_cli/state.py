@@ -471,8 +471,8 @@ class StateWriter:
         self._writer = StreamingSafetensorsWriter(path, layout, metadata)
 
     def gram(self, group: str, gram: torch.Tensor) -> None:
-        """The group's Gram matrix (its upper triangle is what is kept)."""
-        self._writer.write_pieces(_gram_key(group), upper_blocks(gram))
+        """The group's Gram matrix (its upper triangle is what is kept), or that triangle packed."""
+        self._writer.write_pieces(_gram_key(group), [gram] if gram.dim() == 1 else upper_blocks(gram))
 
     def factors(self, index: int, module: str, ac: torch.Tensor, ad: torch.Tensor, b: torch.Tensor) -> None:
         self._writer.write(_ac_key(index, module), ac.to(self._dtype))

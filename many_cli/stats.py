@@ -21,6 +21,7 @@ from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_co
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, count_records, encode_loaded,
                            load_inputs, read_records, tokenizer_of)
+from many_cli.distributed import init_distributed
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
@@ -108,7 +109,7 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None,
 
 def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
              progress: Callable[[int | None], Progress]) -> StatsReport:
-    rank, world = _init_distributed(options.device)
+    rank, world = init_distributed(options.device)
     device = _rank_device(options.device, rank, world)
     records = read_records(data, options.prompt)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
@@ -417,16 +418,6 @@ class PrototypeSum:
     def remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
-
-
-def _init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size): under torchrun, join the process group (gloo on CPU, NCCL on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), world
 
 
 def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _Totals:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,6 +150,26 @@ def test_a_float32_state_resumes_within_the_bound(world, tmp_path, capsys):
         reference, gram = dense_reference(world, module, RIDGE)
         assert output_error(delta, reference, gram) <= 1e-4, module
     assert "state_precision: float32" in (resumed / "README.md").read_text()
+
+
+def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_path, capsys):
+    single, split = tmp_path / "single", tmp_path / "split"
+    settings = ["--rank", "3", "--ridge", "0.01"]  # a rank budget: the energy travels too
+    assert run_cli(capsys, "merge", *world.adapters, "--out", single, *settings)[0] == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "many_cli", "merge", *map(str, world.adapters), "--out", str(split), *settings],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("merged 3 tasks") == 1  # one writer, one report
+    for name in ("adapter_model.safetensors", "many_state.safetensors"):
+        with safe_open(str(single / name), "pt") as one, safe_open(str(split / name), "pt") as two:
+            assert list(one.keys()) == list(two.keys()) and one.metadata() == two.metadata()
+            for key in one.keys():
+                expected, got = one.get_tensor(key).double(), two.get_tensor(key).double()
+                assert (got - expected).norm() <= 1e-9 * expected.norm() + 1e-12, key
+    card = [line for line in (single / "README.md").read_text().splitlines() if "%" in line]
+    assert card and card == [line for line in (split / "README.md").read_text().splitlines() if "%" in line]
 
 
 def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):

@@ -1,0 +1,60 @@
+"""Work across torchrun processes: joining the process group, and tensors sent from one rank
+to another with their shapes (no pickling: ranks exchange only tensors)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from many_cli.models import resolve_device
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): under torchrun, join the process group (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world
+
+
+def _wire_device() -> torch.device:
+    """Where tensors must be to travel: NCCL sends from the rank's GPU, gloo from the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def send_tensors(tensors: Sequence[torch.Tensor], destination: int) -> None:
+    """Send float64 tensors of at most two dimensions to `destination`: their count, their
+    shapes, then each tensor."""
+    device = _wire_device()
+    shapes = [[tensor.dim(), *tensor.shape, *[1] * (2 - tensor.dim())] for tensor in tensors]
+    if any(rank > 2 for rank, *_ in shapes):
+        raise ValueError("send_tensors sends tensors of at most two dimensions")
+    torch.distributed.send(torch.tensor([len(tensors)], device=device), destination)
+    if tensors:
+        torch.distributed.send(torch.tensor(shapes, device=device), destination)
+    for tensor in tensors:
+        torch.distributed.send(tensor.to(device, torch.float64).contiguous(), destination)
+
+
+def receive_tensors(source: int) -> list[torch.Tensor]:
+    """What `send_tensors` sent from `source`, as float64 tensors on the CPU."""
+    device = _wire_device()
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    torch.distributed.recv(count, source)
+    if not int(count):
+        return []
+    shapes = torch.zeros(int(count), 3, dtype=torch.int64, device=device)
+    torch.distributed.recv(shapes, source)
+    received = []
+    for rank, *dims in shapes.tolist():
+        tensor = torch.empty(dims[:rank], dtype=torch.float64, device=device)
+        torch.distributed.recv(tensor, source)
+        received.append(tensor.cpu())
+    return received
