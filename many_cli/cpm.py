@@ -86,8 +86,9 @@ class RoutedProjector(nn.Module):
         self.image_shares: Sequence[int] | None = None  # set before each forward (models.ImageTracker)
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        image_features = image_features.to(self.prototypes.device)  # under a device map, the tower may sit elsewhere
         weights = routing_weights(pooled_direction(image_features, self.image_shares),
-                                  self.prototypes.to(image_features.device), self.eta, self.routing, self.confidence)
+                                  self.prototypes, self.eta, self.routing, self.confidence)
         self.weights = weights        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
         self.last_weights = weights.detach() if self.last_weights is None else torch.cat([self.last_weights,
                                                                                              weights.detach()])

@@ -21,8 +21,9 @@ from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, DeferredProjector, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs, tokenizer_of
 from many_cli.errors import InputError
-from many_cli.models import (ImageTracker, apply_adapters, find_projector, load_base_model, lora_layers,
-                             no_projector_reason, module_at, projector_paths, replace_projectors, resolve_device, resolve_dtype, text_layers)
+from many_cli.models import (ImageTracker, apply_adapters, check_device_map, find_projector, load_base_model,
+                             lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
+                             resolve_device, resolve_device_map, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
@@ -40,6 +41,9 @@ class InferOptions:
     batch_size: int = option(8, "--batch-size", "Records per generate call.")
     device: str = option("auto", "--device", "auto, cpu or cuda.")
     dtype: str = option("auto", "--dtype", "auto, float32, bfloat16 or float16.")
+    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
+                                                          "and CPU: auto, balanced, sequential, or a JSON file "
+                                                          "{module: device}; the routed projector runs on --device.")
     fold: bool = option(True, "--fold/--no-fold",
                         "Fold the merged LoRA into the weights (decoding then costs what the base costs).")
     prompt: str = DEFAULT_PROMPT  # the CLI's --prompt also chooses the mode (a text prompt alone)
@@ -68,6 +72,7 @@ class InferOptions:
             raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        check_device_map(self.device_map)
 
 
 @dataclass
@@ -89,7 +94,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     device = resolve_device(options.device)
-    model = load_base_model(base, resolve_dtype(options.dtype), device)
+    model = load_base_model(base, resolve_dtype(options.dtype), device, resolve_device_map(options.device_map))
     notes = []
     if bundle.projector_module and find_projector(model) is None:
         notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
@@ -112,7 +117,7 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     options.check()
     bundle = read_bundle_header(path / BUNDLE_FILE)
     device = resolve_device(options.device)
-    model = load_base_model(str(path), resolve_dtype(options.dtype), device)
+    model = load_base_model(str(path), resolve_dtype(options.dtype), device, resolve_device_map(options.device_map))
     router, tracker = install_router(model, _routed_projectors(model, bundle, options), device)
     return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker)
 
@@ -147,7 +152,7 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
         prototypes.append(prototype)
     versions = {}  # module name -> each task's copy, loaded
     for name in _bundled_modules(model, bundle):
-        versions[name] = [copy.deepcopy(module_at(model, name)) for _ in bundle.tasks]
+        versions[name] = [_task_copy(module_at(model, name)) for _ in bundle.tasks]
         for index, module in enumerate(versions[name]):
             load_task_module(module, bundle, index, name)
     eta = options.eta if options.eta is not None else bundle.eta
@@ -156,6 +161,15 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
     router = RoutedProjector(versions[projector], torch.stack(prototypes), bundle.tasks, eta, options.routing,
                              confidence)
     return router, {name: DeferredProjector(versions[name]) for name in companions}
+
+
+def _task_copy(module: nn.Module) -> nn.Module:
+    """A copy of the model's module to load one task's weights into, without accelerate's
+    placement hooks (an offloading hook would swap the base weights back in at every call)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    clone = remove_hook_from_module(copy.deepcopy(module), recurse=True)
+    return clone.to_empty(device="cpu") if any(p.is_meta for p in clone.parameters()) else clone
 
 
 def _bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:

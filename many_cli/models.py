@@ -7,6 +7,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_supported_config
 from many_cli.errors import InputError
-from many_cli.files import check_tensors
+from many_cli.files import check_tensors, read_json
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
@@ -31,6 +32,17 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise InputError(None, f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
+
+
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None) -> None:
+    """Refuse a --device-map that cannot apply, before any work starts."""
+    resolve_device_map(device_map)
+    if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(None, "--device-map places one model over this machine's devices; under torchrun "
+                               "each rank holds a model of its own: use one or the other")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | str:
@@ -74,13 +86,35 @@ def auto_model_classes() -> tuple[type, ...]:
     return AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM
 
 
-def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device) -> nn.Module:
+def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
+    """accelerate's placement for `--device-map`: a strategy by name, or a JSON file mapping
+    module names to devices (a GPU index, "cuda:N" or "cpu"). Disk is refused: PEFT loads an
+    adapter into a disk-offloaded model by rewriting the checkpoint's own files."""
+    if device_map is None or device_map in PLACEMENTS:
+        return device_map
+    placement = read_json(Path(device_map))
+    if not isinstance(placement, dict) or not placement:
+        raise InputError(device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of "
+                                     f"{{module name: device}}")
+    if "disk" in placement.values():
+        raise InputError(device_map, "places modules on disk; many does not offload to disk (PEFT would rewrite "
+                                     "the base checkpoint's files): give them to cpu")
+    return placement
+
+
+def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
+                    device_map: str | dict[str, Any] | None = None) -> nn.Module:
+    """The base model on `device`, or placed by accelerate over the devices `device_map` names."""
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
+    placement = {} if device_map is None else {"device_map": device_map}
     for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
-            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True)
-            return model.to(device).eval()
-        except ValueError:
+            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True, **placement)
+            return (model if device_map is not None else model.to(device)).eval()
+        except ValueError as error:
+            if device_map is not None and "offload" in str(error):
+                raise InputError(base, f"does not fit in the devices --device-map {device_map} may use, and many "
+                                       f"does not offload to disk") from None
             continue
         except OSError as error:
             raise InputError(base, f"cannot load safetensors model weights (many loads no pickled "
@@ -116,10 +150,11 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
     return adapted
 
 
-def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device):
+def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device,
+                       device_map: str | dict[str, Any] | None = None):
     """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
-    model = load_base_model(base, dtype, device)
-    return apply_adapters(model, base, [(adapter, "default")]).to(device).eval()
+    model = apply_adapters(load_base_model(base, dtype, device, device_map), base, [(adapter, "default")])
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:

@@ -25,8 +25,9 @@ from many_cli.distributed import init_distributed
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import (ImageTracker, base_fingerprint, computes_own_positions, find_projector, linear_layers,
-                             load_adapted_model, lora_layers, resolve_device, resolve_dtype, text_layers)
+from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
+                             linear_layers, load_adapted_model, lora_layers, resolve_device, resolve_device_map,
+                             resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
@@ -42,6 +43,9 @@ class StatsOptions:
     max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
     device: str = option("auto", "--device", "auto, cpu or cuda.")
     dtype: str = option("auto", "--dtype", "Model dtype: auto, float32, bfloat16 or float16 (statistics are float32 regardless).")
+    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
+                                                          "and CPU: auto, balanced, sequential, or a JSON file "
+                                                          "{module: device}; statistics gather on --device.")
     prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
     skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
     padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
@@ -70,6 +74,7 @@ class StatsOptions:
             raise InputError(None, f"--padding-side must be left or right, got {self.padding_side!r}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        check_device_map(self.device_map)
 
 
 @dataclass
@@ -175,7 +180,8 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     from transformers import AutoProcessor
 
-    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device)
+    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device,
+                               resolve_device_map(options.device_map))
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
@@ -377,7 +383,7 @@ class InputCovariances:
 
     def _hook(self, name: str, _module: nn.Module, args: tuple) -> None:
         x = args[0]
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).to(self._device)  # under a device map, layers sit on other devices
         if name in self._text_layers:
             flat = flat[self._mask]
             if self._scale is not None:  # Σ w x xᵀ = Σ (√w x)(√w x)ᵀ

@@ -100,19 +100,28 @@ def test_hard_routing_sends_heldout_images_to_their_task(tasks, tmp_path, capsys
         assert sorted(row["routing"].values()) == [0.0, 0.0, 1.0]
 
 
-def test_batched_answers_equal_single_ones_and_folding_changes_nothing(tasks, tmp_path, capsys):
+LAYER_BY_LAYER = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                  "model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": "cpu",
+                  "model.language_model.layers.1": "cpu", "model.language_model.norm": "cpu",
+                  "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def test_batched_answers_equal_single_ones_and_folding_and_placement_change_nothing(tasks, tmp_path, capsys):
     root, base, adapters, heldout = tasks
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    placement = tmp_path / "device_map.json"
+    placement.write_text(json.dumps(LAYER_BY_LAYER))
     runs = {}
     for name, extra in {"single": ["--batch-size", 1], "batched": ["--batch-size", 4],
-                        "unfolded": ["--batch-size", 4, "--no-fold"]}.items():
+                        "unfolded": ["--batch-size", 4, "--no-fold"], "auto": ["--device-map", "auto"],
+                        "placed": ["--device-map", placement, "--no-fold"]}.items():
         out = tmp_path / f"{name}.jsonl"
         args = ["infer", "--model", base, "--merged", merged, "--data", heldout[1], "--data", heldout[2],
                 "--out", out, "--max-new-tokens", 5, *extra]
         assert run_cli(capsys, *args)[0] == 0
         runs[name] = predictions(out)
-    for name in ("batched", "unfolded"):
+    for name in ("batched", "unfolded", "auto", "placed"):
         assert [r["prediction"] for r in runs[name]] == [r["prediction"] for r in runs["single"]]
         for mine, single in zip(runs[name], runs["single"]):
             for task, weight in single["routing"].items():

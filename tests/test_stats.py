@@ -238,6 +238,39 @@ def test_torchrun_shards_equal_a_single_process(task, tmp_path, capsys):
     assert metadata_two["records"] == "5" and metadata_two["images"] == "5"
 
 
+def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkeypatch):
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    single, placed = tmp_path / "single.safetensors", tmp_path / "placed.safetensors"
+    layer_by_layer = tmp_path / "device_map.json"
+    layer_by_layer.write_text(json.dumps({"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                                          "model.language_model.embed_tokens": "cpu",
+                                          "model.language_model.layers.0": "cpu", "model.language_model.layers.1": 0,
+                                          "model.language_model.norm": "cpu", "lm_head": "cpu"}))
+    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", single)[0] == 0
+    one, inputs_one, prototype_one, _ = read_stats(single)
+    for device_map in ["auto", layer_by_layer]:
+        if device_map == layer_by_layer and not torch.cuda.is_available():
+            layer_by_layer.write_text(layer_by_layer.read_text().replace(": 0", ': "cpu"'))
+        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
+                       "--device-map", device_map, "--force")[0] == 0
+        two, inputs_two, prototype_two, _ = read_stats(placed)
+        assert inputs_one == inputs_two
+        for module in one:
+            assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
+        assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
+
+    disk = tmp_path / "disk.json"
+    disk.write_text(json.dumps({"model": "disk", "lm_head": "cpu"}))
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
+                        "--device-map", disk, "--force")
+    assert code == 2 and str(disk) in err and "disk" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
+                        "--device-map", "auto", "--force")
+    assert code == 2 and "torchrun" in err
+
+
 def test_bench_stats_runs_and_counts_the_covariance_work():
     from many_cli.bench.stats_bench import bench_stats
 
