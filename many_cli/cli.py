@@ -373,7 +373,7 @@ def bench_continual_command(
 
 @bench_app.command("e2e")
 def bench_e2e_command(
-    family: Annotated[str, typer.Option("--family", help="llava-1.5-7b (its real configuration), or tiny.")] = "llava-1.5-7b",
+    family: Annotated[str, typer.Option("--family", help="llava-1.5-7b or qwen2.5-vl-7b (their real configurations), or tiny.")] = "llava-1.5-7b",
     layers: Annotated[Optional[int], typer.Option("--layers", help="Language-model layers [default: the family's]; figures scale linearly.")] = None,
     vision_layers: Annotated[Optional[int], typer.Option("--vision-layers", help="Vision-tower layers [default: the family's].")] = None,
     tasks: Annotated[int, typer.Option("--tasks", help="Task adapters written, gathered and merged.")] = 6,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from many_cli.bench.tiny import CHAT_TEMPLATE, build_tiny_llava, tiny_tokenizer
+from many_cli.bench.tiny import CHAT_TEMPLATE, build_tiny_llava, family_tokenizer, qwen_vl_parts, tiny_tokenizer
 
 
 def word_tokenizer(extra_special: dict[str, str]) -> PreTrainedTokenizerFast:
@@ -118,38 +118,13 @@ def _text_config(config_class, tokenizer, **extra):
                         eos_token_id=tokenizer.eos_token_id, **extra)
 
 
-def _family_tokenizer(specials: dict[str, str], image_text: str, video_text: str | None = None):
-    """The word-level tokenizer with the family's special tokens, its chat template writing
-    `image_text` where the user turn holds an image (and `video_text` where it holds a video)."""
-    tokenizer = word_tokenizer(specials)
-    template = CHAT_TEMPLATE.replace("<image> ", image_text + " ")
-    if video_text is not None:
-        text = "{% elif item['type'] == 'text' %}"
-        template = template.replace(text, "{% elif item['type'] == 'video' %}" + video_text + " " + text)
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-def _qwen_vl_parts(video_processor_class, image_processor_class):
-    tokenizer = _family_tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-                                  "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
-    pixels = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
-    image_processor = image_processor_class(min_pixels=256, max_pixels=1024, **pixels)
-    video_processor = video_processor_class(size={"shortest_edge": 256, "longest_edge": 1024}, **pixels)
-    ids = tokenizer.convert_tokens_to_ids
-    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    return tokenizer, image_processor, video_processor, tokens
-
-
 def build_qwen2_vl(out: Path) -> Path:
     """8 px patches merged 2 × 2: a 20 × 20 image is 4 patches (1 token), 20 × 40 is 8."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
-    tokenizer, image_processor, video_processor, tokens = _qwen_vl_parts(Qwen2VLVideoProcessor,
+    tokenizer, image_processor, video_processor, tokens = qwen_vl_parts(Qwen2VLVideoProcessor,
                                                                          Qwen2VLImageProcessorPil)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                                  chat_template=tokenizer.chat_template)
@@ -166,7 +141,7 @@ def build_qwen2_5_vl(out: Path) -> Path:
                               Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
-    tokenizer, image_processor, video_processor, tokens = _qwen_vl_parts(Qwen2VLVideoProcessor,
+    tokenizer, image_processor, video_processor, tokens = qwen_vl_parts(Qwen2VLVideoProcessor,
                                                                          Qwen2VLImageProcessorPil)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=video_processor, chat_template=tokenizer.chat_template)
@@ -185,7 +160,7 @@ def build_internvl(out: Path) -> Path:
     from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
                               InternVLProcessor, InternVLVideoProcessor, Qwen2Config)
 
-    tokenizer = _family_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
+    tokenizer = family_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
                                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}, "<IMG_CONTEXT>")
     image_processor = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True,
                                                min_patches=1, max_patches=4)
@@ -207,7 +182,7 @@ def build_mistral3(out: Path) -> Path:
     from transformers import (MistralConfig, Mistral3Config, Mistral3ForConditionalGeneration,
                               PixtralImageProcessorPil, PixtralProcessor, PixtralVisionConfig)
 
-    tokenizer = _family_tokenizer({"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+    tokenizer = family_tokenizer({"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
                                    "image_end_token": "[IMG_END]"}, "[IMG]")
     image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 4, "width": 4})
     processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
@@ -226,7 +201,7 @@ def _idefics_parts(image_processor_class):
     specials = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
                 "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"}
     specials.update({f"row_{row}_col_{col}": f"<row_{row}_col_{col}>" for row in (1, 2) for col in (1, 2)})
-    tokenizer = _family_tokenizer(specials, "<image>")
+    tokenizer = family_tokenizer(specials, "<image>")
     image_processor = image_processor_class(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
                                             do_image_splitting=True)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -250,7 +225,7 @@ def build_paligemma(out: Path) -> Path:
     from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                               SiglipImageProcessorPil, SiglipVisionConfig)
 
-    tokenizer = _family_tokenizer({"image_token": "<image>"}, "<image>")
+    tokenizer = family_tokenizer({"image_token": "<image>"}, "<image>")
     image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
     image_processor.image_seq_length = 16
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -270,7 +245,7 @@ def build_llava_onevision(out: Path) -> Path:
                               LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
 
     grid = [[16, 16], [16, 32], [32, 16], [32, 32]]
-    tokenizer = _family_tokenizer({"image_token": "<image>", "video_token": "<video>"}, "<image>", "<video>")
+    tokenizer = family_tokenizer({"image_token": "<image>", "video_token": "<video>"}, "<image>", "<video>")
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=grid)
     video_processor = LlavaOnevisionVideoProcessor(size={"height": 16, "width": 16})
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -296,7 +271,7 @@ def build_qwen3_vl(out: Path) -> Path:
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 
-    tokenizer, image_processor, video_processor, tokens = _qwen_vl_parts(Qwen3VLVideoProcessor,
+    tokenizer, image_processor, video_processor, tokens = qwen_vl_parts(Qwen3VLVideoProcessor,
                                                                          Qwen2VLImageProcessorPil)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor, chat_template=tokenizer.chat_template)

@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, CLIPVisionConfig, PretrainedConfig
 
 from many_cli.bench.merge_bench import run_merge, run_python
-from many_cli.bench.tiny import LLAMA_PROJECTIONS, WORDS, tiny_llava_config, tiny_processor
-from many_cli.models import resolve_device
+from many_cli.bench.tiny import IMAGE_SIZE, WORDS, qwen_vl_parts, tiny_llava_config, tiny_processor
+from many_cli.models import projector_paths, resolve_device
 from many_cli.state import STATS_FILE
 
 LORA_RANK = 16
 
 
-def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[LlavaConfig, object]:
+def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
     """LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, features from the second to last),
     a two-layer GELU projector, Llama-2-7B (32 layers, 4096 wide, MLP 11008, vocabulary 32064)."""
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
@@ -44,15 +44,42 @@ def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[LlavaCon
     return config, tiny_processor(image_size=336, patch_size=14)
 
 
-def tiny(layers: int | None, vision_layers: int | None) -> tuple[LlavaConfig, object]:
+def qwen2_5_vl_7b(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
+    """Qwen2.5-VL-7B: a 32-block windowed ViT (1280 wide, 14 px patches merged 2 × 2, full
+    attention in blocks 7, 15, 23, 31), Qwen2.5-7B (28 layers, 3584 wide, MLP 18944, 4 KV
+    heads, vocabulary 152064); images of 336 × 336 px (144 tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+    pixels = QWEN_IMAGE_SIZE ** 2
+    tokenizer, image_processor, video_processor, tokens = qwen_vl_parts(
+        Qwen2VLVideoProcessor, Qwen2VLImageProcessorPil, patch_size=14, min_pixels=pixels, max_pixels=pixels)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=video_processor, chat_template=tokenizer.chat_template)
+    text = Qwen2_5_VLTextConfig(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=vision_layers or 32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+    return Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision, tie_word_embeddings=False,
+                            **tokens), processor
+
+
+def tiny(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
     """The tests' tiny LLaVA: every path of the benchmark in a second."""
     config = tiny_llava_config(layers=layers or 2)
     config.vision_config.num_hidden_layers = vision_layers or 1
     return config, tiny_processor()
 
 
-FAMILIES: dict[str, Callable[[int | None, int | None], tuple[LlavaConfig, object]]] = {
-    "llava-1.5-7b": llava_15_7b, "tiny": tiny}
+QWEN_IMAGE_SIZE = 336
+FAMILIES: dict[str, tuple[Callable[[int | None, int | None], tuple[PretrainedConfig, object]], int]] = {
+    "llava-1.5-7b": (llava_15_7b, 336), "qwen2.5-vl-7b": (qwen2_5_vl_7b, QWEN_IMAGE_SIZE), "tiny": (tiny, IMAGE_SIZE)}
+TEXT_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @dataclass(frozen=True)
@@ -92,12 +119,12 @@ class E2EResult:
         return self.infer_many_seconds / self.infer_base_seconds
 
 
-def build_base(out: Path, config: LlavaConfig, processor, device: torch.device) -> Path:
+def build_base(out: Path, config: PretrainedConfig, processor, device: torch.device) -> Path:
     """Random bf16 weights created directly on `device`, saved as a transformers model directory."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model
@@ -107,10 +134,9 @@ def build_base(out: Path, config: LlavaConfig, processor, device: torch.device) 
 def write_adapters(base: Path, root: Path, tasks: int, device: torch.device) -> list[Path]:
     """`tasks` PEFT adapters saved by `save_pretrained`: random LoRA factors on the seven
     projections and a perturbed copy of the projector, one seed per task."""
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16).to(device)
-    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LLAMA_PROJECTIONS,
-                                             exclude_modules=r".*vision_tower.*",
-                                             modules_to_save=["multi_modal_projector"]))
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16).to(device)
+    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=TEXT_PROJECTIONS,
+                                             modules_to_save=projector_paths(model)))
     adapters = []
     for task in range(tasks):
         generator = torch.Generator(device).manual_seed(task)
@@ -213,21 +239,21 @@ def bench_e2e(family: str = "llava-1.5-7b", layers: int | None = None, vision_la
               tasks: int = 6, records: int = 4, batch_size: int = 2, new_tokens: int = 8, device: str = "auto",
               workdir: Path | None = None) -> E2EResult:
     compute = resolve_device(device)
-    config, processor = FAMILIES[family](layers, vision_layers)
+    build, image_size = FAMILIES[family]
+    config, processor = build(layers, vision_layers)
     with tempfile.TemporaryDirectory(prefix="many-e2e-", dir=workdir) as folder:
         root = Path(folder)
         base = build_base(root / "base", config, processor, compute)
         adapters = write_adapters(base, root / "adapters", tasks, compute)
-        size = config.vision_config.image_size
-        data = [write_records(root / "data" / adapter.name, records, size, seed=index)
+        data = [write_records(root / "data" / adapter.name, records, image_size, seed=index)
                 for index, adapter in enumerate(adapters)]
         stats = [_child(_STATS_IN_CHILD, base, adapter, records_file, compute.type, batch_size, int(index == 0))
                  for index, (adapter, records_file) in enumerate(zip(adapters, data))]
         merge_seconds, merge_peak = run_merge(adapters, root / "merged", device=compute.type)
         infer, infer_peak = _child(_INFER_IN_CHILD, base, root / "merged", data[0], compute.type, new_tokens)
         return E2EResult(
-            family=family, device=str(compute), layers=config.text_config.num_hidden_layers,
-            vision_layers=config.vision_config.num_hidden_layers, tasks=tasks, records=records,
+            family=family, device=str(compute), layers=config.get_text_config().num_hidden_layers,
+            vision_layers=getattr(config.vision_config, "num_hidden_layers", None) or config.vision_config.depth, tasks=tasks, records=records,
             stats_tokens=stats[0][0]["tokens"], stats_seconds=sum(measures["seconds"] for measures, _ in stats) / tasks,
             stats_loop_seconds=stats[0][0]["loop"], forward_seconds=stats[0][0]["forward"],
             stats_peak_host=max(peak for _, peak in stats),

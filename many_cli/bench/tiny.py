@@ -55,6 +55,34 @@ def tiny_tokenizer(extra_special: dict[str, str] | None = None,
     return tokenizer
 
 
+def family_tokenizer(specials: dict[str, str], image_text: str, video_text: str | None = None):
+    """The word-level tokenizer with a family's special tokens, its chat template writing
+    `image_text` where the user turn holds an image (and `video_text` where it holds a video)."""
+    tokenizer = tiny_tokenizer(specials, chat_template=None)
+    template = CHAT_TEMPLATE.replace("<image> ", image_text + " ")
+    if video_text is not None:
+        text = "{% elif item['type'] == 'text' %}"
+        template = template.replace(text, "{% elif item['type'] == 'video' %}" + video_text + " " + text)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def qwen_vl_parts(video_processor_class, image_processor_class, patch_size: int = 8, min_pixels: int = 256,
+                  max_pixels: int = 1024):
+    """A Qwen-VL family's tokenizer, image and video processors (patches merged 2 × 2) and the
+    config's special token ids."""
+    tokenizer = family_tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+                                 "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+    pixels = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
+    image_processor = image_processor_class(min_pixels=min_pixels, max_pixels=max_pixels, **pixels)
+    video_processor = video_processor_class(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **pixels)
+    ids = tokenizer.convert_tokens_to_ids
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return tokenizer, image_processor, video_processor, tokens
+
+
 def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     # The PIL image processor: the default one wants torchvision, which this project does not need.
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
