@@ -319,6 +319,7 @@ def bench_merge_command(
         ("largest relative difference from dense (goal ≤ 1e-4)", f"{result.dense_error:.1e}"),
         ("floor: one Cholesky per distinct input", f"{result.floor_seconds:.1f} s"),
         ("merge / floor (goal ≤ 1.3)", f"{result.ratio_to_floor:.2f}"),
+        ("merge with --state-precision float32 / floor", f"{result.float32_state_ratio_to_floor:.2f}"),
         ("merged adapter / dense merged delta (goal ≤ 5%)",
          f"{100 * result.adapter_bytes / result.dense_delta_bytes:.2f}%"),
         ("--resume with one more task", f"{result.resume_seconds:.1f} s"),

@@ -206,6 +206,7 @@ class MergeBenchResult:
     one_task_seconds: float
     float32_state_bytes_per_layer: int
     float32_state_error: float
+    float32_state_seconds: float
 
     @property
     def speedup_over_dense(self) -> float:
@@ -214,6 +215,10 @@ class MergeBenchResult:
     @property
     def ratio_to_floor(self) -> float:
         return self.merge_seconds / self.floor_seconds
+
+    @property
+    def float32_state_ratio_to_floor(self) -> float:
+        return self.float32_state_seconds / self.floor_seconds
 
     @property
     def resume_ratio(self) -> float:
@@ -242,7 +247,7 @@ def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdi
         resume_seconds, _ = run_merge([extra], root / "resumed", resume=merged)
         one_task_seconds, _ = run_merge([extra], root / "one")
         floor = cholesky_floor(layers, shape)
-        run_merge(first, root / "merged32", state_precision="float32")
+        float32_seconds, _ = run_merge(first, root / "merged32", state_precision="float32")
         run_merge([extra], root / "resumed32", resume=root / "merged32", state_precision="float32")
         float32_state_error = largest_difference(merged_deltas(root / "resumed", 0),
                                                  merged_deltas(root / "resumed32", 0))
@@ -262,6 +267,6 @@ def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdi
             state_bytes_per_layer=_size(merged / STATE_FILE) // layers, adapter_bytes=_size(merged / ADAPTER_WEIGHTS),
             dense_delta_bytes=dense_delta_bytes, resume_seconds=resume_seconds, one_task_seconds=one_task_seconds,
             float32_state_bytes_per_layer=_size(root / "merged32" / STATE_FILE) // layers,
-            float32_state_error=float32_state_error)
+            float32_state_error=float32_state_error, float32_state_seconds=float32_seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
