@@ -17,9 +17,19 @@ def init_distributed(device: str) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not torch.distributed.is_initialized():
-        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
+        compute = rank_device(device, world)
+        if compute.type == "cuda":
+            torch.cuda.set_device(compute)  # NCCL sends from, and collects on, this rank's GPU
+        torch.distributed.init_process_group("nccl" if compute.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world
+
+
+def rank_device(device: str, world: int) -> torch.device:
+    """The device this process computes on: under torchrun with CUDA, its own GPU (LOCAL_RANK)."""
+    resolved = resolve_device(device)
+    if world > 1 and resolved.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolved
 
 
 def _wire_device() -> torch.device:

@@ -24,7 +24,7 @@ from many_cli import lpm
 from many_cli.adapters import (ADAPTER_CONFIG, Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs,
                                read_adapter)
 from many_cli.card import model_card
-from many_cli.distributed import init_distributed, receive_tensors, send_tensors
+from many_cli.distributed import init_distributed, rank_device, receive_tensors, send_tensors
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
@@ -400,7 +400,7 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         for group in groups], base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance,
         tasks=all_tasks, members={group.key: group.modules for group in groups},
         dtype=STATE_PRECISIONS[options.state_precision])
-    device = resolve_device(options.device)
+    device = rank_device(options.device, world)
     singular, underdetermined = [], []
     for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
         owner = number % world

@@ -6,7 +6,6 @@ all-reduced before rank 0 writes the file."""
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +20,7 @@ from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_co
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, count_records, encode_loaded,
                            load_inputs, read_records, tokenizer_of)
-from many_cli.distributed import init_distributed
+from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
@@ -115,7 +114,7 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None,
 def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
              progress: Callable[[int | None], Progress]) -> StatsReport:
     rank, world = init_distributed(options.device)
-    device = _rank_device(options.device, rank, world)
+    device = rank_device(options.device, world)
     records = read_records(data, options.prompt)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
@@ -167,13 +166,6 @@ class _Totals:
     members: dict[str, list[str]]  # input -> the modules that read it
     prototype_sum: torch.Tensor | None
     images: int
-
-
-def _rank_device(device: str, rank: int, world: int) -> torch.device:
-    resolved = resolve_device(device)
-    if world > 1 and resolved.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    return resolved
 
 
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
