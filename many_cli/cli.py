@@ -327,7 +327,7 @@ def bench_merge_command(
         ("stats file per layer per task", f"{result.stats_bytes_per_layer / 1e6:.0f} MB"),
         ("merge state per layer", f"{result.state_bytes_per_layer / 1e6:.0f} MB"),
         ("merge state per layer, --state-precision float32", f"{result.float32_state_bytes_per_layer / 1e6:.0f} MB"),
-        ("float32 state: resumed merge's largest relative difference from float64",
+        ("float32 state: resumed merge against the float64 one, in output space (goal ≤ 1e-4)",
          f"{result.float32_state_error:.1e}"),
     ])
 
