@@ -99,6 +99,13 @@ def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
     if "disk" in placement.values():
         raise InputError(device_map, "places modules on disk; many does not offload to disk (PEFT would rewrite "
                                      "the base checkpoint's files): give them to cpu")
+    gpus = torch.cuda.device_count()
+    for module, device in placement.items():
+        index = device if isinstance(device, int) and not isinstance(device, bool) else (
+            int(device[5:]) if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) else None)
+        if device != "cpu" and not (index is not None and 0 <= index < gpus):
+            choices = f"\"cpu\", a GPU index below {gpus} or \"cuda:N\"" if gpus else "\"cpu\" (torch sees no GPU)"
+            raise InputError(device_map, f"places {module} on {device!r}; use {choices}")
     return placement
 
 

@@ -260,11 +260,13 @@ def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkey
             assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
         assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
 
-    disk = tmp_path / "disk.json"
-    disk.write_text(json.dumps({"model": "disk", "lm_head": "cpu"}))
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
-                        "--device-map", disk, "--force")
-    assert code == 2 and str(disk) in err and "disk" in err and len(err.strip().splitlines()) == 1
+    for device, fault in [("disk", "does not offload to disk"), ("gpu7", "'gpu7'"),
+                          (torch.cuda.device_count(), "GPU")]:
+        bad = tmp_path / "bad_map.json"
+        bad.write_text(json.dumps({"model": device, "lm_head": "cpu"}))
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
+                            "--device-map", bad, "--force")
+        assert code == 2 and str(bad) in err and fault in err and len(err.strip().splitlines()) == 1, err
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
                         "--device-map", "auto", "--force")
