@@ -31,9 +31,8 @@ from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device, routable_modules
 from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
-                            pack_symmetric,
-                            StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, read_bundle_header,
-                            read_state_header, read_stats_header, write_bundle)
+                            StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, pack_symmetric,
+                            read_bundle_header, read_state_header, read_stats_header, write_bundle)
 
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
@@ -165,11 +164,11 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
     earlier = [task.name for task in previous.state.tasks] if previous else []
     report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
 
-    report.rank = init_distributed(options.device)[0]
+    report.rank, world = init_distributed(options.device)
     if report.rank != 0:  # another torchrun rank: it solves its share of the groups, rank 0 writes
         if options.method == "many":
             _merge_lpm(tasks, previous, _plan_groups(tasks, previous), options, base_fingerprint, base_model,
-                       None, report, track, emit=None)
+                       None, report, track, emit=None, world=world)
         return report
     with atomic_output_dir(out, options.force) as staging:
         if options.method == "many":
@@ -177,7 +176,7 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
             modules = _merged_modules(tasks, previous, [(m, g.dim) for g in groups for m in g.modules], options.rank)
             adapter = MergedAdapterWriter(staging, modules, base_model)
             _merge_lpm(tasks, previous, groups, options, base_fingerprint, base_model,
-                       staging / STATE_FILE, report, track, adapter.write)
+                       staging / STATE_FILE, report, track, adapter.write, world=world)
         else:
             names = sorted({module for task in tasks for module in task.adapter.modules})
             modules = _merged_modules(tasks, None, [(m, _d_in(tasks, m)) for m in names], options.rank,
@@ -386,11 +385,11 @@ def _group_width(tasks: list[Task], previous: Previous | None, key: str, modules
 
 def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group],
                options: MergeOptions, base_fingerprint: str, base_model: str | None,
-               state_path: Path | None, report: MergeReport, track: Track, emit: Emit) -> None:
+               state_path: Path | None, report: MergeReport, track: Track, emit: Emit | None, world: int) -> None:
     """Per input group: gather H and every task's factors, keep them in the state, solve, emit.
     Under torchrun, group n is solved by rank n mod world size, and rank 0 alone writes (its
-    `state_path`; the other ranks pass None), taking the other ranks' groups in order."""
-    rank, world = init_distributed(options.device)
+    `state_path` and `emit`; the other ranks pass None), taking the other ranks' groups in order."""
+    rank = report.rank
     offset = len(previous.state.tasks) if previous else 0
     all_tasks = list(previous.state.tasks if previous else []) + [_state_task(task, index, groups)
                                                                    for index, task in enumerate(tasks)]

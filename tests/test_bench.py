@@ -33,7 +33,7 @@ def test_the_e2e_configurations_have_their_published_sizes(family, published, la
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from many_cli.bench.e2e import FAMILIES
+    from many_cli.bench.e2e import FAMILIES, vision_depth
 
     build, _ = FAMILIES[family]
     config, _ = build(None, None)
@@ -42,4 +42,4 @@ def test_the_e2e_configurations_have_their_published_sizes(family, published, la
     # The published checkpoints' parameter counts (model cards: 7.06 B, 8.29 B).
     assert sum(parameter.numel() for parameter in model.parameters()) == published
     assert config.get_text_config().num_hidden_layers == layers
-    assert (getattr(config.vision_config, "num_hidden_layers", None) or config.vision_config.depth) == vision_layers
+    assert vision_depth(config) == vision_layers

@@ -76,6 +76,11 @@ def tiny(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfi
     return config, tiny_processor()
 
 
+def vision_depth(config: PretrainedConfig) -> int:
+    """The vision tower's layers: `num_hidden_layers` in CLIP, `depth` in Qwen-VL."""
+    return getattr(config.vision_config, "num_hidden_layers", None) or config.vision_config.depth
+
+
 QWEN_IMAGE_SIZE = 336
 FAMILIES: dict[str, tuple[Callable[[int | None, int | None], tuple[PretrainedConfig, object]], int]] = {
     "llava-1.5-7b": (llava_15_7b, 336), "qwen2.5-vl-7b": (qwen2_5_vl_7b, QWEN_IMAGE_SIZE), "tiny": (tiny, IMAGE_SIZE)}
@@ -201,7 +206,7 @@ _INFER_IN_CHILD = """
 import json, sys
 from pathlib import Path
 import torch
-from many_cli.bench.infer_bench import _per_image
+from many_cli.bench.infer_bench import seconds_per_image
 from many_cli.data import load_inputs, read_records, encode_loaded
 from many_cli.infer import InferOptions, load_merged, load_processor
 from many_cli.models import load_base_model, resolve_device
@@ -212,12 +217,12 @@ inputs = [encode_loaded(processor, [record], [load_inputs(processor, record)], w
           for record in read_records(Path(data))]
 plain = load_base_model(base, "auto", compute)
 ours = load_merged(base, Path(merged), InferOptions(device=device)).model
-_per_image(plain, inputs[:1], 2)
-_per_image(ours, inputs[:1], 2)
+seconds_per_image(plain, inputs[:1], 2)
+seconds_per_image(ours, inputs[:1], 2)
 base_seconds = many_seconds = float("inf")
 for _ in range(2):  # interleaved, best of each
-    base_seconds = min(base_seconds, _per_image(plain, inputs, int(new_tokens)))
-    many_seconds = min(many_seconds, _per_image(ours, inputs, int(new_tokens)))
+    base_seconds = min(base_seconds, seconds_per_image(plain, inputs, int(new_tokens)))
+    many_seconds = min(many_seconds, seconds_per_image(ours, inputs, int(new_tokens)))
 result = {"base": base_seconds, "many": many_seconds}
 if torch.cuda.is_available():
     result["device_peak"] = torch.cuda.max_memory_allocated()
@@ -253,7 +258,7 @@ def bench_e2e(family: str = "llava-1.5-7b", layers: int | None = None, vision_la
         infer, infer_peak = _child(_INFER_IN_CHILD, base, root / "merged", data[0], compute.type, new_tokens)
         return E2EResult(
             family=family, device=str(compute), layers=config.get_text_config().num_hidden_layers,
-            vision_layers=getattr(config.vision_config, "num_hidden_layers", None) or config.vision_config.depth, tasks=tasks, records=records,
+            vision_layers=vision_depth(config), tasks=tasks, records=records,
             stats_tokens=stats[0][0]["tokens"], stats_seconds=sum(measures["seconds"] for measures, _ in stats) / tasks,
             stats_loop_seconds=stats[0][0]["loop"], forward_seconds=stats[0][0]["forward"],
             stats_peak_host=max(peak for _, peak in stats),

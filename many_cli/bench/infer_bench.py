@@ -85,7 +85,8 @@ def _timed(function):
     return value, time.perf_counter() - start
 
 
-def _per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None, record: Record | None = None) -> float:
+def seconds_per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None,
+                      record: Record | None = None) -> float:
     """Seconds per image for greedy decoding of exactly `new_tokens`, one image at a time
     (with `experts`, routing each image (`record`) to its task's LoRA first, as `many infer` does)."""
     start = time.perf_counter()
@@ -110,13 +111,13 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
         inputs = [encode_records(processor, [record],
                                  [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8"))],
                                  with_answers=False).to(compute) for _ in range(images)]
-        _per_image(plain, inputs[:1], 2)
-        _per_image(ours.model, inputs[:1], 2)
-        _per_image(routed.model, inputs[:1], 2, routed, record)
+        seconds_per_image(plain, inputs[:1], 2)
+        seconds_per_image(ours.model, inputs[:1], 2)
+        seconds_per_image(routed.model, inputs[:1], 2, routed, record)
         base_seconds = many_seconds = experts_seconds = float("inf")
         for _ in range(repeats):  # interleaved, best of each
-            base_seconds = min(base_seconds, _per_image(plain, inputs, new_tokens))
-            many_seconds = min(many_seconds, _per_image(ours.model, inputs, new_tokens))
-            experts_seconds = min(experts_seconds, _per_image(routed.model, inputs, new_tokens, routed, record))
+            base_seconds = min(base_seconds, seconds_per_image(plain, inputs, new_tokens))
+            many_seconds = min(many_seconds, seconds_per_image(ours.model, inputs, new_tokens))
+            experts_seconds = min(experts_seconds, seconds_per_image(routed.model, inputs, new_tokens, routed, record))
     return InferBenchResult(str(compute), tasks, images, new_tokens, base_seconds, many_seconds,
                             base_load, many_load, experts_seconds)
