@@ -352,6 +352,8 @@ def bench_continual_command(
     from many_cli.bench.continual import BASES, ContinualOptions, markdown, plot, run_benchmark
     from many_cli.bench.training import TrainOptions
 
+    if seeds < 1:
+        raise InputError(None, f"--seeds is how many seeds to run per base (at least 1), got {seeds}")
     kinds = tuple(kind.strip() for kind in bases.split(","))
     if not kinds or any(kind not in BASES for kind in kinds):
         raise InputError(None, f"--bases takes a comma-separated list of {', '.join(BASES)}, got {bases!r}")

@@ -50,11 +50,16 @@ def pooled_direction(features: torch.Tensor, image_shares: Sequence[int] | None 
 
 
 def routing_weights(directions: torch.Tensor, prototypes: torch.Tensor, eta: float, routing: str,
-                    confidence: float | None = None) -> torch.Tensor:
+                    confidence: float | None = None, owners: torch.Tensor | None = None) -> torch.Tensor:
     """(images, tasks) weights: softmax(cos(f, µ_i) / η), or one-hot on the closest prototype.
-    With `confidence`, soft weights whose largest entry reaches it become one-hot too (the
-    image is routed to that task alone; the others keep the soft mixture)."""
+    With `owners` (the task of each prototype row), a task has several rows and its similarity
+    is that of its closest one (routing to the nearest calibration image's task). With
+    `confidence`, soft weights whose largest entry reaches it become one-hot too (the image is
+    routed to that task alone; the others keep the soft mixture)."""
     similarity = directions @ F.normalize(prototypes.float(), dim=-1).T
+    if owners is not None:
+        per_task = similarity.new_full((similarity.shape[0], int(owners.max()) + 1), -torch.inf)
+        similarity = per_task.scatter_reduce(1, owners.expand_as(similarity), similarity, "amax")
     hard = F.one_hot(similarity.argmax(dim=-1), similarity.shape[-1]).to(similarity.dtype)
     if routing == "hard":
         return hard
@@ -69,14 +74,20 @@ class RoutedProjector(nn.Module):
     exactly 0 (hard routing) is not run for that image."""
 
     def __init__(self, projectors: Sequence[nn.Module], prototypes: torch.Tensor, tasks: Sequence[str],
-                 eta: float, routing: str = "soft", confidence: float | None = None):
+                 eta: float, routing: str = "soft", confidence: float | None = None,
+                 owners: torch.Tensor | None = None):
         super().__init__()
-        if len(projectors) != len(tasks) or prototypes.shape[0] != len(tasks):
-            raise ValueError("one projector and one prototype per task")
+        if len(projectors) != len(tasks):
+            raise ValueError("one projector per task")
+        if owners is None and prototypes.shape[0] != len(tasks):
+            raise ValueError("one prototype per task, or the owner task of each")
+        if owners is not None and (owners.shape != prototypes.shape[:1] or set(owners.tolist()) != set(range(len(tasks)))):
+            raise ValueError("every prototype row needs its owner task, and every task a row")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}")
         self.projectors = nn.ModuleList(projectors)
         self.register_buffer("prototypes", F.normalize(prototypes.float(), dim=-1))
+        self.register_buffer("owners", None if owners is None else owners.long())
         self.tasks = list(tasks)
         self.eta = eta
         self.routing = routing
@@ -88,7 +99,7 @@ class RoutedProjector(nn.Module):
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         image_features = image_features.to(self.prototypes.device)  # under a device map, the tower may sit elsewhere
         weights = routing_weights(pooled_direction(image_features, self.image_shares),
-                                  self.prototypes, self.eta, self.routing, self.confidence)
+                                  self.prototypes, self.eta, self.routing, self.confidence, self.owners)
         self.weights = weights        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
         self.last_weights = weights.detach() if self.last_weights is None else torch.cat([self.last_weights,
                                                                                              weights.detach()])

@@ -30,6 +30,7 @@ from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_h
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
 DEFAULT_CONFIDENCE = 0.5
+ROUTE_BY = ("prototype", "nearest")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class InferOptions:
     """Every setting of one `many infer` run, each declared once and checked in `check`."""
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
     routing: str = option("soft", "--routing", "soft (weighted projectors) or hard (the closest task's).")
+    route_by: str = option("prototype", "--route-by",
+                           "prototype (each task's mean image direction, the paper's) or nearest (the task of "
+                           "the nearest calibration image; use with --routing hard).")
     max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
     batch_size: int = option(8, "--batch-size", "Records per generate call.")
     device: str = option("auto", "--device", "auto, cpu or cuda.")
@@ -58,6 +62,8 @@ class InferOptions:
         """Refuse every invalid setting before any work starts."""
         if self.routing not in ROUTINGS:
             raise InputError(None, f"--routing must be soft or hard, got {self.routing!r}")
+        if self.route_by not in ROUTE_BY:
+            raise InputError(None, f"--route-by must be prototype or nearest, got {self.route_by!r}")
         if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
         if self.lm_routing not in ("merged", "experts"):
@@ -150,6 +156,9 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
             raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
                                           f"routed; merge adapters that have stats files")
         prototypes.append(prototype)
+    owners = None
+    if options.route_by == "nearest":
+        prototypes, owners = _exemplars(bundle, prototypes[0].numel())
     versions = {}  # module name -> each task's copy, loaded
     for name in _bundled_modules(model, bundle):
         versions[name] = [_task_copy(module_at(model, name)) for _ in bundle.tasks]
@@ -158,9 +167,25 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
     eta = options.eta if options.eta is not None else bundle.eta
     confidence = options.confidence if options.lm_routing == "experts" else None
     projector, *companions = versions
-    router = RoutedProjector(versions[projector], torch.stack(prototypes), bundle.tasks, eta, options.routing,
-                             confidence)
+    router = RoutedProjector(versions[projector], torch.stack(prototypes) if owners is None else prototypes,
+                             bundle.tasks, eta, options.routing, confidence, owners)
     return router, {name: DeferredProjector(versions[name]) for name in companions}
+
+
+def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's calibration-image directions, stacked, and the task each row belongs to."""
+    rows = []
+    for index, task in enumerate(bundle.tasks):
+        exemplars = bundle.exemplars(index)
+        if exemplars is None:
+            raise InputError(bundle.path, f"keeps no calibration images for task {task} (its stats file predates "
+                                          f"them); run `many stats` again and merge, or use --route-by prototype")
+        if exemplars.dim() != 2 or exemplars.shape[0] == 0 or exemplars.shape[1] != width:
+            raise InputError(bundle.path, f"task {task}'s exemplars have shape {tuple(exemplars.shape)}, expected "
+                                          f"(images, {width}); re-create the merge")
+        rows.append(exemplars)
+    owners = torch.cat([torch.full((len(part),), index) for index, part in enumerate(rows)])
+    return torch.cat(rows), owners
 
 
 def _task_copy(module: nn.Module) -> nn.Module:

@@ -663,15 +663,17 @@ def _write_experts(folder: Path, tasks: list[Task], previous: Previous | None, b
 
 
 def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:
-    """Task names, per-task projectors and prototypes, and the default η."""
+    """Task names, per-task projectors, prototypes and exemplars, and the default η."""
     bundled, projector_module = [], None
     if previous:
         projector_module = previous.bundle.projector_module
-        bundled = [BundleTask(name, previous.bundle.projector(index), previous.bundle.prototype(index))
+        bundled = [BundleTask(name, previous.bundle.projector(index), previous.bundle.prototype(index),
+                              previous.bundle.exemplars(index))
                    for index, name in enumerate(previous.bundle.tasks)]
     for task in tasks:
         projector_module = projector_module or task.adapter.projector_module
         bundled.append(BundleTask(task.adapter.name,
                                   {name: task.adapter.projector_tensor(name) for name in task.adapter.projector_shapes},
-                                  task.stats.prototype() if task.stats else None))
+                                  task.stats.prototype() if task.stats else None,
+                                  task.stats.exemplars() if task.stats else None))
     write_bundle(path, bundled, projector_module, eta)

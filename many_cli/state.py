@@ -6,12 +6,13 @@ the typed headers and writers below.
 Stats file (`many_stats.safetensors`, one per adapter, written by `many stats`):
   covariance/<input>   1-D, the upper triangle of Σ x xᵀ packed row by row (float32 or float64)
   prototype            1-D float32, the mean of L2-normalised pooled projector inputs (if images)
+  exemplars            (images, width) float32, each image's L2-normalised pooled projector input
   metadata             format, format_version, adapter_fingerprint, base_fingerprint, token_rule,
                        images, tokens, inputs = JSON {input: {"modules": [...], "dim": d, "tokens": n}}
   An <input> is named after the first module (in name order) that reads it.
 
 Bundle (`many_bundle.safetensors`, in a merge output):
-  projector/<i>/<param>, prototype/<i> for task i (0-based, merge order); <param> is named
+  projector/<i>/<param>, prototype/<i>, exemplars/<i> for task i (0-based, merge order); <param> is named
                        inside projector_module: the module the adapters saved whole, or the
                        parent of several (Qwen3-VL's merger with its DeepStack mergers)
   metadata             format, format_version, tasks = JSON [names], projector_module, eta
@@ -173,6 +174,11 @@ class StatsHeader:
         with open_safetensors(self.path) as handle:
             return handle.get("prototype")
 
+    def exemplars(self) -> torch.Tensor | None:
+        """Each calibration image's pooled direction; None in files from before they were kept."""
+        with open_safetensors(self.path) as handle:
+            return handle.get("exemplars") if "exemplars" in handle.keys() else None
+
 
 @contextmanager
 def _metadata_of(path: Path) -> Iterator:
@@ -233,11 +239,13 @@ class StatsWriter:
     def __init__(self, path: Path, *, dims: Mapping[str, int], tokens: Mapping[str, int],
                  modules: Mapping[str, list[str]], images: int, adapter_fingerprint: str, base_fingerprint: str,
                  token_rule: str, prototype_width: int | None, dtype: torch.dtype = torch.float32,
-                 extra: Mapping[str, str] | None = None):
+                 extra: Mapping[str, str] | None = None, exemplars: int = 0):
         self.keys = sorted(dims)  # the order covariances must be written in
         layout = [(_covariance_key(key), dtype, (packed_length(dims[key]),)) for key in self.keys]
         if prototype_width is not None:
             layout.append(("prototype", torch.float32, (prototype_width,)))
+            if exemplars:
+                layout.append(("exemplars", torch.float32, (exemplars, prototype_width)))
         inputs = {key: {"modules": sorted(modules[key]), "dim": int(dims[key]), "tokens": int(tokens[key])}
                   for key in dims}
         metadata = {
@@ -259,6 +267,9 @@ class StatsWriter:
     def prototype(self, prototype: torch.Tensor) -> None:
         self._writer.write("prototype", prototype.to(torch.float32).contiguous())
 
+    def exemplars(self, exemplars: torch.Tensor) -> None:
+        self._writer.write("exemplars", exemplars.to(torch.float32).contiguous())
+
     def close(self) -> None:
         self._writer.close()
 
@@ -266,19 +277,23 @@ class StatsWriter:
 def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
                 modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
                 adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
-                extra: Mapping[str, str] | None = None) -> None:
+                extra: Mapping[str, str] | None = None, exemplars: torch.Tensor | None = None) -> None:
     """Write a stats file all or nothing. `covariances[input]` is packed (`pack_symmetric`), all
-    of one dtype; `modules[input]` lists the modules that read that input."""
+    of one dtype; `modules[input]` lists the modules that read that input; `exemplars` (with a
+    prototype) holds each image's pooled direction."""
     dtype = next(iter(covariances.values())).dtype if covariances else torch.float32
     with atomic_output_file(path) as partial:
         writer = StatsWriter(partial, dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
                              tokens=tokens, modules=modules, images=images, adapter_fingerprint=adapter_fingerprint,
                              base_fingerprint=base_fingerprint, token_rule=token_rule, dtype=dtype,
-                             prototype_width=None if prototype is None else prototype.numel(), extra=extra)
+                             prototype_width=None if prototype is None else prototype.numel(), extra=extra,
+                             exemplars=0 if prototype is None or exemplars is None else exemplars.shape[0])
         for key in writer.keys:
             writer.covariance(key, covariances[key])
         if prototype is not None:
             writer.prototype(prototype)
+            if exemplars is not None:
+                writer.exemplars(exemplars)
         writer.close()
 
 
@@ -290,6 +305,10 @@ def _projector_key(index: int, parameter: str) -> str:
 
 def _prototype_key(index: int) -> str:
     return f"prototype/{index}"
+
+
+def _exemplars_key(index: int) -> str:
+    return f"exemplars/{index}"
 
 
 @dataclass(frozen=True)
@@ -329,6 +348,14 @@ class BundleHeader:
         with open_safetensors(self.path) as handle:
             return handle.get(_prototype_key(index))
 
+    def exemplars(self, index: int) -> torch.Tensor | None:
+        """Task `index`'s calibration images' pooled directions, or None where its stats file
+        did not keep them."""
+        if _exemplars_key(index) not in self.shapes:
+            return None
+        with open_safetensors(self.path) as handle:
+            return handle.get(_exemplars_key(index))
+
 
 def read_bundle_header(path: Path) -> BundleHeader:
     with _metadata_of(path) as handle:
@@ -348,6 +375,7 @@ class BundleTask:
     name: str
     projector: Mapping[str, torch.Tensor]  # parameter name -> weight (empty: no projector)
     prototype: torch.Tensor | None
+    exemplars: torch.Tensor | None = None
 
 
 def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | None, eta: float) -> None:
@@ -357,6 +385,8 @@ def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | No
             tensors[_projector_key(index, name)] = weight.contiguous()
         if task.prototype is not None:
             tensors[_prototype_key(index)] = task.prototype.contiguous()
+        if task.exemplars is not None:
+            tensors[_exemplars_key(index)] = task.exemplars.contiguous()
     metadata = {"format": "many-bundle", "format_version": FORMAT_VERSION, "tasks": json.dumps([t.name for t in tasks]),
                 "projector_module": projector_module or "", "eta": repr(eta)}
     save_tensors(path, tensors, metadata)

@@ -166,6 +166,7 @@ class _Totals:
     members: dict[str, list[str]]  # input -> the modules that read it
     prototype_sum: torch.Tensor | None
     images: int
+    exemplars: torch.Tensor | None  # (images, width): each image's pooled direction
 
 
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
@@ -221,10 +222,10 @@ def deciding_weights(mask: torch.Tensor, answer_tokens: list[int], weight: float
 
 def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport,
             device: torch.device) -> _Totals:
-    prototype_sum, images = prototype.result()
+    prototype_sum, images, exemplars = prototype.result()
     totals = _Totals({key: triangle.packed() for key, triangle in covariances.sums.items()},
                      {key: triangle.rows_added for key, triangle in covariances.sums.items()},
-                     covariances.members, prototype_sum, images)
+                     covariances.members, prototype_sum, images, exemplars)
     return _all_reduce(totals, report, device) if world > 1 else totals
 
 
@@ -249,7 +250,7 @@ def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint:
                 tokens={name: totals.rows[key] for name, key in named.items()},
                 modules={name: totals.members[key] for name, key in named.items()},
                 prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
-                images=totals.images, adapter_fingerprint=adapter_fingerprint,
+                exemplars=totals.exemplars, images=totals.images, adapter_fingerprint=adapter_fingerprint,
                 base_fingerprint=fingerprint, token_rule=token_rule,
                 extra={"records": str(report.records), "skipped": str(report.skipped),
                        "answer_weight": repr(options.answer_weight),
@@ -397,11 +398,13 @@ class InputCovariances:
 
 
 class PrototypeSum:
-    """Sums the L2-normalised, mean-pooled projector input of every image: the CPM prototype."""
+    """Keeps the L2-normalised, mean-pooled projector input of every image (the exemplars that
+    `infer --route-by nearest` routes by) and their sum (the CPM prototype, once divided)."""
 
     def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.directions: list[torch.Tensor] = []
         self.image_shares: list[int] | None = None  # set before each forward (models.ImageTracker)
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
@@ -409,9 +412,10 @@ class PrototypeSum:
         normalised = pooled_direction(args[0], self.image_shares)
         self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
         self.count += normalised.shape[0]
+        self.directions.append(normalised.cpu())
 
-    def result(self) -> tuple[torch.Tensor | None, int]:
-        return self.total, self.count
+    def result(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        return self.total, self.count, torch.cat(self.directions) if self.directions else None
 
     def remove_hook(self) -> None:
         if self._hook is not None:
@@ -451,4 +455,8 @@ def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _
         if prototype_sum is None:
             prototype_sum = torch.zeros(prototype_width, device=device)
         dist.all_reduce(prototype_sum)
-    return _Totals(sums, rows, members, prototype_sum, images)
+    # Each rank's exemplars, rank by rank (own ranks' objects; nothing from outside is unpickled).
+    exemplars = [None] * dist.get_world_size()
+    dist.all_gather_object(exemplars, totals.exemplars)
+    exemplars = [part for part in exemplars if part is not None]
+    return _Totals(sums, rows, members, prototype_sum, images, torch.cat(exemplars) if exemplars else None)

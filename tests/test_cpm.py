@@ -71,3 +71,26 @@ def test_a_deferred_projector_settles_to_each_images_own_mixture():
         deferred(early)  # never settled: the first task's output would answer silently
         with pytest.raises(RuntimeError):
             deferred.check_settled()
+
+
+def test_nearest_routing_follows_the_closest_calibration_image():
+    """With several prototype rows per task (their owners given), a task's similarity is that of
+    its closest row: hard routing picks the owner of the nearest row, soft routing the softmax
+    of the per-task maxima. Brute force over the rows here."""
+    torch.manual_seed(1)
+    projectors = [nn.Linear(6, 5) for _ in range(3)]
+    rows, owners = torch.randn(7, 6), torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    features = torch.randn(5, 4, 6)
+    pooled = features.mean(dim=1)
+    cosines = torch.stack([torch.cosine_similarity(pooled, row[None], dim=1) for row in rows], dim=1)
+    per_task = torch.stack([cosines[:, owners == task].max(dim=1).values for task in range(3)], dim=1)
+    hard = RoutedProjector(projectors, rows, ["a", "b", "c"], 0.2, "hard", owners=owners)
+    soft = RoutedProjector(projectors, rows, ["a", "b", "c"], 0.2, "soft", owners=owners)
+    with torch.no_grad():
+        hard(features), soft(features)
+    nearest = owners[cosines.argmax(dim=1)]
+    assert len(set(nearest.tolist())) > 1
+    assert torch.equal(hard.last_weights.argmax(dim=1), nearest)
+    assert torch.allclose(soft.last_weights, torch.softmax(per_task / 0.2, dim=1), atol=1e-6)
+    with pytest.raises(ValueError):
+        RoutedProjector(projectors, rows, ["a", "b", "c"], 0.2, owners=torch.tensor([0, 0, 1, 1, 1, 1, 1]))

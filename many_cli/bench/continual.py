@@ -43,8 +43,14 @@ REGMEAN_OPTIONS = MergeOptions(balance=True, alpha=0.6, ridge=0.0)
 LEAD_ALPHA = "MAny, α = 0.6 (RegMean's off-diagonal reduction)"
 LEAD_ANSWERS = "MAny, answer positions × 64"
 LEAD_LAYERWISE = "MAny, layer by layer (RegMean++)"
+LEAD_MODULEWISE = "MAny, module group by group (RegMean++)"
+LEAD_HARD = "MAny, hard routing"
+LEAD_NEAREST = "MAny, nearest calibration image (hard routing)"
+LEAD_BOTH = "MAny, module group by group + nearest image"
+EXPERTS_NEAREST = "MAny + routed experts, nearest image"
 SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY, LEAD_ALPHA, LEAD_ANSWERS,
-           LEAD_LAYERWISE, EXPERTS)
+           LEAD_LAYERWISE, LEAD_MODULEWISE, LEAD_HARD, LEAD_NEAREST, LEAD_BOTH, EXPERTS, EXPERTS_NEAREST)
+NEAREST = InferOptions(device="cpu", route_by="nearest", routing="hard")
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
 
@@ -73,6 +79,7 @@ class WorldRun:
     seed: int
     steps: dict[str, list[Scores]] = field(default_factory=dict)
     routing: Scores = field(default_factory=dict)  # task -> share of its images routed to it
+    nearest_routing: Scores = field(default_factory=dict)  # the same, routed by the nearest calibration image
     sweeps: dict[tuple[str, float], float] = field(default_factory=dict)  # (setting, value) -> MAny FAA
 
     def final(self, system: str) -> Scores:
@@ -155,16 +162,32 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
         run.steps[MANY].append(accuracy(predictions))
         experts = InferOptions(device="cpu", lm_routing="experts")
         run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], experts), seen))
-        layerwise = layerwise_adapters(base, world.adapters[:step], [world.calibration[task.name] for task in
-                                                                     TASKS[:step]], root / "leads" / f"layerwise_{step}")
-        for system, name, adapters, options in (
-                (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6)),
-                (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions()),
-                (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions())):
+        run.steps[EXPERTS_NEAREST].append(_score(load_merged(base, merged["many"], replace(NEAREST, lm_routing="experts")),
+                                                 seen))
+        run.steps[LEAD_HARD].append(_score(load_merged(base, merged["many"], InferOptions(device="cpu", routing="hard")),
+                                           seen))
+        nearest = _predict(load_merged(base, merged["many"], NEAREST), seen)
+        run.steps[LEAD_NEAREST].append(accuracy(nearest))
+        calibration = [world.calibration[task.name] for task in TASKS[:step]]
+        layerwise = layerwise_adapters(base, world.adapters[:step], calibration, root / "leads" / f"layerwise_{step}")
+        modulewise = layerwise_adapters(base, world.adapters[:step], calibration, root / "leads" / f"modulewise_{step}",
+                                        by_module=True)
+        for system, name, adapters, options, infer_options in (
+                (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6), InferOptions(device="cpu")),
+                (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions(), InferOptions(device="cpu")),
+                (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions(), InferOptions(device="cpu")),
+                (LEAD_MODULEWISE, "modulewise", modulewise, MergeOptions(), InferOptions(device="cpu"))):
             out = _merge(adapters[:step], root / "leads" / f"{name}_merged_{step}", options)
-            run.steps[system].append(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
-    run.routing = {name: statistics.fmean(max(p.routing, key=p.routing.get) == name
-                                          for p in predictions if p.record.task == name) for name in names}
+            run.steps[system].append(_score(load_merged(base, out, infer_options), seen))
+        run.steps[LEAD_BOTH].append(_score(load_merged(base, root / "leads" / f"modulewise_merged_{step}", NEAREST),
+                                           seen))
+    run.routing, run.nearest_routing = (_routing_accuracy(found, names) for found in (predictions, nearest))
+
+
+def _routing_accuracy(predictions: list[Prediction], names: list[str]) -> Scores:
+    """Per task, the share of its images whose largest routing weight is its own."""
+    return {name: statistics.fmean(max(p.routing, key=p.routing.get) == name
+                                   for p in predictions if p.record.task == name) for name in names}
 
 
 def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOptions) -> None:
@@ -272,13 +295,16 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
             bold = "**" if system in (MANY, EXPERTS) else ""
             lines.append(f"| {bold}{system}{bold} | " + " | ".join(cells) + f" | {bold}{faa}{bold} | "
                          + ("—" if forgetting[0] is None else _mean_spread(forgetting)) + " |")
-        many = statistics.fmean(run.faa(MANY) for run in group)
-        experts = statistics.fmean(run.faa(EXPERTS) for run in group)
-        routing = [_mean_spread([run.routing[name] for run in group]) for name in names]
-        lines += ["| routing accuracy (prototype arg-max = true task) | " + " | ".join(routing) + " | "
-                  + _mean_spread([_faa(run.routing) for run in group]) + " | |", "",
-                  f"MAny / upper bound: {many / upper:.3f}; MAny + routed experts / upper bound: "
-                  f"{experts / upper:.3f}.", ""]
+        for label, found in (("prototype arg-max", lambda run: run.routing),
+                             ("nearest calibration image", lambda run: run.nearest_routing)):
+            routing = [_mean_spread([found(run)[name] for run in group]) for name in names]
+            lines.append(f"| routing accuracy ({label} = true task) | " + " | ".join(routing) + " | "
+                         + _mean_spread([_faa(found(run)) for run in group]) + " | |")
+        lines.append("")
+        if upper > 0:  # adapters trained too briefly may know nothing
+            ratios = [f"{system}: {statistics.fmean(run.faa(system) for run in group) / upper:.3f}"
+                      for system in (MANY, LEAD_MODULEWISE, LEAD_NEAREST, LEAD_BOTH, EXPERTS, EXPERTS_NEAREST)]
+            lines += ["FAA / upper bound: " + "; ".join(ratios) + ".", ""]
         routed = [(run, name) for run in group for name in names if run.routing[name] >= 0.98]
         if routed:
             ratio = (statistics.fmean(run.final(EXPERTS)[name] for run, name in routed)
