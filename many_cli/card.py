@@ -44,7 +44,8 @@ def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]],
         "## Files",
         "",
         "- `adapter_config.json`, `adapter_model.safetensors`: the merged LoRA (scale 1, no modules_to_save).",
-        "- `many_bundle.safetensors`: task names, per-task projectors and prototypes, default η.",
+        "- `many_bundle.safetensors`: task names, per-task projectors, prototypes and calibration-image "
+        "directions, default η.",
         *(["- `many_state.safetensors`: sufficient statistics; `many merge NEW --resume THIS` adds tasks."]
           if options.method == "many" else []),
         *(["- `experts/TASK/`: each task's own LoRA, for `many infer --lm-routing experts`."]

@@ -30,17 +30,16 @@ from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_h
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
 DEFAULT_CONFIDENCE = 0.5
-ROUTE_BY = ("prototype", "nearest")
+NEAREST = "nearest"  # route each image to the task of its nearest calibration image (hard)
 
 
 @dataclass(frozen=True)
 class InferOptions:
     """Every setting of one `many infer` run, each declared once and checked in `check`."""
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
-    routing: str = option("soft", "--routing", "soft (weighted projectors) or hard (the closest task's).")
-    route_by: str = option("prototype", "--route-by",
-                           "prototype (each task's mean image direction, the paper's) or nearest (the task of "
-                           "the nearest calibration image; use with --routing hard).")
+    routing: str = option(NEAREST, "--routing",
+                          "nearest (the task of the nearest calibration image), soft (projectors weighted by "
+                          "softmax(cos(f, prototype) / η), the paper's) or hard (the closest prototype's task).")
     max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
     batch_size: int = option(8, "--batch-size", "Records per generate call.")
     device: str = option("auto", "--device", "auto, cpu or cuda.")
@@ -54,16 +53,15 @@ class InferOptions:
     lm_routing: str = option("merged", "--lm-routing",
                              "merged (one merged LoRA) or experts (each image's task's own LoRA).")
     confidence: float = option(DEFAULT_CONFIDENCE, "--confidence",
-                               "experts: below this routing weight, answer with the merged LoRA.")
+                               "experts: below this routing weight, answer with the merged LoRA (soft "
+                               "routing; nearest and hard routing give one task weight 1).")
     min_accuracy: float | None = option(None, "--min-accuracy",
                                         "Exit 1 when the average per-task accuracy is below this.")
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
-        if self.routing not in ROUTINGS:
-            raise InputError(None, f"--routing must be soft or hard, got {self.routing!r}")
-        if self.route_by not in ROUTE_BY:
-            raise InputError(None, f"--route-by must be prototype or nearest, got {self.route_by!r}")
+        if self.routing not in (NEAREST, *ROUTINGS):
+            raise InputError(None, f"--routing must be nearest, soft or hard, got {self.routing!r}")
         if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
         if self.lm_routing not in ("merged", "experts"):
@@ -105,7 +103,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     if bundle.projector_module and find_projector(model) is None:
         notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
                      f"language model applies")
-    routed = _routed_projectors(model, bundle, options) if bundle.projector_module and not notes else None
+    routed = _routed_projectors(model, bundle, options, notes) if bundle.projector_module and not notes else None
     experts = options.lm_routing == "experts"
     if experts:
         if routed is None:
@@ -124,8 +122,9 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     bundle = read_bundle_header(path / BUNDLE_FILE)
     device = resolve_device(options.device)
     model = load_base_model(str(path), resolve_dtype(options.dtype), device, resolve_device_map(options.device_map))
-    router, tracker = install_router(model, _routed_projectors(model, bundle, options), device)
-    return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker)
+    notes = []
+    router, tracker = install_router(model, _routed_projectors(model, bundle, options, notes), device)
+    return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)
 
 
 def install_router(model: nn.Module, routed: tuple[RoutedProjector, dict[str, DeferredProjector]],
@@ -145,10 +144,11 @@ def load_processor(base: str):
     return processor
 
 
-def _routed_projectors(model: nn.Module, bundle: BundleHeader,
-                       options: InferOptions) -> tuple[RoutedProjector, dict[str, DeferredProjector]]:
+def _routed_projectors(model: nn.Module, bundle: BundleHeader, options: InferOptions,
+                       notes: list[str]) -> tuple[RoutedProjector, dict[str, DeferredProjector]]:
     """The routed projector, and a deferred one for each companion the bundle holds weights for
-    (by its path from `projector_paths`)."""
+    (by its path from `projector_paths`). Nearest-image routing falls back to the paper's soft
+    prototype routing, with a note, where the bundle keeps no calibration images."""
     prototypes = []
     for index, task in enumerate(bundle.tasks):
         prototype = bundle.prototype(index)
@@ -156,9 +156,17 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
             raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
                                           f"routed; merge adapters that have stats files")
         prototypes.append(prototype)
-    owners = None
-    if options.route_by == "nearest":
-        prototypes, owners = _exemplars(bundle, prototypes[0].numel())
+    routing, owners = options.routing, None
+    if routing == NEAREST:
+        exemplars = _exemplars(bundle, prototypes[0].numel())
+        if exemplars is None:
+            routing = "soft"
+            notes.append("the merge keeps no calibration images for some task (its stats file predates them): "
+                         "routing by prototypes (--routing soft); run `many stats` again and merge for "
+                         "nearest-image routing")
+        else:
+            prototypes, owners = exemplars
+            routing = "hard"
     versions = {}  # module name -> each task's copy, loaded
     for name in _bundled_modules(model, bundle):
         versions[name] = [_task_copy(module_at(model, name)) for _ in bundle.tasks]
@@ -168,18 +176,18 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader,
     confidence = options.confidence if options.lm_routing == "experts" else None
     projector, *companions = versions
     router = RoutedProjector(versions[projector], torch.stack(prototypes) if owners is None else prototypes,
-                             bundle.tasks, eta, options.routing, confidence, owners)
+                             bundle.tasks, eta, routing, confidence, owners)
     return router, {name: DeferredProjector(versions[name]) for name in companions}
 
 
-def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every task's calibration-image directions, stacked, and the task each row belongs to."""
+def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every task's calibration-image directions, stacked, and the task each row belongs to;
+    None if some task has none."""
     rows = []
     for index, task in enumerate(bundle.tasks):
         exemplars = bundle.exemplars(index)
         if exemplars is None:
-            raise InputError(bundle.path, f"keeps no calibration images for task {task} (its stats file predates "
-                                          f"them); run `many stats` again and merge, or use --route-by prototype")
+            return None
         if exemplars.dim() != 2 or exemplars.shape[0] == 0 or exemplars.shape[1] != width:
             raise InputError(bundle.path, f"task {task}'s exemplars have shape {tuple(exemplars.shape)}, expected "
                                           f"(images, {width}); re-create the merge")

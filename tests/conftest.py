@@ -140,6 +140,7 @@ def write_task_stats(adapter: Path, covariances: dict[str, torch.Tensor], tokens
                 covariances={key: pack_symmetric(covariances[key].to(torch.float32)) for key in by_input},
                 tokens={key: tokens for key in by_input}, modules=by_input,
                 prototype=prototype if prototype is not None else torch.randn(16),
+                exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1) if prototype is None else None,
                 images=1, adapter_fingerprint=file_fingerprint(adapter / "adapter_model.safetensors"),
                 base_fingerprint=base_fingerprint, token_rule="test")
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from many_cli.bench.continual import (BASELINES, CPM, EXPERTS, LPM, MANY, REGMEAN, REGMEAN_CPM, SEQUENTIAL, SYSTEMS,
+from many_cli.bench.continual import (BASELINES, CPM, ETA, EXPERTS, EXPERTS_SOFT, LPM, MANY, MANY_HARD, MANY_SOFT, REGMEAN,
+                                      REGMEAN_CPM, SEQUENTIAL, SYSTEMS,
                                       UPPER, ContinualOptions, markdown, run_world)
 from many_cli.bench.training import TrainOptions
 from many_cli.bench.world import TASKS
@@ -103,7 +104,12 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     upper = run.faa(UPPER)
     assert upper >= 0.8  # the tasks are learnable
     assert run.forgetting(SEQUENTIAL) >= 0.5  # and conflict: fine-tuning on later tasks forgets
-    assert statistics.fmean(run.routing.values()) >= 0.9  # and look apart to the prototypes
+    assert statistics.fmean(run.prototype_routing.values()) >= 0.9  # and look apart to the prototypes
+    # The nearest calibration image routes at least as well, and the defaults that follow it are
+    # at least as good as the paper's soft routing, in the merged model and in routed experts.
+    assert statistics.fmean(run.routing.values()) >= statistics.fmean(run.prototype_routing.values())
+    assert run.faa(MANY) >= max(run.faa(MANY_SOFT), run.faa(MANY_HARD))
+    assert run.faa(EXPERTS) >= run.faa(EXPERTS_SOFT)
     for system in (SEQUENTIAL, LPM, CPM, *BASELINES.values(), REGMEAN, REGMEAN_CPM):
         assert run.faa(MANY) > run.faa(system), system
     assert run.faa(EXPERTS) >= run.faa(MANY) - 0.01
@@ -113,10 +119,11 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
 
 def test_sweeps_at_the_defaults_repeat_the_main_run(reduced_run):
     run, _ = reduced_run
-    # A fresh merge at the default ridge, the final merge read at the default η, and fresh stats
-    # over all 16 calibration records (--max-samples 16) merged in one batch: each is MAny.
+    # A fresh merge at the default ridge and fresh stats over all 16 calibration records
+    # (--max-samples 16) merged in one batch are MAny; the final merge read with soft routing at
+    # the default η is MAny as the paper routes.
     assert run.sweeps[("ridge", DEFAULT_RIDGE)] == pytest.approx(run.faa(MANY))
-    assert run.sweeps[("eta", DEFAULT_ETA)] == pytest.approx(run.faa(MANY))
+    assert run.sweeps[(ETA, DEFAULT_ETA)] == pytest.approx(run.faa(MANY_SOFT))
     assert run.sweeps[("calibration", 16)] == pytest.approx(run.faa(MANY))
     # A rank budget of Σ r_i (four rank-8 adapters) is exact: zero-padded, the same answers.
     assert run.sweeps[("rank", 32)] == pytest.approx(run.faa(MANY))

@@ -296,33 +296,42 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
         assert prediction.routing == pytest.approx(row["routing"], abs=1e-5)
 
 
+@pytest.mark.parametrize("by_module", [False, True])
 @pytest.mark.parametrize("family", ["llava"], indirect=True)
-def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path):
-    """RegMean++ (a benchmark experiment): layer 1's covariances are those of a model whose
-    layer 0 carries the merged update (folded here by hand from the merged adapter's factors)
-    and whose layer 1 carries the task's own LoRA; layer 0's stay as `many stats` took them."""
+def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path, by_module):
+    """RegMean++ (a benchmark experiment): the second stage's covariances (layer 1's, or by
+    module group layer 0's o_proj) are those of a model whose first stage (layer 0, or layer 0's
+    q/k/v) carries the merged update (folded here by hand from the merged adapter's factors) and
+    whose other layers carry the task's own LoRA; the first stage's stay as `many stats` took them."""
     from safetensors.torch import load_file
 
     from many_cli.bench.layerwise import layerwise_adapters
 
+    def first(name: str) -> bool:
+        return ".layers.0." in name and (not by_module or any(f"{p}_proj" in name for p in "qkv"))
+
+    def second(name: str) -> bool:
+        return name.endswith(".layers.0.self_attn.o_proj") if by_module else ".layers.1." in name
+
     root, base, adapters, calibration, _ = family
-    copies = layerwise_adapters(str(base), adapters, calibration, tmp_path / "layerwise")
+    copies = layerwise_adapters(str(base), adapters, calibration, tmp_path / "layerwise", by_module=by_module)
     factors = load_file(tmp_path / "layerwise" / "merged_below_1" / "adapter_model.safetensors")
     for adapter, copy, records in zip(adapters, copies, calibration, strict=True):
         model = PeftModel.from_pretrained(load_base(base), adapter).eval()
         with torch.no_grad():
-            for key in [key for key in factors if ".layers.0." in key and "lora_A" in key]:
+            for key in [key for key in factors if first(key) and "lora_A" in key]:
                 module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 layer = model.get_base_model().get_submodule(module)
                 layer.base_layer.weight += factors[key.replace("lora_A", "lora_B")] @ factors[key]
-                layer.lora_B["default"].weight.zero_()  # layer 0: the merge, not the task's own LoRA
+                layer.lora_B["default"].weight.zero_()  # the first stage: the merge, not the task's own LoRA
         processor = AutoProcessor.from_pretrained(base)
         expected = lora_input_sums(model, lambda: [model(**encode_one(processor, json.loads(line), records.parent,
                                                                       with_answer=True)) for line in open(records)])
         measured, original = stats_covariances(copy / STATS_FILE), stats_covariances(adapter / STATS_FILE)
+        assert any(second(module) for module in expected)
         for module, matrix in expected.items():
-            if ".layers.1." in module:
+            if second(module):
                 assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
                 assert torch.linalg.norm(original[module] - matrix) > 1e-3 * torch.linalg.norm(matrix), module
-            elif ".layers.0." in module:
+            elif first(module):
                 assert torch.equal(measured[module], original[module]), module

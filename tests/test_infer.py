@@ -250,8 +250,9 @@ def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, 
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     runs = {}
     # At η = 1 no soft weight of three tasks reaches 1, so confidence 1 never picks an expert.
-    for name, extra in {"fallback": ["--lm-routing", "experts", "--confidence", 1, "--eta", 1],
-                        "merged": ["--lm-routing", "merged", "--eta", 1]}.items():
+    soft = ["--routing", "soft", "--eta", 1]
+    for name, extra in {"fallback": ["--lm-routing", "experts", "--confidence", 1, *soft],
+                        "merged": ["--lm-routing", "merged", *soft]}.items():
         out = tmp_path / f"{name}.jsonl"
         assert run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
                        "--data", heldout[2], "--out", out, "--max-new-tokens", 5, *extra)[0] == 0
@@ -439,3 +440,52 @@ def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line
                 for ids in direct_greedy(base, merged, heldout[0], 4)]
     assert [row["prediction"] for row in predictions(out)] == expected
     assert all(row["routing"] == {} for row in predictions(out))
+
+
+def test_default_routing_follows_the_nearest_calibration_image(tasks, tmp_path, capsys):
+    """The default routing (nearest), against a brute force: each held-out image's pooled
+    projector input (hooked on the base model here) against every calibration image's direction
+    as the stats files keep them; the image goes to the task of the closest one. A merge whose
+    stats predate the exemplars falls back to the paper's soft prototype routing, with a note."""
+    from many_cli.state import STATS_FILE, read_stats_header, write_stats
+
+    root, base, adapters, heldout = tasks
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    exemplars = [read_stats_header(adapter / STATS_FILE).exemplars() for adapter in adapters]
+    assert all(part.shape[0] == 8 for part in exemplars)  # one per calibration image
+    model = LlavaForConditionalGeneration.from_pretrained(base).eval()
+    processor = AutoProcessor.from_pretrained(base)
+    pooled = []
+    model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0)))
+    for path in heldout:
+        for line in open(path):
+            entry = json.loads(line)
+            turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
+            text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            with torch.no_grad():
+                model(**processor(text=[text], images=[Image.open(path.parent / entry["image"]).convert("RGB")],
+                                  return_tensors="pt"))
+    rows = torch.cat([part.double() for part in exemplars])
+    owners = torch.cat([torch.full((len(part),), task) for task, part in enumerate(exemplars)])
+    nearest = owners[(torch.stack(pooled) @ rows.T).argmax(dim=1)]
+    out = tmp_path / "nearest.jsonl"
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *sum((["--data", p] for p in heldout), []),
+                        "--out", out, "--max-new-tokens", 1)
+    assert code == 0, err
+    weights = torch.tensor([[row["routing"][name] for name in COLOURS] for row in predictions(out)])
+    assert torch.equal(weights, torch.nn.functional.one_hot(nearest, 3).float())
+    older = shutil.copytree(adapters[0], tmp_path / "older")
+    header = read_stats_header(older / STATS_FILE)
+    write_stats(older / STATS_FILE, covariances={key: header.packed(key) for key in header.inputs},
+                tokens={key: entry.tokens for key, entry in header.inputs.items()},
+                modules={key: list(entry.modules) for key, entry in header.inputs.items()},
+                prototype=header.prototype(), images=header.images, adapter_fingerprint=header.adapter_fingerprint,
+                base_fingerprint=header.base_fingerprint, token_rule="before exemplars")
+    assert run_cli(capsys, "merge", older, *adapters[1:], "--out", tmp_path / "old")[0] == 0
+    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "old", "--data", heldout[0],
+                        "--out", tmp_path / "old.jsonl", "--max-new-tokens", 1)
+    assert code == 0 and "keeps no calibration images" in err and "--routing soft" in err, err
+    soft = torch.tensor([list(row["routing"].values()) for row in predictions(tmp_path / "old.jsonl")])
+    assert ((soft > 0) & (soft < 1)).any() and torch.allclose(soft.sum(dim=1), torch.ones(len(soft)))

@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from conftest import input_key, load_base, run_cli
+from many_cli.state import STATS_FILE
 
 RIDGE = 1e-4
 
@@ -107,6 +108,8 @@ def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
                 weight = source.get_tensor("base_model.model.model.multi_modal_projector.linear_1.weight")
             assert torch.equal(bundle.get_tensor(f"projector/{index}/linear_1.weight"), weight)
             assert bundle.get_tensor(f"prototype/{index}").shape == (16,)
+            with safe_open(str(adapter / STATS_FILE), "pt") as stats:
+                assert torch.equal(bundle.get_tensor(f"exemplars/{index}"), stats.get_tensor("exemplars"))
     card = (out / "README.md").read_text()
     for adapter in world.adapters:
         digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
@@ -132,6 +135,9 @@ def test_resume_equals_batch_merge(world, tmp_path, capsys):
     with safe_open(str(resumed / "many_bundle.safetensors"), "pt") as bundle:
         assert json.loads(bundle.metadata()["tasks"]) == ["task0", "task1", "task2"]
         assert "projector/2/linear_2.weight" in bundle.keys()
+        for index, adapter in enumerate(world.adapters):  # carried from the first merge, and the new task's
+            with safe_open(str(adapter / STATS_FILE), "pt") as stats:
+                assert torch.equal(bundle.get_tensor(f"exemplars/{index}"), stats.get_tensor("exemplars"))
     assert sorted(p.name for p in (resumed / "experts").iterdir()) == ["task0", "task1", "task2"]
     expert = PeftModel.from_pretrained(load_base(world.base), resumed / "experts" / "task0")
     module = "model.language_model.layers.0.self_attn.q_proj"

@@ -70,13 +70,15 @@ def deciding_positions(processor, entry: dict, root: Path) -> slice:
     return slice(prompt["input_ids"].shape[1] - 1, None)
 
 
-def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None, answer_weight: float = 1.0):
+def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None, answer_weight: float = 1.0,
+                exemplars: list | None = None):
     """Per-module Σ w x xᵀ (float64) and the prototype, one record at a time, no padding (so every
     row of every adapted layer counts; w = `answer_weight` at the positions that decide the
-    answer of the language model's layers, else 1); `rows`, if given, receives each module's row count."""
+    answer of the language model's layers, else 1); `rows`, if given, receives each module's row count,
+    `exemplars` each image's normalised pooled projector input."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
-    sums, pooled = {}, []
+    sums, pooled = {}, [] if exemplars is None else exemplars
     rows = {} if rows is None else rows
     hooks = []
     weights = None  # the current record's, per position
@@ -124,9 +126,11 @@ def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, paddi
                         "--out", out, "--batch-size", batch_size, "--padding-side", padding_side,
                         "--device", "cpu")
     assert code == 0, err
-    rows = {}
-    expected, prototype = brute_force(base, adapter, data, rows)
+    rows, exemplars = {}, []
+    expected, prototype = brute_force(base, adapter, data, rows, exemplars=exemplars)
     per_module, inputs, stored_prototype, metadata = read_stats(out)
+    with safe_open(str(out), "pt") as handle:  # each image's direction, in record order
+        assert torch.allclose(handle.get_tensor("exemplars").double(), torch.stack(exemplars), atol=1e-6)
     assert set(per_module) == set(expected)  # every adapted layer, nothing else
     assert len(inputs) == 2 * 4  # q/k/v and gate/up found to share their input
     for module, matrix in expected.items():
@@ -236,6 +240,12 @@ def test_torchrun_shards_equal_a_single_process(task, tmp_path, capsys):
         assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
     assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
     assert metadata_two["records"] == "5" and metadata_two["images"] == "5"
+    with safe_open(str(single), "pt") as one_file, safe_open(str(sharded), "pt") as two_file:
+        exemplars_one, exemplars_two = one_file.get_tensor("exemplars"), two_file.get_tensor("exemplars")
+    # The same images' directions, gathered rank by rank: each row of one has its twin in the other.
+    assert exemplars_one.shape == exemplars_two.shape == (5, prototype_one.numel())
+    distances = torch.cdist(exemplars_one, exemplars_two)
+    assert distances.min(dim=1).values.max() <= 1e-6 and len(set(distances.argmin(dim=1).tolist())) == 5
 
 
 def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkeypatch):

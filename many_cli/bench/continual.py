@@ -33,6 +33,13 @@ LPM = "LPM alone (last projector)"
 CPM = "CPM alone (averaged LoRA)"
 MANY = "MAny (LPM + CPM)"
 EXPERTS = "MAny + routed experts"
+# Routing: the defaults route each image to its nearest calibration image's task (issue 15);
+# the paper routes softly by prototypes.
+MANY_SOFT = "MAny, the paper's routing (soft, by prototypes)"
+MANY_HARD = "MAny, hard routing by prototypes"
+EXPERTS_SOFT = "MAny + routed experts, the paper's routing (soft, by prototypes)"
+SOFT = InferOptions(device="cpu", routing="soft")
+ETA = "eta (soft routing)"  # η only weighs soft routing
 BASELINES = {"average": "average (last projector)", "task-arithmetic": "task arithmetic (last projector)",
              "ties": "TIES (last projector)"}
 REGMEAN = "RegMean as FusionBench runs it (last projector)"
@@ -44,13 +51,8 @@ LEAD_ALPHA = "MAny, α = 0.6 (RegMean's off-diagonal reduction)"
 LEAD_ANSWERS = "MAny, answer positions × 64"
 LEAD_LAYERWISE = "MAny, layer by layer (RegMean++)"
 LEAD_MODULEWISE = "MAny, module group by group (RegMean++)"
-LEAD_HARD = "MAny, hard routing"
-LEAD_NEAREST = "MAny, nearest calibration image (hard routing)"
-LEAD_BOTH = "MAny, module group by group + nearest image"
-EXPERTS_NEAREST = "MAny + routed experts, nearest image"
-SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY, LEAD_ALPHA, LEAD_ANSWERS,
-           LEAD_LAYERWISE, LEAD_MODULEWISE, LEAD_HARD, LEAD_NEAREST, LEAD_BOTH, EXPERTS, EXPERTS_NEAREST)
-NEAREST = InferOptions(device="cpu", route_by="nearest", routing="hard")
+SYSTEMS = (UPPER, SEQUENTIAL, *BASELINES.values(), REGMEAN, LPM, CPM, REGMEAN_CPM, MANY_SOFT, MANY_HARD, MANY,
+           LEAD_ALPHA, LEAD_ANSWERS, LEAD_LAYERWISE, LEAD_MODULEWISE, EXPERTS_SOFT, EXPERTS)
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
 
@@ -79,7 +81,7 @@ class WorldRun:
     seed: int
     steps: dict[str, list[Scores]] = field(default_factory=dict)
     routing: Scores = field(default_factory=dict)  # task -> share of its images routed to it
-    nearest_routing: Scores = field(default_factory=dict)  # the same, routed by the nearest calibration image
+    prototype_routing: Scores = field(default_factory=dict)  # the same, by the closest prototype
     sweeps: dict[tuple[str, float], float] = field(default_factory=dict)  # (setting, value) -> MAny FAA
 
     def final(self, system: str) -> Scores:
@@ -160,28 +162,24 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
         run.steps[CPM].append(_score(load_merged(base, merged["average"], InferOptions(device="cpu")), seen))
         predictions = _predict(load_merged(base, merged["many"], InferOptions(device="cpu")), seen)
         run.steps[MANY].append(accuracy(predictions))
-        experts = InferOptions(device="cpu", lm_routing="experts")
-        run.steps[EXPERTS].append(_score(load_merged(base, merged["many"], experts), seen))
-        run.steps[EXPERTS_NEAREST].append(_score(load_merged(base, merged["many"], replace(NEAREST, lm_routing="experts")),
-                                                 seen))
-        run.steps[LEAD_HARD].append(_score(load_merged(base, merged["many"], InferOptions(device="cpu", routing="hard")),
-                                           seen))
-        nearest = _predict(load_merged(base, merged["many"], NEAREST), seen)
-        run.steps[LEAD_NEAREST].append(accuracy(nearest))
+        soft = _predict(load_merged(base, merged["many"], SOFT), seen)
+        run.steps[MANY_SOFT].append(accuracy(soft))
+        run.steps[MANY_HARD].append(_score(load_merged(base, merged["many"], replace(SOFT, routing="hard")), seen))
+        for system, options in ((EXPERTS, InferOptions(device="cpu")), (EXPERTS_SOFT, SOFT)):
+            run.steps[system].append(_score(load_merged(base, merged["many"], replace(options, lm_routing="experts")),
+                                            seen))
         calibration = [world.calibration[task.name] for task in TASKS[:step]]
         layerwise = layerwise_adapters(base, world.adapters[:step], calibration, root / "leads" / f"layerwise_{step}")
         modulewise = layerwise_adapters(base, world.adapters[:step], calibration, root / "leads" / f"modulewise_{step}",
                                         by_module=True)
-        for system, name, adapters, options, infer_options in (
-                (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6), InferOptions(device="cpu")),
-                (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions(), InferOptions(device="cpu")),
-                (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions(), InferOptions(device="cpu")),
-                (LEAD_MODULEWISE, "modulewise", modulewise, MergeOptions(), InferOptions(device="cpu"))):
+        for system, name, adapters, options in (
+                (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6)),
+                (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions()),
+                (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions()),
+                (LEAD_MODULEWISE, "modulewise", modulewise, MergeOptions())):
             out = _merge(adapters[:step], root / "leads" / f"{name}_merged_{step}", options)
-            run.steps[system].append(_score(load_merged(base, out, infer_options), seen))
-        run.steps[LEAD_BOTH].append(_score(load_merged(base, root / "leads" / f"modulewise_merged_{step}", NEAREST),
-                                           seen))
-    run.routing, run.nearest_routing = (_routing_accuracy(found, names) for found in (predictions, nearest))
+            run.steps[system].append(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
+    run.routing, run.prototype_routing = (_routing_accuracy(found, names) for found in (predictions, soft))
 
 
 def _routing_accuracy(predictions: list[Prediction], names: list[str]) -> Scores:
@@ -210,7 +208,7 @@ def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOpt
         run.sweeps[("answer weight", weight)] = _faa(_score(load_merged(base, out, InferOptions(device="cpu")), seen))
     final = root / "merged" / f"many_{len(TASKS)}"
     for eta in options.etas:
-        run.sweeps[("eta", eta)] = _faa(_score(load_merged(base, final, InferOptions(device="cpu", eta=eta)), seen))
+        run.sweeps[(ETA, eta)] = _faa(_score(load_merged(base, final, replace(SOFT, eta=eta)), seen))
     for size in options.calibration_sizes:
         copies = _restat(world, root / "sweep" / f"calibration_{size}", StatsOptions(device="cpu", max_samples=size))
         out = _merge(copies, root / "sweep" / f"calibration_{size}_merged", MergeOptions())
@@ -295,15 +293,15 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
             bold = "**" if system in (MANY, EXPERTS) else ""
             lines.append(f"| {bold}{system}{bold} | " + " | ".join(cells) + f" | {bold}{faa}{bold} | "
                          + ("—" if forgetting[0] is None else _mean_spread(forgetting)) + " |")
-        for label, found in (("prototype arg-max", lambda run: run.routing),
-                             ("nearest calibration image", lambda run: run.nearest_routing)):
+        for label, found in (("nearest calibration image", lambda run: run.routing),
+                             ("prototype arg-max", lambda run: run.prototype_routing)):
             routing = [_mean_spread([found(run)[name] for run in group]) for name in names]
             lines.append(f"| routing accuracy ({label} = true task) | " + " | ".join(routing) + " | "
                          + _mean_spread([_faa(found(run)) for run in group]) + " | |")
         lines.append("")
         if upper > 0:  # adapters trained too briefly may know nothing
             ratios = [f"{system}: {statistics.fmean(run.faa(system) for run in group) / upper:.3f}"
-                      for system in (MANY, LEAD_MODULEWISE, LEAD_NEAREST, LEAD_BOTH, EXPERTS, EXPERTS_NEAREST)]
+                      for system in (MANY_SOFT, MANY, LEAD_MODULEWISE, EXPERTS_SOFT, EXPERTS)]
             lines += ["FAA / upper bound: " + "; ".join(ratios) + ".", ""]
         routed = [(run, name) for run in group for name in names if run.routing[name] >= 0.98]
         if routed:
@@ -314,7 +312,8 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
         sweeps = sorted({key for run in group for key in run.sweeps}, key=lambda key: (key[0], key[1]))
         if sweeps:
             lines += [f"MAny's FAA (%) on the {base} base against one setting (others at their defaults: "
-                      f"ridge {DEFAULT_RIDGE:g}, η {DEFAULT_ETA:g}, calibration {options.calibration}, rank Σ r_i "
+                      f"nearest-image routing (η {DEFAULT_ETA:g} under soft routing), ridge {DEFAULT_RIDGE:g}, "
+                      f"calibration {options.calibration}, rank Σ r_i "
                       f"= {len(TASKS) * options.train.rank}, α 1, answer weight 1):", "",
                       "| setting | value | FAA |", "|---|---|---|"]
             for setting, value in sweeps:
@@ -340,8 +339,9 @@ def plot(runs: list[WorldRun], path: Path) -> None:
         axes[0].bar([index + offset * width for index in range(len(SYSTEMS))],
                     [statistics.fmean(v) for v in values], width,
                     yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], label=f"{base} base", capsize=2)
-        for axis, setting, label in zip(axes[1:], ("ridge", "eta", "calibration"),
-                                        ("ridge ρ", "η (CPM temperature)", "calibration records per task")):
+        for axis, setting, label in zip(axes[1:], ("ridge", ETA, "calibration"),
+                                        ("ridge ρ", "η (CPM temperature, soft routing)",
+                                         "calibration records per task")):
             keys = sorted(key for key in group[0].sweeps if key[0] == setting)
             xs = [value for _, value in keys]
             if setting == "ridge":  # a log axis cannot show 0: put it one decade below the smallest
