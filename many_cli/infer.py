@@ -23,7 +23,7 @@ from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs, to
 from many_cli.errors import InputError
 from many_cli.models import (ImageTracker, apply_adapters, check_device_map, find_projector, load_base_model,
                              lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
-                             resolve_device, resolve_device_map, resolve_dtype, text_layers)
+                             resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
 
@@ -98,7 +98,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     device = resolve_device(options.device)
-    model = load_base_model(base, resolve_dtype(options.dtype), device, resolve_device_map(options.device_map))
+    model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
     notes = []
     if bundle.projector_module and find_projector(model) is None:
         notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
@@ -121,7 +121,7 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     options.check()
     bundle = read_bundle_header(path / BUNDLE_FILE)
     device = resolve_device(options.device)
-    model = load_base_model(str(path), resolve_dtype(options.dtype), device, resolve_device_map(options.device_map))
+    model = load_base_model(str(path), resolve_dtype(options.dtype), device, options.device_map)
     notes = []
     router, tracker = install_router(model, _routed_projectors(model, bundle, options, notes), device)
     return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)

@@ -110,13 +110,16 @@ def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
 
 
 def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
-                    device_map: str | dict[str, Any] | None = None) -> nn.Module:
-    """The base model on `device`, or placed by accelerate over the devices `device_map` names."""
+                    device_map: str | None = None) -> nn.Module:
+    """The base model on `device`, or placed by accelerate over the devices `--device-map`
+    (`device_map`, as `resolve_device_map` reads it) names."""
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
-    placement = {} if device_map is None else {"device_map": device_map}
+    placement = {} if device_map is None else {"device_map": resolve_device_map(device_map)}
     for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
             model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True, **placement)
+            if isinstance(placement.get("device_map"), dict):
+                _check_placed_modules(model, placement["device_map"], device_map)
             return (model if device_map is not None else model.to(device)).eval()
         except ValueError as error:
             if device_map is not None and "offload" in str(error):
@@ -128,6 +131,17 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
                                    f".bin checkpoint: {' '.join(str(error).split())[:300]})") from None
     raise InputError(base, "is neither an image-text-to-text, a multimodal nor a causal language "
                            "model transformers knows")
+
+
+def _check_placed_modules(model: nn.Module, placement: dict[str, Any], path: str) -> None:
+    """A map key that names no module of the model places nothing (transformers ignores it):
+    most likely a misspelt name, so refuse it rather than leave that part where it fell."""
+    names = {name for name, _ in model.named_modules()}
+    for module in placement:
+        if module not in names:
+            tops = ", ".join(name for name, _ in model.named_children())
+            raise InputError(path, f"places {module!r}, which is not a module of this model (its top-level "
+                                   f"modules: {tops}; names are dotted paths from there)")
 
 
 def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]) -> nn.Module:
@@ -158,7 +172,7 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
 
 
 def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device,
-                       device_map: str | dict[str, Any] | None = None):
+                       device_map: str | None = None):
     """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
     model = apply_adapters(load_base_model(base, dtype, device, device_map), base, [(adapter, "default")])
     return (model if device_map is not None else model.to(device)).eval()

@@ -25,7 +25,7 @@ from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
-                             linear_layers, load_adapted_model, lora_layers, resolve_device, resolve_device_map,
+                             linear_layers, load_adapted_model, lora_layers, resolve_device,
                              resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
@@ -173,8 +173,7 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     from transformers import AutoProcessor
 
-    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device,
-                               resolve_device_map(options.device_map))
+    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device, options.device_map)
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)

@@ -277,6 +277,12 @@ def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkey
         code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
                             "--device-map", bad, "--force")
         assert code == 2 and str(bad) in err and fault in err and len(err.strip().splitlines()) == 1, err
+    misspelt = tmp_path / "misspelt_map.json"  # transformers ignores a key that names no module
+    misspelt.write_text(json.dumps({"model": "cpu", "lm_head": "cpu", "model.langauge_model.layers.1": "cpu"}))
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
+                        "--device-map", misspelt, "--force")
+    assert code == 2 and str(misspelt) in err and "'model.langauge_model.layers.1'" in err, err
+    assert len(err.strip().splitlines()) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
                         "--device-map", "auto", "--force")
