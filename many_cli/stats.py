@@ -398,7 +398,7 @@ class InputCovariances:
 
 class PrototypeSum:
     """Keeps the L2-normalised, mean-pooled projector input of every image (the exemplars that
-    `infer --route-by nearest` routes by) and their sum (the CPM prototype, once divided)."""
+    `infer --routing nearest` routes by) and their sum (the CPM prototype, once divided)."""
 
     def __init__(self, projector: nn.Module | None):
         self.total: torch.Tensor | None = None
