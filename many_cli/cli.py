@@ -191,6 +191,9 @@ def infer_command(  # long only by the parameters typer declares: the body is si
             predictions.append(prediction)
     scores = infer.accuracy_by_task(predictions)
     if not scores:
+        if options.min_accuracy is not None:  # a gate that scored nothing must not pass
+            _fail(1, f"--min-accuracy {options.min_accuracy}: no record of {', '.join(map(str, data))} "
+                     f"has an answer, so nothing was scored")
         return
     _print_accuracy(scores)
     average = average_accuracy(scores)
@@ -444,7 +447,7 @@ def convert_command(
 def demo_command(
     sample: Annotated[Path, typer.Option("--sample", readable=False, help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
     out: Annotated[Path, typer.Option("--out", readable=False, help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
-    force: Annotated[bool, typer.Option("--force/--no-force", help="Replace an existing --out.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier demo's untouched output.")] = False,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
     from many_cli.demo import run_demo

@@ -3,6 +3,8 @@ adapter, the merge, and an answer for one held-out image of each task."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +12,16 @@ from typing import Callable
 
 from many_cli.data import BadRecord, Record, read_records
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_dir, refuse_overlap
+from many_cli.files import atomic_output_dir, file_fingerprint, refuse_overlap
 from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.state import STATS_FILE
 from many_cli.stats import StatsOptions, collect_stats
+
+
+# Written last into the demo's output: every file the demo wrote and its fingerprint, so that a
+# later `many demo` replaces that folder only while it holds exactly what the demo left there.
+MANIFEST = "many-demo.json"
 
 
 @dataclass
@@ -26,7 +33,8 @@ class DemoReport:
 def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -> DemoReport:
     """Copy the sample's adapters to `out/adapters` (the sample stays as shipped), run
     `many stats` on each with its calibration set, `many merge` them to `out/merged`, and
-    `many infer` the first evaluation image of every task. `out` appears only when all of it worked."""
+    `many infer` the first evaluation image of every task. `out` appears only when all of it worked.
+    An existing `out` is replaced when it is an earlier demo's untouched output, or with `force`."""
     base, adapters = sample / "base", sample / "adapters"
     if not adapters.is_dir() or not base.is_dir():
         raise InputError(sample, "is not a sample folder (it needs base/ and adapters/; regenerate it "
@@ -34,7 +42,7 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
     tasks = sorted(path.name for path in adapters.iterdir() if path.is_dir())
     records = [_first_record(sample / "data" / task / "evaluation.jsonl") for task in tasks]
     refuse_overlap(out, [sample])
-    with atomic_output_dir(out, force) as staging:
+    with atomic_output_dir(out, force, is_demo_output) as staging:
         copies = []
         for task in tasks:
             copy = shutil.copytree(adapters / task, staging / "adapters" / task)
@@ -45,9 +53,34 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
             copies.append(copy)
         say(f"many merge {out / 'adapters'} --out {out / 'merged'} --force")
         merge(copies, staging / "merged", MergeOptions())
+        (staging / MANIFEST).write_text(json.dumps(_files(staging), indent=1, sort_keys=True) + "\n")
     say(f"many infer --model {base} --merged {out / 'merged'} --image ... (one per task)")
     model = load_merged(str(base), out / "merged", InferOptions(device="cpu"))
     return DemoReport(out / "merged", answer(model, records, max_new_tokens=4))
+
+
+def is_demo_output(path: Path) -> bool:
+    """Whether `path` holds exactly the files an earlier `many demo` wrote, unchanged."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return manifest == _files(path)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` but the manifest: relative path -> fingerprint (a folder or a
+    link gets its kind instead, so that nothing of the user's can hide as one)."""
+    entries = {}
+    for root, directories, files in os.walk(folder):
+        for name in directories + files:
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative == MANIFEST:
+                continue
+            entries[relative] = ("link" if path.is_symlink() else "folder" if path.is_dir()
+                                 else file_fingerprint(path))
+    return entries
 
 
 def _first_record(path: Path) -> Record:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -62,6 +62,7 @@ def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOp
     changes = {**_folds(adapter, raw_names, merged), **_projector(model, bundle, options.projector, raw_names)}
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):
+            (staging / shard).parent.mkdir(parents=True, exist_ok=True)
             _stream_shard(base_dir / shard, staging / shard, changes)
         for path in base_dir.iterdir():
             if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "README.md":
@@ -78,7 +79,11 @@ def _shards(base_dir: Path) -> dict[str, list[str]]:
     """The base checkpoint's safetensors files and the keys of each."""
     if (base_dir / _INDEX).is_file():
         weight_map = read_json(base_dir / _INDEX).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(base_dir / _INDEX, "has no \"weight_map\" object naming the shards")
+        files = sorted(set(weight_map.values()), key=str)
+        for name in files:
+            _check_shard_name(base_dir / _INDEX, name)
     else:
         files = ["model.safetensors"]
     shards = {}
@@ -86,6 +91,16 @@ def _shards(base_dir: Path) -> dict[str, list[str]]:
         with open_safetensors(base_dir / name) as handle:
             shards[name] = handle.keys()
     return shards
+
+
+def _check_shard_name(index: Path, name: object) -> None:
+    """A shard is named relative to the model's folder and stays inside it: the export writes
+    the same name under --out, so an absolute name or a `..` would lead outside it (or onto the
+    shard being read)."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise InputError(index, f"names the shard {name!r}, which is not a path inside the model's folder; "
+                                f"name each shard relative to it (for example model-00001-of-00002.safetensors)")
 
 
 def _meta_model(base_dir: Path) -> nn.Module:

@@ -254,14 +254,16 @@ def atomic_output_file(out: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool,
+                      is_own_output: Callable[[Path], bool] = lambda _: False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it becomes `out`, on any failure (or
     signal) it is removed, so no command leaves a half-written output behind and `out` is at
-    every moment either the old output or the new one."""
+    every moment either the old output or the new one. An existing `out` is replaced only with
+    `force`, or when `is_own_output` recognises it as this command's own complete earlier output."""
     with _locked_output(out):  # checked under the lock, after a killed run's output is put back
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
-        if out.exists() and not force:
+        if out.exists() and not force and not is_own_output(out):
             raise InputError(out, "output directory already exists; choose another --out or pass --force")
         staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
         try:

@@ -342,16 +342,26 @@ def answer_all(merged: MergedModel, records: Iterable[Record], options: InferOpt
 
 
 def is_predictions_file(path: Path) -> bool:
-    """Whether `path` is empty or holds `many infer` JSON lines (which `--out` may replace)."""
+    """Whether `path` is empty or a complete `many infer` output (which `--out` may replace):
+    every line, the last one ended, a JSON object with a prediction and its routing, and nothing
+    else but the fields `many infer` writes. Anything else may be the user's own file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.readline()
-        if not first.strip():
+        text = path.read_bytes().decode("utf-8")
+        if not text:
             return True
-        row = json.loads(first)
-        return isinstance(row, dict) and "prediction" in row
+        if not text.endswith("\n"):
+            return False
+        return all(_is_prediction_row(json.loads(line)) for line in text[:-1].split("\n"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
+
+
+_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "audio", "video", "task", "answer"}
+
+
+def _is_prediction_row(row: object) -> bool:
+    return (isinstance(row, dict) and isinstance(row.get("prediction"), str)
+            and isinstance(row.get("routing"), dict) and set(row) <= _ROW_FIELDS)
 
 
 def normalise_answer(text: str) -> str:

@@ -90,6 +90,28 @@ def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path):
     assert sorted(re.search(r"data/(\w+)/", row)[1] for row in rows) == sorted(task.name for task in TASKS)
 
 
+def test_demo_replaces_only_its_own_untouched_output(capsys, tmp_path):
+    """The README's first command runs twice in a row; a folder of the user's is never emptied."""
+    out = tmp_path / "demo"
+    assert run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", out)[0] == 0
+    first = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", out)[0] == 0  # its own output
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == first
+    for change in (lambda: (out / "thesis.txt").write_text("years of work"),
+                   lambda: (out / "merged" / "notes").mkdir(),
+                   lambda: (out / "merged" / "README.md").write_text("my own card")):
+        change()
+        kept = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+        code, _, err = run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", out)
+        assert code == 2 and "--force" in err and err.count("\n") == 1, err
+        assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == kept
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.txt").write_text("years of work")
+    code, _, err = run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", user)
+    assert code == 2 and (user / "thesis.txt").read_text() == "years of work"
+
+
 @pytest.fixture(scope="module")
 def reduced_run(tmp_path_factory):
     # One point per sweep, at the defaults where a second path can check it.

@@ -150,6 +150,18 @@ def test_accuracy_table_and_min_accuracy_gate(tasks, tmp_path, capsys):
     code, err = run_cli(capsys, *args, "--min-accuracy", average + 1e-3, "--force")
     assert code == 1 and "below --min-accuracy" in err
 
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "answer"}) + "\n"
+                                  for line in open(heldout[0])))
+    unanswered.with_name("red").symlink_to(heldout[0].with_name("red"))
+    for name, text in (("empty", ""), ("blank", "\n \n"), ("unanswered", None)):
+        data = unanswered if text is None else tmp_path / f"{name}.jsonl"
+        if text is not None:
+            data.write_text(text)
+        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", data,
+                            "--out", tmp_path / f"{name}.out", "--max-new-tokens", 1, "--min-accuracy", 0)
+        assert code == 1 and "nothing was scored" in err and err.count("\n") == 1, (name, err)
+
 
 def test_single_image_prints_the_answer_and_json(tasks, tmp_path, capsys):
     root, base, adapters, heldout = tasks
@@ -346,6 +358,14 @@ def test_infer_out_never_replaces_its_input_or_a_foreign_file(tasks, tmp_path, c
     assert code == 2 and "--force" in err and foreign.read_text() == "mine\n"
     code, err = run_cli(capsys, *common, "--out", tmp_path / "red")
     assert code == 2 and "is a directory" in err
+    lookalikes = {"blank first line": "\nmy notes\n",
+                  "a row with more": '{"prediction": "x", "routing": {}}\nmy notes\n',
+                  "a foreign field": '{"prediction": "x", "routing": {}, "mine": 1}\n',
+                  "a cut-off output": '{"prediction": "x", "routing": {}}\n{"prediction": "y", "rou'}
+    for case, text in lookalikes.items():
+        foreign.write_text(text)
+        code, err = run_cli(capsys, *common, "--out", foreign)
+        assert code == 2 and "--force" in err and foreign.read_text() == text, case
     assert run_cli(capsys, *common, "--out", foreign, "--force")[0] == 0
     assert len(predictions(foreign)) == 3
     assert run_cli(capsys, *common, "--out", foreign)[0] == 0  # its own kind now

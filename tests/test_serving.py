@@ -198,6 +198,48 @@ def test_export_streams_a_sharded_checkpoint_into_the_same_shards(world, tmp_pat
     assert changed == 2 * 7 + 4  # every merged module, and the projector's two layers
 
 
+def test_export_keeps_every_shard_inside_out_whatever_the_index_names(world, tmp_path, capsys):
+    """An index naming a shard by an absolute path or through `..` is refused before anything is
+    written (the shard, or a file beside --out, would be overwritten); a shard in a sub-folder
+    is exported to the same sub-folder."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    sharded = tmp_path / "base"
+    AutoModelForImageTextToText.from_pretrained(world.base).save_pretrained(sharded, max_shard_size="40KB")
+    for path in world.base.iterdir():
+        if not path.name.startswith("model") and not (sharded / path.name).exists():
+            shutil.copy2(path, sharded / path.name)
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = sorted(set(index["weight_map"].values()))[-1]
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(sharded / moved, outside)
+    before = outside.read_bytes()
+    bystander = tmp_path / "bystander.safetensors"
+    bystander.write_bytes(b"the user's")
+    for name in (str(outside), "../outside.safetensors", "../bystander.safetensors"):
+        renamed = {key: name if shard == moved else shard for key, shard in index["weight_map"].items()}
+        index_path.write_text(json.dumps({**index, "weight_map": renamed}))
+        code, _, err = run_cli_output(capsys, "export", "--model", sharded, "--merged", merged,
+                                      "--out", tmp_path / "exported")
+        assert code == 2 and "is not a path inside the model's folder" in err and err.count("\n") == 1, err
+        assert outside.read_bytes() == before and bystander.read_bytes() == b"the user's"
+        assert not (tmp_path / "exported").exists()
+
+    (sharded / "shards").mkdir()
+    shutil.move(outside, sharded / "shards" / moved)
+    renamed = {key: f"shards/{moved}" if shard == moved else shard for key, shard in index["weight_map"].items()}
+    index_path.write_text(json.dumps({**index, "weight_map": renamed}))
+    code, err = run_cli(capsys, "export", "--model", sharded, "--merged", merged, "--out", tmp_path / "exported")
+    assert code == 0, err
+    assert load_file(tmp_path / "exported" / "shards" / moved).keys() == load_file(sharded / "shards" / moved).keys()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported")
+    assert set(reloaded.state_dict()) == set(AutoModelForImageTextToText.from_pretrained(sharded).state_dict())
+
+
 def test_export_refuses_a_base_that_is_not_a_local_model_and_an_unknown_task(world, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
