@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -14,6 +15,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from many_cli.errors import InputError
 from many_cli.files import StreamingSafetensorsWriter, file_fingerprint, open_safetensors, read_json
+from many_cli.layouts import rename_key
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,19 +55,33 @@ class Adapter:
     projector_module: str | None  # the module saved whole (modules_to_save), or the parent of several
     projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside projector_module -> shape
     saved_modules: tuple[str, ...] = ()
+    saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module -> its name in the file, where they differ
 
     @property
     def weights(self) -> Path:
         return self.path / ADAPTER_WEIGHTS
 
     def lora_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        saved = self.saved_names.get(module, module)
         with open_safetensors(self.weights) as handle:
-            return (handle.get(f"{PEFT_PREFIX}{module}.lora_A.weight"),
-                    handle.get(f"{PEFT_PREFIX}{module}.lora_B.weight"))
+            return (handle.get(f"{PEFT_PREFIX}{saved}.lora_A.weight"),
+                    handle.get(f"{PEFT_PREFIX}{saved}.lora_B.weight"))
+
+    @property
+    def saved_parameters(self) -> list[tuple[str, str]]:
+        """(module, parameter) of every tensor saved whole (modules_to_save)."""
+        pairs = []
+        for relative in self.projector_shapes:
+            key = f"{self.projector_module}.{relative}" if self.projector_module else relative
+            module = max((m for m in self.saved_modules if key.startswith(f"{m}.")), key=len)
+            pairs.append((module, key[len(module) + 1:]))
+        return pairs
 
     def projector_tensor(self, parameter: str) -> torch.Tensor:
+        key = rename_key(f"{self.projector_module}.{parameter}" if self.projector_module else parameter,
+                         self.saved_names)
         with open_safetensors(self.weights) as handle:
-            return handle.get(f"{PEFT_PREFIX}{self.projector_module}.{parameter}")
+            return handle.get(f"{PEFT_PREFIX}{key}")
 
 
 def find_adapter_dirs(paths: list[Path]) -> list[Path]:
@@ -82,7 +98,10 @@ def find_adapter_dirs(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def read_adapter(path: Path) -> Adapter:
+def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapter:
+    """The adapter at `path`, its modules named as `renames` maps the names it was saved under
+    (an older transformers layout, as `many stats` found them on the base model)."""
+    renames = renames or {}
     config = check_supported_config(path)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -115,15 +134,39 @@ def read_adapter(path: Path) -> Adapter:
     for module, shapes in sorted(factors.items()):
         if set(shapes) != {"A", "B"}:
             raise InputError(weights, f"module {module} has lora_A or lora_B but not both")
-        modules[module] = _lora_module(weights, config, module, shapes["A"], shapes["B"])
+        lora = _lora_module(weights, config, module, shapes["A"], shapes["B"])
+        modules[renames.get(module, module)] = dataclasses.replace(lora, name=renames.get(module, module))
     if not modules:
         raise InputError(weights, "holds no LoRA weights")
-    saved_modules = tuple(sorted({module for module, _ in saved_shapes}))
+    saved_modules = tuple(sorted({renames.get(module, module) for module, _ in saved_shapes}))
     projector_module = _common_parent(saved_modules) if saved_modules else None
-    projector_shapes = {f"{module}.{parameter}".removeprefix(f"{projector_module}."): shape
+    projector_shapes = {f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
                         for (module, parameter), shape in saved_shapes.items()}
+    saved_names = {loaded: saved for saved, loaded in renames.items() if loaded != saved}
     return Adapter(path.name, path, file_fingerprint(weights), config.get("base_model_name_or_path"),
-                   modules, projector_module, projector_shapes, saved_modules)
+                   modules, projector_module, projector_shapes, saved_modules, saved_names)
+
+
+def loading_config(adapter: Adapter, renames: Mapping[str, str]) -> LoraConfig:
+    """The adapter's LoRA config for loading onto a model where `renames` gives each saved module's
+    name: exactly the modules its weights adapt and save, by their full names there, each with the
+    rank and alpha its own config declares (a target list of short, full or older names, or a
+    regex, all come out the same)."""
+    saved = read_json(adapter.path / ADAPTER_CONFIG)
+    rank, alpha = saved.get("r", 8), saved.get("lora_alpha", saved.get("r", 8))
+    ranks, alphas = {}, {}
+    for module in adapter.modules.values():
+        name = f"^{re.escape(renames[module.name])}"  # PEFT matches pattern keys anchored so, this module alone
+        ranks[name] = module.rank
+        alphas[name] = declared_rank_and_alpha(saved, module.name, module.rank)[1]
+    fields = {field.name for field in dataclasses.fields(LoraConfig)}
+    config = LoraConfig(**{key: value for key, value in saved.items() if key in fields} | {
+        "target_modules": sorted(renames[module] for module in adapter.modules),
+        "modules_to_save": sorted(renames[module] for module in adapter.saved_modules) or None,
+        "rank_pattern": {key: value for key, value in ranks.items() if value != rank},
+        "alpha_pattern": {key: value for key, value in alphas.items() if value != alpha},
+        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True})
+    return config
 
 
 def _common_parent(modules: tuple[str, ...]) -> str:
@@ -168,15 +211,21 @@ def _lora_module(weights: Path, config: dict, module: str, a_shape: tuple[int, .
     if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != rank:
         raise InputError(weights, f"module {module}: lora_A {a_shape} and lora_B {b_shape} "
                                   f"are not the factors of one linear layer")
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    declared = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r"))
+    declared, alpha = declared_rank_and_alpha(config, module, rank)
     if declared != rank:
         raise InputError(weights, f"module {module}: the config declares rank {declared}, "
                                   f"the weights have rank {rank}")
-    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank))
     scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
     return LoraModule(module, rank, float(scale), a_shape[1], b_shape[0])
+
+
+def declared_rank_and_alpha(config: dict, module: str, rank: int) -> tuple[int, float]:
+    """The rank and lora_alpha an adapter's config gives `module` (its rank_pattern and
+    alpha_pattern matched as PEFT matches them); `rank` is the alpha when none is given."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    declared = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r"))
+    return declared, alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank))
 
 
 @dataclass(frozen=True)

@@ -229,12 +229,14 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
 
 
 def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
-    adapter = read_adapter(path)
+    """The adapter, named as its stats file found its modules on the base (an adapter saved under an
+    older transformers layout is merged under today's names), and its statistics."""
     if not stats_path.exists():
         if needs_stats:
             raise InputError(stats_path, f"file not found; run `many stats --adapter {stats_path.parent} ...` first")
-        return Task(adapter, None)
+        return Task(read_adapter(path), None)
     stats = read_stats_header(stats_path)
+    adapter = read_adapter(path, stats.module_names)
     if stats.adapter_fingerprint != adapter.fingerprint:
         raise InputError(stats_path, f"is stale: it was computed for adapter weights "
                                      f"{stats.adapter_fingerprint}, the adapter is now "

@@ -17,9 +17,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_supported_config
+from many_cli.adapters import ADAPTER_CONFIG, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import check_tensors, read_json
+from many_cli.layouts import module_renames, rename_key, renamer
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
@@ -146,29 +147,71 @@ def _check_placed_modules(model: nn.Module, placement: dict[str, Any], path: str
 
 def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]) -> nn.Module:
     """`model` with each PEFT adapter (directory, name) loaded under its name, the first one
-    active; one that does not fit the base model is an InputError naming its directory."""
-    from peft import PeftModel
+    active. Module names saved under an older transformers layout are mapped onto the model;
+    an adapter with a tensor that loads nowhere, or that does not fit, is an InputError naming
+    its directory (PEFT itself only warns)."""
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
     from safetensors import SafetensorError
 
     adapted = None
     for directory, name in adapters:
-        check_supported_config(directory)
-        weights = directory / ADAPTER_WEIGHTS
-        if not weights.is_file():  # PEFT would fall back to unpickling adapter_model.bin
-            raise InputError(weights, "file not found (many reads adapter weights from safetensors only; "
-                                      "re-save with safe_serialization=True)")
-        check_tensors(weights)
+        adapter = read_adapter(directory)
+        check_tensors(adapter.weights)
+        renames = adapter_renames(model, adapter)
+        _check_targets(directory, base, model, adapter, renames)
+        config = loading_config(adapter, renames)
+        key_mapping = {f"^{re.escape(key)}$": rename_key(key, renames) for key in _saved_keys(adapter)
+                       if rename_key(key, renames) != key}
         try:
             if adapted is None:
-                adapted = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
+                kind = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # as from_pretrained picks
+                adapted = kind(model, config, adapter_name=name)
             else:
-                adapted.load_adapter(str(directory), adapter_name=name)
+                adapted.add_adapter(name, config)
+            loaded = adapted.load_adapter(str(directory), adapter_name=name, key_mapping=key_mapping)
         except SafetensorError as error:
             raise InputError(directory, f"its adapter weights are not a readable safetensors file ({error})") from None
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(directory, f"does not fit the base model {base} ({first_line})") from None
+        _check_loaded(directory, base, loaded)
     return adapted
+
+
+def adapter_renames(model: nn.Module, adapter: Adapter) -> dict[str, str]:
+    """Each module the adapter adapts or saves -> its name in `model` (the base, before PEFT wraps
+    it), through transformers' renamings of older layouts."""
+    return module_renames(renamer(model), adapter.modules, adapter.saved_parameters)
+
+
+def _saved_keys(adapter: Adapter) -> list[str]:
+    """The adapter's tensor keys as PEFT's key mapping sees them (without its prefix)."""
+    keys = [f"{module}.lora_{part}.weight" for module in adapter.modules for part in "AB"]
+    return keys + [f"{module}.{parameter}" for module, parameter in adapter.saved_parameters]
+
+
+def _check_targets(directory: Path, base: str, model: nn.Module, adapter: Adapter, renames: dict[str, str]) -> None:
+    """Each module the adapter's tensors name must be a module of the base (PEFT skips the rest)."""
+    modules = dict(model.named_modules())
+    for saved, kind in [*((m, "lora_A.weight") for m in adapter.modules), *((m, "") for m in adapter.saved_modules)]:
+        if renames[saved] not in modules:
+            key = f"{saved}.{kind}" if kind else saved
+            raise InputError(directory, f"its tensor {key} loads nowhere in {base} (no module {renames[saved]}); "
+                                        f"adapter saved for another model or a layout many does not map "
+                                        f"(see the README's table of adapter layouts)")
+
+
+def _check_loaded(directory: Path, base: str, loaded) -> None:
+    """Every saved tensor must land on the model, and every adapted module get its tensors."""
+    if loaded.unexpected_keys:
+        key = sorted(loaded.unexpected_keys)[0]
+        raise InputError(directory, f"its tensor {key} loads nowhere in {base} ({len(loaded.unexpected_keys)} "
+                                    f"such); adapter saved for another model or a layout many does not map "
+                                    f"(see the README's table of adapter layouts)")
+    if loaded.missing_keys:
+        key = sorted(loaded.missing_keys)[0]
+        raise InputError(directory, f"leaves {key} of {base} without weights ({len(loaded.missing_keys)} such); "
+                                    f"adapter saved for another model?")
 
 
 def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device,

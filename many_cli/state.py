@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -147,6 +147,7 @@ class StatsHeader:
     inputs: Mapping[str, InputStats]
     has_prototype: bool
     answer_weight: float = 1.0  # the weight of the positions that decide the answer
+    module_names: Mapping[str, str] = field(default_factory=dict)  # saved name -> name on the base, where they differ
 
     def input_of(self, module: str) -> InputStats | None:
         for stats in self.inputs.values():
@@ -213,7 +214,18 @@ def read_stats_header(path: Path) -> StatsHeader:
             inputs=inputs,
             has_prototype="prototype" in handle.keys(),
             answer_weight=float(metadata.get("answer_weight", "1.0")),
+            module_names=_string_map(path, metadata, "module_names"),
         )
+
+
+def _string_map(path: Path, metadata: Mapping[str, str], field_name: str) -> dict[str, str]:
+    """An optional metadata field holding a JSON object of strings."""
+    if field_name not in metadata:
+        return {}
+    value = _json_field(path, metadata, field_name)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in [*value, *value.values()]):
+        raise InputError(path, f"metadata field {field_name!r} is not a JSON object of names")
+    return value
 
 
 def is_stats_file(path: Path) -> bool:

@@ -5,6 +5,7 @@ all-reduced before rank 0 writes the file."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config
+from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config, read_adapter
 from many_cli.cpm import pooled_direction
 from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, count_records, encode_loaded,
                            load_inputs, read_records, tokenizer_of)
@@ -25,7 +26,7 @@ from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
-                             linear_layers, load_adapted_model, lora_layers, resolve_device,
+                             adapter_renames, apply_adapters, linear_layers, load_base_model, lora_layers, resolve_device,
                              resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
@@ -118,7 +119,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     records = read_records(data, options.prompt)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
-    model, processor, layers = _load(base, adapter, options, device)
+    model, processor, layers, renames = _load(base, adapter, options, device)
     report = StatsReport(out, rank)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
@@ -139,7 +140,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     totals = _totals(covariances, prototype, world, report, device)
     _check_totals(totals, report, data, adapter)
     if rank == 0:
-        _write(out, totals, report, adapter_fingerprint, fingerprint, options)
+        _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -173,7 +174,11 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     from transformers import AutoProcessor
 
-    model = load_adapted_model(base, adapter, resolve_dtype(options.dtype), device, options.device_map)
+    model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
+    renames = {saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items()
+               if saved != loaded}
+    model = apply_adapters(model, base, [(adapter, "default")])
+    model = (model if options.device_map is not None else model.to(device)).eval()
     processor = AutoProcessor.from_pretrained(base)
     tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
@@ -184,7 +189,7 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
         if not extra:
             raise InputError(base, f"no linear layer's name matches --modules {options.modules!r}")
         layers = {**extra, **layers}
-    return model, processor, layers
+    return model, processor, layers, renames
 
 
 def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> int | None:
@@ -240,7 +245,7 @@ def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Pat
 
 
 def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str,
-           options: StatsOptions) -> None:
+           options: StatsOptions, renames: dict[str, str]) -> None:
     pattern = options.modules
     token_rule = TOKEN_RULE if options.answer_weight == 1 else (
         f"{TOKEN_RULE}; the last prompt position and the answer's tokens weigh {options.answer_weight:g}")
@@ -253,7 +258,8 @@ def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint:
                 base_fingerprint=fingerprint, token_rule=token_rule,
                 extra={"records": str(report.records), "skipped": str(report.skipped),
                        "answer_weight": repr(options.answer_weight),
-                       "tokens": str(report.tokens), **({"modules_pattern": pattern} if pattern else {})})  # text tokens; media layers count rows
+                       "tokens": str(report.tokens), **({"modules_pattern": pattern} if pattern else {}),
+                       **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {})})  # text tokens; media layers count rows
 
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:

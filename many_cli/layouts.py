@@ -1,0 +1,55 @@
+"""Module names across transformers versions: an adapter or checkpoint saved under an older
+layout of a family (before transformers 4.52 a LLaVA's language model was `language_model.model`,
+a Qwen2-VL's `model`) is mapped onto the base model as transformers builds it now, through
+transformers' own record of its renamings (its checkpoint conversion mapping)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from torch import nn
+
+Rename = Callable[[str], "str | None"]
+
+
+def renamer(model: nn.Module) -> Rename:
+    """A parameter key as some transformers version saved it -> its key in `model`, or None
+    where transformers converts the tensor (fuses or splits it) instead of renaming it."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [item for item in transforms if not isinstance(item, WeightConverter)]
+    converters = [item for item in transforms if isinstance(item, WeightConverter)]
+    state = dict.fromkeys(model.state_dict())
+    prefix = model.base_model_prefix
+
+    def rename(key: str) -> str | None:
+        name, converted = rename_source_key(key, renamings, converters, prefix, state)
+        return name if converted is None else None
+
+    return rename
+
+
+def module_renames(rename: Rename, lora_modules: Iterable[str], saved: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each adapted module's saved name -> its name in the model, for the LoRA modules (named
+    through their `.weight`) and the modules saved whole (`saved`: (module, parameter) pairs)."""
+    names = {}
+    for module in lora_modules:
+        names[module] = _module_of(rename(f"{module}.weight"), "weight") or module
+    for module, parameter in saved:
+        names[module] = _module_of(rename(f"{module}.{parameter}"), parameter) or module
+    return names
+
+
+def _module_of(key: str | None, parameter: str) -> str | None:
+    suffix = f".{parameter}"
+    return key[:-len(suffix)] if key is not None and key.endswith(suffix) else None
+
+
+def rename_key(key: str, renames: dict[str, str]) -> str:
+    """A key under a saved module name (`module.rest`), put under the module's name in the model."""
+    for module in sorted(renames, key=len, reverse=True):  # the longest module that holds the key
+        if key == module or key.startswith(f"{module}."):
+            return renames[module] + key[len(module):]
+    return key

@@ -1,0 +1,119 @@
+"""Adapters saved under the module names of older transformers versions (before 4.52 a LLaVA's
+language model was `language_model.model`, its projector `multi_modal_projector`; a Qwen2-VL's
+`model` and `visual`): the same weights under the old names give the same statistics and the same
+merge as under today's names, and a tensor that loads nowhere is refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli, stats_covariances
+from families import build_llava, build_qwen2_vl
+from test_families import family_adapter, write_records
+
+# Today's prefix -> the one transformers < 4.52 saved (as PEFT wrote it, after base_model.model.).
+OLD_NAMES = {
+    "llava": {"model.language_model.": "language_model.model.", "model.multi_modal_projector.": "multi_modal_projector."},
+    "qwen2_vl": {"model.language_model.": "model.", "model.visual.": "visual."},
+}
+BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+
+
+def old_name(name: str, family: str) -> str:
+    for new, old in OLD_NAMES[family].items():
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def resave_in_old_layout(adapter: Path, out: Path, family: str, targets: str) -> Path:
+    """The same tensors under the old names; `targets` says how the config names the modules:
+    "full" (a list of full old names, as LLaMA-Factory writes), "short" (q_proj, ...) or "regex"."""
+    out.mkdir()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    prefix = "base_model.model."
+    save_file({prefix + old_name(key.removeprefix(prefix), family): value for key, value in weights.items()},
+              out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    modules = sorted({key.removeprefix(prefix).split(".lora_")[0] for key in weights if ".lora_" in key})
+    config["target_modules"] = {
+        "full": [old_name(module, family) for module in modules],
+        "short": sorted({module.rsplit(".", 1)[1] for module in modules}),
+        "regex": r".*\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
+    }[targets]
+    config["modules_to_save"] = [old_name(module, family) for module in config["modules_to_save"]]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def family_world(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base = BUILDERS[request.param](root / "base")
+    adapters = [family_adapter(base, root / f"task{index}", seed=20 + index) for index in range(2)]
+    data = [write_records(root / "data", f"task{index}", 6, seed=index, task=index, audio=False) for index in range(2)]
+    return request.param, root, base, adapters, data
+
+
+@pytest.mark.parametrize("targets", ["full", "short", "regex"])
+def test_old_layout_gives_the_same_statistics_and_merge(family_world, tmp_path, capsys, targets):
+    family, root, base, adapters, data = family_world
+    new = [tmp_path / "new0", tmp_path / "new1"]
+    for adapter, copy in zip(adapters, new):
+        shutil.copytree(adapter, copy)
+    old = resave_in_old_layout(adapters[1], tmp_path / "old1", family, targets)
+    for adapter, records in ((new[0], data[0]), (new[1], data[1]), (old, data[1])):
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)
+        assert code == 0, err
+    expected, got = (stats_covariances(path / "many_stats.safetensors") for path in (new[1], old))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+    for method in ("many", "average"):  # one merge of both layouts, every method
+        same, mixed = tmp_path / f"{method}-same", tmp_path / f"{method}-mixed"
+        for adapters_in, out in (([new[0], new[1]], same), ([new[0], old], mixed)):
+            code, err = run_cli(capsys, "merge", *adapters_in, "--out", out, "--method", method, "--no-experts")
+            assert code == 0, err
+        expected, got = load_file(same / "adapter_model.safetensors"), load_file(mixed / "adapter_model.safetensors")
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
+        assert json.loads((same / "adapter_config.json").read_text())["target_modules"] == \
+            json.loads((mixed / "adapter_config.json").read_text())["target_modules"]
+        bundles = [load_file(out / "many_bundle.safetensors") for out in (same, mixed)]
+        assert bundles[0].keys() == bundles[1].keys()
+        for key in bundles[0]:
+            torch.testing.assert_close(bundles[1][key], bundles[0][key])
+
+
+def test_a_tensor_that_loads_nowhere_is_refused_before_any_work(family_world, tmp_path, capsys):
+    """PEFT only warns about such keys, and the statistics would be those of the base model."""
+    family, root, base, adapters, data = family_world
+    nowhere = tmp_path / "nowhere"
+    shutil.copytree(adapters[0], nowhere)
+    weights = load_file(nowhere / "adapter_model.safetensors")
+    moved = {key.replace(".layers.", ".blocks."): value for key, value in weights.items()}
+    save_file(moved, nowhere / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((nowhere / "adapter_config.json").read_text())
+    (nowhere / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj"]}))
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", nowhere, "--data", data[0])
+    assert code == 2 and str(nowhere) in err and "loads nowhere" in err and ".blocks." in err, err
+    assert err.count("\n") == 1 and not (nowhere / "many_stats.safetensors").exists()
+
+    saved_elsewhere = tmp_path / "mlp1"  # an OpenGVLab-style projector that this model does not have
+    shutil.copytree(adapters[0], saved_elsewhere)
+    weights = load_file(saved_elsewhere / "adapter_model.safetensors")
+    weights["base_model.model.mlp1.0.weight"] = torch.ones(4, 4)
+    save_file(weights, saved_elsewhere / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((saved_elsewhere / "adapter_config.json").read_text())
+    (saved_elsewhere / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": [
+        *config["modules_to_save"], "mlp1"]}))
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", saved_elsewhere, "--data", data[0])
+    assert code == 2 and str(saved_elsewhere) in err and "mlp1" in err and err.count("\n") == 1, err
