@@ -117,3 +117,53 @@ def test_a_tensor_that_loads_nowhere_is_refused_before_any_work(family_world, tm
         *config["modules_to_save"], "mlp1"]}))
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", saved_elsewhere, "--data", data[0])
     assert code == 2 and str(saved_elsewhere) in err and "mlp1" in err and err.count("\n") == 1, err
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "old_layouts"  # written by transformers 4.51.3 + PEFT 0.15.2
+# What transformers 4.52 renamed, as the test knows it: an old prefix -> today's.
+TODAY = {"llava": {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                   "vision_tower.vision_model.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+         "qwen2_vl": {"model.": "model.language_model.", "visual.": "model.visual."}}
+TODAY["llava_next"] = TODAY["llava"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_adapters_written_by_the_old_stack_load_as_their_weights_renamed_by_hand(family, tmp_path):
+    """Each fixture loaded by many equals the same tensors re-keyed to today's names by this
+    test's own table and loaded by plain PEFT: every LoRA factor and saved projector."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from many_cli.models import apply_adapters
+
+    config = AutoConfig.from_pretrained(FIXTURES / family)
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_config(config).eval()
+    state = {key: value.clone() for key, value in base.state_dict().items()}
+
+    def today(name: str) -> str:
+        prefix = next(old for old in TODAY[family] if f"{name}.".startswith(old))
+        return (TODAY[family][prefix] + f"{name}."[len(prefix):]).removesuffix(".")
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    weights = load_file(FIXTURES / family / "adapter" / "adapter_model.safetensors")
+    peft = "base_model.model."
+    save_file({peft + today(key.removeprefix(peft)): value for key, value in weights.items()},
+              renamed / "adapter_model.safetensors")
+    saved_config = json.loads((FIXTURES / family / "adapter" / "adapter_config.json").read_text())
+    modules = sorted({today(key.removeprefix(peft).split(".lora_")[0]) for key in weights if ".lora_" in key})
+    (renamed / "adapter_config.json").write_text(json.dumps(
+        {**saved_config, "target_modules": modules, "modules_to_save": [today(m) for m in saved_config["modules_to_save"]]}))
+
+    ours = apply_adapters(base, family, [(FIXTURES / family / "adapter", "default")]).state_dict()
+    fresh = AutoModelForImageTextToText.from_config(config)
+    fresh.load_state_dict(state)
+    by_hand = PeftModel.from_pretrained(fresh.eval(), renamed).state_dict()
+    assert ours.keys() == by_hand.keys()
+    adapted = [key for key in ours if "lora_" in key or "modules_to_save" in key]
+    assert len(adapted) >= 2 * len(modules)
+    for key in ours:
+        assert torch.equal(ours[key], by_hand[key]), key
+    loaded = {key for key in adapted if "lora_B" in key and bool(ours[key].abs().sum() > 0)}
+    assert len(loaded) == len(modules)  # every module got its saved factors (PEFT's fresh B is zero)
