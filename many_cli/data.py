@@ -172,7 +172,7 @@ def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
             except json.JSONDecodeError as error:
                 yield BadRecord(source, f"not JSON ({error.msg})")
                 continue
-            yield _record_from_fields(source, path.parent, entry, path.stem)
+            yield _entry_record(source, path.parent, entry, path.stem)
 
 
 def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
@@ -195,21 +195,80 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(path, f"not valid JSON ({error})") from None
     if not isinstance(entries, list):
-        raise InputError(path, "expected a LLaVA-style list of conversations")
+        raise InputError(path, "expected a list of records (LLaVA or LLaMA-Factory style)")
     for index, entry in enumerate(entries):
-        source = f"{path}[{index}]"
-        turns = entry.get("conversations") if isinstance(entry, dict) else None
-        if not isinstance(turns, list):
-            yield BadRecord(source, "lacks a conversations list")
-            continue
-        human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
-        answer = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
-        if not isinstance(human, str):
-            yield BadRecord(source, "has no human turn")
-            continue
-        prompt = human.replace("<image>", "").strip()
-        yield _record_from_fields(source, path.parent, {"image": entry.get("image"), "prompt": prompt,
-                                                        "answer": answer}, path.stem)
+        yield _entry_record(f"{path}[{index}]", path.parent, entry, path.stem)
+
+
+# A record's shape, told by its fields: many's own (prompt), a conversation (LLaVA and LLaMA-Factory
+# sharegpt: conversations of from/value; LLaMA-Factory and ms-swift: messages of role/content), or
+# LLaMA-Factory alpaca (instruction, input, output). Media: LLaVA's "image", the tools' lists.
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
+_MEDIA_TAGS = ("<image>", "<video>", "<audio>")
+
+
+def _entry_record(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
+    if not isinstance(entry, dict):
+        return BadRecord(source, "expected a JSON object")
+    media = _media(entry)
+    if isinstance(media, str):
+        return BadRecord(source, media)
+    if "prompt" in entry:
+        own = {key: value for key, value in entry.items() if key not in _MEDIA_LISTS}
+        return _record_from_fields(source, root, {**own, **media}, task)
+    if "instruction" in entry:
+        prompt = "\n".join(str(entry[key]) for key in ("instruction", "input") if entry.get(key))
+        turns: object = [("user", prompt)] + ([("assistant", entry["output"])] if entry.get("output") else [])
+    elif isinstance(entry.get("conversations"), list) or isinstance(entry.get("messages"), list):
+        turns = _turns(entry.get("conversations", entry.get("messages")))
+        if isinstance(turns, str):
+            return BadRecord(source, turns)
+    else:
+        return BadRecord(source, "is of no shape many reads: expected prompt (many's JSONL), conversations or "
+                                 "messages (LLaVA, LLaMA-Factory sharegpt, ms-swift) or instruction (alpaca)")
+    if [role for role, _ in turns] not in (["user"], ["user", "assistant"]):
+        return BadRecord(source, f"holds the turns {[role for role, _ in turns]}: many reads one user turn and "
+                                 f"its answer (a system turn or several turns are not read yet)")
+    prompt = turns[0][1]
+    for tag in _MEDIA_TAGS:
+        if tag in prompt and tag[1:-1] not in media:
+            return BadRecord(source, f"its prompt holds {tag} but the record names no {tag[1:-1]} "
+                                     f"(expected a field {tag[1:-1]} or {tag[1:-1]}s)")
+        prompt = prompt.replace(tag, "")
+    fields = {"prompt": prompt.strip(), "answer": turns[1][1] if len(turns) > 1 else None, **media}
+    return _record_from_fields(source, root, {**fields, "task": entry.get("task")}, task)
+
+
+def _turns(turns: list) -> list[tuple[str, str]] | str:
+    """(role, text) of each turn, in both tag styles; a string saying what is wrong otherwise."""
+    read = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return "has a turn that is not a JSON object"
+        role, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if role not in _ROLES or not isinstance(text, str):
+            return f"has a turn with role {role!r} and no text: expected from/value or role/content"
+        read.append((_ROLES[role], text))
+    return read
+
+
+def _media(entry: dict) -> dict[str, str] | str:
+    """The record's media as many's fields (one of each kind), or a string saying what is not read:
+    no image, video or audio a record names is ever dropped."""
+    media = {kind: entry[kind] for kind in ("image", "video", "audio") if entry.get(kind) is not None}
+    for field, kind in _MEDIA_LISTS.items():
+        items = entry.get(field) or []
+        if not isinstance(items, list):
+            return f"field {field} is not a list"
+        paths = [item.get("path") if isinstance(item, dict) else item for item in items]
+        if not all(isinstance(path, str) for path in paths):
+            return f"field {field} holds an entry that is not a path"
+        if len(paths) > 1 or (paths and kind in media):
+            return f"names {len(paths) + (kind in media)} {field}: records with several are not read yet"
+        if paths:
+            media[kind] = paths[0]
+    return media
 
 
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:

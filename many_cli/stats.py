@@ -50,6 +50,8 @@ class StatsOptions:
     skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
     padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
     force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
+    text_only: bool = option(False, "--text-only", "Accept data with no image, video or audio at all for a "
+                                                   "multimodal model (its statistics then see no media token).")
     answer_weight: float = option(1.0, "--answer-weight",
                                   "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
                                   "position and the answer's tokens); 1 counts every token alike.")
@@ -138,7 +140,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
         covariances.remove_hooks()
         prototype.remove_hook()
     totals = _totals(covariances, prototype, world, report, device)
-    _check_totals(totals, report, data, adapter)
+    _check_totals(totals, report, data, adapter, media_expected=find_projector(model) is not None and not options.text_only)
     if rank == 0:
         _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
     if world > 1:
@@ -233,9 +235,12 @@ def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: i
     return _all_reduce(totals, report, device) if world > 1 else totals
 
 
-def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path) -> None:
+def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path, media_expected: bool) -> None:
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
+    if media_expected and totals.images == 0:
+        raise InputError(data, "holds no image, video or audio, but the model is multimodal: its statistics would "
+                               "miss every media token; give the data its media, or pass --text-only")
     for key, packed in totals.sums.items():
         if not bool(torch.isfinite(packed).all()):
             raise InputError(adapter, f"the input of {', '.join(totals.members[key])} holds NaN or Inf on this "
