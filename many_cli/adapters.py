@@ -30,6 +30,7 @@ _UNSUPPORTED_KEYS = {
     ".lora_A.bias": "LoRA with lora_bias",
     ".lora_B.bias": "LoRA with lora_bias",
 }
+BASE_LAYER = ".base_layer.weight"  # PEFT saves a tied output layer's base weight beside its LoRA
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 SUPPORTED = "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)"
 
@@ -56,6 +57,7 @@ class Adapter:
     projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside projector_module -> shape
     saved_modules: tuple[str, ...] = ()
     saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module -> its name in the file, where they differ
+    base_weights: tuple[str, ...] = ()  # LoRA modules whose base weight PEFT saved too (a tied lm_head)
 
     @property
     def weights(self) -> Path:
@@ -112,6 +114,7 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
     saved = [name for name in config.get("modules_to_save") or []]
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     saved_shapes: dict[tuple[str, str], tuple[int, ...]] = {}  # (module, parameter) -> shape
+    base_weights: list[str] = []
     with open_safetensors(weights) as handle:
         for key in handle.keys():
             for marker, what in _UNSUPPORTED_KEYS.items():
@@ -123,6 +126,9 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
             match = LORA_KEY.match(name)
             if match:
                 factors.setdefault(match["module"], {})[match["part"]] = handle.shape(key)
+                continue
+            if name.endswith(BASE_LAYER):
+                base_weights.append(name.removesuffix(BASE_LAYER))
                 continue
             split = _split_saved_module(name, saved)
             if split is None:
@@ -138,13 +144,18 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
         modules[renames.get(module, module)] = dataclasses.replace(lora, name=renames.get(module, module))
     if not modules:
         raise InputError(weights, "holds no LoRA weights")
+    for module in base_weights:
+        if renames.get(module, module) not in modules:
+            raise InputError(weights, f"unexpected tensor {PEFT_PREFIX}{module}{BASE_LAYER}: the base weight of a "
+                                      f"module the adapter does not adapt")
     saved_modules = tuple(sorted({renames.get(module, module) for module, _ in saved_shapes}))
     projector_module = _common_parent(saved_modules) if saved_modules else None
     projector_shapes = {f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
                         for (module, parameter), shape in saved_shapes.items()}
     saved_names = {loaded: saved for saved, loaded in renames.items() if loaded != saved}
     return Adapter(path.name, path, file_fingerprint(weights), config.get("base_model_name_or_path"),
-                   modules, projector_module, projector_shapes, saved_modules, saved_names)
+                   modules, projector_module, projector_shapes, saved_modules, saved_names,
+                   tuple(sorted(renames.get(module, module) for module in base_weights)))
 
 
 def loading_config(adapter: Adapter, renames: Mapping[str, str]) -> LoraConfig:

@@ -17,7 +17,7 @@ from torch import nn
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
-from many_cli.models import auto_model_classes, module_name, projector_paths
+from many_cli.models import auto_model_classes, base_fingerprint, module_name, projector_paths
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_bundle_header
 
@@ -53,6 +53,7 @@ def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOp
     if not (base_dir / "config.json").is_file():
         raise InputError(base, "export reads the base model's own files: give a local model directory "
                                "(for a hub id, its snapshot folder)")
+    base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     adapter = read_adapter(merged)
     refuse_overlap(out, [base_dir, merged])
@@ -107,7 +108,7 @@ def _meta_model(base_dir: Path) -> nn.Module:
     """The base model's structure without its weights (on the meta device): its parameter names."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base_dir)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     for auto in auto_model_classes():
         try:
             with torch.device("meta"):

@@ -139,7 +139,7 @@ def install_router(model: nn.Module, routed: tuple[RoutedProjector, dict[str, De
 def load_processor(base: str):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     tokenizer_of(processor).padding_side = "left"  # generation continues every row at its end
     return processor
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 
 from many_cli import lpm
-from many_cli.adapters import (ADAPTER_CONFIG, Adapter, MergedAdapterWriter, MergedModule, find_adapter_dirs,
-                               read_adapter)
+from many_cli.adapters import (ADAPTER_CONFIG, Adapter, MergedAdapterWriter, MergedModule, check_supported_config,
+                               find_adapter_dirs, read_adapter)
 from many_cli.card import model_card
 from many_cli.distributed import init_distributed, rank_device, receive_tensors, send_tensors
 from many_cli.errors import InputError
@@ -231,6 +231,7 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
 def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
     """The adapter, named as its stats file found its modules on the base (an adapter saved under an
     older transformers layout is merged under today's names), and its statistics."""
+    check_supported_config(path)  # IA3, DoRA ... are named before a missing stats file
     if not stats_path.exists():
         if needs_stats:
             raise InputError(stats_path, f"file not found; run `many stats --adapter {stats_path.parent} ...` first")

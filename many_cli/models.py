@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_CONFIG, Adapter, loading_config, read_adapter
+from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
-from many_cli.files import check_tensors, read_json
+from many_cli.files import check_tensors, open_safetensors, read_json
 from many_cli.layouts import module_renames, rename_key, renamer
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
@@ -69,6 +69,11 @@ def base_fingerprint(base: str) -> str:
     except (OSError, ValueError) as error:
         where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
+    if "auto_map" in config:  # transformers would run the model's own code (and first ask in a terminal)
+        raise InputError(base, f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
+                               f"to its own code, model_type {config.get('model_type')!r}); many runs models "
+                               f"transformers implements itself: use the transformers-native conversion (for "
+                               f"OpenGVLab InternVL, the -hf checkpoints)")
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -118,7 +123,7 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
     placement = {} if device_map is None else {"device_map": resolve_device_map(device_map)}
     for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
-            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True, **placement)
+            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement)
             if isinstance(placement.get("device_map"), dict):
                 _check_placed_modules(model, placement["device_map"], device_map)
             return (model if device_map is not None else model.to(device)).eval()
@@ -159,6 +164,7 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
         check_tensors(adapter.weights)
         renames = adapter_renames(model, adapter)
         _check_targets(directory, base, model, adapter, renames)
+        _check_base_weights(directory, base, model, adapter, renames)
         config = loading_config(adapter, renames)
         key_mapping = {f"^{re.escape(key)}$": rename_key(key, renames) for key in _saved_keys(adapter)
                        if rename_key(key, renames) != key}
@@ -187,6 +193,7 @@ def adapter_renames(model: nn.Module, adapter: Adapter) -> dict[str, str]:
 def _saved_keys(adapter: Adapter) -> list[str]:
     """The adapter's tensor keys as PEFT's key mapping sees them (without its prefix)."""
     keys = [f"{module}.lora_{part}.weight" for module in adapter.modules for part in "AB"]
+    keys += [f"{module}{BASE_LAYER}" for module in adapter.base_weights]
     return keys + [f"{module}.{parameter}" for module, parameter in adapter.saved_parameters]
 
 
@@ -199,6 +206,21 @@ def _check_targets(directory: Path, base: str, model: nn.Module, adapter: Adapte
             raise InputError(directory, f"its tensor {key} loads nowhere in {base} (no module {renames[saved]}); "
                                         f"adapter saved for another model or a layout many does not map "
                                         f"(see the README's table of adapter layouts)")
+
+
+def _check_base_weights(directory: Path, base: str, model: nn.Module, adapter: Adapter,
+                        renames: dict[str, str]) -> None:
+    """A base weight PEFT saved beside a LoRA (a tied lm_head) must be the base's own: the merge
+    keeps LoRA factors only, so a different one (a resized vocabulary) would be lost there."""
+    if not adapter.base_weights:
+        return
+    with open_safetensors(adapter.weights) as handle:
+        for module in adapter.base_weights:
+            saved = handle.get(f"{PEFT_PREFIX}{module}{BASE_LAYER}")
+            own = model.get_submodule(renames[module]).weight
+            if saved.shape != own.shape or not torch.equal(saved.to(own.device, own.dtype), own):
+                raise InputError(directory, f"carries its own weight for {module}, not the base's ({base}): many "
+                                            f"merges LoRA factors only; train the adapter without changing it")
 
 
 def _check_loaded(directory: Path, base: str, loaded) -> None:

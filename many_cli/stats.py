@@ -181,7 +181,7 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
                if saved != loaded}
     model = apply_adapters(model, base, [(adapter, "default")])
     model = (model if options.device_map is not None else model.to(device)).eval()
-    processor = AutoProcessor.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
     if not layers:

@@ -167,3 +167,16 @@ def test_adapters_written_by_the_old_stack_load_as_their_weights_renamed_by_hand
         assert torch.equal(ours[key], by_hand[key]), key
     loaded = {key for key in adapted if "lora_B" in key and bool(ours[key].abs().sum() > 0)}
     assert len(loaded) == len(modules)  # every module got its saved factors (PEFT's fresh B is zero)
+
+
+def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, capsys):
+    """OpenGVLab's own InternVL runs its code from the checkpoint; transformers would ask first."""
+    base = tmp_path / "InternVL2-1B"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {
+        "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+        "AutoModel": "modeling_internvl_chat.InternVLChatModel"}}))
+    adapter, data = FIXTURES / "llava" / "adapter", tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", tmp_path / "s")
+    assert code == 2 and "remote-code model" in err and "-hf" in err and err.count("\n") == 1, err

@@ -4,6 +4,8 @@ base + adapter run directly."""
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -75,6 +77,16 @@ def test_an_adapted_output_layer_counts_every_position(text_world, tmp_path, cap
     expected = brute_force(base, adapter, data[0])
     measured = stats_covariances(adapter / STATS_FILE)["lm_head"]
     assert torch.linalg.norm(measured - expected["lm_head"]) <= 1e-5 * torch.linalg.norm(expected["lm_head"])
+    assert run_cli(capsys, "merge", adapter, "--out", tmp_path / "merged")[0] == 0  # PEFT saved lm_head's base weight
+
+    from safetensors.torch import load_file, save_file
+
+    resized = shutil.copytree(adapter, tmp_path / "own_head")  # a head of its own would be lost in the merge
+    weights = load_file(resized / "adapter_model.safetensors")
+    weights["base_model.model.lm_head.base_layer.weight"] += 1
+    save_file(weights, resized / "adapter_model.safetensors")
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", resized, "--data", data[0], "--force")
+    assert code == 2 and "carries its own weight for lm_head" in err and err.count("\n") == 1, err
 
 
 def direct_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
