@@ -179,7 +179,7 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     for note in loaded.notes:
         stderr.print(f"note: {note}", highlight=False)
     if single:
-        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), image, options.prompt, None)],
+        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), (image,) if image else (), options.prompt, None)],
                                     options.max_new_tokens)
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return

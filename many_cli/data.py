@@ -19,25 +19,37 @@ DEFAULT_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+IMAGE_TAG = "<image>"  # where an image sits in a turn's text (LLaVA, LLaMA-Factory, ms-swift)
+
+
 @dataclass(frozen=True)
 class Record:
+    """One conversation: its earlier turns, the last user turn (`prompt`) and, when it has one,
+    the answer to it. Images go at the `<image>` tags of the texts, in order, or, when no text has
+    a tag, at the start of the first user turn (as for a one-image record of many's JSONL)."""
     source: str  # where it came from, for messages: "data.jsonl:12" or the image path
-    image: Path | None
+    images: tuple[Path, ...]
     prompt: str
     answer: str | None
     task: str = ""  # the record's "task" field, else the name of its file or folder
     audio: Path | None = None  # a 16-bit PCM WAV file, for audio-language models
     video: Path | None = None  # a folder of frames (name order) or a video file the processor reads
+    history: tuple[tuple[str, str], ...] = ()  # (role, text) of the turns before `prompt`
+
+    @property
+    def image(self) -> Path | None:
+        """The record's first image."""
+        return self.images[0] if self.images else None
 
     @property
     def has_media(self) -> bool:
-        return self.image is not None or self.audio is not None or self.video is not None
+        return bool(self.images) or self.audio is not None or self.video is not None
 
 
 @dataclass(frozen=True)
 class Media:
     """A record's inputs besides its text, read as the processor takes them."""
-    image: Image.Image | None = None
+    images: tuple[Image.Image, ...] = ()
     audio: np.ndarray | None = None
     video: list[Image.Image] | str | None = None
 
@@ -82,15 +94,15 @@ def count_records(data: Path) -> int | None:
     return None
 
 
-def load_image(record: Record) -> Image.Image:
-    """The record's image as 8-bit RGB; InputError naming the record if it cannot be read."""
+def load_image(source: str, path: Path) -> Image.Image:
+    """An image of the record `source` as 8-bit RGB; InputError naming the record if it cannot be read."""
     try:
-        with Image.open(record.image) as image:
+        with Image.open(path) as image:
             return _as_rgb(image)
     except FileNotFoundError:
-        raise InputError(record.source, f"image {record.image} not found") from None
+        raise InputError(source, f"image {path} not found") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise InputError(record.source, f"image {record.image} cannot be read ({error})") from None
+        raise InputError(source, f"image {path} cannot be read ({error})") from None
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -133,11 +145,11 @@ def load_video(record: Record) -> list[Image.Image] | str:
     if not frames:
         raise InputError(record.source, f"video folder {record.video} holds no frames "
                                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [load_image(Record(record.source, frame, record.prompt, None)) for frame in frames]
+    return [load_image(record.source, frame) for frame in frames]
 
 
 def load_inputs(processor, record: Record) -> Media:
-    """The record's image, audio and video (each may be None), read as the processor needs them."""
+    """The record's images, audio and video (each may be absent), read as the processor needs them."""
     audio = None
     if record.audio is not None:
         extractor = getattr(processor, "feature_extractor", None)
@@ -146,7 +158,7 @@ def load_inputs(processor, record: Record) -> Media:
         audio = load_audio(record, extractor.sampling_rate)
     if record.video is not None and getattr(processor, "video_processor", None) is None:
         raise InputError(record.source, "has a video, but the model's processor takes no video")
-    return Media(load_image(record) if record.image is not None else None, audio,
+    return Media(tuple(load_image(record.source, path) for path in record.images), audio,
                  load_video(record) if record.video is not None else None)
 
 
@@ -155,7 +167,7 @@ def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
     if not images:
         raise InputError(folder, f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     for path in images:
-        yield Record(str(path), path, prompt, None, folder.name)
+        yield Record(str(path), (path,), prompt, None, folder.name)
 
 
 def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
@@ -175,20 +187,6 @@ def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
             yield _entry_record(source, path.parent, entry, path.stem)
 
 
-def _record_from_fields(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
-    if not isinstance(entry, dict):
-        return BadRecord(source, "expected a JSON object")
-    if not isinstance(entry.get("prompt"), str):
-        return BadRecord(source, "lacks the string field(s) prompt")
-    for optional in ("image", "audio", "video", "answer"):  # a record without any is a text record
-        if entry.get(optional) is not None and not isinstance(entry[optional], str):
-            return BadRecord(source, f"field {optional} is not a string")
-    image = root / entry["image"] if entry.get("image") is not None else None
-    audio = root / entry["audio"] if entry.get("audio") is not None else None
-    video = root / entry["video"] if entry.get("video") is not None else None
-    return Record(source, image, entry["prompt"], entry.get("answer"), str(entry.get("task") or task), audio, video)
-
-
 def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -202,10 +200,11 @@ def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
 
 # A record's shape, told by its fields: many's own (prompt), a conversation (LLaVA and LLaMA-Factory
 # sharegpt: conversations of from/value; LLaMA-Factory and ms-swift: messages of role/content), or
-# LLaMA-Factory alpaca (instruction, input, output). Media: LLaVA's "image", the tools' lists.
+# LLaMA-Factory alpaca (instruction, input, output). Media: one "image", "audio", "video" (many's
+# own, LLaVA) or the tools' lists "images", "videos", "audios" (paths, or ms-swift's {"path": ...}).
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
-_MEDIA_TAGS = ("<image>", "<video>", "<audio>")
+_OTHER_TAGS = ("<video>", "<audio>")  # a record holds one of each, placed before the first user text
 
 
 def _entry_record(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
@@ -214,49 +213,69 @@ def _entry_record(source: str, root: Path, entry: object, task: str) -> Record |
     media = _media(entry)
     if isinstance(media, str):
         return BadRecord(source, media)
+    turns = _conversation(entry)
+    if isinstance(turns, str):
+        return BadRecord(source, turns)
+    texts = " ".join(text for _, text in turns)
+    tags = texts.count(IMAGE_TAG)
+    if tags and tags != len(media["images"]):
+        return BadRecord(source, f"has {tags} {IMAGE_TAG} tags for {len(media['images'])} images; give one tag per "
+                                 f"image, or none (then the images open the first user turn)")
+    for tag in _OTHER_TAGS:
+        if tag in texts and tag[1:-1] not in media:
+            return BadRecord(source, f"its text holds {tag} but the record names no {tag[1:-1]}")
+    if not isinstance(entry.get("task", ""), (str, type(None))):
+        return BadRecord(source, "field task is not a string")
+    last_user = max(index for index, (role, _) in enumerate(turns) if role == "user")
+    answer = turns[last_user + 1][1] if last_user + 1 < len(turns) else None
+    return Record(source, tuple(root / path for path in media["images"]), turns[last_user][1], answer,
+                  str(entry.get("task") or task), _path(root, media.get("audio")), _path(root, media.get("video")),
+                  tuple(turns[:last_user]))
+
+
+def _path(root: Path, name: str | None) -> Path | None:
+    return None if name is None else root / name
+
+
+def _conversation(entry: dict) -> list[tuple[str, str]] | str:
+    """(role, text) of every turn, whatever the shape; a string saying what is wrong otherwise. The
+    turns alternate user and assistant after an optional system turn, and end on either."""
     if "prompt" in entry:
-        own = {key: value for key, value in entry.items() if key not in _MEDIA_LISTS}
-        return _record_from_fields(source, root, {**own, **media}, task)
-    if "instruction" in entry:
+        if not isinstance(entry["prompt"], str) or not isinstance(entry.get("answer", ""), (str, type(None))):
+            return "fields prompt and answer must be strings"
+        turns = [("user", entry["prompt"])] + ([("assistant", entry["answer"])] if entry.get("answer") is not None else [])
+    elif "instruction" in entry:
         prompt = "\n".join(str(entry[key]) for key in ("instruction", "input") if entry.get(key))
-        turns: object = [("user", prompt)] + ([("assistant", entry["output"])] if entry.get("output") else [])
+        turns = [("user", prompt)] + ([("assistant", str(entry["output"]))] if entry.get("output") else [])
     elif isinstance(entry.get("conversations"), list) or isinstance(entry.get("messages"), list):
-        turns = _turns(entry.get("conversations", entry.get("messages")))
-        if isinstance(turns, str):
-            return BadRecord(source, turns)
+        turns = []
+        for turn in entry.get("conversations", entry.get("messages")):
+            role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+            if role not in _ROLES or not isinstance(text, str):
+                return f"has a turn with role {role!r} and no text: expected from/value or role/content"
+            turns.append((_ROLES[role], text))
     else:
-        return BadRecord(source, "is of no shape many reads: expected prompt (many's JSONL), conversations or "
-                                 "messages (LLaVA, LLaMA-Factory sharegpt, ms-swift) or instruction (alpaca)")
-    if [role for role, _ in turns] not in (["user"], ["user", "assistant"]):
-        return BadRecord(source, f"holds the turns {[role for role, _ in turns]}: many reads one user turn and "
-                                 f"its answer (a system turn or several turns are not read yet)")
-    prompt = turns[0][1]
-    for tag in _MEDIA_TAGS:
-        if tag in prompt and tag[1:-1] not in media:
-            return BadRecord(source, f"its prompt holds {tag} but the record names no {tag[1:-1]} "
-                                     f"(expected a field {tag[1:-1]} or {tag[1:-1]}s)")
-        prompt = prompt.replace(tag, "")
-    fields = {"prompt": prompt.strip(), "answer": turns[1][1] if len(turns) > 1 else None, **media}
-    return _record_from_fields(source, root, {**fields, "task": entry.get("task")}, task)
+        return ("is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
+                "LLaMA-Factory sharegpt, ms-swift) or instruction (LLaMA-Factory alpaca)")
+    if isinstance(entry.get("system"), str) and entry["system"] and "prompt" not in entry:
+        turns.insert(0, ("system", entry["system"]))  # LLaMA-Factory's system column
+    roles = [role for role, _ in turns if role != "system"]
+    if not roles or any(role == "system" for role, _ in turns[1:]) or \
+            roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
+        return (f"has the turns {[role for role, _ in turns]}: expected user and assistant turns in turn, from "
+                f"the user's, after an optional system turn")
+    return turns
 
 
-def _turns(turns: list) -> list[tuple[str, str]] | str:
-    """(role, text) of each turn, in both tag styles; a string saying what is wrong otherwise."""
-    read = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            return "has a turn that is not a JSON object"
-        role, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
-        if role not in _ROLES or not isinstance(text, str):
-            return f"has a turn with role {role!r} and no text: expected from/value or role/content"
-        read.append((_ROLES[role], text))
-    return read
-
-
-def _media(entry: dict) -> dict[str, str] | str:
-    """The record's media as many's fields (one of each kind), or a string saying what is not read:
-    no image, video or audio a record names is ever dropped."""
-    media = {kind: entry[kind] for kind in ("image", "video", "audio") if entry.get(kind) is not None}
+def _media(entry: dict) -> dict | str:
+    """The record's media: {"images": [path, ...], "audio": path, "video": path} (the last two when
+    given), or a string saying what is not read: no media a record names is ever dropped."""
+    for kind in ("image", "audio", "video"):
+        if entry.get(kind) is not None and not isinstance(entry[kind], str):
+            return f"field {kind} is not a string"
+    media: dict = {"images": [entry["image"]] if entry.get("image") is not None else []}
+    media.update({kind: entry[kind] for kind in ("audio", "video") if entry.get(kind) is not None})
     for field, kind in _MEDIA_LISTS.items():
         items = entry.get(field) or []
         if not isinstance(items, list):
@@ -264,27 +283,51 @@ def _media(entry: dict) -> dict[str, str] | str:
         paths = [item.get("path") if isinstance(item, dict) else item for item in items]
         if not all(isinstance(path, str) for path in paths):
             return f"field {field} holds an entry that is not a path"
-        if len(paths) > 1 or (paths and kind in media):
-            return f"names {len(paths) + (kind in media)} {field}: records with several are not read yet"
-        if paths:
+        if kind == "image":
+            media["images"] += paths
+        elif len(paths) + (kind in media) > 1:
+            return f"names {len(paths) + (kind in media)} {field}: one {kind} per record is read"
+        elif paths:
             media[kind] = paths[0]
     return media
 
 
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
-    """The conversation of the token rule: one user turn [media, prompt], and the answer when there is
-    one (and it is wanted: statistics take it, inference asks for it). A plain language model's
-    tokenizer gets the usual string contents instead of typed parts."""
-    def content(text: str, media: Record | None = None) -> list[dict] | str:
-        if not multimodal:
-            return text
-        kinds = [] if media is None else [kind for kind in ("image", "audio", "video") if getattr(media, kind)]
-        return [{"type": kind} for kind in kinds] + [{"type": "text", "text": text}]
-
-    turns = [{"role": "user", "content": content(record.prompt, record)}]
+    """The conversation of the token rule: every turn, the answer to the last one when there is one
+    (and it is wanted: statistics take it, inference asks for it). Images sit at their tags, or
+    open the first user turn with the audio and video. A plain language model's tokenizer gets
+    the usual string contents instead of typed parts."""
+    turns = [*record.history, ("user", record.prompt)]
     if with_answer and record.answer is not None:
-        turns.append({"role": "assistant", "content": content(record.answer)})
-    return turns
+        turns.append(("assistant", record.answer))
+    if not multimodal:
+        return [{"role": role, "content": text} for role, text in turns]
+    tagged = any(IMAGE_TAG in text for _, text in turns)
+    first_user = next(index for index, (role, _) in enumerate(turns) if role == "user")
+    conversation = []
+    for index, (role, text) in enumerate(turns):
+        parts = []
+        if index == first_user:
+            lead = ([] if tagged else ["image"] * len(record.images))
+            parts += [{"type": kind} for kind in lead + [k for k in ("audio", "video") if getattr(record, k)]]
+        conversation.append({"role": role, "content": parts + _text_parts(text)})
+    return conversation
+
+
+def _text_parts(text: str) -> list[dict]:
+    """A turn's text as typed parts, an image at each tag; a text without tags stays as it is."""
+    if IMAGE_TAG not in text and not any(tag in text for tag in _OTHER_TAGS):
+        return [{"type": "text", "text": text}]
+    for tag in _OTHER_TAGS:
+        text = text.replace(tag, "")
+    pieces = text.split(IMAGE_TAG)
+    parts = []
+    for index, piece in enumerate(pieces):
+        if index:
+            parts.append({"type": "image"})
+        if piece.strip() or index == len(pieces) - 1:  # every turn ends on its text, even an empty one
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
 
 
 def answer_token_counts(processor, records: list[Record]) -> list[int]:
@@ -319,7 +362,7 @@ def tokenizer_of(processor):
 
 def encode_loaded(processor, records: list[Record], media: list[Media], with_answers: bool = True) -> dict:
     """`encode_records` for records whose media `load_inputs` read."""
-    return encode_records(processor, records, [item.image for item in media if item.image is not None], with_answers,
+    return encode_records(processor, records, [image for item in media for image in item.images], with_answers,
                           audios=[item.audio for item in media if item.audio is not None],
                           videos=[item.video for item in media if item.video is not None])
 
@@ -340,7 +383,7 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
         return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     # One list of images per record: what every multimodal processor accepts (Gemma3 requires it).
     remaining = iter(images)
-    nested = [[next(remaining)] if record.image is not None else [] for record in records]
+    nested = [[next(remaining) for _ in record.images] for record in records]
     media = {"images": nested} if images else {}
     if audios:
         media.update(audio=audios, sampling_rate=processor.feature_extractor.sampling_rate)

@@ -257,15 +257,17 @@ def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, 
 class Prediction:
     record: Record
     prediction: str
-    routing: dict[str, float]
+    routing: dict[str, float] | list[dict[str, float]]  # one image's (audio's, video's) weights; a list for several images
     seconds: float
     lm: str = MERGED  # which language-model adapter answered: "merged" or a task's name
 
     def as_json(self) -> dict:
         row = {"prediction": self.prediction, "routing": self.routing, "lm": self.lm,
                "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
+        if len(self.record.images) > 1:
+            row["images"] = [str(path) for path in self.record.images]
         for kind in ("image", "audio", "video"):
-            if getattr(self.record, kind) is not None:
+            if getattr(self.record, kind) is not None and "images" not in row:
                 row[kind] = str(getattr(self.record, kind))
         if self.record.task:
             row["task"] = self.record.task
@@ -295,21 +297,27 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
             for record, text, weights, name in zip(records, texts, routing, names, strict=True)]
 
 
-def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict[str, float]]:
-    """The router's weights of the last forward, one row per media record in order; records
-    without image, audio or video were not routed."""
-    routed = [record.has_media for record in records]
-    if merged.router is None or not any(routed):
+def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict[str, float] | list[dict[str, float]]]:
+    """The router's weights of the last forward for each record: one image's (audio's, video's)
+    weights, a list of them for a record of several images, {} for a record without media."""
+    # The model encodes a batch's images (or audio) first, record by record, then its videos.
+    rows_of = [len(record.images) + (record.audio is not None) if record.video is None else 0 for record in records]
+    video_rows = [1 if record.video is not None else 0 for record in records]
+    if merged.router is None or not any(rows_of) and not any(video_rows):
         return [{} for _ in records]
     rows = merged.router.last_weights
-    if rows is None or rows.shape[0] != sum(routed):
-        raise RuntimeError(f"the router saw {0 if rows is None else rows.shape[0]} images for "
-                           f"{sum(routed)} records with media")
-    # The model encodes a batch's images (or audio) first, then its videos.
-    order = [index for index, record in enumerate(records) if record.has_media and record.video is None]
-    order += [index for index, record in enumerate(records) if record.video is not None]
-    weights = dict(zip(order, rows.tolist()))
-    return [dict(zip(merged.router.tasks, weights[index])) if index in weights else {} for index in range(len(records))]
+    expected = sum(rows_of) + sum(video_rows)
+    if rows is None or rows.shape[0] != expected:
+        raise RuntimeError(f"the router saw {0 if rows is None else rows.shape[0]} images for {expected} in the batch")
+    weights = [dict(zip(merged.router.tasks, row)) for row in rows.tolist()]
+    starts = [sum(rows_of[:index]) for index in range(len(records))]
+    video_starts = [sum(rows_of) + sum(video_rows[:index]) for index in range(len(records))]
+    routing = []
+    for index, record in enumerate(records):
+        mine = weights[video_starts[index]:video_starts[index] + 1] if record.video is not None else \
+            weights[starts[index]:starts[index] + rows_of[index]]
+        routing.append(mine if len(mine) > 1 else (mine[0] if mine else {}))
+    return routing
 
 
 def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list[str]:
@@ -319,6 +327,10 @@ def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list
     video = next((record for record in records if record.video is not None), None)
     if video is not None:
         raise InputError(video.source, "has a video: --lm-routing experts routes images only (use merged)")
+    several = next((record for record in records if len(record.images) > 1), None)
+    if several is not None:
+        raise InputError(several.source, "has several images: --lm-routing experts answers a record with one "
+                                         "task's adapter, chosen by one image (use merged)")
     if "pixel_values" not in encoded:
         return [MERGED] * len(records)
     merged.router.last_weights = None
@@ -356,12 +368,12 @@ def is_predictions_file(path: Path) -> bool:
         return False
 
 
-_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "audio", "video", "task", "answer"}
+_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "images", "audio", "video", "task", "answer"}
 
 
 def _is_prediction_row(row: object) -> bool:
     return (isinstance(row, dict) and isinstance(row.get("prediction"), str)
-            and isinstance(row.get("routing"), dict) and set(row) <= _ROW_FIELDS)
+            and isinstance(row.get("routing"), (dict, list)) and set(row) <= _ROW_FIELDS)
 
 
 def normalise_answer(text: str) -> str:

@@ -321,13 +321,15 @@ def _patch_sizes(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | Non
 
 
 def _placeholders(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
-    """InternVL: tiles in proportion to the image tokens of each record (one image per record),
-    counted in the input ids that went with the pixels."""
+    """InternVL: tiles in proportion to each image's tokens, an unbroken run of image tokens in the
+    input ids that went with the pixels (a record may hold several images)."""
     input_ids = arguments.get("input_ids")
     if input_ids is None:
         return None
-    counts = (input_ids == owner.config.image_token_id).sum(dim=-1).tolist()
-    return [count for count in counts if count]
+    runs = []
+    for row in (input_ids == owner.config.image_token_id).tolist():
+        runs += [len(run) for run in "".join("1" if is_image else " " for is_image in row).split()]
+    return runs
 
 
 def _real_tiles(_owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:

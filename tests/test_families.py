@@ -290,7 +290,7 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
                                                            skip_special_tokens=True)[0].strip()
     routed = many_cli.load_routed(tmp_path / "routed")
     for row in inferred["soft"]:
-        record = many_cli.Record(row["image"], Path(row["image"]), row["prompt"], None)
+        record = many_cli.Record(row["image"], (Path(row["image"]),), row["prompt"], None)
         [prediction] = many_cli.answer(routed, [record], max_new_tokens=4)
         assert prediction.prediction == row["prediction"]
         assert prediction.routing == pytest.approx(row["routing"], abs=1e-5)

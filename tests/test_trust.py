@@ -208,7 +208,7 @@ def test_a_16_bit_grey_image_reads_as_its_8_bit_values(tmp_path):
     Image.fromarray(values * 257).save(path)  # 16-bit PNG: v·257 is v at 8 bits
     with Image.open(path) as opened:
         assert opened.mode.startswith("I")
-    pixels = np.asarray(load_image(Record("grey16", path, "", None)))
+    pixels = np.asarray(load_image("grey16", path))
     assert pixels.shape == (16, 16, 3) and (pixels == values[..., None]).all()
 
 
@@ -245,5 +245,5 @@ def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     path = tmp_path / "sideways.png"
     Image.fromarray(pixels).save(path, exif=exif)
-    upright = np.asarray(load_image(Record("sideways", path, "", None)))
+    upright = np.asarray(load_image("sideways", path))
     assert (upright == np.rot90(pixels, k=-1)).all()

@@ -107,7 +107,7 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
         routed = load_merged(str(base), merged, InferOptions(device=str(compute.type), lm_routing="experts"))
         processor = AutoProcessor.from_pretrained(base)
         rng = np.random.default_rng(1)
-        record = Record("bench", Path("bench.png"), "what colour is it ?", None)
+        record = Record("bench", (Path("bench.png"),), "what colour is it ?", None)
         inputs = [encode_records(processor, [record],
                                  [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8"))],
                                  with_answers=False).to(compute) for _ in range(images)]

@@ -65,7 +65,7 @@ def make_batches(records: int, batch_size: int, seed: int = 0) -> list:
     batches = []
     for start in range(0, records, batch_size):
         # The images are generated in memory; the paths only name them.
-        chunk = [Record(f"bench:{i}", Path(f"bench{i}.png"), prompts[i % len(prompts)], "red" if i % 2 else None)
+        chunk = [Record(f"bench:{i}", (Path(f"bench{i}.png"),), prompts[i % len(prompts)], "red" if i % 2 else None)
                  for i in range(start, min(start + batch_size, records))]
         images = [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8")) for _ in chunk]
         batches.append(encode_records(processor, chunk, images))

@@ -73,7 +73,7 @@ class Pool:
 def encode_pool(processor, examples: list[Example]) -> Pool:
     processor.tokenizer.padding_side = "right"
     # The images are in memory; a record's path only says that it has one.
-    records = [Record(f"train/{index}", Path(f"{index}.png"), example.prompt, example.answer)
+    records = [Record(f"train/{index}", (Path(f"{index}.png"),), example.prompt, example.answer)
                for index, example in enumerate(examples)]
     encoded = dict(encode_records(processor, records, [example.image for example in examples], with_answers=True))
     ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
