@@ -164,7 +164,8 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     import json
 
     from many_cli import infer
-    from many_cli.data import Record, read_all_records
+    from many_cli.data import Record
+    from many_cli.formats import read_all_records
 
     single = image is not None or (prompt is not None and not data)
     _check_infer_mode(single, bool(data), out is not None or options.min_accuracy is not None, json_output)
@@ -186,7 +187,7 @@ def infer_command(  # long only by the parameters typer declares: the body is si
 
     predictions = []
     with _json_lines(out) as sink:
-        for prediction in infer.answer_all(loaded, read_all_records(data, options.prompt), options):
+        for prediction in infer.answer_all(loaded, read_all_records(data, options.reading), options):
             sink.write(json.dumps(prediction.as_json()) + "\n")
             predictions.append(prediction)
     scores = infer.accuracy_by_task(predictions)

@@ -3,23 +3,31 @@ conversation list. Records are read lazily; images are opened only when a batch 
 
 from __future__ import annotations
 
-import json
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from many_cli.errors import InputError
-from many_cli.files import check_readable
 
 DEFAULT_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 IMAGE_TAG = "<image>"  # where an image sits in a turn's text (LLaVA, LLaMA-Factory, ms-swift)
+OTHER_TAGS = ("<video>", "<audio>")  # a record holds one of each, placed before the first user text
+
+
+@dataclass(frozen=True, eq=False)
+class InlineImage:
+    """An image a data set holds itself (a Hugging Face image column), named for messages."""
+    label: str
+    image: Image.Image
+
+    def __str__(self) -> str:
+        return self.label
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class Record:
     the answer to it. Images go at the `<image>` tags of the texts, in order, or, when no text has
     a tag, at the start of the first user turn (as for a one-image record of many's JSONL)."""
     source: str  # where it came from, for messages: "data.jsonl:12" or the image path
-    images: tuple[Path, ...]
+    images: tuple[Path | InlineImage, ...]
     prompt: str
     answer: str | None
     task: str = ""  # the record's "task" field, else the name of its file or folder
@@ -37,7 +45,7 @@ class Record:
     history: tuple[tuple[str, str], ...] = ()  # (role, text) of the turns before `prompt`
 
     @property
-    def image(self) -> Path | None:
+    def image(self) -> Path | InlineImage | None:
         """The record's first image."""
         return self.images[0] if self.images else None
 
@@ -60,42 +68,10 @@ class BadRecord:
     fault: str
 
 
-def read_records(data: Path, default_prompt: str = DEFAULT_PROMPT) -> Iterator[Record | BadRecord]:
-    """Yield the records of DATA in order; malformed ones come back as BadRecord, so the caller
-    decides whether to stop (the default) or skip them."""
-    if not data.exists():
-        raise InputError(data, "data not found (expected a folder of images, a .jsonl or a .json file)")
-    check_readable(data)
-    if data.is_dir():
-        return _folder_records(data, default_prompt)
-    if data.suffix == ".jsonl":
-        return _jsonl_records(data)
-    if data.suffix == ".json":
-        return _llava_records(data)
-    raise InputError(data, "unknown data format: expected a folder of images, a .jsonl or a .json file")
-
-
-def read_all_records(sources: list[Path], default_prompt: str = DEFAULT_PROMPT) -> Iterator[Record]:
-    """The records of every source in turn; the first malformed one is an InputError naming it."""
-    for source in sources:
-        for record in read_records(source, default_prompt):
-            if isinstance(record, BadRecord):
-                raise InputError(record.source, record.fault)
-            yield record
-
-
-def count_records(data: Path) -> int | None:
-    """How many records DATA holds, when that is cheap to know (for progress bars)."""
-    if data.is_dir():
-        return sum(1 for path in data.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    if data.suffix == ".jsonl":
-        with open(data, "rb") as handle:
-            return sum(1 for line in handle if line.strip())
-    return None
-
-
-def load_image(source: str, path: Path) -> Image.Image:
+def load_image(source: str, path: Path | InlineImage) -> Image.Image:
     """An image of the record `source` as 8-bit RGB; InputError naming the record if it cannot be read."""
+    if isinstance(path, InlineImage):
+        return _as_rgb(path.image)
     try:
         with Image.open(path) as image:
             return _as_rgb(image)
@@ -162,136 +138,6 @@ def load_inputs(processor, record: Record) -> Media:
                  load_video(record) if record.video is not None else None)
 
 
-def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
-    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise InputError(folder, f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    for path in images:
-        yield Record(str(path), (path,), prompt, None, folder.name)
-
-
-def _jsonl_records(path: Path) -> Iterator[Record | BadRecord]:
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            source = f"{path}:{number}"
-            try:
-                entry = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield BadRecord(source, "is not UTF-8 text")
-                continue
-            except json.JSONDecodeError as error:
-                yield BadRecord(source, f"not JSON ({error.msg})")
-                continue
-            yield _entry_record(source, path.parent, entry, path.stem)
-
-
-def _llava_records(path: Path) -> Iterator[Record | BadRecord]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not valid JSON ({error})") from None
-    if not isinstance(entries, list):
-        raise InputError(path, "expected a list of records (LLaVA or LLaMA-Factory style)")
-    for index, entry in enumerate(entries):
-        yield _entry_record(f"{path}[{index}]", path.parent, entry, path.stem)
-
-
-# A record's shape, told by its fields: many's own (prompt), a conversation (LLaVA and LLaMA-Factory
-# sharegpt: conversations of from/value; LLaMA-Factory and ms-swift: messages of role/content), or
-# LLaMA-Factory alpaca (instruction, input, output). Media: one "image", "audio", "video" (many's
-# own, LLaVA) or the tools' lists "images", "videos", "audios" (paths, or ms-swift's {"path": ...}).
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
-_OTHER_TAGS = ("<video>", "<audio>")  # a record holds one of each, placed before the first user text
-
-
-def _entry_record(source: str, root: Path, entry: object, task: str) -> Record | BadRecord:
-    if not isinstance(entry, dict):
-        return BadRecord(source, "expected a JSON object")
-    media = _media(entry)
-    if isinstance(media, str):
-        return BadRecord(source, media)
-    turns = _conversation(entry)
-    if isinstance(turns, str):
-        return BadRecord(source, turns)
-    texts = " ".join(text for _, text in turns)
-    tags = texts.count(IMAGE_TAG)
-    if tags and tags != len(media["images"]):
-        return BadRecord(source, f"has {tags} {IMAGE_TAG} tags for {len(media['images'])} images; give one tag per "
-                                 f"image, or none (then the images open the first user turn)")
-    for tag in _OTHER_TAGS:
-        if tag in texts and tag[1:-1] not in media:
-            return BadRecord(source, f"its text holds {tag} but the record names no {tag[1:-1]}")
-    if not isinstance(entry.get("task", ""), (str, type(None))):
-        return BadRecord(source, "field task is not a string")
-    last_user = max(index for index, (role, _) in enumerate(turns) if role == "user")
-    answer = turns[last_user + 1][1] if last_user + 1 < len(turns) else None
-    return Record(source, tuple(root / path for path in media["images"]), turns[last_user][1], answer,
-                  str(entry.get("task") or task), _path(root, media.get("audio")), _path(root, media.get("video")),
-                  tuple(turns[:last_user]))
-
-
-def _path(root: Path, name: str | None) -> Path | None:
-    return None if name is None else root / name
-
-
-def _conversation(entry: dict) -> list[tuple[str, str]] | str:
-    """(role, text) of every turn, whatever the shape; a string saying what is wrong otherwise. The
-    turns alternate user and assistant after an optional system turn, and end on either."""
-    if "prompt" in entry:
-        if not isinstance(entry["prompt"], str) or not isinstance(entry.get("answer", ""), (str, type(None))):
-            return "fields prompt and answer must be strings"
-        turns = [("user", entry["prompt"])] + ([("assistant", entry["answer"])] if entry.get("answer") is not None else [])
-    elif "instruction" in entry:
-        prompt = "\n".join(str(entry[key]) for key in ("instruction", "input") if entry.get(key))
-        turns = [("user", prompt)] + ([("assistant", str(entry["output"]))] if entry.get("output") else [])
-    elif isinstance(entry.get("conversations"), list) or isinstance(entry.get("messages"), list):
-        turns = []
-        for turn in entry.get("conversations", entry.get("messages")):
-            role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-            text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-            if role not in _ROLES or not isinstance(text, str):
-                return f"has a turn with role {role!r} and no text: expected from/value or role/content"
-            turns.append((_ROLES[role], text))
-    else:
-        return ("is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
-                "LLaMA-Factory sharegpt, ms-swift) or instruction (LLaMA-Factory alpaca)")
-    if isinstance(entry.get("system"), str) and entry["system"] and "prompt" not in entry:
-        turns.insert(0, ("system", entry["system"]))  # LLaMA-Factory's system column
-    roles = [role for role, _ in turns if role != "system"]
-    if not roles or any(role == "system" for role, _ in turns[1:]) or \
-            roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
-        return (f"has the turns {[role for role, _ in turns]}: expected user and assistant turns in turn, from "
-                f"the user's, after an optional system turn")
-    return turns
-
-
-def _media(entry: dict) -> dict | str:
-    """The record's media: {"images": [path, ...], "audio": path, "video": path} (the last two when
-    given), or a string saying what is not read: no media a record names is ever dropped."""
-    for kind in ("image", "audio", "video"):
-        if entry.get(kind) is not None and not isinstance(entry[kind], str):
-            return f"field {kind} is not a string"
-    media: dict = {"images": [entry["image"]] if entry.get("image") is not None else []}
-    media.update({kind: entry[kind] for kind in ("audio", "video") if entry.get(kind) is not None})
-    for field, kind in _MEDIA_LISTS.items():
-        items = entry.get(field) or []
-        if not isinstance(items, list):
-            return f"field {field} is not a list"
-        paths = [item.get("path") if isinstance(item, dict) else item for item in items]
-        if not all(isinstance(path, str) for path in paths):
-            return f"field {field} holds an entry that is not a path"
-        if kind == "image":
-            media["images"] += paths
-        elif len(paths) + (kind in media) > 1:
-            return f"names {len(paths) + (kind in media)} {field}: one {kind} per record is read"
-        elif paths:
-            media[kind] = paths[0]
-    return media
-
-
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
     """The conversation of the token rule: every turn, the answer to the last one when there is one
     (and it is wanted: statistics take it, inference asks for it). Images sit at their tags, or
@@ -316,9 +162,9 @@ def messages(record: Record, with_answer: bool = True, multimodal: bool = True) 
 
 def _text_parts(text: str) -> list[dict]:
     """A turn's text as typed parts, an image at each tag; a text without tags stays as it is."""
-    if IMAGE_TAG not in text and not any(tag in text for tag in _OTHER_TAGS):
+    if IMAGE_TAG not in text and not any(tag in text for tag in OTHER_TAGS):
         return [{"type": "text", "text": text}]
-    for tag in _OTHER_TAGS:
+    for tag in OTHER_TAGS:
         text = text.replace(tag, "")
     pieces = text.split(IMAGE_TAG)
     parts = []

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from many_cli.data import BadRecord, Record, read_records
+from many_cli.data import BadRecord, Record
+from many_cli.formats import read_records
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, file_fingerprint, refuse_overlap
 from many_cli.infer import InferOptions, Prediction, answer, load_merged

@@ -19,8 +19,8 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config, read_adapter
 from many_cli.cpm import pooled_direction
-from many_cli.data import (DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, count_records, encode_loaded,
-                           load_inputs, read_records, tokenizer_of)
+from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs, tokenizer_of
+from many_cli.formats import Reading, count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
@@ -58,9 +58,18 @@ class StatsOptions:
     modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
                                  "names match this regular expression (full match, as PEFT's target_modules string), "
                                  "so that the stats cover modules other tasks' adapters target.")
+    data_format: str = option("auto", "--format", "The data's format: auto (told by each record's fields), many, "
+                                                  "llava, sharegpt, alpaca, swift, internvl or hf.")
+    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
+                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
+
+    @property
+    def reading(self) -> Reading:
+        return Reading(self.prompt, self.data_format, self.media_dir)
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
+        self.reading.check()
         if self.modules is not None:
             try:
                 re.compile(self.modules)
@@ -118,7 +127,7 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
              progress: Callable[[int | None], Progress]) -> StatsReport:
     rank, world = init_distributed(options.device)
     device = rank_device(options.device, world)
-    records = read_records(data, options.prompt)  # raises on a missing or empty source at once
+    records = read_records(data, options.reading)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
     model, processor, layers, renames = _load(base, adapter, options, device)

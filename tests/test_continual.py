@@ -18,7 +18,7 @@ from many_cli.bench.continual import (BASELINES, CPM, ETA, EXPERTS, EXPERTS_SOFT
                                       UPPER, ContinualOptions, markdown, run_world)
 from many_cli.bench.training import TrainOptions
 from many_cli.bench.world import TASKS
-from many_cli.data import read_records
+from many_cli.formats import read_records
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE
 from many_cli.models import load_base_model
 from conftest import run_cli_output

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import run_cli, stats_covariances
-from many_cli.data import BadRecord, read_records
+from many_cli.data import BadRecord
+from many_cli.errors import InputError
+from many_cli.formats import read_records
 
 SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 CALIBRATION = SAMPLE / "data" / "1_colour" / "calibration.jsonl"
@@ -194,3 +196,109 @@ def test_infer_routes_each_image_of_a_record_and_answers_its_last_turn(tmp_path,
             assert all(abs(row["routing"][image][task] - expected[task]) < 1e-6 for task in expected)
         assert row["answer"] == count[index]["answer"] and row["prompt"].endswith(count[index]["prompt"])
     assert [max(routing, key=routing.get) for row in paired for routing in row["routing"]] == ["1_colour", "2_count"] * 2
+
+
+def records_of(data, **reading) -> list[tuple]:
+    from many_cli.formats import Reading
+
+    read = list(read_records(Path(data), Reading(**reading)))
+    assert not [record for record in read if isinstance(record, BadRecord)], read
+    return [(tuple(str(image) if not hasattr(image, "image") else image.image.tobytes() for image in record.images),
+             record.prompt.replace("<image>", "").strip(), record.answer, record.task) for record in read]
+
+
+def expected_rows(rows, task, image=lambda row: row["image"]) -> list[tuple]:
+    return [((image(row),), row["prompt"], row["answer"], task) for row in rows]
+
+
+def test_llava_json_with_an_image_folder_and_internvl_meta(tmp_path):
+    rows = own_records()
+    relative = [{**row, "image": Path(row["image"]).name} for row in rows]
+    llava = write(tmp_path / "llava.json", [in_format("llava", row) for row in relative])
+    assert records_of(llava, media_dir=CALIBRATION.parent / "calibration") == expected_rows(
+        rows, "llava", lambda row: str(CALIBRATION.parent / "calibration" / Path(row["image"]).name))
+
+    (tmp_path / "anno").mkdir()
+    write(tmp_path / "anno" / "colour.jsonl", [in_format("llava", row) for row in relative])
+    meta = write(tmp_path / "meta.json", {"colour": {"root": str(CALIBRATION.parent / "calibration"),
+                                                     "annotation": "anno/colour.jsonl", "repeat_time": 1,
+                                                     "length": len(rows)}})
+    assert records_of(meta) == expected_rows(rows, "colour")
+
+
+def test_llama_factory_dataset_info_entry_with_its_columns_and_tags(tmp_path):
+    rows = own_records()
+    media = tmp_path / "media"
+    media.mkdir()
+    for row in rows:
+        (media / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "mine.json", [{"dialogue": [{"speaker": "me", "text": f"<image>{row['prompt']}"},
+                                                          {"speaker": "bot", "text": row["answer"]}],
+                                             "pictures": [f"media/{Path(row['image']).name}"]} for row in rows])
+    write(tmp_path / "data" / "alpaca.jsonl", [{"q": row["prompt"], "a": row["answer"], "images": [row["image"]]}
+                                               for row in rows])
+    info = write(tmp_path / "dataset_info.json", {
+        "mine": {"file_name": "data/mine.json", "formatting": "sharegpt",
+                 "columns": {"messages": "dialogue", "images": "pictures"},
+                 "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
+        "qa": {"file_name": "data/alpaca.jsonl", "columns": {"prompt": "q", "response": "a"}},
+        "hub": {"hf_hub_url": "someone/something"}})
+    assert records_of(f"{info}:mine") == expected_rows(rows, "mine", lambda row: str(media / Path(row["image"]).name))
+    assert records_of(f"{info}:qa") == expected_rows(rows, "qa")
+    with pytest.raises(InputError, match="no local file_name"):
+        list(read_records(Path(f"{info}:hub")))
+    with pytest.raises(InputError, match="has no dataset 'nope'"):
+        list(read_records(Path(f"{info}:nope")))
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "parquet", "arrow", "json"])
+def test_hugging_face_datasets_with_image_columns(kind, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rows = own_records()
+    pixels = {row["image"]: Image.open(row["image"]).convert("RGB") for row in rows}
+    table = {"prompt": [row["prompt"] for row in rows], "answer": [row["answer"] for row in rows],
+             "image": [row["image"] for row in rows]}
+    features = datasets.Features({"prompt": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "image": datasets.Image()})
+    dataset = datasets.Dataset.from_dict(table, features=features)  # images stored as bytes, decoded to PIL
+    path = {"save_to_disk": tmp_path / "colour", "parquet": tmp_path / "colour.parquet",
+            "arrow": tmp_path / "colour", "json": tmp_path / "colour.jsonl"}[kind]
+    if kind == "save_to_disk":
+        dataset.save_to_disk(str(path))
+    elif kind == "parquet":
+        dataset.to_parquet(str(path))
+    elif kind == "arrow":
+        dataset.save_to_disk(str(path))
+        path = next(path.glob("*.arrow"))
+    else:  # a JSON image column of paths, read by datasets when forced
+        datasets.Dataset.from_dict(table).to_json(str(path))
+    read = records_of(path, **({"format": "hf"} if kind == "json" else {}))
+    if kind == "json":
+        assert read == expected_rows(rows, "colour")
+    else:
+        assert [(images, prompt, answer) for images, prompt, answer, _ in read] == [
+            ((pixels[row["image"]].tobytes(),), row["prompt"], row["answer"]) for row in rows]
+
+
+def test_ambiguous_records_need_format_and_the_format_is_checked(tmp_path, capsys):
+    row = own_records(1)[0]
+    both = write(tmp_path / "both.jsonl", [{**row, "messages": [{"role": "user", "content": "x"}]}])
+    [record] = list(read_records(both))
+    assert isinstance(record, BadRecord) and "ambiguous" in record.fault and "--format" in record.fault
+    assert records_of(both, format="many") == expected_rows([row], row["task"])
+    alpaca = write(tmp_path / "alpaca.json", [in_format("alpaca", row)])
+    [record] = list(read_records(alpaca, __import__("many_cli.formats").formats.Reading(format="sharegpt")))
+    assert isinstance(record, BadRecord) and "lacks a list of turns" in record.fault
+    code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", SAMPLE / "adapters" / "1_colour",
+                        "--data", alpaca, "--format", "nope", "--out", tmp_path / "s.safetensors")
+    assert code == 2 and "--format 'nope'" in err and err.count("\n") == 1
+
+
+def test_a_dataset_without_the_datasets_package_gets_a_one_line_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    (tmp_path / "colour.parquet").write_bytes(b"PAR1")
+    with pytest.raises(InputError, match=r"needs the datasets package: pip install 'many-cli\[datasets\]'"):
+        list(read_records(tmp_path / "colour.parquet"))

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import many_as_ordinary_user, run_cli
 from many_cli import files
 from many_cli import merge as merge_module
-from many_cli.data import Record, load_image
+from many_cli.data import load_image
 from many_cli.errors import InputError, Terminated
 
 

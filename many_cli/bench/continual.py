@@ -19,7 +19,8 @@ import torch
 from many_cli.bench.layerwise import layerwise_adapters
 from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
 from many_cli.bench.world import TASKS, write_split
-from many_cli.data import Record, read_records
+from many_cli.data import Record
+from many_cli.formats import read_records
 from many_cli.infer import (InferOptions, MergedModel, Prediction, accuracy_by_task, answer_all,
                             load_merged, load_processor, load_task_projectors)
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge

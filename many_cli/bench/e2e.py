@@ -180,7 +180,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from many_cli.bench.stats_bench import run_forward, run_stats
-from many_cli.data import read_records
+from many_cli.formats import read_records
 from many_cli.infer import load_processor
 from many_cli.models import load_adapted_model, resolve_device
 from many_cli.stats import StatsOptions, StatsReport, collect_stats, encoded_batches
@@ -207,7 +207,8 @@ import json, sys
 from pathlib import Path
 import torch
 from many_cli.bench.infer_bench import seconds_per_image
-from many_cli.data import load_inputs, read_records, encode_loaded
+from many_cli.data import encode_loaded, load_inputs
+from many_cli.formats import read_records
 from many_cli.infer import InferOptions, load_merged, load_processor
 from many_cli.models import load_base_model, resolve_device
 base, merged, data, device, new_tokens = sys.argv[1:]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from many_cli.data import read_records
+from many_cli.formats import read_records
 from many_cli.infer import load_processor
 from many_cli.merge import MergeOptions, merge
 from many_cli.models import apply_adapters, load_base_model, lora_layers, text_layers

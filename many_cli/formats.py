@@ -1,0 +1,370 @@
+"""Reading DATA as the user has it: a folder of images, many's own JSONL, and the files the training
+tools write (LLaVA's JSON, LLaMA-Factory's sharegpt and alpaca with a `dataset_info.json` entry,
+ms-swift's JSONL, InternVL's meta JSON) or a Hugging Face dataset. Each record's shape is told by
+its fields (`--format` forces one); records come back lazily, malformed ones as BadRecord.
+
+Adding a format: a reader here that yields `_entry_record(...)` for each raw entry (after mapping
+its fields onto the shapes below), and its name in FORMATS."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+
+from many_cli.data import DEFAULT_PROMPT, IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
+from many_cli.errors import InputError
+from many_cli.files import check_readable
+
+# --format: "auto" tells the shape of each record by its fields; a tool's name forces that shape.
+FORMATS = ("auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf")
+_SHAPE_OF_FORMAT = {"many": "prompt", "llava": "conversation", "sharegpt": "conversation", "swift": "conversation",
+                    "internvl": "conversation", "alpaca": "alpaca"}
+_SHAPE_FIELDS = {"prompt": ("prompt",), "conversation": ("conversations", "messages"), "alpaca": ("instruction",)}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
+_DATASET_INFO = "dataset_info.json"
+_HF_FILES = {".parquet", ".arrow"}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How DATA is read: the prompt a folder of images is asked, the format (`auto`: told by each
+    record's fields), and the folder that media paths are relative to (default: the data file's,
+    LLaMA-Factory's dataset folder, or InternVL's `root`): LLaVA's --image_folder, LLaMA-Factory's
+    media_dir."""
+    default_prompt: str = DEFAULT_PROMPT
+    format: str = "auto"
+    media_dir: Path | None = None
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise InputError(None, f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.media_dir is not None and not self.media_dir.is_dir():
+            raise InputError(self.media_dir, "--media-dir is not a folder")
+
+
+def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | BadRecord]:
+    """Yield the records of DATA in order; malformed ones come back as BadRecord, so the caller
+    decides whether to stop (the default) or skip them. DATA `DIR/dataset_info.json:NAME` is
+    LLaMA-Factory's entry NAME."""
+    if data.name.startswith(f"{_DATASET_INFO}:"):
+        return _dataset_info_records(data.with_name(_DATASET_INFO), data.name.split(":", 1)[1], reading)
+    if not data.exists():
+        raise InputError(data, "data not found (expected a folder of images, a .jsonl or .json file, a Hugging Face "
+                               "dataset, or DIR/dataset_info.json:NAME)")
+    check_readable(data)
+    if reading.format == "hf" or data.suffix in _HF_FILES or _is_saved_dataset(data):
+        return _hf_records(data, reading)
+    if data.is_dir():
+        return _folder_records(data, reading.default_prompt)
+    if data.suffix == ".jsonl":
+        return _jsonl_records(data, reading)
+    if data.suffix == ".json":
+        return _json_records(data, reading)
+    raise InputError(data, "unknown data format: expected a folder of images, a .jsonl or .json file, a .parquet "
+                           "or .arrow file, or a Hugging Face dataset folder")
+
+
+def read_all_records(sources: list[Path], reading: Reading = Reading()) -> Iterator[Record]:
+    """The records of every source in turn; the first malformed one is an InputError naming it."""
+    for source in sources:
+        for record in read_records(source, reading):
+            if isinstance(record, BadRecord):
+                raise InputError(record.source, record.fault)
+            yield record
+
+
+def count_records(data: Path) -> int | None:
+    """How many records DATA holds, when that is cheap to know (for progress bars)."""
+    if data.is_dir() and not _is_saved_dataset(data):
+        return sum(1 for path in data.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if data.suffix == ".jsonl" and data.is_file():
+        with open(data, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+# ---------------------------------------------------------------- files
+
+def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
+    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(folder, f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path in images:
+        yield Record(str(path), (path,), prompt, None, folder.name)
+
+
+def _jsonl_records(path: Path, reading: Reading, root: Path | None = None, task: str | None = None,
+                   shape: str | None = None) -> Iterator[Record | BadRecord]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            source = f"{path}:{number}"
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield BadRecord(source, "is not UTF-8 text")
+                continue
+            except json.JSONDecodeError as error:
+                yield BadRecord(source, f"not JSON ({error.msg})")
+                continue
+            yield _entry_record(source, reading.media_dir or root or path.parent, entry, task or path.stem,
+                                shape or _SHAPE_OF_FORMAT.get(reading.format))
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not valid JSON ({error})") from None
+
+
+def _json_records(path: Path, reading: Reading) -> Iterator[Record | BadRecord]:
+    entries = _load_json(path)
+    if isinstance(entries, dict) and entries and all(isinstance(v, dict) and "annotation" in v for v in entries.values()):
+        return _internvl_records(path, entries, reading)
+    if not isinstance(entries, list):
+        raise InputError(path, "expected a list of records (LLaVA, LLaMA-Factory) or InternVL's meta file (an "
+                               "object of datasets, each with root and annotation)")
+    return _list_records(path, entries, reading.media_dir or path.parent, path.stem, _SHAPE_OF_FORMAT.get(reading.format))
+
+
+def _list_records(path: Path, entries: list, root: Path, task: str, shape: str | None) -> Iterator[Record | BadRecord]:
+    for index, entry in enumerate(entries):
+        yield _entry_record(f"{path}[{index}]", root, entry, task, shape)
+
+
+def _internvl_records(path: Path, meta: dict, reading: Reading) -> Iterator[Record | BadRecord]:
+    """InternVL's meta file: {name: {"root": media folder, "annotation": a JSONL of conversations}};
+    each dataset is a task of its name. Relative paths are taken from the meta file's folder."""
+    for name, entry in meta.items():
+        annotation = path.parent / str(entry["annotation"])
+        if not annotation.is_file():
+            raise InputError(path, f"dataset {name!r}: annotation {annotation} not found")
+        root = reading.media_dir or path.parent / str(entry.get("root", ""))
+        yield from _jsonl_records(annotation, reading, root=root, task=name, shape="conversation")
+
+
+def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[Record | BadRecord]:
+    """LLaMA-Factory's `dataset_info.json` entry NAME: its file (relative to the dataset folder, as
+    its media), read with the entry's formatting, column and tag mapping."""
+    datasets = _load_json(info)
+    entry = datasets.get(name) if isinstance(datasets, dict) else None
+    if not isinstance(entry, dict):
+        known = ", ".join(sorted(datasets)) if isinstance(datasets, dict) else "none"
+        raise InputError(info, f"has no dataset {name!r} (its datasets: {known})")
+    if "file_name" not in entry:
+        raise InputError(info, f"dataset {name!r} names no local file_name (hub and script datasets are not read)")
+    path = info.parent / str(entry["file_name"])
+    if not path.is_file():
+        raise InputError(info, f"dataset {name!r}: {path} not found")
+    mapping = _LlamaFactoryMapping(entry)
+    raw = ((f"{path}:{number}", json.loads(line)) for number, line in enumerate(open(path, encoding="utf-8"), 1)
+           if line.strip()) if path.suffix == ".jsonl" else ((f"{path}[{index}]", value)
+                                                             for index, value in enumerate(_load_json(path)))
+    root = reading.media_dir or info.parent
+    for source, value in raw:
+        yield _entry_record(source, root, mapping.apply(value), name, mapping.shape)
+
+
+class _LlamaFactoryMapping:
+    """A dataset_info.json entry's `formatting`, `columns` and `tags`, applied to one raw record."""
+
+    def __init__(self, entry: dict):
+        self.shape = "conversation" if entry.get("formatting", "alpaca") == "sharegpt" else "alpaca"
+        defaults = ({"messages": "conversations", "system": "system"} if self.shape == "conversation" else
+                    {"prompt": "instruction", "query": "input", "response": "output", "system": "system"})
+        self.columns = {**defaults, **{kind: kind for kind in _MEDIA_LISTS}, **(entry.get("columns") or {})}
+        tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "system_tag": "system", **(entry.get("tags") or {})}
+        self.role, self.content = tags["role_tag"], tags["content_tag"]
+        self.roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+
+    def apply(self, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        record = {kind: value[self.columns[kind]] for kind in _MEDIA_LISTS if self.columns[kind] in value}
+        if self.columns["system"] in value:
+            record["system"] = value[self.columns["system"]]
+        if self.shape == "alpaca":
+            own = {"prompt": "instruction", "query": "input", "response": "output"}
+            return {**record, **{field: value[self.columns[key]] for key, field in own.items()
+                                 if self.columns[key] in value}}
+        turns = value.get(self.columns["messages"])
+        if isinstance(turns, list):
+            turns = [{"role": self.roles.get(turn.get(self.role), turn.get(self.role)), "content": turn.get(self.content)}
+                     if isinstance(turn, dict) else turn for turn in turns]
+        return {**record, "messages": turns}
+
+
+def _is_saved_dataset(data: Path) -> bool:
+    """A folder `datasets.save_to_disk` wrote (one split, or a DatasetDict)."""
+    return data.is_dir() and ((data / "state.json").is_file() or (data / "dataset_dict.json").is_file())
+
+
+def _hf_records(data: Path, reading: Reading) -> Iterator[Record | BadRecord]:
+    """A Hugging Face dataset: a save_to_disk folder, or a parquet, arrow, JSON or JSONL file. Its
+    rows have the shapes above; image columns hold PIL images, {"bytes", "path"} or paths."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(data, "is a Hugging Face dataset; reading it needs the datasets package: "
+                               "pip install 'many-cli[datasets]'") from None
+    try:
+        if data.is_dir():
+            loaded = datasets.load_from_disk(str(data))
+        elif data.suffix == ".parquet":
+            loaded = datasets.Dataset.from_parquet(str(data))
+        elif data.suffix == ".arrow":
+            loaded = datasets.Dataset.from_file(str(data))
+        else:
+            loaded = datasets.Dataset.from_json(str(data))
+    except Exception as error:  # noqa: BLE001 - datasets raises many kinds for a file it cannot read
+        raise InputError(data, f"cannot be read as a Hugging Face dataset ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise InputError(data, f"holds the splits {', '.join(loaded)}: give one split's folder ({data}/SPLIT)")
+        loaded = next(iter(loaded.values()))
+    root = reading.media_dir or (data if data.is_dir() else data.parent)
+    task = data.name if data.is_dir() else data.stem
+    return (_entry_record(f"{data}[{index}]", root, _inline_media(f"{data}[{index}]", row), task,
+                          _SHAPE_OF_FORMAT.get(reading.format)) for index, row in enumerate(loaded))
+
+
+def _inline_media(source: str, row: dict) -> dict:
+    """A dataset row with its image columns' decoded images, bytes or paths made into paths or
+    InlineImages (a single image column becomes the list form)."""
+    row = dict(row)
+    for field in ("image", "images"):
+        if row.get(field) is None:
+            continue
+        values = row[field] if isinstance(row[field], list) else [row[field]]
+        row.pop(field)
+        row["images"] = [_inline_image(f"{source}.{field}[{index}]", value) for index, value in enumerate(values)]
+    return row
+
+
+def _inline_image(label: str, value: object) -> object:
+    if isinstance(value, Image.Image):
+        return InlineImage(label, value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return InlineImage(label, Image.open(io.BytesIO(value["bytes"])))
+    if isinstance(value, dict) and value.get("path"):
+        return value["path"]
+    return value
+
+
+# ---------------------------------------------------------------- one record
+
+def _entry_record(source: str, root: Path, entry: object, task: str, shape: str | None = None) -> Record | BadRecord:
+    if not isinstance(entry, dict):
+        return BadRecord(source, "expected a JSON object")
+    shape = shape or _shape_of(entry)
+    if shape.startswith("!"):
+        return BadRecord(source, shape[1:])
+    media = _media(entry)
+    if isinstance(media, str):
+        return BadRecord(source, media)
+    turns = _conversation(entry, shape)
+    if isinstance(turns, str):
+        return BadRecord(source, turns)
+    texts = " ".join(text for _, text in turns)
+    tags = texts.count(IMAGE_TAG)
+    if tags and tags != len(media["images"]):
+        return BadRecord(source, f"has {tags} {IMAGE_TAG} tags for {len(media['images'])} images; give one tag per "
+                                 f"image, or none (then the images open the first user turn)")
+    for tag in OTHER_TAGS:
+        if tag in texts and tag[1:-1] not in media:
+            return BadRecord(source, f"its text holds {tag} but the record names no {tag[1:-1]}")
+    if not isinstance(entry.get("task", ""), (str, type(None))):
+        return BadRecord(source, "field task is not a string")
+    last_user = max(index for index, (role, _) in enumerate(turns) if role == "user")
+    answer = turns[last_user + 1][1] if last_user + 1 < len(turns) else None
+    images = tuple(image if isinstance(image, InlineImage) else root / image for image in media["images"])
+    return Record(source, images, turns[last_user][1], answer, str(entry.get("task") or task),
+                  _path(root, media.get("audio")), _path(root, media.get("video")), tuple(turns[:last_user]))
+
+
+def _shape_of(entry: dict) -> str:
+    """The record's shape by its fields, or "!" and what is wrong."""
+    shapes = [shape for shape, fields in _SHAPE_FIELDS.items() if any(field in entry for field in fields)]
+    if len(shapes) > 1:
+        return (f"!is ambiguous: it has the fields of several shapes ({', '.join(shapes)}); pass --format "
+                f"({', '.join(FORMATS[1:])})")
+    if not shapes:
+        return ("!is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
+                "LLaMA-Factory sharegpt, ms-swift, InternVL) or instruction (LLaMA-Factory alpaca)")
+    return shapes[0]
+
+
+def _path(root: Path, name: str | None) -> Path | None:
+    return None if name is None else root / name
+
+
+def _conversation(entry: dict, shape: str) -> list[tuple[str, str]] | str:
+    """(role, text) of every turn of a record of `shape`; a string saying what is wrong otherwise.
+    The turns alternate user and assistant after an optional system turn, and end on either."""
+    if shape == "prompt":
+        if not isinstance(entry.get("prompt"), str) or not isinstance(entry.get("answer", ""), (str, type(None))):
+            return "lacks the string field(s) prompt (and answer, when given, must be a string)"
+        turns = [("user", entry["prompt"])] + ([("assistant", entry["answer"])] if entry.get("answer") is not None else [])
+    elif shape == "alpaca":
+        if not isinstance(entry.get("instruction"), str):
+            return "lacks the string field instruction (LLaMA-Factory alpaca)"
+        prompt = "\n".join(str(entry[key]) for key in ("instruction", "input") if entry.get(key))
+        turns = [("user", prompt)] + ([("assistant", str(entry["output"]))] if entry.get("output") else [])
+    else:
+        raw = entry.get("conversations", entry.get("messages"))
+        if not isinstance(raw, list):
+            return "lacks a list of turns (conversations or messages)"
+        turns = []
+        for turn in raw:
+            role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+            if role not in _ROLES or not isinstance(text, str):
+                return f"has a turn with role {role!r} and no text: expected from/value or role/content"
+            turns.append((_ROLES[role], text))
+    if isinstance(entry.get("system"), str) and entry["system"] and shape != "prompt":
+        turns.insert(0, ("system", entry["system"]))  # LLaMA-Factory's system column
+    roles = [role for role, _ in turns if role != "system"]
+    if not roles or any(role == "system" for role, _ in turns[1:]) or \
+            roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
+        return (f"has the turns {[role for role, _ in turns]}: expected user and assistant turns in turn, from "
+                f"the user's, after an optional system turn")
+    return turns
+
+
+def _media(entry: dict) -> dict | str:
+    """The record's media: {"images": [...], "audio": path, "video": path} (the last two when
+    given), or a string saying what is not read: no media a record names is ever dropped."""
+    image = entry.get("image")
+    if image is not None and not isinstance(image, (str, list)):
+        return "field image is not a path or a list of paths"
+    for kind in ("audio", "video"):
+        if entry.get(kind) is not None and not isinstance(entry[kind], str):
+            return f"field {kind} is not a string"
+    media: dict = {"images": list(image) if isinstance(image, list) else [image] if image is not None else []}
+    media.update({kind: entry[kind] for kind in ("audio", "video") if entry.get(kind) is not None})
+    for field, kind in _MEDIA_LISTS.items():
+        items = entry.get(field) or []
+        if not isinstance(items, list):
+            return f"field {field} is not a list"
+        paths = [item.get("path") if isinstance(item, dict) else item for item in items]
+        if kind == "image":
+            media["images"] += paths
+        elif len(paths) + (kind in media) > 1:
+            return f"names {len(paths) + (kind in media)} {field}: one {kind} per record is read"
+        elif paths:
+            media[kind] = paths[0]
+        if not all(isinstance(path, (str, InlineImage)) for path in paths):
+            return f"field {field} holds an entry that is not a path"
+    if not all(isinstance(path, (str, InlineImage)) for path in media["images"]):
+        return "field image holds an entry that is not a path"
+    return media
