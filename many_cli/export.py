@@ -19,7 +19,7 @@ from many_cli.errors import InputError
 from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
 from many_cli.models import auto_model_classes, base_fingerprint, module_name, projector_paths
 from many_cli.options import option
-from many_cli.state import BUNDLE_FILE, BundleHeader, read_bundle_header
+from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
 
 MEAN, ROUTED = "mean", "routed"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -54,7 +54,7 @@ def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOp
         raise InputError(base, "export reads the base model's own files: give a local model directory "
                                "(for a hub id, its snapshot folder)")
     base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
-    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    bundle = read_merge_output(merged)
     adapter = read_adapter(merged)
     refuse_overlap(out, [base_dir, merged])
     shards = _shards(base_dir)

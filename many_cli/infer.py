@@ -26,7 +26,7 @@ from many_cli.models import (ImageTracker, apply_adapters, check_device_map, fin
                              lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
                              resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
-from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header
+from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
@@ -106,7 +106,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     options.check()
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
-    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    bundle = read_merge_output(merged)
     device = resolve_device(options.device)
     model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
     notes = []

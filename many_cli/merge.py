@@ -31,8 +31,8 @@ from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import resolve_device, routable_modules
 from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
-                            StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, pack_symmetric,
-                            read_bundle_header, read_state_header, read_stats_header, write_bundle)
+                            StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, check_one_merge,
+                            pack_symmetric, read_bundle_header, read_state_header, read_stats_header, write_bundle)
 
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
@@ -248,7 +248,9 @@ def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
 def _read_previous(resume: Path) -> Previous:
     if not resume.is_dir():
         raise InputError(resume, "merge directory to resume from not found")
-    return Previous(read_state_header(resume / STATE_FILE), read_bundle_header(resume / BUNDLE_FILE))
+    previous = Previous(read_state_header(resume / STATE_FILE), read_bundle_header(resume / BUNDLE_FILE))
+    check_one_merge(previous.state, previous.bundle)
+    return previous
 
 
 def _check_compatible(tasks: list[Task], previous: Previous | None, options: MergeOptions) -> str:
@@ -653,8 +655,9 @@ def _write_experts(folder: Path, tasks: list[Task], previous: Previous | None, b
         if missing:
             report.notes.append(f"the resumed merge kept no experts for {', '.join(missing)} "
                                 f"(made with --no-experts); --lm-routing experts will not offer them")
-        for task in previous.state.tasks:
+        for index, task in enumerate(previous.state.tasks):
             if (earlier / task.name).is_dir():
+                _check_expert(earlier / task.name, previous.state, index)
                 shutil.copytree(earlier / task.name, folder / task.name)
     for task in tasks:
         modules = [MergedModule(m.name, m.rank, m.d_in, m.d_out) for m in task.adapter.modules.values()]
@@ -663,6 +666,21 @@ def _write_experts(folder: Path, tasks: list[Task], previous: Previous | None, b
             a, b = task.adapter.lora_factors(module.name)
             writer.write(module.name, a, b.to(torch.float64) * module.scale)
         writer.close()
+
+
+def _check_expert(expert: Path, state: StateHeader, index: int) -> None:
+    """A resumed expert is copied only once it is that task's LoRA in the state: the same modules,
+    each with the state's scaled B."""
+    adapter = read_adapter(expert)
+    if set(adapter.modules) != set(state.tasks[index].modules):
+        raise InputError(expert, f"adapts other modules than task {state.tasks[index].name!r} in the merge state "
+                                 f"{state.path}: not this merge's expert; re-create the merge")
+    for module in adapter.modules:
+        _, b = adapter.lora_factors(module)
+        expected = state.factors(index, module)[2]
+        if b.shape != expected.shape or not torch.allclose(b.double(), expected, rtol=1e-5, atol=1e-7):
+            raise InputError(expert, f"its {module} differs from task {state.tasks[index].name!r} in the merge state "
+                                     f"{state.path}: not this merge's expert; re-create the merge")
 
 
 def _write_bundle(path: Path, tasks: list[Task], previous: Previous | None, eta: float) -> None:

@@ -376,9 +376,56 @@ def read_bundle_header(path: Path) -> BundleHeader:
         eta = float(metadata.get("eta", "nan"))
         if not (eta > 0 and math.isfinite(eta)):
             raise InputError(path, f"its default η {metadata.get('eta')!r} is not a finite number > 0")
-        return BundleHeader(path, tuple(_json_field(path, metadata, "tasks")),
-                            metadata.get("projector_module") or None, eta,
-                            {key: handle.shape(key) for key in handle.keys()})
+        tasks = _json_field(path, metadata, "tasks")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) and task for task in tasks) \
+                or len(set(tasks)) != len(tasks):
+            raise InputError(path, f"its metadata field 'tasks' is not a list of distinct task names ({tasks!r}); "
+                                   f"re-create the merge")
+        header = BundleHeader(path, tuple(tasks), metadata.get("projector_module") or None, eta,
+                              {key: handle.shape(key) for key in handle.keys()})
+        _check_bundle_tensors(header)
+        return header
+
+
+def _check_bundle_tensors(bundle: BundleHeader) -> None:
+    """The tensors agree with the task list: each key belongs to a listed task, every task holds the
+    same projector parameters (shapes alike), and prototypes and exemplars share one width."""
+    count = len(bundle.tasks)
+
+    def fault(what: str) -> InputError:
+        return InputError(bundle.path, f"{what}: its tensors disagree with its {count} tasks; re-create the merge")
+
+    for key in bundle.shapes:
+        parts = key.split("/")
+        if parts[0] not in ("projector", "prototype", "exemplars") or len(parts) < 2 or not parts[1].isdigit() \
+                or int(parts[1]) >= count or (parts[0] == "projector") != (len(parts) == 3):
+            raise fault(f"tensor {key!r} belongs to no task")
+    projectors = [bundle.projector_shapes(index) for index in range(count)]
+    if bundle.projector_module and any(shapes != projectors[0] or not shapes for shapes in projectors):
+        raise fault(f"the tasks' projectors ({bundle.projector_module}) differ in parameters or shapes")
+    if not bundle.projector_module and any(projectors):
+        raise fault("projector tensors without a projector_module")
+    widths = {bundle.shapes[key][-1] for key in bundle.shapes if key.split("/")[0] in ("prototype", "exemplars")}
+    bad = [key for key in bundle.shapes if key.startswith("prototype/") and len(bundle.shapes[key]) != 1
+           or key.startswith("exemplars/") and len(bundle.shapes[key]) != 2]
+    if len(widths) > 1 or bad:
+        raise fault(f"prototypes and exemplars of different widths or shapes ({sorted(widths)})")
+
+
+def read_merge_output(merged: Path) -> BundleHeader:
+    """A merge output's bundle, checked against its merge state when the state is there."""
+    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    if (merged / STATE_FILE).exists():
+        check_one_merge(read_state_header(merged / STATE_FILE), bundle)
+    return bundle
+
+
+def check_one_merge(state: "StateHeader", bundle: BundleHeader) -> None:
+    """A merge output's state and bundle must hold the same tasks in the same order."""
+    names = tuple(task.name for task in state.tasks)
+    if names != bundle.tasks:
+        raise InputError(state.path, f"holds the tasks {list(names)}, its bundle {bundle.path.name} "
+                                     f"{list(bundle.tasks)}: not the files of one merge; re-create the merge")
 
 
 @dataclass(frozen=True)
