@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections import Counter
@@ -153,7 +154,7 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
     projector_shapes = {f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
                         for (module, parameter), shape in saved_shapes.items()}
     saved_names = {loaded: saved for saved, loaded in renames.items() if loaded != saved}
-    return Adapter(path.name, path, file_fingerprint(weights), config.get("base_model_name_or_path"),
+    return Adapter(path.name, path, adapter_fingerprint(path), config.get("base_model_name_or_path"),
                    modules, projector_module, projector_shapes, saved_modules, saved_names,
                    tuple(sorted(renames.get(module, module) for module in base_weights)))
 
@@ -178,6 +179,19 @@ def loading_config(adapter: Adapter, renames: Mapping[str, str]) -> LoraConfig:
         "alpha_pattern": {key: value for key, value in alphas.items() if value != alpha},
         "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True})
     return config
+
+
+# The config fields that change what an adapter's weights do (the modules they adapt and save
+# come from the weights themselves).
+_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def adapter_fingerprint(path: Path) -> str:
+    """sha256 over the adapter's weights and the config fields that scale them, so that a stats
+    file goes stale when either changes."""
+    config = read_json(path / ADAPTER_CONFIG)
+    scaling = json.dumps({key: config.get(key) for key in _SCALING_FIELDS}, sort_keys=True)
+    return hashlib.sha256(f"{file_fingerprint(path / ADAPTER_WEIGHTS)} {scaling}".encode()).hexdigest()[:16]
 
 
 def _common_parent(modules: tuple[str, ...]) -> str:

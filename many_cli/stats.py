@@ -17,13 +17,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, check_supported_config, read_adapter
+from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config, read_adapter
 from many_cli.cpm import pooled_direction
 from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs, tokenizer_of
 from many_cli.formats import Reading, count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
-from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
+from many_cli.files import refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
                              adapter_renames, apply_adapters, linear_layers, load_base_model, lora_layers, resolve_device,
@@ -296,7 +296,7 @@ def _adapter_fingerprint(adapter: Path) -> str:
     weights = adapter / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise InputError(weights, "file not found (many reads adapters saved as safetensors)")
-    return file_fingerprint(weights)
+    return adapter_fingerprint(adapter)
 
 
 def _good_records(records: Iterable[Record | BadRecord], skip_bad: bool,

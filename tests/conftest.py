@@ -15,7 +15,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from many_cli.files import file_fingerprint
+from many_cli.adapters import adapter_fingerprint
 from many_cli.state import STATS_FILE, pack_symmetric, unpack_symmetric, write_stats
 
 transformers.utils.logging.disable_progress_bar()
@@ -141,7 +141,7 @@ def write_task_stats(adapter: Path, covariances: dict[str, torch.Tensor], tokens
                 tokens={key: tokens for key in by_input}, modules=by_input,
                 prototype=prototype if prototype is not None else torch.randn(16),
                 exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1) if prototype is None else None,
-                images=1, adapter_fingerprint=file_fingerprint(adapter / "adapter_model.safetensors"),
+                images=1, adapter_fingerprint=adapter_fingerprint(adapter),
                 base_fingerprint=base_fingerprint, token_rule="test")
 
 

@@ -185,3 +185,14 @@ def test_existing_output_needs_force(world, tmp_path, capsys):
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("field, value", [("lora_alpha", 160), ("use_rslora", True), ("rank_pattern", {"q_proj": 2})])
+def test_stats_go_stale_when_the_config_rescales_the_weights(world, tmp_path, capsys, field, value):
+    """The stats fingerprint covers the config fields that scale the weights, not the weights alone."""
+    adapter = shutil.copytree(world.adapters[0], tmp_path / "task0")
+    assert run_cli(capsys, "merge", adapter, "--out", tmp_path / "before")[0] == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    code, err = run_cli(capsys, "merge", adapter, "--out", tmp_path / "after")
+    assert code == 2 and "is stale" in err and str(adapter / "many_stats.safetensors") in err, err

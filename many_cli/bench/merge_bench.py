@@ -22,10 +22,9 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX
+from many_cli.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_fingerprint
 from many_cli.bench.tiny import LLAMA_PROJECTIONS
 from many_cli.errors import InputError
-from many_cli.files import file_fingerprint
 from many_cli.state import STATE_FILE, STATS_FILE, StatsWriter, pack_symmetric, packed_length, read_stats_header
 
 RIDGE = 1e-4
@@ -86,7 +85,7 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
     inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}
     writer = StatsWriter(out / STATS_FILE, dims={key: width for key, (_, width) in inputs.items()},
                          tokens={key: 100_000 for key in inputs}, modules={k: m for k, (m, _) in inputs.items()},
-                         images=1000, adapter_fingerprint=file_fingerprint(out / ADAPTER_WEIGHTS),
+                         images=1000, adapter_fingerprint=adapter_fingerprint(out),
                          base_fingerprint="synthetic-llava-7b", token_rule="synthetic", prototype_width=shape.vision)
     for key in writer.keys:
         writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
