@@ -84,6 +84,12 @@ class InferOptions:
             raise InputError(None, f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.eta is not None and self.routing != "soft":
+            raise InputError(None, f"--eta does not apply to --routing {self.routing} (it applies to --routing soft); "
+                                   f"leave it out")
+        if self.confidence != DEFAULT_CONFIDENCE and self.lm_routing != "experts":
+            raise InputError(None, f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
+                                   f"--lm-routing experts); leave it out")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         check_device_map(self.device_map)

@@ -13,7 +13,7 @@ import re
 import shutil
 from collections import defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -45,6 +45,11 @@ Track = Callable[[Sequence[T], str], Iterable[T]]
 Emit = Callable[[str, torch.Tensor, torch.Tensor], None]  # (module, A, B) of the merged adapter
 
 
+# Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
+_LPM_ONLY = [("--ridge", "ridge", DEFAULT_RIDGE), ("--balance", "balance", False), ("--alpha", "alpha", 1.0),
+             ("--state-precision", "state_precision", None)]
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Every setting of one merge, each declared once (flag, default, help) and checked in `check`."""
@@ -59,9 +64,10 @@ class MergeOptions:
     rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
                                               "rank-R approximation in each layer's output space; exact where "
                                               "Σ r_i ≤ R. Default: rank Σ r_i per module.")
-    state_precision: str = option("float64", "--state-precision",
-                                  "float64, or float32 for half the state's disk (H rounded once per merge; "
-                                  "solving stays float64).")
+    state_precision: str | None = option(None, "--state-precision",
+                                         "float64, or float32 for half the state's disk (H rounded once per "
+                                         "merge; solving stays float64). Default: the resumed state's, else "
+                                         "float64.")
     force: bool = option(False, "--force", "Replace --out if it exists.")
     device: str = option("cpu", "--device", "Where to factor and solve: cpu, cuda or auto.")
     experts: bool = option(True, "--experts/--no-experts",
@@ -81,11 +87,17 @@ class MergeOptions:
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
         if not 0 <= self.alpha <= 1:
             raise InputError(None, f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.state_precision not in STATE_PRECISIONS:
+        if self.state_precision is not None and self.state_precision not in STATE_PRECISIONS:
             raise InputError(None, f"--state-precision must be one of {', '.join(STATE_PRECISIONS)}, "
                                    f"got {self.state_precision!r}")
         if self.rank is not None and self.rank < 1:
             raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
+        density = ("--density", "density", DEFAULT_DENSITY)
+        ignored = {"many": [density], "ties": _LPM_ONLY}.get(self.method, [*_LPM_ONLY, density])
+        for flag, name, default in ignored:
+            if getattr(self, name) != default:
+                raise InputError(None, f"{flag} does not apply to --method {self.method} (it applies to "
+                                       f"{'--method ties' if name == 'density' else '--method many'}); leave it out")
         resolve_device(self.device)
 
 
@@ -159,10 +171,15 @@ def merge(adapter_paths: list[Path], out: Path, options: MergeOptions = MergeOpt
 def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Path | None,
                  track: Track) -> MergeReport:
     previous = _read_previous(resume) if resume is not None else None
+    inherited = previous.state.precision if previous and options.state_precision is None else None
+    options = replace(options, state_precision=options.state_precision or inherited or "float64")
     base_fingerprint = _check_compatible(tasks, previous, options)
     base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
     earlier = [task.name for task in previous.state.tasks] if previous else []
     report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
+    if inherited == "float32":
+        report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
+                            "to store it in float64 from now on)")
 
     report.rank, world = init_distributed(options.device)
     if report.rank != 0:  # another torchrun rank: it solves its share of the groups, rank 0 writes
@@ -224,8 +241,6 @@ def _check_options(options: MergeOptions, resume: Path | None) -> None:
     options.check()
     if resume is not None and options.method != "many":
         raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
-    if options.alpha != 1 and options.method != "many":
-        raise InputError(None, "--alpha applies to --method many only (the baselines use no covariances)")
 
 
 def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:

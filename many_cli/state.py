@@ -492,6 +492,14 @@ class StateHeader:
         return {(index, module): (*self.shapes[_ac_key(index, module)], self.shapes[_b_key(index, module)][0])
                 for index, task in enumerate(self.tasks) for module in task.modules}
 
+    @property
+    def precision(self) -> str:
+        """The dtype the state's tensors are stored in: "float64" or "float32"."""
+        if not self.groups:
+            return "float64"
+        with open_safetensors(self.path) as handle:
+            return "float32" if handle.dtype(_gram_key(next(iter(self.groups)))) == "F32" else "float64"
+
     def gram_dim(self, group: str) -> int:
         return dim_of_packed(self.shapes[_gram_key(group)][0])
 

@@ -156,6 +156,22 @@ def test_a_float32_state_resumes_within_the_bound(world, tmp_path, capsys):
         reference, gram = dense_reference(world, module, RIDGE)
         assert output_error(delta, reference, gram) <= 1e-4, module
     assert "state_precision: float32" in (resumed / "README.md").read_text()
+    again = tmp_path / "m3"  # resumed without the flag: the state keeps its precision, and says so
+    code, err = run_cli(capsys, "merge", c, "--resume", first, "--out", again)
+    assert code == 0 and "stays float32, as the resumed one" in err, err
+    with safe_open(str(again / "many_state.safetensors"), "pt") as state:
+        assert {state.get_slice(key).get_dtype() for key in state.keys()} == {"F32"}
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--method", "average", "--ridge", "0.5"], "--ridge"), (["--method", "ties", "--balance"], "--balance"),
+    (["--method", "task-arithmetic", "--state-precision", "float32"], "--state-precision"),
+    (["--method", "average", "--alpha", "0.5"], "--alpha"), (["--method", "average", "--density", "0.5"], "--density"),
+    (["--density", "0.5"], "--density")])
+def test_an_option_the_method_ignores_is_refused(world, tmp_path, capsys, args, flag):
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "out", *args)
+    assert code == 2 and f"{flag} does not apply to --method" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_path, capsys):

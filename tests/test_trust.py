@@ -159,8 +159,11 @@ def console_script() -> list[str]:
 
 @pytest.mark.parametrize("sent,code,line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, line):
+    # The child's dispositions are set here: a suite started in the background (`nohup`, `&`)
+    # runs with SIGINT ignored, and a child would inherit that.
     process = subprocess.Popen([*console_script(), "merge", *world.adapters, "--out", tmp_path / "m"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     time.sleep(0.5)  # inside the imports of torch and transformers
     process.send_signal(sent)
     _, err = process.communicate(timeout=60)
@@ -179,6 +182,8 @@ def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, 
     (["infer", "--image", "x.png", "--out", "p.jsonl"], "--out or --min-accuracy does not apply"),
     (["infer", "--prompt", "hi", "--min-accuracy", "0.5"], "--out or --min-accuracy does not apply"),
     (["infer", "--data", "x.jsonl", "--json"], "--json does not apply"),
+    (["infer", "--image", "x.png", "--eta", "0.1"], "--eta does not apply to --routing nearest"),
+    (["infer", "--image", "x.png", "--confidence", "0.9"], "--confidence does not apply to --lm-routing merged"),
     (["merge", "nowhere", "--out", "m", "--eta", "inf"], "--eta"),
     (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
     (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
