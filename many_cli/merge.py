@@ -177,6 +177,10 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
     base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
     earlier = [task.name for task in previous.state.tasks] if previous else []
     report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
+    if options.rank is not None and options.rank > _full_rank(tasks, previous):
+        report.notes.append(f"--rank {options.rank} exceeds the full rank of every merged module (at most "
+                            f"{_full_rank(tasks, previous)}, min(d_in, d_out)): capped there")
+        options = replace(options, rank=_full_rank(tasks, previous))
     if inherited == "float32":
         report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
                             "to store it in float64 from now on)")
@@ -213,6 +217,13 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
                        resume=resume, options=options, base_model=base_model,
                        base_fingerprint=base_fingerprint, report=report))
     return report
+
+
+def _full_rank(tasks: list[Task], previous: Previous | None) -> int:
+    """The largest rank any merged module has room for: min(d_in, d_out) of the widest."""
+    shapes = [shape[1:] for shape in previous.state.factor_shapes().values()] if previous else []
+    shapes += [(m.d_in, m.d_out) for task in tasks for m in task.adapter.modules.values()]
+    return max(min(d_in, d_out) for d_in, d_out in shapes)
 
 
 def _d_in(tasks: list[Task], module: str) -> int:

@@ -63,6 +63,15 @@ def test_a_rank_budget_above_the_sum_of_ranks_is_exact(world, tmp_path, capsys):
         assert output_error(delta, reference, gram) <= 1e-5, module
     assert "100.00% of the merged update's output energy kept" in err
 
+    huge = tmp_path / "huge"  # beyond every layer's full rank (32 and 48 wide): capped there, and said
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", huge, "--ridge", RIDGE, "--rank", "100000")
+    assert code == 0 and "--rank 100000 exceeds the full rank of every merged module (at most 32" in err, err
+    assert json.loads((huge / "adapter_config.json").read_text())["r"] == 32
+    assert (huge / "adapter_model.safetensors").stat().st_size < 4 * (out / "adapter_model.safetensors").stat().st_size
+    for module, delta in merged_deltas(world, huge).items():
+        reference, gram = dense_reference(world, module, RIDGE)
+        assert output_error(delta, reference, gram) <= 1e-5, module
+
 
 def test_baselines_take_the_plain_frobenius_fit(world, tmp_path, capsys):
     full, budget = tmp_path / "full", tmp_path / "budget"
