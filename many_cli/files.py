@@ -265,6 +265,8 @@ def atomic_output_dir(out: Path, force: bool,
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
         if out.exists() and not force and not is_own_output(out):
             raise InputError(out, "output directory already exists; choose another --out or pass --force")
+        if out.exists():
+            _check_removable(out)
         staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
         try:
             yield staging
@@ -344,6 +346,16 @@ def _recover(out: Path) -> None:
             old.rename(out)
     for leftover in out.parent.glob(glob.escape(_partial_prefix(out)) + "*"):
         _remove(leftover)
+
+
+def _check_removable(out: Path) -> None:
+    """Replacing `out` removes the old one: refuse before any work if something in it may not be
+    removed (a folder without write permission), rather than leave the old output hidden beside."""
+    for root, directories, _ in os.walk(out):
+        for folder in [root, *(os.path.join(root, name) for name in directories)]:
+            if not os.path.islink(folder) and not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(out, f"cannot be replaced: you may not remove what {folder} holds (no write "
+                                      f"permission); choose another --out or fix its permissions")
 
 
 def _remove(path: Path) -> None:

@@ -252,3 +252,19 @@ def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
     Image.fromarray(pixels).save(path, exif=exif)
     upright = np.asarray(load_image("sideways", path))
     assert (upright == np.rot90(pixels, k=-1)).all()
+
+
+def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothing(world, tmp_path):
+    """As an ordinary user: the old output cannot be removed (mode 555), so it cannot be replaced;
+    it used to be swapped out and left hidden beside the new one, one more each run."""
+    out = tmp_path / "M"
+    merge = [*many_as_ordinary_user(), "merge", str(world.adapters[0]), "--out", str(out)]
+    assert subprocess.run(merge, capture_output=True).returncode == 0
+    out.chmod(0o555)
+    try:
+        before = sorted(path.name for path in out.iterdir())
+        run = subprocess.run([*merge, "--force"], capture_output=True, text=True)
+        assert run.returncode == 2 and "cannot be replaced" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert sorted(path.name for path in out.iterdir()) == before and hidden(tmp_path) == []
+    finally:
+        out.chmod(0o755)
