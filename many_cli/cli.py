@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from many_cli.data import DEFAULT_PROMPT
-from many_cli.errors import InputError, Terminated
+from many_cli.errors import InputError, OutputError, Terminated
 from many_cli.export import ExportOptions, export
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap
 from many_cli.infer import InferOptions, average_accuracy
@@ -467,8 +467,18 @@ def main() -> None:
     line; Ctrl-C exits 130 and SIGTERM 143, each with one line, after the outputs in progress
     are cleaned up; any other failure exits 1 with one line (MANY_DEBUG=1 shows the traceback)."""
     warnings.showwarning = _warn_in_one_line
+    sys.stdout = _StandardOutput(sys.stdout)
     try:
-        app()
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # a full disk shows here, while it can still be reported
+    except _ReaderGone:  # the reader went away (`many … | head`): stop quietly, as other tools do
+        sys.stdout = open(os.devnull, "w")  # nothing left to flush at exit
+        sys.exit(0)
+    except OutputError as error:
+        sys.stdout = open(os.devnull, "w")
+        _fail(1, str(error))
     except SystemExit as done:
         if done.code == 130:  # typer's silent exit on Ctrl-C inside a command
             _fail(130, "interrupted")
@@ -483,6 +493,37 @@ def main() -> None:
         if os.environ.get("MANY_DEBUG"):
             raise
         _fail(1, f"{type(error).__name__}: {error}")
+
+
+class _ReaderGone(Exception):
+    """The reader of standard output closed it."""
+
+
+class _StandardOutput:
+    """sys.stdout whose failures (closed, a full disk) are an OutputError naming it, and a reader
+    that went away is _ReaderGone."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guarded(lambda: self._stream.write(text))
+
+    def flush(self) -> None:
+        self._guarded(lambda: self._stream.flush())
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def _guarded(self, call):
+        if self._stream is None:
+            raise OutputError("standard output: cannot write (it is closed)")
+        try:
+            return call()
+        except BrokenPipeError:
+            raise _ReaderGone() from None  # not an OSError: click would turn that into exit 1
+        except OSError as error:
+            raise OutputError(f"standard output: cannot write ({error.strerror or error})") from None
 
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:

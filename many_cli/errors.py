@@ -18,3 +18,7 @@ class InputError(Exception):
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that outputs in progress are cleaned up as on
     Ctrl-C (a BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+
+class OutputError(Exception):
+    """Standard output cannot be written (closed, or its disk full): exit 1 with one line naming it."""

@@ -268,3 +268,18 @@ def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothi
         assert sorted(path.name for path in out.iterdir()) == before and hidden(tmp_path) == []
     finally:
         out.chmod(0o755)
+
+
+def test_standard_output_closed_early_full_or_closed(tmp_path):
+    """`many … | head` stops quietly with status 0, as other tools do; a full disk or a closed
+    standard output is one line naming it."""
+    command = [*console_script(), "merge", "--help"]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # gone before the child writes its first byte
+    _, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0 and err == b"", err
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(command, stdout=full, capture_output=False, stderr=subprocess.PIPE, text=True)
+    assert run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (No space left on device)\n"
+    run = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (it is closed)\n"
