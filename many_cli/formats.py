@@ -298,6 +298,8 @@ def _shape_of(entry: dict) -> str:
     if len(shapes) > 1:
         return (f"!is ambiguous: it has the fields of several shapes ({', '.join(shapes)}); pass --format "
                 f"({', '.join(FORMATS[1:])})")
+    if not shapes and any(field in entry for field in ("image", "answer", "audio", "video")):
+        return "prompt"  # many's own record, short of its prompt: said as such
     if not shapes:
         return ("!is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
                 "LLaMA-Factory sharegpt, ms-swift, InternVL) or instruction (LLaMA-Factory alpaca)")

@@ -53,7 +53,7 @@ def _greedy_accuracy(model, processor, jsonl: Path) -> float:
 
     records = list(read_records(jsonl))
     processor.tokenizer.padding_side = "left"
-    encoded = encode_records(processor, records, [load_image(record) for record in records], with_answers=False)
+    encoded = encode_records(processor, records, [load_image(record.source, record.image) for record in records], with_answers=False)
     with torch.inference_mode():
         logits = model(**encoded).logits[:, -1]
     words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
