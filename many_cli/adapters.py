@@ -194,6 +194,18 @@ def adapter_fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{file_fingerprint(path / ADAPTER_WEIGHTS)} {scaling}".encode()).hexdigest()[:16]
 
 
+def other_base_note(adapter: Adapter, base: str) -> str | None:
+    """A note when the adapter's config names another base model than `base`. Only a note: the
+    same model sits at other paths on other machines (a hub id, a cache snapshot), and the stats
+    file's base fingerprint is what merges check."""
+    named = adapter.base_model
+    if not named or Path(named).name == Path(base).name or (Path(named).exists() and Path(base).exists()
+                                                             and Path(named).resolve() == Path(base).resolve()):
+        return None
+    return (f"{adapter.path}: its adapter_config.json names the base model {named!r}; statistics are taken on "
+            f"{base!r}: make sure it is the model the adapter was trained on")
+
+
 def _common_parent(modules: tuple[str, ...]) -> str:
     """The one module, or the deepest module holding all of them."""
     if len(modules) == 1:

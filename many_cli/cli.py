@@ -140,6 +140,8 @@ def stats_command(
             bar.close()
     if report.rank != 0:
         return
+    for line in report.notes:
+        stderr.print(f"note: {line}", highlight=False)
     skipped = f", skipped {report.skipped} bad records" if report.skipped else ""
     stderr.print(f"{report.records} records, {report.tokens} tokens, {report.images} images{skipped}: "
                  f"{report.inputs} distinct inputs of {report.modules} adapted layers -> {report.out}",

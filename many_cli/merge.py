@@ -181,6 +181,12 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
         report.notes.append(f"--rank {options.rank} exceeds the full rank of every merged module (at most "
                             f"{_full_rank(tasks, previous)}, min(d_in, d_out)): capped there")
         options = replace(options, rank=_full_rank(tasks, previous))
+    bases = sorted({task.adapter.base_model for task in tasks if task.adapter.base_model} |
+                   ({previous.state.base_model} if previous and previous.state.base_model else set()))
+    if len(bases) > 1:
+        checked = ("their stats files agree on the base's configuration, which is what the merge checks"
+                   if all(task.stats for task in tasks) else "without stats files the merge cannot check the base")
+        report.notes.append(f"the adapters name different base models ({', '.join(bases)}); {checked}")
     if inherited == "float32":
         report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
                             "to store it in float64 from now on)")

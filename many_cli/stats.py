@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config, read_adapter
+from many_cli.adapters import (ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config,
+                               other_base_note, read_adapter)
 from many_cli.cpm import pooled_direction
 from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs, tokenizer_of
 from many_cli.formats import Reading, count_records, read_records
@@ -98,6 +99,7 @@ class StatsReport:
     images: int = 0
     inputs: int = 0
     modules: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 class Progress:
@@ -132,6 +134,9 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     fingerprint = base_fingerprint(base)
     model, processor, layers, renames = _load(base, adapter, options, device)
     report = StatsReport(out, rank)
+    note = other_base_note(read_adapter(adapter), base)
+    if note:
+        report.notes.append(note)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     prototype = PrototypeSum(find_projector(model))
     ImageTracker(model, prototype)
