@@ -1,7 +1,9 @@
 """many: merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).
 
 The Python API, for those who embed the tool: the functions the commands call, each taking one
-frozen options object (every field is the command line's option of the same name).
+frozen options object (every field is the command line's option of the same name). Paths may be
+`str` or `os.PathLike`; every fault is a many_cli exception (`InputError`, and its `ArgumentError`
+for an argument of the wrong kind) naming the file or argument.
 
     import many_cli
     many_cli.collect_stats(base, adapter, data)                              # many stats
@@ -22,14 +24,12 @@ __version__ = "0.1.0"
 _API = {
     "Record": ("data", "Record"),
     "ExportOptions": ("export", "ExportOptions"), "ExportReport": ("export", "ExportReport"),
-    "export_model": ("export", "export"),
-    "InferOptions": ("infer", "InferOptions"), "MergedModel": ("infer", "MergedModel"),
-    "Prediction": ("infer", "Prediction"), "answer": ("infer", "answer"), "load_merged": ("infer", "load_merged"),
-    "load_routed": ("infer", "load_routed"),
+    "InferOptions": ("infer", "InferOptions"), "MergedModel": ("infer", "MergedModel"), "Prediction": ("infer", "Prediction"),
     "MergeOptions": ("merge", "MergeOptions"), "MergeReport": ("merge", "MergeReport"),
-    "merge_adapters": ("merge", "merge"),
     "StatsOptions": ("stats", "StatsOptions"), "StatsReport": ("stats", "StatsReport"),
-    "collect_stats": ("stats", "collect_stats"),
+    **{name: ("api", name) for name in ("collect_stats", "merge_adapters", "load_merged", "load_routed", "answer",
+                                        "export_model")},
+    **{name: ("errors", name) for name in ("InputError", "ArgumentError", "OutputError")},
 }
 __all__ = sorted(_API)
 

@@ -22,3 +22,8 @@ class Terminated(BaseException):
 
 class OutputError(Exception):
     """Standard output cannot be written (closed, or its disk full): exit 1 with one line naming it."""
+
+
+class ArgumentError(InputError):
+    """A Python API argument of the wrong kind (a path that is not str or PathLike, an empty list):
+    names the argument."""

@@ -1,0 +1,81 @@
+"""The Python API: the functions the commands call, taking paths as `str` or `os.PathLike`, and
+checking their arguments, so that every fault is a many_cli exception naming the argument or file
+(`ArgumentError` for an argument of the wrong kind, `InputError` for bad input, `OutputError`
+for standard output), never a raw TypeError and never an exit of the interpreter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from many_cli import export, infer, merge, stats
+from many_cli.data import Record
+from many_cli.errors import ArgumentError
+
+PathLike = str | os.PathLike
+
+
+def collect_stats(base: PathLike, adapter: PathLike, data: PathLike, out: PathLike | None = None,
+                  options: stats.StatsOptions = stats.StatsOptions(), **kwargs: Any) -> stats.StatsReport:
+    """`many stats`: statistics of base + adapter over data, written to out (default: beside the adapter)."""
+    return stats.collect_stats(_base(base), _path(adapter, "adapter"), _path(data, "data"),
+                               None if out is None else _path(out, "out"),
+                               _of(options, stats.StatsOptions, "options"), **kwargs)
+
+
+def merge_adapters(adapters: Iterable[PathLike], out: PathLike, options: merge.MergeOptions = merge.MergeOptions(),
+                   resume: PathLike | None = None, **kwargs: Any) -> merge.MergeReport:
+    """`many merge`: the adapters (in task order, or one folder holding them) merged into out."""
+    if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Iterable):
+        raise ArgumentError("adapters", f"must be a list of paths, got {type(adapters).__name__}")
+    paths = [_path(adapter, "adapters") for adapter in adapters]
+    if not paths:
+        raise ArgumentError("adapters", "is empty: give at least one adapter directory")
+    return merge.merge(paths, _path(out, "out"), _of(options, merge.MergeOptions, "options"),
+                       resume=None if resume is None else _path(resume, "resume"), **kwargs)
+
+
+def load_merged(base: PathLike, merged: PathLike, options: infer.InferOptions = infer.InferOptions()) -> infer.MergedModel:
+    """`many infer`'s model: base + the merged LoRA with the task projectors routed."""
+    return infer.load_merged(_base(base), _path(merged, "merged"), _of(options, infer.InferOptions, "options"))
+
+
+def load_routed(path: PathLike, options: infer.InferOptions = infer.InferOptions()) -> infer.MergedModel:
+    """A `many export --projector routed` model, its task projectors routed again."""
+    return infer.load_routed(_path(path, "path"), _of(options, infer.InferOptions, "options"))
+
+
+def answer(merged: infer.MergedModel, records: Iterable[Record], max_new_tokens: int = 32) -> list[infer.Prediction]:
+    """Greedy answers for records (one batch), each with its routing."""
+    _of(merged, infer.MergedModel, "merged")
+    records = list(records) if isinstance(records, Iterable) else records
+    if not isinstance(records, list) or not records or not all(isinstance(r, Record) for r in records):
+        raise ArgumentError("records", "must be a non-empty list of many_cli.Record")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ArgumentError("max_new_tokens", f"must be an integer ≥ 1, got {max_new_tokens!r}")
+    return infer.answer(merged, records, max_new_tokens)
+
+
+def export_model(base: PathLike, merged: PathLike, out: PathLike,
+                 options: export.ExportOptions = export.ExportOptions(), **kwargs: Any) -> export.ExportReport:
+    """`many export`: the base with the merged LoRA folded in and one projector chosen, written to out."""
+    return export.export(_base(base), _path(merged, "merged"), _path(out, "out"),
+                         _of(options, export.ExportOptions, "options"), **kwargs)
+
+
+def _path(value: object, argument: str) -> Path:
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise ArgumentError(argument, f"must be a path (str or os.PathLike), got {value!r}")
+
+
+def _base(value: object) -> str:
+    """A base model: a local directory (str or PathLike) or a hub id."""
+    return str(_path(value, "base"))
+
+
+def _of(value: object, kind: type, argument: str) -> Any:
+    if not isinstance(value, kind):
+        raise ArgumentError(argument, f"must be a many_cli.{kind.__name__}, got {type(value).__name__}")
+    return value
