@@ -17,7 +17,7 @@ from torch import nn
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
-from many_cli.models import auto_model_classes, base_fingerprint, module_name, projector_paths
+from many_cli.models import auto_model_classes, base_fingerprint, load_processor, module_name, projector_paths
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
 
@@ -54,6 +54,7 @@ def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOp
         raise InputError(base, "export reads the base model's own files: give a local model directory "
                                "(for a hub id, its snapshot folder)")
     base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
+    load_processor(str(base_dir))  # the export must load as the base does, processor included
     bundle = read_merge_output(merged)
     adapter = read_adapter(merged)
     refuse_overlap(out, [base_dir, merged])

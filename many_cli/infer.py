@@ -19,9 +19,10 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, DeferredProjector, RoutedProjector
-from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs, tokenizer_of
+from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
 from many_cli.formats import Reading
+from many_cli import models
 from many_cli.models import (ImageTracker, apply_adapters, check_device_map, find_projector, load_base_model,
                              lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
                              resolve_device, resolve_dtype, text_layers)
@@ -153,11 +154,7 @@ def install_router(model: nn.Module, routed: tuple[RoutedProjector, dict[str, De
 
 
 def load_processor(base: str):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
-    tokenizer_of(processor).padding_side = "left"  # generation continues every row at its end
-    return processor
+    return models.load_processor(base, padding_side="left")  # generation continues every row at its end
 
 
 def _routed_projectors(model: nn.Module, bundle: BundleHeader, options: InferOptions,

@@ -139,6 +139,22 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
                            "model transformers knows")
 
 
+def load_processor(base: str, padding_side: str = "right"):
+    """The base model's processor (a plain language model's tokenizer), padding on `padding_side`;
+    a model folder without one is an InputError naming it."""
+    from transformers import AutoProcessor
+
+    from many_cli.data import tokenizer_of
+
+    try:
+        processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(base, f"has no processor or tokenizer transformers can load ({' '.join(str(error).split())[:200]}); "
+                               f"a model folder needs its tokenizer and processor files beside config.json") from None
+    tokenizer_of(processor).padding_side = padding_side
+    return processor
+
+
 def _check_placed_modules(model: nn.Module, placement: dict[str, Any], path: str) -> None:
     """A map key that names no module of the model places nothing (transformers ignores it):
     most likely a misspelt name, so refuse it rather than leave that part where it fell."""

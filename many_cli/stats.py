@@ -20,14 +20,14 @@ from torch import nn
 from many_cli.adapters import (ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config,
                                other_base_note, read_adapter)
 from many_cli.cpm import pooled_direction
-from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs, tokenizer_of
+from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
 from many_cli.formats import Reading, count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.files import refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
-                             adapter_renames, apply_adapters, linear_layers, load_base_model, lora_layers, resolve_device,
+                             adapter_renames, apply_adapters, linear_layers, load_base_model, load_processor, lora_layers, resolve_device,
                              resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
@@ -188,15 +188,12 @@ class _Totals:
 
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
-    from transformers import AutoProcessor
-
+    processor = load_processor(base, options.padding_side)  # a folder without one fails before the model loads
     model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
     renames = {saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items()
                if saved != loaded}
     model = apply_adapters(model, base, [(adapter, "default")])
     model = (model if options.device_map is not None else model.to(device)).eval()
-    processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
-    tokenizer_of(processor).padding_side = options.padding_side
     layers = lora_layers(model)
     if not layers:
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")

@@ -39,9 +39,14 @@ def tiny_llava_config(hidden: int = 32) -> LlavaConfig:
 
 
 def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny LLaVA fed token ids directly; its folder also holds a processor, as every model
+    folder does (`many export` copies it), though its vocabulary is not this model's."""
+    from many_cli.bench.tiny import tiny_processor
+
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_llava_config(hidden)).eval()
     model.save_pretrained(path)
+    tiny_processor(image_size=8, patch_size=4).save_pretrained(path)
     return path
 
 

@@ -280,3 +280,20 @@ def test_the_readmes_python_api_example_runs_and_its_two_paths_agree(monkeypatch
     assert answer and answer == generated.strip()
     assert "'2_count': " in lines[1]
     assert not list((root / "sample_adapters" / "adapters").glob("*/many_stats.safetensors"))
+
+
+def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world.base / name, bare / name)
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    for args in (["stats", "--model", bare, "--adapter", world.adapters[0], "--data", data, "--out", tmp_path / "s"],
+                 ["infer", "--model", bare, "--merged", merged, "--prompt", "hi"],
+                 ["export", "--model", bare, "--merged", merged, "--out", tmp_path / "exported"]):
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and f"{bare}: has no processor or tokenizer" in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "s").exists()
