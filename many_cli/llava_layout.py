@@ -44,6 +44,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                                f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise InputError(path, "does not hold a dictionary of tensors")
+    for key, value in loaded.items():  # as safetensors reads are checked (files.open_safetensors)
+        if not value.is_floating_point():
+            raise InputError(path, f"tensor {key!r} is {value.dtype}, not floating point; re-create the file")
+        if not bool(torch.isfinite(value).all()):
+            raise InputError(path, f"tensor {key!r} holds NaN or Inf; re-create the file")
     return loaded
 
 
@@ -115,4 +120,8 @@ def peft_adapter_dir(path: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="many-llava-") as scratch:
         converted = Path(scratch) / path.name
         write_peft_adapter(path, converted)
-        yield converted
+        try:
+            yield converted
+        except InputError as error:  # name the user's checkpoint, not the copy that is gone
+            raise InputError(str(error.path).replace(str(converted), str(path)) if error.path else None,
+                             error.fault.replace(str(converted), str(path))) from None

@@ -105,3 +105,25 @@ def test_a_pickle_that_is_not_tensors_is_refused(checkpoints, tmp_path, capsys):
     assert code == 2
     assert "non_lora_trainables.bin" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fault, message", [(float("nan"), "holds NaN or Inf"), (None, "not floating point")])
+def test_nan_or_integer_lora_weights_are_refused_naming_the_checkpoint(checkpoints, tmp_path, capsys, fault, message):
+    _, _, llava_dir = checkpoints
+    bad = shutil.copytree(llava_dir, tmp_path / "bad")
+    lora = torch.load(bad / "adapter_model.bin", weights_only=True)
+    key = next(iter(lora))
+    lora[key] = lora[key].clone().fill_(fault) if fault is not None else lora[key].to(torch.int32)
+    torch.save(lora, bad / "adapter_model.bin")
+    code, err = run_cli(capsys, "convert", bad, "--out", tmp_path / "out")
+    assert code == 2 and message in err and str(bad / "adapter_model.bin") in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stats_on_the_original_layout_names_the_checkpoint_not_a_temporary_copy(checkpoints, world, tmp_path, capsys):
+    _, _, llava_dir = checkpoints
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    code, err = run_cli(capsys, "stats", "--model", world.base, "--adapter", llava_dir, "--data", data,
+                        "--out", tmp_path / "stats.safetensors", "--text-only")  # a base of other widths
+    assert code == 2 and f"{llava_dir}: does not fit the base model" in err and "many-llava-" not in err, err
