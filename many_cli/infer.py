@@ -256,7 +256,9 @@ def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, 
     folder = merged / EXPERTS_DIR
     missing = [task for task in tasks if not (folder / task / ADAPTER_CONFIG).is_file()]
     if missing:
-        raise InputError(folder, f"holds no expert for {', '.join(missing)}; merge without --no-experts")
+        raise InputError(folder, f"holds no expert for {', '.join(missing)} (a merge that included them ran with "
+                                 f"--no-experts, or a resume carried none over); merge those tasks again without "
+                                 f"--no-experts")
     adapted = apply_adapters(model, base, [(merged, MERGED)] + [(folder / task, task) for task in tasks])
     layers = lora_layers(adapted)
     media = sorted(set(layers) - text_layers(adapted.get_base_model(), layers))

@@ -34,6 +34,8 @@ from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, Bu
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, check_one_merge,
                             pack_symmetric, read_bundle_header, read_state_header, read_stats_header, write_bundle)
 
+# Words `infer --lm-routing` and `export --projector` give their own meaning to, so no task may be named so.
+RESERVED_NAMES = ("merged", "mean", "routed")
 METHODS = ("many", "average", "task-arithmetic", "ties")
 DEFAULT_RIDGE = 1e-4
 DEFAULT_ETA = 0.05
@@ -292,6 +294,11 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
         if task.adapter.name in names:
             raise InputError(task.adapter.path, f"task name {task.adapter.name!r} is already taken; "
                                                 f"task names (adapter directory names) must be unique")
+        if task.adapter.name in RESERVED_NAMES or "." in task.adapter.name:
+            raise InputError(task.adapter.path, f"task name {task.adapter.name!r} cannot be used: a task is named "
+                                                f"after its adapter directory, and {', '.join(RESERVED_NAMES)} (infer "
+                                                f"and export words) and names with a dot (PEFT adapter names) are "
+                                                f"taken; rename the directory")
         names.append(task.adapter.name)
 
     fingerprints = [(task.stats.path, task.stats.base_fingerprint) for task in tasks if task.stats]

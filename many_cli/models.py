@@ -98,6 +98,9 @@ def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
     adapter into a disk-offloaded model by rewriting the checkpoint's own files."""
     if device_map is None or device_map in PLACEMENTS:
         return device_map
+    if not device_map.strip():
+        raise InputError(None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of "
+                               f"{{module name: device}}")
     placement = read_json(Path(device_map))
     if not isinstance(placement, dict) or not placement:
         raise InputError(device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of "

@@ -154,7 +154,8 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
         covariances.remove_hooks()
         prototype.remove_hook()
     totals = _totals(covariances, prototype, world, report, device)
-    _check_totals(totals, report, data, adapter, media_expected=find_projector(model) is not None and not options.text_only)
+    _check_totals(totals, report, data, adapter, media_expected=find_projector(model) is not None and not options.text_only,
+                  remedy=_overflow_remedy(model, options))
     if rank == 0:
         _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
     if world > 1:
@@ -246,7 +247,8 @@ def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: i
     return _all_reduce(totals, report, device) if world > 1 else totals
 
 
-def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path, media_expected: bool) -> None:
+def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path, media_expected: bool,
+                  remedy: str) -> None:
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
     if media_expected and totals.images == 0:
@@ -255,9 +257,18 @@ def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Pat
     for key, packed in totals.sums.items():
         if not bool(torch.isfinite(packed).all()):
             raise InputError(adapter, f"the input of {', '.join(totals.members[key])} holds NaN or Inf on this "
-                                      f"data; check the model's dtype (try --dtype float32)")
+                                      f"data ({remedy})")
     report.images = totals.images
     report.inputs, report.modules = len(totals.sums), sum(len(names) for names in totals.members.values())
+
+
+def _overflow_remedy(model: nn.Module, options: StatsOptions) -> str:
+    """What to try when the statistics overflowed: a wider dtype, or a smaller answer weight."""
+    remedies = [] if model.dtype == torch.float32 else ["run the model in float32 (--dtype float32)"]
+    if options.answer_weight != 1:
+        remedies.append(f"a smaller --answer-weight than {options.answer_weight:g} (the sums of its squares "
+                        f"overflow float32)")
+    return " or ".join(remedies) or "the model itself gives NaN or Inf on this data in float32"
 
 
 def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str,

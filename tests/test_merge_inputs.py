@@ -196,3 +196,19 @@ def test_stats_go_stale_when_the_config_rescales_the_weights(world, tmp_path, ca
     (adapter / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     code, err = run_cli(capsys, "merge", adapter, "--out", tmp_path / "after")
     assert code == 2 and "is stale" in err and str(adapter / "many_stats.safetensors") in err, err
+
+
+@pytest.mark.parametrize("name", ["merged", "mean", "routed", "v1.5"])
+def test_a_task_name_infer_or_export_could_not_use_is_refused(world, tmp_path, capsys, name):
+    adapter = shutil.copytree(world.adapters[0], tmp_path / name)
+    code, err = run_cli(capsys, "merge", adapter, "--out", tmp_path / "out")
+    assert code == 2 and f"task name {name!r} cannot be used" in err and "rename the directory" in err, err
+
+
+def test_overflowing_statistics_name_the_answer_weight(tmp_path, capsys):
+    sample = Path(__file__).parent.parent / "sample_adapters"
+    code, err = run_cli(capsys, "stats", "--model", sample / "base", "--adapter", sample / "adapters" / "1_colour",
+                        "--data", sample / "data" / "1_colour" / "calibration.jsonl", "--answer-weight", "1e38",
+                        "--out", tmp_path / "stats.safetensors", "--max-samples", 4)
+    assert code == 2 and "holds NaN or Inf" in err and "smaller --answer-weight than 1e+38" in err, err
+    assert "--dtype float32" not in err  # the sample runs in float32 already

@@ -188,6 +188,7 @@ def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, 
     (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
     (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
     (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--dtype", "float8"], "--dtype"),
+    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--device-map", ""], "--device-map is empty"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option):
     command, rest = args[0], args[1:]
