@@ -189,6 +189,12 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
         checked = ("their stats files agree on the base's configuration, which is what the merge checks"
                    if all(task.stats for task in tasks) else "without stats files the merge cannot check the base")
         report.notes.append(f"the adapters name different base models ({', '.join(bases)}); {checked}")
+    unmapped = [task.adapter.path for task in tasks if task.stats is None]
+    if unmapped and len({frozenset(task.adapter.modules) for task in tasks}) > 1:
+        report.warnings.append(f"the adapters adapt different module names, and {', '.join(map(str, unmapped))} "
+                               f"{'has' if len(unmapped) == 1 else 'have'} no stats file to map the names onto the "
+                               f"base: adapters saved by different transformers versions merge as one only after "
+                               f"`many stats` on each")
     if inherited == "float32":
         report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
                             "to store it in float64 from now on)")

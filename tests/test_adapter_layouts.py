@@ -180,3 +180,20 @@ def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, caps
     data.write_text('{"prompt": "hi"}\n')
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", tmp_path / "s")
     assert code == 2 and "remote-code model" in err and "-hf" in err and err.count("\n") == 1, err
+
+
+def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
+    """Without stats files nothing maps an old layout's names: the merge says so."""
+    sample = Path(__file__).parent.parent / "sample_adapters"
+    lora_only = []
+    for task in ("1_colour", "2_count"):  # LoRA alone (a projector under two names is refused already)
+        adapter = shutil.copytree(sample / "adapters" / task, tmp_path / f"lora_{task}")
+        weights = load_file(adapter / "adapter_model.safetensors")
+        save_file({k: v for k, v in weights.items() if "projector" not in k}, adapter / "adapter_model.safetensors")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": []}))
+        lora_only.append(adapter)
+    new = lora_only[0]
+    old = resave_in_old_layout(lora_only[1], tmp_path / "old", "llava", "full")
+    code, err = run_cli(capsys, "merge", new, old, "--method", "average", "--out", tmp_path / "merged")
+    assert code == 0 and "warning:" in err and "adapt different module names" in err and str(old) in err, err
