@@ -127,6 +127,9 @@ def _load_json(path: Path) -> Any:
 
 def _json_records(path: Path, reading: Reading) -> Iterator[Record | BadRecord]:
     entries = _load_json(path)
+    if path.name == _DATASET_INFO and isinstance(entries, dict):
+        raise InputError(path, f"is LLaMA-Factory's list of datasets: give one as --data {path}:NAME (its datasets: "
+                               f"{', '.join(sorted(entries)) or 'none'})")
     if isinstance(entries, dict) and entries and all(isinstance(v, dict) and "annotation" in v for v in entries.values()):
         return _internvl_records(path, entries, reading)
     if not isinstance(entries, list):
@@ -157,7 +160,7 @@ def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[R
     datasets = _load_json(info)
     entry = datasets.get(name) if isinstance(datasets, dict) else None
     if not isinstance(entry, dict):
-        known = ", ".join(sorted(datasets)) if isinstance(datasets, dict) else "none"
+        known = ", ".join(sorted(datasets)) if isinstance(datasets, dict) and datasets else "none"
         raise InputError(info, f"has no dataset {name!r} (its datasets: {known})")
     if "file_name" not in entry:
         raise InputError(info, f"dataset {name!r} names no local file_name (hub and script datasets are not read)")

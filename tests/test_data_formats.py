@@ -251,6 +251,8 @@ def test_llama_factory_dataset_info_entry_with_its_columns_and_tags(tmp_path):
         list(read_records(Path(f"{info}:hub")))
     with pytest.raises(InputError, match="has no dataset 'nope'"):
         list(read_records(Path(f"{info}:nope")))
+    with pytest.raises(InputError, match=r"give one as --data .*dataset_info.json:NAME \(its datasets: hub, mine, qa\)"):
+        list(read_records(info))
 
 
 @pytest.mark.parametrize("kind", ["save_to_disk", "parquet", "arrow", "json"])
