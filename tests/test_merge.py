@@ -112,7 +112,11 @@ def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
                 assert torch.equal(bundle.get_tensor(f"exemplars/{index}"), stats.get_tensor("exemplars"))
     card = (out / "README.md").read_text()
     for adapter in world.adapters:
-        digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+        weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+        config = json.loads((adapter / "adapter_config.json").read_text())  # the fields that scale the weights
+        scaling = json.dumps({key: config.get(key) for key in ("r", "lora_alpha", "use_rslora", "rank_pattern",
+                                                               "alpha_pattern")}, sort_keys=True)
+        digest = hashlib.sha256(f"{weights} {scaling}".encode()).hexdigest()[:16]
         assert adapter.name in card and digest in card
     assert "ridge" in card and "PeftModel.from_pretrained" in card
 
