@@ -19,6 +19,7 @@ from PIL import Image
 from many_cli.data import DEFAULT_PROMPT, IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
 from many_cli.errors import InputError
 from many_cli.files import check_readable
+from many_cli.options import option
 
 # --format: "auto" tells the shape of each record by its fields; a tool's name forces that shape.
 FORMATS = ("auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf")
@@ -46,6 +47,20 @@ class Reading:
             raise InputError(None, f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.media_dir is not None and not self.media_dir.is_dir():
             raise InputError(self.media_dir, "--media-dir is not a folder")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The options of the commands that read DATA (stats, infer), declared once; those commands'
+    settings derive from it and have a `prompt`."""
+    data_format: str = option("auto", "--format", "The data's format: auto (told by each record's fields), many, "
+                                                  "llava, sharegpt, alpaca, swift, internvl or hf.")
+    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
+                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
+
+    @property
+    def reading(self) -> Reading:
+        return Reading(self.prompt, self.data_format, self.media_dir)
 
 
 def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | BadRecord]:

@@ -21,7 +21,7 @@ from many_cli.adapters import ADAPTER_CONFIG
 from many_cli.cpm import ROUTINGS, DeferredProjector, RoutedProjector
 from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
-from many_cli.formats import Reading
+from many_cli.formats import DataOptions
 from many_cli import models
 from many_cli.models import (ImageTracker, apply_adapters, check_device_map, find_projector, load_base_model,
                              lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
@@ -36,7 +36,7 @@ NEAREST = "nearest"  # route each image to the task of its nearest calibration i
 
 
 @dataclass(frozen=True)
-class InferOptions:
+class InferOptions(DataOptions):
     """Every setting of one `many infer` run, each declared once and checked in `check`."""
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
     routing: str = option(NEAREST, "--routing",
@@ -59,14 +59,6 @@ class InferOptions:
                                "routing; nearest and hard routing give one task weight 1).")
     min_accuracy: float | None = option(None, "--min-accuracy",
                                         "Exit 1 when the average per-task accuracy is below this.")
-    data_format: str = option("auto", "--format", "The data's format: auto (told by each record's fields), many, "
-                                                  "llava, sharegpt, alpaca, swift, internvl or hf.")
-    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
-                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
-
-    @property
-    def reading(self) -> Reading:
-        return Reading(self.prompt, self.data_format, self.media_dir)
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""

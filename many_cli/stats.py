@@ -21,7 +21,7 @@ from many_cli.adapters import (ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerpri
                                other_base_note, read_adapter)
 from many_cli.cpm import pooled_direction
 from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
-from many_cli.formats import Reading, count_records, read_records
+from many_cli.formats import DataOptions, count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.files import refuse_foreign_file, refuse_overlap
@@ -38,7 +38,7 @@ TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assist
 
 
 @dataclass(frozen=True)
-class StatsOptions:
+class StatsOptions(DataOptions):
     """Every setting of one `many stats` run, each declared once and checked in `check`."""
     batch_size: int = option(8, "--batch-size", "Records per forward pass.")
     max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
@@ -59,14 +59,6 @@ class StatsOptions:
     modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
                                  "names match this regular expression (full match, as PEFT's target_modules string), "
                                  "so that the stats cover modules other tasks' adapters target.")
-    data_format: str = option("auto", "--format", "The data's format: auto (told by each record's fields), many, "
-                                                  "llava, sharegpt, alpaca, swift, internvl or hf.")
-    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
-                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
-
-    @property
-    def reading(self) -> Reading:
-        return Reading(self.prompt, self.data_format, self.media_dir)
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
