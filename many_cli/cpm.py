@@ -94,7 +94,7 @@ class RoutedProjector(nn.Module):
         self.confidence = confidence
         self.last_weights: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None  # the latest forward's
-        self.image_shares: Sequence[int] | None = None  # set before each forward (models.ImageTracker)
+        self.image_shares: Sequence[int] | None = None  # set before each forward (families.ImageTracker)
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         image_features = image_features.to(self.prototypes.device)  # under a device map, the tower may sit elsewhere

@@ -17,7 +17,8 @@ from torch import nn
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
-from many_cli.models import auto_model_classes, base_fingerprint, load_processor, module_name, projector_paths
+from many_cli.models import auto_model_classes, base_fingerprint, load_processor
+from many_cli.families import module_name, projector_paths
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
 

@@ -23,9 +23,8 @@ from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
 from many_cli.formats import DataOptions
 from many_cli import models
-from many_cli.models import (ImageTracker, apply_adapters, check_device_map, find_projector, load_base_model,
-                             lora_layers, module_at, no_projector_reason, projector_paths, replace_projectors,
-                             resolve_device, resolve_dtype, text_layers)
+from many_cli.models import apply_adapters, check_device_map, load_base_model, lora_layers, resolve_device, resolve_dtype, text_layers
+from many_cli.families import ImageTracker, find_projector, module_at, no_projector_reason, projector_paths, replace_projectors
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 

@@ -26,9 +26,8 @@ from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.files import refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import (ImageTracker, base_fingerprint, check_device_map, computes_own_positions, find_projector,
-                             adapter_renames, apply_adapters, linear_layers, load_base_model, load_processor, lora_layers, resolve_device,
-                             resolve_dtype, text_layers)
+from many_cli.models import base_fingerprint, check_device_map, computes_own_positions, adapter_renames, apply_adapters, linear_layers, load_base_model, load_processor, lora_layers, resolve_device, resolve_dtype, text_layers
+from many_cli.families import ImageTracker, find_projector
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
@@ -429,7 +428,7 @@ class PrototypeSum:
         self.total: torch.Tensor | None = None
         self.count = 0
         self.directions: list[torch.Tensor] = []
-        self.image_shares: list[int] | None = None  # set before each forward (models.ImageTracker)
+        self.image_shares: list[int] | None = None  # set before each forward (families.ImageTracker)
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:

@@ -20,7 +20,7 @@ from transformers import AutoProcessor
 from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
 from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
-from many_cli.models import find_projector, projector_paths
+from many_cli.families import find_projector, projector_paths
 from many_cli.state import STATS_FILE
 
 # The language model's projections, whatever the family calls it (Idefics3: text_model).

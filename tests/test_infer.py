@@ -444,13 +444,13 @@ def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line
                                                                                   monkeypatch):
     """With LLaVA taken out of the family table, infer answers as base + the merged LoRA (the
     base's own projector, nothing routed) and says in one line what it looked for."""
-    from many_cli import models
+    from many_cli import families
 
     root, base, adapters, heldout = tasks
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
-    monkeypatch.setattr(models, "FAMILIES", {name: family for name, family in models.FAMILIES.items()
-                                             if name != "llava"})
+    monkeypatch.setattr(families, "FAMILIES", {name: family for name, family in families.FAMILIES.items()
+                                               if name != "llava"})
     out = tmp_path / "preds.jsonl"
     code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
                         "--out", out, "--max-new-tokens", 4)
