@@ -377,14 +377,19 @@ def read_bundle_header(path: Path) -> BundleHeader:
         if not (eta > 0 and math.isfinite(eta)):
             raise InputError(path, f"its default η {metadata.get('eta')!r} is not a finite number > 0")
         tasks = _json_field(path, metadata, "tasks")
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) and task for task in tasks) \
-                or len(set(tasks)) != len(tasks):
+        if not isinstance(tasks, list) or not tasks or not all(map(_is_task_name, tasks)) or len(set(tasks)) != len(tasks):
             raise InputError(path, f"its metadata field 'tasks' is not a list of distinct task names ({tasks!r}); "
                                    f"re-create the merge")
         header = BundleHeader(path, tuple(tasks), metadata.get("projector_module") or None, eta,
                               {key: handle.shape(key) for key in handle.keys()})
         _check_bundle_tensors(header)
         return header
+
+
+def _is_task_name(name: object) -> bool:
+    """A task is named after its adapter folder, and its expert is written under that name: a name
+    read from a file must be one folder name, never a path that leads elsewhere."""
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def _check_bundle_tensors(bundle: BundleHeader) -> None:
@@ -519,6 +524,9 @@ def read_state_header(path: Path) -> StateHeader:
         _check_format(path, metadata, "many-state")
         tasks = tuple(StateTask(entry["name"], entry["adapter_fingerprint"], tuple(entry["modules"]),
                                 entry["tokens"]) for entry in _json_field(path, metadata, "tasks"))
+        if not all(_is_task_name(task.name) for task in tasks):
+            raise InputError(path, f"its task names {[task.name for task in tasks]!r} are not folder names; "
+                                   f"re-create the merge")
         groups = {key: tuple(modules) for key, modules in _json_field(path, metadata, "groups").items()}
         header = StateHeader(path, metadata.get("base_fingerprint", ""), metadata.get("base_model") or None,
                              metadata.get("balance") == "true", tasks, groups,

@@ -41,6 +41,7 @@ def rewrite(path, metadata=None, tensors=None):
     ([1, 2], "distinct task names"),
     ([], "distinct task names"),
     (["task1", "task0"], "not the files of one merge"),  # permuted: the state disagrees
+    (["task0", "../../elsewhere"], "distinct task names"),  # a path, where experts are written by name
 ])
 def test_a_bundle_whose_tasks_disagree_is_refused(merges, world, tmp_path, capsys, tasks, fault):
     merged = shutil.copytree(merges / "two", tmp_path / "merged")
@@ -77,3 +78,14 @@ def test_an_expert_that_is_not_the_states_is_not_copied(merges, world, tmp_path,
     shutil.copytree(merges / "one" / "experts" / "task0", merged / "experts" / "task1")  # another task's
     code, err = run_cli(capsys, "merge", world.adapters[2], "--resume", merged, "--out", tmp_path / "out")
     assert code == 2 and "not this merge's expert" in err, err
+
+
+def test_a_state_whose_task_names_are_paths_is_refused(merges, world, tmp_path, capsys):
+    merged = shutil.copytree(merges / "two", tmp_path / "merged")
+    with safe_open(str(merged / STATE), "pt") as handle:
+        tasks = json.loads(handle.metadata()["tasks"])
+    tasks[1]["name"] = "../../elsewhere"
+    rewrite(merged / STATE, {"tasks": json.dumps(tasks)})
+    rewrite(merged / BUNDLE, {"tasks": json.dumps(["task0", "../../elsewhere"])})
+    code, err = run_cli(capsys, "merge", world.adapters[2], "--resume", merged, "--out", tmp_path / "out")
+    assert code == 2 and "are not folder names" in err and not (tmp_path.parent / "elsewhere").exists(), err
