@@ -254,8 +254,7 @@ def atomic_output_file(out: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool,
-                      is_own_output: Callable[[Path], bool] = lambda _: False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it becomes `out`, on any failure (or
     signal) it is removed, so no command leaves a half-written output behind and `out` is at
     every moment either the old output or the new one. An existing `out` is replaced only with
@@ -263,8 +262,9 @@ def atomic_output_dir(out: Path, force: bool,
     with _locked_output(out):  # checked under the lock, after a killed run's output is put back
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
-        if out.exists() and not force and not is_own_output(out):
-            raise InputError(out, "output directory already exists; choose another --out or pass --force")
+        if out.exists() and not force and not (is_own_output and is_own_output(out)):
+            mine = " and is not this command's own earlier output, untouched" if is_own_output else ""
+            raise InputError(out, f"output directory already exists{mine}; choose another --out or pass --force")
         if out.exists():
             _check_removable(out)
         staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
