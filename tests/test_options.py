@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from many_cli.infer import InferOptions
-from many_cli.merge import MergeOptions
 from many_cli.options import option, with_options
-from many_cli.stats import StatsOptions
 
 
 @dataclass(frozen=True)
@@ -41,13 +37,30 @@ def test_every_declared_field_becomes_an_option_with_its_default():
     assert all(text in help_text for text in ("How many.", "Who.", "--quiet"))
 
 
-@pytest.mark.parametrize("command,settings", [("merge", MergeOptions), ("stats", StatsOptions), ("infer", InferOptions)])
-def test_the_cli_offers_exactly_the_declared_options(command, settings):
+# The command line's documented options and defaults (README, DESIGN.md), written out here rather
+# than read from the settings objects the CLI is generated from.
+DOCUMENTED = {
+    "merge": {"--method": "many", "--scale": 1.0, "--ridge": 1e-4, "--balance": False, "--eta": 0.05,
+              "--alpha": 1.0, "--rank": None, "--state-precision": None, "--force": False, "--device": "cpu",
+              "--experts": True, "--density": 0.2, "--out": None, "--resume": None},
+    "stats": {"--model": None, "--adapter": None, "--data": None, "--out": None, "--batch-size": 8,
+              "--max-samples": None, "--device": "auto", "--dtype": "auto", "--prompt": "Describe the image.",
+              "--skip-bad": False, "--padding-side": "right", "--force": False, "--answer-weight": 1.0,
+              "--modules": None, "--device-map": None, "--format": "auto", "--media-dir": None, "--text-only": False},
+    "infer": {"--model": None, "--merged": None, "--image": None, "--prompt": None, "--data": None, "--out": None,
+              "--json": False, "--routing": "nearest", "--eta": None, "--lm-routing": "merged",
+              "--max-new-tokens": 32, "--min-accuracy": None, "--batch-size": 8, "--format": "auto",
+              "--media-dir": None, "--confidence": 0.5, "--force": False},
+    "export": {"--model": None, "--merged": None, "--out": None, "--projector": "routed", "--force": False},
+}
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED))
+def test_the_cli_offers_the_documented_options_with_their_defaults(command):
     from many_cli.cli import app
 
     click_command = typer.main.get_command(app).commands[command]
-    flags = {name for parameter in click_command.params for name in parameter.opts + parameter.secondary_opts}
-    declared = [field for field in dataclasses.fields(settings) if "flag" in field.metadata]
-    assert declared and all(set(field.metadata["flag"].split("/")) <= flags for field in declared)
-    defaults = {parameter.name: parameter.default for parameter in click_command.params}
-    assert all(defaults[field.name] == field.default for field in declared)
+    offered = {name: parameter for parameter in click_command.params for name in parameter.opts}
+    for flag, default in DOCUMENTED[command].items():
+        assert flag in offered, flag
+        assert offered[flag].default == default or (default is None and offered[flag].required), flag
