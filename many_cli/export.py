@@ -16,9 +16,10 @@ from torch import nn
 
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
-from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
-from many_cli.models import auto_model_classes, base_fingerprint, load_processor
 from many_cli.families import module_name, projector_paths
+from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
+from many_cli.layouts import renamer
+from many_cli.models import auto_model_classes, base_fingerprint, load_processor
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
 
@@ -125,19 +126,8 @@ def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """Each parameter's name in the model -> its key in the checkpoint, through the renamings
     transformers applies when it loads (checkpoints keep older layouts); keys that transformers
     converts (fuses, splits) are left out: they cannot be rewritten one at a time."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [item for item in transforms if not isinstance(item, WeightConverter)]
-    converters = [item for item in transforms if isinstance(item, WeightConverter)]
-    state = model.state_dict()
-    names = {}
-    for key in keys:
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-        if converted is None:
-            names[name] = key
-    return names
+    rename = renamer(model)
+    return {name: key for key in keys if (name := rename(key)) is not None}
 
 
 Change = Callable[[torch.Tensor], torch.Tensor]

@@ -23,8 +23,10 @@ from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
 from many_cli.formats import DataOptions
 from many_cli import models
-from many_cli.models import apply_adapters, check_device_map, load_base_model, lora_layers, resolve_device, resolve_dtype, text_layers
-from many_cli.families import ImageTracker, find_projector, module_at, no_projector_reason, projector_paths, replace_projectors
+from many_cli.families import (ImageTracker, find_projector, module_at, no_projector_reason, projector_paths,
+                               replace_projectors)
+from many_cli.models import (apply_adapters, check_device_map, load_base_model, lora_layers, resolve_device,
+                             resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 
@@ -263,7 +265,7 @@ def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, 
 class Prediction:
     record: Record
     prediction: str
-    routing: dict[str, float] | list[dict[str, float]]  # one image's (audio's, video's) weights; a list for several images
+    routing: dict[str, float] | list[dict[str, float]]  # the weights of its image (audio, video); a list for several
     seconds: float
     lm: str = MERGED  # which language-model adapter answered: "merged" or a task's name
 
@@ -374,7 +376,8 @@ def is_predictions_file(path: Path) -> bool:
         return False
 
 
-_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "images", "audio", "video", "task", "answer"}
+_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "images", "audio", "video", "task",
+               "answer"}
 
 
 def _is_prediction_row(row: object) -> bool:

@@ -28,8 +28,8 @@ from many_cli.distributed import init_distributed, rank_device, receive_tensors,
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import resolve_device
 from many_cli.families import routable_modules
+from many_cli.models import resolve_device
 from many_cli.options import option
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, check_one_merge,

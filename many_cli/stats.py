@@ -24,10 +24,12 @@ from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts
 from many_cli.formats import DataOptions, count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
+from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import base_fingerprint, check_device_map, computes_own_positions, adapter_renames, apply_adapters, linear_layers, load_base_model, load_processor, lora_layers, resolve_device, resolve_dtype, text_layers
-from many_cli.families import ImageTracker, find_projector
+from many_cli.models import (adapter_renames, apply_adapters, base_fingerprint, check_device_map,
+                             computes_own_positions, linear_layers, load_base_model, load_processor, lora_layers,
+                             resolve_device, resolve_dtype, text_layers)
 from many_cli.options import option
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
@@ -145,8 +147,8 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
         covariances.remove_hooks()
         prototype.remove_hook()
     totals = _totals(covariances, prototype, world, report, device)
-    _check_totals(totals, report, data, adapter, media_expected=find_projector(model) is not None and not options.text_only,
-                  remedy=_overflow_remedy(model, options))
+    media_expected = find_projector(model) is not None and not options.text_only
+    _check_totals(totals, report, data, adapter, media_expected, remedy=_overflow_remedy(model, options))
     if rank == 0:
         _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
     if world > 1:
@@ -276,8 +278,9 @@ def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint:
                 base_fingerprint=fingerprint, token_rule=token_rule,
                 extra={"records": str(report.records), "skipped": str(report.skipped),
                        "answer_weight": repr(options.answer_weight),
-                       "tokens": str(report.tokens), **({"modules_pattern": pattern} if pattern else {}),
-                       **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {})})  # text tokens; media layers count rows
+                       "tokens": str(report.tokens),  # text tokens; media layers count rows
+                       **({"modules_pattern": pattern} if pattern else {}),
+                       **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {})})
 
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:

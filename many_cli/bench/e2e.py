@@ -25,8 +25,8 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, Pretrain
 
 from many_cli.bench.merge_bench import run_merge, run_python
 from many_cli.bench.tiny import IMAGE_SIZE, WORDS, qwen_vl_parts, tiny_llava_config, tiny_processor
-from many_cli.models import resolve_device
 from many_cli.families import projector_paths
+from many_cli.models import resolve_device
 from many_cli.state import STATS_FILE
 
 LORA_RANK = 16

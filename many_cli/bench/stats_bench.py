@@ -22,8 +22,8 @@ from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
-from many_cli.models import lora_layers, resolve_device, text_layers
 from many_cli.families import find_projector
+from many_cli.models import lora_layers, resolve_device, text_layers
 from many_cli.stats import InputCovariances, PrototypeSum, accumulate, forward
 
 @dataclass(frozen=True)
