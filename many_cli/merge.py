@@ -174,32 +174,12 @@ def merge(adapter_paths: list[Path], out: Path, options: MergeOptions = MergeOpt
 def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Path | None,
                  track: Track) -> MergeReport:
     previous = _read_previous(resume) if resume is not None else None
-    inherited = previous.state.precision if previous and options.state_precision is None else None
-    options = replace(options, state_precision=options.state_precision or inherited or "float64")
     base_fingerprint = _check_compatible(tasks, previous, options)
     base_model = previous.state.base_model if previous else tasks[0].adapter.base_model
     earlier = [task.name for task in previous.state.tasks] if previous else []
     report = MergeReport(out, earlier + [task.adapter.name for task in tasks], 0)
-    if options.rank is not None and options.rank > _full_rank(tasks, previous):
-        report.notes.append(f"--rank {options.rank} exceeds the full rank of every merged module (at most "
-                            f"{_full_rank(tasks, previous)}, min(d_in, d_out)): capped there")
-        options = replace(options, rank=_full_rank(tasks, previous))
-    bases = sorted({task.adapter.base_model for task in tasks if task.adapter.base_model} |
-                   ({previous.state.base_model} if previous and previous.state.base_model else set()))
-    if len(bases) > 1:
-        checked = ("their stats files agree on the base's configuration, which is what the merge checks"
-                   if all(task.stats for task in tasks) else "without stats files the merge cannot check the base")
-        report.notes.append(f"the adapters name different base models ({', '.join(bases)}); {checked}")
-    unmapped = [task.adapter.path for task in tasks if task.stats is None]
-    if unmapped and len({frozenset(task.adapter.modules) for task in tasks}) > 1:
-        report.warnings.append(f"the adapters adapt different module names, and {', '.join(map(str, unmapped))} "
-                               f"{'has' if len(unmapped) == 1 else 'have'} no stats file to map the names onto the "
-                               f"base: adapters saved by different transformers versions merge as one only after "
-                               f"`many stats` on each")
-    if inherited == "float32":
-        report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
-                            "to store it in float64 from now on)")
-
+    options = _resolve_options(options, tasks, previous, report)
+    _note_inputs(tasks, previous, report)
     report.rank, world = init_distributed(options.device)
     if report.rank != 0:  # another torchrun rank: it solves its share of the groups, rank 0 writes
         if options.method == "many":
@@ -232,6 +212,40 @@ def _merge_tasks(tasks: list[Task], out: Path, options: MergeOptions, resume: Pa
                        resume=resume, options=options, base_model=base_model,
                        base_fingerprint=base_fingerprint, report=report))
     return report
+
+
+def _resolve_options(options: MergeOptions, tasks: list[Task], previous: Previous | None,
+                     report: MergeReport) -> MergeOptions:
+    """The options as this merge applies them, each change said in a note: the state precision
+    (the resumed state's unless given) and a rank budget above every module's full rank (capped)."""
+    inherited = previous.state.precision if previous and options.state_precision is None else None
+    options = replace(options, state_precision=options.state_precision or inherited or "float64")
+    if inherited == "float32":
+        report.notes.append("the merge state stays float32, as the resumed one (--state-precision float64 "
+                            "to store it in float64 from now on)")
+    full_rank = _full_rank(tasks, previous)
+    if options.rank is not None and options.rank > full_rank:
+        report.notes.append(f"--rank {options.rank} exceeds the full rank of every merged module (at most "
+                            f"{full_rank}, min(d_in, d_out)): capped there")
+        options = replace(options, rank=full_rank)
+    return options
+
+
+def _note_inputs(tasks: list[Task], previous: Previous | None, report: MergeReport) -> None:
+    """What the merge cannot check about its inputs, said: adapters naming different bases, and
+    module names of layouts no stats file maps."""
+    bases = sorted({task.adapter.base_model for task in tasks if task.adapter.base_model} |
+                   ({previous.state.base_model} if previous and previous.state.base_model else set()))
+    if len(bases) > 1:
+        checked = ("their stats files agree on the base's configuration, which is what the merge checks"
+                   if all(task.stats for task in tasks) else "without stats files the merge cannot check the base")
+        report.notes.append(f"the adapters name different base models ({', '.join(bases)}); {checked}")
+    unmapped = [task.adapter.path for task in tasks if task.stats is None]
+    if unmapped and len({frozenset(task.adapter.modules) for task in tasks}) > 1:
+        report.warnings.append(f"the adapters adapt different module names, and {', '.join(map(str, unmapped))} "
+                               f"{'has' if len(unmapped) == 1 else 'have'} no stats file to map the names onto the "
+                               f"base: adapters saved by different transformers versions merge as one only after "
+                               f"`many stats` on each")
 
 
 def _full_rank(tasks: list[Task], previous: Previous | None) -> int:

@@ -23,6 +23,7 @@ OLD_NAMES = {
     "qwen2_vl": {"model.language_model.": "model.", "model.visual.": "visual."},
 }
 BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
+SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 
 
 def old_name(name: str, family: str) -> str:
@@ -197,3 +198,19 @@ def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
     old = resave_in_old_layout(lora_only[1], tmp_path / "old", "llava", "full")
     code, err = run_cli(capsys, "merge", new, old, "--method", "average", "--out", tmp_path / "merged")
     assert code == 0 and "warning:" in err and "adapt different module names" in err and str(old) in err, err
+
+
+def test_an_adapter_naming_another_base_gets_a_note(tmp_path, capsys):
+    """A note, not a refusal: the same model sits at other paths on other machines; the stats
+    file's base fingerprint is what merges check."""
+
+    adapters = [shutil.copytree(SAMPLE / "adapters" / task, tmp_path / task) for task in ("1_colour", "2_count")]
+    config = json.loads((adapters[1] / "adapter_config.json").read_text())
+    (adapters[1] / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-vlm"}))
+    for adapter in adapters:
+        code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data",
+                            SAMPLE / "data" / adapter.name / "calibration.jsonl")
+        assert code == 0, err
+        assert ("names the base model 'org/other-vlm'" in err) == (adapter.name == "2_count"), err
+    code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")
+    assert code == 0 and "name different base models (org/other-vlm, sample_adapters/base)" in err, err
