@@ -185,10 +185,9 @@ def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, caps
 
 def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
     """Without stats files nothing maps an old layout's names: the merge says so."""
-    sample = Path(__file__).parent.parent / "sample_adapters"
     lora_only = []
     for task in ("1_colour", "2_count"):  # LoRA alone (a projector under two names is refused already)
-        adapter = shutil.copytree(sample / "adapters" / task, tmp_path / f"lora_{task}")
+        adapter = shutil.copytree(SAMPLE / "adapters" / task, tmp_path / f"lora_{task}")
         weights = load_file(adapter / "adapter_model.safetensors")
         save_file({k: v for k, v in weights.items() if "projector" not in k}, adapter / "adapter_model.safetensors")
         config = json.loads((adapter / "adapter_config.json").read_text())
@@ -203,7 +202,6 @@ def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
 def test_an_adapter_naming_another_base_gets_a_note(tmp_path, capsys):
     """A note, not a refusal: the same model sits at other paths on other machines; the stats
     file's base fingerprint is what merges check."""
-
     adapters = [shutil.copytree(SAMPLE / "adapters" / task, tmp_path / task) for task in ("1_colour", "2_count")]
     config = json.loads((adapters[1] / "adapter_config.json").read_text())
     (adapters[1] / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-vlm"}))
