@@ -9,13 +9,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
-from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from many_cli.errors import InputError
-from many_cli.files import StreamingSafetensorsWriter, file_fingerprint, open_safetensors, read_json
+from many_cli.files import file_fingerprint, read_json
+from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors
 from many_cli.layouts import rename_key
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -159,11 +158,13 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
                    tuple(sorted(renames.get(module, module) for module in base_weights)))
 
 
-def loading_config(adapter: Adapter, renames: Mapping[str, str]) -> LoraConfig:
+def loading_config(adapter: Adapter, renames: Mapping[str, str]):
     """The adapter's LoRA config for loading onto a model where `renames` gives each saved module's
     name: exactly the modules its weights adapt and save, by their full names there, each with the
     rank and alpha its own config declares (a target list of short, full or older names, or a
-    regex, all come out the same)."""
+    regex, all come out the same): a peft LoraConfig."""
+    from peft import LoraConfig
+
     saved = read_json(adapter.path / ADAPTER_CONFIG)
     rank, alpha = saved.get("r", 8), saved.get("lora_alpha", saved.get("r", 8))
     ranks, alphas = {}, {}
@@ -261,8 +262,19 @@ def declared_rank_and_alpha(config: dict, module: str, rank: int) -> tuple[int, 
     alpha_pattern matched as PEFT matches them); `rank` is the alpha when none is given."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    declared = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r"))
-    return declared, alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", rank))
+    declared = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r"))
+    return declared, alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", rank))
+
+
+def pattern_key(pattern_keys: Iterable[str], module: str) -> str:
+    """The first key of a rank_pattern or alpha_pattern that matches `module`, as PEFT matches
+    them (`peft.utils.other.get_pattern_key`): the key is a regular expression that must match the
+    module's full name, or a dot-separated tail of it; `module` itself when none does. Here
+    so that `merge` reads adapters without importing PEFT (and transformers with it)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
 
 
 @dataclass(frozen=True)
@@ -286,15 +298,14 @@ class MergedAdapterWriter:
         # key first: the anchor makes a key match its own module only, never one whose name
         # ends like it (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`).
         pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != common}
-        config = LoraConfig(r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
-                            lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
-                            inference_mode=True)
-        config.target_modules = sorted(ranks)  # PEFT keeps a set, written in arbitrary order
-        config.save_pretrained(str(out_dir))
-        if not pattern:  # one uniform rank: no pattern keys at all (vLLM and others read `r` alone)
-            saved = read_json(out_dir / ADAPTER_CONFIG)
-            del saved["rank_pattern"], saved["alpha_pattern"]
-            (out_dir / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+                  "r": common, "lora_alpha": common, "target_modules": sorted(ranks), "lora_dropout": 0.0,
+                  "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+                  "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+        if pattern:  # one uniform rank: no pattern keys at all (vLLM and others read `r` alone)
+            config |= {"rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         layout = []
         for module in modules:
             layout.append((f"{PEFT_PREFIX}{module.name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))

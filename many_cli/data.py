@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from many_cli.errors import InputError
+from many_cli.options import DEFAULT_PROMPT  # noqa: F401 - public name
 
-DEFAULT_PROMPT = "Describe the image."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

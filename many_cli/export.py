@@ -17,27 +17,18 @@ from torch import nn
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
-from many_cli.files import DTYPES, StreamingSafetensorsWriter, atomic_output_dir, open_safetensors, read_json, refuse_overlap
+from many_cli.files import atomic_output_dir, read_json, refuse_overlap
+from many_cli.tensorfiles import DTYPES, StreamingSafetensorsWriter, open_safetensors
 from many_cli.layouts import renamer
 from many_cli.models import auto_model_classes, base_fingerprint, load_processor
-from many_cli.options import option
+from many_cli.options import MEAN, ROUTED, ExportOptions
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
 
-MEAN, ROUTED = "mean", "routed"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _INDEX = "model.safetensors.index.json"
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Every setting of one export, each declared once (flag, default, help)."""
-    projector: str = option(ROUTED, "--projector",
-                            "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
-                            "(the mean in the weights, and the bundle beside them for many_cli.load_routed).")
-    force: bool = option(False, "--force", "Replace --out if it exists.")
 
 
 @dataclass

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
-from many_cli.data import DEFAULT_PROMPT, IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
+from many_cli.data import IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
 from many_cli.errors import InputError
 from many_cli.files import check_readable
-from many_cli.options import option
+from many_cli.options import FORMATS, DataOptions, Reading  # noqa: F401 - public names
 
-# --format: "auto" tells the shape of each record by its fields; a tool's name forces that shape.
-FORMATS = ("auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf")
 _SHAPE_OF_FORMAT = {"many": "prompt", "llava": "conversation", "sharegpt": "conversation", "swift": "conversation",
                     "internvl": "conversation", "alpaca": "alpaca"}
 _SHAPE_FIELDS = {"prompt": ("prompt",), "conversation": ("conversations", "messages"), "alpaca": ("instruction",)}
@@ -30,37 +27,6 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 _MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
 _DATASET_INFO = "dataset_info.json"
 _HF_FILES = {".parquet", ".arrow"}
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How DATA is read: the prompt a folder of images is asked, the format (`auto`: told by each
-    record's fields), and the folder that media paths are relative to (default: the data file's,
-    LLaMA-Factory's dataset folder, or InternVL's `root`): LLaVA's --image_folder, LLaMA-Factory's
-    media_dir."""
-    default_prompt: str = DEFAULT_PROMPT
-    format: str = "auto"
-    media_dir: Path | None = None
-
-    def check(self) -> None:
-        if self.format not in FORMATS:
-            raise InputError(None, f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.media_dir is not None and not self.media_dir.is_dir():
-            raise InputError(self.media_dir, "--media-dir is not a folder")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """The options of the commands that read DATA (stats, infer), declared once; those commands'
-    settings derive from it and have a `prompt`."""
-    data_format: str = option("auto", "--format", "The data's format: auto (told by each record's fields), many, "
-                                                  "llava, sharegpt, alpaca, swift, internvl or hf.")
-    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
-                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
-
-    @property
-    def reading(self) -> Reading:
-        return Reading(self.prompt, self.data_format, self.media_dir)
 
 
 def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | BadRecord]:

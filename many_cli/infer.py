@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import string
 import time
@@ -18,75 +17,19 @@ import torch
 from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG
-from many_cli.cpm import ROUTINGS, DeferredProjector, RoutedProjector
-from many_cli.data import DEFAULT_PROMPT, Record, encode_loaded, load_inputs
+from many_cli.cpm import DeferredProjector, RoutedProjector
+from many_cli.data import Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
-from many_cli.formats import DataOptions
 from many_cli import models
 from many_cli.families import (ImageTracker, find_projector, module_at, no_projector_reason, projector_paths,
                                replace_projectors)
-from many_cli.models import (apply_adapters, check_device_map, load_base_model, lora_layers, resolve_device,
+from many_cli.models import (apply_adapters, load_base_model, lora_layers, resolve_device,
                              resolve_dtype, text_layers)
-from many_cli.options import option
+from many_cli.options import NEAREST, InferOptions
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
-DEFAULT_CONFIDENCE = 0.5
-NEAREST = "nearest"  # route each image to the task of its nearest calibration image (hard)
-
-
-@dataclass(frozen=True)
-class InferOptions(DataOptions):
-    """Every setting of one `many infer` run, each declared once and checked in `check`."""
-    eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
-    routing: str = option(NEAREST, "--routing",
-                          "nearest (the task of the nearest calibration image), soft (projectors weighted by "
-                          "softmax(cos(f, prototype) / η), the paper's) or hard (the closest prototype's task).")
-    max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
-    batch_size: int = option(8, "--batch-size", "Records per generate call.")
-    device: str = option("auto", "--device", "auto, cpu or cuda.")
-    dtype: str = option("auto", "--dtype", "auto, float32, bfloat16 or float16.")
-    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
-                                                          "and CPU: auto, balanced, sequential, or a JSON file "
-                                                          "{module: device}; the routed projector runs on --device.")
-    fold: bool = option(True, "--fold/--no-fold",
-                        "Fold the merged LoRA into the weights (decoding then costs what the base costs).")
-    prompt: str = DEFAULT_PROMPT  # the CLI's --prompt also chooses the mode (a text prompt alone)
-    lm_routing: str = option("merged", "--lm-routing",
-                             "merged (one merged LoRA) or experts (each image's task's own LoRA).")
-    confidence: float = option(DEFAULT_CONFIDENCE, "--confidence",
-                               "experts: below this routing weight, answer with the merged LoRA (soft "
-                               "routing; nearest and hard routing give one task weight 1).")
-    min_accuracy: float | None = option(None, "--min-accuracy",
-                                        "Exit 1 when the average per-task accuracy is below this.")
-
-    def check(self) -> None:
-        """Refuse every invalid setting before any work starts."""
-        self.reading.check()
-        if self.routing not in (NEAREST, *ROUTINGS):
-            raise InputError(None, f"--routing must be nearest, soft or hard, got {self.routing!r}")
-        if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
-            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
-        if self.lm_routing not in ("merged", "experts"):
-            raise InputError(None, f"--lm-routing must be merged or experts, got {self.lm_routing!r}")
-        if not 0 <= self.confidence <= 1:
-            raise InputError(None, f"--confidence is a routing weight in [0, 1], got {self.confidence}")
-        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
-            raise InputError(None, f"--min-accuracy is an accuracy in [0, 1], got {self.min_accuracy}")
-        if self.max_new_tokens < 1:
-            raise InputError(None, f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
-        if self.eta is not None and self.routing != "soft":
-            raise InputError(None, f"--eta does not apply to --routing {self.routing} (it applies to --routing soft); "
-                                   f"leave it out")
-        if self.confidence != DEFAULT_CONFIDENCE and self.lm_routing != "experts":
-            raise InputError(None, f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
-                                   f"--lm-routing experts); leave it out")
-        resolve_device(self.device)
-        resolve_dtype(self.dtype)
-        check_device_map(self.device_map)
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 from many_cli.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_KEY, NON_LORA_TRAINABLES, PEFT_PREFIX,
                                PICKLED_WEIGHTS)
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_dir, open_safetensors, read_json, refuse_overlap, save_tensors
+from many_cli.files import atomic_output_dir, read_json, refuse_overlap
+from many_cli.tensorfiles import open_safetensors, save_tensors
 
 # LLaVA-1.5's mlp2x_gelu projector: Sequential(Linear, GELU, Linear).
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
@@ -44,7 +45,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                                f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise InputError(path, "does not hold a dictionary of tensors")
-    for key, value in loaded.items():  # as safetensors reads are checked (files.open_safetensors)
+    for key, value in loaded.items():  # as safetensors reads are checked (tensorfiles.open_safetensors)
         if not value.is_floating_point():
             raise InputError(path, f"tensor {key!r} is {value.dtype}, not floating point; re-create the file")
         if not bool(torch.isfinite(value).all()):

@@ -8,7 +8,6 @@ group is solved.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from collections import defaultdict
@@ -29,79 +28,18 @@ from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.families import routable_modules
-from many_cli.models import resolve_device
-from many_cli.options import option
+from many_cli.options import DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions  # noqa: F401 - public names
 from many_cli.state import (BUNDLE_FILE, EXPERTS_DIR, STATE_FILE, STATS_FILE, BundleHeader, BundleTask,
                             StateGroup, StateHeader, StateTask, StateWriter, StatsHeader, check_one_merge,
                             pack_symmetric, read_bundle_header, read_state_header, read_stats_header, write_bundle)
 
 # Words `infer --lm-routing` and `export --projector` give their own meaning to, so no task may be named so.
 RESERVED_NAMES = ("merged", "mean", "routed")
-METHODS = ("many", "average", "task-arithmetic", "ties")
-DEFAULT_RIDGE = 1e-4
-DEFAULT_ETA = 0.05
-DEFAULT_DENSITY = 0.2
-STATE_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+_STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
 Emit = Callable[[str, torch.Tensor, torch.Tensor], None]  # (module, A, B) of the merged adapter
-
-
-# Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
-_LPM_ONLY = [("--ridge", "ridge", DEFAULT_RIDGE), ("--balance", "balance", False), ("--alpha", "alpha", 1.0),
-             ("--state-precision", "state_precision", None)]
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """Every setting of one merge, each declared once (flag, default, help) and checked in `check`."""
-    method: str = option("many", "--method", f"One of: {', '.join(METHODS)}.")
-    scale: float = option(1.0, "--scale", "λ: the merged task vector is applied as W + λ τ*.")
-    ridge: float = option(DEFAULT_RIDGE, "--ridge", "ρ: H + ρ·mean(diag H)·I; 0 is pure least squares.")
-    balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
-    density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
-    eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
-    alpha: float = option(1.0, "--alpha", "RegMean's off-diagonal reduction: H_α = α H + (1−α) diag(H), each "
-                                          "task's A C likewise; 1 is LPM's exact least squares.")
-    rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
-                                              "rank-R approximation in each layer's output space; exact where "
-                                              "Σ r_i ≤ R. Default: rank Σ r_i per module.")
-    state_precision: str | None = option(None, "--state-precision",
-                                         "float64, or float32 for half the state's disk (H rounded once per "
-                                         "merge; solving stays float64). Default: the resumed state's, else "
-                                         "float64.")
-    force: bool = option(False, "--force", "Replace --out if it exists.")
-    device: str = option("cpu", "--device", "Where to factor and solve: cpu, cuda or auto.")
-    experts: bool = option(True, "--experts/--no-experts",
-                           "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")
-
-    def check(self) -> None:
-        """Refuse every invalid setting before any work starts."""
-        if self.method not in METHODS:
-            raise InputError(None, f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
-            raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
-        if not math.isfinite(self.scale):
-            raise InputError(None, f"--scale must be finite, got {self.scale}")
-        if not 0 < self.density <= 1:
-            raise InputError(None, f"--density must lie in (0, 1], got {self.density}")
-        if not (self.eta > 0 and math.isfinite(self.eta)):
-            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
-        if not 0 <= self.alpha <= 1:
-            raise InputError(None, f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.state_precision is not None and self.state_precision not in STATE_PRECISIONS:
-            raise InputError(None, f"--state-precision must be one of {', '.join(STATE_PRECISIONS)}, "
-                                   f"got {self.state_precision!r}")
-        if self.rank is not None and self.rank < 1:
-            raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
-        density = ("--density", "density", DEFAULT_DENSITY)
-        ignored = {"many": [density], "ties": _LPM_ONLY}.get(self.method, [*_LPM_ONLY, density])
-        for flag, name, default in ignored:
-            if getattr(self, name) != default:
-                raise InputError(None, f"{flag} does not apply to --method {self.method} (it applies to "
-                                       f"{'--method ties' if name == 'density' else '--method many'}); leave it out")
-        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -463,7 +401,7 @@ def _merge_lpm(tasks: list[Task], previous: Previous | None, groups: list[Group]
         (index, module, *ranks[index, module]) for index, module in _contribution_keys(group, all_tasks)))
         for group in groups], base_fingerprint=base_fingerprint, base_model=base_model, balance=options.balance,
         tasks=all_tasks, members={group.key: group.modules for group in groups},
-        dtype=STATE_PRECISIONS[options.state_precision])
+        dtype=_STATE_DTYPES[options.state_precision])
     device = rank_device(options.device, world)
     singular, underdetermined = [], []
     for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
-from many_cli.files import check_tensors, open_safetensors, read_json
+from many_cli.files import read_json
+from many_cli.tensorfiles import check_tensors, open_safetensors
+from many_cli.options import PLACEMENTS
 from many_cli.layouts import module_renames, rename_key, renamer
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
@@ -29,17 +30,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise InputError(None, f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
-
-
-PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def check_device_map(device_map: str | None) -> None:
-    """Refuse a --device-map that cannot apply, before any work starts."""
-    resolve_device_map(device_map)
-    if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(None, "--device-map places one model over this machine's devices; under torchrun "
-                               "each rank holds a model of its own: use one or the other")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | str:
@@ -89,21 +79,11 @@ def auto_model_classes() -> tuple[type, ...]:
 
 
 def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
-    """accelerate's placement for `--device-map`: a strategy by name, or a JSON file mapping
-    module names to devices (a GPU index, "cuda:N" or "cpu"). Disk is refused: PEFT loads an
-    adapter into a disk-offloaded model by rewriting the checkpoint's own files."""
+    """accelerate's placement for `--device-map` (checked by the options): a strategy by name, or
+    the JSON file's {module: device}, whose GPUs must exist here (an index or "cuda:N")."""
     if device_map is None or device_map in PLACEMENTS:
         return device_map
-    if not device_map.strip():
-        raise InputError(None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of "
-                               f"{{module name: device}}")
     placement = read_json(Path(device_map))
-    if not isinstance(placement, dict) or not placement:
-        raise InputError(device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of "
-                                     f"{{module name: device}}")
-    if "disk" in placement.values():
-        raise InputError(device_map, "places modules on disk; many does not offload to disk (PEFT would rewrite "
-                                     "the base checkpoint's files): give them to cpu")
     gpus = torch.cuda.device_count()
     for module, device in placement.items():
         index = device if isinstance(device, int) and not isinstance(device, bool) else (

@@ -1,16 +1,45 @@
-"""One source per option: each command's settings object (a frozen dataclass) declares every
-option once, with its flag, default and help; the command line is built from it, and the
-object's `check()` validates it before any work."""
+"""Every command's settings, each option declared once (flag, default, help, and for an option with
+a fixed set of values, that set as a `Literal` type, which `--help` shows); the command line is
+built from these classes, and each class's `check()` refuses a bad setting before any work.
+
+No torch here, nor anything that imports it: `many --help` and every refused option return
+before the heavy libraries load. What needs torch to resolve (is CUDA there? which GPU indices
+exist?) is resolved once, where the model or merge starts (`models.resolve_*`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import typing
-from typing import Annotated, Any, Callable
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
 
-import typer
+from many_cli.errors import InputError
+from many_cli.files import read_json
+
+DEFAULT_PROMPT = "Describe the image."
+
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DataFormat = Literal["auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf"]
+Method = Literal["many", "average", "task-arithmetic", "ties"]
+StatePrecision = Literal["float64", "float32"]
+Routing = Literal["nearest", "soft", "hard"]
+LmRouting = Literal["merged", "experts"]
+PaddingSide = Literal["left", "right"]
+
+FORMATS: tuple[str, ...] = get_args(DataFormat)  # "auto" tells the shape of each record by its fields
+METHODS: tuple[str, ...] = get_args(Method)
+STATE_PRECISIONS: tuple[str, ...] = get_args(StatePrecision)
+NEAREST = "nearest"  # route each image to the task of its nearest calibration image (hard)
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strategies
+MEAN, ROUTED = "mean", "routed"  # export --projector's words besides a task's name
+DEFAULT_RIDGE = 1e-4
+DEFAULT_ETA = 0.05
+DEFAULT_DENSITY = 0.2
+DEFAULT_CONFIDENCE = 0.5
 
 
 def option(default: Any, flag: str, help: str) -> Any:
@@ -18,28 +47,223 @@ def option(default: Any, flag: str, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"flag": flag, "help": help})
 
 
-def with_options(settings: type) -> Callable[[Callable], Callable]:
-    """Give a typer command, whose last parameter is `options: SETTINGS`, one option per field
-    of SETTINGS declared with `option(...)`; the command receives them as one SETTINGS object."""
-    hints = typing.get_type_hints(settings)
-    fields = [field for field in dataclasses.fields(settings) if "flag" in field.metadata]
+def _one_of(flag: str, value: object, kind: Any) -> None:
+    """The Python API's check of a `Literal` option (the command line's parser checks it first)."""
+    choices = get_args(kind)
+    if value not in choices:
+        raise InputError(None, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
-    def decorate(command: Callable) -> Callable:
-        own = [parameter for parameter in inspect.signature(command, eval_str=True).parameters.values()
-               if parameter.name != "options"]
-        declared = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                      annotation=Annotated[hints[field.name],
-                                                           typer.Option(field.metadata["flag"], help=field.metadata["help"])])
-                    for field in fields]
 
-        @functools.wraps(command)
-        def run(**arguments: Any) -> Any:
-            values = {field.name: arguments.pop(field.name) for field in fields}
-            return command(**arguments, options=settings(**values))
+def _check_device_map(device_map: str | None) -> None:
+    """Refuse a --device-map that cannot apply; its GPU indices are checked where torch is loaded."""
+    if device_map is None or device_map in PLACEMENTS:
+        pass
+    elif not device_map.strip():
+        raise InputError(None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of "
+                               f"{{module name: device}}")
+    else:
+        placement = read_json(Path(device_map))
+        if not placement:
+            raise InputError(device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of "
+                                         f"{{module name: device}}")
+        if "disk" in placement.values():
+            raise InputError(device_map, "places modules on disk; many does not offload to disk (PEFT would "
+                                         "rewrite the base checkpoint's files): give them to cpu")
+    if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(None, "--device-map places one model over this machine's devices; under torchrun "
+                               "each rank holds a model of its own: use one or the other")
 
-        del run.__wrapped__  # typer must see the signature below, not the command's own
-        run.__signature__ = inspect.Signature([*own, *declared])
-        run.__annotations__ = {parameter.name: parameter.annotation for parameter in run.__signature__.parameters.values()}
-        return run
 
-    return decorate
+def _check_placement(device: str, dtype: str, device_map: str | None) -> None:
+    _one_of("--device", device, Device)
+    _one_of("--dtype", dtype, Dtype)
+    _check_device_map(device_map)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How DATA is read: the prompt a folder of images is asked, the format (`auto`: told by each
+    record's fields), and the folder that media paths are relative to (default: the data file's,
+    LLaMA-Factory's dataset folder, or InternVL's `root`): LLaVA's --image_folder, LLaMA-Factory's
+    media_dir."""
+    default_prompt: str = DEFAULT_PROMPT
+    format: str = "auto"
+    media_dir: Path | None = None
+
+    def check(self) -> None:
+        _one_of("--format", self.format, DataFormat)
+        if self.media_dir is not None and not self.media_dir.is_dir():
+            raise InputError(self.media_dir, "--media-dir is not a folder")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The options of the commands that read DATA (stats, infer), declared once; those commands'
+    settings derive from it and have a `prompt`."""
+    data_format: DataFormat = option("auto", "--format", "The data's format: auto (told by each record's fields), "
+                                                         "or the tool that wrote it.")
+    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
+                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
+
+    @property
+    def reading(self) -> Reading:
+        return Reading(self.prompt, self.data_format, self.media_dir)
+
+
+@dataclass(frozen=True)
+class StatsOptions(DataOptions):
+    """Every setting of one `many stats` run."""
+    batch_size: int = option(8, "--batch-size", "Records per forward pass.")
+    max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
+    device: Device = option("auto", "--device", "Where the statistics gather (auto: CUDA when torch sees it).")
+    dtype: Dtype = option("auto", "--dtype", "Model dtype (statistics are float32 regardless).")
+    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
+                                                          "and CPU: auto, balanced, sequential, or a JSON file "
+                                                          "{module: device}; statistics gather on --device.")
+    prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
+    skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
+    padding_side: PaddingSide = option("right", "--padding-side", "The statistics do not depend on it.")
+    force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
+    text_only: bool = option(False, "--text-only", "Accept data with no image, video or audio at all for a "
+                                                   "multimodal model (its statistics then see no media token).")
+    answer_weight: float = option(1.0, "--answer-weight",
+                                  "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
+                                  "position and the answer's tokens); 1 counts every token alike.")
+    modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
+                                 "names match this regular expression (full match, as PEFT's target_modules string), "
+                                 "so that the stats cover modules other tasks' adapters target.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        self.reading.check()
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as error:
+                raise InputError(None, f"--modules is not a regular expression ({error}): {self.modules!r}") from None
+        if self.batch_size < 1:
+            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
+            raise InputError(None, f"--answer-weight must be a finite number > 0, got {self.answer_weight}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
+        _one_of("--padding-side", self.padding_side, PaddingSide)
+        _check_placement(self.device, self.dtype, self.device_map)
+
+
+# Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
+_LPM_ONLY = [("--ridge", "ridge", DEFAULT_RIDGE), ("--balance", "balance", False), ("--alpha", "alpha", 1.0),
+             ("--state-precision", "state_precision", None)]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every setting of one merge."""
+    method: Method = option("many", "--method", "many is LPM (the paper's); the others are the baselines it is "
+                                                "compared with.")
+    scale: float = option(1.0, "--scale", "λ: the merged task vector is applied as W + λ τ*.")
+    ridge: float = option(DEFAULT_RIDGE, "--ridge", "ρ: H + ρ·mean(diag H)·I; 0 is pure least squares.")
+    balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
+    density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
+    eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
+    alpha: float = option(1.0, "--alpha", "RegMean's off-diagonal reduction: H_α = α H + (1−α) diag(H), each "
+                                          "task's A C likewise; 1 is LPM's exact least squares.")
+    rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
+                                              "rank-R approximation in each layer's output space; exact where "
+                                              "Σ r_i ≤ R. Default: rank Σ r_i per module.")
+    state_precision: StatePrecision | None = option(None, "--state-precision",
+                                                    "float32 halves the state's disk (H rounded once per merge; "
+                                                    "solving stays float64). Default: the resumed state's, else "
+                                                    "float64.")
+    force: bool = option(False, "--force", "Replace --out if it exists.")
+    device: Device = option("cpu", "--device", "Where to factor and solve.")
+    experts: bool = option(True, "--experts/--no-experts",
+                           "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        _one_of("--method", self.method, Method)
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
+        if not math.isfinite(self.scale):
+            raise InputError(None, f"--scale must be finite, got {self.scale}")
+        if not 0 < self.density <= 1:
+            raise InputError(None, f"--density must lie in (0, 1], got {self.density}")
+        if not (self.eta > 0 and math.isfinite(self.eta)):
+            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(None, f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.state_precision is not None:
+            _one_of("--state-precision", self.state_precision, StatePrecision)
+        if self.rank is not None and self.rank < 1:
+            raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
+        density = ("--density", "density", DEFAULT_DENSITY)
+        ignored = {"many": [density], "ties": _LPM_ONLY}.get(self.method, [*_LPM_ONLY, density])
+        for flag, name, default in ignored:
+            if getattr(self, name) != default:
+                raise InputError(None, f"{flag} does not apply to --method {self.method} (it applies to "
+                                       f"{'--method ties' if name == 'density' else '--method many'}); leave it out")
+        _one_of("--device", self.device, Device)
+
+
+@dataclass(frozen=True)
+class InferOptions(DataOptions):
+    """Every setting of one `many infer` run."""
+    eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
+    routing: Routing = option(NEAREST, "--routing",
+                              "nearest: the task of the nearest calibration image; soft: projectors weighted by "
+                              "softmax(cos(f, prototype) / η), the paper's; hard: the closest prototype's task.")
+    max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
+    batch_size: int = option(8, "--batch-size", "Records per generate call.")
+    device: Device = option("auto", "--device", "Where the model runs (auto: CUDA when torch sees it).")
+    dtype: Dtype = option("auto", "--dtype", "Model dtype.")
+    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
+                                                          "and CPU: auto, balanced, sequential, or a JSON file "
+                                                          "{module: device}; the routed projector runs on --device.")
+    fold: bool = option(True, "--fold/--no-fold",
+                        "Fold the merged LoRA into the weights (decoding then costs what the base costs).")
+    prompt: str = DEFAULT_PROMPT  # the CLI's --prompt also chooses the mode (a text prompt alone)
+    lm_routing: LmRouting = option("merged", "--lm-routing",
+                                   "merged: one merged LoRA; experts: each image's task's own LoRA.")
+    confidence: float = option(DEFAULT_CONFIDENCE, "--confidence",
+                               "experts: below this routing weight, answer with the merged LoRA (soft "
+                               "routing; nearest and hard routing give one task weight 1).")
+    min_accuracy: float | None = option(None, "--min-accuracy",
+                                        "Exit 1 when the average per-task accuracy is below this.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        self.reading.check()
+        _one_of("--routing", self.routing, Routing)
+        if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
+            raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")
+        _one_of("--lm-routing", self.lm_routing, LmRouting)
+        if not 0 <= self.confidence <= 1:
+            raise InputError(None, f"--confidence is a routing weight in [0, 1], got {self.confidence}")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise InputError(None, f"--min-accuracy is an accuracy in [0, 1], got {self.min_accuracy}")
+        if self.max_new_tokens < 1:
+            raise InputError(None, f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.eta is not None and self.routing != "soft":
+            raise InputError(None, f"--eta does not apply to --routing {self.routing} (it applies to --routing soft); "
+                                   f"leave it out")
+        if self.confidence != DEFAULT_CONFIDENCE and self.lm_routing != "experts":
+            raise InputError(None, f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
+                                   f"--lm-routing experts); leave it out")
+        _check_placement(self.device, self.dtype, self.device_map)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every setting of one export."""
+    projector: str = option(ROUTED, "--projector",
+                            "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
+                            "(the mean in the weights, and the bundle beside them for many_cli.load_routed).")
+    force: bool = option(False, "--force", "Replace --out if it exists.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts (a task's name is checked against the merge)."""
+        if not self.projector:
+            raise InputError(None, f"--projector is empty: give a task's name, {MEAN} or {ROUTED}")

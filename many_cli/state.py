@@ -40,7 +40,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
-from many_cli.files import StreamingSafetensorsWriter, atomic_output_file, open_safetensors, save_tensors
+from many_cli.files import atomic_output_file
+from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors, save_tensors
 
 STATS_FILE = "many_stats.safetensors"
 BUNDLE_FILE = "many_bundle.safetensors"

@@ -6,8 +6,6 @@ all-reduced before rank 0 writes the file."""
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -20,66 +18,21 @@ from torch import nn
 from many_cli.adapters import (ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config,
                                other_base_note, read_adapter)
 from many_cli.cpm import pooled_direction
-from many_cli.data import DEFAULT_PROMPT, BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
-from many_cli.formats import DataOptions, count_records, read_records
+from many_cli.data import BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
+from many_cli.formats import count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import (adapter_renames, apply_adapters, base_fingerprint, check_device_map,
-                             computes_own_positions, linear_layers, load_base_model, load_processor, lora_layers,
-                             resolve_device, resolve_dtype, text_layers)
-from many_cli.options import option
+from many_cli.models import (adapter_renames, apply_adapters, base_fingerprint, computes_own_positions, linear_layers, load_base_model, load_processor, lora_layers,
+                             resolve_dtype, text_layers)
+from many_cli.options import StatsOptions
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
 TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
               "there is one (else the generation prompt); every position whose attention mask is 1, "
               "image tokens included")
-
-
-@dataclass(frozen=True)
-class StatsOptions(DataOptions):
-    """Every setting of one `many stats` run, each declared once and checked in `check`."""
-    batch_size: int = option(8, "--batch-size", "Records per forward pass.")
-    max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
-    device: str = option("auto", "--device", "auto, cpu or cuda.")
-    dtype: str = option("auto", "--dtype", "Model dtype: auto, float32, bfloat16 or float16 (statistics are float32 regardless).")
-    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
-                                                          "and CPU: auto, balanced, sequential, or a JSON file "
-                                                          "{module: device}; statistics gather on --device.")
-    prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
-    skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
-    padding_side: str = option("right", "--padding-side", "left or right; the statistics do not depend on it.")
-    force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
-    text_only: bool = option(False, "--text-only", "Accept data with no image, video or audio at all for a "
-                                                   "multimodal model (its statistics then see no media token).")
-    answer_weight: float = option(1.0, "--answer-weight",
-                                  "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
-                                  "position and the answer's tokens); 1 counts every token alike.")
-    modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
-                                 "names match this regular expression (full match, as PEFT's target_modules string), "
-                                 "so that the stats cover modules other tasks' adapters target.")
-
-    def check(self) -> None:
-        """Refuse every invalid setting before any work starts."""
-        self.reading.check()
-        if self.modules is not None:
-            try:
-                re.compile(self.modules)
-            except re.error as error:
-                raise InputError(None, f"--modules is not a regular expression ({error}): {self.modules!r}") from None
-        if self.batch_size < 1:
-            raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
-        if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
-            raise InputError(None, f"--answer-weight must be a finite number > 0, got {self.answer_weight}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
-        if self.padding_side not in ("left", "right"):
-            raise InputError(None, f"--padding-side must be left or right, got {self.padding_side!r}")
-        resolve_device(self.device)
-        resolve_dtype(self.dtype)
-        check_device_map(self.device_map)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from many_cli import lpm
-from many_cli.files import StreamingSafetensorsWriter
+from many_cli.tensorfiles import StreamingSafetensorsWriter
 from many_cli.state import pack_symmetric, packed_length, unpack_symmetric
 
 

@@ -1,0 +1,173 @@
+"""Checked safetensors files: every way a file can be bad is an InputError naming it (reads),
+and files far larger than memory are written one tensor at a time (writes)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from many_cli.errors import InputError
+from many_cli.files import check_readable
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """Open a safetensors file lazily (memory-mapped), turning every way it can be bad
+    into an InputError naming the file."""
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    check_readable(path)
+    try:
+        opened = safe_open(str(path), framework="pt")
+        handle = opened.__enter__()
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise InputError(path, f"not a readable safetensors file ({error}); re-create it") from None
+    try:
+        yield _CheckedHandle(handle, path)
+    finally:
+        opened.__exit__(None, None, None)
+
+
+class _CheckedHandle:
+    """A safe_open handle whose reads fail as InputError, naming the file and the tensor."""
+
+    def __init__(self, handle, path: Path):
+        self._handle = handle
+        self.path = path
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def metadata(self) -> dict[str, str]:
+        return self._handle.metadata() or {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements start..stop-1 of a 1-D tensor, read without loading the rest."""
+        try:
+            return self._handle.get_slice(key)[start:stop]
+        except (SafetensorError, RuntimeError, ValueError) as error:
+            raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype's safetensors code ("F32", "BF16", "I64", ...), without reading data."""
+        return self._handle.get_slice(key).get_dtype()
+
+    def raw(self, key: str) -> torch.Tensor:
+        """One tensor as stored, of any dtype, unchecked (a model's buffers, copied as they are)."""
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, RuntimeError, ValueError) as error:
+            raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, checked: every tensor `many` reads is floating point and finite."""
+        try:
+            tensor = self._handle.get_tensor(key)
+        except (SafetensorError, RuntimeError, ValueError) as error:
+            raise InputError(self.path, f"cannot read tensor {key!r} ({error})") from None
+        if not tensor.is_floating_point():
+            raise InputError(self.path, f"tensor {key!r} is {tensor.dtype}, not floating point; re-create the file")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(self.path, f"tensor {key!r} holds NaN or Inf; re-create the file")
+        return tensor
+
+
+def check_tensors(path: Path) -> None:
+    """Read every tensor of a safetensors file once, so a bad one is reported before any use."""
+    with open_safetensors(path) as handle:
+        for key in handle.keys():
+            handle.get(key)
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file one tensor at a time, so that a file far larger than
+    memory (a 7B merge state) never has to be held whole. The header is laid out first
+    from the declared shapes; tensors must then be written in the declared order.
+
+    safetensors' own `save_file` needs every tensor in memory at once, hence this."""
+
+    def __init__(self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str]):
+        self._layout = list(layout)
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+        offset = 0
+        for name, dtype, shape in self._layout:
+            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self._layout[self._next]
+        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"expected {expected_name} {dtype} {shape}, got {name} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def write_pieces(self, name: str, pieces) -> None:
+        """Write one declared 1-D tensor from consecutive pieces (rows of a triangle, say)."""
+        expected_name, dtype, shape = self._layout[self._next]
+        if name != expected_name:
+            raise ValueError(f"expected {expected_name}, got {name}")
+        written = 0
+        for piece in pieces:
+            data = piece.detach().to("cpu", dtype).contiguous().reshape(-1)
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel()
+        if written != _numel(shape):
+            raise ValueError(f"{name}: wrote {written} values, declared {_numel(shape)}")
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self._layout):
+            raise ValueError(f"{len(self._layout) - self._next} declared tensors never written")
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """safetensors' `save_file`, but byte for byte the same on every run (its metadata order
+    is not): tensors by element size, then name, as safetensors lays them out."""
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    writer = StreamingSafetensorsWriter(path, [(name, tensors[name].dtype, tuple(tensors[name].shape))
+                                               for name in names], metadata)
+    for name in names:
+        writer.write(name, tensors[name])
+    writer.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
