@@ -8,7 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from many_cli.options import option, with_options
+from many_cli.cli import with_options
+from many_cli.options import option
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,28 @@ def test_the_cli_offers_the_documented_options_with_their_defaults(command):
     for flag, default in DOCUMENTED[command].items():
         assert flag in offered, flag
         assert offered[flag].default == default or (default is None and offered[flag].required), flag
+
+
+# The options with a fixed set of values, and that set, as the README documents them.
+CHOICES = {
+    ("merge", "--method"): ["many", "average", "task-arithmetic", "ties"],
+    ("merge", "--state-precision"): ["float64", "float32"],
+    ("merge", "--device"): ["auto", "cpu", "cuda"],
+    ("stats", "--dtype"): ["auto", "float32", "bfloat16", "float16"],
+    ("stats", "--padding-side"): ["left", "right"],
+    ("stats", "--format"): ["auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf"],
+    ("infer", "--routing"): ["nearest", "soft", "hard"],
+    ("infer", "--lm-routing"): ["merged", "experts"],
+    ("infer", "--device"): ["auto", "cpu", "cuda"],
+}
+
+
+@pytest.mark.parametrize("command, flag", sorted(CHOICES))
+def test_an_option_with_fixed_values_shows_them_and_refuses_others(command, flag):
+    from many_cli.cli import app
+
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output.split())
+    assert "<" + "|".join(CHOICES[command, flag]) + ">" in help_text
+    refused = runner.invoke(app, [command, flag, "nonsense"])
+    assert refused.exit_code == 2 and "nonsense" in refused.output
