@@ -23,7 +23,7 @@ from rich.console import Console
 from many_cli.bench.cli import bench_app
 from many_cli.errors import InputError, OutputError, Terminated
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs
-from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, StatsOptions
+from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).")
@@ -95,8 +95,8 @@ def merge_command(
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options.check()
-    require_inputs({**{adapter: "adapter directory" for adapter in adapters},
-                    **({resume: "merge directory to resume from"} if resume else {})})
+    require_inputs({**{adapter: "adapter directory not found" for adapter in adapters},
+                    **({resume: "merge directory to resume from not found"} if resume else {})})
     from many_cli.merge import merge
 
     report = merge(adapters, out, options, resume=resume, track=_track)
@@ -121,7 +121,9 @@ def export_command(
 ) -> None:
     """Write a standard transformers model: the merged LoRA folded into the base, one projector chosen."""
     options.check()
-    require_inputs({merged: "merge directory", Path(model).expanduser(): "base model directory"})
+    require_inputs({merged: "merge directory not found",
+                    Path(model).expanduser(): "not found: export reads the base model's own files: give a local model "
+                                              "directory (for a hub id, its snapshot folder)"})
     quiet_libraries()
     from many_cli.export import export
 
@@ -166,7 +168,7 @@ def stats_command(
 ) -> None:
     """Accumulate one task's input covariances and visual prototype for `many merge`."""
     options.check()
-    require_inputs({adapter: "adapter directory", data: "data"})
+    require_inputs({adapter: "adapter directory not found", data: "data not found"})
     quiet_libraries()
     from many_cli.stats import collect_stats
 
@@ -195,7 +197,8 @@ def stats_command(
 @with_options(InferOptions)
 def infer_command(  # long only by the parameters typer declares: the body is six steps
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
-    merged: Annotated[Path, typer.Option("--merged", readable=False, help="A `many merge` output directory.")],
+    merged: Annotated[Optional[Path], typer.Option("--merged", readable=False, help="A `many merge` output directory.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", readable=False, help="Instead of --merged: one task's own adapter (LoRA and projector), no merge: that task's upper bound.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="One image to answer about.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", readable=False, help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
@@ -208,22 +211,28 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     """Answer one image, or score a data set, with the merged model and routed projectors."""
     import json
 
+    if (merged is None) == (adapter is None):
+        raise InputError(None, "give --merged MERGE (a `many merge` output) or --adapter ADAPTER (one task's own "
+                               "adapter), one of them")
+    answering = merged or adapter
+
     single = image is not None or (prompt is not None and not data)
     _check_infer_mode(single, bool(data), out is not None or options.min_accuracy is not None, json_output)
     options = replace(options, prompt=DEFAULT_PROMPT if prompt is None else prompt)
     options.check()
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
-    require_inputs({merged: "merge directory", **{source: "data" for source in data or []}})
+    require_inputs({answering: "merge directory not found" if merged else "adapter directory not found",
+                    **{source: "data not found" for source in data or []}})
     quiet_libraries()
     from many_cli import infer
     from many_cli.data import Record
     from many_cli.formats import read_all_records
 
     if out is not None:
-        refuse_overlap(out, [merged, model, *(data or [])])
+        refuse_overlap(out, [answering, model, *(data or [])])
         refuse_foreign_file(out, force, infer.is_predictions_file, "many infer output (JSON lines)")
-    loaded = infer.load_merged(model, merged, options)
+    loaded = infer.load_merged(model, merged, options) if merged else infer.load_task_adapter(model, adapter, options)
     for note in loaded.notes:
         stderr.print(f"note: {note}", highlight=False)
     if single:
@@ -284,6 +293,31 @@ def _print_accuracy(scores: dict[str, tuple[int, int]], average: float) -> None:
     stderr.print(table)
 
 
+@app.command("report")
+@with_options(ReportOptions)
+def report_command(
+    predictions: Annotated[list[Path], typer.Argument(readable=False, help="`many infer --merged ... --data` outputs in merge order: one per step, each scoring every task merged so far.")],
+    out: Annotated[Path, typer.Option("--out", readable=False, help="The folder for report.json, report.md and index.html (replaced when it holds an earlier report).")],
+    upper: Annotated[Optional[list[Path]], typer.Option("--upper", readable=False, help="`many infer --adapter ... --data` outputs: each task's own adapter, its upper bound; repeat per task.")] = None,
+    *,
+    options: ReportOptions,
+) -> None:
+    """The continual run after each step: accuracy matrix, forgetting, backward transfer, routing, wrong answers."""
+    options.check()
+    require_inputs({path: "prediction file not found" for path in [*predictions, *(upper or [])]})
+    from many_cli.report import ADAPTER, MERGE, build_report, gate, read_predictions, write_report
+
+    report = build_report([read_predictions(path, MERGE) for path in predictions],
+                          [read_predictions(path, ADAPTER) for path in upper or []])
+    refuse_overlap(out, [*predictions, *(upper or [])])
+    write_report(report, out, options.force)
+    print(f"final average accuracy {100 * report['final_average_accuracy']:.1f}% after {len(predictions)} step(s) "
+          f"-> {out / 'index.html'}")
+    failed = gate(report, options.min_final_accuracy, options.max_forgetting)
+    if failed:
+        _fail(1, failed)
+
+
 @app.command("convert")
 def convert_command(
     source: Annotated[Path, typer.Argument(readable=False, help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin).")],
@@ -291,7 +325,7 @@ def convert_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Write an original-LLaVA-layout checkpoint as a standard PEFT adapter (transformers names)."""
-    require_inputs({source: "checkpoint"})
+    require_inputs({source: "checkpoint not found"})
     from many_cli.llava_layout import convert
 
     convert(source, out, force)
@@ -306,7 +340,7 @@ def demo_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier demo's untouched output.")] = False,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
-    require_inputs({sample: "sample folder"})
+    require_inputs({sample: "sample folder not found"})
     quiet_libraries()
     from many_cli.demo import run_demo
 
@@ -327,9 +361,11 @@ def main() -> None:
     sys.stdout = _StandardOutput(sys.stdout)
     try:
         try:
-            app()
+            status = app(standalone_mode=False)
         finally:
             sys.stdout.flush()  # a full disk shows here, while it can still be reported
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except _ReaderGone:  # the reader went away (`many … | head`): stop quietly, as other tools do
         sys.stdout = open(os.devnull, "w")  # nothing left to flush at exit
         sys.exit(0)
@@ -340,8 +376,10 @@ def main() -> None:
         if done.code == 130:  # typer's silent exit on Ctrl-C inside a command
             _fail(130, "interrupted")
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         _fail(130, "interrupted")
+    except typer.TyperException as error:  # a usage error: one line like any bad input
+        _usage_error(error)
     except Terminated:
         _fail(143, "terminated")
     except InputError as error:
@@ -350,6 +388,18 @@ def main() -> None:
         if os.environ.get("MANY_DEBUG"):
             raise
         _fail(1, f"{type(error).__name__}: {error}")
+
+
+def _usage_error(error) -> None:
+    """The parser's refusal (an unknown option, a value outside an option's choices, a missing
+    argument) in one line, exit 2; no arguments at all show the help."""
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if not message and context is not None:
+        print(context.get_help())
+        sys.exit(2)
+    where = f" (`{context.command_path} --help` lists the options)" if context is not None else ""
+    _fail(2, f"{message}{where}")
 
 
 class _ReaderGone(Exception):

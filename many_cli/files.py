@@ -263,9 +263,9 @@ def _signals_held() -> Iterator[None]:
 
 
 def require_inputs(inputs: Mapping[Path, str]) -> None:
-    """Refuse the first input path that does not exist, naming what it was meant to be. A DATA
-    of the form `dataset_info.json:NAME` exists when its file does."""
-    for path, what in inputs.items():
+    """Refuse the first input path that does not exist with its fault ("adapter directory not
+    found"). A DATA of the form `dataset_info.json:NAME` exists when its file does."""
+    for path, fault in inputs.items():
         file_part = str(path).rpartition(":")[0]
         if not (path.exists() or (file_part and Path(file_part).is_file())):
-            raise InputError(path, f"{what} not found")
+            raise InputError(path, fault)

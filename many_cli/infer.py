@@ -4,6 +4,7 @@ routed projector holding every task's projector (CPM), answering one image or a 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import string
@@ -16,7 +17,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import ADAPTER_CONFIG
+from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config
 from many_cli.cpm import DeferredProjector, RoutedProjector
 from many_cli.data import Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
@@ -25,7 +26,8 @@ from many_cli.families import (ImageTracker, find_projector, module_at, no_proje
                                replace_projectors)
 from many_cli.models import (apply_adapters, load_base_model, lora_layers, resolve_device,
                              resolve_dtype, text_layers)
-from many_cli.options import NEAREST, InferOptions
+from many_cli.files import file_fingerprint
+from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 
 
@@ -41,6 +43,25 @@ class MergedModel:
     experts: bool = False
     tracker: ImageTracker | None = None
     notes: list[str] = field(default_factory=list)
+    answered_by: Answerer | None = None  # None for a model `many` did not load from a merge or an adapter
+
+
+@dataclass(frozen=True)
+class Answerer:
+    """What answers, as each prediction row names it: a merge (kind "merge": its tasks in order and a
+    fingerprint of its output) or one task's own adapter (kind "adapter", from `infer --adapter`)."""
+    kind: str
+    tasks: tuple[str, ...]
+    fingerprint: str
+
+    def as_json(self) -> dict:
+        return {"tasks": list(self.tasks), "fingerprint": self.fingerprint}
+
+
+def merge_fingerprint(merged: Path) -> str:
+    """sha256 over a merge output's adapter weights and bundle: which merge answered."""
+    prints = " ".join(file_fingerprint(merged / name) for name in (ADAPTER_WEIGHTS, BUNDLE_FILE))
+    return hashlib.sha256(prints.encode()).hexdigest()[:16]
 
 
 def load_merged(base: str, merged: Path, options: InferOptions = InferOptions()) -> MergedModel:
@@ -65,7 +86,28 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     else:
         model = _apply_lora(model, base, merged, options.fold)
     router, tracker = install_router(model, routed, device) if routed else (None, None)
-    return MergedModel(model.eval(), load_processor(base), router, device, experts, tracker, notes)
+    return MergedModel(model.eval(), load_processor(base), router, device, experts, tracker, notes,
+                       Answerer("merge", bundle.tasks, merge_fingerprint(merged)))
+
+
+def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOptions()) -> MergedModel:
+    """base + one task's own adapter (its LoRA, folded unless options.fold is False, and its
+    projector), no merge and no routing: that task's upper bound, named by its folder."""
+    options.check()
+    routing_options = [flag for flag, changed in (("--routing", options.routing != NEAREST),
+                                                  ("--eta", options.eta is not None),
+                                                  ("--lm-routing", options.lm_routing != "merged"),
+                                                  ("--confidence", options.confidence != DEFAULT_CONFIDENCE)) if changed]
+    if routing_options:
+        raise InputError(None, f"{routing_options[0]} does not apply to --adapter (one task's own adapter answers, "
+                               f"nothing is routed); leave it out")
+    check_supported_config(adapter)
+    device = resolve_device(options.device)
+    model = apply_adapters(load_base_model(base, resolve_dtype(options.dtype), device, options.device_map), base,
+                           [(adapter, "default")])
+    model = model.merge_and_unload() if options.fold else model
+    return MergedModel(model.eval(), load_processor(base), None, device,
+                       answered_by=Answerer("adapter", (adapter.name,), adapter_fingerprint(adapter)))
 
 
 def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedModel:
@@ -211,10 +253,27 @@ class Prediction:
     routing: dict[str, float] | list[dict[str, float]]  # the weights of its image (audio, video); a list for several
     seconds: float
     lm: str = MERGED  # which language-model adapter answered: "merged" or a task's name
+    answered_by: Answerer | None = None
+
+    @property
+    def routed_task(self) -> str | list[str | None] | None:
+        """The task of the largest routing weight (per image for several); None where nothing was routed."""
+        def top(weights: dict[str, float]) -> str | None:
+            return max(weights, key=weights.get) if weights else None
+        return [top(weights) for weights in self.routing] if isinstance(self.routing, list) else top(self.routing)
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the prediction matches the record's answer (normalised exact match); None without one."""
+        if self.record.answer is None:
+            return None
+        return normalise_answer(self.prediction) == normalise_answer(self.record.answer)
 
     def as_json(self) -> dict:
-        row = {"prediction": self.prediction, "routing": self.routing, "lm": self.lm,
-               "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
+        row = {"prediction": self.prediction, "routing": self.routing, "routed_task": self.routed_task,
+               "correct": self.correct, "lm": self.lm, "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
+        if self.answered_by is not None:
+            row[self.answered_by.kind] = self.answered_by.as_json()
         if len(self.record.images) > 1:
             row["images"] = [str(path) for path in self.record.images]
         for kind in ("image", "audio", "video"):
@@ -244,7 +303,7 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
     texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     routing = _routing_per_record(merged, records)
     names = extra.get("adapter_names", [MERGED] * len(records))
-    return [Prediction(record, text.strip(), weights, seconds, name)
+    return [Prediction(record, text.strip(), weights, seconds, name, merged.answered_by)
             for record, text, weights, name in zip(records, texts, routing, names, strict=True)]
 
 
@@ -319,8 +378,8 @@ def is_predictions_file(path: Path) -> bool:
         return False
 
 
-_ROW_FIELDS = {"prediction", "routing", "lm", "seconds", "prompt", "image", "images", "audio", "video", "task",
-               "answer"}
+_ROW_FIELDS = {"prediction", "routing", "routed_task", "correct", "lm", "seconds", "prompt", "image", "images",
+               "audio", "video", "task", "answer", "merge", "adapter"}
 
 
 def _is_prediction_row(row: object) -> bool:
@@ -339,10 +398,10 @@ def accuracy_by_task(predictions: Iterable[Prediction]) -> dict[str, tuple[int, 
     """task -> (correct, total) over the records that carry an answer."""
     scores: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for prediction in predictions:
-        if prediction.record.answer is None:
+        if prediction.correct is None:
             continue
         score = scores[prediction.record.task]
-        score[0] += normalise_answer(prediction.prediction) == normalise_answer(prediction.record.answer)
+        score[0] += prediction.correct
         score[1] += 1
     return {task: (correct, total) for task, (correct, total) in scores.items()}
 

@@ -267,3 +267,20 @@ class ExportOptions:
         """Refuse every invalid setting before any work starts (a task's name is checked against the merge)."""
         if not self.projector:
             raise InputError(None, f"--projector is empty: give a task's name, {MEAN} or {ROUTED}")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Every setting of one `many report`: its CI gates."""
+    min_final_accuracy: float | None = option(None, "--min-final-accuracy",
+                                              "Exit 1 when the final average accuracy is below this (0 to 1).")
+    max_forgetting: float | None = option(None, "--max-forgetting",
+                                          "Exit 1 when a task's forgetting (best earlier accuracy minus final) is "
+                                          "above this (0 to 1).")
+    force: bool = option(False, "--force", "Replace an --out that is not an earlier report.")
+
+    def check(self) -> None:
+        """Refuse every invalid setting before any work starts."""
+        for flag, value in (("--min-final-accuracy", self.min_final_accuracy), ("--max-forgetting", self.max_forgetting)):
+            if value is not None and not 0 <= value <= 1:
+                raise InputError(None, f"{flag} is an accuracy in [0, 1], got {value}")

@@ -1,0 +1,269 @@
+"""`many report`: what a team asks after each fine-tune of a continual run, from `many infer`'s
+prediction rows alone: the accuracy matrix (step × task), average accuracy per step, final
+average accuracy, forgetting, backward transfer, each task's ratio to its own adapter (the upper
+bound), routing accuracy and the routing confusion matrix, and the wrong answers.
+
+Step k is one prediction file: a merge of the first tasks, scoring every task merged so far.
+Reading and checking the files is here; the metrics are pure functions of the rows; the page
+is `report_page`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from many_cli.errors import InputError
+from many_cli.files import check_readable
+
+MERGE, ADAPTER = "merge", "adapter"  # the row field naming what answered: a merge, or one task's own adapter
+REPORT_FILES = ("report.json", "report.md", "index.html")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One `many infer --data` output: what answered ({"tasks": [...], "fingerprint": ...}) and its rows."""
+    path: Path
+    answered_by: dict
+    rows: list[dict]
+
+
+def read_predictions(path: Path, kind: str) -> Predictions:
+    """The rows of a prediction file, each checked to carry what a report reads, all answered by
+    one merge (`kind` MERGE) or by one task's own adapter (ADAPTER, from `infer --adapter`)."""
+    if not path.is_file():
+        raise InputError(path, "prediction file not found")
+    check_readable(path)
+    rows, answered_by = [], None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "is not a `many infer` prediction file (not UTF-8 text)") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(path, f"line {number} is not JSON: not a `many infer` prediction file") from None
+        source = row.get(kind) if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and isinstance(row.get("prediction"), str) and isinstance(row.get("task"), str)
+                and "correct" in row and row["correct"] in (True, False, None) and isinstance(source, dict)
+                and isinstance(source.get("tasks"), list) and isinstance(source.get("fingerprint"), str)):
+            made_by = "many infer --merged" if kind == MERGE else "many infer --adapter"
+            raise InputError(path, f"line {number} is not a prediction row of `{made_by} --data` with its task, "
+                                   f"whether it is correct and the {kind} that answered (a file of an older "
+                                   f"many: score again)")
+        if answered_by is None:
+            answered_by = source
+        elif source != answered_by:
+            raise InputError(path, f"line {number} was answered by another {kind} than line 1 "
+                                   f"({source['fingerprint']} against {answered_by['fingerprint']}): one file per step")
+        rows.append(row)
+    if not rows:
+        raise InputError(path, "holds no prediction rows")
+    return Predictions(path, answered_by, rows)
+
+
+def scores(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """task -> (correct, scored) over the rows that carry an answer, tasks in order of first row."""
+    found: dict[str, list[int]] = {}
+    for row in rows:
+        score = found.setdefault(row["task"], [0, 0])
+        if row["correct"] is not None:
+            score[0] += row["correct"]
+            score[1] += 1
+    return {task: (correct, scored) for task, (correct, scored) in found.items()}
+
+
+def routed_tasks(row: dict) -> list[str]:
+    """The task each image (audio, video) of a row was routed to; none without routing."""
+    routed = row.get("routed_task")
+    return [task for task in (routed if isinstance(routed, list) else [routed]) if isinstance(task, str)]
+
+
+def forgetting(matrix: list[list[float | None]], first_steps: list[int]) -> list[float | None]:
+    """Per task: its best accuracy after any step before the last, minus its final accuracy; None
+    for a task first learned at the last step. matrix[k][j] is task j's accuracy after step k."""
+    last = len(matrix) - 1
+    return [None if first >= last else max(matrix[k][task] for k in range(first, last)) - matrix[last][task]
+            for task, first in enumerate(first_steps)]
+
+
+def backward_transfer(matrix: list[list[float | None]], first_steps: list[int]) -> float | None:
+    """Mean over the tasks learned before the last step of (final accuracy − accuracy right after
+    the step that learned it); None with one step."""
+    last = len(matrix) - 1
+    changes = [matrix[last][task] - matrix[first][task] for task, first in enumerate(first_steps) if first < last]
+    return statistics.fmean(changes) if changes else None
+
+
+def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dict:
+    """The report as report.json holds it (see the module's docstring); bad steps are InputErrors
+    naming the file."""
+    tasks: list[str] = []
+    first_steps: list[int] = []
+    per_step: list[dict[str, tuple[int, int]]] = []
+    for number, step in enumerate(steps):
+        found = scores(step.rows)
+        if per_step:
+            _check_growth(step, steps[number - 1], found, per_step[-1])
+        order = {task: index for index, task in enumerate(step.answered_by["tasks"])}
+        new = sorted((task for task in found if task not in tasks), key=lambda task: order.get(task, len(order)))
+        tasks += new
+        first_steps += [number] * len(new)
+        for task, (_, scored) in found.items():
+            if scored == 0:
+                raise InputError(step.path, f"no record of task {task!r} has an answer, so it cannot be scored")
+        per_step.append(found)
+    matrix = [[found[task][0] / found[task][1] if task in found else None for task in tasks] for found in per_step]
+    averages = [statistics.fmean(value for value in row if value is not None) for row in matrix]
+    lost = forgetting(matrix, first_steps)
+    final = matrix[-1]
+    upper_accuracy = _upper_accuracy(upper, tasks)
+    confusion, routing = _routing(steps[-1].rows, tasks)
+    return {
+        "steps": [{"file": str(step.path), "merge": step.answered_by,
+                   "records": {task: found[task][1] for task in tasks if task in found}}
+                  for step, found in zip(steps, per_step)],
+        "tasks": tasks,
+        "learned_at_step": first_steps,
+        "accuracy_matrix": matrix,
+        "average_accuracy": averages,
+        "final_average_accuracy": averages[-1],
+        "forgetting": dict(zip(tasks, lost)),
+        "average_forgetting": statistics.fmean(value for value in lost if value is not None)
+        if any(value is not None for value in lost) else None,
+        "backward_transfer": backward_transfer(matrix, first_steps),
+        "upper_accuracy": upper_accuracy,
+        "ratio_to_upper": {task: final[index] / upper_accuracy[task] if upper_accuracy.get(task) else None
+                           for index, task in enumerate(tasks) if task in upper_accuracy},
+        "routing_accuracy": routing,
+        "routing_confusion": confusion,
+        "wrong_answers": [_wrong(row) for row in steps[-1].rows if row["correct"] is False],
+    }
+
+
+def _check_growth(step: Predictions, previous: Predictions, found: dict[str, tuple[int, int]],
+                  before: dict[str, tuple[int, int]]) -> None:
+    """A step scores every task the step before it scored, each as wholly, and at least one more."""
+    for task, (_, scored) in before.items():
+        if task not in found:
+            raise InputError(step.path, f"scores no record of task {task!r}, which {previous.path} scored: each "
+                                        f"step scores every task merged so far (give the files in merge order)")
+        if found[task][1] != scored:
+            raise InputError(step.path, f"scores {found[task][1]} records of task {task!r} where {previous.path} "
+                                        f"scored {scored}: each step scores the same whole evaluation set")
+    if set(found) == set(before):
+        raise InputError(step.path, f"scores the same tasks as {previous.path}: each step adds the tasks of a "
+                                    f"fine-tune (give one file per merge, in merge order)")
+
+
+def _upper_accuracy(upper: list[Predictions], tasks: list[str]) -> dict[str, float]:
+    """Each task's accuracy with its own adapter alone, from `infer --adapter` files."""
+    accuracy: dict[str, float] = {}
+    for predictions in upper:
+        for task, (correct, scored) in scores(predictions.rows).items():
+            if task in accuracy:
+                raise InputError(predictions.path, f"scores task {task!r} again: give one --upper file per task")
+            if task not in tasks:
+                raise InputError(predictions.path, f"scores task {task!r}, which no step scores")
+            if scored == 0:
+                raise InputError(predictions.path, f"no record of task {task!r} has an answer, so it cannot be scored")
+            accuracy[task] = correct / scored
+    return {task: accuracy[task] for task in tasks if task in accuracy}
+
+
+def _routing(rows: list[dict], tasks: list[str]) -> tuple[dict, dict[str, float | None]]:
+    """The final step's routing: counts[true task][routed task] over images, the routed tasks
+    being the merge's (then any other seen), and per task the share of its images routed home."""
+    routed_to = list(dict.fromkeys([*rows[0].get(MERGE, {}).get("tasks", []), *tasks,
+                                    *(task for row in rows for task in routed_tasks(row))]))
+    counts = [[0] * len(routed_to) for _ in tasks]
+    for row in rows:
+        for task in routed_tasks(row):
+            counts[tasks.index(row["task"])][routed_to.index(task)] += 1
+    accuracy = {task: counts[index][routed_to.index(task)] / sum(counts[index]) if sum(counts[index]) else None
+                for index, task in enumerate(tasks)}
+    return {"true": tasks, "routed": routed_to, "counts": counts}, accuracy
+
+
+def _wrong(row: dict) -> dict:
+    media = row.get("images") or [row[kind] for kind in ("image", "video", "audio") if row.get(kind)]
+    return {"task": row["task"], "media": media, "prompt": row.get("prompt"), "answer": row.get("answer"),
+            "prediction": row["prediction"], "routed_task": row.get("routed_task"), "routing": row.get("routing")}
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as tables short enough for a CI job summary (accuracies in %)."""
+    tasks = report["tasks"]
+    lines = ["## Continual report", "",
+             f"Final average accuracy **{_percent(report['final_average_accuracy'])}%** after "
+             f"{len(report['steps'])} step(s); average forgetting {_percent(report['average_forgetting'])} points; "
+             f"backward transfer {_percent(report['backward_transfer'])} points.", "",
+             "| step | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    for number, (row, average) in enumerate(zip(report["accuracy_matrix"], report["average_accuracy"]), start=1):
+        lines.append(f"| {number} | " + " | ".join(_percent(value) for value in row) + f" | {_percent(average)} |")
+    lines += ["", "| task | final | best before | forgetting | own adapter | final / own | routed home |",
+              "|---|---|---|---|---|---|---|"]
+    last = len(report["accuracy_matrix"]) - 1
+    for index, task in enumerate(tasks):
+        history = [row[index] for row in report["accuracy_matrix"][:last] if row[index] is not None]
+        ratio = report["ratio_to_upper"].get(task)
+        lines.append(f"| {task} | {_percent(report['accuracy_matrix'][last][index])} | "
+                     f"{_percent(max(history)) if history else '—'} | {_percent(report['forgetting'][task])} | "
+                     f"{_percent(report['upper_accuracy'].get(task))} | {'—' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{_percent(report['routing_accuracy'][task])} |")
+    confusion = report["routing_confusion"]
+    if any(map(any, confusion["counts"])):
+        lines += ["", "Routing of the last step's images (rows: true task; columns: routed to):", "",
+                  "| | " + " | ".join(confusion["routed"]) + " |", "|---" * (len(confusion["routed"]) + 1) + "|"]
+        lines += [f"| {task} | " + " | ".join(map(str, counts)) + " |"
+                  for task, counts in zip(confusion["true"], confusion["counts"])]
+    lines += ["", f"{len(report['wrong_answers'])} wrong answers in the last step (index.html shows them)."]
+    return "\n".join(lines) + "\n"
+
+
+def as_json(report: dict) -> str:
+    """report.json's text: the same bytes for the same rows."""
+    return json.dumps(report, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def is_report_dir(path: Path) -> bool:
+    """Whether `path` is an earlier report (which `--out` may replace): exactly the report's files."""
+    try:
+        return sorted(entry.name for entry in path.iterdir()) == sorted(REPORT_FILES) and all(
+            (path / name).is_file() for name in REPORT_FILES) and "accuracy_matrix" in json.loads(
+            (path / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def gate(report: dict, min_final_accuracy: float | None, max_forgetting: float | None) -> str | None:
+    """The CI gate's one line when the report fails it, naming the worst task and its figure."""
+    tasks, final = report["tasks"], report["accuracy_matrix"][-1]
+    if min_final_accuracy is not None and report["final_average_accuracy"] < min_final_accuracy:
+        worst = min(range(len(tasks)), key=lambda index: final[index])
+        return (f"final average accuracy {report['final_average_accuracy']:.4f} is below --min-final-accuracy "
+                f"{min_final_accuracy} (worst task: {tasks[worst]}, {final[worst]:.4f})")
+    lost = {task: value for task, value in report["forgetting"].items() if value is not None}
+    if max_forgetting is not None and lost and max(lost.values()) > max_forgetting:
+        worst = max(lost, key=lost.get)
+        return f"task {worst} forgot {lost[worst]:.4f} (best earlier accuracy minus final), above --max-forgetting {max_forgetting}"
+    return None
+
+
+def write_report(report: dict, out: Path, force: bool) -> None:
+    """report.json, report.md and index.html into `out`, all or none."""
+    from many_cli.files import atomic_output_dir
+    from many_cli.report_page import write_page
+
+    with atomic_output_dir(out, force, is_own_output=is_report_dir) as staging:
+        (staging / "report.json").write_text(as_json(report), encoding="utf-8")
+        (staging / "report.md").write_text(markdown(report), encoding="utf-8")
+        write_page(report, staging / "index.html")
