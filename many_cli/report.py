@@ -99,6 +99,21 @@ def backward_transfer(matrix: list[list[float | None]], first_steps: list[int]) 
     return statistics.fmean(changes) if changes else None
 
 
+def step_costs(matrix: list[list[float | None]], routing: list[list[float | None]], tasks: list[str]) -> list[dict]:
+    """Per step after the first, the earlier task whose accuracy fell most at that step (None when
+    none fell), with how many of its images that step routed home: what the merge cost, and whether
+    routing or the merged language model lost it."""
+    costs = []
+    for step in range(1, len(matrix)):
+        drops = {index: matrix[step - 1][index] - matrix[step][index] for index in range(len(tasks))
+                 if matrix[step - 1][index] is not None}
+        worst = max(drops, key=drops.get, default=None)
+        costs.append(None if worst is None or drops[worst] <= 0 else
+                     {"step": step + 1, "task": tasks[worst], "before": matrix[step - 1][worst],
+                      "after": matrix[step][worst], "routed_home": routing[step][worst]})
+    return costs
+
+
 def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dict:
     """The report as report.json holds it (see the module's docstring); bad steps are InputErrors
     naming the file."""
@@ -123,6 +138,8 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
     final = matrix[-1]
     upper_accuracy = _upper_accuracy(upper, tasks)
     confusion, routing = _routing(steps[-1].rows, tasks)
+    routing_matrix = [[_routing(step.rows, tasks)[1][task] if task in found else None for task in tasks]
+                      for step, found in zip(steps, per_step)]
     return {
         "steps": [{"file": str(step.path), "merge": step.answered_by,
                    "records": {task: found[task][1] for task in tasks if task in found}}
@@ -140,6 +157,8 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
         "ratio_to_upper": {task: final[index] / upper_accuracy[task] if upper_accuracy.get(task) else None
                            for index, task in enumerate(tasks) if task in upper_accuracy},
         "routing_accuracy": routing,
+        "routing_accuracy_matrix": routing_matrix,
+        "step_costs": step_costs(matrix, routing_matrix, tasks),
         "routing_confusion": confusion,
         "wrong_answers": [_wrong(row) for row in steps[-1].rows if row["correct"] is False],
     }

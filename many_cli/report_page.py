@@ -56,7 +56,9 @@ def _heat_map(values, rows: list[str], columns: list[str], title: str, percent: 
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
     axis.set_title(title, fontsize=10)
-    figure.colorbar(image, ax=axis, fraction=0.05)
+    bar = figure.colorbar(image, ax=axis, fraction=0.05)
+    if percent:
+        bar.ax.yaxis.set_major_formatter(lambda value, _: f"{100 * value:.0f}")
     return figure
 
 
@@ -109,6 +111,23 @@ def _routing_text(routing) -> str:
                      for each in weights) or "—"
 
 
+def _costs(costs: list[dict | None]) -> str:
+    """What each merge cost, in words: the task that fell most, and whether routing explains it."""
+    items = []
+    for number, cost in enumerate(costs, start=2):
+        if cost is None:
+            items.append(f"<li>Step {number} cost no earlier task.</li>")
+            continue
+        home = cost["routed_home"]
+        why = ("its images were not routed (no routing in these rows)" if home is None else
+               f"{100 * home:.0f}% of its images were still routed home, so the merged language model lost it"
+               if home >= 0.95 else f"only {100 * home:.0f}% of its images were routed home: routing sent the "
+               f"rest to other tasks' projectors")
+        items.append(f'<li class="cost">Step {number} cost <b>{html.escape(cost["task"])}</b> most: '
+                     f'{100 * cost["before"]:.1f}% &rarr; {100 * cost["after"]:.1f}%; {why}.</li>')
+    return f"<h2>What each merge cost</h2><ul>{''.join(items)}</ul>" if items else ""
+
+
 def write_page(report: dict, path: Path) -> None:
     """index.html for `report` (as `report.build_report` returns it)."""
     import matplotlib
@@ -131,6 +150,7 @@ def write_page(report: dict, path: Path) -> None:
         "<tr><th>average forgetting</th>" + _metric("average_forgetting", report["average_forgetting"], True) + "</tr>",
         "<tr><th>backward transfer</th>" + _metric("backward_transfer", report["backward_transfer"], True) + "</tr>",
         "</table>",
+        _costs(report["step_costs"]),
         f'<figure id="accuracy-heatmap">{_svg(heat)}<figcaption>Rows: steps; columns: tasks. A cell that darkens '
         f'down its column is a task a later merge cost.</figcaption></figure>',
         f'<figure id="accuracy-lines">{_svg(_lines(report))}</figure>',

@@ -79,6 +79,8 @@ def test_the_report_holds_the_figures_worked_out_by_hand(capsys, tmp_path):
     assert report["routing_confusion"]["counts"] == CONFUSION
     assert report["routing_accuracy"] == pytest.approx({"a": 1.0, "b": 0.75, "c": 0.75})
     assert len(report["wrong_answers"]) == 2 + 1 + 3
+    assert report["step_costs"] == [{"step": 2, "task": "a", "before": 1.0, "after": 0.75, "routed_home": 1.0},
+                                    {"step": 3, "task": "a", "before": 0.75, "after": 0.5, "routed_home": 1.0}]
     assert "final average accuracy 50.0%" in out
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| 3 | 50.0 | 75.0 | 25.0 | 50.0 |" in markdown

@@ -1,0 +1,110 @@
+"""The README's CI job after each fine-tune, run as written on the sample with the four tasks
+arriving one at a time; the report's numbers are checked against the prediction rows, and the
+upper bounds against PEFT's own model."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from many_cli.bench.world import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_adapters"
+
+
+def _block(kind: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(rf"<!-- recipe: {kind} -->\n```\w+\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_github_actions_job_runs_the_same_commands():
+    job = yaml.safe_load(_block("github-actions"))
+    runs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "stats" in step.get("run", "")]
+    assert runs == [_block("shell")]
+    assert set(job["jobs"]["merge-and-report"]["env"]) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN"}
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    """The shell recipe, run once per task in a folder laid out as the README says."""
+    work = tmp_path_factory.mktemp("continual")
+    shutil.copytree(SAMPLE / "adapters", work / "adapters")
+    (work / "data").symlink_to(SAMPLE / "data")
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   "BASE": str(SAMPLE / "base")}
+    names = [task.name for task in TASKS]
+    for step, task in enumerate(names, start=1):
+        environment |= {"TASK": task, "STEP": f"{step:02d}", "PREVIOUS_STEP": f"{step - 1:02d}" if step > 1 else "",
+                        "SEEN": " ".join(names[:step])}
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", _block("shell")], cwd=work, env=environment,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return work, names
+
+
+def test_the_recipe_reports_what_the_rows_say(recipe_run):
+    work, names = recipe_run
+    report = json.loads((work / "report" / "report.json").read_text())
+    assert report["tasks"] == names
+    for step, row in enumerate(report["accuracy_matrix"], start=1):
+        rows = [json.loads(line) for line in (work / "predictions" / f"{step:02d}.jsonl").read_text().splitlines()]
+        assert {tuple(r["merge"]["tasks"]) for r in rows} == {tuple(names[:step])}  # the resumed merge of the step
+        for index, task in enumerate(names):
+            mine = [r for r in rows if r["task"] == task]
+            if index >= step:
+                assert not mine and row[index] is None
+                continue
+            assert all(r["correct"] == (_words(r["prediction"]) == _words(r["answer"])) for r in mine)
+            assert row[index] == pytest.approx(sum(_words(r["prediction"]) == _words(r["answer"]) for r in mine)
+                                               / len(mine))
+    matrix = report["accuracy_matrix"]
+    final = matrix[-1]
+    assert report["final_average_accuracy"] == pytest.approx(sum(final) / len(final))
+    for index, task in enumerate(names[:-1]):
+        best = max(matrix[step][index] for step in range(index, len(names) - 1))
+        assert report["forgetting"][task] == pytest.approx(best - final[index])
+    assert report["backward_transfer"] == pytest.approx(
+        sum(final[index] - matrix[index][index] for index in range(len(names) - 1)) / (len(names) - 1))
+    assert (work / "report" / "index.html").stat().st_size > 10_000
+    assert "| 4 |" in (work / "report" / "report.md").read_text()
+
+
+def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
+    """`infer --adapter` against PeftModel with the adapter's own projector: the first answer word
+    of one forward pass (the sample's answers are one word)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from many_cli.data import encode_records, load_image
+    from many_cli.formats import read_records
+    from many_cli.models import load_base_model
+
+    work, names = recipe_run
+    report = json.loads((work / "report" / "report.json").read_text())
+    processor = AutoProcessor.from_pretrained(SAMPLE / "base")
+    processor.tokenizer.padding_side = "left"
+    for task in names:
+        records = list(read_records(SAMPLE / "data" / task / "evaluation.jsonl"))
+        model = PeftModel.from_pretrained(load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")),
+                                          str(SAMPLE / "adapters" / task)).eval()
+        encoded = encode_records(processor, records, [load_image(r.source, r.image) for r in records],
+                                 with_answers=False)
+        with torch.inference_mode():
+            words = processor.tokenizer.convert_ids_to_tokens(model(**encoded).logits[:, -1].argmax(-1).tolist())
+        rows = [json.loads(line) for line in (work / "upper" / f"{task}.jsonl").read_text().splitlines()]
+        assert [r["prediction"].split()[0] for r in rows] == words
+        assert {r["adapter"]["tasks"][0] for r in rows} == {task}
+        assert report["upper_accuracy"][task] == pytest.approx(sum(w == r.answer for w, r in zip(words, records))
+                                                               / len(records))
