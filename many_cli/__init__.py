@@ -23,12 +23,19 @@ __version__ = "0.1.0"
 
 _API = {
     "Record": ("data", "Record"),
-    "ExportOptions": ("export", "ExportOptions"), "ExportReport": ("export", "ExportReport"),
-    "InferOptions": ("infer", "InferOptions"), "MergedModel": ("infer", "MergedModel"), "Prediction": ("infer", "Prediction"),
-    "MergeOptions": ("merge", "MergeOptions"), "MergeReport": ("merge", "MergeReport"),
-    "StatsOptions": ("stats", "StatsOptions"), "StatsReport": ("stats", "StatsReport"),
-    **{name: ("api", name) for name in ("collect_stats", "merge_adapters", "load_merged", "load_routed", "answer",
-                                        "export_model")},
+    "ExportOptions": ("export", "ExportOptions"),
+    "ExportReport": ("export", "ExportReport"),
+    "InferOptions": ("infer", "InferOptions"),
+    "MergedModel": ("infer", "MergedModel"),
+    "Prediction": ("infer", "Prediction"),
+    "MergeOptions": ("merge", "MergeOptions"),
+    "MergeReport": ("merge", "MergeReport"),
+    "StatsOptions": ("stats", "StatsOptions"),
+    "StatsReport": ("stats", "StatsReport"),
+    **{
+        name: ("api", name)
+        for name in ("collect_stats", "merge_adapters", "load_merged", "load_routed", "answer", "export_model")
+    },
     **{name: ("errors", name) for name in ("InputError", "ArgumentError", "OutputError")},
 }
 __all__ = sorted(_API)

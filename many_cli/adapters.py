@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, read_json
-from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors
 from many_cli.layouts import rename_key
+from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,6 +39,7 @@ SUPPORTED = "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted linear layer: τ = scale · B A, A (rank, d_in), B (d_out, rank)."""
+
     name: str
     rank: int
     scale: float
@@ -48,6 +50,7 @@ class LoraModule:
 @dataclass(frozen=True)
 class Adapter:
     """A PEFT LoRA adapter directory, read header-first; weights load on demand."""
+
     name: str
     path: Path
     fingerprint: str
@@ -56,7 +59,9 @@ class Adapter:
     projector_module: str | None  # the module saved whole (modules_to_save), or the parent of several
     projector_shapes: Mapping[str, tuple[int, ...]]  # parameter name inside projector_module -> shape
     saved_modules: tuple[str, ...] = ()
-    saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module -> its name in the file, where they differ
+    saved_names: Mapping[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # module -> its name in the file, where they differ
     base_weights: tuple[str, ...] = ()  # LoRA modules whose base weight PEFT saved too (a tied lm_head)
 
     @property
@@ -66,8 +71,10 @@ class Adapter:
     def lora_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         saved = self.saved_names.get(module, module)
         with open_safetensors(self.weights) as handle:
-            return (handle.get(f"{PEFT_PREFIX}{saved}.lora_A.weight"),
-                    handle.get(f"{PEFT_PREFIX}{saved}.lora_B.weight"))
+            return (
+                handle.get(f"{PEFT_PREFIX}{saved}.lora_A.weight"),
+                handle.get(f"{PEFT_PREFIX}{saved}.lora_B.weight"),
+            )
 
     @property
     def saved_parameters(self) -> list[tuple[str, str]]:
@@ -76,12 +83,13 @@ class Adapter:
         for relative in self.projector_shapes:
             key = f"{self.projector_module}.{relative}" if self.projector_module else relative
             module = max((m for m in self.saved_modules if key.startswith(f"{m}.")), key=len)
-            pairs.append((module, key[len(module) + 1:]))
+            pairs.append((module, key[len(module) + 1 :]))
         return pairs
 
     def projector_tensor(self, parameter: str) -> torch.Tensor:
-        key = rename_key(f"{self.projector_module}.{parameter}" if self.projector_module else parameter,
-                         self.saved_names)
+        key = rename_key(
+            f"{self.projector_module}.{parameter}" if self.projector_module else parameter, self.saved_names
+        )
         with open_safetensors(self.weights) as handle:
             return handle.get(f"{PEFT_PREFIX}{key}")
 
@@ -132,8 +140,7 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
                 continue
             split = _split_saved_module(name, saved)
             if split is None:
-                raise InputError(weights, f"unexpected tensor {key!r}: neither a LoRA factor nor "
-                                          f"under modules_to_save")
+                raise InputError(weights, f"unexpected tensor {key!r}: neither a LoRA factor nor under modules_to_save")
             saved_shapes[split] = handle.shape(key)
 
     modules = {}
@@ -146,16 +153,30 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
         raise InputError(weights, "holds no LoRA weights")
     for module in base_weights:
         if renames.get(module, module) not in modules:
-            raise InputError(weights, f"unexpected tensor {PEFT_PREFIX}{module}{BASE_LAYER}: the base weight of a "
-                                      f"module the adapter does not adapt")
+            raise InputError(
+                weights,
+                f"unexpected tensor {PEFT_PREFIX}{module}{BASE_LAYER}: the base weight of a "
+                f"module the adapter does not adapt",
+            )
     saved_modules = tuple(sorted({renames.get(module, module) for module, _ in saved_shapes}))
     projector_module = _common_parent(saved_modules) if saved_modules else None
-    projector_shapes = {f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
-                        for (module, parameter), shape in saved_shapes.items()}
+    projector_shapes = {
+        f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
+        for (module, parameter), shape in saved_shapes.items()
+    }
     saved_names = {loaded: saved for saved, loaded in renames.items() if loaded != saved}
-    return Adapter(path.name, path, adapter_fingerprint(path), config.get("base_model_name_or_path"),
-                   modules, projector_module, projector_shapes, saved_modules, saved_names,
-                   tuple(sorted(renames.get(module, module) for module in base_weights)))
+    return Adapter(
+        path.name,
+        path,
+        adapter_fingerprint(path),
+        config.get("base_model_name_or_path"),
+        modules,
+        projector_module,
+        projector_shapes,
+        saved_modules,
+        saved_names,
+        tuple(sorted(renames.get(module, module) for module in base_weights)),
+    )
 
 
 def loading_config(adapter: Adapter, renames: Mapping[str, str]):
@@ -173,12 +194,19 @@ def loading_config(adapter: Adapter, renames: Mapping[str, str]):
         ranks[name] = module.rank
         alphas[name] = declared_rank_and_alpha(saved, module.name, module.rank)[1]
     fields = {field.name for field in dataclasses.fields(LoraConfig)}
-    config = LoraConfig(**{key: value for key, value in saved.items() if key in fields} | {
-        "target_modules": sorted(renames[module] for module in adapter.modules),
-        "modules_to_save": sorted(renames[module] for module in adapter.saved_modules) or None,
-        "rank_pattern": {key: value for key, value in ranks.items() if value != rank},
-        "alpha_pattern": {key: value for key, value in alphas.items() if value != alpha},
-        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True})
+    config = LoraConfig(
+        **{key: value for key, value in saved.items() if key in fields}
+        | {
+            "target_modules": sorted(renames[module] for module in adapter.modules),
+            "modules_to_save": sorted(renames[module] for module in adapter.saved_modules) or None,
+            "rank_pattern": {key: value for key, value in ranks.items() if value != rank},
+            "alpha_pattern": {key: value for key, value in alphas.items() if value != alpha},
+            "exclude_modules": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "inference_mode": True,
+        }
+    )
     return config
 
 
@@ -200,11 +228,16 @@ def other_base_note(adapter: Adapter, base: str) -> str | None:
     same model sits at other paths on other machines (a hub id, a cache snapshot), and the stats
     file's base fingerprint is what merges check."""
     named = adapter.base_model
-    if not named or Path(named).name == Path(base).name or (Path(named).exists() and Path(base).exists()
-                                                             and Path(named).resolve() == Path(base).resolve()):
+    if (
+        not named
+        or Path(named).name == Path(base).name
+        or (Path(named).exists() and Path(base).exists() and Path(named).resolve() == Path(base).resolve())
+    ):
         return None
-    return (f"{adapter.path}: its adapter_config.json names the base model {named!r}; statistics are taken on "
-            f"{base!r}: make sure it is the model the adapter was trained on")
+    return (
+        f"{adapter.path}: its adapter_config.json names the base model {named!r}; statistics are taken on "
+        f"{base!r}: make sure it is the model the adapter was trained on"
+    )
 
 
 def _common_parent(modules: tuple[str, ...]) -> str:
@@ -213,7 +246,7 @@ def _common_parent(modules: tuple[str, ...]) -> str:
         return modules[0]
     parts = [module.split(".") for module in modules]
     common = [part[0] for part in zip(*parts) if len(set(part)) == 1]
-    return ".".join(parts[0][:len(common)])
+    return ".".join(parts[0][: len(common)])
 
 
 def check_supported_config(path: Path) -> dict:
@@ -223,10 +256,13 @@ def check_supported_config(path: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(config_path, f"peft_type {peft_type!r} is not supported; {SUPPORTED}")
-    for flag, what in [("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
-                       ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
-                       ("target_parameters", "LoRA on parameters (target_parameters)"),
-                       ("layer_replication", "layer_replication")]:
+    for flag, what in [
+        ("use_dora", "DoRA"),
+        ("lora_bias", "lora_bias"),
+        ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
+        ("target_parameters", "LoRA on parameters (target_parameters)"),
+        ("layer_replication", "layer_replication"),
+    ]:
         if config.get(flag):
             raise InputError(config_path, f"{what} is not supported; {SUPPORTED}")
     return config
@@ -239,21 +275,22 @@ def _split_saved_module(name: str, saved: list[str]) -> tuple[str, str] | None:
         start = padded.find(f".{target}.")
         if start >= 0:
             end = start + len(target)
-            return name[:end], name[end + 1:]
+            return name[:end], name[end + 1 :]
     return None
 
 
-def _lora_module(weights: Path, config: dict, module: str, a_shape: tuple[int, ...],
-                 b_shape: tuple[int, ...]) -> LoraModule:
+def _lora_module(
+    weights: Path, config: dict, module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+) -> LoraModule:
     rank = a_shape[0]
     if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != rank:
-        raise InputError(weights, f"module {module}: lora_A {a_shape} and lora_B {b_shape} "
-                                  f"are not the factors of one linear layer")
+        raise InputError(
+            weights, f"module {module}: lora_A {a_shape} and lora_B {b_shape} are not the factors of one linear layer"
+        )
     declared, alpha = declared_rank_and_alpha(config, module, rank)
     if declared != rank:
-        raise InputError(weights, f"module {module}: the config declares rank {declared}, "
-                                  f"the weights have rank {rank}")
-    scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+        raise InputError(weights, f"module {module}: the config declares rank {declared}, the weights have rank {rank}")
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     return LoraModule(module, rank, float(scale), a_shape[1], b_shape[0])
 
 
@@ -280,6 +317,7 @@ def pattern_key(pattern_keys: Iterable[str], module: str) -> str:
 @dataclass(frozen=True)
 class MergedModule:
     """One module of a merged adapter: its LoRA factors are A (rank, d_in) and B (d_out, rank)."""
+
     name: str
     rank: int
     d_in: int
@@ -298,10 +336,22 @@ class MergedAdapterWriter:
         # key first: the anchor makes a key match its own module only, never one whose name
         # ends like it (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`).
         pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != common}
-        config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
-                  "r": common, "lora_alpha": common, "target_modules": sorted(ranks), "lora_dropout": 0.0,
-                  "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-                  "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+        config = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model,
+            "r": common,
+            "lora_alpha": common,
+            "target_modules": sorted(ranks),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
         if pattern:  # one uniform rank: no pattern keys at all (vLLM and others read `r` alone)
             config |= {"rank_pattern": pattern, "alpha_pattern": dict(pattern)}
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,27 +16,50 @@ from many_cli.errors import ArgumentError
 PathLike = str | os.PathLike
 
 
-def collect_stats(base: PathLike, adapter: PathLike, data: PathLike, out: PathLike | None = None,
-                  options: stats.StatsOptions = stats.StatsOptions(), **kwargs: Any) -> stats.StatsReport:
+def collect_stats(
+    base: PathLike,
+    adapter: PathLike,
+    data: PathLike,
+    out: PathLike | None = None,
+    options: stats.StatsOptions = stats.StatsOptions(),
+    **kwargs: Any,
+) -> stats.StatsReport:
     """`many stats`: statistics of base + adapter over data, written to out (default: beside the adapter)."""
-    return stats.collect_stats(_base(base), _path(adapter, "adapter"), _path(data, "data"),
-                               None if out is None else _path(out, "out"),
-                               _of(options, stats.StatsOptions, "options"), **kwargs)
+    return stats.collect_stats(
+        _base(base),
+        _path(adapter, "adapter"),
+        _path(data, "data"),
+        None if out is None else _path(out, "out"),
+        _of(options, stats.StatsOptions, "options"),
+        **kwargs,
+    )
 
 
-def merge_adapters(adapters: Iterable[PathLike], out: PathLike, options: merge.MergeOptions = merge.MergeOptions(),
-                   resume: PathLike | None = None, **kwargs: Any) -> merge.MergeReport:
+def merge_adapters(
+    adapters: Iterable[PathLike],
+    out: PathLike,
+    options: merge.MergeOptions = merge.MergeOptions(),
+    resume: PathLike | None = None,
+    **kwargs: Any,
+) -> merge.MergeReport:
     """`many merge`: the adapters (in task order, or one folder holding them) merged into out."""
     if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Iterable):
         raise ArgumentError("adapters", f"must be a list of paths, got {type(adapters).__name__}")
     paths = [_path(adapter, "adapters") for adapter in adapters]
     if not paths:
         raise ArgumentError("adapters", "is empty: give at least one adapter directory")
-    return merge.merge(paths, _path(out, "out"), _of(options, merge.MergeOptions, "options"),
-                       resume=None if resume is None else _path(resume, "resume"), **kwargs)
+    return merge.merge(
+        paths,
+        _path(out, "out"),
+        _of(options, merge.MergeOptions, "options"),
+        resume=None if resume is None else _path(resume, "resume"),
+        **kwargs,
+    )
 
 
-def load_merged(base: PathLike, merged: PathLike, options: infer.InferOptions = infer.InferOptions()) -> infer.MergedModel:
+def load_merged(
+    base: PathLike, merged: PathLike, options: infer.InferOptions = infer.InferOptions()
+) -> infer.MergedModel:
     """`many infer`'s model: base + the merged LoRA with the task projectors routed."""
     return infer.load_merged(_base(base), _path(merged, "merged"), _of(options, infer.InferOptions, "options"))
 
@@ -57,11 +80,17 @@ def answer(merged: infer.MergedModel, records: Iterable[Record], max_new_tokens:
     return infer.answer(merged, records, max_new_tokens)
 
 
-def export_model(base: PathLike, merged: PathLike, out: PathLike,
-                 options: export.ExportOptions = export.ExportOptions(), **kwargs: Any) -> export.ExportReport:
+def export_model(
+    base: PathLike,
+    merged: PathLike,
+    out: PathLike,
+    options: export.ExportOptions = export.ExportOptions(),
+    **kwargs: Any,
+) -> export.ExportReport:
     """`many export`: the base with the merged LoRA folded in and one projector chosen, written to out."""
-    return export.export(_base(base), _path(merged, "merged"), _path(out, "out"),
-                         _of(options, export.ExportOptions, "options"), **kwargs)
+    return export.export(
+        _base(base), _path(merged, "merged"), _path(out, "out"), _of(options, export.ExportOptions, "options"), **kwargs
+    )
 
 
 def _path(value: object, argument: str) -> Path:

@@ -12,73 +12,96 @@ if TYPE_CHECKING:
     from many_cli.merge import MergeOptions, MergeReport
 
 
-def model_card(*, tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None,
-               options: "MergeOptions", base_model: str | None, base_fingerprint: str,
-               report: "MergeReport") -> str:
+def model_card(
+    *,
+    tasks: list[tuple[str, str]],
+    previous: list[tuple[str, str]],
+    resume: Path | None,
+    options: "MergeOptions",
+    base_model: str | None,
+    base_fingerprint: str,
+    report: "MergeReport",
+) -> str:
     rows = _task_rows(tasks, previous, resume)
     settings = _settings(options)
     notes = [f"- {line}" for line in report.warnings + report.notes]
     base = base_model or "BASE"
     # The card's whole text as one template, top to bottom, so it reads as the card itself does.
-    return "\n".join([
-        "---",
-        _front_matter(tasks, previous, options, base_model, base_fingerprint, report).strip(),
-        "---",
-        "",
-        "# Merged adapter made by `many merge`",
-        "",
-        f"{len(rows)} tasks merged into one LoRA adapter ({report.modules} modules) with "
-        f"MAny's {'least-squares (LPM)' if options.method == 'many' else options.method} merge.",
-        f"Base model: `{base_model or 'unknown'}` (config fingerprint `{base_fingerprint or 'unknown'}`).",
-        "",
-        "| order | task | adapter fingerprint | from |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "## Settings",
-        "",
-        *settings,
-        *(["", "## Notes", "", *notes] if notes else []),
-        *_energy_table(report),
-        "",
-        "## Files",
-        "",
-        "- `adapter_config.json`, `adapter_model.safetensors`: the merged LoRA (scale 1, no modules_to_save).",
-        "- `many_bundle.safetensors`: task names, per-task projectors, prototypes and calibration-image "
-        "directions, default η.",
-        *(["- `many_state.safetensors`: sufficient statistics; `many merge NEW --resume THIS` adds tasks."]
-          if options.method == "many" else []),
-        *(["- `experts/TASK/`: each task's own LoRA, for `many infer --lm-routing experts`."]
-          if options.experts else []),
-        "",
-        "## Loading",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForImageTextToText",
-        "",
-        f'base = AutoModelForImageTextToText.from_pretrained("{base}")',
-        'model = PeftModel.from_pretrained(base, "THIS_DIRECTORY")',
-        "```",
-        "",
-    ]).replace("\n\n\n", "\n\n")
+    return "\n".join(
+        [
+            "---",
+            _front_matter(tasks, previous, options, base_model, base_fingerprint, report).strip(),
+            "---",
+            "",
+            "# Merged adapter made by `many merge`",
+            "",
+            f"{len(rows)} tasks merged into one LoRA adapter ({report.modules} modules) with "
+            f"MAny's {'least-squares (LPM)' if options.method == 'many' else options.method} merge.",
+            f"Base model: `{base_model or 'unknown'}` (config fingerprint `{base_fingerprint or 'unknown'}`).",
+            "",
+            "| order | task | adapter fingerprint | from |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "## Settings",
+            "",
+            *settings,
+            *(["", "## Notes", "", *notes] if notes else []),
+            *_energy_table(report),
+            "",
+            "## Files",
+            "",
+            "- `adapter_config.json`, `adapter_model.safetensors`: the merged LoRA (scale 1, no modules_to_save).",
+            "- `many_bundle.safetensors`: task names, per-task projectors, prototypes and calibration-image "
+            "directions, default η.",
+            *(
+                ["- `many_state.safetensors`: sufficient statistics; `many merge NEW --resume THIS` adds tasks."]
+                if options.method == "many"
+                else []
+            ),
+            *(
+                ["- `experts/TASK/`: each task's own LoRA, for `many infer --lm-routing experts`."]
+                if options.experts
+                else []
+            ),
+            "",
+            "## Loading",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForImageTextToText",
+            "",
+            f'base = AutoModelForImageTextToText.from_pretrained("{base}")',
+            'model = PeftModel.from_pretrained(base, "THIS_DIRECTORY")',
+            "```",
+            "",
+        ]
+    ).replace("\n\n\n", "\n\n")
 
 
 def _task_rows(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None) -> list[str]:
     """One table row per task, in merge order: earlier tasks from the resumed state first."""
-    sources = [(name, fingerprint, f"state of `{resume}`") for name, fingerprint in previous] + \
-              [(name, fingerprint, "adapter") for name, fingerprint in tasks]
-    return [f"| {number} | {name} | `{fingerprint}` | {source} |"
-            for number, (name, fingerprint, source) in enumerate(sources, start=1)]
+    sources = [(name, fingerprint, f"state of `{resume}`") for name, fingerprint in previous] + [
+        (name, fingerprint, "adapter") for name, fingerprint in tasks
+    ]
+    return [
+        f"| {number} | {name} | `{fingerprint}` | {source} |"
+        for number, (name, fingerprint, source) in enumerate(sources, start=1)
+    ]
 
 
 def _settings(options: "MergeOptions") -> list[str]:
     settings = [f"- method: `{options.method}`", f"- scale λ: {options.scale:g}"]
     if options.method == "many":
-        weighting = ("balanced (each task divided by its token count)" if options.balance
-                     else "by calibration tokens (plain least squares)")
-        settings += [f"- ridge ρ: {options.ridge:g} (relative to the mean diagonal of each Gram matrix)",
-                     f"- weighting: {weighting}"]
+        weighting = (
+            "balanced (each task divided by its token count)"
+            if options.balance
+            else "by calibration tokens (plain least squares)"
+        )
+        settings += [
+            f"- ridge ρ: {options.ridge:g} (relative to the mean diagonal of each Gram matrix)",
+            f"- weighting: {weighting}",
+        ]
         if options.alpha != 1:
             settings.append(f"- off-diagonal reduction α: {options.alpha:g} (RegMean: α C + (1 − α) diag C)")
         settings.append(f"- merge state stored in {options.state_precision}")
@@ -86,27 +109,46 @@ def _settings(options: "MergeOptions") -> list[str]:
         settings.append(f"- TIES density: {options.density:g}")
     settings.append(f"- default routing temperature η: {options.eta:g}")
     if options.rank is not None:
-        settings.append(f"- rank budget: --rank {options.rank} (one uniform r; the best rank-{options.rank} fit "
-                        f"in each layer's output space{'' if options.method == 'many' else ', plain Frobenius'})")
+        settings.append(
+            f"- rank budget: --rank {options.rank} (one uniform r; the best rank-{options.rank} fit "
+            f"in each layer's output space{'' if options.method == 'many' else ', plain Frobenius'})"
+        )
     return settings
 
 
-def _front_matter(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], options: "MergeOptions",
-                  base_model: str | None, base_fingerprint: str, report: "MergeReport") -> str:
+def _front_matter(
+    tasks: list[tuple[str, str]],
+    previous: list[tuple[str, str]],
+    options: "MergeOptions",
+    base_model: str | None,
+    base_fingerprint: str,
+    report: "MergeReport",
+) -> str:
     """The Hugging Face card metadata (YAML): the hub's own fields, and the merge under `many`.
     A local base path is not a hub id, so it is kept under `many` only."""
     is_hub_id = base_model is not None and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
-    merge = {"method": options.method, "tasks": [name for name, _ in previous + tasks], "scale": options.scale,
-             "eta": options.eta, "base_model": base_model, "base_fingerprint": base_fingerprint or None}
+    merge = {
+        "method": options.method,
+        "tasks": [name for name, _ in previous + tasks],
+        "scale": options.scale,
+        "eta": options.eta,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint or None,
+    }
     if options.method == "many":
-        merge.update(ridge=options.ridge, balance=options.balance, alpha=options.alpha,
-                     state_precision=options.state_precision)
+        merge.update(
+            ridge=options.ridge, balance=options.balance, alpha=options.alpha, state_precision=options.state_precision
+        )
     if options.method == "ties":
         merge["density"] = options.density
     if options.rank is not None:
         merge.update(rank=options.rank, energy_kept=round(report.energy_kept(), 6))
-    return ModelCardData(library_name="peft", base_model=base_model if is_hub_id else None,
-                         tags=["lora", "many", "model-merging", "continual-learning"], many=merge).to_yaml()
+    return ModelCardData(
+        library_name="peft",
+        base_model=base_model if is_hub_id else None,
+        tags=["lora", "many", "model-merging", "continual-learning"],
+        many=merge,
+    ).to_yaml()
 
 
 def _energy_table(report: "MergeReport") -> list[str]:
@@ -114,6 +156,17 @@ def _energy_table(report: "MergeReport") -> list[str]:
     if not report.energy:
         return []
     rows = [f"| {module} | {report.energy_kept(module):.4%} |" for module in report.energy]
-    return ["", "## Rank budget", "", f"Output energy kept over all modules: {report.energy_kept():.4%}.", "",
-            "<details><summary>per module</summary>", "", "| module | energy kept |", "|---|---|", *rows, "",
-            "</details>"]
+    return [
+        "",
+        "## Rank budget",
+        "",
+        f"Output energy kept over all modules: {report.energy_kept():.4%}.",
+        "",
+        "<details><summary>per module</summary>",
+        "",
+        "| module | energy kept |",
+        "|---|---|",
+        *rows,
+        "",
+        "</details>",
+    ]

@@ -25,8 +25,12 @@ from many_cli.errors import InputError, OutputError, Terminated
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs
 from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).",
+)
 app.add_typer(bench_app, name="bench")
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -39,12 +43,22 @@ def with_options(settings: type) -> Callable[[Callable], Callable]:
     fields = [field for field in dataclasses.fields(settings) if "flag" in field.metadata]
 
     def decorate(command: Callable) -> Callable:
-        own = [parameter for parameter in inspect.signature(command, eval_str=True).parameters.values()
-               if parameter.name != "options"]
-        declared = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                      annotation=Annotated[hints[field.name],
-                                                           typer.Option(field.metadata["flag"], help=field.metadata["help"])])
-                    for field in fields]
+        own = [
+            parameter
+            for parameter in inspect.signature(command, eval_str=True).parameters.values()
+            if parameter.name != "options"
+        ]
+        declared = [
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=field.default,
+                annotation=Annotated[
+                    hints[field.name], typer.Option(field.metadata["flag"], help=field.metadata["help"])
+                ],
+            )
+            for field in fields
+        ]
 
         @functools.wraps(command)
         def run(**arguments: Any) -> Any:
@@ -53,7 +67,9 @@ def with_options(settings: type) -> Callable[[Callable], Callable]:
 
         del run.__wrapped__  # typer must see the signature below, not the command's own
         run.__signature__ = inspect.Signature([*own, *declared])
-        run.__annotations__ = {parameter.name: parameter.annotation for parameter in run.__signature__.parameters.values()}
+        run.__annotations__ = {
+            parameter.name: parameter.annotation for parameter in run.__signature__.parameters.values()
+        }
         return run
 
     return decorate
@@ -74,9 +90,16 @@ def quiet_libraries() -> None:
 def _track(items, description):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[item]}"), TimeElapsedColumn(),
-                  console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[item]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    ) as progress:
         task = progress.add_task(description, total=len(items), item="")
         for item in items:
             progress.update(task, item=getattr(item, "key", item))
@@ -87,16 +110,30 @@ def _track(items, description):
 @app.command("merge")
 @with_options(MergeOptions)
 def merge_command(
-    adapters: Annotated[list[Path], typer.Argument(readable=False, help="Adapter directories in task order, or one folder holding them (name order).")],
-    out: Annotated[Path, typer.Option("--out", readable=False, help="Output directory (must not exist unless --force).")],
-    resume: Annotated[Optional[Path], typer.Option("--resume", readable=False, help="A previous merge directory to add these tasks to.")] = None,
+    adapters: Annotated[
+        list[Path],
+        typer.Argument(
+            readable=False, help="Adapter directories in task order, or one folder holding them (name order)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", readable=False, help="Output directory (must not exist unless --force).")
+    ],
+    resume: Annotated[
+        Optional[Path],
+        typer.Option("--resume", readable=False, help="A previous merge directory to add these tasks to."),
+    ] = None,
     *,
     options: MergeOptions,
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options.check()
-    require_inputs({**{adapter: "adapter directory not found" for adapter in adapters},
-                    **({resume: "merge directory to resume from not found"} if resume else {})})
+    require_inputs(
+        {
+            **{adapter: "adapter directory not found" for adapter in adapters},
+            **({resume: "merge directory to resume from not found"} if resume else {}),
+        }
+    )
     from many_cli.merge import merge
 
     report = merge(adapters, out, options, resume=resume, track=_track)
@@ -106,8 +143,10 @@ def merge_command(
         stderr.print(f"[yellow]warning:[/] {line}", highlight=False)
     for line in report.notes:
         stderr.print(f"note: {line}", highlight=False)
-    stderr.print(f"merged {len(report.tasks)} tasks ({', '.join(report.tasks)}) over "
-                 f"{report.modules} modules into {report.out}", highlight=False)
+    stderr.print(
+        f"merged {len(report.tasks)} tasks ({', '.join(report.tasks)}) over {report.modules} modules into {report.out}",
+        highlight=False,
+    )
 
 
 @app.command("export")
@@ -115,21 +154,33 @@ def merge_command(
 def export_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory.")],
     merged: Annotated[Path, typer.Option("--merged", readable=False, help="A `many merge` output directory.")],
-    out: Annotated[Path, typer.Option("--out", readable=False, help="The transformers model directory to write (must not exist unless --force).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", readable=False, help="The transformers model directory to write (must not exist unless --force)."
+        ),
+    ],
     *,
     options: ExportOptions,
 ) -> None:
     """Write a standard transformers model: the merged LoRA folded into the base, one projector chosen."""
     options.check()
-    require_inputs({merged: "merge directory not found",
-                    Path(model).expanduser(): "not found: export reads the base model's own files: give a local model "
-                                              "directory (for a hub id, its snapshot folder)"})
+    require_inputs(
+        {
+            merged: "merge directory not found",
+            Path(model).expanduser(): "not found: export reads the base model's own files: give a local model "
+            "directory (for a hub id, its snapshot folder)",
+        }
+    )
     quiet_libraries()
     from many_cli.export import export
 
     report = export(model, merged, out, options, track=_track)
-    stderr.print(f"folded {report.folded} merged LoRA modules into {report.tensors} tensors with the "
-                 f"{report.projector} projector -> {report.out}", highlight=False)
+    stderr.print(
+        f"folded {report.folded} merged LoRA modules into {report.tensors} tensors with the "
+        f"{report.projector} projector -> {report.out}",
+        highlight=False,
+    )
 
 
 class _RecordsBar:
@@ -138,10 +189,16 @@ class _RecordsBar:
     def __init__(self, total: int | None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(TextColumn("stats"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[rate]} records/s, {task.fields[tokens]} tokens"),
-                                  TimeElapsedColumn(), console=stderr, transient=True,
-                                  disable=not stderr.is_terminal)
+        self._progress = Progress(
+            TextColumn("stats"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} records/s, {task.fields[tokens]} tokens"),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+            disable=not stderr.is_terminal,
+        )
         self._task = self._progress.add_task("stats", total=total, rate="-", tokens=0)
         self._tokens = 0
         self._progress.start()
@@ -161,8 +218,14 @@ class _RecordsBar:
 def stats_command(
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
     adapter: Annotated[Path, typer.Option("--adapter", readable=False, help="The task's PEFT adapter directory.")],
-    data: Annotated[Path, typer.Option("--data", readable=False, help="Calibration data: a folder of images, a .jsonl or a LLaVA .json.")],
-    out: Annotated[Optional[Path], typer.Option("--out", readable=False, help="Stats file (default: ADAPTER/many_stats.safetensors).")] = None,
+    data: Annotated[
+        Path,
+        typer.Option("--data", readable=False, help="Calibration data: a folder of images, a .jsonl or a LLaVA .json."),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", readable=False, help="Stats file (default: ADAPTER/many_stats.safetensors)."),
+    ] = None,
     *,
     options: StatsOptions,
 ) -> None:
@@ -188,23 +251,50 @@ def stats_command(
     for line in report.notes:
         stderr.print(f"note: {line}", highlight=False)
     skipped = f", skipped {report.skipped} bad records" if report.skipped else ""
-    stderr.print(f"{report.records} records, {report.tokens} tokens, {report.images} images{skipped}: "
-                 f"{report.inputs} distinct inputs of {report.modules} adapted layers -> {report.out}",
-                 highlight=False)
+    stderr.print(
+        f"{report.records} records, {report.tokens} tokens, {report.images} images{skipped}: "
+        f"{report.inputs} distinct inputs of {report.modules} adapted layers -> {report.out}",
+        highlight=False,
+    )
 
 
 @app.command("infer")
 @with_options(InferOptions)
 def infer_command(  # long only by the parameters typer declares: the body is six steps
     model: Annotated[str, typer.Option("--model", help="Base model: a local transformers directory (or a hub id).")],
-    merged: Annotated[Optional[Path], typer.Option("--merged", readable=False, help="A `many merge` output directory.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", readable=False, help="Instead of --merged: one task's own adapter (LoRA and projector), no merge: that task's upper bound.")] = None,
+    merged: Annotated[
+        Optional[Path], typer.Option("--merged", readable=False, help="A `many merge` output directory.")
+    ] = None,
+    adapter: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--adapter",
+            readable=False,
+            help="Instead of --merged: one task's own adapter (LoRA and projector), no merge: that task's upper bound.",
+        ),
+    ] = None,
     image: Annotated[Optional[Path], typer.Option("--image", readable=False, help="One image to answer about.")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.")] = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", readable=False, help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", readable=False, help="With --data: write JSON lines here (default: standard output).")] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--prompt",
+            help=f"The question (also for a folder of images) [default: {DEFAULT_PROMPT}]; alone, a text prompt.",
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--data", readable=False, help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks."
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", readable=False, help="With --data: write JSON lines here (default: standard output)."),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="With --image: print one JSON object.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier `many infer` output.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an --out that is not an earlier `many infer` output.")
+    ] = False,
     *,
     options: InferOptions,
 ) -> None:
@@ -212,8 +302,10 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     import json
 
     if (merged is None) == (adapter is None):
-        raise InputError(None, "give --merged MERGE (a `many merge` output) or --adapter ADAPTER (one task's own "
-                               "adapter), one of them")
+        raise InputError(
+            None,
+            "give --merged MERGE (a `many merge` output) or --adapter ADAPTER (one task's own adapter), one of them",
+        )
     answering = merged or adapter
 
     single = image is not None or (prompt is not None and not data)
@@ -222,8 +314,12 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     options.check()
     if image is not None and not image.is_file():
         raise InputError(image, "image not found")
-    require_inputs({answering: "merge directory not found" if merged else "adapter directory not found",
-                    **{source: "data not found" for source in data or []}})
+    require_inputs(
+        {
+            answering: "merge directory not found" if merged else "adapter directory not found",
+            **{source: "data not found" for source in data or []},
+        }
+    )
     quiet_libraries()
     from many_cli import infer
     from many_cli.data import Record
@@ -236,8 +332,11 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     for note in loaded.notes:
         stderr.print(f"note: {note}", highlight=False)
     if single:
-        [prediction] = infer.answer(loaded, [Record(str(image or "--prompt"), (image,) if image else (), options.prompt, None)],
-                                    options.max_new_tokens)
+        [prediction] = infer.answer(
+            loaded,
+            [Record(str(image or "--prompt"), (image,) if image else (), options.prompt, None)],
+            options.max_new_tokens,
+        )
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
@@ -249,8 +348,11 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     scores = infer.accuracy_by_task(predictions)
     if not scores:
         if options.min_accuracy is not None:  # a gate that scored nothing must not pass
-            _fail(1, f"--min-accuracy {options.min_accuracy}: no record of {', '.join(map(str, data))} "
-                     f"has an answer, so nothing was scored")
+            _fail(
+                1,
+                f"--min-accuracy {options.min_accuracy}: no record of {', '.join(map(str, data))} "
+                f"has an answer, so nothing was scored",
+            )
         return
     average = infer.average_accuracy(scores)
     _print_accuracy(scores, average)
@@ -265,8 +367,11 @@ def _check_infer_mode(single: bool, data: bool, data_only_options: bool, json_ou
     unused = ["--out or --min-accuracy"] if single and data_only_options else []
     unused += ["--json"] if json_output and data else []
     if unused:
-        raise InputError(None, f"{unused[0]} does not apply here: --out and --min-accuracy go with --data, "
-                               f"--json with --image or --prompt alone")
+        raise InputError(
+            None,
+            f"{unused[0]} does not apply here: --out and --min-accuracy go with --data, "
+            f"--json with --image or --prompt alone",
+        )
 
 
 @contextmanager
@@ -296,9 +401,29 @@ def _print_accuracy(scores: dict[str, tuple[int, int]], average: float) -> None:
 @app.command("report")
 @with_options(ReportOptions)
 def report_command(
-    predictions: Annotated[list[Path], typer.Argument(readable=False, help="`many infer --merged ... --data` outputs in merge order: one per step, each scoring every task merged so far.")],
-    out: Annotated[Path, typer.Option("--out", readable=False, help="The folder for report.json, report.md and index.html (replaced when it holds an earlier report).")],
-    upper: Annotated[Optional[list[Path]], typer.Option("--upper", readable=False, help="`many infer --adapter ... --data` outputs: each task's own adapter, its upper bound; repeat per task.")] = None,
+    predictions: Annotated[
+        list[Path],
+        typer.Argument(
+            readable=False,
+            help="`many infer --merged ... --data` outputs in merge order: one per step, each scoring every task merged so far.",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            readable=False,
+            help="The folder for report.json, report.md and index.html (replaced when it holds an earlier report).",
+        ),
+    ],
+    upper: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--upper",
+            readable=False,
+            help="`many infer --adapter ... --data` outputs: each task's own adapter, its upper bound; repeat per task.",
+        ),
+    ] = None,
     *,
     options: ReportOptions,
 ) -> None:
@@ -307,12 +432,16 @@ def report_command(
     require_inputs({path: "prediction file not found" for path in [*predictions, *(upper or [])]})
     from many_cli.report import ADAPTER, MERGE, build_report, gate, read_predictions, write_report
 
-    report = build_report([read_predictions(path, MERGE) for path in predictions],
-                          [read_predictions(path, ADAPTER) for path in upper or []])
+    report = build_report(
+        [read_predictions(path, MERGE) for path in predictions],
+        [read_predictions(path, ADAPTER) for path in upper or []],
+    )
     refuse_overlap(out, [*predictions, *(upper or [])])
     write_report(report, out, options.force)
-    print(f"final average accuracy {100 * report['final_average_accuracy']:.1f}% after {len(predictions)} step(s) "
-          f"-> {out / 'index.html'}")
+    print(
+        f"final average accuracy {100 * report['final_average_accuracy']:.1f}% after {len(predictions)} step(s) "
+        f"-> {out / 'index.html'}"
+    )
     failed = gate(report, options.min_final_accuracy, options.max_forgetting)
     if failed:
         _fail(1, failed)
@@ -320,7 +449,12 @@ def report_command(
 
 @app.command("convert")
 def convert_command(
-    source: Annotated[Path, typer.Argument(readable=False, help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin).")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            readable=False, help="A checkpoint in the original LLaVA training layout (LoRA + non_lora_trainables.bin)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", readable=False, help="The PEFT adapter directory to write.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
@@ -329,15 +463,22 @@ def convert_command(
     from many_cli.llava_layout import convert
 
     convert(source, out, force)
-    stderr.print(f"wrote {out}: PeftModel.from_pretrained(LlavaForConditionalGeneration..., {str(out)!r})",
-                 markup=False)
+    stderr.print(
+        f"wrote {out}: PeftModel.from_pretrained(LlavaForConditionalGeneration..., {str(out)!r})", markup=False
+    )
 
 
 @app.command("demo")
 def demo_command(
-    sample: Annotated[Path, typer.Option("--sample", readable=False, help="The sample folder (base/, adapters/, data/).")] = Path("sample_adapters"),
-    out: Annotated[Path, typer.Option("--out", readable=False, help="Where the adapters' copies, their stats and the merge go.")] = Path("many-demo"),
-    force: Annotated[bool, typer.Option("--force", help="Replace an --out that is not an earlier demo's untouched output.")] = False,
+    sample: Annotated[
+        Path, typer.Option("--sample", readable=False, help="The sample folder (base/, adapters/, data/).")
+    ] = Path("sample_adapters"),
+    out: Annotated[
+        Path, typer.Option("--out", readable=False, help="Where the adapters' copies, their stats and the merge go.")
+    ] = Path("many-demo"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an --out that is not an earlier demo's untouched output.")
+    ] = False,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
     require_inputs({sample: "sample folder not found"})
@@ -348,9 +489,11 @@ def demo_command(
     print(f"many infer with {report.merged} (MAny: merged LoRA + routed projectors):")
     for prediction in report.predictions:
         task, weight = max(prediction.routing.items(), key=lambda item: item[1])
-        print(f"  {prediction.record.image.relative_to(sample)}  {prediction.record.prompt!r} -> "
-              f"{prediction.prediction!r} (expected {prediction.record.answer!r}; routed to {task}, "
-              f"weight {weight:.2f})")
+        print(
+            f"  {prediction.record.image.relative_to(sample)}  {prediction.record.prompt!r} -> "
+            f"{prediction.prediction!r} (expected {prediction.record.answer!r}; routed to {task}, "
+            f"weight {weight:.2f})"
+        )
 
 
 def main() -> None:

@@ -49,8 +49,14 @@ def pooled_direction(features: torch.Tensor, image_shares: Sequence[int] | None 
     return F.normalize(pooled, dim=-1)
 
 
-def routing_weights(directions: torch.Tensor, prototypes: torch.Tensor, eta: float, routing: str,
-                    confidence: float | None = None, owners: torch.Tensor | None = None) -> torch.Tensor:
+def routing_weights(
+    directions: torch.Tensor,
+    prototypes: torch.Tensor,
+    eta: float,
+    routing: str,
+    confidence: float | None = None,
+    owners: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(images, tasks) weights: softmax(cos(f, µ_i) / η), or one-hot on the closest prototype.
     With `owners` (the task of each prototype row), a task has several rows and its similarity
     is that of its closest one (routing to the nearest calibration image's task). With
@@ -73,15 +79,24 @@ class RoutedProjector(nn.Module):
     """Σ_i w_i P_i(x) per image, with w from `routing_weights`; a projector whose weight is
     exactly 0 (hard routing) is not run for that image."""
 
-    def __init__(self, projectors: Sequence[nn.Module], prototypes: torch.Tensor, tasks: Sequence[str],
-                 eta: float, routing: str = "soft", confidence: float | None = None,
-                 owners: torch.Tensor | None = None):
+    def __init__(
+        self,
+        projectors: Sequence[nn.Module],
+        prototypes: torch.Tensor,
+        tasks: Sequence[str],
+        eta: float,
+        routing: str = "soft",
+        confidence: float | None = None,
+        owners: torch.Tensor | None = None,
+    ):
         super().__init__()
         if len(projectors) != len(tasks):
             raise ValueError("one projector per task")
         if owners is None and prototypes.shape[0] != len(tasks):
             raise ValueError("one prototype per task, or the owner task of each")
-        if owners is not None and (owners.shape != prototypes.shape[:1] or set(owners.tolist()) != set(range(len(tasks)))):
+        if owners is not None and (
+            owners.shape != prototypes.shape[:1] or set(owners.tolist()) != set(range(len(tasks)))
+        ):
             raise ValueError("every prototype row needs its owner task, and every task a row")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}")
@@ -98,11 +113,18 @@ class RoutedProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         image_features = image_features.to(self.prototypes.device)  # under a device map, the tower may sit elsewhere
-        weights = routing_weights(pooled_direction(image_features, self.image_shares),
-                                  self.prototypes, self.eta, self.routing, self.confidence, self.owners)
-        self.weights = weights        # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
-        self.last_weights = weights.detach() if self.last_weights is None else torch.cat([self.last_weights,
-                                                                                             weights.detach()])
+        weights = routing_weights(
+            pooled_direction(image_features, self.image_shares),
+            self.prototypes,
+            self.eta,
+            self.routing,
+            self.confidence,
+            self.owners,
+        )
+        self.weights = weights  # Images then videos when a forward encodes both; `last_weights = None` starts afresh.
+        self.last_weights = (
+            weights.detach() if self.last_weights is None else torch.cat([self.last_weights, weights.detach()])
+        )
         # Rows along the first dimension are whole images, crops or tiles (then a projector runs
         # on the rows of the images routed to it); a flat list of patches (Qwen-VL, Mistral3)
         # is merged across neighbours, so each projector runs on all of it.
@@ -121,8 +143,11 @@ class RoutedProjector(nn.Module):
                 scale = self._spread(weight, projected.shape[0])
             term = _scaled(projected, scale)
             if output is None:
-                output = torch.zeros((image_features.shape[0], *projected.shape[1:]) if per_row
-                                     else projected.shape, dtype=projected.dtype, device=projected.device)
+                output = torch.zeros(
+                    (image_features.shape[0], *projected.shape[1:]) if per_row else projected.shape,
+                    dtype=projected.dtype,
+                    device=projected.device,
+                )
             if per_row:
                 output[chosen] += term
             else:
@@ -132,8 +157,10 @@ class RoutedProjector(nn.Module):
     def mix(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Σ_i w_i outputs_i, one output per task, with the latest forward's weights spread over
         each image's rows: the mixture for projectors that ran before this one decided."""
-        return sum(_scaled(output, self._spread(weight, output.shape[0]))
-                   for weight, output in zip(self.weights.T, outputs, strict=True))
+        return sum(
+            _scaled(output, self._spread(weight, output.shape[0]))
+            for weight, output in zip(self.weights.T, outputs, strict=True)
+        )
 
     def _spread(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
         """Each image's weight repeated over its share of `rows` rows."""

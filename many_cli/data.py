@@ -23,6 +23,7 @@ OTHER_TAGS = ("<video>", "<audio>")  # a record holds one of each, placed before
 @dataclass(frozen=True, eq=False)
 class InlineImage:
     """An image a data set holds itself (a Hugging Face image column), named for messages."""
+
     label: str
     image: Image.Image
 
@@ -35,6 +36,7 @@ class Record:
     """One conversation: its earlier turns, the last user turn (`prompt`) and, when it has one,
     the answer to it. Images go at the `<image>` tags of the texts, in order, or, when no text has
     a tag, at the start of the first user turn (as for a one-image record of many's JSONL)."""
+
     source: str  # where it came from, for messages: "data.jsonl:12" or the image path
     images: tuple[Path | InlineImage, ...]
     prompt: str
@@ -57,6 +59,7 @@ class Record:
 @dataclass(frozen=True)
 class Media:
     """A record's inputs besides its text, read as the processor takes them."""
+
     images: tuple[Image.Image, ...] = ()
     audio: np.ndarray | None = None
     video: list[Image.Image] | str | None = None
@@ -100,8 +103,11 @@ def load_audio(record: Record, sampling_rate: int) -> np.ndarray:
             if handle.getsampwidth() != 2:
                 raise InputError(record.source, f"audio {record.audio} is not 16-bit PCM WAV")
             if handle.getframerate() != sampling_rate:
-                raise InputError(record.source, f"audio {record.audio} is sampled at {handle.getframerate()} Hz; "
-                                                f"the model needs {sampling_rate} Hz")
+                raise InputError(
+                    record.source,
+                    f"audio {record.audio} is sampled at {handle.getframerate()} Hz; "
+                    f"the model needs {sampling_rate} Hz",
+                )
             frames = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
             channels = handle.getnchannels()
     except FileNotFoundError:
@@ -119,8 +125,9 @@ def load_video(record: Record) -> list[Image.Image] | str:
         return str(record.video)
     frames = sorted(path for path in record.video.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not frames:
-        raise InputError(record.source, f"video folder {record.video} holds no frames "
-                                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputError(
+            record.source, f"video folder {record.video} holds no frames ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return [load_image(record.source, frame) for frame in frames]
 
 
@@ -134,8 +141,11 @@ def load_inputs(processor, record: Record) -> Media:
         audio = load_audio(record, extractor.sampling_rate)
     if record.video is not None and getattr(processor, "video_processor", None) is None:
         raise InputError(record.source, "has a video, but the model's processor takes no video")
-    return Media(tuple(load_image(record.source, path) for path in record.images), audio,
-                 load_video(record) if record.video is not None else None)
+    return Media(
+        tuple(load_image(record.source, path) for path in record.images),
+        audio,
+        load_video(record) if record.video is not None else None,
+    )
 
 
 def messages(record: Record, with_answer: bool = True, multimodal: bool = True) -> list[dict]:
@@ -154,7 +164,7 @@ def messages(record: Record, with_answer: bool = True, multimodal: bool = True) 
     for index, (role, text) in enumerate(turns):
         parts = []
         if index == first_user:
-            lead = ([] if tagged else ["image"] * len(record.images))
+            lead = [] if tagged else ["image"] * len(record.images)
             parts += [{"type": kind} for kind in lead + [k for k in ("audio", "video") if getattr(record, k)]]
         conversation.append({"role": role, "content": parts + _text_parts(text)})
     return conversation
@@ -186,12 +196,16 @@ def answer_token_counts(processor, records: list[Record]) -> list[int]:
         if record.answer is None:
             counts.append(0)
             continue
-        prompt = processor.apply_chat_template(messages(record, False, multimodal), add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = processor.apply_chat_template(
+            messages(record, False, multimodal), add_generation_prompt=True, tokenize=False
+        )
         full = processor.apply_chat_template(messages(record, True, multimodal), tokenize=False)
         if not full.startswith(prompt):
-            raise InputError(record.source, "the chat template does not write the answer after the generation "
-                                            "prompt, so its tokens cannot be told apart (--answer-weight)")
+            raise InputError(
+                record.source,
+                "the chat template does not write the answer after the generation "
+                "prompt, so its tokens cannot be told apart (--answer-weight)",
+            )
         lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (full, prompt)]
         counts.append(lengths[0] - lengths[1])
     return counts
@@ -208,13 +222,24 @@ def tokenizer_of(processor):
 
 def encode_loaded(processor, records: list[Record], media: list[Media], with_answers: bool = True) -> dict:
     """`encode_records` for records whose media `load_inputs` read."""
-    return encode_records(processor, records, [image for item in media for image in item.images], with_answers,
-                          audios=[item.audio for item in media if item.audio is not None],
-                          videos=[item.video for item in media if item.video is not None])
+    return encode_records(
+        processor,
+        records,
+        [image for item in media for image in item.images],
+        with_answers,
+        audios=[item.audio for item in media if item.audio is not None],
+        videos=[item.video for item in media if item.video is not None],
+    )
 
 
-def encode_records(processor, records: list[Record], images: list, with_answers: bool = True,
-                   audios: list | None = None, videos: list | None = None) -> dict:
+def encode_records(
+    processor,
+    records: list[Record],
+    images: list,
+    with_answers: bool = True,
+    audios: list | None = None,
+    videos: list | None = None,
+) -> dict:
     """Model inputs for a batch: the chat template's text, tokenized with the images; the
     generation prompt closes every conversation that ends on the user's turn."""
     multimodal = is_multimodal(processor)
@@ -223,8 +248,11 @@ def encode_records(processor, records: list[Record], images: list, with_answers:
     texts = []
     for record in records:
         answered = with_answers and record.answer is not None
-        texts.append(processor.apply_chat_template(messages(record, with_answers, multimodal),
-                                                   add_generation_prompt=not answered, tokenize=False))
+        texts.append(
+            processor.apply_chat_template(
+                messages(record, with_answers, multimodal), add_generation_prompt=not answered, tokenize=False
+            )
+        )
     if not multimodal:  # the template already wrote the special tokens
         return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     # One list of images per record: what every multimodal processor accepts (Gemma3 requires it).

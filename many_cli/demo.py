@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from many_cli.data import BadRecord, Record
-from many_cli.formats import read_records
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, file_fingerprint, refuse_overlap
+from many_cli.formats import read_records
 from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.state import STATS_FILE
 from many_cli.stats import StatsOptions, collect_stats
-
 
 # Written last into the demo's output: every file the demo wrote and its fingerprint, so that a
 # later `many demo` replaces that folder only while it holds exactly what the demo left there.
@@ -38,8 +37,9 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
     An existing `out` is replaced when it is an earlier demo's untouched output, or with `force`."""
     base, adapters = sample / "base", sample / "adapters"
     if not adapters.is_dir() or not base.is_dir():
-        raise InputError(sample, "is not a sample folder (it needs base/ and adapters/; regenerate it "
-                                 "with `many bench sample`)")
+        raise InputError(
+            sample, "is not a sample folder (it needs base/ and adapters/; regenerate it with `many bench sample`)"
+        )
     tasks = sorted(path.name for path in adapters.iterdir() if path.is_dir())
     records = [_first_record(sample / "data" / task / "evaluation.jsonl") for task in tasks]
     refuse_overlap(out, [sample])
@@ -79,8 +79,7 @@ def _files(folder: Path) -> dict[str, str]:
             relative = path.relative_to(folder).as_posix()
             if relative == MANIFEST:
                 continue
-            entries[relative] = ("link" if path.is_symlink() else "folder" if path.is_dir()
-                                 else file_fingerprint(path))
+            entries[relative] = "link" if path.is_symlink() else "folder" if path.is_dir() else file_fingerprint(path)
     return entries
 
 

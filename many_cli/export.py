@@ -18,11 +18,11 @@ from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
 from many_cli.files import atomic_output_dir, read_json, refuse_overlap
-from many_cli.tensorfiles import DTYPES, StreamingSafetensorsWriter, open_safetensors
 from many_cli.layouts import renamer
 from many_cli.models import auto_model_classes, base_fingerprint, load_processor
 from many_cli.options import MEAN, ROUTED, ExportOptions
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
+from many_cli.tensorfiles import DTYPES, StreamingSafetensorsWriter, open_safetensors
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _INDEX = "model.safetensors.index.json"
@@ -39,13 +39,16 @@ class ExportReport:
     tensors: int
 
 
-def export(base: str, merged: Path, out: Path, options: ExportOptions = ExportOptions(),
-           track: Track = lambda items, _: items) -> ExportReport:
+def export(
+    base: str, merged: Path, out: Path, options: ExportOptions = ExportOptions(), track: Track = lambda items, _: items
+) -> ExportReport:
     """Write the base model with `merged` folded in to `out` (see the module's docstring)."""
     base_dir = Path(base).expanduser()
     if not (base_dir / "config.json").is_file():
-        raise InputError(base, "export reads the base model's own files: give a local model directory "
-                               "(for a hub id, its snapshot folder)")
+        raise InputError(
+            base,
+            "export reads the base model's own files: give a local model directory (for a hub id, its snapshot folder)",
+        )
     base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
     load_processor(str(base_dir))  # the export must load as the base does, processor included
     bundle = read_merge_output(merged)
@@ -75,7 +78,7 @@ def _shards(base_dir: Path) -> dict[str, list[str]]:
     if (base_dir / _INDEX).is_file():
         weight_map = read_json(base_dir / _INDEX).get("weight_map", {})
         if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(base_dir / _INDEX, "has no \"weight_map\" object naming the shards")
+            raise InputError(base_dir / _INDEX, 'has no "weight_map" object naming the shards')
         files = sorted(set(weight_map.values()), key=str)
         for name in files:
             _check_shard_name(base_dir / _INDEX, name)
@@ -94,8 +97,11 @@ def _check_shard_name(index: Path, name: object) -> None:
     shard being read)."""
     parts = PurePosixPath(name).parts if isinstance(name, str) else ()
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise InputError(index, f"names the shard {name!r}, which is not a path inside the model's folder; "
-                                f"name each shard relative to it (for example model-00001-of-00002.safetensors)")
+        raise InputError(
+            index,
+            f"names the shard {name!r}, which is not a path inside the model's folder; "
+            f"name each shard relative to it (for example model-00001-of-00002.safetensors)",
+        )
 
 
 def _meta_model(base_dir: Path) -> nn.Module:
@@ -109,8 +115,9 @@ def _meta_model(base_dir: Path) -> nn.Module:
                 return auto.from_config(config)
         except ValueError:
             continue
-    raise InputError(base_dir, "is neither an image-text-to-text, a multimodal nor a causal language model "
-                               "transformers knows")
+    raise InputError(
+        base_dir, "is neither an image-text-to-text, a multimodal nor a causal language model transformers knows"
+    )
 
 
 def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -131,14 +138,20 @@ def _folds(adapter: Adapter, raw_names: dict[str, str], merged: Path) -> dict[st
     for module in adapter.modules.values():
         key = raw_names.get(f"{module.name}.weight")
         if key is None:
-            raise InputError(merged, f"module {module.name} has no weight in the base checkpoint that can be "
-                                     f"rewritten: merged for another model?")
+            raise InputError(
+                merged,
+                f"module {module.name} has no weight in the base checkpoint that can be "
+                f"rewritten: merged for another model?",
+            )
 
         def fold(weight: torch.Tensor, module=module) -> torch.Tensor:
             a, b = adapter.lora_factors(module.name)
             if weight.shape != (b.shape[0], a.shape[1]):
-                raise InputError(merged, f"module {module.name} is {b.shape[0]}×{a.shape[1]}, the base weight "
-                                         f"{tuple(weight.shape)}: merged for another model?")
+                raise InputError(
+                    merged,
+                    f"module {module.name} is {b.shape[0]}×{a.shape[1]}, the base weight "
+                    f"{tuple(weight.shape)}: merged for another model?",
+                )
             return torch.addmm(weight.float(), b.float(), a.float(), alpha=module.scale).to(weight.dtype)
 
         changes[key] = fold
@@ -159,8 +172,11 @@ def _projector(model: nn.Module, bundle: BundleHeader, choice: str, raw_names: d
         for parameter in states[0]:
             key = raw_names.get(f"{module_name(model, path)}.{parameter}")
             if key is None:
-                raise InputError(bundle.path, f"the projector parameter {path}.{parameter} has no tensor in the "
-                                              f"base checkpoint that can be rewritten")
+                raise InputError(
+                    bundle.path,
+                    f"the projector parameter {path}.{parameter} has no tensor in the "
+                    f"base checkpoint that can be rewritten",
+                )
             value = torch.stack([state[parameter].float() for state in states]).mean(dim=0)
             changes[key] = lambda weight, value=value, key=key: _replace(weight, value, bundle.path, key)
     return changes
@@ -170,15 +186,20 @@ def _chosen_tasks(bundle: BundleHeader, choice: str) -> list[int]:
     if choice in (MEAN, ROUTED):
         return list(range(len(bundle.tasks)))
     if choice not in bundle.tasks:
-        raise InputError(bundle.path, f"has no task {choice!r} (its tasks: {', '.join(bundle.tasks)}); --projector "
-                                      f"takes a task, mean or routed")
+        raise InputError(
+            bundle.path,
+            f"has no task {choice!r} (its tasks: {', '.join(bundle.tasks)}); --projector takes a task, mean or routed",
+        )
     return [bundle.tasks.index(choice)]
 
 
 def _replace(weight: torch.Tensor, value: torch.Tensor, bundle: Path, key: str) -> torch.Tensor:
     if weight.shape != value.shape:
-        raise InputError(bundle, f"its projector tensor for {key} is {tuple(value.shape)}, the base's "
-                                 f"{tuple(weight.shape)}: merged for another model?")
+        raise InputError(
+            bundle,
+            f"its projector tensor for {key} is {tuple(value.shape)}, the base's "
+            f"{tuple(weight.shape)}: merged for another model?",
+        )
     return value.to(weight.dtype)
 
 
@@ -195,28 +216,43 @@ def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> Non
 
 def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:
     routed = projector == ROUTED
-    chosen = {MEAN: "the tasks' projectors averaged", ROUTED: "the tasks' projectors averaged (routed through "
-              "many, below)"}.get(projector, f"task {projector}'s projector")
-    return "\n".join([
-        "---",
-        "library_name: transformers",
-        "tags: [many, model-merging, continual-learning]",
-        "---",
-        "",
-        "# Model exported by `many export`",
-        "",
-        f"The base model `{base}` with the merged LoRA of `{merged}` folded into its weights "
-        f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. It loads as the base does:",
-        "",
-        "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        'model = AutoModelForImageTextToText.from_pretrained("THIS_DIRECTORY")',
-        'processor = AutoProcessor.from_pretrained("THIS_DIRECTORY")',
-        "```",
-        *(["", "With `many` installed, the task projectors are routed per image again (CPM), from "
-           f"`{BUNDLE_FILE}` beside the weights:", "", "```python", "import many_cli", "",
-           'routed = many_cli.load_routed("THIS_DIRECTORY")  # .model (ready to generate), .processor',
-           "```"] if routed else []),
-        "",
-    ])
+    chosen = {
+        MEAN: "the tasks' projectors averaged",
+        ROUTED: "the tasks' projectors averaged (routed through many, below)",
+    }.get(projector, f"task {projector}'s projector")
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [many, model-merging, continual-learning]",
+            "---",
+            "",
+            "# Model exported by `many export`",
+            "",
+            f"The base model `{base}` with the merged LoRA of `{merged}` folded into its weights "
+            f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. It loads as the base does:",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            "",
+            'model = AutoModelForImageTextToText.from_pretrained("THIS_DIRECTORY")',
+            'processor = AutoProcessor.from_pretrained("THIS_DIRECTORY")',
+            "```",
+            *(
+                [
+                    "",
+                    "With `many` installed, the task projectors are routed per image again (CPM), from "
+                    f"`{BUNDLE_FILE}` beside the weights:",
+                    "",
+                    "```python",
+                    "import many_cli",
+                    "",
+                    'routed = many_cli.load_routed("THIS_DIRECTORY")  # .model (ready to generate), .processor',
+                    "```",
+                ]
+                if routed
+                else []
+            ),
+            "",
+        ]
+    )

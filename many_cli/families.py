@@ -28,6 +28,7 @@ class Family:
     before the projector decides (Qwen3-VL's DeepStack mergers, on inner vision blocks): each
     task's versions run, and their outputs are weighted like the projector's once the module
     holding the list returns."""
+
     projector: str
     shares: Callable[[nn.Module, dict[str, Any]], list[int] | None] | None = None
     companions: str | None = None
@@ -43,14 +44,21 @@ def _grid_crops(owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None
     if pixel_values is None or pixel_values.dim() != 5 or sizes is None:
         return None
     rule = sys.modules[type(owner).__module__].image_size_to_num_patches
-    return [rule(image_size=size, grid_pinpoints=owner.config.image_grid_pinpoints,
-                 patch_size=owner.config.vision_config.image_size) for size in sizes]
+    return [
+        rule(
+            image_size=size,
+            grid_pinpoints=owner.config.image_grid_pinpoints,
+            patch_size=owner.config.vision_config.image_size,
+        )
+        for size in sizes
+    ]
 
 
 def _patch_grid(_owner: nn.Module, arguments: dict[str, Any]) -> list[int] | None:
     """Qwen-VL: a flat list of patches, t·h·w of them per image or video."""
-    grid = next((arguments[key] for key in ("image_grid_thw", "video_grid_thw") if arguments.get(key) is not None),
-                None)
+    grid = next(
+        (arguments[key] for key in ("image_grid_thw", "video_grid_thw") if arguments.get(key) is not None), None
+    )
     return None if grid is None else grid.prod(dim=-1).tolist()
 
 
@@ -138,15 +146,16 @@ def routable_modules(saved: list[str]) -> bool:
         kinds = [rf"(.*\.)?{re.escape(family.projector)}"]
         if family.companions:
             kinds.append(rf"(.*\.)?{re.escape(family.companions)}\.\d+")
-        if (any(re.fullmatch(kinds[0], name) for name in saved)
-                and all(any(re.fullmatch(kind, name) for kind in kinds) for name in saved)):
+        if any(re.fullmatch(kinds[0], name) for name in saved) and all(
+            any(re.fullmatch(kind, name) for kind in kinds) for name in saved
+        ):
             return True
     return False
 
 
 def _owner_name(model: nn.Module) -> str | None:
     name = _projector_name(model)
-    return None if name is None else name[:-len(family_of(model).projector)].rstrip(".")
+    return None if name is None else name[: -len(family_of(model).projector)].rstrip(".")
 
 
 def no_projector_reason(model: nn.Module) -> str:
@@ -154,7 +163,7 @@ def no_projector_reason(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = family_of(model)
     if family is None:
-        return (f"many knows no projector for model type {model_type!r} (known: {', '.join(sorted(FAMILIES))})")
+        return f"many knows no projector for model type {model_type!r} (known: {', '.join(sorted(FAMILIES))})"
     return f"the {model_type} model has no module {family.projector!r}"
 
 
@@ -182,7 +191,7 @@ def replace_projectors(model: nn.Module, router: nn.Module, deferred: Mapping[st
 def _settle(output: Any, deferred: list[nn.Module], router: nn.Module) -> None:
     """Swap, in every list the encoder returned, the deferred projectors' stand-ins for their
     routed mixtures."""
-    for value in (output.values() if hasattr(output, "values") else output):
+    for value in output.values() if hasattr(output, "values") else output:
         if isinstance(value, list):
             for projector in deferred:
                 projector.settle(value, router)

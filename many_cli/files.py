@@ -17,8 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-
 from many_cli.errors import InputError
+
 
 def check_readable(path: Path) -> None:
     """An unreadable input is named as such (not as missing or corrupt, as libraries report it)."""
@@ -64,8 +64,7 @@ def refuse_overlap(out: Path, inputs: Iterable[Path | str]) -> None:
         resolved = path.resolve()
         same = out.exists() and os.path.samefile(out, path)
         if same or target == resolved or target in resolved.parents or resolved in target.parents:
-            raise InputError(out, f"the output would overwrite the input {source}; choose an --out "
-                                  f"outside every input")
+            raise InputError(out, f"the output would overwrite the input {source}; choose an --out outside every input")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise InputError(out, "the output may not be the current directory or one of its parents")
 
@@ -165,8 +164,9 @@ def _acquire_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise InputError(out, "another many process is writing this output now; wait for it to "
-                                  "finish or choose another --out") from None
+            raise InputError(
+                out, "another many process is writing this output now; wait for it to finish or choose another --out"
+            ) from None
         try:
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 return handle
@@ -194,8 +194,11 @@ def _check_removable(out: Path) -> None:
     for root, directories, _ in os.walk(out):
         for folder in [root, *(os.path.join(root, name) for name in directories)]:
             if not os.path.islink(folder) and not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(out, f"cannot be replaced: you may not remove what {folder} holds (no write "
-                                      f"permission); choose another --out or fix its permissions")
+                raise InputError(
+                    out,
+                    f"cannot be replaced: you may not remove what {folder} holds (no write "
+                    f"permission); choose another --out or fix its permissions",
+                )
 
 
 def _remove(path: Path) -> None:

@@ -20,8 +20,14 @@ from many_cli.errors import InputError
 from many_cli.files import check_readable
 from many_cli.options import FORMATS, DataOptions, Reading  # noqa: F401 - public names
 
-_SHAPE_OF_FORMAT = {"many": "prompt", "llava": "conversation", "sharegpt": "conversation", "swift": "conversation",
-                    "internvl": "conversation", "alpaca": "alpaca"}
+_SHAPE_OF_FORMAT = {
+    "many": "prompt",
+    "llava": "conversation",
+    "sharegpt": "conversation",
+    "swift": "conversation",
+    "internvl": "conversation",
+    "alpaca": "alpaca",
+}
 _SHAPE_FIELDS = {"prompt": ("prompt",), "conversation": ("conversations", "messages"), "alpaca": ("instruction",)}
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MEDIA_LISTS = {"images": "image", "videos": "video", "audios": "audio"}
@@ -36,8 +42,11 @@ def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | 
     if data.name.startswith(f"{_DATASET_INFO}:"):
         return _dataset_info_records(data.with_name(_DATASET_INFO), data.name.split(":", 1)[1], reading)
     if not data.exists():
-        raise InputError(data, "data not found (expected a folder of images, a .jsonl or .json file, a Hugging Face "
-                               "dataset, or DIR/dataset_info.json:NAME)")
+        raise InputError(
+            data,
+            "data not found (expected a folder of images, a .jsonl or .json file, a Hugging Face "
+            "dataset, or DIR/dataset_info.json:NAME)",
+        )
     check_readable(data)
     if reading.format == "hf" or data.suffix in _HF_FILES or _is_saved_dataset(data):
         return _hf_records(data, reading)
@@ -47,8 +56,11 @@ def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | 
         return _jsonl_records(data, reading)
     if data.suffix == ".json":
         return _json_records(data, reading)
-    raise InputError(data, "unknown data format: expected a folder of images, a .jsonl or .json file, a .parquet "
-                           "or .arrow file, or a Hugging Face dataset folder")
+    raise InputError(
+        data,
+        "unknown data format: expected a folder of images, a .jsonl or .json file, a .parquet "
+        "or .arrow file, or a Hugging Face dataset folder",
+    )
 
 
 def read_all_records(sources: list[Path], reading: Reading = Reading()) -> Iterator[Record]:
@@ -72,6 +84,7 @@ def count_records(data: Path) -> int | None:
 
 # ---------------------------------------------------------------- files
 
+
 def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
     images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -80,8 +93,9 @@ def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
         yield Record(str(path), (path,), prompt, None, folder.name)
 
 
-def _jsonl_records(path: Path, reading: Reading, root: Path | None = None, task: str | None = None,
-                   shape: str | None = None) -> Iterator[Record | BadRecord]:
+def _jsonl_records(
+    path: Path, reading: Reading, root: Path | None = None, task: str | None = None, shape: str | None = None
+) -> Iterator[Record | BadRecord]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -95,8 +109,13 @@ def _jsonl_records(path: Path, reading: Reading, root: Path | None = None, task:
             except json.JSONDecodeError as error:
                 yield BadRecord(source, f"not JSON ({error.msg})")
                 continue
-            yield _entry_record(source, reading.media_dir or root or path.parent, entry, task or path.stem,
-                                shape or _SHAPE_OF_FORMAT.get(reading.format))
+            yield _entry_record(
+                source,
+                reading.media_dir or root or path.parent,
+                entry,
+                task or path.stem,
+                shape or _SHAPE_OF_FORMAT.get(reading.format),
+            )
 
 
 def _load_json(path: Path) -> Any:
@@ -109,14 +128,26 @@ def _load_json(path: Path) -> Any:
 def _json_records(path: Path, reading: Reading) -> Iterator[Record | BadRecord]:
     entries = _load_json(path)
     if path.name == _DATASET_INFO and isinstance(entries, dict):
-        raise InputError(path, f"is LLaMA-Factory's list of datasets: give one as --data {path}:NAME (its datasets: "
-                               f"{', '.join(sorted(entries)) or 'none'})")
-    if isinstance(entries, dict) and entries and all(isinstance(v, dict) and "annotation" in v for v in entries.values()):
+        raise InputError(
+            path,
+            f"is LLaMA-Factory's list of datasets: give one as --data {path}:NAME (its datasets: "
+            f"{', '.join(sorted(entries)) or 'none'})",
+        )
+    if (
+        isinstance(entries, dict)
+        and entries
+        and all(isinstance(v, dict) and "annotation" in v for v in entries.values())
+    ):
         return _internvl_records(path, entries, reading)
     if not isinstance(entries, list):
-        raise InputError(path, "expected a list of records (LLaVA, LLaMA-Factory) or InternVL's meta file (an "
-                               "object of datasets, each with root and annotation)")
-    return _list_records(path, entries, reading.media_dir or path.parent, path.stem, _SHAPE_OF_FORMAT.get(reading.format))
+        raise InputError(
+            path,
+            "expected a list of records (LLaVA, LLaMA-Factory) or InternVL's meta file (an "
+            "object of datasets, each with root and annotation)",
+        )
+    return _list_records(
+        path, entries, reading.media_dir or path.parent, path.stem, _SHAPE_OF_FORMAT.get(reading.format)
+    )
 
 
 def _list_records(path: Path, entries: list, root: Path, task: str, shape: str | None) -> Iterator[Record | BadRecord]:
@@ -149,9 +180,15 @@ def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[R
     if not path.is_file():
         raise InputError(info, f"dataset {name!r}: {path} not found")
     mapping = _LlamaFactoryMapping(entry)
-    raw = ((f"{path}:{number}", json.loads(line)) for number, line in enumerate(open(path, encoding="utf-8"), 1)
-           if line.strip()) if path.suffix == ".jsonl" else ((f"{path}[{index}]", value)
-                                                             for index, value in enumerate(_load_json(path)))
+    raw = (
+        (
+            (f"{path}:{number}", json.loads(line))
+            for number, line in enumerate(open(path, encoding="utf-8"), 1)
+            if line.strip()
+        )
+        if path.suffix == ".jsonl"
+        else ((f"{path}[{index}]", value) for index, value in enumerate(_load_json(path)))
+    )
     root = reading.media_dir or info.parent
     for source, value in raw:
         yield _entry_record(source, root, mapping.apply(value), name, mapping.shape)
@@ -162,11 +199,20 @@ class _LlamaFactoryMapping:
 
     def __init__(self, entry: dict):
         self.shape = "conversation" if entry.get("formatting", "alpaca") == "sharegpt" else "alpaca"
-        defaults = ({"messages": "conversations", "system": "system"} if self.shape == "conversation" else
-                    {"prompt": "instruction", "query": "input", "response": "output", "system": "system"})
+        defaults = (
+            {"messages": "conversations", "system": "system"}
+            if self.shape == "conversation"
+            else {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
+        )
         self.columns = {**defaults, **{kind: kind for kind in _MEDIA_LISTS}, **(entry.get("columns") or {})}
-        tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                "system_tag": "system", **(entry.get("tags") or {})}
+        tags = {
+            "role_tag": "from",
+            "content_tag": "value",
+            "user_tag": "human",
+            "assistant_tag": "gpt",
+            "system_tag": "system",
+            **(entry.get("tags") or {}),
+        }
         self.role, self.content = tags["role_tag"], tags["content_tag"]
         self.roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
 
@@ -178,12 +224,18 @@ class _LlamaFactoryMapping:
             record["system"] = value[self.columns["system"]]
         if self.shape == "alpaca":
             own = {"prompt": "instruction", "query": "input", "response": "output"}
-            return {**record, **{field: value[self.columns[key]] for key, field in own.items()
-                                 if self.columns[key] in value}}
+            return {
+                **record,
+                **{field: value[self.columns[key]] for key, field in own.items() if self.columns[key] in value},
+            }
         turns = value.get(self.columns["messages"])
         if isinstance(turns, list):
-            turns = [{"role": self.roles.get(turn.get(self.role), turn.get(self.role)), "content": turn.get(self.content)}
-                     if isinstance(turn, dict) else turn for turn in turns]
+            turns = [
+                {"role": self.roles.get(turn.get(self.role), turn.get(self.role)), "content": turn.get(self.content)}
+                if isinstance(turn, dict)
+                else turn
+                for turn in turns
+            ]
         return {**record, "messages": turns}
 
 
@@ -198,8 +250,9 @@ def _hf_records(data: Path, reading: Reading) -> Iterator[Record | BadRecord]:
     try:
         import datasets
     except ImportError:
-        raise InputError(data, "is a Hugging Face dataset; reading it needs the datasets package: "
-                               "pip install 'many-cli[datasets]'") from None
+        raise InputError(
+            data, "is a Hugging Face dataset; reading it needs the datasets package: pip install 'many-cli[datasets]'"
+        ) from None
     try:
         if data.is_dir():
             loaded = datasets.load_from_disk(str(data))
@@ -210,16 +263,23 @@ def _hf_records(data: Path, reading: Reading) -> Iterator[Record | BadRecord]:
         else:
             loaded = datasets.Dataset.from_json(str(data))
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds for a file it cannot read
-        raise InputError(data, f"cannot be read as a Hugging Face dataset ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+        raise InputError(
+            data,
+            f"cannot be read as a Hugging Face dataset ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''})",
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
             raise InputError(data, f"holds the splits {', '.join(loaded)}: give one split's folder ({data}/SPLIT)")
         loaded = next(iter(loaded.values()))
     root = reading.media_dir or (data if data.is_dir() else data.parent)
     task = data.name if data.is_dir() else data.stem
-    return (_entry_record(f"{data}[{index}]", root, _inline_media(f"{data}[{index}]", row), task,
-                          _SHAPE_OF_FORMAT.get(reading.format)) for index, row in enumerate(loaded))
+    return (
+        _entry_record(
+            f"{data}[{index}]", root, _inline_media(f"{data}[{index}]", row), task, _SHAPE_OF_FORMAT.get(reading.format)
+        )
+        for index, row in enumerate(loaded)
+    )
 
 
 def _inline_media(source: str, row: dict) -> dict:
@@ -247,6 +307,7 @@ def _inline_image(label: str, value: object) -> object:
 
 # ---------------------------------------------------------------- one record
 
+
 def _entry_record(source: str, root: Path, entry: object, task: str, shape: str | None = None) -> Record | BadRecord:
     if not isinstance(entry, dict):
         return BadRecord(source, "expected a JSON object")
@@ -262,8 +323,11 @@ def _entry_record(source: str, root: Path, entry: object, task: str, shape: str 
     texts = " ".join(text for _, text in turns)
     tags = texts.count(IMAGE_TAG)
     if tags and tags != len(media["images"]):
-        return BadRecord(source, f"has {tags} {IMAGE_TAG} tags for {len(media['images'])} images; give one tag per "
-                                 f"image, or none (then the images open the first user turn)")
+        return BadRecord(
+            source,
+            f"has {tags} {IMAGE_TAG} tags for {len(media['images'])} images; give one tag per "
+            f"image, or none (then the images open the first user turn)",
+        )
     for tag in OTHER_TAGS:
         if tag in texts and tag[1:-1] not in media:
             return BadRecord(source, f"its text holds {tag} but the record names no {tag[1:-1]}")
@@ -272,21 +336,33 @@ def _entry_record(source: str, root: Path, entry: object, task: str, shape: str 
     last_user = max(index for index, (role, _) in enumerate(turns) if role == "user")
     answer = turns[last_user + 1][1] if last_user + 1 < len(turns) else None
     images = tuple(image if isinstance(image, InlineImage) else root / image for image in media["images"])
-    return Record(source, images, turns[last_user][1], answer, str(entry.get("task") or task),
-                  _path(root, media.get("audio")), _path(root, media.get("video")), tuple(turns[:last_user]))
+    return Record(
+        source,
+        images,
+        turns[last_user][1],
+        answer,
+        str(entry.get("task") or task),
+        _path(root, media.get("audio")),
+        _path(root, media.get("video")),
+        tuple(turns[:last_user]),
+    )
 
 
 def _shape_of(entry: dict) -> str:
     """The record's shape by its fields, or "!" and what is wrong."""
     shapes = [shape for shape, fields in _SHAPE_FIELDS.items() if any(field in entry for field in fields)]
     if len(shapes) > 1:
-        return (f"!is ambiguous: it has the fields of several shapes ({', '.join(shapes)}); pass --format "
-                f"({', '.join(FORMATS[1:])})")
+        return (
+            f"!is ambiguous: it has the fields of several shapes ({', '.join(shapes)}); pass --format "
+            f"({', '.join(FORMATS[1:])})"
+        )
     if not shapes and any(field in entry for field in ("image", "answer", "audio", "video")):
         return "prompt"  # many's own record, short of its prompt: said as such
     if not shapes:
-        return ("!is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
-                "LLaMA-Factory sharegpt, ms-swift, InternVL) or instruction (LLaMA-Factory alpaca)")
+        return (
+            "!is of no shape many reads: expected prompt (many's JSONL), conversations or messages (LLaVA, "
+            "LLaMA-Factory sharegpt, ms-swift, InternVL) or instruction (LLaMA-Factory alpaca)"
+        )
     return shapes[0]
 
 
@@ -300,7 +376,9 @@ def _conversation(entry: dict, shape: str) -> list[tuple[str, str]] | str:
     if shape == "prompt":
         if not isinstance(entry.get("prompt"), str) or not isinstance(entry.get("answer", ""), (str, type(None))):
             return "lacks the string field(s) prompt (and answer, when given, must be a string)"
-        turns = [("user", entry["prompt"])] + ([("assistant", entry["answer"])] if entry.get("answer") is not None else [])
+        turns = [("user", entry["prompt"])] + (
+            [("assistant", entry["answer"])] if entry.get("answer") is not None else []
+        )
     elif shape == "alpaca":
         if not isinstance(entry.get("instruction"), str):
             return "lacks the string field instruction (LLaMA-Factory alpaca)"
@@ -320,10 +398,15 @@ def _conversation(entry: dict, shape: str) -> list[tuple[str, str]] | str:
     if isinstance(entry.get("system"), str) and entry["system"] and shape != "prompt":
         turns.insert(0, ("system", entry["system"]))  # LLaMA-Factory's system column
     roles = [role for role, _ in turns if role != "system"]
-    if not roles or any(role == "system" for role, _ in turns[1:]) or \
-            roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
-        return (f"has the turns {[role for role, _ in turns]}: expected user and assistant turns in turn, from "
-                f"the user's, after an optional system turn")
+    if (
+        not roles
+        or any(role == "system" for role, _ in turns[1:])
+        or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+    ):
+        return (
+            f"has the turns {[role for role, _ in turns]}: expected user and assistant turns in turn, from "
+            f"the user's, after an optional system turn"
+        )
     return turns
 
 

@@ -17,19 +17,23 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from many_cli import models
 from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config
 from many_cli.cpm import DeferredProjector, RoutedProjector
 from many_cli.data import Record, encode_loaded, load_inputs
 from many_cli.errors import InputError
-from many_cli import models
-from many_cli.families import (ImageTracker, find_projector, module_at, no_projector_reason, projector_paths,
-                               replace_projectors)
-from many_cli.models import (apply_adapters, load_base_model, lora_layers, resolve_device,
-                             resolve_dtype, text_layers)
+from many_cli.families import (
+    ImageTracker,
+    find_projector,
+    module_at,
+    no_projector_reason,
+    projector_paths,
+    replace_projectors,
+)
 from many_cli.files import file_fingerprint
+from many_cli.models import apply_adapters, load_base_model, lora_layers, resolve_device, resolve_dtype, text_layers
 from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
-
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
 
@@ -50,6 +54,7 @@ class MergedModel:
 class Answerer:
     """What answers, as each prediction row names it: a merge (kind "merge": its tasks in order and a
     fingerprint of its output) or one task's own adapter (kind "adapter", from `infer --adapter`)."""
+
     kind: str
     tasks: tuple[str, ...]
     fingerprint: str
@@ -75,8 +80,9 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
     notes = []
     if bundle.projector_module and find_projector(model) is None:
-        notes.append(f"{no_projector_reason(model)}: the task projectors are not routed, only the merged "
-                     f"language model applies")
+        notes.append(
+            f"{no_projector_reason(model)}: the task projectors are not routed, only the merged language model applies"
+        )
     routed = _routed_projectors(model, bundle, options, notes) if bundle.projector_module and not notes else None
     experts = options.lm_routing == "experts"
     if experts:
@@ -86,28 +92,51 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     else:
         model = _apply_lora(model, base, merged, options.fold)
     router, tracker = install_router(model, routed, device) if routed else (None, None)
-    return MergedModel(model.eval(), load_processor(base), router, device, experts, tracker, notes,
-                       Answerer("merge", bundle.tasks, merge_fingerprint(merged)))
+    return MergedModel(
+        model.eval(),
+        load_processor(base),
+        router,
+        device,
+        experts,
+        tracker,
+        notes,
+        Answerer("merge", bundle.tasks, merge_fingerprint(merged)),
+    )
 
 
 def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOptions()) -> MergedModel:
     """base + one task's own adapter (its LoRA, folded unless options.fold is False, and its
     projector), no merge and no routing: that task's upper bound, named by its folder."""
     options.check()
-    routing_options = [flag for flag, changed in (("--routing", options.routing != NEAREST),
-                                                  ("--eta", options.eta is not None),
-                                                  ("--lm-routing", options.lm_routing != "merged"),
-                                                  ("--confidence", options.confidence != DEFAULT_CONFIDENCE)) if changed]
+    routing_options = [
+        flag
+        for flag, changed in (
+            ("--routing", options.routing != NEAREST),
+            ("--eta", options.eta is not None),
+            ("--lm-routing", options.lm_routing != "merged"),
+            ("--confidence", options.confidence != DEFAULT_CONFIDENCE),
+        )
+        if changed
+    ]
     if routing_options:
-        raise InputError(None, f"{routing_options[0]} does not apply to --adapter (one task's own adapter answers, "
-                               f"nothing is routed); leave it out")
+        raise InputError(
+            None,
+            f"{routing_options[0]} does not apply to --adapter (one task's own adapter answers, "
+            f"nothing is routed); leave it out",
+        )
     check_supported_config(adapter)
     device = resolve_device(options.device)
-    model = apply_adapters(load_base_model(base, resolve_dtype(options.dtype), device, options.device_map), base,
-                           [(adapter, "default")])
+    model = apply_adapters(
+        load_base_model(base, resolve_dtype(options.dtype), device, options.device_map), base, [(adapter, "default")]
+    )
     model = model.merge_and_unload() if options.fold else model
-    return MergedModel(model.eval(), load_processor(base), None, device,
-                       answered_by=Answerer("adapter", (adapter.name,), adapter_fingerprint(adapter)))
+    return MergedModel(
+        model.eval(),
+        load_processor(base),
+        None,
+        device,
+        answered_by=Answerer("adapter", (adapter.name,), adapter_fingerprint(adapter)),
+    )
 
 
 def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedModel:
@@ -122,8 +151,9 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)
 
 
-def install_router(model: nn.Module, routed: tuple[RoutedProjector, dict[str, DeferredProjector]],
-                   device: torch.device) -> tuple[RoutedProjector, ImageTracker]:
+def install_router(
+    model: nn.Module, routed: tuple[RoutedProjector, dict[str, DeferredProjector]], device: torch.device
+) -> tuple[RoutedProjector, ImageTracker]:
     """Put the routed projector (and deferred companions) into `model`, with the tracker that
     tells it each image's rows."""
     router, deferred = routed
@@ -135,8 +165,9 @@ def load_processor(base: str):
     return models.load_processor(base, padding_side="left")  # generation continues every row at its end
 
 
-def _routed_projectors(model: nn.Module, bundle: BundleHeader, options: InferOptions,
-                       notes: list[str]) -> tuple[RoutedProjector, dict[str, DeferredProjector]]:
+def _routed_projectors(
+    model: nn.Module, bundle: BundleHeader, options: InferOptions, notes: list[str]
+) -> tuple[RoutedProjector, dict[str, DeferredProjector]]:
     """The routed projector, and a deferred one for each companion the bundle holds weights for
     (by its path from `projector_paths`). Nearest-image routing falls back to the paper's soft
     prototype routing, with a note, where the bundle keeps no calibration images."""
@@ -144,17 +175,21 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader, options: InferOpt
     for index, task in enumerate(bundle.tasks):
         prototype = bundle.prototype(index)
         if prototype is None:
-            raise InputError(bundle.path, f"holds no prototype for task {task}, so images cannot be "
-                                          f"routed; merge adapters that have stats files")
+            raise InputError(
+                bundle.path,
+                f"holds no prototype for task {task}, so images cannot be routed; merge adapters that have stats files",
+            )
         prototypes.append(prototype)
     routing, owners = options.routing, None
     if routing == NEAREST:
         exemplars = _exemplars(bundle, prototypes[0].numel())
         if exemplars is None:
             routing = "soft"
-            notes.append("the merge keeps no calibration images for some task (its stats file predates them): "
-                         "routing by prototypes (--routing soft); run `many stats` again and merge for "
-                         "nearest-image routing")
+            notes.append(
+                "the merge keeps no calibration images for some task (its stats file predates them): "
+                "routing by prototypes (--routing soft); run `many stats` again and merge for "
+                "nearest-image routing"
+            )
         else:
             prototypes, owners = exemplars
             routing = "hard"
@@ -166,8 +201,15 @@ def _routed_projectors(model: nn.Module, bundle: BundleHeader, options: InferOpt
     eta = options.eta if options.eta is not None else bundle.eta
     confidence = options.confidence if options.lm_routing == "experts" else None
     projector, *companions = versions
-    router = RoutedProjector(versions[projector], torch.stack(prototypes) if owners is None else prototypes,
-                             bundle.tasks, eta, routing, confidence, owners)
+    router = RoutedProjector(
+        versions[projector],
+        torch.stack(prototypes) if owners is None else prototypes,
+        bundle.tasks,
+        eta,
+        routing,
+        confidence,
+        owners,
+    )
     return router, {name: DeferredProjector(versions[name]) for name in companions}
 
 
@@ -180,8 +222,11 @@ def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Te
         if exemplars is None:
             return None
         if exemplars.dim() != 2 or exemplars.shape[0] == 0 or exemplars.shape[1] != width:
-            raise InputError(bundle.path, f"task {task}'s exemplars have shape {tuple(exemplars.shape)}, expected "
-                                          f"(images, {width}); re-create the merge")
+            raise InputError(
+                bundle.path,
+                f"task {task}'s exemplars have shape {tuple(exemplars.shape)}, expected "
+                f"(images, {width}); re-create the merge",
+            )
         rows.append(exemplars)
     owners = torch.cat([torch.full((len(part),), index) for index, part in enumerate(rows)])
     return torch.cat(rows), owners
@@ -202,8 +247,11 @@ def _bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:
     paths = projector_paths(model)
     held = {path: len(bundle.module_state(0, path)) for path in paths}
     if not held.get(paths[0]) or sum(held.values()) != len(bundle.projector_shapes(0)):
-        raise InputError(bundle.path, f"its projector weights (under {bundle.projector_module}) do not all "
-                                      f"belong to the base model's {' and '.join(paths)}: merged for another model?")
+        raise InputError(
+            bundle.path,
+            f"its projector weights (under {bundle.projector_module}) do not all "
+            f"belong to the base model's {' and '.join(paths)}: merged for another model?",
+        )
     return [path for path in paths if held[path]]
 
 
@@ -220,8 +268,9 @@ def load_task_module(module: nn.Module, bundle: BundleHeader, index: int, path: 
         module.load_state_dict(state)
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
-        raise InputError(bundle.path, f"the projector of task {bundle.tasks[index]} does not fit the base "
-                                      f"model ({detail})") from None
+        raise InputError(
+            bundle.path, f"the projector of task {bundle.tasks[index]} does not fit the base model ({detail})"
+        ) from None
 
 
 def _apply_lora(model: nn.Module, base: str, merged: Path, fold: bool) -> nn.Module:
@@ -234,15 +283,21 @@ def _apply_experts(model: nn.Module, base: str, merged: Path, tasks: tuple[str, 
     folder = merged / EXPERTS_DIR
     missing = [task for task in tasks if not (folder / task / ADAPTER_CONFIG).is_file()]
     if missing:
-        raise InputError(folder, f"holds no expert for {', '.join(missing)} (a merge that included them ran with "
-                                 f"--no-experts, or a resume carried none over); merge those tasks again without "
-                                 f"--no-experts")
+        raise InputError(
+            folder,
+            f"holds no expert for {', '.join(missing)} (a merge that included them ran with "
+            f"--no-experts, or a resume carried none over); merge those tasks again without "
+            f"--no-experts",
+        )
     adapted = apply_adapters(model, base, [(merged, MERGED)] + [(folder / task, task) for task in tasks])
     layers = lora_layers(adapted)
     media = sorted(set(layers) - text_layers(adapted.get_base_model(), layers))
     if media:  # PEFT's mixed batches pick an adapter per text row; media layers see other rows
-        raise InputError(folder, f"the experts adapt layers outside the language model ({media[0]}, ...); "
-                                 f"--lm-routing experts routes language-model LoRA only: use --lm-routing merged")
+        raise InputError(
+            folder,
+            f"the experts adapt layers outside the language model ({media[0]}, ...); "
+            f"--lm-routing experts routes language-model LoRA only: use --lm-routing merged",
+        )
     return adapted
 
 
@@ -258,8 +313,10 @@ class Prediction:
     @property
     def routed_task(self) -> str | list[str | None] | None:
         """The task of the largest routing weight (per image for several); None where nothing was routed."""
+
         def top(weights: dict[str, float]) -> str | None:
             return max(weights, key=weights.get) if weights else None
+
         return [top(weights) for weights in self.routing] if isinstance(self.routing, list) else top(self.routing)
 
     @property
@@ -270,8 +327,15 @@ class Prediction:
         return normalise_answer(self.prediction) == normalise_answer(self.record.answer)
 
     def as_json(self) -> dict:
-        row = {"prediction": self.prediction, "routing": self.routing, "routed_task": self.routed_task,
-               "correct": self.correct, "lm": self.lm, "seconds": round(self.seconds, 4), "prompt": self.record.prompt}
+        row = {
+            "prediction": self.prediction,
+            "routing": self.routing,
+            "routed_task": self.routed_task,
+            "correct": self.correct,
+            "lm": self.lm,
+            "seconds": round(self.seconds, 4),
+            "prompt": self.record.prompt,
+        }
         if self.answered_by is not None:
             row[self.answered_by.kind] = self.answered_by.as_json()
         if len(self.record.images) > 1:
@@ -300,11 +364,13 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
             merged.router.last_weights = None  # never report an earlier batch's routing
         generated = merged.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     seconds = (time.perf_counter() - start) / len(records)
-    texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     routing = _routing_per_record(merged, records)
     names = extra.get("adapter_names", [MERGED] * len(records))
-    return [Prediction(record, text.strip(), weights, seconds, name, merged.answered_by)
-            for record, text, weights, name in zip(records, texts, routing, names, strict=True)]
+    return [
+        Prediction(record, text.strip(), weights, seconds, name, merged.answered_by)
+        for record, text, weights, name in zip(records, texts, routing, names, strict=True)
+    ]
 
 
 def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict[str, float] | list[dict[str, float]]]:
@@ -324,8 +390,11 @@ def _routing_per_record(merged: MergedModel, records: list[Record]) -> list[dict
     video_starts = [sum(rows_of) + sum(video_rows[:index]) for index in range(len(records))]
     routing = []
     for index, record in enumerate(records):
-        mine = weights[video_starts[index]:video_starts[index] + 1] if record.video is not None else \
-            weights[starts[index]:starts[index] + rows_of[index]]
+        mine = (
+            weights[video_starts[index] : video_starts[index] + 1]
+            if record.video is not None
+            else weights[starts[index] : starts[index] + rows_of[index]]
+        )
         routing.append(mine if len(mine) > 1 else (mine[0] if mine else {}))
     return routing
 
@@ -339,14 +408,17 @@ def choose_adapters(merged: MergedModel, encoded, records: list[Record]) -> list
         raise InputError(video.source, "has a video: --lm-routing experts routes images only (use merged)")
     several = next((record for record in records if len(record.images) > 1), None)
     if several is not None:
-        raise InputError(several.source, "has several images: --lm-routing experts answers a record with one "
-                                         "task's adapter, chosen by one image (use merged)")
+        raise InputError(
+            several.source,
+            "has several images: --lm-routing experts answers a record with one "
+            "task's adapter, chosen by one image (use merged)",
+        )
     if "pixel_values" not in encoded:
         return [MERGED] * len(records)
     merged.router.last_weights = None
     merged.tracker.encode_images(encoded)
     names = []
-    for record, weights in zip(records, _routing_per_record(merged, records), strict=True):
+    for weights in _routing_per_record(merged, records):
         task, weight = max(weights.items(), key=lambda item: item[1]) if weights else (MERGED, 1.0)
         names.append(task if weight >= merged.router.confidence else MERGED)
     return names
@@ -378,13 +450,32 @@ def is_predictions_file(path: Path) -> bool:
         return False
 
 
-_ROW_FIELDS = {"prediction", "routing", "routed_task", "correct", "lm", "seconds", "prompt", "image", "images",
-               "audio", "video", "task", "answer", "merge", "adapter"}
+_ROW_FIELDS = {
+    "prediction",
+    "routing",
+    "routed_task",
+    "correct",
+    "lm",
+    "seconds",
+    "prompt",
+    "image",
+    "images",
+    "audio",
+    "video",
+    "task",
+    "answer",
+    "merge",
+    "adapter",
+}
 
 
 def _is_prediction_row(row: object) -> bool:
-    return (isinstance(row, dict) and isinstance(row.get("prediction"), str)
-            and isinstance(row.get("routing"), (dict, list)) and set(row) <= _ROW_FIELDS)
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("prediction"), str)
+        and isinstance(row.get("routing"), (dict, list))
+        and set(row) <= _ROW_FIELDS
+    )
 
 
 def normalise_answer(text: str) -> str:

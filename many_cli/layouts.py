@@ -44,12 +44,12 @@ def module_renames(rename: Rename, lora_modules: Iterable[str], saved: Iterable[
 
 def _module_of(key: str | None, parameter: str) -> str | None:
     suffix = f".{parameter}"
-    return key[:-len(suffix)] if key is not None and key.endswith(suffix) else None
+    return key[: -len(suffix)] if key is not None and key.endswith(suffix) else None
 
 
 def rename_key(key: str, renames: dict[str, str]) -> str:
     """A key under a saved module name (`module.rest`), put under the module's name in the model."""
     for module in sorted(renames, key=len, reverse=True):  # the longest module that holds the key
         if key == module or key.startswith(f"{module}."):
-            return renames[module] + key[len(module):]
+            return renames[module] + key[len(module) :]
     return key

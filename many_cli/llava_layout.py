@@ -17,8 +17,14 @@ from typing import Iterator
 
 import torch
 
-from many_cli.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_KEY, NON_LORA_TRAINABLES, PEFT_PREFIX,
-                               PICKLED_WEIGHTS)
+from many_cli.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA_KEY,
+    NON_LORA_TRAINABLES,
+    PEFT_PREFIX,
+    PICKLED_WEIGHTS,
+)
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, read_json, refuse_overlap
 from many_cli.tensorfiles import open_safetensors, save_tensors
@@ -41,8 +47,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     except Exception as error:  # noqa: BLE001 - any unpickling refusal or corruption is bad input
-        raise InputError(path, f"is not a tensors-only torch file ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+        raise InputError(
+            path,
+            f"is not a tensors-only torch file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''})",
+        ) from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise InputError(path, "does not hold a dictionary of tensors")
     for key, value in loaded.items():  # as safetensors reads are checked (tensorfiles.open_safetensors)
@@ -59,8 +68,7 @@ def _language_model_name(key: str, source: Path) -> str:
     if name.startswith("model.language_model.") or name.startswith("lm_head."):
         return name
     if "vision_tower" in name or "mm_projector" in name:
-        raise InputError(source, f"holds LoRA weights {key!r} outside the language model, which many does "
-                                 f"not map")
+        raise InputError(source, f"holds LoRA weights {key!r} outside the language model, which many does not map")
     if not name.startswith("model."):
         raise InputError(source, f"unexpected tensor {key!r} for the LLaVA layout")
     return "model.language_model." + name.removeprefix("model.")
@@ -82,14 +90,21 @@ def convert_tensors(source: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key, value in _load_tensors(extra).items():
         match = _PROJECTOR_KEY.search(key)
         if match is None or match["index"] not in PROJECTOR_LAYERS:
-            raise InputError(extra, f"holds {key!r}; many maps only the mlp2x_gelu projector "
-                                    f"(mm_projector.0 and mm_projector.2)")
+            raise InputError(
+                extra, f"holds {key!r}; many maps only the mlp2x_gelu projector (mm_projector.0 and mm_projector.2)"
+            )
         layer = PROJECTOR_LAYERS[match["index"]]
         tensors[f"{PEFT_PREFIX}model.multi_modal_projector.{layer}.{match['parameter']}"] = value.contiguous()
     if not targets:
         raise InputError(source, "holds no LoRA weights")
-    config = {**config, "target_modules": sorted(targets), "modules_to_save": ["multi_modal_projector"],
-              "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
+    config = {
+        **config,
+        "target_modules": sorted(targets),
+        "modules_to_save": ["multi_modal_projector"],
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
     return config, tensors
 
 
@@ -124,5 +139,7 @@ def peft_adapter_dir(path: Path) -> Iterator[Path]:
         try:
             yield converted
         except InputError as error:  # name the user's checkpoint, not the copy that is gone
-            raise InputError(str(error.path).replace(str(converted), str(path)) if error.path else None,
-                             error.fault.replace(str(converted), str(path))) from None
+            raise InputError(
+                str(error.path).replace(str(converted), str(path)) if error.path else None,
+                error.fault.replace(str(converted), str(path)),
+            ) from None

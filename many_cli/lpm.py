@@ -25,6 +25,7 @@ def add_ridge_(gram: torch.Tensor, ridge: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class Solution:
     """X = R H⁻¹ and, for the rank budget, X W with H = W Wᵀ and the map back: Y ↦ Y W⁺."""
+
     rows: torch.Tensor
     weighted: torch.Tensor
     unweigh: Callable[[torch.Tensor], torch.Tensor]
@@ -59,8 +60,9 @@ def cholesky_solve_right_(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -
     return Solution(rows, half.T, lambda weighted: torch.linalg.solve_triangular(lower.mT, weighted.T, upper=True).T)
 
 
-def min_norm_solve_right(gram: torch.Tensor, rhs: torch.Tensor, ridge: float,
-                         input_eps: float = torch.finfo(torch.float32).eps) -> Solution:
+def min_norm_solve_right(
+    gram: torch.Tensor, rhs: torch.Tensor, ridge: float, input_eps: float = torch.finfo(torch.float32).eps
+) -> Solution:
     """The minimum-norm least-squares X for X (H + ridge) = R when H is singular or indefinite.
     Only the upper triangle of `gram` is read.
 
@@ -88,8 +90,9 @@ def add_symmetric_block_product_(out: torch.Tensor, a: torch.Tensor, start: int,
     out[:, start:stop] -= a[:, start:stop] * rows.diagonal()
 
 
-def stack_factors(a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Tensor],
-                  weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(
+    a_blocks: Sequence[torch.Tensor], b_blocks: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The LoRA factors (A, B) of Σ_i w_i B_i A_i: A stacks the A_i, B concatenates the w_i B_i."""
     a = torch.cat(list(a_blocks), dim=0)
     b = torch.cat([weight * block for weight, block in zip(weights, b_blocks)], dim=1)
@@ -114,8 +117,10 @@ def squared_norm(b: torch.Tensor, a: torch.Tensor) -> float:
 def pad_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """B and A with zero columns and rows appended up to `rank` (the product unchanged)."""
     missing = rank - b.shape[1]
-    return (torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1),
-            torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0))
+    return (
+        torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1),
+        torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0),
+    )
 
 
 def ties(task_vectors: Sequence[torch.Tensor], density: float) -> torch.Tensor:

@@ -15,9 +15,9 @@ from torch import nn
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import read_json
-from many_cli.tensorfiles import check_tensors, open_safetensors
-from many_cli.options import PLACEMENTS
 from many_cli.layouts import module_renames, rename_key, renamer
+from many_cli.options import PLACEMENTS
+from many_cli.tensorfiles import check_tensors, open_safetensors
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
@@ -33,8 +33,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | str:
-    choices = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}
+    choices = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in choices:
         raise InputError(None, f"--dtype must be one of {', '.join(choices)}, got {dtype!r}")
     return choices[dtype]
@@ -47,8 +46,11 @@ def base_fingerprint(base: str) -> str:
 
     local = Path(base).expanduser()
     if local.exists() and not (local / "config.json").is_file():
-        hint = (f"; it holds {ADAPTER_CONFIG}: --model takes the base model, not an adapter"
-                if (local / ADAPTER_CONFIG).is_file() else "")
+        hint = (
+            f"; it holds {ADAPTER_CONFIG}: --model takes the base model, not an adapter"
+            if (local / ADAPTER_CONFIG).is_file()
+            else ""
+        )
         raise InputError(base, f"not a transformers model directory (no config.json){hint}")
     try:
         config, _ = PretrainedConfig.get_config_dict(base)
@@ -56,10 +58,13 @@ def base_fingerprint(base: str) -> str:
         where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
     if "auto_map" in config:  # transformers would run the model's own code (and first ask in a terminal)
-        raise InputError(base, f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
-                               f"to its own code, model_type {config.get('model_type')!r}); many runs models "
-                               f"transformers implements itself: use the transformers-native conversion (for "
-                               f"OpenGVLab InternVL, the -hf checkpoints)")
+        raise InputError(
+            base,
+            f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
+            f"to its own code, model_type {config.get('model_type')!r}); many runs models "
+            f"transformers implements itself: use the transformers-native conversion (for "
+            f"OpenGVLab InternVL, the -hf checkpoints)",
+        )
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -86,16 +91,20 @@ def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
     placement = read_json(Path(device_map))
     gpus = torch.cuda.device_count()
     for module, device in placement.items():
-        index = device if isinstance(device, int) and not isinstance(device, bool) else (
-            int(device[5:]) if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) else None)
+        index = (
+            device
+            if isinstance(device, int) and not isinstance(device, bool)
+            else (int(device[5:]) if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) else None)
+        )
         if device != "cpu" and not (index is not None and 0 <= index < gpus):
-            choices = f"\"cpu\", a GPU index below {gpus} or \"cuda:N\"" if gpus else "\"cpu\" (torch sees no GPU)"
+            choices = f'"cpu", a GPU index below {gpus} or "cuda:N"' if gpus else '"cpu" (torch sees no GPU)'
             raise InputError(device_map, f"places {module} on {device!r}; use {choices}")
     return placement
 
 
-def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
-                    device_map: str | None = None) -> nn.Module:
+def load_base_model(
+    base: str, dtype: torch.dtype | str, device: torch.device, device_map: str | None = None
+) -> nn.Module:
     """The base model on `device`, or placed by accelerate over the devices `--device-map`
     (`device_map`, as `resolve_device_map` reads it) names."""
     base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
@@ -108,14 +117,20 @@ def load_base_model(base: str, dtype: torch.dtype | str, device: torch.device,
             return (model if device_map is not None else model.to(device)).eval()
         except ValueError as error:
             if device_map is not None and "offload" in str(error):
-                raise InputError(base, f"does not fit in the devices --device-map {device_map} may use, and many "
-                                       f"does not offload to disk") from None
+                raise InputError(
+                    base,
+                    f"does not fit in the devices --device-map {device_map} may use, and many does not offload to disk",
+                ) from None
             continue
         except OSError as error:
-            raise InputError(base, f"cannot load safetensors model weights (many loads no pickled "
-                                   f".bin checkpoint: {' '.join(str(error).split())[:300]})") from None
-    raise InputError(base, "is neither an image-text-to-text, a multimodal nor a causal language "
-                           "model transformers knows")
+            raise InputError(
+                base,
+                f"cannot load safetensors model weights (many loads no pickled "
+                f".bin checkpoint: {' '.join(str(error).split())[:300]})",
+            ) from None
+    raise InputError(
+        base, "is neither an image-text-to-text, a multimodal nor a causal language model transformers knows"
+    )
 
 
 def load_processor(base: str, padding_side: str = "right"):
@@ -128,8 +143,11 @@ def load_processor(base: str, padding_side: str = "right"):
     try:
         processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
-        raise InputError(base, f"has no processor or tokenizer transformers can load ({' '.join(str(error).split())[:200]}); "
-                               f"a model folder needs its tokenizer and processor files beside config.json") from None
+        raise InputError(
+            base,
+            f"has no processor or tokenizer transformers can load ({' '.join(str(error).split())[:200]}); "
+            f"a model folder needs its tokenizer and processor files beside config.json",
+        ) from None
     tokenizer_of(processor).padding_side = padding_side
     return processor
 
@@ -141,8 +159,11 @@ def _check_placed_modules(model: nn.Module, placement: dict[str, Any], path: str
     for module in placement:
         if module not in names:
             tops = ", ".join(name for name, _ in model.named_children())
-            raise InputError(path, f"places {module!r}, which is not a module of this model (its top-level "
-                                   f"modules: {tops}; names are dotted paths from there)")
+            raise InputError(
+                path,
+                f"places {module!r}, which is not a module of this model (its top-level "
+                f"modules: {tops}; names are dotted paths from there)",
+            )
 
 
 def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]) -> nn.Module:
@@ -161,8 +182,11 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
         _check_targets(directory, base, model, adapter, renames)
         _check_base_weights(directory, base, model, adapter, renames)
         config = loading_config(adapter, renames)
-        key_mapping = {f"^{re.escape(key)}$": rename_key(key, renames) for key in _saved_keys(adapter)
-                       if rename_key(key, renames) != key}
+        key_mapping = {
+            f"^{re.escape(key)}$": rename_key(key, renames)
+            for key in _saved_keys(adapter)
+            if rename_key(key, renames) != key
+        }
         try:
             if adapted is None:
                 kind = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # as from_pretrained picks
@@ -198,13 +222,17 @@ def _check_targets(directory: Path, base: str, model: nn.Module, adapter: Adapte
     for saved, kind in [*((m, "lora_A.weight") for m in adapter.modules), *((m, "") for m in adapter.saved_modules)]:
         if renames[saved] not in modules:
             key = f"{saved}.{kind}" if kind else saved
-            raise InputError(directory, f"its tensor {key} loads nowhere in {base} (no module {renames[saved]}); "
-                                        f"adapter saved for another model or a layout many does not map "
-                                        f"(see the README's table of adapter layouts)")
+            raise InputError(
+                directory,
+                f"its tensor {key} loads nowhere in {base} (no module {renames[saved]}); "
+                f"adapter saved for another model or a layout many does not map "
+                f"(see the README's table of adapter layouts)",
+            )
 
 
-def _check_base_weights(directory: Path, base: str, model: nn.Module, adapter: Adapter,
-                        renames: dict[str, str]) -> None:
+def _check_base_weights(
+    directory: Path, base: str, model: nn.Module, adapter: Adapter, renames: dict[str, str]
+) -> None:
     """A base weight PEFT saved beside a LoRA (a tied lm_head) must be the base's own: the merge
     keeps LoRA factors only, so a different one (a resized vocabulary) would be lost there."""
     if not adapter.base_weights:
@@ -214,25 +242,35 @@ def _check_base_weights(directory: Path, base: str, model: nn.Module, adapter: A
             saved = handle.get(f"{PEFT_PREFIX}{module}{BASE_LAYER}")
             own = model.get_submodule(renames[module]).weight
             if saved.shape != own.shape or not torch.equal(saved.to(own.device, own.dtype), own):
-                raise InputError(directory, f"carries its own weight for {module}, not the base's ({base}): many "
-                                            f"merges LoRA factors only; train the adapter without changing it")
+                raise InputError(
+                    directory,
+                    f"carries its own weight for {module}, not the base's ({base}): many "
+                    f"merges LoRA factors only; train the adapter without changing it",
+                )
 
 
 def _check_loaded(directory: Path, base: str, loaded) -> None:
     """Every saved tensor must land on the model, and every adapted module get its tensors."""
     if loaded.unexpected_keys:
         key = sorted(loaded.unexpected_keys)[0]
-        raise InputError(directory, f"its tensor {key} loads nowhere in {base} ({len(loaded.unexpected_keys)} "
-                                    f"such); adapter saved for another model or a layout many does not map "
-                                    f"(see the README's table of adapter layouts)")
+        raise InputError(
+            directory,
+            f"its tensor {key} loads nowhere in {base} ({len(loaded.unexpected_keys)} "
+            f"such); adapter saved for another model or a layout many does not map "
+            f"(see the README's table of adapter layouts)",
+        )
     if loaded.missing_keys:
         key = sorted(loaded.missing_keys)[0]
-        raise InputError(directory, f"leaves {key} of {base} without weights ({len(loaded.missing_keys)} such); "
-                                    f"adapter saved for another model?")
+        raise InputError(
+            directory,
+            f"leaves {key} of {base} without weights ({len(loaded.missing_keys)} such); "
+            f"adapter saved for another model?",
+        )
 
 
-def load_adapted_model(base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device,
-                       device_map: str | None = None):
+def load_adapted_model(
+    base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device, device_map: str | None = None
+):
     """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
     model = apply_adapters(load_base_model(base, dtype, device, device_map), base, [(adapter, "default")])
     return (model if device_map is not None else model.to(device)).eval()
@@ -251,8 +289,11 @@ def linear_layers(model: nn.Module, pattern: str) -> dict[str, nn.Module]:
     target_modules string); a LoRA layer's inner layers and a saved module's copies are not the
     model's own."""
     wrapped = re.compile(r".*\.(base_layer|lora_[A-Za-z_]+|original_module|modules_to_save)(\.|$).*")
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and re.fullmatch(pattern, name) and not wrapped.fullmatch(name)}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and re.fullmatch(pattern, name) and not wrapped.fullmatch(name)
+    }
 
 
 def computes_own_positions(model: nn.Module) -> bool:

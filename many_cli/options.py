@@ -59,19 +59,27 @@ def _check_device_map(device_map: str | None) -> None:
     if device_map is None or device_map in PLACEMENTS:
         pass
     elif not device_map.strip():
-        raise InputError(None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of "
-                               f"{{module name: device}}")
+        raise InputError(
+            None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
+        )
     else:
         placement = read_json(Path(device_map))
         if not placement:
-            raise InputError(device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of "
-                                         f"{{module name: device}}")
+            raise InputError(
+                device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
+            )
         if "disk" in placement.values():
-            raise InputError(device_map, "places modules on disk; many does not offload to disk (PEFT would "
-                                         "rewrite the base checkpoint's files): give them to cpu")
+            raise InputError(
+                device_map,
+                "places modules on disk; many does not offload to disk (PEFT would "
+                "rewrite the base checkpoint's files): give them to cpu",
+            )
     if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(None, "--device-map places one model over this machine's devices; under torchrun "
-                               "each rank holds a model of its own: use one or the other")
+        raise InputError(
+            None,
+            "--device-map places one model over this machine's devices; under torchrun "
+            "each rank holds a model of its own: use one or the other",
+        )
 
 
 def _check_placement(device: str, dtype: str, device_map: str | None) -> None:
@@ -86,6 +94,7 @@ class Reading:
     record's fields), and the folder that media paths are relative to (default: the data file's,
     LLaMA-Factory's dataset folder, or InternVL's `root`): LLaVA's --image_folder, LLaMA-Factory's
     media_dir."""
+
     default_prompt: str = DEFAULT_PROMPT
     format: str = "auto"
     media_dir: Path | None = None
@@ -100,10 +109,15 @@ class Reading:
 class DataOptions:
     """The options of the commands that read DATA (stats, infer), declared once; those commands'
     settings derive from it and have a `prompt`."""
-    data_format: DataFormat = option("auto", "--format", "The data's format: auto (told by each record's fields), "
-                                                         "or the tool that wrote it.")
-    media_dir: Path | None = option(None, "--media-dir", "The folder the data's media paths are relative to "
-                                                         "(LLaVA's --image_folder, LLaMA-Factory's media_dir).")
+
+    data_format: DataFormat = option(
+        "auto", "--format", "The data's format: auto (told by each record's fields), or the tool that wrote it."
+    )
+    media_dir: Path | None = option(
+        None,
+        "--media-dir",
+        "The folder the data's media paths are relative to (LLaVA's --image_folder, LLaMA-Factory's media_dir).",
+    )
 
     @property
     def reading(self) -> Reading:
@@ -113,25 +127,43 @@ class DataOptions:
 @dataclass(frozen=True)
 class StatsOptions(DataOptions):
     """Every setting of one `many stats` run."""
+
     batch_size: int = option(8, "--batch-size", "Records per forward pass.")
     max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
     device: Device = option("auto", "--device", "Where the statistics gather (auto: CUDA when torch sees it).")
     dtype: Dtype = option("auto", "--dtype", "Model dtype (statistics are float32 regardless).")
-    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
-                                                          "and CPU: auto, balanced, sequential, or a JSON file "
-                                                          "{module: device}; statistics gather on --device.")
+    device_map: str | None = option(
+        None,
+        "--device-map",
+        "Place the model with accelerate over this machine's GPUs "
+        "and CPU: auto, balanced, sequential, or a JSON file "
+        "{module: device}; statistics gather on --device.",
+    )
     prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
-    skip_bad: bool = option(False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping.")
+    skip_bad: bool = option(
+        False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping."
+    )
     padding_side: PaddingSide = option("right", "--padding-side", "The statistics do not depend on it.")
     force: bool = option(False, "--force", "Replace an --out that is not a many stats file.")
-    text_only: bool = option(False, "--text-only", "Accept data with no image, video or audio at all for a "
-                                                   "multimodal model (its statistics then see no media token).")
-    answer_weight: float = option(1.0, "--answer-weight",
-                                  "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
-                                  "position and the answer's tokens); 1 counts every token alike.")
-    modules: str | None = option(None, "--modules", "Also record the inputs of the base model's linear layers whose "
-                                 "names match this regular expression (full match, as PEFT's target_modules string), "
-                                 "so that the stats cover modules other tasks' adapters target.")
+    text_only: bool = option(
+        False,
+        "--text-only",
+        "Accept data with no image, video or audio at all for a "
+        "multimodal model (its statistics then see no media token).",
+    )
+    answer_weight: float = option(
+        1.0,
+        "--answer-weight",
+        "Weight in Σ x xᵀ of the positions that decide the answer (the last prompt "
+        "position and the answer's tokens); 1 counts every token alike.",
+    )
+    modules: str | None = option(
+        None,
+        "--modules",
+        "Also record the inputs of the base model's linear layers whose "
+        "names match this regular expression (full match, as PEFT's target_modules string), "
+        "so that the stats cover modules other tasks' adapters target.",
+    )
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
@@ -152,33 +184,53 @@ class StatsOptions(DataOptions):
 
 
 # Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
-_LPM_ONLY = [("--ridge", "ridge", DEFAULT_RIDGE), ("--balance", "balance", False), ("--alpha", "alpha", 1.0),
-             ("--state-precision", "state_precision", None)]
+_LPM_ONLY = [
+    ("--ridge", "ridge", DEFAULT_RIDGE),
+    ("--balance", "balance", False),
+    ("--alpha", "alpha", 1.0),
+    ("--state-precision", "state_precision", None),
+]
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """Every setting of one merge."""
-    method: Method = option("many", "--method", "many is LPM (the paper's); the others are the baselines it is "
-                                                "compared with.")
+
+    method: Method = option(
+        "many", "--method", "many is LPM (the paper's); the others are the baselines it is compared with."
+    )
     scale: float = option(1.0, "--scale", "λ: the merged task vector is applied as W + λ τ*.")
     ridge: float = option(DEFAULT_RIDGE, "--ridge", "ρ: H + ρ·mean(diag H)·I; 0 is pure least squares.")
     balance: bool = option(False, "--balance", "Weigh tasks equally, not by calibration tokens.")
     density: float = option(DEFAULT_DENSITY, "--density", "TIES: fraction of each task vector kept.")
     eta: float = option(DEFAULT_ETA, "--eta", "Default routing temperature η stored in the bundle.")
-    alpha: float = option(1.0, "--alpha", "RegMean's off-diagonal reduction: H_α = α H + (1−α) diag(H), each "
-                                          "task's A C likewise; 1 is LPM's exact least squares.")
-    rank: int | None = option(None, "--rank", "Every merged module of rank exactly R (one uniform r): the best "
-                                              "rank-R approximation in each layer's output space; exact where "
-                                              "Σ r_i ≤ R. Default: rank Σ r_i per module.")
-    state_precision: StatePrecision | None = option(None, "--state-precision",
-                                                    "float32 halves the state's disk (H rounded once per merge; "
-                                                    "solving stays float64). Default: the resumed state's, else "
-                                                    "float64.")
+    alpha: float = option(
+        1.0,
+        "--alpha",
+        "RegMean's off-diagonal reduction: H_α = α H + (1−α) diag(H), each "
+        "task's A C likewise; 1 is LPM's exact least squares.",
+    )
+    rank: int | None = option(
+        None,
+        "--rank",
+        "Every merged module of rank exactly R (one uniform r): the best "
+        "rank-R approximation in each layer's output space; exact where "
+        "Σ r_i ≤ R. Default: rank Σ r_i per module.",
+    )
+    state_precision: StatePrecision | None = option(
+        None,
+        "--state-precision",
+        "float32 halves the state's disk (H rounded once per merge; "
+        "solving stays float64). Default: the resumed state's, else "
+        "float64.",
+    )
     force: bool = option(False, "--force", "Replace --out if it exists.")
     device: Device = option("cpu", "--device", "Where to factor and solve.")
-    experts: bool = option(True, "--experts/--no-experts",
-                           "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.")
+    experts: bool = option(
+        True,
+        "--experts/--no-experts",
+        "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.",
+    )
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
@@ -201,35 +253,52 @@ class MergeOptions:
         ignored = {"many": [density], "ties": _LPM_ONLY}.get(self.method, [*_LPM_ONLY, density])
         for flag, name, default in ignored:
             if getattr(self, name) != default:
-                raise InputError(None, f"{flag} does not apply to --method {self.method} (it applies to "
-                                       f"{'--method ties' if name == 'density' else '--method many'}); leave it out")
+                raise InputError(
+                    None,
+                    f"{flag} does not apply to --method {self.method} (it applies to "
+                    f"{'--method ties' if name == 'density' else '--method many'}); leave it out",
+                )
         _one_of("--device", self.device, Device)
 
 
 @dataclass(frozen=True)
 class InferOptions(DataOptions):
     """Every setting of one `many infer` run."""
+
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
-    routing: Routing = option(NEAREST, "--routing",
-                              "nearest: the task of the nearest calibration image; soft: projectors weighted by "
-                              "softmax(cos(f, prototype) / η), the paper's; hard: the closest prototype's task.")
+    routing: Routing = option(
+        NEAREST,
+        "--routing",
+        "nearest: the task of the nearest calibration image; soft: projectors weighted by "
+        "softmax(cos(f, prototype) / η), the paper's; hard: the closest prototype's task.",
+    )
     max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
     batch_size: int = option(8, "--batch-size", "Records per generate call.")
     device: Device = option("auto", "--device", "Where the model runs (auto: CUDA when torch sees it).")
     dtype: Dtype = option("auto", "--dtype", "Model dtype.")
-    device_map: str | None = option(None, "--device-map", "Place the model with accelerate over this machine's GPUs "
-                                                          "and CPU: auto, balanced, sequential, or a JSON file "
-                                                          "{module: device}; the routed projector runs on --device.")
-    fold: bool = option(True, "--fold/--no-fold",
-                        "Fold the merged LoRA into the weights (decoding then costs what the base costs).")
+    device_map: str | None = option(
+        None,
+        "--device-map",
+        "Place the model with accelerate over this machine's GPUs "
+        "and CPU: auto, balanced, sequential, or a JSON file "
+        "{module: device}; the routed projector runs on --device.",
+    )
+    fold: bool = option(
+        True, "--fold/--no-fold", "Fold the merged LoRA into the weights (decoding then costs what the base costs)."
+    )
     prompt: str = DEFAULT_PROMPT  # the CLI's --prompt also chooses the mode (a text prompt alone)
-    lm_routing: LmRouting = option("merged", "--lm-routing",
-                                   "merged: one merged LoRA; experts: each image's task's own LoRA.")
-    confidence: float = option(DEFAULT_CONFIDENCE, "--confidence",
-                               "experts: below this routing weight, answer with the merged LoRA (soft "
-                               "routing; nearest and hard routing give one task weight 1).")
-    min_accuracy: float | None = option(None, "--min-accuracy",
-                                        "Exit 1 when the average per-task accuracy is below this.")
+    lm_routing: LmRouting = option(
+        "merged", "--lm-routing", "merged: one merged LoRA; experts: each image's task's own LoRA."
+    )
+    confidence: float = option(
+        DEFAULT_CONFIDENCE,
+        "--confidence",
+        "experts: below this routing weight, answer with the merged LoRA (soft "
+        "routing; nearest and hard routing give one task weight 1).",
+    )
+    min_accuracy: float | None = option(
+        None, "--min-accuracy", "Exit 1 when the average per-task accuracy is below this."
+    )
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
@@ -247,20 +316,28 @@ class InferOptions(DataOptions):
         if self.batch_size < 1:
             raise InputError(None, f"--batch-size must be ≥ 1, got {self.batch_size}")
         if self.eta is not None and self.routing != "soft":
-            raise InputError(None, f"--eta does not apply to --routing {self.routing} (it applies to --routing soft); "
-                                   f"leave it out")
+            raise InputError(
+                None, f"--eta does not apply to --routing {self.routing} (it applies to --routing soft); leave it out"
+            )
         if self.confidence != DEFAULT_CONFIDENCE and self.lm_routing != "experts":
-            raise InputError(None, f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
-                                   f"--lm-routing experts); leave it out")
+            raise InputError(
+                None,
+                f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
+                f"--lm-routing experts); leave it out",
+            )
         _check_placement(self.device, self.dtype, self.device_map)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """Every setting of one export."""
-    projector: str = option(ROUTED, "--projector",
-                            "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
-                            "(the mean in the weights, and the bundle beside them for many_cli.load_routed).")
+
+    projector: str = option(
+        ROUTED,
+        "--projector",
+        "A task's name (its projector), mean (the tasks' projectors averaged) or routed "
+        "(the mean in the weights, and the bundle beside them for many_cli.load_routed).",
+    )
     force: bool = option(False, "--force", "Replace --out if it exists.")
 
     def check(self) -> None:
@@ -272,15 +349,22 @@ class ExportOptions:
 @dataclass(frozen=True)
 class ReportOptions:
     """Every setting of one `many report`: its CI gates."""
-    min_final_accuracy: float | None = option(None, "--min-final-accuracy",
-                                              "Exit 1 when the final average accuracy is below this (0 to 1).")
-    max_forgetting: float | None = option(None, "--max-forgetting",
-                                          "Exit 1 when a task's forgetting (best earlier accuracy minus final) is "
-                                          "above this (0 to 1).")
+
+    min_final_accuracy: float | None = option(
+        None, "--min-final-accuracy", "Exit 1 when the final average accuracy is below this (0 to 1)."
+    )
+    max_forgetting: float | None = option(
+        None,
+        "--max-forgetting",
+        "Exit 1 when a task's forgetting (best earlier accuracy minus final) is above this (0 to 1).",
+    )
     force: bool = option(False, "--force", "Replace an --out that is not an earlier report.")
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
-        for flag, value in (("--min-final-accuracy", self.min_final_accuracy), ("--max-forgetting", self.max_forgetting)):
+        for flag, value in (
+            ("--min-final-accuracy", self.min_final_accuracy),
+            ("--max-forgetting", self.max_forgetting),
+        ):
             if value is not None and not 0 <= value <= 1:
                 raise InputError(None, f"{flag} is an accuracy in [0, 1], got {value}")

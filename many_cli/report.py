@@ -24,6 +24,7 @@ REPORT_FILES = ("report.json", "report.md", "index.html")
 @dataclass(frozen=True)
 class Predictions:
     """One `many infer --data` output: what answered ({"tasks": [...], "fingerprint": ...}) and its rows."""
+
     path: Path
     answered_by: dict
     rows: list[dict]
@@ -48,18 +49,31 @@ def read_predictions(path: Path, kind: str) -> Predictions:
         except json.JSONDecodeError:
             raise InputError(path, f"line {number} is not JSON: not a `many infer` prediction file") from None
         source = row.get(kind) if isinstance(row, dict) else None
-        if not (isinstance(row, dict) and isinstance(row.get("prediction"), str) and isinstance(row.get("task"), str)
-                and "correct" in row and row["correct"] in (True, False, None) and isinstance(source, dict)
-                and isinstance(source.get("tasks"), list) and isinstance(source.get("fingerprint"), str)):
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("prediction"), str)
+            and isinstance(row.get("task"), str)
+            and "correct" in row
+            and row["correct"] in (True, False, None)
+            and isinstance(source, dict)
+            and isinstance(source.get("tasks"), list)
+            and isinstance(source.get("fingerprint"), str)
+        ):
             made_by = "many infer --merged" if kind == MERGE else "many infer --adapter"
-            raise InputError(path, f"line {number} is not a prediction row of `{made_by} --data` with its task, "
-                                   f"whether it is correct and the {kind} that answered (a file of an older "
-                                   f"many: score again)")
+            raise InputError(
+                path,
+                f"line {number} is not a prediction row of `{made_by} --data` with its task, "
+                f"whether it is correct and the {kind} that answered (a file of an older "
+                f"many: score again)",
+            )
         if answered_by is None:
             answered_by = source
         elif source != answered_by:
-            raise InputError(path, f"line {number} was answered by another {kind} than line 1 "
-                                   f"({source['fingerprint']} against {answered_by['fingerprint']}): one file per step")
+            raise InputError(
+                path,
+                f"line {number} was answered by another {kind} than line 1 "
+                f"({source['fingerprint']} against {answered_by['fingerprint']}): one file per step",
+            )
         rows.append(row)
     if not rows:
         raise InputError(path, "holds no prediction rows")
@@ -87,8 +101,10 @@ def forgetting(matrix: list[list[float | None]], first_steps: list[int]) -> list
     """Per task: its best accuracy after any step before the last, minus its final accuracy; None
     for a task first learned at the last step. matrix[k][j] is task j's accuracy after step k."""
     last = len(matrix) - 1
-    return [None if first >= last else max(matrix[k][task] for k in range(first, last)) - matrix[last][task]
-            for task, first in enumerate(first_steps)]
+    return [
+        None if first >= last else max(matrix[k][task] for k in range(first, last)) - matrix[last][task]
+        for task, first in enumerate(first_steps)
+    ]
 
 
 def backward_transfer(matrix: list[list[float | None]], first_steps: list[int]) -> float | None:
@@ -105,12 +121,23 @@ def step_costs(matrix: list[list[float | None]], routing: list[list[float | None
     routing or the merged language model lost it."""
     costs = []
     for step in range(1, len(matrix)):
-        drops = {index: matrix[step - 1][index] - matrix[step][index] for index in range(len(tasks))
-                 if matrix[step - 1][index] is not None}
+        drops = {
+            index: matrix[step - 1][index] - matrix[step][index]
+            for index in range(len(tasks))
+            if matrix[step - 1][index] is not None
+        }
         worst = max(drops, key=drops.get, default=None)
-        costs.append(None if worst is None or drops[worst] <= 0 else
-                     {"step": step + 1, "task": tasks[worst], "before": matrix[step - 1][worst],
-                      "after": matrix[step][worst], "routed_home": routing[step][worst]})
+        costs.append(
+            None
+            if worst is None or drops[worst] <= 0
+            else {
+                "step": step + 1,
+                "task": tasks[worst],
+                "before": matrix[step - 1][worst],
+                "after": matrix[step][worst],
+                "routed_home": routing[step][worst],
+            }
+        )
     return costs
 
 
@@ -138,12 +165,19 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
     final = matrix[-1]
     upper_accuracy = _upper_accuracy(upper, tasks)
     confusion, routing = _routing(steps[-1].rows, tasks)
-    routing_matrix = [[_routing(step.rows, tasks)[1][task] if task in found else None for task in tasks]
-                      for step, found in zip(steps, per_step)]
+    routing_matrix = [
+        [_routing(step.rows, tasks)[1][task] if task in found else None for task in tasks]
+        for step, found in zip(steps, per_step)
+    ]
     return {
-        "steps": [{"file": str(step.path), "merge": step.answered_by,
-                   "records": {task: found[task][1] for task in tasks if task in found}}
-                  for step, found in zip(steps, per_step)],
+        "steps": [
+            {
+                "file": str(step.path),
+                "merge": step.answered_by,
+                "records": {task: found[task][1] for task in tasks if task in found},
+            }
+            for step, found in zip(steps, per_step)
+        ],
         "tasks": tasks,
         "learned_at_step": first_steps,
         "accuracy_matrix": matrix,
@@ -151,11 +185,15 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
         "final_average_accuracy": averages[-1],
         "forgetting": dict(zip(tasks, lost)),
         "average_forgetting": statistics.fmean(value for value in lost if value is not None)
-        if any(value is not None for value in lost) else None,
+        if any(value is not None for value in lost)
+        else None,
         "backward_transfer": backward_transfer(matrix, first_steps),
         "upper_accuracy": upper_accuracy,
-        "ratio_to_upper": {task: final[index] / upper_accuracy[task] if upper_accuracy.get(task) else None
-                           for index, task in enumerate(tasks) if task in upper_accuracy},
+        "ratio_to_upper": {
+            task: final[index] / upper_accuracy[task] if upper_accuracy.get(task) else None
+            for index, task in enumerate(tasks)
+            if task in upper_accuracy
+        },
         "routing_accuracy": routing,
         "routing_accuracy_matrix": routing_matrix,
         "step_costs": step_costs(matrix, routing_matrix, tasks),
@@ -164,19 +202,29 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
     }
 
 
-def _check_growth(step: Predictions, previous: Predictions, found: dict[str, tuple[int, int]],
-                  before: dict[str, tuple[int, int]]) -> None:
+def _check_growth(
+    step: Predictions, previous: Predictions, found: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
+) -> None:
     """A step scores every task the step before it scored, each as wholly, and at least one more."""
     for task, (_, scored) in before.items():
         if task not in found:
-            raise InputError(step.path, f"scores no record of task {task!r}, which {previous.path} scored: each "
-                                        f"step scores every task merged so far (give the files in merge order)")
+            raise InputError(
+                step.path,
+                f"scores no record of task {task!r}, which {previous.path} scored: each "
+                f"step scores every task merged so far (give the files in merge order)",
+            )
         if found[task][1] != scored:
-            raise InputError(step.path, f"scores {found[task][1]} records of task {task!r} where {previous.path} "
-                                        f"scored {scored}: each step scores the same whole evaluation set")
+            raise InputError(
+                step.path,
+                f"scores {found[task][1]} records of task {task!r} where {previous.path} "
+                f"scored {scored}: each step scores the same whole evaluation set",
+            )
     if set(found) == set(before):
-        raise InputError(step.path, f"scores the same tasks as {previous.path}: each step adds the tasks of a "
-                                    f"fine-tune (give one file per merge, in merge order)")
+        raise InputError(
+            step.path,
+            f"scores the same tasks as {previous.path}: each step adds the tasks of a "
+            f"fine-tune (give one file per merge, in merge order)",
+        )
 
 
 def _upper_accuracy(upper: list[Predictions], tasks: list[str]) -> dict[str, float]:
@@ -197,21 +245,33 @@ def _upper_accuracy(upper: list[Predictions], tasks: list[str]) -> dict[str, flo
 def _routing(rows: list[dict], tasks: list[str]) -> tuple[dict, dict[str, float | None]]:
     """The final step's routing: counts[true task][routed task] over images, the routed tasks
     being the merge's (then any other seen), and per task the share of its images routed home."""
-    routed_to = list(dict.fromkeys([*rows[0].get(MERGE, {}).get("tasks", []), *tasks,
-                                    *(task for row in rows for task in routed_tasks(row))]))
+    routed_to = list(
+        dict.fromkeys(
+            [*rows[0].get(MERGE, {}).get("tasks", []), *tasks, *(task for row in rows for task in routed_tasks(row))]
+        )
+    )
     counts = [[0] * len(routed_to) for _ in tasks]
     for row in rows:
         for task in routed_tasks(row):
             counts[tasks.index(row["task"])][routed_to.index(task)] += 1
-    accuracy = {task: counts[index][routed_to.index(task)] / sum(counts[index]) if sum(counts[index]) else None
-                for index, task in enumerate(tasks)}
+    accuracy = {
+        task: counts[index][routed_to.index(task)] / sum(counts[index]) if sum(counts[index]) else None
+        for index, task in enumerate(tasks)
+    }
     return {"true": tasks, "routed": routed_to, "counts": counts}, accuracy
 
 
 def _wrong(row: dict) -> dict:
     media = row.get("images") or [row[kind] for kind in ("image", "video", "audio") if row.get(kind)]
-    return {"task": row["task"], "media": media, "prompt": row.get("prompt"), "answer": row.get("answer"),
-            "prediction": row["prediction"], "routed_task": row.get("routed_task"), "routing": row.get("routing")}
+    return {
+        "task": row["task"],
+        "media": media,
+        "prompt": row.get("prompt"),
+        "answer": row.get("answer"),
+        "prediction": row["prediction"],
+        "routed_task": row.get("routed_task"),
+        "routing": row.get("routing"),
+    }
 
 
 def _percent(value: float | None) -> str:
@@ -221,29 +281,46 @@ def _percent(value: float | None) -> str:
 def markdown(report: dict) -> str:
     """The report as tables short enough for a CI job summary (accuracies in %)."""
     tasks = report["tasks"]
-    lines = ["## Continual report", "",
-             f"Final average accuracy **{_percent(report['final_average_accuracy'])}%** after "
-             f"{len(report['steps'])} step(s); average forgetting {_percent(report['average_forgetting'])} points; "
-             f"backward transfer {_percent(report['backward_transfer'])} points.", "",
-             "| step | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    lines = [
+        "## Continual report",
+        "",
+        f"Final average accuracy **{_percent(report['final_average_accuracy'])}%** after "
+        f"{len(report['steps'])} step(s); average forgetting {_percent(report['average_forgetting'])} points; "
+        f"backward transfer {_percent(report['backward_transfer'])} points.",
+        "",
+        "| step | " + " | ".join(tasks) + " | average |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
     for number, (row, average) in enumerate(zip(report["accuracy_matrix"], report["average_accuracy"]), start=1):
         lines.append(f"| {number} | " + " | ".join(_percent(value) for value in row) + f" | {_percent(average)} |")
-    lines += ["", "| task | final | best before | forgetting | own adapter | final / own | routed home |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| task | final | best before | forgetting | own adapter | final / own | routed home |",
+        "|---|---|---|---|---|---|---|",
+    ]
     last = len(report["accuracy_matrix"]) - 1
     for index, task in enumerate(tasks):
         history = [row[index] for row in report["accuracy_matrix"][:last] if row[index] is not None]
         ratio = report["ratio_to_upper"].get(task)
-        lines.append(f"| {task} | {_percent(report['accuracy_matrix'][last][index])} | "
-                     f"{_percent(max(history)) if history else '—'} | {_percent(report['forgetting'][task])} | "
-                     f"{_percent(report['upper_accuracy'].get(task))} | {'—' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{_percent(report['routing_accuracy'][task])} |")
+        lines.append(
+            f"| {task} | {_percent(report['accuracy_matrix'][last][index])} | "
+            f"{_percent(max(history)) if history else '—'} | {_percent(report['forgetting'][task])} | "
+            f"{_percent(report['upper_accuracy'].get(task))} | {'—' if ratio is None else f'{ratio:.3f}'} | "
+            f"{_percent(report['routing_accuracy'][task])} |"
+        )
     confusion = report["routing_confusion"]
     if any(map(any, confusion["counts"])):
-        lines += ["", "Routing of the last step's images (rows: true task; columns: routed to):", "",
-                  "| | " + " | ".join(confusion["routed"]) + " |", "|---" * (len(confusion["routed"]) + 1) + "|"]
-        lines += [f"| {task} | " + " | ".join(map(str, counts)) + " |"
-                  for task, counts in zip(confusion["true"], confusion["counts"])]
+        lines += [
+            "",
+            "Routing of the last step's images (rows: true task; columns: routed to):",
+            "",
+            "| | " + " | ".join(confusion["routed"]) + " |",
+            "|---" * (len(confusion["routed"]) + 1) + "|",
+        ]
+        lines += [
+            f"| {task} | " + " | ".join(map(str, counts)) + " |"
+            for task, counts in zip(confusion["true"], confusion["counts"])
+        ]
     lines += ["", f"{len(report['wrong_answers'])} wrong answers in the last step (index.html shows them)."]
     return "\n".join(lines) + "\n"
 
@@ -256,9 +333,11 @@ def as_json(report: dict) -> str:
 def is_report_dir(path: Path) -> bool:
     """Whether `path` is an earlier report (which `--out` may replace): exactly the report's files."""
     try:
-        return sorted(entry.name for entry in path.iterdir()) == sorted(REPORT_FILES) and all(
-            (path / name).is_file() for name in REPORT_FILES) and "accuracy_matrix" in json.loads(
-            (path / "report.json").read_text())
+        return (
+            sorted(entry.name for entry in path.iterdir()) == sorted(REPORT_FILES)
+            and all((path / name).is_file() for name in REPORT_FILES)
+            and "accuracy_matrix" in json.loads((path / "report.json").read_text())
+        )
     except (OSError, ValueError):
         return False
 
@@ -268,8 +347,10 @@ def gate(report: dict, min_final_accuracy: float | None, max_forgetting: float |
     tasks, final = report["tasks"], report["accuracy_matrix"][-1]
     if min_final_accuracy is not None and report["final_average_accuracy"] < min_final_accuracy:
         worst = min(range(len(tasks)), key=lambda index: final[index])
-        return (f"final average accuracy {report['final_average_accuracy']:.4f} is below --min-final-accuracy "
-                f"{min_final_accuracy} (worst task: {tasks[worst]}, {final[worst]:.4f})")
+        return (
+            f"final average accuracy {report['final_average_accuracy']:.4f} is below --min-final-accuracy "
+            f"{min_final_accuracy} (worst task: {tasks[worst]}, {final[worst]:.4f})"
+        )
     lost = {task: value for task, value in report["forgetting"].items() if value is not None}
     if max_forgetting is not None and lost and max(lost.values()) > max_forgetting:
         worst = max(lost, key=lost.get)

@@ -37,7 +37,7 @@ def _svg(figure) -> str:
     figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
     plt.close(figure)
     text = buffer.getvalue()
-    return text[text.index("<svg"):]  # inline: no XML prologue or doctype
+    return text[text.index("<svg") :]  # inline: no XML prologue or doctype
 
 
 def _heat_map(values, rows: list[str], columns: list[str], title: str, percent: bool):
@@ -46,13 +46,21 @@ def _heat_map(values, rows: list[str], columns: list[str], title: str, percent: 
 
     data = np.array([[np.nan if value is None else value for value in row] for row in values], dtype=float)
     figure, axis = plt.subplots(figsize=(1.0 + 0.9 * len(columns), 0.9 + 0.55 * len(rows)))
-    image = axis.imshow(data, cmap="viridis", vmin=0, vmax=1 if percent else max(1.0, float(np.nanmax(data))),
-                        aspect="auto")
+    image = axis.imshow(
+        data, cmap="viridis", vmin=0, vmax=1 if percent else max(1.0, float(np.nanmax(data))), aspect="auto"
+    )
     for (row, column), value in np.ndenumerate(data):
         if not np.isnan(value):
             text = f"{100 * value:.0f}" if percent else f"{value:.0f}"
-            axis.text(column, row, text, ha="center", va="center", fontsize=9,
-                      color="black" if value > 0.6 * image.norm.vmax else "white")
+            axis.text(
+                column,
+                row,
+                text,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if value > 0.6 * image.norm.vmax else "white",
+            )
     axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
     axis.set_title(title, fontsize=10)
@@ -68,11 +76,13 @@ def _lines(report: dict):
     steps = list(range(1, len(report["accuracy_matrix"]) + 1))
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
     for index, task in enumerate(report["tasks"]):
-        points = [(step, 100 * row[index]) for step, row in zip(steps, report["accuracy_matrix"])
-                  if row[index] is not None]
+        points = [
+            (step, 100 * row[index]) for step, row in zip(steps, report["accuracy_matrix"]) if row[index] is not None
+        ]
         axis.plot(*zip(*points), marker="o", label=task)
-    axis.plot(steps, [100 * value for value in report["average_accuracy"]], color="black", linestyle="--",
-              label="average")
+    axis.plot(
+        steps, [100 * value for value in report["average_accuracy"]], color="black", linestyle="--", label="average"
+    )
     axis.set_xticks(steps)
     axis.set_xlabel("step (merge)")
     axis.set_ylabel("accuracy (%)")
@@ -107,8 +117,13 @@ def _metric(name: str, value: float | None, points: bool = False) -> str:
 
 def _routing_text(routing) -> str:
     weights = routing if isinstance(routing, list) else [routing or {}]
-    return "; ".join(", ".join(f"{task} {weight:.2f}" for task, weight in sorted(each.items(), key=lambda item: -item[1])[:3])
-                     for each in weights) or "—"
+    return (
+        "; ".join(
+            ", ".join(f"{task} {weight:.2f}" for task, weight in sorted(each.items(), key=lambda item: -item[1])[:3])
+            for each in weights
+        )
+        or "—"
+    )
 
 
 def _costs(costs: list[dict | None]) -> str:
@@ -119,12 +134,18 @@ def _costs(costs: list[dict | None]) -> str:
             items.append(f"<li>Step {number} cost no earlier task.</li>")
             continue
         home = cost["routed_home"]
-        why = ("its images were not routed (no routing in these rows)" if home is None else
-               f"{100 * home:.0f}% of its images were still routed home, so the merged language model lost it"
-               if home >= 0.95 else f"only {100 * home:.0f}% of its images were routed home: routing sent the "
-               f"rest to other tasks' projectors")
-        items.append(f'<li class="cost">Step {number} cost <b>{html.escape(cost["task"])}</b> most: '
-                     f'{100 * cost["before"]:.1f}% &rarr; {100 * cost["after"]:.1f}%; {why}.</li>')
+        why = (
+            "its images were not routed (no routing in these rows)"
+            if home is None
+            else f"{100 * home:.0f}% of its images were still routed home, so the merged language model lost it"
+            if home >= 0.95
+            else f"only {100 * home:.0f}% of its images were routed home: routing sent the "
+            f"rest to other tasks' projectors"
+        )
+        items.append(
+            f'<li class="cost">Step {number} cost <b>{html.escape(cost["task"])}</b> most: '
+            f"{100 * cost['before']:.1f}% &rarr; {100 * cost['after']:.1f}%; {why}.</li>"
+        )
     return f"<h2>What each merge cost</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
@@ -140,49 +161,64 @@ def write_page(report: dict, path: Path) -> None:
     totals = [sum(row) or 1 for row in confusion["counts"]]
     shares = [[count / total for count in row] for row, total in zip(confusion["counts"], totals)]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>many report</title>',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>many report</title>',
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Continual report</h1>",
         f"<p>{len(steps)} step(s), tasks in the order learned: {html.escape(', '.join(report['tasks']))}. "
         f"Last merge: <code>{html.escape(report['steps'][-1]['merge']['fingerprint'])}</code>.</p>",
         '<table class="summary"><tr><th>final average accuracy</th>'
-        + _metric("final_average_accuracy", report["final_average_accuracy"]) + "</tr>",
+        + _metric("final_average_accuracy", report["final_average_accuracy"])
+        + "</tr>",
         "<tr><th>average forgetting</th>" + _metric("average_forgetting", report["average_forgetting"], True) + "</tr>",
         "<tr><th>backward transfer</th>" + _metric("backward_transfer", report["backward_transfer"], True) + "</tr>",
         "</table>",
         _costs(report["step_costs"]),
         f'<figure id="accuracy-heatmap">{_svg(heat)}<figcaption>Rows: steps; columns: tasks. A cell that darkens '
-        f'down its column is a task a later merge cost.</figcaption></figure>',
+        f"down its column is a task a later merge cost.</figcaption></figure>",
         f'<figure id="accuracy-lines">{_svg(_lines(report))}</figure>',
         f'<figure id="routing-confusion">{_svg(_heat_map(shares, confusion["true"], confusion["routed"], "last step: share of each task images routed to each task (%)", True))}'
         f"<figcaption>Rows: true task; columns: the task its images were routed to.</figcaption></figure>",
-        "<h2>Per task, after the last step</h2>", '<table class="summary"><tr><th>task</th><th>final</th>'
+        "<h2>Per task, after the last step</h2>",
+        '<table class="summary"><tr><th>task</th><th>final</th>'
         "<th>forgetting</th><th>own adapter</th><th>final / own</th><th>routed home</th></tr>",
     ]
     final = report["accuracy_matrix"][-1]
     for index, task in enumerate(report["tasks"]):
         ratio = report["ratio_to_upper"].get(task)
-        parts.append(f"<tr><th>{html.escape(task)}</th>" + _metric(f"final:{task}", final[index])
-                     + _metric(f"forgetting:{task}", report["forgetting"][task], True)
-                     + _metric(f"upper:{task}", report["upper_accuracy"].get(task))
-                     + f'<td data-metric="ratio:{html.escape(task)}">{"—" if ratio is None else f"{ratio:.3f}"}</td>'
-                     + _metric(f"routing:{task}", report["routing_accuracy"][task]) + "</tr>")
+        parts.append(
+            f"<tr><th>{html.escape(task)}</th>"
+            + _metric(f"final:{task}", final[index])
+            + _metric(f"forgetting:{task}", report["forgetting"][task], True)
+            + _metric(f"upper:{task}", report["upper_accuracy"].get(task))
+            + f'<td data-metric="ratio:{html.escape(task)}">{"—" if ratio is None else f"{ratio:.3f}"}</td>'
+            + _metric(f"routing:{task}", report["routing_accuracy"][task])
+            + "</tr>"
+        )
     parts.append("</table>")
     wrong = report["wrong_answers"]
     options = "".join(f'<option value="{html.escape(task)}">{html.escape(task)}</option>' for task in report["tasks"])
-    parts += [f"<h2>Wrong answers in the last step ({len(wrong)})</h2>",
-              f'<label>task <select id="task-filter"><option value="">all</option>{options}</select></label>',
-              '<table class="wrong"><thead><tr><th>image</th><th>task</th><th>prompt</th><th>answer</th>'
-              "<th>prediction</th><th>routed to</th></tr></thead><tbody>"]
+    parts += [
+        f"<h2>Wrong answers in the last step ({len(wrong)})</h2>",
+        f'<label>task <select id="task-filter"><option value="">all</option>{options}</select></label>',
+        '<table class="wrong"><thead><tr><th>image</th><th>task</th><th>prompt</th><th>answer</th>'
+        "<th>prediction</th><th>routed to</th></tr></thead><tbody>",
+    ]
     for row in wrong:
         routed = row["routed_task"] if isinstance(row["routed_task"], list) else [row["routed_task"]]
         routed_text = ", ".join(task or "—" for task in routed)
         away = any(task not in (None, row["task"]) for task in routed)
-        parts.append(f'<tr data-task="{html.escape(row["task"])}"><td>{"".join(map(_thumbnail, row["media"]))}</td>'
-                     f'<td>{html.escape(row["task"])}</td><td>{html.escape(str(row["prompt"]))}</td>'
-                     f'<td>{html.escape(str(row["answer"]))}</td><td class="bad">{html.escape(row["prediction"])}</td>'
-                     f'<td{" class=bad" if away else ""}>{html.escape(routed_text)}'
-                     f'<br><small>{html.escape(_routing_text(row["routing"]))}</small></td></tr>')
-    parts += ["</tbody></table>", f"<details><summary>The same as Markdown</summary><pre>{html.escape(markdown(report))}"
-              f"</pre></details>", f"<script>{_SCRIPT}</script>", "</body></html>"]
+        parts.append(
+            f'<tr data-task="{html.escape(row["task"])}"><td>{"".join(map(_thumbnail, row["media"]))}</td>'
+            f"<td>{html.escape(row['task'])}</td><td>{html.escape(str(row['prompt']))}</td>"
+            f'<td>{html.escape(str(row["answer"]))}</td><td class="bad">{html.escape(row["prediction"])}</td>'
+            f"<td{' class=bad' if away else ''}>{html.escape(routed_text)}"
+            f"<br><small>{html.escape(_routing_text(row['routing']))}</small></td></tr>"
+        )
+    parts += [
+        "</tbody></table>",
+        f"<details><summary>The same as Markdown</summary><pre>{html.escape(markdown(report))}</pre></details>",
+        f"<script>{_SCRIPT}</script>",
+        "</body></html>",
+    ]
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")

@@ -95,6 +95,7 @@ def read_packed_blocks(path: Path, key: str, block: int = BLOCK, check_finite: b
     """`_blocks` of one packed tensor of a safetensors file, read slice by slice, so the whole
     triangle is never in memory; with `check_finite`, NaN or Inf is an InputError naming the file."""
     with open_safetensors(path) as handle:
+
         def take(start: int, stop: int) -> torch.Tensor:
             flat = handle.slice(key, start, stop)
             if check_finite and not bool(torch.isfinite(flat).all()):
@@ -109,7 +110,7 @@ def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype = torch.float64) -
     dim = dim_of_packed(packed.numel())
     out = torch.zeros(dim, dim, dtype=dtype)
     for start, rows in packed_blocks(packed):
-        out[start:start + rows.shape[0], start:] = rows
+        out[start : start + rows.shape[0], start:] = rows
     return out + out.triu(1).T
 
 
@@ -117,8 +118,11 @@ def _check_format(path: Path, metadata: Mapping[str, str], expected: str) -> Non
     if metadata.get("format") != expected:
         raise InputError(path, f"not a {expected} file (format is {metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise InputError(path, f"{expected} format version {metadata.get('format_version')!r} "
-                               f"is not supported (expected {FORMAT_VERSION}); re-create it")
+        raise InputError(
+            path,
+            f"{expected} format version {metadata.get('format_version')!r} "
+            f"is not supported (expected {FORMAT_VERSION}); re-create it",
+        )
 
 
 def _json_field(path: Path, metadata: Mapping[str, str], field: str):
@@ -129,6 +133,7 @@ def _json_field(path: Path, metadata: Mapping[str, str], field: str):
 
 
 # ---------------------------------------------------------------- stats file
+
 
 @dataclass(frozen=True)
 class InputStats:
@@ -141,6 +146,7 @@ class InputStats:
 @dataclass(frozen=True)
 class StatsHeader:
     """What a stats file says about itself; covariances are read lazily, one at a time."""
+
     path: Path
     adapter_fingerprint: str
     base_fingerprint: str
@@ -189,8 +195,9 @@ def _metadata_of(path: Path) -> Iterator:
         try:
             yield handle
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise InputError(path, f"its metadata is malformed ({type(error).__name__}: {error}); "
-                                   f"re-create the file") from None
+            raise InputError(
+                path, f"its metadata is malformed ({type(error).__name__}: {error}); re-create the file"
+            ) from None
 
 
 def read_stats_header(path: Path) -> StatsHeader:
@@ -204,8 +211,11 @@ def read_stats_header(path: Path) -> StatsHeader:
                 raise InputError(path, f"tensor {name!r} is missing")
             dim = int(entry["dim"])
             if handle.shape(name) != (packed_length(dim),):
-                raise InputError(path, f"tensor {name!r} has shape {handle.shape(name)}, "
-                                       f"expected the packed triangle of a {dim}×{dim} matrix")
+                raise InputError(
+                    path,
+                    f"tensor {name!r} has shape {handle.shape(name)}, "
+                    f"expected the packed triangle of a {dim}×{dim} matrix",
+                )
             inputs[key] = InputStats(key, tuple(entry["modules"]), dim, int(entry["tokens"]))
         return StatsHeader(
             path=path,
@@ -249,18 +259,31 @@ class StatsWriter:
     `dims[input]` is its width, `tokens[input]` the rows it counted, `modules[input]` the modules
     that read it; `extra` adds metadata (`many stats` sets the header's text `tokens` there)."""
 
-    def __init__(self, path: Path, *, dims: Mapping[str, int], tokens: Mapping[str, int],
-                 modules: Mapping[str, list[str]], images: int, adapter_fingerprint: str, base_fingerprint: str,
-                 token_rule: str, prototype_width: int | None, dtype: torch.dtype = torch.float32,
-                 extra: Mapping[str, str] | None = None, exemplars: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dims: Mapping[str, int],
+        tokens: Mapping[str, int],
+        modules: Mapping[str, list[str]],
+        images: int,
+        adapter_fingerprint: str,
+        base_fingerprint: str,
+        token_rule: str,
+        prototype_width: int | None,
+        dtype: torch.dtype = torch.float32,
+        extra: Mapping[str, str] | None = None,
+        exemplars: int = 0,
+    ):
         self.keys = sorted(dims)  # the order covariances must be written in
         layout = [(_covariance_key(key), dtype, (packed_length(dims[key]),)) for key in self.keys]
         if prototype_width is not None:
             layout.append(("prototype", torch.float32, (prototype_width,)))
             if exemplars:
                 layout.append(("exemplars", torch.float32, (exemplars, prototype_width)))
-        inputs = {key: {"modules": sorted(modules[key]), "dim": int(dims[key]), "tokens": int(tokens[key])}
-                  for key in dims}
+        inputs = {
+            key: {"modules": sorted(modules[key]), "dim": int(dims[key]), "tokens": int(tokens[key])} for key in dims
+        }
         metadata = {
             "format": "many-stats",
             "format_version": FORMAT_VERSION,
@@ -287,20 +310,39 @@ class StatsWriter:
         self._writer.close()
 
 
-def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: Mapping[str, int],
-                modules: Mapping[str, list[str]], prototype: torch.Tensor | None, images: int,
-                adapter_fingerprint: str, base_fingerprint: str, token_rule: str,
-                extra: Mapping[str, str] | None = None, exemplars: torch.Tensor | None = None) -> None:
+def write_stats(
+    path: Path,
+    *,
+    covariances: Mapping[str, torch.Tensor],
+    tokens: Mapping[str, int],
+    modules: Mapping[str, list[str]],
+    prototype: torch.Tensor | None,
+    images: int,
+    adapter_fingerprint: str,
+    base_fingerprint: str,
+    token_rule: str,
+    extra: Mapping[str, str] | None = None,
+    exemplars: torch.Tensor | None = None,
+) -> None:
     """Write a stats file all or nothing. `covariances[input]` is packed (`pack_symmetric`), all
     of one dtype; `modules[input]` lists the modules that read that input; `exemplars` (with a
     prototype) holds each image's pooled direction."""
     dtype = next(iter(covariances.values())).dtype if covariances else torch.float32
     with atomic_output_file(path) as partial:
-        writer = StatsWriter(partial, dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
-                             tokens=tokens, modules=modules, images=images, adapter_fingerprint=adapter_fingerprint,
-                             base_fingerprint=base_fingerprint, token_rule=token_rule, dtype=dtype,
-                             prototype_width=None if prototype is None else prototype.numel(), extra=extra,
-                             exemplars=0 if prototype is None or exemplars is None else exemplars.shape[0])
+        writer = StatsWriter(
+            partial,
+            dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
+            tokens=tokens,
+            modules=modules,
+            images=images,
+            adapter_fingerprint=adapter_fingerprint,
+            base_fingerprint=base_fingerprint,
+            token_rule=token_rule,
+            dtype=dtype,
+            prototype_width=None if prototype is None else prototype.numel(),
+            extra=extra,
+            exemplars=0 if prototype is None or exemplars is None else exemplars.shape[0],
+        )
         for key in writer.keys:
             writer.covariance(key, covariances[key])
         if prototype is not None:
@@ -311,6 +353,7 @@ def write_stats(path: Path, *, covariances: Mapping[str, torch.Tensor], tokens: 
 
 
 # ---------------------------------------------------------------- bundle
+
 
 def _projector_key(index: int, parameter: str) -> str:
     return f"projector/{index}/{parameter}"
@@ -335,7 +378,7 @@ class BundleHeader:
     def projector_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         """Task `index`'s projector: parameter name -> shape."""
         prefix = _projector_key(index, "")
-        return {key[len(prefix):]: shape for key, shape in self.shapes.items() if key.startswith(prefix)}
+        return {key[len(prefix) :]: shape for key, shape in self.shapes.items() if key.startswith(prefix)}
 
     def projector(self, index: int) -> dict[str, torch.Tensor]:
         """Task `index`'s projector weights, by parameter name (a state dict)."""
@@ -350,7 +393,7 @@ class BundleHeader:
         for name in self.projector_shapes(index):
             full = f".{self.projector_module}.{name}"
             if marker in full:
-                inside[full[full.index(marker) + len(marker):]] = name
+                inside[full[full.index(marker) + len(marker) :]] = name
         with open_safetensors(self.path) as handle:
             return {parameter: handle.get(_projector_key(index, name)) for parameter, name in inside.items()}
 
@@ -378,11 +421,23 @@ def read_bundle_header(path: Path) -> BundleHeader:
         if not (eta > 0 and math.isfinite(eta)):
             raise InputError(path, f"its default η {metadata.get('eta')!r} is not a finite number > 0")
         tasks = _json_field(path, metadata, "tasks")
-        if not isinstance(tasks, list) or not tasks or not all(map(_is_task_name, tasks)) or len(set(tasks)) != len(tasks):
-            raise InputError(path, f"its metadata field 'tasks' is not a list of distinct task names ({tasks!r}); "
-                                   f"re-create the merge")
-        header = BundleHeader(path, tuple(tasks), metadata.get("projector_module") or None, eta,
-                              {key: handle.shape(key) for key in handle.keys()})
+        if (
+            not isinstance(tasks, list)
+            or not tasks
+            or not all(map(_is_task_name, tasks))
+            or len(set(tasks)) != len(tasks)
+        ):
+            raise InputError(
+                path,
+                f"its metadata field 'tasks' is not a list of distinct task names ({tasks!r}); re-create the merge",
+            )
+        header = BundleHeader(
+            path,
+            tuple(tasks),
+            metadata.get("projector_module") or None,
+            eta,
+            {key: handle.shape(key) for key in handle.keys()},
+        )
         _check_bundle_tensors(header)
         return header
 
@@ -403,8 +458,13 @@ def _check_bundle_tensors(bundle: BundleHeader) -> None:
 
     for key in bundle.shapes:
         parts = key.split("/")
-        if parts[0] not in ("projector", "prototype", "exemplars") or len(parts) < 2 or not parts[1].isdigit() \
-                or int(parts[1]) >= count or (parts[0] == "projector") != (len(parts) == 3):
+        if (
+            parts[0] not in ("projector", "prototype", "exemplars")
+            or len(parts) < 2
+            or not parts[1].isdigit()
+            or int(parts[1]) >= count
+            or (parts[0] == "projector") != (len(parts) == 3)
+        ):
             raise fault(f"tensor {key!r} belongs to no task")
     projectors = [bundle.projector_shapes(index) for index in range(count)]
     if bundle.projector_module and any(shapes != projectors[0] or not shapes for shapes in projectors):
@@ -412,8 +472,14 @@ def _check_bundle_tensors(bundle: BundleHeader) -> None:
     if not bundle.projector_module and any(projectors):
         raise fault("projector tensors without a projector_module")
     widths = {bundle.shapes[key][-1] for key in bundle.shapes if key.split("/")[0] in ("prototype", "exemplars")}
-    bad = [key for key in bundle.shapes if key.startswith("prototype/") and len(bundle.shapes[key]) != 1
-           or key.startswith("exemplars/") and len(bundle.shapes[key]) != 2]
+    bad = [
+        key
+        for key in bundle.shapes
+        if key.startswith("prototype/")
+        and len(bundle.shapes[key]) != 1
+        or key.startswith("exemplars/")
+        and len(bundle.shapes[key]) != 2
+    ]
     if len(widths) > 1 or bad:
         raise fault(f"prototypes and exemplars of different widths or shapes ({sorted(widths)})")
 
@@ -430,13 +496,17 @@ def check_one_merge(state: "StateHeader", bundle: BundleHeader) -> None:
     """A merge output's state and bundle must hold the same tasks in the same order."""
     names = tuple(task.name for task in state.tasks)
     if names != bundle.tasks:
-        raise InputError(state.path, f"holds the tasks {list(names)}, its bundle {bundle.path.name} "
-                                     f"{list(bundle.tasks)}: not the files of one merge; re-create the merge")
+        raise InputError(
+            state.path,
+            f"holds the tasks {list(names)}, its bundle {bundle.path.name} "
+            f"{list(bundle.tasks)}: not the files of one merge; re-create the merge",
+        )
 
 
 @dataclass(frozen=True)
 class BundleTask:
     """One task as the bundle keeps it."""
+
     name: str
     projector: Mapping[str, torch.Tensor]  # parameter name -> weight (empty: no projector)
     prototype: torch.Tensor | None
@@ -452,12 +522,18 @@ def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | No
             tensors[_prototype_key(index)] = task.prototype.contiguous()
         if task.exemplars is not None:
             tensors[_exemplars_key(index)] = task.exemplars.contiguous()
-    metadata = {"format": "many-bundle", "format_version": FORMAT_VERSION, "tasks": json.dumps([t.name for t in tasks]),
-                "projector_module": projector_module or "", "eta": repr(eta)}
+    metadata = {
+        "format": "many-bundle",
+        "format_version": FORMAT_VERSION,
+        "tasks": json.dumps([t.name for t in tasks]),
+        "projector_module": projector_module or "",
+        "eta": repr(eta),
+    }
     save_tensors(path, tensors, metadata)
 
 
 # ---------------------------------------------------------------- merge state
+
 
 @dataclass(frozen=True)
 class StateTask:
@@ -495,8 +571,11 @@ class StateHeader:
 
     def factor_shapes(self) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(task index, module) -> (rank, d_in, d_out) of every task's factors."""
-        return {(index, module): (*self.shapes[_ac_key(index, module)], self.shapes[_b_key(index, module)][0])
-                for index, task in enumerate(self.tasks) for module in task.modules}
+        return {
+            (index, module): (*self.shapes[_ac_key(index, module)], self.shapes[_b_key(index, module)][0])
+            for index, task in enumerate(self.tasks)
+            for module in task.modules
+        }
 
     @property
     def precision(self) -> str:
@@ -523,18 +602,35 @@ def read_state_header(path: Path) -> StateHeader:
     with _metadata_of(path) as handle:
         metadata = handle.metadata()
         _check_format(path, metadata, "many-state")
-        tasks = tuple(StateTask(entry["name"], entry["adapter_fingerprint"], tuple(entry["modules"]),
-                                entry["tokens"]) for entry in _json_field(path, metadata, "tasks"))
+        tasks = tuple(
+            StateTask(entry["name"], entry["adapter_fingerprint"], tuple(entry["modules"]), entry["tokens"])
+            for entry in _json_field(path, metadata, "tasks")
+        )
         if not all(_is_task_name(task.name) for task in tasks):
-            raise InputError(path, f"its task names {[task.name for task in tasks]!r} are not folder names; "
-                                   f"re-create the merge")
+            raise InputError(
+                path, f"its task names {[task.name for task in tasks]!r} are not folder names; re-create the merge"
+            )
         groups = {key: tuple(modules) for key, modules in _json_field(path, metadata, "groups").items()}
-        header = StateHeader(path, metadata.get("base_fingerprint", ""), metadata.get("base_model") or None,
-                             metadata.get("balance") == "true", tasks, groups,
-                             {key: handle.shape(key) for key in handle.keys()})
-        missing = [key for key in [_gram_key(group) for group in groups] +
-                   [make(index, module) for index, task in enumerate(tasks) for module in task.modules
-                    for make in (_ac_key, _ad_key, _b_key)] if key not in header.shapes]
+        header = StateHeader(
+            path,
+            metadata.get("base_fingerprint", ""),
+            metadata.get("base_model") or None,
+            metadata.get("balance") == "true",
+            tasks,
+            groups,
+            {key: handle.shape(key) for key in handle.keys()},
+        )
+        missing = [
+            key
+            for key in [_gram_key(group) for group in groups]
+            + [
+                make(index, module)
+                for index, task in enumerate(tasks)
+                for module in task.modules
+                for make in (_ac_key, _ad_key, _b_key)
+            ]
+            if key not in header.shapes
+        ]
         if missing:
             raise InputError(path, f"tensor {missing[0]!r} is missing; re-create the merge")
         return header
@@ -544,6 +640,7 @@ def read_state_header(path: Path) -> StateHeader:
 class StateGroup:
     """What the state holds for one input: its Gram matrix and, in order, each task's factors
     for the modules that read it: (task index, module, rank, d_out)."""
+
     key: str
     dim: int
     factors: tuple[tuple[int, str, int, int], ...]
@@ -552,9 +649,18 @@ class StateGroup:
 class StateWriter:
     """Streams a merge state to disk group by group: declared first, then written in order."""
 
-    def __init__(self, path: Path, groups: list[StateGroup], *, base_fingerprint: str, base_model: str | None,
-                 balance: bool, tasks: list[StateTask], members: Mapping[str, tuple[str, ...]],
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        path: Path,
+        groups: list[StateGroup],
+        *,
+        base_fingerprint: str,
+        base_model: str | None,
+        balance: bool,
+        tasks: list[StateTask],
+        members: Mapping[str, tuple[str, ...]],
+        dtype: torch.dtype = torch.float64,
+    ):
         self._dtype = dtype
         layout = []
         for group in groups:
@@ -569,9 +675,17 @@ class StateWriter:
             "base_fingerprint": base_fingerprint,
             "base_model": base_model or "",
             "balance": "true" if balance else "false",
-            "tasks": json.dumps([{"name": task.name, "adapter_fingerprint": task.adapter_fingerprint,
-                                  "modules": list(task.modules), "tokens": dict(task.tokens)}
-                                 for task in tasks]),
+            "tasks": json.dumps(
+                [
+                    {
+                        "name": task.name,
+                        "adapter_fingerprint": task.adapter_fingerprint,
+                        "modules": list(task.modules),
+                        "tokens": dict(task.tokens),
+                    }
+                    for task in tasks
+                ]
+            ),
             "groups": json.dumps({key: list(modules) for key, modules in members.items()}),
         }
         self._writer = StreamingSafetensorsWriter(path, layout, metadata)

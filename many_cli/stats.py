@@ -15,24 +15,42 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from many_cli.adapters import (ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config,
-                               other_base_note, read_adapter)
+from many_cli.adapters import (
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    adapter_fingerprint,
+    check_supported_config,
+    other_base_note,
+    read_adapter,
+)
 from many_cli.cpm import pooled_direction
 from many_cli.data import BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
-from many_cli.formats import count_records, read_records
 from many_cli.distributed import init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
+from many_cli.formats import count_records, read_records
 from many_cli.llava_layout import peft_adapter_dir
-from many_cli.models import (adapter_renames, apply_adapters, base_fingerprint, computes_own_positions, linear_layers, load_base_model, load_processor, lora_layers,
-                             resolve_dtype, text_layers)
+from many_cli.models import (
+    adapter_renames,
+    apply_adapters,
+    base_fingerprint,
+    computes_own_positions,
+    linear_layers,
+    load_base_model,
+    load_processor,
+    lora_layers,
+    resolve_dtype,
+    text_layers,
+)
 from many_cli.options import StatsOptions
 from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
 
-TOKEN_RULE = ("chat template over one user turn [image, prompt], plus the assistant answer when "
-              "there is one (else the generation prompt); every position whose attention mask is 1, "
-              "image tokens included")
+TOKEN_RULE = (
+    "chat template over one user turn [image, prompt], plus the assistant answer when "
+    "there is one (else the generation prompt); every position whose attention mask is 1, "
+    "image tokens included"
+)
 
 
 @dataclass
@@ -58,9 +76,14 @@ class Progress:
         """Override to report progress."""
 
 
-def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None,
-                  options: StatsOptions = StatsOptions(),
-                  progress: Callable[[int | None], Progress] = Progress) -> StatsReport:
+def collect_stats(
+    base: str,
+    adapter: Path,
+    data: Path,
+    out: Path | None = None,
+    options: StatsOptions = StatsOptions(),
+    progress: Callable[[int | None], Progress] = Progress,
+) -> StatsReport:
     """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
     options.check()
@@ -71,8 +94,9 @@ def collect_stats(base: str, adapter: Path, data: Path, out: Path | None = None,
         return _collect(base, converted, data, out, options, progress)
 
 
-def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOptions,
-             progress: Callable[[int | None], Progress]) -> StatsReport:
+def _collect(
+    base: str, adapter: Path, data: Path, out: Path, options: StatsOptions, progress: Callable[[int | None], Progress]
+) -> StatsReport:
     rank, world = init_distributed(options.device)
     device = rank_device(options.device, world)
     records = read_records(data, options.reading)  # raises on a missing or empty source at once
@@ -110,8 +134,13 @@ def _collect(base: str, adapter: Path, data: Path, out: Path, options: StatsOpti
     return report
 
 
-def accumulate(model: nn.Module, batches: Iterable[tuple[dict, torch.Tensor | None]], covariances: "InputCovariances",
-               device: torch.device, done: Callable[[int, int], None] = lambda records, tokens: None) -> None:
+def accumulate(
+    model: nn.Module,
+    batches: Iterable[tuple[dict, torch.Tensor | None]],
+    covariances: "InputCovariances",
+    device: torch.device,
+    done: Callable[[int, int], None] = lambda records, tokens: None,
+) -> None:
     """The statistics pass: one forward per encoded batch, its attention mask (and the weight of
     each position, if any) given to the hooks first; `done(records, tokens)` after each batch."""
     for encoded, weights in batches:
@@ -125,6 +154,7 @@ def accumulate(model: nn.Module, batches: Iterable[tuple[dict, torch.Tensor | No
 @dataclass
 class _Totals:
     """What a stats run sums (over every rank under torchrun)."""
+
     sums: dict[str, torch.Tensor]  # input -> packed Σ x xᵀ
     rows: dict[str, int]  # input -> rows counted
     members: dict[str, list[str]]  # input -> the modules that read it
@@ -137,8 +167,9 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     processor = load_processor(base, options.padding_side)  # a folder without one fails before the model loads
     model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
-    renames = {saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items()
-               if saved != loaded}
+    renames = {
+        saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items() if saved != loaded
+    }
     model = apply_adapters(model, base, [(adapter, "default")])
     model = (model if options.device_map is not None else model.to(device)).eval()
     layers = lora_layers(model)
@@ -160,8 +191,9 @@ def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> i
     return None if total is None else (total + world - 1 - rank) // world
 
 
-def encoded_batches(processor, records: Iterable[Record | BadRecord], options: StatsOptions,
-                    report: StatsReport) -> Iterator[tuple[dict, torch.Tensor | None]]:
+def encoded_batches(
+    processor, records: Iterable[Record | BadRecord], options: StatsOptions, report: StatsReport
+) -> Iterator[tuple[dict, torch.Tensor | None]]:
     """Encoded batches, each with the weight of every position (None: all weigh 1)."""
     for batch in _batches(_good_records(records, options.skip_bad, report), options.batch_size):
         kept, encoded = _encode(processor, batch, options.skip_bad, report)
@@ -169,8 +201,9 @@ def encoded_batches(processor, records: Iterable[Record | BadRecord], options: S
             continue
         weights = None
         if options.answer_weight != 1:
-            weights = deciding_weights(encoded["attention_mask"], answer_token_counts(processor, kept),
-                                       options.answer_weight)
+            weights = deciding_weights(
+                encoded["attention_mask"], answer_token_counts(processor, kept), options.answer_weight
+            )
         yield encoded, weights
 
 
@@ -180,30 +213,41 @@ def deciding_weights(mask: torch.Tensor, answer_tokens: list[int], weight: float
     weights = torch.ones(mask.shape, dtype=torch.float32)
     for row, count in enumerate(answer_tokens):
         positions = mask[row].nonzero().flatten()
-        weights[row, positions[-(count + 1):]] = weight
+        weights[row, positions[-(count + 1) :]] = weight
     return weights
 
 
-def _totals(covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport,
-            device: torch.device) -> _Totals:
+def _totals(
+    covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport, device: torch.device
+) -> _Totals:
     prototype_sum, images, exemplars = prototype.result()
-    totals = _Totals({key: triangle.packed() for key, triangle in covariances.sums.items()},
-                     {key: triangle.rows_added for key, triangle in covariances.sums.items()},
-                     covariances.members, prototype_sum, images, exemplars)
+    totals = _Totals(
+        {key: triangle.packed() for key, triangle in covariances.sums.items()},
+        {key: triangle.rows_added for key, triangle in covariances.sums.items()},
+        covariances.members,
+        prototype_sum,
+        images,
+        exemplars,
+    )
     return _all_reduce(totals, report, device) if world > 1 else totals
 
 
-def _check_totals(totals: _Totals, report: StatsReport, data: Path, adapter: Path, media_expected: bool,
-                  remedy: str) -> None:
+def _check_totals(
+    totals: _Totals, report: StatsReport, data: Path, adapter: Path, media_expected: bool, remedy: str
+) -> None:
     if report.records == 0:
         raise InputError(data, "no usable record" + (f" ({report.skipped} skipped)" if report.skipped else ""))
     if media_expected and totals.images == 0:
-        raise InputError(data, "holds no image, video or audio, but the model is multimodal: its statistics would "
-                               "miss every media token; give the data its media, or pass --text-only")
+        raise InputError(
+            data,
+            "holds no image, video or audio, but the model is multimodal: its statistics would "
+            "miss every media token; give the data its media, or pass --text-only",
+        )
     for key, packed in totals.sums.items():
         if not bool(torch.isfinite(packed).all()):
-            raise InputError(adapter, f"the input of {', '.join(totals.members[key])} holds NaN or Inf on this "
-                                      f"data ({remedy})")
+            raise InputError(
+                adapter, f"the input of {', '.join(totals.members[key])} holds NaN or Inf on this data ({remedy})"
+            )
     report.images = totals.images
     report.inputs, report.modules = len(totals.sums), sum(len(names) for names in totals.members.values())
 
@@ -212,28 +256,48 @@ def _overflow_remedy(model: nn.Module, options: StatsOptions) -> str:
     """What to try when the statistics overflowed: a wider dtype, or a smaller answer weight."""
     remedies = [] if model.dtype == torch.float32 else ["run the model in float32 (--dtype float32)"]
     if options.answer_weight != 1:
-        remedies.append(f"a smaller --answer-weight than {options.answer_weight:g} (the sums of its squares "
-                        f"overflow float32)")
+        remedies.append(
+            f"a smaller --answer-weight than {options.answer_weight:g} (the sums of its squares overflow float32)"
+        )
     return " or ".join(remedies) or "the model itself gives NaN or Inf on this data in float32"
 
 
-def _write(out: Path, totals: _Totals, report: StatsReport, adapter_fingerprint: str, fingerprint: str,
-           options: StatsOptions, renames: dict[str, str]) -> None:
+def _write(
+    out: Path,
+    totals: _Totals,
+    report: StatsReport,
+    adapter_fingerprint: str,
+    fingerprint: str,
+    options: StatsOptions,
+    renames: dict[str, str],
+) -> None:
     pattern = options.modules
-    token_rule = TOKEN_RULE if options.answer_weight == 1 else (
-        f"{TOKEN_RULE}; the last prompt position and the answer's tokens weigh {options.answer_weight:g}")
+    token_rule = (
+        TOKEN_RULE
+        if options.answer_weight == 1
+        else (f"{TOKEN_RULE}; the last prompt position and the answer's tokens weigh {options.answer_weight:g}")
+    )
     named = {min(totals.members[key]): key for key in totals.sums}  # an input is named after its first module
-    write_stats(out, covariances={name: totals.sums[key].cpu() for name, key in named.items()},
-                tokens={name: totals.rows[key] for name, key in named.items()},
-                modules={name: totals.members[key] for name, key in named.items()},
-                prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
-                exemplars=totals.exemplars, images=totals.images, adapter_fingerprint=adapter_fingerprint,
-                base_fingerprint=fingerprint, token_rule=token_rule,
-                extra={"records": str(report.records), "skipped": str(report.skipped),
-                       "answer_weight": repr(options.answer_weight),
-                       "tokens": str(report.tokens),  # text tokens; media layers count rows
-                       **({"modules_pattern": pattern} if pattern else {}),
-                       **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {})})
+    write_stats(
+        out,
+        covariances={name: totals.sums[key].cpu() for name, key in named.items()},
+        tokens={name: totals.rows[key] for name, key in named.items()},
+        modules={name: totals.members[key] for name, key in named.items()},
+        prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
+        exemplars=totals.exemplars,
+        images=totals.images,
+        adapter_fingerprint=adapter_fingerprint,
+        base_fingerprint=fingerprint,
+        token_rule=token_rule,
+        extra={
+            "records": str(report.records),
+            "skipped": str(report.skipped),
+            "answer_weight": repr(options.answer_weight),
+            "tokens": str(report.tokens),  # text tokens; media layers count rows
+            **({"modules_pattern": pattern} if pattern else {}),
+            **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {}),
+        },
+    )
 
 
 def forward(model: nn.Module, encoded, device: torch.device) -> None:
@@ -246,8 +310,11 @@ def forward(model: nn.Module, encoded, device: torch.device) -> None:
     keep = 0 if isinstance(model.get_output_embeddings(), LoraLayer) else 1  # 0: every position
     with torch.inference_mode():
         # Positions follow the mask, unless the model derives its own from it (Qwen-VL's 3-D rope).
-        positions = {} if computes_own_positions(model) else {
-            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
+        positions = (
+            {}
+            if computes_own_positions(model)
+            else {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
+        )
         model(**encoded.to(device), **positions, use_cache=False, logits_to_keep=keep)
 
 
@@ -259,8 +326,7 @@ def _adapter_fingerprint(adapter: Path) -> str:
     return adapter_fingerprint(adapter)
 
 
-def _good_records(records: Iterable[Record | BadRecord], skip_bad: bool,
-                  report: StatsReport) -> Iterator[Record]:
+def _good_records(records: Iterable[Record | BadRecord], skip_bad: bool, report: StatsReport) -> Iterator[Record]:
     for record in records:
         if isinstance(record, BadRecord):
             if not skip_bad:
@@ -295,26 +361,50 @@ def _fingerprint(flat: torch.Tensor) -> tuple:
     distinct real activations never all equal."""
     values = flat.double()
     weights = torch.arange(1, values.shape[0] + 1, dtype=torch.float64, device=values.device)
-    return (tuple(flat.shape), float(values.sum()), float(values.square().sum()),
-            float((values.sum(dim=1) * weights).sum()))
+    return (
+        tuple(flat.shape),
+        float(values.sum()),
+        float(values.square().sum()),
+        float((values.sum(dim=1) * weights).sum()),
+    )
+
+
+def tensor_core_products(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether Σ x xᵀ can multiply x in its own half precision with float32 accumulation (the
+    tensor cores, an order of magnitude above the float32 units) and give what float32 gives:
+    the product of two bfloat16 or two float16 values is exact in float32, so only the order of
+    the float32 sums differs. Needs CUDA with tensor cores for the dtype (float16 from compute
+    capability 7.0, bfloat16 from 8.0) and torch's matrix product with a float32 `out_dtype`."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not hasattr(torch.ops.aten.mm, "dtype"):
+        return False
+    return torch.cuda.get_device_capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0))
 
 
 class UpperTriangle:
     """Σ x xᵀ kept as its upper triangle, in row blocks: half the memory and about half the
-    multiply-adds of a full d×d accumulation, and already in the stats file's packed order."""
+    multiply-adds of a full d×d accumulation, and already in the stats file's packed order.
+    Sums are float32; x is multiplied in its own dtype where `tensor_core_products` allows."""
 
     def __init__(self, dim: int, device: torch.device):
         self.dim = dim
+        self.device = device
         self.rows_added = 0  # the tokens counted
-        self.rows = [torch.zeros(min(BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
-                     for start in range(0, dim, BLOCK)]
+        self.rows = [
+            torch.zeros(min(BLOCK, dim - start), dim - start, dtype=torch.float32, device=device)
+            for start in range(0, dim, BLOCK)
+        ]
 
     def add(self, x: torch.Tensor) -> None:
-        """Add xᵀ x for x of shape (tokens, dim), float32."""
+        """Add xᵀ x for x of shape (tokens, dim)."""
         self.rows_added += x.shape[0]
+        half = tensor_core_products(x.dtype, self.device)
+        x = x if half else x.float()
         for index, rows in enumerate(self.rows):
             start = index * BLOCK
-            rows.addmm_(x[:, start:start + rows.shape[0]].T, x[:, start:])
+            if half:
+                rows.add_(torch.mm(x[:, start : start + rows.shape[0]].T, x[:, start:], out_dtype=torch.float32))
+            else:
+                rows.addmm_(x[:, start : start + rows.shape[0]].T, x[:, start:])
 
     def packed(self) -> torch.Tensor:
         """The upper triangle row by row, as `state.pack_symmetric` lays it out."""
@@ -338,8 +428,9 @@ class InputCovariances:
         self._seen: dict[tuple, str] = {}
         self.sums: dict[str, UpperTriangle] = {}
         self.members: dict[str, list[str]] = {}
-        self._hooks = {name: layer.register_forward_pre_hook(partial(self._hook, name))
-                       for name, layer in layers.items()}
+        self._hooks = {
+            name: layer.register_forward_pre_hook(partial(self._hook, name)) for name, layer in layers.items()
+        }
 
     def begin_batch(self, mask: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         self._mask = mask.reshape(-1)
@@ -368,7 +459,7 @@ class InputCovariances:
             self._seen[fingerprint] = name
             self.members[name] = [name]
             self.sums[name] = UpperTriangle(flat.shape[1], self._device)
-        self.sums[name].add(flat.float())
+        self.sums[name].add(flat)
 
     def remove_hooks(self) -> None:
         for hook in self._hooks.values():
@@ -425,8 +516,9 @@ def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _
         count = torch.tensor([totals.rows.get(key, 0)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
         rows[key] = int(count.item())
-    counts = torch.tensor([report.records, report.skipped, report.tokens, totals.images],
-                          dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [report.records, report.skipped, report.tokens, totals.images], dtype=torch.float64, device=device
+    )
     dist.all_reduce(counts)
     report.records, report.skipped, report.tokens, images = (int(value) for value in counts.tolist())
     prototype_sum = totals.prototype_sum

@@ -109,16 +109,16 @@ class StreamingSafetensorsWriter:
 
     safetensors' own `save_file` needs every tensor in memory at once, hence this."""
 
-    def __init__(self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str]):
+    def __init__(
+        self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+    ):
         self._layout = list(layout)
         self._next = 0
         header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
         offset = 0
         for name, dtype, shape in self._layout:
             size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -129,8 +129,9 @@ class StreamingSafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._layout[self._next]
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"expected {expected_name} {dtype} {shape}, got {name} "
-                             f"{tensor.dtype} {tuple(tensor.shape)}")
+            raise ValueError(
+                f"expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1
@@ -159,8 +160,9 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     """safetensors' `save_file`, but byte for byte the same on every run (its metadata order
     is not): tensors by element size, then name, as safetensors lays them out."""
     names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    writer = StreamingSafetensorsWriter(path, [(name, tensors[name].dtype, tuple(tensors[name].shape))
-                                               for name in names], metadata)
+    writer = StreamingSafetensorsWriter(
+        path, [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names], metadata
+    )
     for name in names:
         writer.write(name, tensors[name])
     writer.close()

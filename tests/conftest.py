@@ -24,18 +24,39 @@ IMAGE_TOKEN = 63
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Which projections read the same input in a Llama block (the test knows; the merge is told
 # through the stats file).
-SHARED_INPUT = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+SHARED_INPUT = {
+    "q_proj": "q_proj",
+    "k_proj": "q_proj",
+    "v_proj": "q_proj",
+    "o_proj": "o_proj",
+    "gate_proj": "gate_proj",
+    "up_proj": "gate_proj",
+    "down_proj": "down_proj",
+}
 
 
 def tiny_llava_config(hidden: int = 32) -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=8, patch_size=4, projection_dim=16)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                       max_position_embeddings=64)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                       projector_hidden_act="gelu")
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu"
+    )
 
 
 def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
@@ -75,8 +96,7 @@ def calibration_records(count: int, seed: int, length: int = 12) -> list[dict[st
     for _ in range(count):
         text = torch.randint(0, IMAGE_TOKEN, (length - 4,), generator=generator)
         input_ids = torch.cat([text[:2], torch.full((4,), IMAGE_TOKEN), text[2:]])[None]
-        records.append({"input_ids": input_ids,
-                        "pixel_values": torch.randn(1, 3, 8, 8, generator=generator)})
+        records.append({"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 8, 8, generator=generator)})
     return records
 
 
@@ -90,9 +110,11 @@ def brute_force_covariances(base: Path, adapter: Path, records) -> dict[str, tor
     hooks = []
     for name, module in model.base_model.model.named_modules():
         if re.search(r"language_model\.layers\.\d+\.\w+\.(%s)$" % "|".join(PROJECTIONS), name):
+
             def hook(_, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
                 sums[name] = sums.get(name, 0) + x.T @ x
+
             hooks.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for record in records:
@@ -107,9 +129,11 @@ def lora_input_sums(model, run) -> dict[str, torch.Tensor]:
     sums, hooks = {}, []
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A"):
+
             def hook(_, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
                 sums[name] = sums.get(name, 0) + x.T @ x
+
             hooks.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         run()
@@ -124,30 +148,45 @@ def stats_covariances(path: Path) -> dict[str, torch.Tensor]:
 
     with safe_open(str(path), "pt") as handle:
         inputs = json.loads(handle.metadata()["inputs"])
-        return {module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
-                for key, entry in inputs.items() for module in entry["modules"]}
+        return {
+            module: unpack_symmetric(handle.get_tensor(f"covariance/{key}"))
+            for key, entry in inputs.items()
+            for module in entry["modules"]
+        }
 
 
 def input_key(module: str) -> str:
     prefix, projection = module.rsplit(".", 1)
-    return f"{prefix.rsplit('.', 1)[0]}.{'self_attn' if projection in PROJECTIONS[:4] else 'mlp'}." \
-           f"{SHARED_INPUT[projection]}"
+    return (
+        f"{prefix.rsplit('.', 1)[0]}.{'self_attn' if projection in PROJECTIONS[:4] else 'mlp'}."
+        f"{SHARED_INPUT[projection]}"
+    )
 
 
-def write_task_stats(adapter: Path, covariances: dict[str, torch.Tensor], tokens: int,
-                     base_fingerprint: str = "base-A", prototype: torch.Tensor | None = None) -> None:
+def write_task_stats(
+    adapter: Path,
+    covariances: dict[str, torch.Tensor],
+    tokens: int,
+    base_fingerprint: str = "base-A",
+    prototype: torch.Tensor | None = None,
+) -> None:
     """Write the stats file `many merge` reads, through the project's own writer, storing
     each shared input once (float32, as `many stats` accumulates)."""
     by_input: dict[str, list[str]] = {}
     for module in covariances:
         by_input.setdefault(input_key(module), []).append(module)
-    write_stats(adapter / STATS_FILE,
-                covariances={key: pack_symmetric(covariances[key].to(torch.float32)) for key in by_input},
-                tokens={key: tokens for key in by_input}, modules=by_input,
-                prototype=prototype if prototype is not None else torch.randn(16),
-                exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1) if prototype is None else None,
-                images=1, adapter_fingerprint=adapter_fingerprint(adapter),
-                base_fingerprint=base_fingerprint, token_rule="test")
+    write_stats(
+        adapter / STATS_FILE,
+        covariances={key: pack_symmetric(covariances[key].to(torch.float32)) for key in by_input},
+        tokens={key: tokens for key in by_input},
+        modules=by_input,
+        prototype=prototype if prototype is not None else torch.randn(16),
+        exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1) if prototype is None else None,
+        images=1,
+        adapter_fingerprint=adapter_fingerprint(adapter),
+        base_fingerprint=base_fingerprint,
+        token_rule="test",
+    )
 
 
 @dataclass
@@ -164,11 +203,22 @@ def task_configs() -> list[LoraConfig]:
     saved = ["multi_modal_projector"]
     return [
         LoraConfig(r=2, lora_alpha=4, target_modules=LM_TARGETS, modules_to_save=saved),
-        LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=saved,
-                   use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
-        LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
-                   exclude_modules=r".*vision_tower.*",
-                   modules_to_save=saved),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=LM_TARGETS,
+            modules_to_save=saved,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
+        ),
+        LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            exclude_modules=r".*vision_tower.*",
+            modules_to_save=saved,
+        ),
     ]
 
 
@@ -181,8 +231,7 @@ def build_world(root: Path, records_per_task: int = 3, configs=None) -> World:
         sums = brute_force_covariances(base, adapter, records)
         write_task_stats(adapter, sums, tokens=records_per_task * 12)
         adapters.append(adapter)
-        covariances.append({name: value.to(torch.float32).to(torch.float64)
-                            for name, value in sums.items()})
+        covariances.append({name: value.to(torch.float32).to(torch.float64) for name, value in sums.items()})
     return World(base, adapters, covariances)
 
 
@@ -228,6 +277,10 @@ def many_as_ordinary_user() -> list[str]:
     script = Path(sys.executable).with_name("many")
     many = [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
     if os.geteuid() == 0:
-        many = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                "--inh-caps=-dac_override,-dac_read_search", *many]
+        many = [
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search",
+            *many,
+        ]
     return many

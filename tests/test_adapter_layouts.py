@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli, stats_covariances
 from families import build_llava, build_qwen2_vl
+from safetensors.torch import load_file, save_file
 from test_families import family_adapter, write_records
 
 # Today's prefix -> the one transformers < 4.52 saved (as PEFT wrote it, after base_model.model.).
 OLD_NAMES = {
-    "llava": {"model.language_model.": "language_model.model.", "model.multi_modal_projector.": "multi_modal_projector."},
+    "llava": {
+        "model.language_model.": "language_model.model.",
+        "model.multi_modal_projector.": "multi_modal_projector.",
+    },
     "qwen2_vl": {"model.language_model.": "model.", "model.visual.": "visual."},
 }
 BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}
@@ -29,7 +31,7 @@ SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 def old_name(name: str, family: str) -> str:
     for new, old in OLD_NAMES[family].items():
         if name.startswith(new):
-            return old + name[len(new):]
+            return old + name[len(new) :]
     return name
 
 
@@ -39,8 +41,11 @@ def resave_in_old_layout(adapter: Path, out: Path, family: str, targets: str) ->
     out.mkdir()
     weights = load_file(adapter / "adapter_model.safetensors")
     prefix = "base_model.model."
-    save_file({prefix + old_name(key.removeprefix(prefix), family): value for key, value in weights.items()},
-              out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {prefix + old_name(key.removeprefix(prefix), family): value for key, value in weights.items()},
+        out / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     modules = sorted({key.removeprefix(prefix).split(".lora_")[0] for key in weights if ".lora_" in key})
     config["target_modules"] = {
@@ -86,8 +91,10 @@ def test_old_layout_gives_the_same_statistics_and_merge(family_world, tmp_path, 
         assert expected.keys() == got.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
-        assert json.loads((same / "adapter_config.json").read_text())["target_modules"] == \
-            json.loads((mixed / "adapter_config.json").read_text())["target_modules"]
+        assert (
+            json.loads((same / "adapter_config.json").read_text())["target_modules"]
+            == json.loads((mixed / "adapter_config.json").read_text())["target_modules"]
+        )
         bundles = [load_file(out / "many_bundle.safetensors") for out in (same, mixed)]
         assert bundles[0].keys() == bundles[1].keys()
         for key in bundles[0]:
@@ -114,17 +121,24 @@ def test_a_tensor_that_loads_nowhere_is_refused_before_any_work(family_world, tm
     weights["base_model.model.mlp1.0.weight"] = torch.ones(4, 4)
     save_file(weights, saved_elsewhere / "adapter_model.safetensors", metadata={"format": "pt"})
     config = json.loads((saved_elsewhere / "adapter_config.json").read_text())
-    (saved_elsewhere / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": [
-        *config["modules_to_save"], "mlp1"]}))
+    (saved_elsewhere / "adapter_config.json").write_text(
+        json.dumps({**config, "modules_to_save": [*config["modules_to_save"], "mlp1"]})
+    )
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", saved_elsewhere, "--data", data[0])
     assert code == 2 and str(saved_elsewhere) in err and "mlp1" in err and err.count("\n") == 1, err
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "old_layouts"  # written by transformers 4.51.3 + PEFT 0.15.2
 # What transformers 4.52 renamed, as the test knows it: an old prefix -> today's.
-TODAY = {"llava": {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
-                   "vision_tower.vision_model.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
-         "qwen2_vl": {"model.": "model.language_model.", "visual.": "model.visual."}}
+TODAY = {
+    "llava": {
+        "language_model.model.": "model.language_model.",
+        "language_model.lm_head.": "lm_head.",
+        "vision_tower.vision_model.": "model.vision_tower.",
+        "multi_modal_projector.": "model.multi_modal_projector.",
+    },
+    "qwen2_vl": {"model.": "model.language_model.", "visual.": "model.visual."},
+}
 TODAY["llava_next"] = TODAY["llava"]
 
 
@@ -144,18 +158,27 @@ def test_adapters_written_by_the_old_stack_load_as_their_weights_renamed_by_hand
 
     def today(name: str) -> str:
         prefix = next(old for old in TODAY[family] if f"{name}.".startswith(old))
-        return (TODAY[family][prefix] + f"{name}."[len(prefix):]).removesuffix(".")
+        return (TODAY[family][prefix] + f"{name}."[len(prefix) :]).removesuffix(".")
 
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     weights = load_file(FIXTURES / family / "adapter" / "adapter_model.safetensors")
     peft = "base_model.model."
-    save_file({peft + today(key.removeprefix(peft)): value for key, value in weights.items()},
-              renamed / "adapter_model.safetensors")
+    save_file(
+        {peft + today(key.removeprefix(peft)): value for key, value in weights.items()},
+        renamed / "adapter_model.safetensors",
+    )
     saved_config = json.loads((FIXTURES / family / "adapter" / "adapter_config.json").read_text())
     modules = sorted({today(key.removeprefix(peft).split(".lora_")[0]) for key in weights if ".lora_" in key})
-    (renamed / "adapter_config.json").write_text(json.dumps(
-        {**saved_config, "target_modules": modules, "modules_to_save": [today(m) for m in saved_config["modules_to_save"]]}))
+    (renamed / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                **saved_config,
+                "target_modules": modules,
+                "modules_to_save": [today(m) for m in saved_config["modules_to_save"]],
+            }
+        )
+    )
 
     ours = apply_adapters(base, family, [(FIXTURES / family / "adapter", "default")]).state_dict()
     fresh = AutoModelForImageTextToText.from_config(config)
@@ -174,9 +197,17 @@ def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, caps
     """OpenGVLab's own InternVL runs its code from the checkpoint; transformers would ask first."""
     base = tmp_path / "InternVL2-1B"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {
-        "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-        "AutoModel": "modeling_internvl_chat.InternVLChatModel"}}))
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "internvl_chat",
+                "auto_map": {
+                    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                },
+            }
+        )
+    )
     adapter, data = FIXTURES / "llava" / "adapter", tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi"}\n')
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", tmp_path / "s")
@@ -206,8 +237,16 @@ def test_an_adapter_naming_another_base_gets_a_note(tmp_path, capsys):
     config = json.loads((adapters[1] / "adapter_config.json").read_text())
     (adapters[1] / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-vlm"}))
     for adapter in adapters:
-        code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data",
-                            SAMPLE / "data" / adapter.name / "calibration.jsonl")
+        code, err = run_cli(
+            capsys,
+            "stats",
+            "--model",
+            SAMPLE / "base",
+            "--adapter",
+            adapter,
+            "--data",
+            SAMPLE / "data" / adapter.name / "calibration.jsonl",
+        )
         assert code == 0, err
         assert ("names the base model 'org/other-vlm'" in err) == (adapter.name == "2_count"), err
     code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")

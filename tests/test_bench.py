@@ -8,8 +8,9 @@ from many_cli.bench.merge_bench import Shape, bench_merge
 
 
 def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
-    result = bench_merge(layers=2, tasks=2, shape=Shape(hidden=64, intermediate=128, rank=4, vision=16),
-                         workdir=tmp_path, dense_layers=2)
+    result = bench_merge(
+        layers=2, tasks=2, shape=Shape(hidden=64, intermediate=128, rank=4, vision=16), workdir=tmp_path, dense_layers=2
+    )
     assert result.dense_error <= 1e-6
     assert result.adapter_bytes < result.dense_delta_bytes
     assert 0 < result.float32_state_error <= 1e-4
@@ -27,8 +28,10 @@ def test_bench_e2e_runs_every_phase_on_the_tiny_family(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("family, published, layers, vision_layers",
-                         [("llava-1.5-7b", 7_063_427_072, 32, 24), ("qwen2.5-vl-7b", 8_292_166_656, 28, 32)])
+@pytest.mark.parametrize(
+    "family, published, layers, vision_layers",
+    [("llava-1.5-7b", 7_063_427_072, 32, 24), ("qwen2.5-vl-7b", 8_292_166_656, 28, 32)],
+)
 def test_the_e2e_configurations_have_their_published_sizes(family, published, layers, vision_layers):
     import torch
     from transformers import AutoModelForImageTextToText

@@ -4,19 +4,18 @@ base + adapter run directly."""
 
 from __future__ import annotations
 
-import shutil
-
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
 from many_cli.bench.tiny import LLAMA_PROJECTIONS, WORDS, build_tiny_llama
 from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 
@@ -25,7 +24,9 @@ def write_text_records(path: Path, count: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     with open(path, "w") as handle:
         for _ in range(count):
-            handle.write(json.dumps({"prompt": " ".join(rng.choice(WORDS, 14)), "answer": str(rng.choice(WORDS))}) + "\n")
+            handle.write(
+                json.dumps({"prompt": " ".join(rng.choice(WORDS, 14)), "answer": str(rng.choice(WORDS))}) + "\n"
+            )
     return path
 
 
@@ -46,18 +47,24 @@ def brute_force(base: Path, adapter: Path, data: Path) -> dict[str, torch.Tensor
     """Σ x xᵀ of every adapted layer's input, float64, one record at a time, no padding."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": entry["prompt"]},
-                                            {"role": "assistant", "content": entry["answer"]}], tokenize=False)
-             for entry in map(json.loads, open(data))]
-    return lora_input_sums(model, lambda: [model(**tokenizer(text, return_tensors="pt", add_special_tokens=False))
-                                           for text in texts])
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": entry["prompt"]}, {"role": "assistant", "content": entry["answer"]}],
+            tokenize=False,
+        )
+        for entry in map(json.loads, open(data))
+    ]
+    return lora_input_sums(
+        model, lambda: [model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)) for text in texts]
+    )
 
 
 def test_text_stats_equal_brute_force(text_world, capsys):
     root, base, adapters, data = text_world
     for adapter, records in zip(adapters, data):
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
-                            "--batch-size", "3")
+        code, err = run_cli(
+            capsys, "stats", "--model", base, "--adapter", adapter, "--data", records, "--batch-size", "3"
+        )
         assert code == 0, err
         expected = brute_force(base, adapter, records)
         with safe_open(str(adapter / STATS_FILE), "pt") as handle:
@@ -71,8 +78,7 @@ def test_text_stats_equal_brute_force(text_world, capsys):
 def test_an_adapted_output_layer_counts_every_position(text_world, tmp_path, capsys):
     root, base, _, data = text_world
     adapter = make_text_adapter(base, tmp_path / "with_head", seed=5, targets=["q_proj", "lm_head"])
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data[0],
-                        "--batch-size", "4")
+    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data[0], "--batch-size", "4")
     assert code == 0, err
     expected = brute_force(base, adapter, data[0])
     measured = stats_covariances(adapter / STATS_FILE)["lm_head"]
@@ -92,12 +98,13 @@ def test_an_adapted_output_layer_counts_every_position(text_world, tmp_path, cap
 def direct_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_one_task_text_merge_answers_like_its_adapter(text_world, tmp_path, capsys):
@@ -110,8 +117,19 @@ def test_one_task_text_merge_answers_like_its_adapter(text_world, tmp_path, caps
     assert bundle.projector_module is None and not any(key.startswith("projector/") for key in bundle.shapes)
     for line in open(data[0]).readlines()[:3]:
         prompt = json.loads(line)["prompt"]
-        code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", tmp_path / "merged",
-                                        "--prompt", prompt, "--max-new-tokens", "4", "--json")
+        code, out, err = run_cli_output(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            tmp_path / "merged",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        )
         assert code == 0, err
         answer = json.loads(out)
         assert answer["prediction"] == direct_greedy(base, adapters[0], prompt, 4)
@@ -124,9 +142,22 @@ def test_two_task_text_merge_and_scored_data_set(text_world, tmp_path, capsys):
         assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records)[0] == 0
     code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "merged")
     assert code == 0, err
-    code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", tmp_path / "merged",
-                                    "--data", data[0], "--data", data[1], "--out", tmp_path / "answers.jsonl",
-                                    "--max-new-tokens", "2")
+    code, out, err = run_cli_output(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        tmp_path / "merged",
+        "--data",
+        data[0],
+        "--data",
+        data[1],
+        "--out",
+        tmp_path / "answers.jsonl",
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in open(tmp_path / "answers.jsonl")]
     assert [row["task"] for row in rows] == ["task0"] * 10 + ["task1"] * 10
@@ -139,6 +170,16 @@ def test_an_image_record_for_a_text_model_is_refused(text_world, tmp_path, capsy
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapters[0], "--data", records,
-                        "--out", tmp_path / "stats.safetensors")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapters[0],
+        "--data",
+        records,
+        "--out",
+        tmp_path / "stats.safetensors",
+    )
     assert code == 2 and "plain language model" in err and len(err.strip().splitlines()) == 1

@@ -41,14 +41,26 @@ def recipe_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("continual")
     shutil.copytree(SAMPLE / "adapters", work / "adapters")
     (work / "data").symlink_to(SAMPLE / "data")
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                   "BASE": str(SAMPLE / "base")}
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "BASE": str(SAMPLE / "base"),
+    }
     names = [task.name for task in TASKS]
     for step, task in enumerate(names, start=1):
-        environment |= {"TASK": task, "STEP": f"{step:02d}", "PREVIOUS_STEP": f"{step - 1:02d}" if step > 1 else "",
-                        "SEEN": " ".join(names[:step])}
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", _block("shell")], cwd=work, env=environment,
-                              capture_output=True, text=True)
+        environment |= {
+            "TASK": task,
+            "STEP": f"{step:02d}",
+            "PREVIOUS_STEP": f"{step - 1:02d}" if step > 1 else "",
+            "SEEN": " ".join(names[:step]),
+        }
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", _block("shell")],
+            cwd=work,
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     return work, names
 
@@ -66,8 +78,9 @@ def test_the_recipe_reports_what_the_rows_say(recipe_run):
                 assert not mine and row[index] is None
                 continue
             assert all(r["correct"] == (_words(r["prediction"]) == _words(r["answer"])) for r in mine)
-            assert row[index] == pytest.approx(sum(_words(r["prediction"]) == _words(r["answer"]) for r in mine)
-                                               / len(mine))
+            assert row[index] == pytest.approx(
+                sum(_words(r["prediction"]) == _words(r["answer"]) for r in mine) / len(mine)
+            )
     matrix = report["accuracy_matrix"]
     final = matrix[-1]
     assert report["final_average_accuracy"] == pytest.approx(sum(final) / len(final))
@@ -75,7 +88,8 @@ def test_the_recipe_reports_what_the_rows_say(recipe_run):
         best = max(matrix[step][index] for step in range(index, len(names) - 1))
         assert report["forgetting"][task] == pytest.approx(best - final[index])
     assert report["backward_transfer"] == pytest.approx(
-        sum(final[index] - matrix[index][index] for index in range(len(names) - 1)) / (len(names) - 1))
+        sum(final[index] - matrix[index][index] for index in range(len(names) - 1)) / (len(names) - 1)
+    )
     assert (work / "report" / "index.html").stat().st_size > 10_000
     assert "| 4 |" in (work / "report" / "report.md").read_text()
 
@@ -97,14 +111,17 @@ def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
     processor.tokenizer.padding_side = "left"
     for task in names:
         records = list(read_records(SAMPLE / "data" / task / "evaluation.jsonl"))
-        model = PeftModel.from_pretrained(load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")),
-                                          str(SAMPLE / "adapters" / task)).eval()
-        encoded = encode_records(processor, records, [load_image(r.source, r.image) for r in records],
-                                 with_answers=False)
+        model = PeftModel.from_pretrained(
+            load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")), str(SAMPLE / "adapters" / task)
+        ).eval()
+        encoded = encode_records(
+            processor, records, [load_image(r.source, r.image) for r in records], with_answers=False
+        )
         with torch.inference_mode():
             words = processor.tokenizer.convert_ids_to_tokens(model(**encoded).logits[:, -1].argmax(-1).tolist())
         rows = [json.loads(line) for line in (work / "upper" / f"{task}.jsonl").read_text().splitlines()]
         assert [r["prediction"].split()[0] for r in rows] == words
         assert {r["adapter"]["tasks"][0] for r in rows} == {task}
-        assert report["upper_accuracy"][task] == pytest.approx(sum(w == r.answer for w, r in zip(words, records))
-                                                               / len(records))
+        assert report["upper_accuracy"][task] == pytest.approx(
+            sum(w == r.answer for w, r in zip(words, records)) / len(records)
+        )

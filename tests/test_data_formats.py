@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, stats_covariances
+
 from many_cli.data import BadRecord
 from many_cli.errors import InputError
 from many_cli.formats import read_records
@@ -28,15 +28,24 @@ def in_format(name: str, row: dict) -> dict:
     """One many record as each tool writes it (their documented examples' fields)."""
     image, prompt, answer = row["image"], row["prompt"], row["answer"]
     return {
-        "llava": {"id": "0", "image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": answer}]},
-        "sharegpt": {"conversations": [{"from": "human", "value": f"<image>{prompt}"},
-                                       {"from": "gpt", "value": answer}], "images": [image]},
-        "sharegpt-messages": {"messages": [{"role": "user", "content": f"<image>{prompt}"},
-                                           {"role": "assistant", "content": answer}], "images": [image]},
+        "llava": {
+            "id": "0",
+            "image": image,
+            "conversations": [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": answer}],
+        },
+        "sharegpt": {
+            "conversations": [{"from": "human", "value": f"<image>{prompt}"}, {"from": "gpt", "value": answer}],
+            "images": [image],
+        },
+        "sharegpt-messages": {
+            "messages": [{"role": "user", "content": f"<image>{prompt}"}, {"role": "assistant", "content": answer}],
+            "images": [image],
+        },
         "alpaca": {"instruction": prompt, "input": "", "output": answer, "images": [image]},
-        "swift": {"messages": [{"role": "user", "content": f"<image>{prompt}"},
-                               {"role": "assistant", "content": answer}], "images": [{"path": image}]},
+        "swift": {
+            "messages": [{"role": "user", "content": f"<image>{prompt}"}, {"role": "assistant", "content": answer}],
+            "images": [{"path": image}],
+        },
     }[name]
 
 
@@ -78,32 +87,61 @@ def test_sharegpt_statistics_equal_many_jsonl_statistics(tmp_path, capsys):
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("entry, fault", [
-    ({"conversations": [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "b"}],
-      "images": ["x.png", "y.png"]}, "has 1 <image> tags for 2 images"),
-    ({"conversations": [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "b"}]},
-     "has 1 <image> tags for 0 images"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "c"}]}, "has the turns"),
-    ({"messages": [{"role": "assistant", "content": "a"}]}, "has the turns"),
-    ({"question": "a"}, "of no shape"),
-    ({"question": "a", "image": "x.png"}, "lacks the string field(s) prompt"),
-    ({"prompt": "a", "videos": "v.mp4"}, "field videos is not a list"),
-    ({"prompt": "a", "videos": ["v.mp4", "w.mp4"]}, "names 2 videos"),
-    ({"prompt": "<video> a"}, "holds <video> but the record names no video"),
-])
+@pytest.mark.parametrize(
+    "entry, fault",
+    [
+        (
+            {
+                "conversations": [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "b"}],
+                "images": ["x.png", "y.png"],
+            },
+            "has 1 <image> tags for 2 images",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "b"}]},
+            "has 1 <image> tags for 0 images",
+        ),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "c"}]}, "has the turns"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "has the turns"),
+        ({"question": "a"}, "of no shape"),
+        ({"question": "a", "image": "x.png"}, "lacks the string field(s) prompt"),
+        ({"prompt": "a", "videos": "v.mp4"}, "field videos is not a list"),
+        ({"prompt": "a", "videos": ["v.mp4", "w.mp4"]}, "names 2 videos"),
+        ({"prompt": "<video> a"}, "holds <video> but the record names no video"),
+    ],
+)
 def test_what_cannot_be_read_is_refused_naming_the_record(entry, fault, tmp_path, capsys):
     data = write(tmp_path / "data.json", [entry])
     [record] = list(read_records(data))
     assert isinstance(record, BadRecord) and fault in record.fault and record.source == f"{data}[0]"
-    code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", SAMPLE / "adapters" / "1_colour",
-                        "--data", data, "--out", tmp_path / "stats.safetensors")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        SAMPLE / "base",
+        "--adapter",
+        SAMPLE / "adapters" / "1_colour",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "stats.safetensors",
+    )
     assert code == 2 and str(data) in err and fault in err and err.count("\n") == 1, err
 
 
 def test_data_without_any_media_is_refused_for_a_multimodal_model(tmp_path, capsys):
     text = write(tmp_path / "text.jsonl", [{"prompt": row["prompt"], "answer": row["answer"]} for row in own_records()])
-    args = ["stats", "--model", SAMPLE / "base", "--adapter", SAMPLE / "adapters" / "1_colour", "--data", text,
-            "--out", tmp_path / "stats.safetensors"]
+    args = [
+        "stats",
+        "--model",
+        SAMPLE / "base",
+        "--adapter",
+        SAMPLE / "adapters" / "1_colour",
+        "--data",
+        text,
+        "--out",
+        tmp_path / "stats.safetensors",
+    ]
     code, err = run_cli(capsys, *args)
     assert code == 2 and str(text) in err and "--text-only" in err and err.count("\n") == 1, err
     assert not (tmp_path / "stats.safetensors").exists()
@@ -117,24 +155,31 @@ def test_a_conversation_of_several_turns_and_images_against_a_brute_force_forwar
     one exemplar."""
     import shutil
 
+    from conftest import load_base, lora_input_sums
     from peft import PeftModel
     from PIL import Image
     from safetensors import safe_open
     from transformers import AutoProcessor
 
-    from conftest import load_base, lora_input_sums
-
     rows = own_records(6)
     entries = []
     for first, second in zip(rows[0::2], rows[1::2]):
-        entries.append({"messages": [
-            {"role": "user", "content": f"<image>{first['prompt']}"}, {"role": "assistant", "content": first["answer"]},
-            {"role": "user", "content": f"and here ? <image> {second['prompt']}"},
-            {"role": "assistant", "content": second["answer"]}], "images": [first["image"], second["image"]]})
+        entries.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"<image>{first['prompt']}"},
+                    {"role": "assistant", "content": first["answer"]},
+                    {"role": "user", "content": f"and here ? <image> {second['prompt']}"},
+                    {"role": "assistant", "content": second["answer"]},
+                ],
+                "images": [first["image"], second["image"]],
+            }
+        )
     data = write(tmp_path / "conversations.json", entries)
     adapter = shutil.copytree(SAMPLE / "adapters" / "1_colour", tmp_path / "adapter")
-    code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data", data,
-                        "--batch-size", 2)
+    code, err = run_cli(
+        capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data", data, "--batch-size", 2
+    )
     assert code == 0 and "3 records" in err and "6 images" in err, err
 
     processor = AutoProcessor.from_pretrained(SAMPLE / "base")
@@ -146,9 +191,16 @@ def test_a_conversation_of_several_turns_and_images_against_a_brute_force_forwar
             conversation = [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0]["content"][7:]}]},
                 {"role": "assistant", "content": [{"type": "text", "text": turns[1]["content"]}]},
-                {"role": "user", "content": [{"type": "text", "text": "and here ?"}, {"type": "image"},
-                                             {"type": "text", "text": turns[2]["content"].split("<image> ")[1]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": turns[3]["content"]}]}]
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "and here ?"},
+                        {"type": "image"},
+                        {"type": "text", "text": turns[2]["content"].split("<image> ")[1]},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": turns[3]["content"]}]},
+            ]
             text = processor.apply_chat_template(conversation, tokenize=False)
             images = [Image.open(path).convert("RGB") for path in entry["images"]]
             model(**processor(text=[text], images=[images], return_tensors="pt"))
@@ -171,18 +223,42 @@ def test_infer_routes_each_image_of_a_record_and_answers_its_last_turn(tmp_path,
     adapters = []
     for task in ("1_colour", "2_count"):
         adapters.append(shutil.copytree(SAMPLE / "adapters" / task, tmp_path / task))
-        code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapters[-1], "--data",
-                            SAMPLE / "data" / task / "calibration.jsonl")
+        code, err = run_cli(
+            capsys,
+            "stats",
+            "--model",
+            SAMPLE / "base",
+            "--adapter",
+            adapters[-1],
+            "--data",
+            SAMPLE / "data" / task / "calibration.jsonl",
+        )
         assert code == 0, err
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     evaluation = [SAMPLE / "data" / task / "evaluation.jsonl" for task in ("1_colour", "2_count")]
-    colour, count = ([{**row, "image": str(path.parent / row["image"])} for row in map(json.loads, path.read_text().splitlines()[:2])]
-                     for path in evaluation)
-    pairs = write(tmp_path / "pairs.json", [{"messages": [
-        {"role": "user", "content": f"<image>{a['prompt']}"}, {"role": "assistant", "content": a["answer"]},
-        {"role": "user", "content": f"<image>{b['prompt']}"}, {"role": "assistant", "content": b["answer"]}],
-        "images": [a["image"], b["image"]]} for a, b in zip(colour, count)])
+    colour, count = (
+        [
+            {**row, "image": str(path.parent / row["image"])}
+            for row in map(json.loads, path.read_text().splitlines()[:2])
+        ]
+        for path in evaluation
+    )
+    pairs = write(
+        tmp_path / "pairs.json",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"<image>{a['prompt']}"},
+                    {"role": "assistant", "content": a["answer"]},
+                    {"role": "user", "content": f"<image>{b['prompt']}"},
+                    {"role": "assistant", "content": b["answer"]},
+                ],
+                "images": [a["image"], b["image"]],
+            }
+            for a, b in zip(colour, count)
+        ],
+    )
     alone = write(tmp_path / "alone.jsonl", [row for pair in zip(colour, count) for row in pair])
     infer = ["infer", "--model", SAMPLE / "base", "--merged", merged, "--max-new-tokens", 2]
     assert run_cli(capsys, *infer, "--data", pairs, "--out", tmp_path / "pairs.out")[0] == 0
@@ -196,7 +272,10 @@ def test_infer_routes_each_image_of_a_record_and_answers_its_last_turn(tmp_path,
             assert row["routing"][image].keys() == expected.keys()
             assert all(abs(row["routing"][image][task] - expected[task]) < 1e-6 for task in expected)
         assert row["answer"] == count[index]["answer"] and row["prompt"].endswith(count[index]["prompt"])
-    assert [max(routing, key=routing.get) for row in paired for routing in row["routing"]] == ["1_colour", "2_count"] * 2
+    assert [max(routing, key=routing.get) for row in paired for routing in row["routing"]] == [
+        "1_colour",
+        "2_count",
+    ] * 2
 
 
 def records_of(data, **reading) -> list[tuple]:
@@ -204,8 +283,15 @@ def records_of(data, **reading) -> list[tuple]:
 
     read = list(read_records(Path(data), Reading(**reading)))
     assert not [record for record in read if isinstance(record, BadRecord)], read
-    return [(tuple(str(image) if not hasattr(image, "image") else image.image.tobytes() for image in record.images),
-             record.prompt.replace("<image>", "").strip(), record.answer, record.task) for record in read]
+    return [
+        (
+            tuple(str(image) if not hasattr(image, "image") else image.image.tobytes() for image in record.images),
+            record.prompt.replace("<image>", "").strip(),
+            record.answer,
+            record.task,
+        )
+        for record in read
+    ]
 
 
 def expected_rows(rows, task, image=lambda row: row["image"]) -> list[tuple]:
@@ -217,13 +303,22 @@ def test_llava_json_with_an_image_folder_and_internvl_meta(tmp_path):
     relative = [{**row, "image": Path(row["image"]).name} for row in rows]
     llava = write(tmp_path / "llava.json", [in_format("llava", row) for row in relative])
     assert records_of(llava, media_dir=CALIBRATION.parent / "calibration") == expected_rows(
-        rows, "llava", lambda row: str(CALIBRATION.parent / "calibration" / Path(row["image"]).name))
+        rows, "llava", lambda row: str(CALIBRATION.parent / "calibration" / Path(row["image"]).name)
+    )
 
     (tmp_path / "anno").mkdir()
     write(tmp_path / "anno" / "colour.jsonl", [in_format("llava", row) for row in relative])
-    meta = write(tmp_path / "meta.json", {"colour": {"root": str(CALIBRATION.parent / "calibration"),
-                                                     "annotation": "anno/colour.jsonl", "repeat_time": 1,
-                                                     "length": len(rows)}})
+    meta = write(
+        tmp_path / "meta.json",
+        {
+            "colour": {
+                "root": str(CALIBRATION.parent / "calibration"),
+                "annotation": "anno/colour.jsonl",
+                "repeat_time": 1,
+                "length": len(rows),
+            }
+        },
+    )
     assert records_of(meta) == expected_rows(rows, "colour")
 
 
@@ -234,24 +329,45 @@ def test_llama_factory_dataset_info_entry_with_its_columns_and_tags(tmp_path):
     for row in rows:
         (media / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
     (tmp_path / "data").mkdir()
-    write(tmp_path / "data" / "mine.json", [{"dialogue": [{"speaker": "me", "text": f"<image>{row['prompt']}"},
-                                                          {"speaker": "bot", "text": row["answer"]}],
-                                             "pictures": [f"media/{Path(row['image']).name}"]} for row in rows])
-    write(tmp_path / "data" / "alpaca.jsonl", [{"q": row["prompt"], "a": row["answer"], "images": [row["image"]]}
-                                               for row in rows])
-    info = write(tmp_path / "dataset_info.json", {
-        "mine": {"file_name": "data/mine.json", "formatting": "sharegpt",
-                 "columns": {"messages": "dialogue", "images": "pictures"},
-                 "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
-        "qa": {"file_name": "data/alpaca.jsonl", "columns": {"prompt": "q", "response": "a"}},
-        "hub": {"hf_hub_url": "someone/something"}})
+    write(
+        tmp_path / "data" / "mine.json",
+        [
+            {
+                "dialogue": [
+                    {"speaker": "me", "text": f"<image>{row['prompt']}"},
+                    {"speaker": "bot", "text": row["answer"]},
+                ],
+                "pictures": [f"media/{Path(row['image']).name}"],
+            }
+            for row in rows
+        ],
+    )
+    write(
+        tmp_path / "data" / "alpaca.jsonl",
+        [{"q": row["prompt"], "a": row["answer"], "images": [row["image"]]} for row in rows],
+    )
+    info = write(
+        tmp_path / "dataset_info.json",
+        {
+            "mine": {
+                "file_name": "data/mine.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "dialogue", "images": "pictures"},
+                "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"},
+            },
+            "qa": {"file_name": "data/alpaca.jsonl", "columns": {"prompt": "q", "response": "a"}},
+            "hub": {"hf_hub_url": "someone/something"},
+        },
+    )
     assert records_of(f"{info}:mine") == expected_rows(rows, "mine", lambda row: str(media / Path(row["image"]).name))
     assert records_of(f"{info}:qa") == expected_rows(rows, "qa")
     with pytest.raises(InputError, match="no local file_name"):
         list(read_records(Path(f"{info}:hub")))
     with pytest.raises(InputError, match="has no dataset 'nope'"):
         list(read_records(Path(f"{info}:nope")))
-    with pytest.raises(InputError, match=r"give one as --data .*dataset_info.json:NAME \(its datasets: hub, mine, qa\)"):
+    with pytest.raises(
+        InputError, match=r"give one as --data .*dataset_info.json:NAME \(its datasets: hub, mine, qa\)"
+    ):
         list(read_records(info))
 
 
@@ -262,13 +378,21 @@ def test_hugging_face_datasets_with_image_columns(kind, tmp_path):
 
     rows = own_records()
     pixels = {row["image"]: Image.open(row["image"]).convert("RGB") for row in rows}
-    table = {"prompt": [row["prompt"] for row in rows], "answer": [row["answer"] for row in rows],
-             "image": [row["image"] for row in rows]}
-    features = datasets.Features({"prompt": datasets.Value("string"), "answer": datasets.Value("string"),
-                                  "image": datasets.Image()})
+    table = {
+        "prompt": [row["prompt"] for row in rows],
+        "answer": [row["answer"] for row in rows],
+        "image": [row["image"] for row in rows],
+    }
+    features = datasets.Features(
+        {"prompt": datasets.Value("string"), "answer": datasets.Value("string"), "image": datasets.Image()}
+    )
     dataset = datasets.Dataset.from_dict(table, features=features)  # images stored as bytes, decoded to PIL
-    path = {"save_to_disk": tmp_path / "colour", "parquet": tmp_path / "colour.parquet",
-            "arrow": tmp_path / "colour", "json": tmp_path / "colour.jsonl"}[kind]
+    path = {
+        "save_to_disk": tmp_path / "colour",
+        "parquet": tmp_path / "colour.parquet",
+        "arrow": tmp_path / "colour",
+        "json": tmp_path / "colour.jsonl",
+    }[kind]
     if kind == "save_to_disk":
         dataset.save_to_disk(str(path))
     elif kind == "parquet":
@@ -283,7 +407,8 @@ def test_hugging_face_datasets_with_image_columns(kind, tmp_path):
         assert read == expected_rows(rows, "colour")
     else:
         assert [(images, prompt, answer) for images, prompt, answer, _ in read] == [
-            ((pixels[row["image"]].tobytes(),), row["prompt"], row["answer"]) for row in rows]
+            ((pixels[row["image"]].tobytes(),), row["prompt"], row["answer"]) for row in rows
+        ]
 
 
 def test_ambiguous_records_need_format_and_the_format_is_checked(tmp_path, capsys):
@@ -295,8 +420,20 @@ def test_ambiguous_records_need_format_and_the_format_is_checked(tmp_path, capsy
     alpaca = write(tmp_path / "alpaca.json", [in_format("alpaca", row)])
     [record] = list(read_records(alpaca, __import__("many_cli.formats").formats.Reading(format="sharegpt")))
     assert isinstance(record, BadRecord) and "lacks a list of turns" in record.fault
-    code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", SAMPLE / "adapters" / "1_colour",
-                        "--data", alpaca, "--format", "nope", "--out", tmp_path / "s.safetensors")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        SAMPLE / "base",
+        "--adapter",
+        SAMPLE / "adapters" / "1_colour",
+        "--data",
+        alpaca,
+        "--format",
+        "nope",
+        "--out",
+        tmp_path / "s.safetensors",
+    )
     assert code == 2 and "'--format'" in err and "'nope'" in err and err.count("\n") == 1
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
+from families import AUDIO_FAMILIES, FAMILIES
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor
 
-from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
-from families import AUDIO_FAMILIES, FAMILIES
 from many_cli.bench.tiny import WORDS
 from many_cli.families import find_projector, projector_paths
 from many_cli.state import STATS_FILE
@@ -32,7 +32,9 @@ SHAPES = ((20, 20, 3), (20, 40, 3), (40, 20, 3))  # cut into different numbers o
 def family_adapter(base: Path, out: Path, seed: int) -> Path:
     """A LoRA on the language model with the family's projector and its companions (Qwen3-VL's
     DeepStack mergers) trained (modules_to_save)."""
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=projector_paths(load_base(base)))
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=projector_paths(load_base(base))
+    )
     return make_adapter(base, out, config, seed)
 
 
@@ -55,9 +57,12 @@ def write_records(folder: Path, name: str, count: int, seed: int, task: int, aud
                 shape = SHAPES[index % len(SHAPES)]
                 pixels = np.clip(COLOURS[task] + rng.normal(0, 30, shape), 0, 255).astype("uint8")
                 Image.fromarray(pixels).save(folder / media["image"])
-            handle.write(json.dumps({**media, "prompt": " ".join(rng.choice(WORDS, 12)),
-                                     "answer": str(rng.choice(WORDS))}) + "\n")
+            handle.write(
+                json.dumps({**media, "prompt": " ".join(rng.choice(WORDS, 12)), "answer": str(rng.choice(WORDS))})
+                + "\n"
+            )
     return folder / f"{name}.jsonl"
+
 
 def encode_one(processor, entry: dict, root: Path, with_answer: bool):
     kind = next(kind for kind in ("audio", "video", "image") if kind in entry)
@@ -90,8 +95,9 @@ def brute_force(base: Path, adapter: Path, records: Path) -> tuple[dict[str, tor
 
     handle = find_projector(model.get_base_model()).register_forward_pre_hook(pool)
     lines = [json.loads(line) for line in open(records)]
-    sums = lora_input_sums(model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True))
-                                           for entry in lines])
+    sums = lora_input_sums(
+        model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True)) for entry in lines]
+    )
     handle.remove()
     assert len(directions) == len(lines)
     return sums, torch.stack(directions).mean(dim=0)
@@ -129,8 +135,20 @@ def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
     heldout = heldouts[0]
     code, err = run_cli(capsys, "merge", adapters[0], "--out", tmp_path / "merged", "--ridge", "0")
     assert code == 0, err
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout,
-                        "--out", tmp_path / "answers.jsonl", "--max-new-tokens", "4")
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        tmp_path / "merged",
+        "--data",
+        heldout,
+        "--out",
+        tmp_path / "answers.jsonl",
+        "--max-new-tokens",
+        "4",
+    )
     assert code == 0, err
     answers = [json.loads(line)["prediction"] for line in open(tmp_path / "answers.jsonl")]
     assert all(answers)  # words to compare, not empty strings
@@ -140,10 +158,8 @@ def test_one_task_merge_answers_like_its_adapter(family, tmp_path, capsys):
         encoded = encode_one(processor, json.loads(line), heldout.parent, with_answer=False)
         with torch.no_grad():
             output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
-        direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)[0]
         assert answer == direct.strip()
-
-
 
 
 def test_images_route_to_their_own_task_and_a_mixed_batch_equals_one_by_one(family, tmp_path, capsys):
@@ -152,9 +168,26 @@ def test_images_route_to_their_own_task_and_a_mixed_batch_equals_one_by_one(fami
     outputs = {}
     for routing, batch in (("soft", "1"), ("soft", "4"), ("hard", "4")):
         out = tmp_path / f"{routing}{batch}.jsonl"
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout[0],
-                            "--data", heldout[1], "--batch-size", batch, "--max-new-tokens", "3",
-                            "--routing", routing, "--out", out)
+        code, err = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            tmp_path / "merged",
+            "--data",
+            heldout[0],
+            "--data",
+            heldout[1],
+            "--batch-size",
+            batch,
+            "--max-new-tokens",
+            "3",
+            "--routing",
+            routing,
+            "--out",
+            out,
+        )
         assert code == 0, err
         outputs[routing, batch] = [json.loads(line) for line in open(out)]
     for alone, mixed in zip(outputs["soft", "1"], outputs["soft", "4"], strict=True):
@@ -179,8 +212,14 @@ def write_videos(folder: Path, name: str, count: int, seed: int, task: int) -> P
         for frame in range(4):
             pixels = np.clip(COLOURS[task] + rng.normal(0, 30, SHAPES[index % len(SHAPES)]), 0, 255)
             Image.fromarray(pixels.astype("uint8")).save(clip / f"{frame}.png")
-        lines.insert(2 * index, {"video": f"{name}/clip{index}", "prompt": " ".join(rng.choice(WORDS, 8)),
-                                 "answer": str(rng.choice(WORDS))})
+        lines.insert(
+            2 * index,
+            {
+                "video": f"{name}/clip{index}",
+                "prompt": " ".join(rng.choice(WORDS, 8)),
+                "answer": str(rng.choice(WORDS)),
+            },
+        )
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return records
 
@@ -191,8 +230,9 @@ def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
     adapters = [family_adapter(base, tmp_path / "adapters" / f"task{index}", seed=index) for index in range(2)]
     for index, adapter in enumerate(adapters):
         records = write_videos(tmp_path / "calibration", f"task{index}", 3, index, index)
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", records,
-                            "--batch-size", "4")
+        code, err = run_cli(
+            capsys, "stats", "--model", base, "--adapter", adapter, "--data", records, "--batch-size", "4"
+        )
         assert code == 0, err
         expected, prototype = brute_force(base, adapter, records)
         measured = stats_covariances(adapter / STATS_FILE)
@@ -205,9 +245,24 @@ def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
     heldout = [write_videos(tmp_path / "heldout", f"task{index}", 2, 50 + index, index) for index in range(2)]
     outputs = {}
     for batch in ("1", "4"):
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "merged", "--data", heldout[0],
-                            "--data", heldout[1], "--batch-size", batch, "--max-new-tokens", "3",
-                            "--out", tmp_path / f"{batch}.jsonl")
+        code, err = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            tmp_path / "merged",
+            "--data",
+            heldout[0],
+            "--data",
+            heldout[1],
+            "--batch-size",
+            batch,
+            "--max-new-tokens",
+            "3",
+            "--out",
+            tmp_path / f"{batch}.jsonl",
+        )
         assert code == 0, err
         outputs[batch] = [json.loads(line) for line in open(tmp_path / f"{batch}.jsonl")]
     assert sum("video" in row for row in outputs["4"]) == 4
@@ -225,17 +280,37 @@ def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_pa
     root, base, adapters, _, heldout = family
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data",
-                        heldout[1], "--batch-size", "4", "--max-new-tokens", "4", "--routing", "hard",
-                        "--out", tmp_path / "answers.jsonl")
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        "--data",
+        heldout[0],
+        "--data",
+        heldout[1],
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--routing",
+        "hard",
+        "--out",
+        tmp_path / "answers.jsonl",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in open(tmp_path / "answers.jsonl")]
     processor = AutoProcessor.from_pretrained(base)
     for index, adapter in enumerate(adapters):
         model = PeftModel.from_pretrained(load_base(base), merged).merge_and_unload().eval()
         with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
-            saved = {key.removeprefix("base_model.model."): weights.get_tensor(key) for key in weights.keys()
-                     if "merger" in key}
+            saved = {
+                key.removeprefix("base_model.model."): weights.get_tensor(key)
+                for key in weights.keys()
+                if "merger" in key
+            }
         assert any("deepstack" in key for key in saved)
         model.load_state_dict(saved, strict=False)
         for row in rows:
@@ -245,7 +320,7 @@ def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_pa
             encoded = encode_one(processor, row, heldout[index].parent, with_answer=False)
             with torch.no_grad():
                 output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
-            direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            direct = processor.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
             assert row["prediction"] == direct[0].strip()
 
 
@@ -264,8 +339,24 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
     inferred = {}
     for routing in ("hard", "soft"):
         out = tmp_path / f"{routing}.jsonl"
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data",
-                            heldout[1], "--max-new-tokens", "4", "--routing", routing, "--out", out)
+        code, err = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            merged,
+            "--data",
+            heldout[0],
+            "--data",
+            heldout[1],
+            "--max-new-tokens",
+            "4",
+            "--routing",
+            routing,
+            "--out",
+            out,
+        )
         assert code == 0, err
         inferred[routing] = [json.loads(line) for line in open(out)]
 
@@ -275,8 +366,18 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
     with monkeypatch.context() as patched:  # export streams the checkpoint: it never loads the model
         patched.setattr(PreTrainedModel, "from_pretrained", no_full_load)
         for projector in ("task1", "routed"):
-            code, err = run_cli(capsys, "export", "--model", base, "--merged", merged, "--projector", projector,
-                                "--out", tmp_path / projector)
+            code, err = run_cli(
+                capsys,
+                "export",
+                "--model",
+                base,
+                "--merged",
+                merged,
+                "--projector",
+                projector,
+                "--out",
+                tmp_path / projector,
+            )
             assert code == 0, err
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "task1").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "task1")
@@ -286,8 +387,10 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
         encoded = encode_one(processor, row, heldout[1].parent, with_answer=False)
         with torch.no_grad():
             output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
-        assert row["prediction"] == processor.batch_decode(output[:, encoded["input_ids"].shape[1]:],
-                                                           skip_special_tokens=True)[0].strip()
+        assert (
+            row["prediction"]
+            == processor.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        )
     routed = many_cli.load_routed(tmp_path / "routed")
     for row in inferred["soft"]:
         record = many_cli.Record(row["image"], (Path(row["image"]),), row["prompt"], None)
@@ -325,8 +428,13 @@ def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path,
                 layer.base_layer.weight += factors[key.replace("lora_A", "lora_B")] @ factors[key]
                 layer.lora_B["default"].weight.zero_()  # the first stage: the merge, not the task's own LoRA
         processor = AutoProcessor.from_pretrained(base)
-        expected = lora_input_sums(model, lambda: [model(**encode_one(processor, json.loads(line), records.parent,
-                                                                      with_answer=True)) for line in open(records)])
+        expected = lora_input_sums(
+            model,
+            lambda model=model, processor=processor, records=records: [
+                model(**encode_one(processor, json.loads(line), records.parent, with_answer=True))
+                for line in open(records)
+            ],
+        )
         measured, original = stats_covariances(copy / STATS_FILE), stats_covariances(adapter / STATS_FILE)
         assert any(second(module) for module in expected)
         for module, matrix in expected.items():

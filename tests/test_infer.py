@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LM_TARGETS, invoke, make_adapter, many_as_ordinary_user, run_cli, run_cli_output
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import LM_TARGETS, invoke, make_adapter, many_as_ordinary_user, run_cli, run_cli_output
 from many_cli.bench.tiny import WORDS, build_tiny_llava
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
@@ -58,11 +58,12 @@ def direct_greedy(base: Path, adapter: Path, records: Path, max_new_tokens: int)
         entry = json.loads(line)
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
         text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        encoded = processor(text=[text], images=[Image.open(records.parent / entry["image"]).convert("RGB")],
-                            return_tensors="pt")
+        encoded = processor(
+            text=[text], images=[Image.open(records.parent / entry["image"]).convert("RGB")], return_tensors="pt"
+        )
         with torch.no_grad():
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
-        tokens.append(output[0, encoded["input_ids"].shape[1]:].tolist())
+        tokens.append(output[0, encoded["input_ids"].shape[1] :].tolist())
     return tokens
 
 
@@ -75,12 +76,28 @@ def test_one_task_merge_answers_like_its_adapter(tasks, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", adapters[0], "--out", merged, "--ridge", 0)[0] == 0
     out = tmp_path / "preds.jsonl"
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
-                        "--out", out, "--max-new-tokens", 6, "--batch-size", 1)
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        "--data",
+        heldout[0],
+        "--out",
+        out,
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        1,
+    )
     assert code == 0, err
     processor = AutoProcessor.from_pretrained(base)
-    expected = [processor.decode(ids, skip_special_tokens=True).strip()
-                for ids in direct_greedy(base, adapters[0], heldout[0], 6)]
+    expected = [
+        processor.decode(ids, skip_special_tokens=True).strip()
+        for ids in direct_greedy(base, adapters[0], heldout[0], 6)
+    ]
     assert [row["prediction"] for row in predictions(out)] == expected
     assert all(row["routing"] == {"red": 1.0} for row in predictions(out))
 
@@ -90,8 +107,21 @@ def test_hard_routing_sends_heldout_images_to_their_task(tasks, tmp_path, capsys
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     out = tmp_path / "preds.jsonl"
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *sum((["--data", p] for p in heldout), []),
-                        "--out", out, "--routing", "hard", "--max-new-tokens", 3)
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        *sum((["--data", p] for p in heldout), []),
+        "--out",
+        out,
+        "--routing",
+        "hard",
+        "--max-new-tokens",
+        3,
+    )
     assert code == 0, err
     rows = predictions(out)
     assert len(rows) == 9
@@ -100,10 +130,16 @@ def test_hard_routing_sends_heldout_images_to_their_task(tasks, tmp_path, capsys
         assert sorted(row["routing"].values()) == [0.0, 0.0, 1.0]
 
 
-LAYER_BY_LAYER = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
-                  "model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": "cpu",
-                  "model.language_model.layers.1": "cpu", "model.language_model.norm": "cpu",
-                  "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+LAYER_BY_LAYER = {
+    "model.vision_tower": "cpu",
+    "model.multi_modal_projector": "cpu",
+    "model.language_model.embed_tokens": "cpu",
+    "model.language_model.layers.0": "cpu",
+    "model.language_model.layers.1": "cpu",
+    "model.language_model.norm": "cpu",
+    "model.language_model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def test_batched_answers_equal_single_ones_and_folding_and_placement_change_nothing(tasks, tmp_path, capsys):
@@ -113,12 +149,30 @@ def test_batched_answers_equal_single_ones_and_folding_and_placement_change_noth
     placement = tmp_path / "device_map.json"
     placement.write_text(json.dumps(LAYER_BY_LAYER))
     runs = {}
-    for name, extra in {"single": ["--batch-size", 1], "batched": ["--batch-size", 4],
-                        "unfolded": ["--batch-size", 4, "--no-fold"], "auto": ["--device-map", "auto"],
-                        "placed": ["--device-map", placement, "--no-fold"]}.items():
+    for name, extra in {
+        "single": ["--batch-size", 1],
+        "batched": ["--batch-size", 4],
+        "unfolded": ["--batch-size", 4, "--no-fold"],
+        "auto": ["--device-map", "auto"],
+        "placed": ["--device-map", placement, "--no-fold"],
+    }.items():
         out = tmp_path / f"{name}.jsonl"
-        args = ["infer", "--model", base, "--merged", merged, "--data", heldout[1], "--data", heldout[2],
-                "--out", out, "--max-new-tokens", 5, *extra]
+        args = [
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            merged,
+            "--data",
+            heldout[1],
+            "--data",
+            heldout[2],
+            "--out",
+            out,
+            "--max-new-tokens",
+            5,
+            *extra,
+        ]
         assert run_cli(capsys, *args)[0] == 0
         runs[name] = predictions(out)
     for name in ("batched", "unfolded", "auto", "placed"):
@@ -134,8 +188,21 @@ def test_accuracy_table_and_min_accuracy_gate(tasks, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     out = tmp_path / "preds.jsonl"
-    args = ["infer", "--model", base, "--merged", merged, "--data", heldout[0], "--data", heldout[1],
-            "--out", out, "--max-new-tokens", 2]
+    args = [
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        "--data",
+        heldout[0],
+        "--data",
+        heldout[1],
+        "--out",
+        out,
+        "--max-new-tokens",
+        2,
+    ]
     code, err = run_cli(capsys, *args, "--min-accuracy", 0)
     assert code == 0, err
     rows = predictions(out)
@@ -151,15 +218,32 @@ def test_accuracy_table_and_min_accuracy_gate(tasks, tmp_path, capsys):
     assert code == 1 and "below --min-accuracy" in err
 
     unanswered = tmp_path / "unanswered.jsonl"
-    unanswered.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "answer"}) + "\n"
-                                  for line in open(heldout[0])))
+    unanswered.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "answer"}) + "\n" for line in open(heldout[0])
+        )
+    )
     unanswered.with_name("red").symlink_to(heldout[0].with_name("red"))
     for name, text in (("empty", ""), ("blank", "\n \n"), ("unanswered", None)):
         data = unanswered if text is None else tmp_path / f"{name}.jsonl"
         if text is not None:
             data.write_text(text)
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", data,
-                            "--out", tmp_path / f"{name}.out", "--max-new-tokens", 1, "--min-accuracy", 0)
+        code, err = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            merged,
+            "--data",
+            data,
+            "--out",
+            tmp_path / f"{name}.out",
+            "--max-new-tokens",
+            1,
+            "--min-accuracy",
+            0,
+        )
         assert code == 1 and "nothing was scored" in err and err.count("\n") == 1, (name, err)
 
 
@@ -168,8 +252,19 @@ def test_single_image_prints_the_answer_and_json(tasks, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     image = heldout[2].parent / "blue" / "0.png"
-    args = ["infer", "--model", base, "--merged", merged, "--image", image, "--prompt", "what colour is it ?",
-            "--max-new-tokens", 3]
+    args = [
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        "--image",
+        image,
+        "--prompt",
+        "what colour is it ?",
+        "--max-new-tokens",
+        3,
+    ]
     code, plain, err = run_cli_output(capsys, *args)
     assert code == 0, err
     code, out, err = run_cli_output(capsys, *args, "--json")
@@ -194,6 +289,7 @@ def test_bad_inputs_exit_2(tasks, tmp_path, capsys):
         key = f"projector/{index}/linear_1.weight"
         bundle[key] = bundle[key][:, :3].contiguous()
     from safetensors import safe_open
+
     with safe_open(str(merged / "many_bundle.safetensors"), "pt") as handle:
         metadata = handle.metadata()
     save_file(bundle, wrong / "many_bundle.safetensors", metadata=metadata)
@@ -205,7 +301,10 @@ def test_bad_inputs_exit_2(tasks, tmp_path, capsys):
         (["--merged", merged, "--image", tmp_path / "nope.png"], "nope.png: image not found"),
         (["--merged", merged, "--image", broken_image], "broken.png"),
         (["--merged", wrong, "--image", heldout[0].parent / "red" / "0.png"], "projector of task red does not fit"),
-        (["--merged", tmp_path / "empty", "--image", heldout[0].parent / "red" / "0.png"], "is not a `many merge` output"),
+        (
+            ["--merged", tmp_path / "empty", "--image", heldout[0].parent / "red" / "0.png"],
+            "is not a `many merge` output",
+        ),
     ]
     for args, message in cases:
         code, err = run_cli(capsys, "infer", "--model", base, *args)
@@ -230,13 +329,18 @@ def test_loaded_model_is_folded_and_routed(tasks, tmp_path, capsys):
 
 
 def test_bench_infer_runs_on_a_tiny_model():
-    from many_cli.bench.infer_bench import bench_infer
-
     import math
 
+    from many_cli.bench.infer_bench import bench_infer
+
     result = bench_infer(tasks=2, hidden=64, layers=1, images=1, new_tokens=2, device="cpu", repeats=1)
-    measured = [result.base_seconds_per_image, result.many_seconds_per_image, result.experts_seconds_per_image,
-                result.base_load_seconds, result.many_load_seconds]
+    measured = [
+        result.base_seconds_per_image,
+        result.many_seconds_per_image,
+        result.experts_seconds_per_image,
+        result.base_load_seconds,
+        result.many_load_seconds,
+    ]
     assert all(0 < seconds < math.inf for seconds in measured), measured  # every path ran and was timed
     assert math.isfinite(result.latency_ratio) and math.isfinite(result.experts_latency_ratio)
 
@@ -249,15 +353,31 @@ def test_experts_routing_answers_like_each_tasks_own_adapter_in_mixed_batches(ta
     outputs = {}
     for batch in (4, 1):  # batches of 4 over 3 + 3 + 3 records mix the tasks
         out = tmp_path / f"experts{batch}.jsonl"
-        code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *data, "--out", out,
-                            "--lm-routing", "experts", "--batch-size", batch, "--max-new-tokens", 5)
+        code, err = run_cli(
+            capsys,
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            merged,
+            *data,
+            "--out",
+            out,
+            "--lm-routing",
+            "experts",
+            "--batch-size",
+            batch,
+            "--max-new-tokens",
+            5,
+        )
         assert code == 0, err
         outputs[batch] = predictions(out)
     assert [r["prediction"] for r in outputs[4]] == [r["prediction"] for r in outputs[1]]
     processor = AutoProcessor.from_pretrained(base)
     for adapter, records in zip(adapters, heldout):
-        expected = [processor.decode(ids, skip_special_tokens=True).strip()
-                    for ids in direct_greedy(base, adapter, records, 5)]
+        expected = [
+            processor.decode(ids, skip_special_tokens=True).strip() for ids in direct_greedy(base, adapter, records, 5)
+        ]
         mine = [row for row in outputs[4] if row["task"] == adapter.name]
         assert [row["lm"] for row in mine] == [adapter.name] * len(mine)
         assert [row["prediction"] for row in mine] == expected
@@ -270,18 +390,39 @@ def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, 
     runs = {}
     # At η = 1 no soft weight of three tasks reaches 1, so confidence 1 never picks an expert.
     soft = ["--routing", "soft", "--eta", 1]
-    for name, extra in {"fallback": ["--lm-routing", "experts", "--confidence", 1, *soft],
-                        "merged": ["--lm-routing", "merged", *soft]}.items():
+    for name, extra in {
+        "fallback": ["--lm-routing", "experts", "--confidence", 1, *soft],
+        "merged": ["--lm-routing", "merged", *soft],
+    }.items():
         out = tmp_path / f"{name}.jsonl"
-        assert run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
-                       "--data", heldout[2], "--out", out, "--max-new-tokens", 5, *extra)[0] == 0
+        assert (
+            run_cli(
+                capsys,
+                "infer",
+                "--model",
+                base,
+                "--merged",
+                merged,
+                "--data",
+                heldout[0],
+                "--data",
+                heldout[2],
+                "--out",
+                out,
+                "--max-new-tokens",
+                5,
+                *extra,
+            )[0]
+            == 0
+        )
         runs[name] = predictions(out)
     assert all(row["lm"] == "merged" for row in runs["fallback"])
     assert [r["prediction"] for r in runs["fallback"]] == [r["prediction"] for r in runs["merged"]]
     code, err = run_cli(capsys, "merge", *adapters, "--out", tmp_path / "lean", "--no-experts")
     assert code == 0 and not (tmp_path / "lean" / "experts").exists()
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "lean", "--data", heldout[0],
-                        "--lm-routing", "experts")
+    code, err = run_cli(
+        capsys, "infer", "--model", base, "--merged", tmp_path / "lean", "--data", heldout[0], "--lm-routing", "experts"
+    )
     assert code == 2 and "--no-experts" in err
 
 
@@ -292,10 +433,25 @@ def test_an_ordinary_user_merges_resumes_and_routes_experts(tasks, tmp_path):
 
     root, base, adapters, heldout = tasks
     many = many_as_ordinary_user()
-    for args in (["merge", *adapters[:2], "--out", tmp_path / "first"],
-                 ["merge", adapters[2], "--resume", tmp_path / "first", "--out", tmp_path / "all"],
-                 ["infer", "--model", base, "--merged", tmp_path / "all", "--data", heldout[2],
-                  "--lm-routing", "experts", "--max-new-tokens", 2, "--out", tmp_path / "preds.jsonl"]):
+    for args in (
+        ["merge", *adapters[:2], "--out", tmp_path / "first"],
+        ["merge", adapters[2], "--resume", tmp_path / "first", "--out", tmp_path / "all"],
+        [
+            "infer",
+            "--model",
+            base,
+            "--merged",
+            tmp_path / "all",
+            "--data",
+            heldout[2],
+            "--lm-routing",
+            "experts",
+            "--max-new-tokens",
+            2,
+            "--out",
+            tmp_path / "preds.jsonl",
+        ],
+    ):
         run = subprocess.run([*many, *map(str, args)], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
     rows = predictions(tmp_path / "preds.jsonl")
@@ -365,10 +521,12 @@ def test_infer_out_never_replaces_its_input_or_a_foreign_file(tasks, tmp_path, c
     assert code == 2 and "--force" in err and foreign.read_text() == "mine\n"
     code, err = run_cli(capsys, *common, "--out", tmp_path / "red")
     assert code == 2 and "is a directory" in err
-    lookalikes = {"blank first line": "\nmy notes\n",
-                  "a row with more": '{"prediction": "x", "routing": {}}\nmy notes\n',
-                  "a foreign field": '{"prediction": "x", "routing": {}, "mine": 1}\n',
-                  "a cut-off output": '{"prediction": "x", "routing": {}}\n{"prediction": "y", "rou'}
+    lookalikes = {
+        "blank first line": "\nmy notes\n",
+        "a row with more": '{"prediction": "x", "routing": {}}\nmy notes\n',
+        "a foreign field": '{"prediction": "x", "routing": {}, "mine": 1}\n',
+        "a cut-off output": '{"prediction": "x", "routing": {}}\n{"prediction": "y", "rou',
+    }
     for case, text in lookalikes.items():
         foreign.write_text(text)
         code, err = run_cli(capsys, *common, "--out", foreign)
@@ -399,8 +557,10 @@ def test_pickled_weights_are_never_loaded(tasks, tmp_path, capsys):
     (pickled_base / "model.safetensors").unlink()
     (pickled_base / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
     image = heldout[0].parent / "red" / "0.png"
-    for model, folder, message in ((base, merged, "adapter_model.safetensors: file not found"),
-                                   (pickled_base, tmp_path / "ok", "safetensors")):
+    for model, folder, message in (
+        (base, merged, "adapter_model.safetensors: file not found"),
+        (pickled_base, tmp_path / "ok", "safetensors"),
+    ):
         if folder.name == "ok":
             assert run_cli(capsys, "merge", adapters[0], "--out", folder)[0] == 0
         code, err = run_cli(capsys, "infer", "--model", model, "--merged", folder, "--image", image)
@@ -416,8 +576,9 @@ def test_oversized_images_warn_or_fail_in_one_line(tasks, tmp_path, capsys, monk
     for side, status in ((20, 0), (30, 2)):  # 400 pixels: Pillow warns; 900 > 2 x 300: it refuses
         path = tmp_path / f"{side}.png"
         Image.new("RGB", (side, side), (200, 10, 10)).save(path)
-        code, out, err = run_cli_output(capsys, "infer", "--model", base, "--merged", merged, "--image", path,
-                                        "--max-new-tokens", 1)
+        code, out, err = run_cli_output(
+            capsys, "infer", "--model", base, "--merged", merged, "--image", path, "--max-new-tokens", 1
+        )
         assert code == status and err.count("\n") == 1 and err.startswith("many: "), err
         assert str(path) in err if status else "warning" in err
 
@@ -434,19 +595,20 @@ def test_a_projector_adapted_by_lora_is_merged_not_routed(tasks, tmp_path, capsy
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", adapter, "--out", merged, "--ridge", 0)[0] == 0
     out = tmp_path / "preds.jsonl"
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
-                        "--out", out, "--max-new-tokens", 6)
+    code, err = run_cli(
+        capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--out", out, "--max-new-tokens", 6
+    )
     assert code == 0, err
     processor = AutoProcessor.from_pretrained(base)
-    expected = [processor.decode(ids, skip_special_tokens=True).strip()
-                for ids in direct_greedy(base, adapter, heldout[0], 6)]
+    expected = [
+        processor.decode(ids, skip_special_tokens=True).strip() for ids in direct_greedy(base, adapter, heldout[0], 6)
+    ]
     rows = predictions(out)
     assert [row["prediction"] for row in rows] == expected
     assert all(row["routing"] == {} for row in rows)  # nothing routed: the bundle holds no projector
 
 
-def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line(tasks, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line(tasks, tmp_path, capsys, monkeypatch):
     """With LLaVA taken out of the family table, infer answers as base + the merged LoRA (the
     base's own projector, nothing routed) and says in one line what it looked for."""
     from many_cli import families
@@ -454,17 +616,20 @@ def test_a_model_with_no_known_projector_gets_the_merged_lora_alone_and_one_line
     root, base, adapters, heldout = tasks
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
-    monkeypatch.setattr(families, "FAMILIES", {name: family for name, family in families.FAMILIES.items()
-                                               if name != "llava"})
+    monkeypatch.setattr(
+        families, "FAMILIES", {name: family for name, family in families.FAMILIES.items() if name != "llava"}
+    )
     out = tmp_path / "preds.jsonl"
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0],
-                        "--out", out, "--max-new-tokens", 4)
+    code, err = run_cli(
+        capsys, "infer", "--model", base, "--merged", merged, "--data", heldout[0], "--out", out, "--max-new-tokens", 4
+    )
     assert code == 0, err
     notes = [line for line in err.splitlines() if "projector" in line]
     assert notes == [notes[0]] and "no projector for model type 'llava'" in notes[0], err
     processor = AutoProcessor.from_pretrained(base)
-    expected = [processor.decode(ids, skip_special_tokens=True).strip()
-                for ids in direct_greedy(base, merged, heldout[0], 4)]
+    expected = [
+        processor.decode(ids, skip_special_tokens=True).strip() for ids in direct_greedy(base, merged, heldout[0], 4)
+    ]
     assert [row["prediction"] for row in predictions(out)] == expected
     assert all(row["routing"] == {} for row in predictions(out))
 
@@ -485,34 +650,69 @@ def test_default_routing_follows_the_nearest_calibration_image(tasks, tmp_path, 
     processor = AutoProcessor.from_pretrained(base)
     pooled = []
     model.model.multi_modal_projector.register_forward_pre_hook(
-        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0)))
+        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))
+    )
     for path in heldout:
         for line in open(path):
             entry = json.loads(line)
             turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": entry["prompt"]}]}]
             text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
             with torch.no_grad():
-                model(**processor(text=[text], images=[Image.open(path.parent / entry["image"]).convert("RGB")],
-                                  return_tensors="pt"))
+                model(
+                    **processor(
+                        text=[text],
+                        images=[Image.open(path.parent / entry["image"]).convert("RGB")],
+                        return_tensors="pt",
+                    )
+                )
     rows = torch.cat([part.double() for part in exemplars])
     owners = torch.cat([torch.full((len(part),), task) for task, part in enumerate(exemplars)])
     nearest = owners[(torch.stack(pooled) @ rows.T).argmax(dim=1)]
     out = tmp_path / "nearest.jsonl"
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", merged, *sum((["--data", p] for p in heldout), []),
-                        "--out", out, "--max-new-tokens", 1)
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        merged,
+        *sum((["--data", p] for p in heldout), []),
+        "--out",
+        out,
+        "--max-new-tokens",
+        1,
+    )
     assert code == 0, err
     weights = torch.tensor([[row["routing"][name] for name in COLOURS] for row in predictions(out)])
     assert torch.equal(weights, torch.nn.functional.one_hot(nearest, 3).float())
     older = shutil.copytree(adapters[0], tmp_path / "older")
     header = read_stats_header(older / STATS_FILE)
-    write_stats(older / STATS_FILE, covariances={key: header.packed(key) for key in header.inputs},
-                tokens={key: entry.tokens for key, entry in header.inputs.items()},
-                modules={key: list(entry.modules) for key, entry in header.inputs.items()},
-                prototype=header.prototype(), images=header.images, adapter_fingerprint=header.adapter_fingerprint,
-                base_fingerprint=header.base_fingerprint, token_rule="before exemplars")
+    write_stats(
+        older / STATS_FILE,
+        covariances={key: header.packed(key) for key in header.inputs},
+        tokens={key: entry.tokens for key, entry in header.inputs.items()},
+        modules={key: list(entry.modules) for key, entry in header.inputs.items()},
+        prototype=header.prototype(),
+        images=header.images,
+        adapter_fingerprint=header.adapter_fingerprint,
+        base_fingerprint=header.base_fingerprint,
+        token_rule="before exemplars",
+    )
     assert run_cli(capsys, "merge", older, *adapters[1:], "--out", tmp_path / "old")[0] == 0
-    code, err = run_cli(capsys, "infer", "--model", base, "--merged", tmp_path / "old", "--data", heldout[0],
-                        "--out", tmp_path / "old.jsonl", "--max-new-tokens", 1)
+    code, err = run_cli(
+        capsys,
+        "infer",
+        "--model",
+        base,
+        "--merged",
+        tmp_path / "old",
+        "--data",
+        heldout[0],
+        "--out",
+        tmp_path / "old.jsonl",
+        "--max-new-tokens",
+        1,
+    )
     assert code == 0 and "keeps no calibration images" in err and "--routing soft" in err, err
     soft = torch.tensor([list(row["routing"].values()) for row in predictions(tmp_path / "old.jsonl")])
     assert ((soft > 0) & (soft < 1)).any() and torch.allclose(soft.sum(dim=1), torch.ones(len(soft)))

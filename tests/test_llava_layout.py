@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import invoke, run_cli
+from safetensors.torch import load_file
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_adapters"
 TASK = "2_count"
@@ -27,14 +26,20 @@ def write_llava_layout(peft_dir: Path, out: Path) -> None:
     for key, value in load_file(peft_dir / "adapter_model.safetensors").items():
         if ".multi_modal_projector." in key:
             layer, parameter = key.split(".multi_modal_projector.")[1].split(".")
-            projector[f"base_model.model.model.mm_projector.{ {'linear_1': 0, 'linear_2': 2}[layer] }.{parameter}"] = value
+            projector[f"base_model.model.model.mm_projector.{ {'linear_1': 0, 'linear_2': 2}[layer] }.{parameter}"] = (
+                value
+            )
         else:
             lora[key.replace(".model.language_model.", ".model.")] = value
     torch.save(lora, out / "adapter_model.bin")
     torch.save(projector, out / "non_lora_trainables.bin")
     config = json.loads((peft_dir / "adapter_config.json").read_text())
-    config.update(target_modules=SHORT_TARGETS, modules_to_save=None, exclude_modules=None,
-                  base_model_name_or_path="lmsys/vicuna-7b-v1.5")
+    config.update(
+        target_modules=SHORT_TARGETS,
+        modules_to_save=None,
+        exclude_modules=None,
+        base_model_name_or_path="lmsys/vicuna-7b-v1.5",
+    )
     (out / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -84,8 +89,9 @@ def test_stats_and_merge_take_the_original_layout_directly(checkpoints, tmp_path
     root, peft_dir, llava_dir = checkpoints
     data = SAMPLE / "data" / TASK / "calibration.jsonl"
     for adapter in (peft_dir, llava_dir):
-        code, err = run_cli(capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data", data,
-                            "--max-samples", "8")
+        code, err = run_cli(
+            capsys, "stats", "--model", SAMPLE / "base", "--adapter", adapter, "--data", data, "--max-samples", "8"
+        )
         assert code == 0, err
     for adapter, out in ((peft_dir, tmp_path / "from_peft"), (llava_dir, tmp_path / "from_llava")):
         code, err = run_cli(capsys, "merge", adapter, "--out", out)
@@ -124,6 +130,17 @@ def test_stats_on_the_original_layout_names_the_checkpoint_not_a_temporary_copy(
     _, _, llava_dir = checkpoints
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi"}\n')
-    code, err = run_cli(capsys, "stats", "--model", world.base, "--adapter", llava_dir, "--data", data,
-                        "--out", tmp_path / "stats.safetensors", "--text-only")  # a base of other widths
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        world.base,
+        "--adapter",
+        llava_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "stats.safetensors",
+        "--text-only",
+    )  # a base of other widths
     assert code == 2 and f"{llava_dir}: does not fit the base model" in err and "many-llava-" not in err, err

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from many_cli import lpm
-from many_cli.tensorfiles import StreamingSafetensorsWriter
 from many_cli.state import pack_symmetric, packed_length, unpack_symmetric
+from many_cli.tensorfiles import StreamingSafetensorsWriter
 
 
 @pytest.mark.parametrize("dim", [1, 7, 600])
@@ -24,11 +24,16 @@ def test_packed_symmetric_round_trip_is_lossless(dim):
 
 
 def test_streaming_writer_output_reads_back_with_safetensors(tmp_path):
-    tensors = {"a": torch.randn(3, 4, dtype=torch.float64), "b/c": torch.arange(5),
-               "d": torch.randn(2, dtype=torch.bfloat16), "e": torch.randn(0, 3)}
+    tensors = {
+        "a": torch.randn(3, 4, dtype=torch.float64),
+        "b/c": torch.arange(5),
+        "d": torch.randn(2, dtype=torch.bfloat16),
+        "e": torch.randn(0, 3),
+    }
     path = tmp_path / "x.safetensors"
-    writer = StreamingSafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
-                                        {"note": "hi"})
+    writer = StreamingSafetensorsWriter(
+        path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"note": "hi"}
+    )
     for key, value in tensors.items():
         writer.write(key, value)
     writer.close()
@@ -70,15 +75,18 @@ def test_singular_or_indefinite_gram_gets_minimum_norm_solution():
     np.testing.assert_allclose(solution.rows.numpy(), expected, rtol=1e-7, atol=1e-9)
     # X W with W Wᵀ the kept part of H: (X W)(X W)ᵀ = X H Xᵀ; and back again.
     weighted = solution.weighted
-    np.testing.assert_allclose((weighted @ weighted.T).numpy(), (solution.rows @ truncated @ solution.rows.T).numpy(),
-                               rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        (weighted @ weighted.T).numpy(), (solution.rows @ truncated @ solution.rows.T).numpy(), rtol=1e-7, atol=1e-9
+    )
     np.testing.assert_allclose(solution.unweigh(weighted).numpy(), expected, rtol=1e-7, atol=1e-9)
 
 
 def test_truncate_is_the_svd_of_the_product_and_reports_its_energy():
     generator = torch.Generator().manual_seed(5)
-    b, a = torch.randn(30, 6, dtype=torch.float64, generator=generator), torch.randn(6, 40, dtype=torch.float64,
-                                                                                     generator=generator)
+    b, a = (
+        torch.randn(30, 6, dtype=torch.float64, generator=generator),
+        torch.randn(6, 40, dtype=torch.float64, generator=generator),
+    )
     u, s, vh = torch.linalg.svd(b @ a)
     b_r, a_r, kept = lpm.truncate(b, a, 2)
     assert b_r.shape == (30, 2) and a_r.shape == (2, 40)

@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import input_key, load_base, run_cli
 from peft import PeftModel
 from safetensors import safe_open
 
-from conftest import input_key, load_base, run_cli
 from many_cli.state import STATS_FILE
 
 RIDGE = 1e-4
@@ -33,7 +33,7 @@ def task_vector(adapter, module: str) -> torch.Tensor:
     rank = a.shape[0]
     projection = module.rsplit(".", 1)[1]
     alpha = config["alpha_pattern"].get(projection, config["lora_alpha"])
-    scale = alpha / rank ** 0.5 if config["use_rslora"] else alpha / rank
+    scale = alpha / rank**0.5 if config["use_rslora"] else alpha / rank
     return scale * b @ a
 
 
@@ -70,8 +70,10 @@ def merged_deltas(world, out) -> dict[str, torch.Tensor]:
 def output_error(delta: torch.Tensor, reference: torch.Tensor, gram: torch.Tensor) -> float:
     """‖(τ* − τ_ref) H½‖ / ‖τ_ref H½‖, i.e. the error in the layer's outputs over the
     calibration inputs."""
+
     def norm(matrix):
         return torch.sqrt(torch.trace(matrix @ gram @ matrix.T).clamp(min=0))
+
     return float(norm(delta - reference) / norm(reference))
 
 
@@ -88,11 +90,13 @@ def test_merged_adapter_equals_dense_least_squares(world, tmp_path, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert not config.get("modules_to_save")
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
-        rank = handle.get_slice("base_model.model.model.language_model.layers.1.self_attn.v_proj"
-                                ".lora_A.weight").get_shape()[0]
+        rank = handle.get_slice(
+            "base_model.model.model.language_model.layers.1.self_attn.v_proj.lora_A.weight"
+        ).get_shape()[0]
         assert rank == 2 + 2 + 3  # task1's v_proj has rank 2 through rank_pattern
-        rank = handle.get_slice("base_model.model.model.language_model.layers.0.self_attn.k_proj"
-                                ".lora_A.weight").get_shape()[0]
+        rank = handle.get_slice(
+            "base_model.model.model.language_model.layers.0.self_attn.k_proj.lora_A.weight"
+        ).get_shape()[0]
         assert rank == 2 + 4  # task2 does not adapt k_proj
 
 
@@ -114,8 +118,10 @@ def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
     for adapter in world.adapters:
         weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
         config = json.loads((adapter / "adapter_config.json").read_text())  # the fields that scale the weights
-        scaling = json.dumps({key: config.get(key) for key in ("r", "lora_alpha", "use_rslora", "rank_pattern",
-                                                               "alpha_pattern")}, sort_keys=True)
+        scaling = json.dumps(
+            {key: config.get(key) for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")},
+            sort_keys=True,
+        )
         digest = hashlib.sha256(f"{weights} {scaling}".encode()).hexdigest()[:16]
         assert adapter.name in card and digest in card
     assert "ridge" in card and "PeftModel.from_pretrained" in card
@@ -167,11 +173,17 @@ def test_a_float32_state_resumes_within_the_bound(world, tmp_path, capsys):
         assert {state.get_slice(key).get_dtype() for key in state.keys()} == {"F32"}
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--method", "average", "--ridge", "0.5"], "--ridge"), (["--method", "ties", "--balance"], "--balance"),
-    (["--method", "task-arithmetic", "--state-precision", "float32"], "--state-precision"),
-    (["--method", "average", "--alpha", "0.5"], "--alpha"), (["--method", "average", "--density", "0.5"], "--density"),
-    (["--density", "0.5"], "--density")])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--method", "average", "--ridge", "0.5"], "--ridge"),
+        (["--method", "ties", "--balance"], "--balance"),
+        (["--method", "task-arithmetic", "--state-precision", "float32"], "--state-precision"),
+        (["--method", "average", "--alpha", "0.5"], "--alpha"),
+        (["--method", "average", "--density", "0.5"], "--density"),
+        (["--density", "0.5"], "--density"),
+    ],
+)
 def test_an_option_the_method_ignores_is_refused(world, tmp_path, capsys, args, flag):
     code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "out", *args)
     assert code == 2 and f"{flag} does not apply to --method" in err and err.count("\n") == 1, err
@@ -183,9 +195,27 @@ def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_p
     settings = ["--rank", "3", "--ridge", "0.01"]  # a rank budget: the energy travels too
     assert run_cli(capsys, "merge", *world.adapters, "--out", single, *settings)[0] == 0
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-         "-m", "many_cli", "merge", *map(str, world.adapters), "--out", str(split), *settings],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29518",
+            "-m",
+            "many_cli",
+            "merge",
+            *map(str, world.adapters),
+            "--out",
+            str(split),
+            *settings,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("merged 3 tasks") == 1  # one writer, one report
     for name in ("adapter_model.safetensors", "many_state.safetensors"):
@@ -199,20 +229,19 @@ def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_p
 
 
 def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):
-    from conftest import write_task_stats
     import shutil
+
+    from conftest import write_task_stats
 
     first = tmp_path / "m1"
     assert run_cli(capsys, "merge", world.adapters[0], "--out", first)[0] == 0
-    code, err = run_cli(capsys, "merge", world.adapters[1], "--resume", first, "--balance",
-                        "--out", tmp_path / "m2")
+    code, err = run_cli(capsys, "merge", world.adapters[1], "--resume", first, "--balance", "--out", tmp_path / "m2")
     assert code == 2 and "many_state.safetensors" in err and "--balance" in err
     assert not (tmp_path / "m2").exists()
 
     other = tmp_path / "other_base" / "task1"
     shutil.copytree(world.adapters[1], other)
-    covariances = {name: torch.eye(value.shape[0], dtype=torch.float64)
-                   for name, value in world.covariances[1].items()}
+    covariances = {name: torch.eye(value.shape[0], dtype=torch.float64) for name, value in world.covariances[1].items()}
     write_task_stats(other, covariances, tokens=36, base_fingerprint="base-B")
     code, err = run_cli(capsys, "merge", other, "--resume", first, "--out", tmp_path / "m3")
     assert code == 2 and "another base model" in err and err.count("\n") == 1
@@ -254,8 +283,11 @@ def regmean_reference(world, module: str, alpha: float, weights) -> tuple[torch.
     covariance C_i,α = α C_i + (1 − α) diag(C_i), τ = (Σ τ_i C_i,α)(Σ C_i,α)⁻¹; and Σ C_i."""
     covariances = [weight * world.covariances[i][input_key(module)] for i, weight in enumerate(weights)]
     reduced = [alpha * c + (1 - alpha) * torch.diag(c.diagonal()) for c in covariances]
-    numerator = sum(task_vector(adapter, module) @ c for adapter, c in zip(world.adapters, reduced)
-                    if task_vector(adapter, module) is not None)
+    numerator = sum(
+        task_vector(adapter, module) @ c
+        for adapter, c in zip(world.adapters, reduced)
+        if task_vector(adapter, module) is not None
+    )
     return torch.linalg.solve(sum(reduced), numerator.T).T, sum(covariances)
 
 
@@ -266,8 +298,10 @@ def test_alpha_reduces_the_off_diagonals_as_regmean_does_and_resumes_exactly(wor
     assert run_cli(capsys, "merge", a, b, c, "--out", batch, "--ridge", 0, "--balance", "--alpha", alpha)[0] == 0
     # The state keeps A diag(C) beside A C: a state merged at α = 1 resumes at any α.
     assert run_cli(capsys, "merge", a, b, "--out", first, "--ridge", 0, "--balance")[0] == 0
-    assert run_cli(capsys, "merge", c, "--resume", first, "--out", resumed, "--ridge", 0, "--balance",
-                   "--alpha", alpha)[0] == 0
+    assert (
+        run_cli(capsys, "merge", c, "--resume", first, "--out", resumed, "--ridge", 0, "--balance", "--alpha", alpha)[0]
+        == 0
+    )
     tokens = 3 * 12  # every task's stats count 36 tokens (conftest.build_world)
     for out in (batch, resumed):
         deltas = merged_deltas(world, out)
@@ -276,14 +310,15 @@ def test_alpha_reduces_the_off_diagonals_as_regmean_does_and_resumes_exactly(wor
             assert output_error(delta, reference, gram) <= 1e-4, (out.name, module)
     exact, _ = dense_reference(world, "model.language_model.layers.0.mlp.down_proj", 0.0)
     module = "model.language_model.layers.0.mlp.down_proj"
-    assert output_error(merged_deltas(world, batch)[module], exact, regmean_reference(world, module, 1, [1] * 3)[1]) > 1e-3
+    assert (
+        output_error(merged_deltas(world, batch)[module], exact, regmean_reference(world, module, 1, [1] * 3)[1]) > 1e-3
+    )
 
 
 def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys):
     """Few calibration tokens make H singular: the minimum-norm solution must still give
     the adapter's own outputs on its calibration data, with no NaN or Inf."""
-    from conftest import brute_force_covariances, calibration_records, make_adapter, task_configs
-    from conftest import write_task_stats
+    from conftest import brute_force_covariances, calibration_records, make_adapter, task_configs, write_task_stats
 
     adapter = make_adapter(world.base, tmp_path / "solo", task_configs()[0], seed=5)
     records = calibration_records(1, seed=6)  # 12 tokens, fewer than any layer's width
@@ -296,8 +331,9 @@ def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys
     reference = PeftModel.from_pretrained(load_base(world.base), adapter).eval()
     base = load_base(world.base)
     with safe_open(str(out / "many_bundle.safetensors"), "pt") as bundle:
-        projector = {key.split("/", 2)[2]: bundle.get_tensor(key) for key in bundle.keys()
-                     if key.startswith("projector/0/")}
+        projector = {
+            key.split("/", 2)[2]: bundle.get_tensor(key) for key in bundle.keys() if key.startswith("projector/0/")
+        }
     base.model.multi_modal_projector.load_state_dict(projector)
     merged = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():
@@ -310,8 +346,7 @@ def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys
 @pytest.mark.parametrize("method", ["average", "task-arithmetic"])
 def test_linear_baselines_are_exact(world, tmp_path, capsys, method):
     out = tmp_path / "merged"
-    assert run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", method,
-                   "--scale", 0.7)[0] == 0
+    assert run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", method, "--scale", 0.7)[0] == 0
     for module, delta in merged_deltas(world, out).items():
         vectors = [v for v in (task_vector(a, module) for a in world.adapters) if v is not None]
         expected = 0.7 * sum(vectors) / (len(world.adapters) if method == "average" else 1)
@@ -321,8 +356,7 @@ def test_linear_baselines_are_exact(world, tmp_path, capsys, method):
 
 def test_ties_is_the_best_low_rank_fit_of_dense_ties(world, tmp_path, capsys):
     out = tmp_path / "merged"
-    code, err = run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", "ties",
-                        "--density", 0.3)
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", out, "--method", "ties", "--density", 0.3)
     assert code == 0, err
     assert "truncated SVD" in err
     for module, delta in merged_deltas(world, out).items():

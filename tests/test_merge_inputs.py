@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    LM_TARGETS,
+    brute_force_covariances,
+    build_base,
+    calibration_records,
+    input_key,
+    make_adapter,
+    run_cli,
+    write_task_stats,
+)
 from peft import IA3Config, LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from conftest import (LM_TARGETS, brute_force_covariances, build_base, calibration_records,
-                      input_key, make_adapter, run_cli, write_task_stats)
 
 
 def copy_adapters(world, root: Path) -> list[Path]:
@@ -120,6 +127,7 @@ def malformed_stats_metadata(world, root: Path) -> Path:
         for entry in inputs.values():
             del entry["dim"]
         return {**metadata, "inputs": json.dumps(inputs)}
+
     return stats_with_metadata(world, root, "badmeta", 0, without_dims)
 
 
@@ -128,18 +136,25 @@ def other_answer_weight(world, root: Path) -> Path:
 
 
 def dora_adapter(world, root: Path) -> Path:
-    return make_adapter(world.base, root / "in" / "dora",
-                        LoraConfig(r=2, target_modules=LM_TARGETS, use_dora=True), 8)
+    return make_adapter(world.base, root / "in" / "dora", LoraConfig(r=2, target_modules=LM_TARGETS, use_dora=True), 8)
 
 
 def ia3_adapter(world, root: Path) -> Path:
-    return make_adapter(world.base, root / "in" / "ia3",
-                        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), 9)
+    return make_adapter(
+        world.base,
+        root / "in" / "ia3",
+        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        9,
+    )
 
 
 def lm_head_saved_whole(world, root: Path) -> Path:
-    adapter = make_adapter(world.base, root / "in" / "lmhead", LoraConfig(
-        r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector", "lm_head"]), 10)
+    adapter = make_adapter(
+        world.base,
+        root / "in" / "lmhead",
+        LoraConfig(r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector", "lm_head"]),
+        10,
+    )
     write_task_stats(adapter, world.covariances[0], 36)
     return adapter
 
@@ -207,8 +222,21 @@ def test_a_task_name_infer_or_export_could_not_use_is_refused(world, tmp_path, c
 
 def test_overflowing_statistics_name_the_answer_weight(tmp_path, capsys):
     sample = Path(__file__).parent.parent / "sample_adapters"
-    code, err = run_cli(capsys, "stats", "--model", sample / "base", "--adapter", sample / "adapters" / "1_colour",
-                        "--data", sample / "data" / "1_colour" / "calibration.jsonl", "--answer-weight", "1e38",
-                        "--out", tmp_path / "stats.safetensors", "--max-samples", 4)
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        sample / "base",
+        "--adapter",
+        sample / "adapters" / "1_colour",
+        "--data",
+        sample / "data" / "1_colour" / "calibration.jsonl",
+        "--answer-weight",
+        "1e38",
+        "--out",
+        tmp_path / "stats.safetensors",
+        "--max-samples",
+        4,
+    )
     assert code == 2 and "holds NaN or Inf" in err and "smaller --answer-weight than 1e+38" in err, err
     assert "--dtype float32" not in err  # the sample runs in float32 already

@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from conftest import run_cli
 
 BUNDLE, STATE = "many_bundle.safetensors", "many_state.safetensors"
 
@@ -34,15 +33,18 @@ def rewrite(path, metadata=None, tensors=None):
     save_file(tensors(values) if tensors else values, path, metadata={**saved, **(metadata or {})})
 
 
-@pytest.mark.parametrize("tasks, fault", [
-    (["task0"], "tensors disagree"),  # fewer names than tasks
-    (["task0", "task0"], "distinct task names"),
-    ({"a": 1}, "distinct task names"),
-    ([1, 2], "distinct task names"),
-    ([], "distinct task names"),
-    (["task1", "task0"], "not the files of one merge"),  # permuted: the state disagrees
-    (["task0", "../../elsewhere"], "distinct task names"),  # a path, where experts are written by name
-])
+@pytest.mark.parametrize(
+    "tasks, fault",
+    [
+        (["task0"], "tensors disagree"),  # fewer names than tasks
+        (["task0", "task0"], "distinct task names"),
+        ({"a": 1}, "distinct task names"),
+        ([1, 2], "distinct task names"),
+        ([], "distinct task names"),
+        (["task1", "task0"], "not the files of one merge"),  # permuted: the state disagrees
+        (["task0", "../../elsewhere"], "distinct task names"),  # a path, where experts are written by name
+    ],
+)
 def test_a_bundle_whose_tasks_disagree_is_refused(merges, world, tmp_path, capsys, tasks, fault):
     merged = shutil.copytree(merges / "two", tmp_path / "merged")
     rewrite(merged / BUNDLE, {"tasks": json.dumps(tasks)})

@@ -41,17 +41,61 @@ def test_every_declared_field_becomes_an_option_with_its_default():
 # The command line's documented options and defaults (README, DESIGN.md), written out here rather
 # than read from the settings objects the CLI is generated from.
 DOCUMENTED = {
-    "merge": {"--method": "many", "--scale": 1.0, "--ridge": 1e-4, "--balance": False, "--eta": 0.05,
-              "--alpha": 1.0, "--rank": None, "--state-precision": None, "--force": False, "--device": "cpu",
-              "--experts": True, "--density": 0.2, "--out": None, "--resume": None},
-    "stats": {"--model": None, "--adapter": None, "--data": None, "--out": None, "--batch-size": 8,
-              "--max-samples": None, "--device": "auto", "--dtype": "auto", "--prompt": "Describe the image.",
-              "--skip-bad": False, "--padding-side": "right", "--force": False, "--answer-weight": 1.0,
-              "--modules": None, "--device-map": None, "--format": "auto", "--media-dir": None, "--text-only": False},
-    "infer": {"--model": None, "--merged": None, "--image": None, "--prompt": None, "--data": None, "--out": None,
-              "--json": False, "--routing": "nearest", "--eta": None, "--lm-routing": "merged",
-              "--max-new-tokens": 32, "--min-accuracy": None, "--batch-size": 8, "--format": "auto",
-              "--media-dir": None, "--confidence": 0.5, "--force": False},
+    "merge": {
+        "--method": "many",
+        "--scale": 1.0,
+        "--ridge": 1e-4,
+        "--balance": False,
+        "--eta": 0.05,
+        "--alpha": 1.0,
+        "--rank": None,
+        "--state-precision": None,
+        "--force": False,
+        "--device": "cpu",
+        "--experts": True,
+        "--density": 0.2,
+        "--out": None,
+        "--resume": None,
+    },
+    "stats": {
+        "--model": None,
+        "--adapter": None,
+        "--data": None,
+        "--out": None,
+        "--batch-size": 8,
+        "--max-samples": None,
+        "--device": "auto",
+        "--dtype": "auto",
+        "--prompt": "Describe the image.",
+        "--skip-bad": False,
+        "--padding-side": "right",
+        "--force": False,
+        "--answer-weight": 1.0,
+        "--modules": None,
+        "--device-map": None,
+        "--format": "auto",
+        "--media-dir": None,
+        "--text-only": False,
+    },
+    "infer": {
+        "--model": None,
+        "--merged": None,
+        "--image": None,
+        "--prompt": None,
+        "--data": None,
+        "--out": None,
+        "--json": False,
+        "--routing": "nearest",
+        "--eta": None,
+        "--lm-routing": "merged",
+        "--max-new-tokens": 32,
+        "--min-accuracy": None,
+        "--batch-size": 8,
+        "--format": "auto",
+        "--media-dir": None,
+        "--confidence": 0.5,
+        "--force": False,
+    },
     "export": {"--model": None, "--merged": None, "--out": None, "--projector": "routed", "--force": False},
 }
 
@@ -86,7 +130,9 @@ def test_an_option_with_fixed_values_shows_them_and_refuses_others(command, flag
     from many_cli.cli import app
 
     runner = CliRunner()
-    help_text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output.split())
+    help_text = " ".join(
+        runner.invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output.split()
+    )
     assert "<" + "|".join(CHOICES[command, flag]) + ">" in help_text
     refused = runner.invoke(app, [command, flag, "nonsense"])
     assert refused.exit_code == 2 and "nonsense" in refused.output

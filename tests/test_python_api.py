@@ -16,35 +16,45 @@ SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 def test_the_api_takes_str_paths_and_the_exported_cards_example_runs(tmp_path):
     adapters = [shutil.copytree(SAMPLE / "adapters" / task, tmp_path / task) for task in ("1_colour", "2_count")]
     for adapter in adapters:
-        many_cli.collect_stats(str(SAMPLE / "base"), str(adapter), str(SAMPLE / "data" / adapter.name / "calibration.jsonl"),
-                               options=many_cli.StatsOptions(device="cpu"))
+        many_cli.collect_stats(
+            str(SAMPLE / "base"),
+            str(adapter),
+            str(SAMPLE / "data" / adapter.name / "calibration.jsonl"),
+            options=many_cli.StatsOptions(device="cpu"),
+        )
     report = many_cli.merge_adapters([str(adapter) for adapter in adapters], str(tmp_path / "merged"))
     assert report.tasks == ["1_colour", "2_count"]
     exported = tmp_path / "exported"
-    many_cli.export_model(str(SAMPLE / "base"), str(tmp_path / "merged"), str(exported),
-                          many_cli.ExportOptions(projector="routed"))
+    many_cli.export_model(
+        str(SAMPLE / "base"), str(tmp_path / "merged"), str(exported), many_cli.ExportOptions(projector="routed")
+    )
     card = (exported / "README.md").read_text()
     example = card.split("```python\n")[-1].split("\n```")[0].replace("THIS_DIRECTORY", str(exported))
     scope: dict = {}
     exec(compile(example, "exported card", "exec"), scope)
     routed = scope["routed"]
     image = SAMPLE / "data" / "2_count" / "evaluation" / "000.png"
-    [prediction] = many_cli.answer(routed, [many_cli.Record(str(image), (image,), "how many dots are there ?", None)], 4)
+    [prediction] = many_cli.answer(
+        routed, [many_cli.Record(str(image), (image,), "how many dots are there ?", None)], 4
+    )
     assert max(prediction.routing, key=prediction.routing.get) == "2_count"
     merged = many_cli.load_merged(str(SAMPLE / "base"), str(tmp_path / "merged"))
     assert many_cli.answer(merged, [prediction.record], 4)[0].prediction == prediction.prediction
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: many_cli.load_routed(42), "path"),
-    (lambda: many_cli.load_merged(None, "m"), "base"),
-    (lambda: many_cli.merge_adapters([], "out"), "adapters"),
-    (lambda: many_cli.merge_adapters("one/adapter", "out"), "adapters"),
-    (lambda: many_cli.merge_adapters(["a"], "out", options={"rank": 4}), "options"),
-    (lambda: many_cli.answer(None, []), "merged"),
-    (lambda: many_cli.collect_stats("base", "adapter", "data", options=None), "options"),
-    (lambda: many_cli.export_model("base", "merged", ""), "out"),
-])
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: many_cli.load_routed(42), "path"),
+        (lambda: many_cli.load_merged(None, "m"), "base"),
+        (lambda: many_cli.merge_adapters([], "out"), "adapters"),
+        (lambda: many_cli.merge_adapters("one/adapter", "out"), "adapters"),
+        (lambda: many_cli.merge_adapters(["a"], "out", options={"rank": 4}), "options"),
+        (lambda: many_cli.answer(None, []), "merged"),
+        (lambda: many_cli.collect_stats("base", "adapter", "data", options=None), "options"),
+        (lambda: many_cli.export_model("base", "merged", ""), "out"),
+    ],
+)
 def test_wrong_arguments_raise_an_argument_error_naming_them(call, argument):
     with pytest.raises(many_cli.ArgumentError) as raised:
         call()

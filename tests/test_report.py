@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import run_cli_output
+from PIL import Image
 
 # Task a: 4/4 after step 1, 3/4 after step 2, 2/4 after step 3; b: 2/4, then 3/4; c: 1/4.
 CORRECT = [{"a": 4}, {"a": 3, "b": 2}, {"a": 2, "b": 3, "c": 1}]
@@ -33,10 +32,21 @@ def _rows(step: int, tasks: list[str], image: Path | None = None) -> list[dict]:
             routed = task
             if step == 2 and (task, record) in (("c", 3), ("b", 3)):
                 routed = {"c": "a", "b": "c"}[task]
-            rows.append({"prediction": "yes" if correct else "no", "answer": "yes", "correct": correct, "task": task,
-                         "routing": {name: float(name == routed) for name in tasks}, "routed_task": routed,
-                         "lm": "merged", "seconds": 0.1, "prompt": f"{task} {record}?", "merge": merge,
-                         "image": str(image or f"{task}/{record}.png")})
+            rows.append(
+                {
+                    "prediction": "yes" if correct else "no",
+                    "answer": "yes",
+                    "correct": correct,
+                    "task": task,
+                    "routing": {name: float(name == routed) for name in tasks},
+                    "routed_task": routed,
+                    "lm": "merged",
+                    "seconds": 0.1,
+                    "prompt": f"{task} {record}?",
+                    "merge": merge,
+                    "image": str(image or f"{task}/{record}.png"),
+                }
+            )
     return rows
 
 
@@ -46,21 +56,41 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _run(tmp_path: Path, image: Path | None = None) -> tuple[list[Path], list[Path]]:
-    steps = [_write(tmp_path / f"step{step + 1}.jsonl", _rows(step, ["a", "b", "c"][:step + 1], image))
-             for step in range(3)]
+    steps = [
+        _write(tmp_path / f"step{step + 1}.jsonl", _rows(step, ["a", "b", "c"][: step + 1], image)) for step in range(3)
+    ]
     upper = []
     for task, correct in (("a", 4), ("b", 3)):
-        rows = [{"prediction": "yes" if record < correct else "no", "answer": "yes", "correct": record < correct,
-                 "task": task, "routing": {}, "routed_task": None, "lm": "merged", "seconds": 0.1, "prompt": "?",
-                 "adapter": {"tasks": [task], "fingerprint": f"adapter-{task}"}} for record in range(RECORDS)]
+        rows = [
+            {
+                "prediction": "yes" if record < correct else "no",
+                "answer": "yes",
+                "correct": record < correct,
+                "task": task,
+                "routing": {},
+                "routed_task": None,
+                "lm": "merged",
+                "seconds": 0.1,
+                "prompt": "?",
+                "adapter": {"tasks": [task], "fingerprint": f"adapter-{task}"},
+            }
+            for record in range(RECORDS)
+        ]
         upper.append(_write(tmp_path / f"upper_{task}.jsonl", rows))
     return steps, upper
 
 
 def _report(capsys, tmp_path, *extra) -> tuple[int, str, str]:
     steps, upper = _run(tmp_path)
-    return run_cli_output(capsys, "report", *steps, *[item for path in upper for item in ("--upper", path)],
-                          "--out", tmp_path / "report", *extra)
+    return run_cli_output(
+        capsys,
+        "report",
+        *steps,
+        *[item for path in upper for item in ("--upper", path)],
+        "--out",
+        tmp_path / "report",
+        *extra,
+    )
 
 
 def test_the_report_holds_the_figures_worked_out_by_hand(capsys, tmp_path):
@@ -79,8 +109,10 @@ def test_the_report_holds_the_figures_worked_out_by_hand(capsys, tmp_path):
     assert report["routing_confusion"]["counts"] == CONFUSION
     assert report["routing_accuracy"] == pytest.approx({"a": 1.0, "b": 0.75, "c": 0.75})
     assert len(report["wrong_answers"]) == 2 + 1 + 3
-    assert report["step_costs"] == [{"step": 2, "task": "a", "before": 1.0, "after": 0.75, "routed_home": 1.0},
-                                    {"step": 3, "task": "a", "before": 0.75, "after": 0.5, "routed_home": 1.0}]
+    assert report["step_costs"] == [
+        {"step": 2, "task": "a", "before": 1.0, "after": 0.75, "routed_home": 1.0},
+        {"step": 3, "task": "a", "before": 0.75, "after": 0.5, "routed_home": 1.0},
+    ]
     assert "final average accuracy 50.0%" in out
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| 3 | 50.0 | 75.0 | 25.0 | 50.0 |" in markdown
@@ -98,11 +130,16 @@ def test_reruns_are_byte_identical_and_replace_only_a_report(capsys, tmp_path):
     assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("gate, line", [
-    (("--min-final-accuracy", "0.6"), "final average accuracy 0.5000 is below --min-final-accuracy 0.6 "
-                                      "(worst task: c, 0.2500)"),
-    (("--max-forgetting", "0.4"), "task a forgot 0.5000"),
-])
+@pytest.mark.parametrize(
+    "gate, line",
+    [
+        (
+            ("--min-final-accuracy", "0.6"),
+            "final average accuracy 0.5000 is below --min-final-accuracy 0.6 (worst task: c, 0.2500)",
+        ),
+        (("--max-forgetting", "0.4"), "task a forgot 0.5000"),
+    ],
+)
 def test_the_gates_fail_naming_the_worst_task(capsys, tmp_path, gate, line):
     code, _, err = _report(capsys, tmp_path, *gate)
     assert code == 1
@@ -119,14 +156,17 @@ def _rewrite(path: Path, change) -> None:
     _write(path, change(rows))
 
 
-@pytest.mark.parametrize("case, fault", [
-    ("data, not predictions", "line 1 is not a prediction row"),
-    ("a task missing later", "scores no record of task 'a'"),
-    ("a task partly scored later", "scores 3 records of task 'b'"),
-    ("no new task", "scores the same tasks as"),
-    ("two merges in one file", "was answered by another merge than line 1"),
-    ("no answers for a task", "no record of task 'c' has an answer"),
-])
+@pytest.mark.parametrize(
+    "case, fault",
+    [
+        ("data, not predictions", "line 1 is not a prediction row"),
+        ("a task missing later", "scores no record of task 'a'"),
+        ("a task partly scored later", "scores 3 records of task 'b'"),
+        ("no new task", "scores the same tasks as"),
+        ("two merges in one file", "was answered by another merge than line 1"),
+        ("no answers for a task", "no record of task 'c' has an answer"),
+    ],
+)
 def test_files_that_are_not_a_continual_run_are_refused_naming_the_file(capsys, tmp_path, case, fault):
     steps, _ = _run(tmp_path)
     broken = steps[2]
@@ -149,9 +189,17 @@ def test_files_that_are_not_a_continual_run_are_refused_naming_the_file(capsys, 
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs Debian's chromium)")
@@ -159,15 +207,30 @@ def test_the_page_renders_in_a_browser_with_the_report_s_numbers(capsys, tmp_pat
     image = tmp_path / "seen.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     steps, upper = _run(tmp_path, image)
-    assert run_cli_output(capsys, "report", *steps, "--upper", upper[0], "--upper", upper[1],
-                          "--out", tmp_path / "report")[0] == 0
+    assert (
+        run_cli_output(
+            capsys, "report", *steps, "--upper", upper[0], "--upper", upper[1], "--out", tmp_path / "report"
+        )[0]
+        == 0
+    )
     page = tmp_path / "report" / "index.html"
     report = json.loads((tmp_path / "report" / "report.json").read_text())
 
     def chromium(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                               "--enable-logging=stderr", "--v=0", *arguments, page.as_uri()],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                CHROMIUM,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--enable-logging=stderr",
+                "--v=0",
+                *arguments,
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     rendered = chromium("--dump-dom")
     assert rendered.returncode == 0, rendered.stderr[-2000:]
@@ -186,12 +249,15 @@ def test_the_page_renders_in_a_browser_with_the_report_s_numbers(capsys, tmp_pat
                 shown[attributes["data-metric"]] = float(attributes["data-value"])
 
     Metrics().feed(dom)
-    expected = {"final_average_accuracy": report["final_average_accuracy"],
-                "average_forgetting": report["average_forgetting"], "backward_transfer": report["backward_transfer"],
-                **{f"final:{task}": value for task, value in zip(report["tasks"], report["accuracy_matrix"][-1])},
-                **{f"forgetting:{task}": value for task, value in report["forgetting"].items() if value is not None},
-                **{f"upper:{task}": value for task, value in report["upper_accuracy"].items()},
-                **{f"routing:{task}": value for task, value in report["routing_accuracy"].items()}}
+    expected = {
+        "final_average_accuracy": report["final_average_accuracy"],
+        "average_forgetting": report["average_forgetting"],
+        "backward_transfer": report["backward_transfer"],
+        **{f"final:{task}": value for task, value in zip(report["tasks"], report["accuracy_matrix"][-1])},
+        **{f"forgetting:{task}": value for task, value in report["forgetting"].items() if value is not None},
+        **{f"upper:{task}": value for task, value in report["upper_accuracy"].items()},
+        **{f"routing:{task}": value for task, value in report["routing_accuracy"].items()},
+    }
     assert shown == pytest.approx(expected)
     wrong_table = dom.split('class="wrong"')[1]
     assert wrong_table.count("data:image/png;base64,") == len(report["wrong_answers"])  # each one's thumbnail

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, run_cli_output
 from peft import PeftModel
+from test_merge import RIDGE, dense_reference, merged_deltas, output_error
 from torch import nn
 
-from conftest import run_cli, run_cli_output
 from many_cli.adapters import MergedAdapterWriter, MergedModule
-from test_merge import RIDGE, dense_reference, merged_deltas, output_error
 
 
 def best_rank_in_output_space(reference: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
@@ -46,8 +46,16 @@ def test_rank_budget_is_the_best_fit_in_each_layers_output_space(world, tmp_path
         u, s, vh = torch.linalg.svd(reference)
         frobenius = (u[:, :4] * s[:4]) @ vh[:4]
         assert output_error(frobenius, reference, gram) > output_error(delta, reference, gram)
-        weighted = (reference @ torch.linalg.cholesky(gram + RIDGE * gram.diagonal().mean() * torch.eye(
-            gram.shape[0], dtype=torch.float64))).square().sum()
+        weighted = (
+            (
+                reference
+                @ torch.linalg.cholesky(
+                    gram + RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+                )
+            )
+            .square()
+            .sum()
+        )
         kept, whole = kept + fraction * weighted, whole + weighted
     assert f"{float(kept / whole):.2%} of the merged update's output energy kept" in err
     assert "--rank 4" in (out / "README.md").read_text()
@@ -87,8 +95,10 @@ def test_baselines_take_the_plain_frobenius_fit(world, tmp_path, capsys):
 def test_resume_under_a_rank_budget_equals_the_batch_merge(world, tmp_path, capsys):
     a, b, c = world.adapters
     assert run_cli(capsys, "merge", a, b, "--out", tmp_path / "first")[0] == 0
-    assert run_cli(capsys, "merge", c, "--resume", tmp_path / "first", "--out", tmp_path / "resumed",
-                   "--rank", "4")[0] == 0
+    assert (
+        run_cli(capsys, "merge", c, "--resume", tmp_path / "first", "--out", tmp_path / "resumed", "--rank", "4")[0]
+        == 0
+    )
     assert run_cli(capsys, "merge", a, b, c, "--out", tmp_path / "batch", "--rank", "4")[0] == 0
     resumed, batch = merged_deltas(world, tmp_path / "resumed"), merged_deltas(world, tmp_path / "batch")
     for module, delta in batch.items():
@@ -117,8 +127,13 @@ class Confusable(nn.Module):
         self.other = Block()
 
 
-@pytest.mark.parametrize("ranks", [{"inner.proj": 2, "outer.inner.proj": 5, "other.proj": 2},
-                                   {"outer.inner.proj": 2, "inner.proj": 5, "other.proj": 2}])
+@pytest.mark.parametrize(
+    "ranks",
+    [
+        {"inner.proj": 2, "outer.inner.proj": 5, "other.proj": 2},
+        {"outer.inner.proj": 2, "inner.proj": 5, "other.proj": 2},
+    ],
+)
 def test_per_module_ranks_reload_in_peft_whatever_the_names(tmp_path, ranks):
     torch.manual_seed(0)
     factors = {name: (torch.randn(rank, 6), torch.randn(5, rank)) for name, rank in ranks.items()}
@@ -176,8 +191,7 @@ def test_export_streams_a_sharded_checkpoint_into_the_same_shards(world, tmp_pat
     assert len(shards) > 2
     merged, out = tmp_path / "merged", tmp_path / "exported"
     assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
-    code, err = run_cli(capsys, "export", "--model", sharded, "--merged", merged, "--projector", "mean",
-                        "--out", out)
+    code, err = run_cli(capsys, "export", "--model", sharded, "--merged", merged, "--projector", "mean", "--out", out)
     assert code == 0, err
     assert sorted(path.name for path in out.glob("*.safetensors")) == shards
     assert (out / "model.safetensors.index.json").read_text() == (sharded / "model.safetensors.index.json").read_text()
@@ -192,7 +206,7 @@ def test_export_streams_a_sharded_checkpoint_into_the_same_shards(world, tmp_pat
     for key, tensor in before.items():
         assert after[key].dtype == tensor.dtype
         # The checkpoint's own (older) layout: language_model.model.X is the model's model.language_model.X.
-        lora = f"base_model.model.model.language_model.{key.removeprefix('language_model.model.')}"[:-len("weight")]
+        lora = f"base_model.model.model.language_model.{key.removeprefix('language_model.model.')}"[: -len("weight")]
         if key.startswith("language_model.model.") and f"{lora}lora_A.weight" in factors:
             a, b = factors[f"{lora}lora_A.weight"], factors[f"{lora}lora_B.weight"]
             assert torch.allclose(after[key], tensor + b @ a, atol=1e-6), key
@@ -232,8 +246,9 @@ def test_export_keeps_every_shard_inside_out_whatever_the_index_names(world, tmp
     for name in (str(outside), "../outside.safetensors", "../bystander.safetensors"):
         renamed = {key: name if shard == moved else shard for key, shard in index["weight_map"].items()}
         index_path.write_text(json.dumps({**index, "weight_map": renamed}))
-        code, _, err = run_cli_output(capsys, "export", "--model", sharded, "--merged", merged,
-                                      "--out", tmp_path / "exported")
+        code, _, err = run_cli_output(
+            capsys, "export", "--model", sharded, "--merged", merged, "--out", tmp_path / "exported"
+        )
         assert code == 2 and "is not a path inside the model's folder" in err and err.count("\n") == 1, err
         assert outside.read_bytes() == before and bystander.read_bytes() == b"the user's"
         assert not (tmp_path / "exported").exists()
@@ -252,14 +267,26 @@ def test_export_keeps_every_shard_inside_out_whatever_the_index_names(world, tmp
 def test_export_refuses_a_base_that_is_not_a_local_model_and_an_unknown_task(world, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
-    code, _, err = run_cli_output(capsys, "export", "--model", "llava-hf/llava-1.5-7b-hf", "--merged", merged,
-                                  "--out", tmp_path / "out")
+    code, _, err = run_cli_output(
+        capsys, "export", "--model", "llava-hf/llava-1.5-7b-hf", "--merged", merged, "--out", tmp_path / "out"
+    )
     assert code == 2 and "give a local model directory" in err and err.count("\n") == 1
-    code, _, err = run_cli_output(capsys, "export", "--model", world.base, "--merged", merged, "--projector",
-                                  "nosuchtask", "--out", tmp_path / "out")
+    code, _, err = run_cli_output(
+        capsys,
+        "export",
+        "--model",
+        world.base,
+        "--merged",
+        merged,
+        "--projector",
+        "nosuchtask",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 2 and "has no task 'nosuchtask'" in err and not (tmp_path / "out").exists()
-    code, _, err = run_cli_output(capsys, "export", "--model", world.base, "--merged", merged,
-                                  "--out", merged / "inside")
+    code, _, err = run_cli_output(
+        capsys, "export", "--model", world.base, "--merged", merged, "--out", merged / "inside"
+    )
     assert code == 2 and not (merged / "inside").exists()
 
 
@@ -269,8 +296,8 @@ def test_the_readmes_python_api_example_runs_and_its_two_paths_agree(monkeypatch
     loaded model give the same words."""
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    section = readme[readme.index("## Python API") :]
+    block = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
     monkeypatch.chdir(root)
     capsys.readouterr()
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
@@ -291,9 +318,11 @@ def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path,
     assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi"}\n')
-    for args in (["stats", "--model", bare, "--adapter", world.adapters[0], "--data", data, "--out", tmp_path / "s"],
-                 ["infer", "--model", bare, "--merged", merged, "--prompt", "hi"],
-                 ["export", "--model", bare, "--merged", merged, "--out", tmp_path / "exported"]):
+    for args in (
+        ["stats", "--model", bare, "--adapter", world.adapters[0], "--data", data, "--out", tmp_path / "s"],
+        ["infer", "--model", bare, "--merged", merged, "--prompt", "hi"],
+        ["export", "--model", bare, "--merged", merged, "--out", tmp_path / "exported"],
+    ):
         code, err = run_cli(capsys, *args)
         assert code == 2 and f"{bare}: has no processor or tokenizer" in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "exported").exists() and not (tmp_path / "s").exists()

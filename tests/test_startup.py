@@ -13,15 +13,17 @@ from many_cli.bench.startup import imports_torch
 
 
 def _imported(*arguments: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "many_cli", *arguments],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "many_cli", *arguments], capture_output=True, text=True
+    )
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     return done, modules
 
 
 def test_the_quick_startup_bench_finds_no_torch_import():
-    done = subprocess.run([sys.executable, "-m", "many_cli", "bench", "startup", "--quick"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "many_cli", "bench", "startup", "--quick"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "IMPORTS TORCH" not in done.stdout
     for case in ("many --help", "many merge --help", "a bad --method", "a missing adapter"):
@@ -36,12 +38,15 @@ def test_the_bench_reads_a_torch_import_from_python_s_own_report():
     assert not imports_torch(done.stderr)
 
 
-@pytest.mark.parametrize("arguments", [
-    ["stats", "--model", "m", "--adapter", "a", "--data", "d", "--padding-side", "middle"],
-    ["infer", "--model", "m", "--merged", "/nonexistent", "--image", "/nonexistent.png"],
-    ["export", "--model", "/nonexistent", "--merged", "/nonexistent", "--out", "o"],
-    ["merge", "/nonexistent", "--out", "o", "--method", "average", "--ridge", "0.5"],
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["stats", "--model", "m", "--adapter", "a", "--data", "d", "--padding-side", "middle"],
+        ["infer", "--model", "m", "--merged", "/nonexistent", "--image", "/nonexistent.png"],
+        ["export", "--model", "/nonexistent", "--merged", "/nonexistent", "--out", "o"],
+        ["merge", "/nonexistent", "--out", "o", "--method", "average", "--ridge", "0.5"],
+    ],
+)
 def test_refusals_answer_in_one_line_before_torch(arguments):
     done, modules = _imported(*arguments)
     assert done.returncode == 2
@@ -57,12 +62,30 @@ def test_merge_imports_neither_transformers_nor_peft(world, tmp_path):
     assert not modules & {"transformers", "peft", "accelerate"}
 
 
-PATTERNS = ["v_proj", "q_proj", "down_proj", r".*\.layers\.0\..*", "model.layers.1.self_attn.q_proj",
-            "layers.1.self_attn.q_proj", "self_attn", r"^model\.layers\.0\.mlp\.down_proj", "proj", r"(q|k)_proj",
-            "language_model.model.layers.0.self_attn.v_proj", ".*vision_tower.*"]
-MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj",
-           "model.layers.1.self_attn.q_proj", "vision_tower.model.layers.0.self_attn.q_proj",
-           "language_model.model.layers.0.self_attn.v_proj", "model.layers.10.self_attn.k_proj", "lm_head"]
+PATTERNS = [
+    "v_proj",
+    "q_proj",
+    "down_proj",
+    r".*\.layers\.0\..*",
+    "model.layers.1.self_attn.q_proj",
+    "layers.1.self_attn.q_proj",
+    "self_attn",
+    r"^model\.layers\.0\.mlp\.down_proj",
+    "proj",
+    r"(q|k)_proj",
+    "language_model.model.layers.0.self_attn.v_proj",
+    ".*vision_tower.*",
+]
+MODULES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.0.mlp.down_proj",
+    "model.layers.1.self_attn.q_proj",
+    "vision_tower.model.layers.0.self_attn.q_proj",
+    "language_model.model.layers.0.self_attn.v_proj",
+    "model.layers.10.self_attn.k_proj",
+    "lm_head",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LM_TARGETS, make_adapter, run_cli
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import LM_TARGETS, make_adapter, run_cli
 from many_cli.bench.tiny import build_tiny_llava
 from many_cli.state import unpack_symmetric
 
@@ -37,9 +37,12 @@ def write_images(folder: Path, count: int, seed: int) -> list[Path]:
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("stats")
     base = build_tiny_llava(root / "base")
-    adapter = make_adapter(base, root / "adapter",
-                           LoraConfig(r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"]),
-                           seed=3)
+    adapter = make_adapter(
+        base,
+        root / "adapter",
+        LoraConfig(r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"]),
+        seed=3,
+    )
     images = write_images(root / "data" / "images", 5, seed=4)
     prompts = ["what colour is the shape ?", "how many dots", "where is it", "describe", "what is this picture"]
     answers = ["red", None, "top left", None, "a star"]
@@ -70,8 +73,14 @@ def deciding_positions(processor, entry: dict, root: Path) -> slice:
     return slice(prompt["input_ids"].shape[1] - 1, None)
 
 
-def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None, answer_weight: float = 1.0,
-                exemplars: list | None = None):
+def brute_force(
+    base: Path,
+    adapter: Path,
+    data: Path,
+    rows: dict | None = None,
+    answer_weight: float = 1.0,
+    exemplars: list | None = None,
+):
     """Per-module Σ w x xᵀ (float64) and the prototype, one record at a time, no padding (so every
     row of every adapted layer counts; w = `answer_weight` at the positions that decide the
     answer of the language model's layers, else 1); `rows`, if given, receives each module's row count,
@@ -84,15 +93,20 @@ def brute_force(base: Path, adapter: Path, data: Path, rows: dict | None = None,
     weights = None  # the current record's, per position
     for name, module in model.get_base_model().named_modules():
         if hasattr(module, "lora_A"):
+
             def hook(_, args, name=name):
                 x = args[0][0].double()
                 weighted = x * weights.sqrt()[:, None] if "language_model" in name else x
                 sums[name] = sums.get(name, 0) + weighted.T @ weighted
                 rows[name] = rows.get(name, 0) + x.shape[0]
+
             hooks.append(module.register_forward_pre_hook(hook))
     projector = model.get_base_model().model.multi_modal_projector
-    hooks.append(projector.register_forward_pre_hook(
-        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))))
+    hooks.append(
+        projector.register_forward_pre_hook(
+            lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))
+        )
+    )
     with torch.no_grad():
         for line in open(data):
             entry = json.loads(line)
@@ -122,9 +136,24 @@ def test_covariances_equal_brute_force(task, tmp_path, capsys, batch_size, paddi
     root, base, adapter = task
     data = root / "data" / "calib.jsonl"
     out = tmp_path / "stats.safetensors"
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                        "--out", out, "--batch-size", batch_size, "--padding-side", padding_side,
-                        "--device", "cpu")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        batch_size,
+        "--padding-side",
+        padding_side,
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     rows, exemplars = {}, []
     expected, prototype = brute_force(base, adapter, data, rows, exemplars=exemplars)
@@ -150,8 +179,24 @@ def test_answer_positions_weigh_as_asked(task, tmp_path, capsys, padding_side):
     root, base, adapter = task
     data = root / "data" / "calib.jsonl"
     out = tmp_path / "stats.safetensors"
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", out,
-                        "--batch-size", "3", "--padding-side", padding_side, "--answer-weight", "5")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        "3",
+        "--padding-side",
+        padding_side,
+        "--answer-weight",
+        "5",
+    )
     assert code == 0, err
     expected, _ = brute_force(base, adapter, data, answer_weight=5.0)
     unweighted, _ = brute_force(base, adapter, data)
@@ -164,8 +209,20 @@ def test_answer_positions_weigh_as_asked(task, tmp_path, capsys, padding_side):
 
 def test_stats_feed_merge(task, tmp_path, capsys):
     root, base, adapter = task
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter,
-                        "--data", root / "data" / "images", "--prompt", "what colour", "--device", "cpu")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        root / "data" / "images",
+        "--prompt",
+        "what colour",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "5 records" in err
     code, err = run_cli(capsys, "merge", adapter, "--out", tmp_path / "merged")
@@ -176,8 +233,22 @@ def test_bfloat16_model_accumulates_in_float32(task, tmp_path, capsys):
     root, base, adapter = task
     data = root / "data" / "calib.jsonl"
     out = tmp_path / "stats.safetensors"
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                        "--out", out, "--dtype", "bfloat16", "--batch-size", 2)
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--dtype",
+        "bfloat16",
+        "--batch-size",
+        2,
+    )
     assert code == 0, err
     with safe_open(str(out), "pt") as handle:
         assert all(handle.get_tensor(key).dtype == torch.float32 for key in handle.keys())
@@ -208,8 +279,9 @@ def test_bad_records_stop_with_a_line_naming_them_or_are_skipped(task, tmp_path,
         code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", out)
         assert code == 2 and message in err and err.count("\n") == 1, (name, err)
         assert not out.exists()
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                            "--out", out, "--skip-bad")
+        code, err = run_cli(
+            capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", out, "--skip-bad"
+        )
         assert code == 0, (name, err)
         with safe_open(str(out), "pt") as handle:
             assert handle.metadata()["skipped"] == "1" and handle.metadata()["records"] == "1"
@@ -224,14 +296,56 @@ def test_torchrun_shards_equal_a_single_process(task, tmp_path, capsys):
     root, base, adapter = task
     data = root / "data" / "calib.jsonl"
     single, sharded = tmp_path / "single.safetensors", tmp_path / "sharded.safetensors"
-    assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                   "--out", single, "--batch-size", 2, "--device", "cpu")[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "stats",
+            "--model",
+            base,
+            "--adapter",
+            adapter,
+            "--data",
+            data,
+            "--out",
+            single,
+            "--batch-size",
+            2,
+            "--device",
+            "cpu",
+        )[0]
+        == 0
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "many_cli", "stats", "--model", str(base), "--adapter", str(adapter), "--data", str(data),
-         "--out", str(sharded), "--batch-size", "2", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "many_cli",
+            "stats",
+            "--model",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data),
+            "--out",
+            str(sharded),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one, inputs_one, prototype_one, metadata_one = read_stats(single)
     two, inputs_two, prototype_two, metadata_two = read_stats(sharded)
@@ -253,47 +367,109 @@ def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkey
     data = root / "data" / "calib.jsonl"
     single, placed = tmp_path / "single.safetensors", tmp_path / "placed.safetensors"
     layer_by_layer = tmp_path / "device_map.json"
-    layer_by_layer.write_text(json.dumps({"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
-                                          "model.language_model.embed_tokens": "cpu",
-                                          "model.language_model.layers.0": "cpu", "model.language_model.layers.1": 0,
-                                          "model.language_model.norm": "cpu", "lm_head": "cpu"}))
+    layer_by_layer.write_text(
+        json.dumps(
+            {
+                "model.vision_tower": "cpu",
+                "model.multi_modal_projector": "cpu",
+                "model.language_model.embed_tokens": "cpu",
+                "model.language_model.layers.0": "cpu",
+                "model.language_model.layers.1": 0,
+                "model.language_model.norm": "cpu",
+                "lm_head": "cpu",
+            }
+        )
+    )
     assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", single)[0] == 0
     one, inputs_one, prototype_one, _ = read_stats(single)
     for device_map in ["auto", layer_by_layer]:
         if device_map == layer_by_layer and not torch.cuda.is_available():
             layer_by_layer.write_text(layer_by_layer.read_text().replace(": 0", ': "cpu"'))
-        assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
-                       "--device-map", device_map, "--force")[0] == 0
+        assert (
+            run_cli(
+                capsys,
+                "stats",
+                "--model",
+                base,
+                "--adapter",
+                adapter,
+                "--data",
+                data,
+                "--out",
+                placed,
+                "--device-map",
+                device_map,
+                "--force",
+            )[0]
+            == 0
+        )
         two, inputs_two, prototype_two, _ = read_stats(placed)
         assert inputs_one == inputs_two
         for module in one:
             assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
         assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
 
-    for device, fault in [("disk", "does not offload to disk"), ("gpu7", "'gpu7'"),
-                          (torch.cuda.device_count(), "GPU")]:
+    for device, fault in [("disk", "does not offload to disk"), ("gpu7", "'gpu7'"), (torch.cuda.device_count(), "GPU")]:
         bad = tmp_path / "bad_map.json"
         bad.write_text(json.dumps({"model": device, "lm_head": "cpu"}))
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
-                            "--device-map", bad, "--force")
+        code, err = run_cli(
+            capsys,
+            "stats",
+            "--model",
+            base,
+            "--adapter",
+            adapter,
+            "--data",
+            data,
+            "--out",
+            placed,
+            "--device-map",
+            bad,
+            "--force",
+        )
         assert code == 2 and str(bad) in err and fault in err and len(err.strip().splitlines()) == 1, err
     misspelt = tmp_path / "misspelt_map.json"  # transformers ignores a key that names no module
     misspelt.write_text(json.dumps({"model": "cpu", "lm_head": "cpu", "model.langauge_model.layers.1": "cpu"}))
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
-                        "--device-map", misspelt, "--force")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--out",
+        placed,
+        "--device-map",
+        misspelt,
+        "--force",
+    )
     assert code == 2 and str(misspelt) in err and "'model.langauge_model.layers.1'" in err, err
     assert len(err.strip().splitlines()) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed,
-                        "--device-map", "auto", "--force")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--out",
+        placed,
+        "--device-map",
+        "auto",
+        "--force",
+    )
     assert code == 2 and "torchrun" in err
 
 
 def test_bench_stats_runs_and_counts_the_covariance_work():
     from many_cli.bench.stats_bench import bench_stats
 
-    result = bench_stats(layers=1, hidden=64, intermediate=128, records=2, batch_size=1, device="cpu",
-                         repeats=1)
+    result = bench_stats(layers=1, hidden=64, intermediate=128, records=2, batch_size=1, device="cpu", repeats=1)
     # Four distinct inputs per Llama layer (q/k/v, o, gate/up, down), found by the hooks.
     assert result.covariance_flops == result.tokens * (3 * 64 * 65 + 128 * 129)
     assert result.tokens > 2 * 576  # two records, each 576 image tokens plus text
@@ -313,15 +489,17 @@ def test_nan_activation_names_the_layer(task, tmp_path, capsys):
     # Finite weights whose activations overflow: the covariance of down_proj's input is Inf.
     weights[key] = torch.full_like(weights[key], 1e30)
     save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", broken,
-                        "--data", root / "data" / "calib.jsonl", "--out", out)
+    code, err = run_cli(
+        capsys, "stats", "--model", base, "--adapter", broken, "--data", root / "data" / "calib.jsonl", "--out", out
+    )
     assert code == 2 and "holds NaN or Inf" in err and "layers.1.mlp.down_proj" in err, err
     assert err.count("\n") == 1 and not out.exists()
     # Inf in the weights themselves is found where they are read, naming the tensor.
     weights[key] = torch.full_like(weights[key], float("inf"))
     save_file(weights, broken / "adapter_model.safetensors", metadata={"format": "pt"})
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", broken,
-                        "--data", root / "data" / "calib.jsonl", "--out", out)
+    code, err = run_cli(
+        capsys, "stats", "--model", base, "--adapter", broken, "--data", root / "data" / "calib.jsonl", "--out", out
+    )
     assert code == 2 and "holds NaN or Inf" in err and key in err, err
     assert err.count("\n") == 1 and not out.exists()
 
@@ -359,8 +537,12 @@ def test_shared_inputs_are_detected_whatever_the_layer_names():
         for x in batches:
             shared = torch.tanh(x)
             mixed = block.alpha(shared) + block.gamma(shared)
-            for name, value in (("alpha", shared), ("gamma", shared), ("beta", mixed),
-                                ("delta", block.beta(mixed).sin())):
+            for name, value in (
+                ("alpha", shared),
+                ("gamma", shared),
+                ("beta", mixed),
+                ("delta", block.beta(mixed).sin()),
+            ):
                 rows = value[mask].double()
                 expected[name] += rows.T @ rows
     groups = sorted(sorted(members) for members in collector.members.values())
@@ -387,11 +569,26 @@ def test_llava_json_and_max_samples_read_the_same_records(task, tmp_path, capsys
     llava.write_text(json.dumps(conversations))
     first_three = root / "data" / "first_three.jsonl"
     first_three.write_text("\n".join(lines[:3]) + "\n")
-    for data, extra, reference, records in [(llava, [], root / "data" / "calib.jsonl", "5"),
-                                            (root / "data" / "calib.jsonl", ["--max-samples", 3], first_three, "3")]:
+    for data, extra, reference, records in [
+        (llava, [], root / "data" / "calib.jsonl", "5"),
+        (root / "data" / "calib.jsonl", ["--max-samples", 3], first_three, "3"),
+    ]:
         out = tmp_path / f"{data.stem}.safetensors"
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                            "--out", out, "--batch-size", 2, *extra)
+        code, err = run_cli(
+            capsys,
+            "stats",
+            "--model",
+            base,
+            "--adapter",
+            adapter,
+            "--data",
+            data,
+            "--out",
+            out,
+            "--batch-size",
+            2,
+            *extra,
+        )
         assert code == 0, err
         expected, prototype = brute_force(base, adapter, reference)
         per_module, _, stored_prototype, metadata = read_stats(out)
@@ -405,11 +602,29 @@ def test_a_vision_tower_lora_counts_every_patch(task, tmp_path, capsys):
     """List-style target_modules also hit CLIP's q_proj/v_proj: their inputs are image patches,
     every one of which counts (no text mask), and the merge folds them like any other layer."""
     root, base, _ = task
-    adapter = make_adapter(base, tmp_path / "both", LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                               modules_to_save=["multi_modal_projector"]), seed=5)
+    adapter = make_adapter(
+        base,
+        tmp_path / "both",
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["multi_modal_projector"]),
+        seed=5,
+    )
     data = root / "data" / "calib.jsonl"
-    code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                        "--batch-size", 3, "--padding-side", "left", "--device", "cpu")
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--batch-size",
+        3,
+        "--padding-side",
+        "left",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     rows = {}
     expected, _ = brute_force(base, adapter, data, rows)
@@ -447,11 +662,19 @@ def test_an_adapter_many_cannot_merge_is_refused_before_the_model_loads(task, tm
     from peft import IA3Config
 
     root, base, _ = task
-    ia3 = make_adapter(base, tmp_path / "ia3", IA3Config(target_modules=["q_proj", "down_proj"],
-                                                         feedforward_modules=["down_proj"]), seed=6)
+    ia3 = make_adapter(
+        base,
+        tmp_path / "ia3",
+        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        seed=6,
+    )
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", ia3, "--data", root / "data" / "calib.jsonl")
-    assert code == 2 and err == f"many: error: {ia3 / 'adapter_config.json'}: peft_type 'IA3' is not supported; " \
-                                "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)\n"
+    assert (
+        code == 2
+        and err
+        == f"many: error: {ia3 / 'adapter_config.json'}: peft_type 'IA3' is not supported; "
+        "many merges PEFT LoRA adapters on linear layers (peft_type LORA, no DoRA, no lora_bias)\n"
+    )
 
 
 def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) -> dict[str, torch.Tensor]:
@@ -464,8 +687,12 @@ def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) ->
         x = args[0][0].double()
         sums[name] = sums.get(name, 0) + x.T @ x
 
-    hooks = [model.get_base_model().get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: hook(module, args, name)) for name in modules]
+    hooks = [
+        model.get_base_model()
+        .get_submodule(name)
+        .register_forward_pre_hook(lambda module, args, name=name: hook(module, args, name))
+        for name in modules
+    ]
     with torch.no_grad():
         for line in open(data):
             model(**encode_entry(processor, json.loads(line), data.parent))
@@ -479,9 +706,13 @@ def test_adapters_of_other_modules_merge_once_stats_cover_their_union(task, tmp_
     missing covariances; with it, down_proj's merge is τ_d C_d (C_q + C_d)⁻¹ by brute force."""
     root, base, _ = task
     data = root / "data" / "calib.jsonl"
-    adapters = {name: make_adapter(base, tmp_path / name, LoraConfig(r=2, target_modules=targets), seed=seed)
-                for name, targets, seed in [("q", r".*language_model.*\.(q_proj|v_proj)", 11),
-                                            ("d", r".*language_model.*\.down_proj", 12)]}
+    adapters = {
+        name: make_adapter(base, tmp_path / name, LoraConfig(r=2, target_modules=targets), seed=seed)
+        for name, targets, seed in [
+            ("q", r".*language_model.*\.(q_proj|v_proj)", 11),
+            ("d", r".*language_model.*\.down_proj", 12),
+        ]
+    }
     for adapter in adapters.values():
         assert run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data)[0] == 0
     code, err = run_cli(capsys, "merge", *adapters.values(), "--out", tmp_path / "merged")
@@ -489,8 +720,9 @@ def test_adapters_of_other_modules_merge_once_stats_cover_their_union(task, tmp_
     pattern = re.search(r"--modules '(.*)'", err).group(1)
     assert f"--adapter {adapters['q']}" in err
     for adapter in adapters.values():
-        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data,
-                            "--modules", pattern)
+        code, err = run_cli(
+            capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--modules", pattern
+        )
         assert code == 0, err
     code, err = run_cli(capsys, "merge", *adapters.values(), "--out", tmp_path / "merged", "--ridge", "0")
     assert code == 0, err
@@ -509,3 +741,46 @@ def test_adapters_of_other_modules_merge_once_stats_cover_their_union(task, tmp_
     delta = merged.get_base_model().get_submodule(module).get_delta_weight("default").double()
     root_gram = torch.linalg.cholesky(gram)
     assert ((delta - expected) @ root_gram).norm() <= 1e-5 * (expected @ root_gram).norm()
+
+
+def test_tensor_cores_are_chosen_only_where_half_precision_products_are_exact(monkeypatch):
+    from many_cli.stats import tensor_core_products
+
+    cuda = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert not tensor_core_products(dtype, torch.device("cpu"))
+    for capability, chosen in [
+        ((9, 0), {torch.float16, torch.bfloat16}),
+        ((8, 0), {torch.float16, torch.bfloat16}),
+        ((7, 5), {torch.float16}),
+        ((6, 1), set()),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        assert {
+            dtype for dtype in (torch.float16, torch.bfloat16, torch.float32) if tensor_core_products(dtype, cuda)
+        } == chosen
+    # The premise: a product of two half-precision values is exact in float32.
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = values.to(dtype)
+        product = low.float() * low.flip(0).float()
+        assert torch.equal(product.double(), low.double() * low.flip(0).double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the selection is tested above")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_sums_equal_float32_sums_of_the_same_values(dtype):
+    from many_cli.stats import UpperTriangle, tensor_core_products
+
+    cuda = torch.device("cuda")
+    if not tensor_core_products(dtype, cuda):
+        pytest.skip(f"this GPU has no tensor cores for {dtype}")
+    x = torch.randn(4096, 1536, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ours = UpperTriangle(1536, cuda)
+    ours.add(x.to(cuda))
+    reference = x.double().T @ x.double()
+    packed = ours.packed().double().cpu()
+    expected = torch.cat([reference[row, row:] for row in range(1536)])
+    float32 = torch.cat([(x.float().T @ x.float())[row, row:] for row in range(1536)]).double()
+    assert (packed - expected).abs().max() <= 1e-6 * expected.abs().max() * 4
+    assert (packed - float32).abs().max() <= 1e-6 * expected.abs().max() * 4

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import many_as_ordinary_user, run_cli
 from PIL import Image
 
-from conftest import many_as_ordinary_user, run_cli
 from many_cli import files
 from many_cli import merge as merge_module
 from many_cli.data import load_image
@@ -27,8 +27,10 @@ from many_cli.errors import InputError, Terminated
 def digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (or of the file itself), by path relative to it."""
     paths = [path] if path.is_file() else sorted(item for item in path.rglob("*") if item.is_file())
-    return {str(item.relative_to(path) if path.is_dir() else item.name): hashlib.sha256(item.read_bytes()).hexdigest()
-            for item in paths}
+    return {
+        str(item.relative_to(path) if path.is_dir() else item.name): hashlib.sha256(item.read_bytes()).hexdigest()
+        for item in paths
+    }
 
 
 def hidden(folder: Path) -> list[str]:
@@ -54,11 +56,30 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(world, ad
         ["merge", *sorted(adapters.iterdir()), "--out", first, "--force"],  # one of the inputs
         ["merge", adapters, "--out", adapters / "merged"],  # inside the inputs' folder
         ["merge", first, "--out", tmp_path, "--force"],  # a folder that contains the inputs
-        ["stats", "--model", world.base, "--adapter", first, "--data", data,
-         "--out", first / "adapter_model.safetensors", "--force"],
+        [
+            "stats",
+            "--model",
+            world.base,
+            "--adapter",
+            first,
+            "--data",
+            data,
+            "--out",
+            first / "adapter_model.safetensors",
+            "--force",
+        ],
         ["stats", "--model", world.base, "--adapter", first, "--data", data, "--out", data, "--force"],
-        ["stats", "--model", world.base, "--adapter", first, "--data", data,
-         "--out", world.base / "many_stats.safetensors"],
+        [
+            "stats",
+            "--model",
+            world.base,
+            "--adapter",
+            first,
+            "--data",
+            data,
+            "--out",
+            world.base / "many_stats.safetensors",
+        ],
         ["convert", first, "--out", first, "--force"],
     ]
     for args in cases:
@@ -82,10 +103,12 @@ def test_the_current_directory_and_files_are_not_replaced_by_a_directory(adapter
     assert hidden(tmp_path) == [] and sorted(os.listdir(elsewhere)) == []
 
 
-@pytest.mark.parametrize("signal_exception,code,line", [(KeyboardInterrupt, 130, "interrupted"),
-                                                         (Terminated, 143, "terminated")])
-def test_an_interrupted_merge_keeps_the_old_output_and_leaves_nothing(world, tmp_path, capsys, monkeypatch,
-                                                                      signal_exception, code, line):
+@pytest.mark.parametrize(
+    "signal_exception,code,line", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")]
+)
+def test_an_interrupted_merge_keeps_the_old_output_and_leaves_nothing(
+    world, tmp_path, capsys, monkeypatch, signal_exception, code, line
+):
     out = tmp_path / "merged"
     assert run_cli(capsys, "merge", *world.adapters, "--out", out)[0] == 0
     before = digest(out)
@@ -161,9 +184,13 @@ def console_script() -> list[str]:
 def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, line):
     # The child's dispositions are set here: a suite started in the background (`nohup`, `&`)
     # runs with SIGINT ignored, and a child would inherit that.
-    process = subprocess.Popen([*console_script(), "merge", *world.adapters, "--out", tmp_path / "m"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
+    process = subprocess.Popen(
+        [*console_script(), "merge", *world.adapters, "--out", tmp_path / "m"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)],
+    )
     time.sleep(0.5)  # inside the imports of torch and transformers
     process.send_signal(sent)
     _, err = process.communicate(timeout=60)
@@ -171,25 +198,28 @@ def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, 
     assert not (tmp_path / "m").exists() and hidden(tmp_path) == []
 
 
-@pytest.mark.parametrize("args,option", [
-    (["infer", "--image", "x.png", "--eta", "inf"], "--eta"),
-    (["infer", "--image", "x.png", "--confidence", "1.5", "--lm-routing", "experts"], "--confidence"),
-    (["infer", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
-    (["infer", "--data", "x.jsonl", "--min-accuracy", "nan"], "--min-accuracy"),
-    (["infer", "--data", "x.jsonl", "--min-accuracy", "1.5"], "--min-accuracy"),
-    (["infer", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["infer", "--image", "x.png", "--device", "tpu"], "--device"),
-    (["infer", "--image", "x.png", "--out", "p.jsonl"], "--out or --min-accuracy does not apply"),
-    (["infer", "--prompt", "hi", "--min-accuracy", "0.5"], "--out or --min-accuracy does not apply"),
-    (["infer", "--data", "x.jsonl", "--json"], "--json does not apply"),
-    (["infer", "--image", "x.png", "--eta", "0.1"], "--eta does not apply to --routing nearest"),
-    (["infer", "--image", "x.png", "--confidence", "0.9"], "--confidence does not apply to --lm-routing merged"),
-    (["merge", "nowhere", "--out", "m", "--eta", "inf"], "--eta"),
-    (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
-    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
-    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--dtype", "float8"], "--dtype"),
-    (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--device-map", ""], "--device-map is empty"),
-])
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["infer", "--image", "x.png", "--eta", "inf"], "--eta"),
+        (["infer", "--image", "x.png", "--confidence", "1.5", "--lm-routing", "experts"], "--confidence"),
+        (["infer", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+        (["infer", "--data", "x.jsonl", "--min-accuracy", "nan"], "--min-accuracy"),
+        (["infer", "--data", "x.jsonl", "--min-accuracy", "1.5"], "--min-accuracy"),
+        (["infer", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["infer", "--image", "x.png", "--device", "tpu"], "--device"),
+        (["infer", "--image", "x.png", "--out", "p.jsonl"], "--out or --min-accuracy does not apply"),
+        (["infer", "--prompt", "hi", "--min-accuracy", "0.5"], "--out or --min-accuracy does not apply"),
+        (["infer", "--data", "x.jsonl", "--json"], "--json does not apply"),
+        (["infer", "--image", "x.png", "--eta", "0.1"], "--eta does not apply to --routing nearest"),
+        (["infer", "--image", "x.png", "--confidence", "0.9"], "--confidence does not apply to --lm-routing merged"),
+        (["merge", "nowhere", "--out", "m", "--eta", "inf"], "--eta"),
+        (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--dtype", "float8"], "--dtype"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--device-map", ""], "--device-map is empty"),
+    ],
+)
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option):
     command, rest = args[0], args[1:]
     model = [] if command == "merge" else ["--model", tmp_path / "no-model"]
@@ -201,8 +231,12 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option)
 def test_the_same_merge_writes_the_same_bytes(world, tmp_path):
     """Two processes with different string hashing (set order) and fresh safetensors state."""
     for seed in ("1", "2"):
-        run = subprocess.run([*console_script(), "merge", *map(str, world.adapters), "--out", str(tmp_path / seed)],
-                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        run = subprocess.run(
+            [*console_script(), "merge", *map(str, world.adapters), "--out", str(tmp_path / seed)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
         assert run.returncode == 0, run.stderr
     first, second = digest(tmp_path / "1"), digest(tmp_path / "2")
     assert len(first) > 6 and first == second
@@ -235,10 +269,28 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
     data = tmp_path / "data.jsonl"
     data.write_text("{}\n")
     data.chmod(0)
-    cases = [(["stats", "--model", world.base, "--adapter", world.adapters[0], "--data", data, "--out",
-               tmp_path / "s.safetensors"], "data.jsonl: cannot be read (Permission denied)"),(["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
-             (["merge", world.adapters[0], "--out", locked / "sub" / "m"], "cannot create its folder (Permission denied)"),
-             (["merge", unreadable, "--out", tmp_path / "m"], "adapter_model.safetensors: cannot be read (Permission denied)")]
+    cases = [
+        (
+            [
+                "stats",
+                "--model",
+                world.base,
+                "--adapter",
+                world.adapters[0],
+                "--data",
+                data,
+                "--out",
+                tmp_path / "s.safetensors",
+            ],
+            "data.jsonl: cannot be read (Permission denied)",
+        ),
+        (["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
+        (["merge", world.adapters[0], "--out", locked / "sub" / "m"], "cannot create its folder (Permission denied)"),
+        (
+            ["merge", unreadable, "--out", tmp_path / "m"],
+            "adapter_model.safetensors: cannot be read (Permission denied)",
+        ),
+    ]
     for args, message in cases:
         run = subprocess.run([*many_as_ordinary_user(), *map(str, args)], capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
@@ -281,6 +333,8 @@ def test_standard_output_closed_early_full_or_closed(tmp_path):
     assert reader.returncode == 0 and err == b"", err
     with open("/dev/full", "w") as full:
         run = subprocess.run(command, stdout=full, capture_output=False, stderr=subprocess.PIPE, text=True)
-    assert run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (No space left on device)\n"
+    assert (
+        run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (No space left on device)\n"
+    )
     run = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
     assert run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (it is closed)\n"

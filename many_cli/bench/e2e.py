@@ -35,10 +35,18 @@ LORA_RANK = 16
 def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
     """LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, features from the second to last),
     a two-layer GELU projector, Llama-2-7B (32 layers, 4096 wide, MLP 11008, vocabulary 32064)."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers or 24,
-                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    config = tiny_llava_config(hidden=4096, layers=layers or 32, intermediate=11008, heads=32, kv_heads=32,
-                               vision=vision)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers or 24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    config = tiny_llava_config(
+        hidden=4096, layers=layers or 32, intermediate=11008, heads=32, kv_heads=32, vision=vision
+    )
     config.text_config.vocab_size = 32064
     config.text_config.rms_norm_eps = 1e-5
     config.vision_feature_layer = -2
@@ -52,22 +60,47 @@ def qwen2_5_vl_7b(layers: int | None, vision_layers: int | None) -> tuple[Pretra
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
-    pixels = QWEN_IMAGE_SIZE ** 2
+    pixels = QWEN_IMAGE_SIZE**2
     tokenizer, image_processor, video_processor, tokens = qwen_vl_parts(
-        Qwen2VLVideoProcessor, Qwen2VLImageProcessorPil, patch_size=14, min_pixels=pixels, max_pixels=pixels)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=video_processor, chat_template=tokenizer.chat_template)
+        Qwen2VLVideoProcessor, Qwen2VLImageProcessorPil, patch_size=14, min_pixels=pixels, max_pixels=pixels
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=tokenizer.chat_template,
+    )
     text = Qwen2_5_VLTextConfig(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=layers or 28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    vision = dict(depth=vision_layers or 32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                  out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
-    return Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision, tie_word_embeddings=False,
-                            **tokens), processor
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )
+    vision = dict(
+        depth=vision_layers or 32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        hidden_act="silu",
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text.to_dict(), vision_config=vision, tie_word_embeddings=False, **tokens
+    ), processor
 
 
 def tiny(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
@@ -84,7 +117,10 @@ def vision_depth(config: PretrainedConfig) -> int:
 
 QWEN_IMAGE_SIZE = 336
 FAMILIES: dict[str, tuple[Callable[[int | None, int | None], tuple[PretrainedConfig, object]], int]] = {
-    "llava-1.5-7b": (llava_15_7b, 336), "qwen2.5-vl-7b": (qwen2_5_vl_7b, QWEN_IMAGE_SIZE), "tiny": (tiny, IMAGE_SIZE)}
+    "llava-1.5-7b": (llava_15_7b, 336),
+    "qwen2.5-vl-7b": (qwen2_5_vl_7b, QWEN_IMAGE_SIZE),
+    "tiny": (tiny, IMAGE_SIZE),
+}
 TEXT_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -141,8 +177,15 @@ def write_adapters(base: Path, root: Path, tasks: int, device: torch.device) -> 
     """`tasks` PEFT adapters saved by `save_pretrained`: random LoRA factors on the seven
     projections and a perturbed copy of the projector, one seed per task."""
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16).to(device)
-    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=TEXT_PROJECTIONS,
-                                             modules_to_save=projector_paths(model)))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            target_modules=TEXT_PROJECTIONS,
+            modules_to_save=projector_paths(model),
+        ),
+    )
     adapters = []
     for task in range(tasks):
         generator = torch.Generator(device).manual_seed(task)
@@ -171,8 +214,10 @@ def write_records(out: Path, records: int, image_size: int, seed: int) -> Path:
             image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
             image.save(out / f"{index}.png")
             words = rng.choice(WORDS, size=8)
-            lines.write(json.dumps({"image": f"{index}.png", "prompt": " ".join(words[:7]) + " ?",
-                                    "answer": str(words[7])}) + "\n")
+            lines.write(
+                json.dumps({"image": f"{index}.png", "prompt": " ".join(words[:7]) + " ?", "answer": str(words[7])})
+                + "\n"
+            )
     return out / "data.jsonl"
 
 
@@ -242,9 +287,17 @@ def _size(path: Path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
-def bench_e2e(family: str = "llava-1.5-7b", layers: int | None = None, vision_layers: int | None = None,
-              tasks: int = 6, records: int = 4, batch_size: int = 2, new_tokens: int = 8, device: str = "auto",
-              workdir: Path | None = None) -> E2EResult:
+def bench_e2e(
+    family: str = "llava-1.5-7b",
+    layers: int | None = None,
+    vision_layers: int | None = None,
+    tasks: int = 6,
+    records: int = 4,
+    batch_size: int = 2,
+    new_tokens: int = 8,
+    device: str = "auto",
+    workdir: Path | None = None,
+) -> E2EResult:
     compute = resolve_device(device)
     build, image_size = FAMILIES[family]
     config, processor = build(layers, vision_layers)
@@ -252,22 +305,36 @@ def bench_e2e(family: str = "llava-1.5-7b", layers: int | None = None, vision_la
         root = Path(folder)
         base = build_base(root / "base", config, processor, compute)
         adapters = write_adapters(base, root / "adapters", tasks, compute)
-        data = [write_records(root / "data" / adapter.name, records, image_size, seed=index)
-                for index, adapter in enumerate(adapters)]
-        stats = [_child(_STATS_IN_CHILD, base, adapter, records_file, compute.type, batch_size, int(index == 0))
-                 for index, (adapter, records_file) in enumerate(zip(adapters, data))]
+        data = [
+            write_records(root / "data" / adapter.name, records, image_size, seed=index)
+            for index, adapter in enumerate(adapters)
+        ]
+        stats = [
+            _child(_STATS_IN_CHILD, base, adapter, records_file, compute.type, batch_size, int(index == 0))
+            for index, (adapter, records_file) in enumerate(zip(adapters, data))
+        ]
         merge_seconds, merge_peak = run_merge(adapters, root / "merged", device=compute.type)
         infer, infer_peak = _child(_INFER_IN_CHILD, base, root / "merged", data[0], compute.type, new_tokens)
         return E2EResult(
-            family=family, device=str(compute), layers=config.get_text_config().num_hidden_layers,
-            vision_layers=vision_depth(config), tasks=tasks, records=records,
-            stats_tokens=stats[0][0]["tokens"], stats_seconds=sum(measures["seconds"] for measures, _ in stats) / tasks,
-            stats_loop_seconds=stats[0][0]["loop"], forward_seconds=stats[0][0]["forward"],
+            family=family,
+            device=str(compute),
+            layers=config.get_text_config().num_hidden_layers,
+            vision_layers=vision_depth(config),
+            tasks=tasks,
+            records=records,
+            stats_tokens=stats[0][0]["tokens"],
+            stats_seconds=sum(measures["seconds"] for measures, _ in stats) / tasks,
+            stats_loop_seconds=stats[0][0]["loop"],
+            forward_seconds=stats[0][0]["forward"],
             stats_peak_host=max(peak for _, peak in stats),
             stats_peak_device=max(measures.get("device_peak", 0) for measures, _ in stats),
-            merge_seconds=merge_seconds, merge_peak_host=merge_peak,
-            infer_base_seconds=infer["base"], infer_many_seconds=infer["many"], infer_peak_host=infer_peak,
+            merge_seconds=merge_seconds,
+            merge_peak_host=merge_peak,
+            infer_base_seconds=infer["base"],
+            infer_many_seconds=infer["many"],
+            infer_peak_host=infer_peak,
             infer_peak_device=infer.get("device_peak", 0),
             stats_bytes_per_task=(adapters[0] / STATS_FILE).stat().st_size,
             adapter_bytes_per_task=_size(adapters[0]) - (adapters[0] / STATS_FILE).stat().st_size,
-            merged_bytes=_size(root / "merged"))
+            merged_bytes=_size(root / "merged"),
+        )

@@ -26,6 +26,7 @@ from many_cli.merge import MergeOptions, merge
 from many_cli.models import load_base_model, resolve_device
 from many_cli.stats import StatsOptions, collect_stats
 
+
 @dataclass(frozen=True)
 class InferBenchResult:
     device: str
@@ -49,20 +50,38 @@ class InferBenchResult:
 
 def build_world(root: Path, tasks: int, hidden: int, layers: int, seed: int = 0) -> tuple[Path, Path]:
     """A base model, `tasks` adapters with stats files, and their merge; returns (base, merged)."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-                              num_attention_heads=16, image_size=336, patch_size=14)
-    config = tiny_llava_config(hidden=hidden, layers=layers, intermediate=hidden * 11 // 4,
-                               heads=max(1, hidden // 128), kv_heads=max(1, hidden // 128), vision=vision)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    config = tiny_llava_config(
+        hidden=hidden,
+        layers=layers,
+        intermediate=hidden * 11 // 4,
+        heads=max(1, hidden // 128),
+        kv_heads=max(1, hidden // 128),
+        vision=vision,
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(root / "base")
     tiny_processor(image_size=336, patch_size=14).save_pretrained(root / "base")
     rng = np.random.default_rng(seed)
     adapters = []
     for task in range(tasks):
-        model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"),
-                               LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS,
-                                          exclude_modules=r".*vision_tower.*",
-                                          modules_to_save=["multi_modal_projector"]))
+        model = get_peft_model(
+            LlavaForConditionalGeneration.from_pretrained(root / "base"),
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                target_modules=LLAMA_PROJECTIONS,
+                exclude_modules=r".*vision_tower.*",
+                modules_to_save=["multi_modal_projector"],
+            ),
+        )
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
@@ -85,8 +104,9 @@ def _timed(function):
     return value, time.perf_counter() - start
 
 
-def seconds_per_image(model, inputs, new_tokens: int, experts: MergedModel | None = None,
-                      record: Record | None = None) -> float:
+def seconds_per_image(
+    model, inputs, new_tokens: int, experts: MergedModel | None = None, record: Record | None = None
+) -> float:
     """Seconds per image for greedy decoding of exactly `new_tokens`, one image at a time
     (with `experts`, routing each image (`record`) to its task's LoRA first, as `many infer` does)."""
     start = time.perf_counter()
@@ -97,8 +117,15 @@ def seconds_per_image(model, inputs, new_tokens: int, experts: MergedModel | Non
     return (time.perf_counter() - start) / len(inputs)
 
 
-def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int = 4, new_tokens: int = 16,
-                device: str = "auto", repeats: int = 2) -> InferBenchResult:
+def bench_infer(
+    tasks: int = 4,
+    hidden: int = 1024,
+    layers: int = 4,
+    images: int = 4,
+    new_tokens: int = 16,
+    device: str = "auto",
+    repeats: int = 2,
+) -> InferBenchResult:
     compute = resolve_device(device)
     with tempfile.TemporaryDirectory() as folder:
         base, merged = build_world(Path(folder), tasks, hidden, layers)
@@ -108,9 +135,15 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
         processor = AutoProcessor.from_pretrained(base)
         rng = np.random.default_rng(1)
         record = Record("bench", (Path("bench.png"),), "what colour is it ?", None)
-        inputs = [encode_records(processor, [record],
-                                 [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8"))],
-                                 with_answers=False).to(compute) for _ in range(images)]
+        inputs = [
+            encode_records(
+                processor,
+                [record],
+                [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8"))],
+                with_answers=False,
+            ).to(compute)
+            for _ in range(images)
+        ]
         seconds_per_image(plain, inputs[:1], 2)
         seconds_per_image(ours.model, inputs[:1], 2)
         seconds_per_image(routed.model, inputs[:1], 2, routed, record)
@@ -119,5 +152,6 @@ def bench_infer(tasks: int = 4, hidden: int = 1024, layers: int = 4, images: int
             base_seconds = min(base_seconds, seconds_per_image(plain, inputs, new_tokens))
             many_seconds = min(many_seconds, seconds_per_image(ours.model, inputs, new_tokens))
             experts_seconds = min(experts_seconds, seconds_per_image(routed.model, inputs, new_tokens, routed, record))
-    return InferBenchResult(str(compute), tasks, images, new_tokens, base_seconds, many_seconds,
-                            base_load, many_load, experts_seconds)
+    return InferBenchResult(
+        str(compute), tasks, images, new_tokens, base_seconds, many_seconds, base_load, many_load, experts_seconds
+    )

@@ -43,13 +43,24 @@ def _stage(module: str, by_module: bool) -> int:
     return depth * (max(_GROUPS.values()) + 1) + _GROUPS[leaf]
 
 
-def layerwise_adapters(base: str, adapters: list[Path], calibration: list[Path], folder: Path,
-                       options: MergeOptions = MergeOptions(), by_module: bool = False) -> list[Path]:
+def layerwise_adapters(
+    base: str,
+    adapters: list[Path],
+    calibration: list[Path],
+    folder: Path,
+    options: MergeOptions = MergeOptions(),
+    by_module: bool = False,
+) -> list[Path]:
     """Copies of `adapters` (with their stats files) whose covariances were taken stage by stage
     under the merge of the stages below; merge them with `options` for RegMean++'s result."""
     copies = [shutil.copytree(adapter, folder / adapter.name, dirs_exist_ok=True) for adapter in adapters]
-    stages = sorted({_stage(name, by_module) for module in read_stats_header(copies[0] / STATS_FILE).inputs.values()
-                     for name in module.modules})
+    stages = sorted(
+        {
+            _stage(name, by_module)
+            for module in read_stats_header(copies[0] / STATS_FILE).inputs.values()
+            for name in module.modules
+        }
+    )
     for stage in stages[1:]:
         merged = folder / f"merged_below_{stage}"
         merge(copies, merged, replace(options, force=True))
@@ -60,8 +71,9 @@ def layerwise_adapters(base: str, adapters: list[Path], calibration: list[Path],
 
 def _retake_stage(base: str, adapter: Path, merged: Path, data: Path, stage: int, by_module: bool) -> None:
     """Rewrite `adapter`'s stats: the inputs of stage `stage` measured with the merge below it."""
-    model = apply_adapters(load_base_model(base, torch.float32, torch.device("cpu")), base,
-                           [(adapter, "task"), (merged, "merged")]).eval()
+    model = apply_adapters(
+        load_base_model(base, torch.float32, torch.device("cpu")), base, [(adapter, "task"), (merged, "merged")]
+    ).eval()
     layers = lora_layers(model)
     for name, layer in layers.items():
         if _stage(name, by_module) < stage:
@@ -70,8 +82,12 @@ def _retake_stage(base: str, adapter: Path, merged: Path, data: Path, stage: int
     covariances = InputCovariances(at_stage, torch.device("cpu"), text_layers(model.get_base_model(), at_stage))
     processor = load_processor(base)  # left padding: the statistics do not depend on it
     options = StatsOptions(device="cpu")
-    accumulate(model, encoded_batches(processor, read_records(data), options, StatsReport(adapter)), covariances,
-               torch.device("cpu"))
+    accumulate(
+        model,
+        encoded_batches(processor, read_records(data), options, StatsReport(adapter)),
+        covariances,
+        torch.device("cpu"),
+    )
     covariances.remove_hooks()
     measured = {module: triangle for key, triangle in covariances.sums.items() for module in covariances.members[key]}
     header = read_stats_header(adapter / STATS_FILE)
@@ -80,9 +96,15 @@ def _retake_stage(base: str, adapter: Path, merged: Path, data: Path, stage: int
         fresh = measured.get(entry.modules[0])
         packed[key] = header.packed(key) if fresh is None else fresh.packed()
     granularity = "module group by module group" if by_module else "layer by layer"
-    write_stats(adapter / STATS_FILE, covariances=packed,
-                tokens={key: entry.tokens for key, entry in header.inputs.items()},
-                modules={key: list(entry.modules) for key, entry in header.inputs.items()},
-                prototype=header.prototype(), exemplars=header.exemplars(), images=header.images,
-                adapter_fingerprint=header.adapter_fingerprint, base_fingerprint=header.base_fingerprint,
-                token_rule=f"{TOKEN_RULE}; {granularity} under the merge of what runs below (RegMean++)")
+    write_stats(
+        adapter / STATS_FILE,
+        covariances=packed,
+        tokens={key: entry.tokens for key, entry in header.inputs.items()},
+        modules={key: list(entry.modules) for key, entry in header.inputs.items()},
+        prototype=header.prototype(),
+        exemplars=header.exemplars(),
+        images=header.images,
+        adapter_fingerprint=header.adapter_fingerprint,
+        base_fingerprint=header.base_fingerprint,
+        token_rule=f"{TOKEN_RULE}; {granularity} under the merge of what runs below (RegMean++)",
+    )

@@ -70,23 +70,38 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
     for layer in range(layers):
         for modules, width in inputs_of_layer(layer, shape).values():
             for module in modules:
-                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(shape.rank, width, generator=generator) / width ** 0.5
-                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(output_width(module, shape), shape.rank,
-                                                                              generator=generator) / 100
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (
+                    torch.randn(shape.rank, width, generator=generator) / width**0.5
+                )
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (
+                    torch.randn(output_width(module, shape), shape.rank, generator=generator) / 100
+                )
     projector = f"{PEFT_PREFIX}model.multi_modal_projector"
     tensors[f"{projector}.linear_1.weight"] = torch.randn(shape.hidden, shape.vision, generator=generator).bfloat16()
     tensors[f"{projector}.linear_1.bias"] = torch.zeros(shape.hidden, dtype=torch.bfloat16)
     tensors[f"{projector}.linear_2.weight"] = torch.randn(shape.hidden, shape.hidden, generator=generator).bfloat16()
     tensors[f"{projector}.linear_2.bias"] = torch.zeros(shape.hidden, dtype=torch.bfloat16)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=LLAMA_PROJECTIONS,
-        modules_to_save=["multi_modal_projector"], base_model_name_or_path="synthetic-llava-7b").save_pretrained(str(out))
+    LoraConfig(
+        r=shape.rank,
+        lora_alpha=2 * shape.rank,
+        target_modules=LLAMA_PROJECTIONS,
+        modules_to_save=["multi_modal_projector"],
+        base_model_name_or_path="synthetic-llava-7b",
+    ).save_pretrained(str(out))
 
     inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}
-    writer = StatsWriter(out / STATS_FILE, dims={key: width for key, (_, width) in inputs.items()},
-                         tokens={key: 100_000 for key in inputs}, modules={k: m for k, (m, _) in inputs.items()},
-                         images=1000, adapter_fingerprint=adapter_fingerprint(out),
-                         base_fingerprint="synthetic-llava-7b", token_rule="synthetic", prototype_width=shape.vision)
+    writer = StatsWriter(
+        out / STATS_FILE,
+        dims={key: width for key, (_, width) in inputs.items()},
+        tokens={key: 100_000 for key in inputs},
+        modules={k: m for k, (m, _) in inputs.items()},
+        images=1000,
+        adapter_fingerprint=adapter_fingerprint(out),
+        base_fingerprint="synthetic-llava-7b",
+        token_rule="synthetic",
+        prototype_width=shape.vision,
+    )
     for key in writer.keys:
         writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
     writer.prototype(torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
@@ -124,8 +139,9 @@ def run_python(script: str, *arguments: object) -> tuple[str, int]:
         return out.read().decode().splitlines()[-1], usage.ru_maxrss * 1024
 
 
-def run_merge(adapters: list[Path], out: Path, resume: Path | None = None,
-              state_precision: str = "float64", device: str = "cpu") -> tuple[float, int]:
+def run_merge(
+    adapters: list[Path], out: Path, resume: Path | None = None, state_precision: str = "float64", device: str = "cpu"
+) -> tuple[float, int]:
     """Seconds of the merge itself (after the interpreter and libraries have loaded) and the
     peak RSS in bytes of the whole process."""
     seconds, peak = run_python(_MERGE_IN_CHILD, *adapters, out, resume or "", RIDGE, state_precision, device)
@@ -174,7 +190,7 @@ def merged_deltas(out: Path, layer: int) -> dict[str, torch.Tensor]:
     with safe_open(str(out / ADAPTER_WEIGHTS), "pt") as handle:
         for key in handle.keys():
             if f".layers.{layer}." in key and key.endswith("lora_A.weight"):
-                module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+                module = key[len(PEFT_PREFIX) : -len(".lora_A.weight")]
                 b = handle.get_tensor(key.replace("lora_A", "lora_B")).double()
                 deltas[module] = b @ handle.get_tensor(key).double()
     return deltas
@@ -185,8 +201,9 @@ def largest_difference(reference: dict[str, torch.Tensor], ours: dict[str, torch
     return max(float((ours[module] - expected).norm() / expected.norm()) for module, expected in reference.items())
 
 
-def largest_output_difference(reference: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
-                              adapters: list[Path], layer: int, shape: Shape) -> float:
+def largest_output_difference(
+    reference: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], adapters: list[Path], layer: int, shape: Shape
+) -> float:
     """The largest ‖(τ − τ_ref) H½‖ / ‖τ_ref H½‖ over the modules of `layer`: the difference in
     the layer's outputs over every task's calibration inputs (H = Σ C_i, from the stats files)."""
     worst = 0.0
@@ -196,8 +213,15 @@ def largest_output_difference(reference: dict[str, torch.Tensor], ours: dict[str
             gram = gram + read_stats_header(adapter / STATS_FILE).covariance(key)
         for module in modules:
             difference = ours[module] - reference[module]
-            worst = max(worst, float((((difference @ gram) * difference).sum() /
-                                      ((reference[module] @ gram) * reference[module]).sum()).sqrt()))
+            worst = max(
+                worst,
+                float(
+                    (
+                        ((difference @ gram) * difference).sum()
+                        / ((reference[module] @ gram) * reference[module]).sum()
+                    ).sqrt()
+                ),
+            )
         del gram
     return worst
 
@@ -243,19 +267,25 @@ class MergeBenchResult:
 
 
 def _size(path: Path) -> int:
-    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else path.stat().st_size
+    )
 
 
-def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdir: Path | None = None,
-                dense_layers: int = 1) -> MergeBenchResult:
+def bench_merge(
+    layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdir: Path | None = None, dense_layers: int = 1
+) -> MergeBenchResult:
     root = Path(tempfile.mkdtemp(prefix="many-bench-", dir=workdir))
     try:
         needed = (tasks + 1) * stats_bytes_per_layer(shape) * layers * 3  # stats, state, headroom
         free = shutil.disk_usage(root).free
         if needed > free:
             fitting = max(1, int(free / ((tasks + 1) * stats_bytes_per_layer(shape) * 3)))
-            raise InputError(root, f"needs about {needed / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB are free; "
-                                   f"try --layers {fitting} (times scale linearly with layers)")
+            raise InputError(
+                root,
+                f"needs about {needed / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB are free; "
+                f"try --layers {fitting} (times scale linearly with layers)",
+            )
         adapters = [write_task(root / "adapters" / f"task{i + 1}", layers, shape, seed=i) for i in range(tasks + 1)]
         first, extra = adapters[:tasks], adapters[tasks]
         merged = root / "merged"
@@ -265,24 +295,42 @@ def bench_merge(layers: int = 32, tasks: int = 6, shape: Shape = Shape(), workdi
         floor = cholesky_floor(layers, shape)
         float32_seconds, _ = run_merge(first, root / "merged32", state_precision="float32")
         run_merge([extra], root / "resumed32", resume=root / "merged32", state_precision="float32")
-        float32_state_error = largest_output_difference(merged_deltas(root / "resumed", 0),
-                                                        merged_deltas(root / "resumed32", 0), adapters, 0, shape)
+        float32_state_error = largest_output_difference(
+            merged_deltas(root / "resumed", 0), merged_deltas(root / "resumed32", 0), adapters, 0, shape
+        )
 
         dense_seconds, worst = 0.0, 0.0
         for layer in range(dense_layers):
             reference, seconds = dense_regmean_layer(first, layer, shape)
             dense_seconds += seconds
             worst = max(worst, largest_difference(reference, merged_deltas(merged, layer)))
-        dense_delta_bytes = 4 * layers * sum(output_width(m, shape) * width for modules, width in
-                                             inputs_of_layer(0, shape).values() for m in modules)
+        dense_delta_bytes = (
+            4
+            * layers
+            * sum(
+                output_width(m, shape) * width for modules, width in inputs_of_layer(0, shape).values() for m in modules
+            )
+        )
         return MergeBenchResult(
-            layers=layers, tasks=tasks, dense_layers=dense_layers, merge_seconds=merge_seconds, peak_rss=peak_rss,
+            layers=layers,
+            tasks=tasks,
+            dense_layers=dense_layers,
+            merge_seconds=merge_seconds,
+            peak_rss=peak_rss,
             bytes_read=sum(_size(a / STATS_FILE) + _size(a / ADAPTER_WEIGHTS) for a in first),
-            bytes_written=_size(merged), dense_seconds_per_layer=dense_seconds / dense_layers,
-            dense_error=worst, floor_seconds=floor, stats_bytes_per_layer=_size(first[0] / STATS_FILE) // layers,
-            state_bytes_per_layer=_size(merged / STATE_FILE) // layers, adapter_bytes=_size(merged / ADAPTER_WEIGHTS),
-            dense_delta_bytes=dense_delta_bytes, resume_seconds=resume_seconds, one_task_seconds=one_task_seconds,
+            bytes_written=_size(merged),
+            dense_seconds_per_layer=dense_seconds / dense_layers,
+            dense_error=worst,
+            floor_seconds=floor,
+            stats_bytes_per_layer=_size(first[0] / STATS_FILE) // layers,
+            state_bytes_per_layer=_size(merged / STATE_FILE) // layers,
+            adapter_bytes=_size(merged / ADAPTER_WEIGHTS),
+            dense_delta_bytes=dense_delta_bytes,
+            resume_seconds=resume_seconds,
+            one_task_seconds=one_task_seconds,
             float32_state_bytes_per_layer=_size(root / "merged32" / STATE_FILE) // layers,
-            float32_state_error=float32_state_error, float32_state_seconds=float32_seconds)
+            float32_state_error=float32_state_error,
+            float32_state_seconds=float32_seconds,
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)

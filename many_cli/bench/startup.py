@@ -20,13 +20,17 @@ QUICK_CASES = [
 ]
 CASES = [
     *QUICK_CASES,
-    *[(f"many {command} --help", [command, "--help"])
-      for command in ("stats", "infer", "export", "convert", "demo", "bench")],
+    *[
+        (f"many {command} --help", [command, "--help"])
+        for command in ("stats", "infer", "export", "convert", "demo", "bench")
+    ],
     ("many bench merge --help", ["bench", "merge", "--help"]),
     ("stats: a bad --dtype", ["stats", "--model", MISSING, "--adapter", MISSING, "--data", MISSING, "--dtype", "f8"]),
     ("stats: a missing adapter", ["stats", "--model", MISSING, "--adapter", MISSING, "--data", MISSING]),
-    ("infer: a bad --routing", ["infer", "--model", MISSING, "--merged", MISSING, "--data", MISSING,
-                                "--routing", "nope"]),
+    (
+        "infer: a bad --routing",
+        ["infer", "--model", MISSING, "--merged", MISSING, "--data", MISSING, "--routing", "nope"],
+    ),
     ("infer: a missing merge", ["infer", "--model", MISSING, "--merged", MISSING, "--data", MISSING]),
     ("export: a missing merge", ["export", "--model", MISSING, "--merged", MISSING, "--out", MISSING]),
     ("convert: a missing checkpoint", ["convert", MISSING, "--out", MISSING]),
@@ -55,8 +59,10 @@ def _timed(arguments: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 def imports_torch(importtime_report: str) -> bool:
     """Whether a `python -X importtime` report (its standard error) shows torch imported."""
-    return any(line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "torch"
-               for line in importtime_report.splitlines())
+    return any(
+        line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "torch"
+        for line in importtime_report.splitlines()
+    )
 
 
 def bench_startup(quick: bool = False) -> StartupResult:
@@ -72,4 +78,3 @@ def bench_startup(quick: bool = False) -> StartupResult:
         _, traced = _timed(["-X", "importtime", "-m", "many_cli", *arguments])
         cases.append(Case(name, seconds, done.returncode, imports_torch(traced.stderr)))
     return StartupResult(torch_seconds, cases)
-

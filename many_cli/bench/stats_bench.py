@@ -26,6 +26,7 @@ from many_cli.families import find_projector
 from many_cli.models import lora_layers, resolve_device, text_layers
 from many_cli.stats import InputCovariances, PrototypeSum, accumulate, forward
 
+
 @dataclass(frozen=True)
 class StatsBenchResult:
     device: str
@@ -47,27 +48,50 @@ class StatsBenchResult:
 
 
 def build_model(layers: int, hidden: int, intermediate: int, device: torch.device) -> nn.Module:
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-                              num_attention_heads=16, image_size=336, patch_size=14)
-    config = tiny_llava_config(hidden=hidden, layers=layers, intermediate=intermediate,
-                               heads=max(1, hidden // 128), kv_heads=max(1, hidden // 128), vision=vision)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    config = tiny_llava_config(
+        hidden=hidden,
+        layers=layers,
+        intermediate=intermediate,
+        heads=max(1, hidden // 128),
+        kv_heads=max(1, hidden // 128),
+        vision=vision,
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS,
-                      exclude_modules=r".*vision_tower.*", modules_to_save=["multi_modal_projector"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=LLAMA_PROJECTIONS,
+        exclude_modules=r".*vision_tower.*",
+        modules_to_save=["multi_modal_projector"],
+    )
     return get_peft_model(model, lora).to(device).eval()
 
 
 def make_batches(records: int, batch_size: int, seed: int = 0) -> list:
     processor = tiny_processor(image_size=336, patch_size=14)
     rng = np.random.default_rng(seed)
-    prompts = ["what colour is the shape in the picture ?", "how many dots are there ?",
-               "where is the star ?", "describe the image ."]
+    prompts = [
+        "what colour is the shape in the picture ?",
+        "how many dots are there ?",
+        "where is the star ?",
+        "describe the image .",
+    ]
     batches = []
     for start in range(0, records, batch_size):
         # The images are generated in memory; the paths only name them.
-        chunk = [Record(f"bench:{i}", (Path(f"bench{i}.png"),), prompts[i % len(prompts)], "red" if i % 2 else None)
-                 for i in range(start, min(start + batch_size, records))]
+        chunk = [
+            Record(f"bench:{i}", (Path(f"bench{i}.png"),), prompts[i % len(prompts)], "red" if i % 2 else None)
+            for i in range(start, min(start + batch_size, records))
+        ]
         images = [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8")) for _ in chunk]
         batches.append(encode_records(processor, chunk, images))
     return batches
@@ -130,7 +154,7 @@ def peak_matmul_flops(device: torch.device, size: int = 2048, repeats: int = 5) 
         a @ b
         _synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 / best
+    return 2.0 * size**3 / best
 
 
 def _synchronize(device: torch.device) -> None:
@@ -138,8 +162,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_stats(layers: int = 1, hidden: int = 4096, intermediate: int = 11008, records: int = 4,
-                batch_size: int = 2, device: str = "auto", repeats: int = 2) -> StatsBenchResult:
+def bench_stats(
+    layers: int = 1,
+    hidden: int = 4096,
+    intermediate: int = 11008,
+    records: int = 4,
+    batch_size: int = 2,
+    device: str = "auto",
+    repeats: int = 2,
+) -> StatsBenchResult:
     compute = resolve_device(device)
     model = build_model(layers, hidden, intermediate, compute)
     batches = make_batches(records, batch_size)
@@ -153,5 +184,6 @@ def bench_stats(layers: int = 1, hidden: int = 4096, intermediate: int = 11008, 
     flops = linear_flops(model, batches, compute)
     cov = covariance_flops(tokens, widths)
     peak = peak_matmul_flops(compute)
-    return StatsBenchResult(str(compute), tokens, forward_seconds, stats_seconds,
-                            (flops + cov) / peak, flops, cov, peak)
+    return StatsBenchResult(
+        str(compute), tokens, forward_seconds, stats_seconds, (flops + cov) / peak, flops, cov, peak
+    )

@@ -11,15 +11,25 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-WORDS = ("USER ASSISTANT : ? . , what is the a an of in on at to which how many colour color shape "
-         "kind where it this picture image there are dot dots count name answer word one two three "
-         "four five six seven eight nine zero red green blue yellow white black purple orange "
-         "circle square triangle cross star left right top bottom middle centre center up down "
-         "yes no small big describe grey say background").split()
+WORDS = (
+    "USER ASSISTANT : ? . , what is the a an of in on at to which how many colour color shape "
+    "kind where it this picture image there are dot dots count name answer word one two three "
+    "four five six seven eight nine zero red green blue yellow white black purple orange "
+    "circle square triangle cross star left right top bottom middle centre center up down "
+    "yes no small big describe grey say background"
+).split()
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
@@ -39,18 +49,24 @@ IMAGE_SIZE = 16
 PATCH_SIZE = 8
 
 
-def tiny_tokenizer(extra_special: dict[str, str] | None = None,
-                   chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    extra_special: dict[str, str] | None = None, chat_template: str | None = CHAT_TEMPLATE
+) -> PreTrainedTokenizerFast:
     """The word-level tokenizer of the tiny models; `extra_special` names a family's own special
     tokens (default: LLaVA's image token), added to the vocabulary after the usual ones."""
     extra_special = {"image_token": "<image>"} if extra_special is None else extra_special
     specials = SPECIAL + [token for token in extra_special.values() if token not in SPECIAL]
     vocab = {token: index for index, token in enumerate(specials + sorted(set(WORDS)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", extra_special_tokens=extra_special)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=extra_special,
+    )
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -67,47 +83,88 @@ def family_tokenizer(specials: dict[str, str], image_text: str, video_text: str 
     return tokenizer
 
 
-def qwen_vl_parts(video_processor_class, image_processor_class, patch_size: int = 8, min_pixels: int = 256,
-                  max_pixels: int = 1024):
+def qwen_vl_parts(
+    video_processor_class, image_processor_class, patch_size: int = 8, min_pixels: int = 256, max_pixels: int = 1024
+):
     """A Qwen-VL family's tokenizer, image and video processors (patches merged 2 × 2) and the
     config's special token ids."""
-    tokenizer = family_tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-                                 "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+    tokenizer = family_tokenizer(
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+    )
     pixels = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
     image_processor = image_processor_class(min_pixels=min_pixels, max_pixels=max_pixels, **pixels)
     video_processor = video_processor_class(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **pixels)
     ids = tokenizer.convert_tokens_to_ids
-    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    tokens = dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
     return tokenizer, image_processor, video_processor, tokens
 
 
 def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     # The PIL image processor: the default one wants torchvision, which this project does not need.
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(),
-                          patch_size=patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
-def tiny_llava_config(hidden: int = 32, layers: int = 2, intermediate: int | None = None,
-                      heads: int = 4, kv_heads: int = 2, vision: CLIPVisionConfig | None = None) -> LlavaConfig:
+def tiny_llava_config(
+    hidden: int = 32,
+    layers: int = 2,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision: CLIPVisionConfig | None = None,
+) -> LlavaConfig:
     """Defaults make a model of a few hundred kB; LLaVA-1.5-7B's language model is
     hidden=4096, intermediate=11008, heads=kv_heads=32 (at any depth)."""
     tokenizer = tiny_tokenizer()
-    vision = vision or CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=IMAGE_SIZE,
-                                        patch_size=PATCH_SIZE, projection_dim=16)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or hidden * 3 // 2,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       vocab_size=len(tokenizer), max_position_embeddings=4096,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    return LlavaConfig(vision_config=vision, text_config=text,
-                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                       projector_hidden_act="gelu", vision_feature_select_strategy="default")
+    vision = vision or CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+    )
 
 
 def build_tiny_llava(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:

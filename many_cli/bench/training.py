@@ -41,11 +41,19 @@ def world_processor():
 def world_model(seed: int) -> LlavaForConditionalGeneration:
     """Random weights; the vision tower stays as initialised (frozen random features, as a
     LLaVA's CLIP stays frozen), the language model's matrices drawn at INIT_STD."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(hidden=64, layers=2, intermediate=128, heads=4,
-                                                            kv_heads=2, vision=vision))
+    model = LlavaForConditionalGeneration(
+        tiny_llava_config(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vision=vision)
+    )
     language = [model.get_submodule("model.language_model"), model.lm_head]
     for parameter in (p for module in language for p in module.parameters() if p.dim() == 2):
         torch.nn.init.normal_(parameter, std=INIT_STD)
@@ -55,13 +63,19 @@ def world_model(seed: int) -> LlavaForConditionalGeneration:
 
 
 def adapter_config(rank: int) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS,
-                      exclude_modules=r".*vision_tower.*", modules_to_save=["multi_modal_projector"])
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=LLAMA_PROJECTIONS,
+        exclude_modules=r".*vision_tower.*",
+        modules_to_save=["multi_modal_projector"],
+    )
 
 
 @dataclass
 class Pool:
     """Encoded training examples, batches drawn by index."""
+
     encoded: dict
     labels: torch.Tensor
 
@@ -73,8 +87,10 @@ class Pool:
 def encode_pool(processor, examples: list[Example]) -> Pool:
     processor.tokenizer.padding_side = "right"
     # The images are in memory; a record's path only says that it has one.
-    records = [Record(f"train/{index}", (Path(f"{index}.png"),), example.prompt, example.answer)
-               for index, example in enumerate(examples)]
+    records = [
+        Record(f"train/{index}", (Path(f"{index}.png"),), example.prompt, example.answer)
+        for index, example in enumerate(examples)
+    ]
     encoded = dict(encode_records(processor, records, [example.image for example in examples], with_answers=True))
     ids, mask = encoded["input_ids"], encoded["attention_mask"].bool()
     # Learn what the assistant says: every position after the last "ASSISTANT :".
@@ -95,8 +111,15 @@ def generalist_pool(processor, seed: int) -> Pool:
     return encode_pool(processor, [generalist_example(rng) for _ in range(4 * POOL)])
 
 
-def train(model: torch.nn.Module, pool: Pool, steps: int, lr: float, batch_size: int, seed: int,
-          log: Callable[[int, float], None] | None = None) -> None:
+def train(
+    model: torch.nn.Module,
+    pool: Pool,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[int, float], None] | None = None,
+) -> None:
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / max(steps, 1))
@@ -119,20 +142,28 @@ def build_base(out: Path, pretrained: bool, seed: int, options: TrainOptions) ->
     processor = world_processor()
     model = world_model(seed)
     if pretrained:
-        train(model, generalist_pool(processor, seed), options.pretrain_steps, options.pretrain_lr,
-              options.batch_size, seed)
+        train(
+            model,
+            generalist_pool(processor, seed),
+            options.pretrain_steps,
+            options.pretrain_lr,
+            options.batch_size,
+            seed,
+        )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 
 
-def train_adapter(base: Path, task: WorldTask, out: Path, seed: int, options: TrainOptions,
-                  base_name: str | None = None) -> Path:
+def train_adapter(
+    base: Path, task: WorldTask, out: Path, seed: int, options: TrainOptions, base_name: str | None = None
+) -> Path:
     """A fresh LoRA (language model) + projector (modules_to_save) trained on one task from the base."""
     torch.manual_seed(seed)  # PEFT's initialisation of A
     model = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base), adapter_config(options.rank))
-    train(model, task_pool(world_processor(), task, seed), options.task_steps, options.task_lr,
-          options.batch_size, seed)
+    train(
+        model, task_pool(world_processor(), task, seed), options.task_steps, options.task_lr, options.batch_size, seed
+    )
     config = model.peft_config["default"]
     config.target_modules = sorted(config.target_modules)  # PEFT keeps a set: fix the order written
     if base_name is not None:  # what the adapter's config names as its base, when not where it was trained
@@ -141,17 +172,16 @@ def train_adapter(base: Path, task: WorldTask, out: Path, seed: int, options: Tr
     return out
 
 
-def train_sequentially(base: Path, tasks: tuple[WorldTask, ...], out: Path, seed: int,
-                       options: TrainOptions) -> list[Path]:
+def train_sequentially(
+    base: Path, tasks: tuple[WorldTask, ...], out: Path, seed: int, options: TrainOptions
+) -> list[Path]:
     """One adapter fine-tuned through every task in order; its state after each task."""
     torch.manual_seed(seed)
-    model: PeftModel = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base),
-                                      adapter_config(options.rank))
+    model: PeftModel = get_peft_model(LlavaForConditionalGeneration.from_pretrained(base), adapter_config(options.rank))
     processor = world_processor()
     saved = []
     for task in tasks:
-        train(model, task_pool(processor, task, seed), options.task_steps, options.task_lr,
-              options.batch_size, seed)
+        train(model, task_pool(processor, task, seed), options.task_steps, options.task_lr, options.batch_size, seed)
         model.save_pretrained(out / f"after_{task.name}")
         saved.append(out / f"after_{task.name}")
     return saved

@@ -18,8 +18,14 @@ from typing import Callable
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-           "purple": (150, 60, 200), "orange": (245, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
 BACKGROUNDS = {"grey": (128, 128, 128), "black": (0, 0, 0), "blue": (20, 30, 110), "white": (255, 255, 255)}
 SHAPES = ("circle", "square", "triangle", "cross")
 COUNTS = ("one", "two", "three", "four", "five")
@@ -87,8 +93,12 @@ def _draw_place(draw, rng, answer):
     size = rng.randint(6, 9)
     along = rng.randint(10, IMAGE_SIZE - 10 - size)
     edge = rng.randint(1, 4)
-    left, top = {"left": (edge, along), "right": (IMAGE_SIZE - edge - size, along),
-                 "top": (along, edge), "bottom": (along, IMAGE_SIZE - edge - size)}[answer]
+    left, top = {
+        "left": (edge, along),
+        "right": (IMAGE_SIZE - edge - size, along),
+        "top": (along, edge),
+        "bottom": (along, IMAGE_SIZE - edge - size),
+    }[answer]
     draw.rectangle((left, top, left + size, top + size), fill=(10, 10, 10))
 
 
@@ -129,6 +139,8 @@ def write_split(folder: Path, task: WorldTask, split: str, count: int, seed: int
         for index, example in enumerate(examples(task, split, count, seed)):
             image = f"{split}/{index:03d}.png"
             example.image.save(folder / image, optimize=True)
-            handle.write(json.dumps({"image": image, "prompt": example.prompt, "answer": example.answer,
-                                     "task": task.name}) + "\n")
+            handle.write(
+                json.dumps({"image": image, "prompt": example.prompt, "answer": example.answer, "task": task.name})
+                + "\n"
+            )
     return path
