@@ -3,6 +3,7 @@ to another with their shapes (no pickling: ranks exchange only tensors)."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -68,3 +69,31 @@ def receive_tensors(source: int) -> list[torch.Tensor]:
         torch.distributed.recv(tensor, source)
         received.append(tensor.cpu())
     return received
+
+
+def all_gather_json(value: object) -> list:
+    """Every rank's `value` (anything JSON writes), in rank order, exchanged as UTF-8 bytes in a
+    tensor: what ranks tell each other is data, never a pickle."""
+    device = _wire_device()
+    data = torch.tensor(list(json.dumps(value, sort_keys=False).encode()), dtype=torch.uint8, device=device)
+    return [json.loads(bytes(part.tolist()).decode()) for part in _all_gather_variable(data)]
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's float32 rows (each rank's count may differ, zero included), concatenated in
+    rank order on the CPU."""
+    return torch.cat([part.cpu() for part in _all_gather_variable(rows.to(_wire_device(), torch.float32))])
+
+
+def _all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Each rank's `tensor`, whose first dimension may differ between ranks (the rest may not)."""
+    world = torch.distributed.get_world_size()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = max(int(each) for each in sizes)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return [part[: int(each)] for part, each in zip(gathered, sizes)]

@@ -25,7 +25,7 @@ from many_cli.adapters import (
 )
 from many_cli.cpm import pooled_direction
 from many_cli.data import BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
-from many_cli.distributed import init_distributed, rank_device
+from many_cli.distributed import all_gather_json, all_gather_rows, init_distributed, rank_device
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
@@ -108,9 +108,10 @@ def _collect(
     if note:
         report.notes.append(note)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
-    prototype = PrototypeSum(find_projector(model))
-    ImageTracker(model, prototype)
-    tracker = progress(_shard_size(data, options.max_samples, rank, world))
+    exemplars = Exemplars(find_projector(model))
+    ImageTracker(model, exemplars)
+    start, stop = _shard(data, options, rank, world)
+    tracker = progress(stop - start if stop is not None else None)
 
     def done(records: int, tokens: int) -> None:
         report.records += records
@@ -118,12 +119,12 @@ def _collect(
         tracker.advance(records, tokens)
 
     try:
-        shard = islice(islice(records, options.max_samples), rank, None, world)
+        shard = islice(islice(records, options.max_samples), start, stop)
         accumulate(model, encoded_batches(processor, shard, options, report), covariances, device, done)
     finally:
         covariances.remove_hooks()
-        prototype.remove_hook()
-    totals = _totals(covariances, prototype, world, report, device)
+        exemplars.remove_hook()
+    totals = _totals(covariances, exemplars, world, report, device)
     media_expected = find_projector(model) is not None and not options.text_only
     _check_totals(totals, report, data, adapter, media_expected, remedy=_overflow_remedy(model, options))
     if rank == 0:
@@ -157,10 +158,12 @@ class _Totals:
 
     sums: dict[str, torch.Tensor]  # input -> packed Σ x xᵀ
     rows: dict[str, int]  # input -> rows counted
-    members: dict[str, list[str]]  # input -> the modules that read it
-    prototype_sum: torch.Tensor | None
-    images: int
-    exemplars: torch.Tensor | None  # (images, width): each image's pooled direction
+    members: dict[str, list[str]]  # input -> the modules that read it, in the order the forward met them
+    exemplars: torch.Tensor | None  # (images, width): each image's pooled direction, in record order
+
+    @property
+    def images(self) -> int:
+        return 0 if self.exemplars is None else self.exemplars.shape[0]
 
 
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
@@ -183,12 +186,20 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     return model, processor, layers, renames
 
 
-def _shard_size(data: Path, max_samples: int | None, rank: int, world: int) -> int | None:
-    """How many records this rank will read, when that is cheap to know (for the progress bar)."""
+def _shard(data: Path, options: StatsOptions, rank: int, world: int) -> tuple[int, int | None]:
+    """Records [start, stop) of this rank: consecutive whole batches, so that the ranks' exemplars,
+    gathered in rank order, are in record order and every batch holds the records one process's
+    would. One process reads them all (stop None: however many there are)."""
+    if world == 1:
+        return 0, None
     total = count_records(data)
-    if total is not None and max_samples is not None:
-        total = min(total, max_samples)
-    return None if total is None else (total + world - 1 - rank) // world
+    if total is None:  # a format that cannot be counted without reading it: read it once
+        total = sum(1 for _ in read_records(data, options.reading))
+    if options.max_samples is not None:
+        total = min(total, options.max_samples)
+    batches = -(-total // options.batch_size)
+    chunk = -(-batches // world) * options.batch_size
+    return min(rank * chunk, total), min((rank + 1) * chunk, total)
 
 
 def encoded_batches(
@@ -218,16 +229,13 @@ def deciding_weights(mask: torch.Tensor, answer_tokens: list[int], weight: float
 
 
 def _totals(
-    covariances: "InputCovariances", prototype: "PrototypeSum", world: int, report: StatsReport, device: torch.device
+    covariances: "InputCovariances", exemplars: "Exemplars", world: int, report: StatsReport, device: torch.device
 ) -> _Totals:
-    prototype_sum, images, exemplars = prototype.result()
     totals = _Totals(
         {key: triangle.packed() for key, triangle in covariances.sums.items()},
         {key: triangle.rows_added for key, triangle in covariances.sums.items()},
         covariances.members,
-        prototype_sum,
-        images,
-        exemplars,
+        exemplars.result(),
     )
     return _all_reduce(totals, report, device) if world > 1 else totals
 
@@ -283,7 +291,7 @@ def _write(
         covariances={name: totals.sums[key].cpu() for name, key in named.items()},
         tokens={name: totals.rows[key] for name, key in named.items()},
         modules={name: totals.members[key] for name, key in named.items()},
-        prototype=(totals.prototype_sum / totals.images).cpu() if totals.images else None,
+        prototype=totals.exemplars.sum(dim=0) / totals.images if totals.images else None,
         exemplars=totals.exemplars,
         images=totals.images,
         adapter_fingerprint=adapter_fingerprint,
@@ -467,25 +475,20 @@ class InputCovariances:
         self._hooks.clear()
 
 
-class PrototypeSum:
-    """Keeps the L2-normalised, mean-pooled projector input of every image (the exemplars that
-    `infer --routing nearest` routes by) and their sum (the CPM prototype, once divided)."""
+class Exemplars:
+    """Keeps the L2-normalised, mean-pooled projector input of every image, in order: the exemplars
+    that `infer --routing nearest` routes by, whose mean is the CPM prototype."""
 
     def __init__(self, projector: nn.Module | None):
-        self.total: torch.Tensor | None = None
-        self.count = 0
         self.directions: list[torch.Tensor] = []
         self.image_shares: list[int] | None = None  # set before each forward (families.ImageTracker)
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:
-        normalised = pooled_direction(args[0], self.image_shares)
-        self.total = normalised.sum(dim=0) if self.total is None else self.total + normalised.sum(dim=0)
-        self.count += normalised.shape[0]
-        self.directions.append(normalised.cpu())
+        self.directions.append(pooled_direction(args[0], self.image_shares).float().cpu())
 
-    def result(self) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
-        return self.total, self.count, torch.cat(self.directions) if self.directions else None
+    def result(self) -> torch.Tensor | None:
+        return torch.cat(self.directions) if self.directions else None
 
     def remove_hook(self) -> None:
         if self._hook is not None:
@@ -493,41 +496,37 @@ class PrototypeSum:
 
 
 def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _Totals:
-    """Sum every rank's statistics. Ranks agree on the grouping of layers by input (it is
-    structural); a rank whose shard was empty adopts it from the others."""
-    dist = torch.distributed
-    layouts = [None] * dist.get_world_size()
+    """Every rank's statistics summed, as one process would have them: inputs in the order the
+    first rank's forward met them, exemplars in record order (the ranks hold consecutive shards).
+    Ranks agree on the grouping of layers by input (it is structural); a rank whose shard was
+    empty adopts it from the others. Ranks exchange tensors only (their layout as JSON bytes)."""
     lengths = {key: packed.numel() for key, packed in totals.sums.items()}
-    prototype_width = None if totals.prototype_sum is None else totals.prototype_sum.numel()
-    dist.all_gather_object(layouts, (totals.members, lengths, prototype_width) if totals.members else None)
+    width = None if totals.exemplars is None else totals.exemplars.shape[1]
+    layouts = all_gather_json(
+        {"members": totals.members, "lengths": lengths, "width": width} if totals.members else None
+    )
     known = [layout for layout in layouts if layout is not None]
     if not known:
         return totals
-    members, lengths, prototype_width = known[0]
-    if any(layout[0] != members for layout in known):
+    members, lengths = known[0]["members"], known[0]["lengths"]
+    if any(layout["members"] != members for layout in known):
         raise RuntimeError("ranks disagree on which layers share an input")
     sums, rows = {}, {}
-    for key in sorted(members):
+    for key in members:
         packed = totals.sums.get(key)
         if packed is None:
             packed = torch.zeros(lengths[key], dtype=torch.float32, device=device)
-        dist.all_reduce(packed)
+        torch.distributed.all_reduce(packed)
         sums[key] = packed
         count = torch.tensor([totals.rows.get(key, 0)], dtype=torch.float64, device=device)
-        dist.all_reduce(count)
+        torch.distributed.all_reduce(count)
         rows[key] = int(count.item())
-    counts = torch.tensor(
-        [report.records, report.skipped, report.tokens, totals.images], dtype=torch.float64, device=device
-    )
-    dist.all_reduce(counts)
-    report.records, report.skipped, report.tokens, images = (int(value) for value in counts.tolist())
-    prototype_sum = totals.prototype_sum
-    if prototype_width:
-        if prototype_sum is None:
-            prototype_sum = torch.zeros(prototype_width, device=device)
-        dist.all_reduce(prototype_sum)
-    # Each rank's exemplars, rank by rank (own ranks' objects; nothing from outside is unpickled).
-    exemplars = [None] * dist.get_world_size()
-    dist.all_gather_object(exemplars, totals.exemplars)
-    exemplars = [part for part in exemplars if part is not None]
-    return _Totals(sums, rows, members, prototype_sum, images, torch.cat(exemplars) if exemplars else None)
+    counts = torch.tensor([report.records, report.skipped, report.tokens], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(counts)
+    report.records, report.skipped, report.tokens = (int(value) for value in counts.tolist())
+    width = next((layout["width"] for layout in known if layout["width"] is not None), None)
+    exemplars = None
+    if width is not None:
+        mine = totals.exemplars if totals.exemplars is not None else torch.zeros(0, width)
+        exemplars = all_gather_rows(mine)
+    return _Totals(sums, rows, members, exemplars)

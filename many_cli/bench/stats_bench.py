@@ -24,7 +24,7 @@ from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_proce
 from many_cli.data import Record, encode_records
 from many_cli.families import find_projector
 from many_cli.models import lora_layers, resolve_device, text_layers
-from many_cli.stats import InputCovariances, PrototypeSum, accumulate, forward
+from many_cli.stats import Exemplars, InputCovariances, accumulate, forward
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def run_stats(model, batches, device) -> tuple[float, list[int]]:
     start = time.perf_counter()
     layers = lora_layers(model)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
-    prototype = PrototypeSum(find_projector(model))
+    prototype = Exemplars(find_projector(model))
     accumulate(model, ((batch, None) for batch in batches), covariances, device)  # the loop `many stats` runs
     for triangle in covariances.sums.values():
         triangle.packed()
