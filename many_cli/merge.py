@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 import shutil
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -557,21 +557,36 @@ def _merge_lpm(
     )
     device = rank_device(options.device, world)
     singular, underdetermined = [], []
+    background_writes = writer is not None and world == 1
+
+    def prepare(group: Group) -> Gathered:
+        gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
+        if background_writes:  # the state in the order declared: each group's H, then its factors
+            writer.gram(group.key, gram)
+            for part in contributions:
+                writer.factors(part.index, part.module, part.ac, part.ad, part.b)
+        return Gathered(gram, contributions, kept=background_writes)
+
+    mine = _one_ahead([group for number, group in enumerate(groups) if number % world == rank], prepare)
     for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
         owner = number % world
         if owner == rank:
-            keep = partial(writer.gram, group.key) if writer else None
-            solved = _solve_group(group, tasks, previous, offset, options, device, keep)
+            gathered = next(mine)
+            if writer and not gathered.kept:
+                writer.gram(group.key, gathered.gram)
+            solved = _solve_group(group, gathered, tasks, previous, offset, options, device, pack=rank != 0)
             if rank:
                 _send_group(solved)
                 continue
         elif rank == 0:
+            gathered = None
             solved = _receive_group(owner, group, _contribution_keys(group, all_tasks), options.rank)
             writer.gram(group.key, solved.gram)
         else:
             continue
-        for part in solved.contributions:
-            writer.factors(part.index, part.module, part.ac, part.ad, part.b)
+        if not (gathered and gathered.kept):
+            for part in solved.contributions:
+                writer.factors(part.index, part.module, part.ac, part.ad, part.b)
         for module, a, b in solved.merged:
             emit(module, a, b)
         report.energy.update(solved.energy)
@@ -607,23 +622,44 @@ class SolvedGroup:
     gram: torch.Tensor | None = None
 
 
+@dataclass
+class Gathered:
+    """One group's weighted Gram matrix H (float64, upper triangle filled) and every task's share;
+    `kept` once both are in the merge state."""
+
+    gram: torch.Tensor
+    contributions: list[Contribution]
+    kept: bool
+
+
+def _one_ahead(groups: list[Group], prepare: Callable[[Group], Gathered]) -> Iterator[Gathered]:
+    """prepare(group) for each group in order, the next one prepared in a background thread while
+    the caller solves this one: reading, summing and writing run beside the factorization."""
+    if not groups:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="many-gather") as pool:
+        pending = pool.submit(prepare, groups[0])
+        for following in [*groups[1:], None]:
+            ready = pending.result()
+            if following is not None:
+                pending = pool.submit(prepare, following)
+            yield ready
+
+
 def _solve_group(
     group: Group,
+    gathered: Gathered,
     tasks: list[Task],
     previous: Previous | None,
     offset: int,
     options: MergeOptions,
     device: torch.device,
-    keep_gram: Callable[[torch.Tensor], None] | None,
+    pack: bool,
 ) -> SolvedGroup:
-    """Gather, solve and factor one group; its Gram matrix goes to `keep_gram` before the
-    factorization overwrites it (without one, it is kept packed in the result)."""
-    gram, contributions = _gather_group(group, tasks, previous, offset, options.balance, device)
-    packed = None
-    if keep_gram:
-        keep_gram(gram)
-    else:
-        packed = pack_symmetric(gram)  # its upper triangle
+    """Solve and factor one gathered group (its Gram matrix is factored in place); with `pack`,
+    the result keeps H's upper triangle for rank 0 to write."""
+    gram, contributions = gathered.gram, gathered.contributions
+    packed = pack_symmetric(gram) if pack else None
     rhs = torch.cat([part.rhs(options.alpha) for part in contributions]).to(device)
     solution = lpm.cholesky_solve_right_(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
     singular = solution is None
@@ -632,7 +668,7 @@ def _solve_group(
         # value, so that NaN or Inf in a file is reported as such and not as a singular H.
         gram, _ = _gather_group(group, tasks, previous, offset, options.balance, device, factors=False)
         solution = lpm.min_norm_solve_right(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
-    del gram
+    del gram, gathered.gram
     merged, energy = [], {}
     _emit_group(group, contributions, solution, options, lambda *factors: merged.append(factors), energy)
     return SolvedGroup(contributions, merged, energy, singular, packed)
