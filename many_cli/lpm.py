@@ -99,27 +99,27 @@ def stack_factors(
     return a, b
 
 
-def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best rank-`rank` approximation of B A (B: d_out × k, A: k × m, k > rank;
-    Eckart–Young) as factors (B_r, A_r), from QR factorizations and the SVD of a k × k core
+def truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation of B A (A: k × m, B: d_out × k, k > rank;
+    Eckart–Young) as factors (A_r, B_r), from QR factorizations and the SVD of a k × k core
     (B A = Q_B (R_B R_Aᵀ) Q_Aᵀ): never a d_out × m matrix. Also ‖B_r A_r‖², the energy kept."""
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
     u, singular, vh = torch.linalg.svd(r_b @ r_a.T)
-    return (q_b @ (u[:, :rank] * singular[:rank]), vh[:rank] @ q_a.T, float(singular[:rank].square().sum()))
+    return vh[:rank] @ q_a.T, q_b @ (u[:, :rank] * singular[:rank]), float(singular[:rank].square().sum())
 
 
-def squared_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+def squared_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖B A‖² (Frobenius) = Σ (BᵀB) ∘ (A Aᵀ), from k × k products."""
     return float(((b.T @ b) * (a @ a.T)).sum())
 
 
-def pad_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B and A with zero columns and rows appended up to `rank` (the product unchanged)."""
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B with zero rows and columns appended up to `rank` (the product B A unchanged)."""
     missing = rank - b.shape[1]
     return (
-        torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1),
         torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0),
+        torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1),
     )
 
 

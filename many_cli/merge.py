@@ -750,15 +750,13 @@ def _fit_rank(
     else the best approximation of B A W (`weighted` = A W; plain Frobenius without W), mapped
     back by `unweigh`. Records the energy kept and the whole (in the weighted space)."""
     weighted = a if weighted is None else weighted
-    whole = lpm.squared_norm(b, weighted)
+    whole = lpm.squared_norm(weighted, b)
     if b.shape[1] <= rank:
         energy[module] = (whole, whole)
-        b, a = lpm.pad_rank(b, a, rank)
-        return a, b
-    b, kept_rows, kept = lpm.truncate(b, weighted, rank)
+        return lpm.pad_rank(a, b, rank)
+    kept_rows, b, kept = lpm.truncate(weighted, b, rank)
     energy[module] = (kept, whole)
-    b, a = lpm.pad_rank(b, unweigh(kept_rows), rank)  # a layer narrower than `rank` has fewer directions
-    return a, b
+    return lpm.pad_rank(unweigh(kept_rows), b, rank)  # a layer narrower than `rank` has fewer directions
 
 
 def _report_energy(report: MergeReport, rank: int | None) -> None:

@@ -88,12 +88,12 @@ def test_truncate_is_the_svd_of_the_product_and_reports_its_energy():
         torch.randn(6, 40, dtype=torch.float64, generator=generator),
     )
     u, s, vh = torch.linalg.svd(b @ a)
-    b_r, a_r, kept = lpm.truncate(b, a, 2)
+    a_r, b_r, kept = lpm.truncate(a, b, 2)
     assert b_r.shape == (30, 2) and a_r.shape == (2, 40)
     np.testing.assert_allclose((b_r @ a_r).numpy(), ((u[:, :2] * s[:2]) @ vh[:2]).numpy(), atol=1e-10)
     assert kept == pytest.approx(float(s[:2].square().sum()))
-    assert lpm.squared_norm(b, a) == pytest.approx(float((b @ a).square().sum()))
-    padded_b, padded_a = lpm.pad_rank(b, a, 9)
+    assert lpm.squared_norm(a, b) == pytest.approx(float((b @ a).square().sum()))
+    padded_a, padded_b = lpm.pad_rank(a, b, 9)
     assert padded_b.shape == (30, 9) and torch.equal(padded_b @ padded_a, b @ a)
 
 

@@ -148,22 +148,40 @@ def run_merge(
     return float(seconds), peak
 
 
-def dense_regmean_layer(adapters: list[Path], layer: int, shape: Shape) -> tuple[dict[str, torch.Tensor], float]:
+def run_timed(command: list[str]) -> float:
+    """Wall seconds of a command run as a process (after a first run warms the page cache)."""
+    subprocess.run(command, check=True, capture_output=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def run_merge_process(adapters: list[Path], out: Path) -> float:
+    """Wall seconds of `many merge ADAPTERS --out OUT`, the process a user runs."""
+    command = [sys.executable, "-m", "many_cli", "merge", *map(str, adapters), "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def dense_regmean_layer(
+    adapters: list[Path], layer: int, shape: Shape, dtype: torch.dtype = torch.float64
+) -> tuple[dict[str, torch.Tensor], float]:
     """RegMean as existing tools compute it: materialise each τ_i = s B_i A_i (d_out × d_in),
-    Σ τ_i C_i, and solve against d_out right-hand sides (float64). Returns τ* per module, seconds."""
+    Σ τ_i C_i, and solve against d_out right-hand sides (in `dtype`). Returns τ* per module, seconds."""
     start = time.perf_counter()
     merged = {}
     scale = 2.0  # lora_alpha / r
     for key, (modules, width) in inputs_of_layer(layer, shape).items():
-        gram = torch.zeros(width, width, dtype=torch.float64)
+        gram = torch.zeros(width, width, dtype=dtype)
         numerators = {module: 0 for module in modules}
         for adapter in adapters:
-            covariance = read_stats_header(adapter / STATS_FILE).covariance(key)
+            covariance = read_stats_header(adapter / STATS_FILE).covariance(key).to(dtype)
             gram += covariance
             with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as weights:
                 for module in modules:
-                    a = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").double()
-                    b = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").double()
+                    a = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dtype)
+                    b = weights.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dtype)
                     numerators[module] = numerators[module] + (scale * b @ a) @ covariance
             del covariance
         gram.diagonal().add_(RIDGE * gram.diagonal().mean())
@@ -247,10 +265,23 @@ class MergeBenchResult:
     float32_state_bytes_per_layer: int
     float32_state_error: float
     float32_state_seconds: float
+    process_seconds: float  # `many merge` as a process: start-up, reading, merging, writing
+    startup_seconds: float  # what that process spends importing before it reads anything
+    dense32_seconds_per_layer: float
 
     @property
     def speedup_over_dense(self) -> float:
         return self.dense_seconds_per_layer * self.layers / self.merge_seconds
+
+    @property
+    def process_speedup_over_dense32(self) -> float:
+        """The whole `many merge` process against dense float32 RegMean of the same layers."""
+        return self.dense32_seconds_per_layer * self.layers / self.process_seconds
+
+    @property
+    def process_ratio_to_floor(self) -> float:
+        """The whole process against one factorization per input plus the start-up."""
+        return self.process_seconds / (self.floor_seconds + self.startup_seconds)
 
     @property
     def ratio_to_floor(self) -> float:
@@ -290,6 +321,8 @@ def bench_merge(
         first, extra = adapters[:tasks], adapters[tasks]
         merged = root / "merged"
         merge_seconds, peak_rss = run_merge(first, merged)
+        process_seconds = run_merge_process(first, root / "process")
+        startup_seconds = run_timed([sys.executable, "-c", "import many_cli.merge"])
         resume_seconds, _ = run_merge([extra], root / "resumed", resume=merged)
         one_task_seconds, _ = run_merge([extra], root / "one")
         floor = cholesky_floor(layers, shape)
@@ -299,11 +332,13 @@ def bench_merge(
             merged_deltas(root / "resumed", 0), merged_deltas(root / "resumed32", 0), adapters, 0, shape
         )
 
-        dense_seconds, worst = 0.0, 0.0
+        dense_seconds, dense32_seconds, worst = 0.0, 0.0, 0.0
         for layer in range(dense_layers):
             reference, seconds = dense_regmean_layer(first, layer, shape)
             dense_seconds += seconds
             worst = max(worst, largest_difference(reference, merged_deltas(merged, layer)))
+            del reference
+            dense32_seconds += dense_regmean_layer(first, layer, shape, torch.float32)[1]
         dense_delta_bytes = (
             4
             * layers
@@ -331,6 +366,9 @@ def bench_merge(
             float32_state_bytes_per_layer=_size(root / "merged32" / STATE_FILE) // layers,
             float32_state_error=float32_state_error,
             float32_state_seconds=float32_seconds,
+            process_seconds=process_seconds,
+            startup_seconds=startup_seconds,
+            dense32_seconds_per_layer=dense32_seconds / dense_layers,
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
