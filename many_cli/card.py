@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 from huggingface_hub import ModelCardData
 
 if TYPE_CHECKING:
-    from many_cli.merge import MergeOptions, MergeReport
+    from many_cli.merge.methods import Method
+    from many_cli.merge.report import MergeReport
+    from many_cli.options import MergeOptions
 
 
 def model_card(
@@ -18,25 +20,26 @@ def model_card(
     previous: list[tuple[str, str]],
     resume: Path | None,
     options: "MergeOptions",
+    method: "Method",
     base_model: str | None,
     base_fingerprint: str,
     report: "MergeReport",
 ) -> str:
     rows = _task_rows(tasks, previous, resume)
-    settings = _settings(options)
+    settings = _settings(options, method)
     notes = [f"- {line}" for line in report.warnings + report.notes]
     base = base_model or "BASE"
     # The card's whole text as one template, top to bottom, so it reads as the card itself does.
     return "\n".join(
         [
             "---",
-            _front_matter(tasks, previous, options, base_model, base_fingerprint, report).strip(),
+            _front_matter(tasks, previous, options, method, base_model, base_fingerprint, report).strip(),
             "---",
             "",
             "# Merged adapter made by `many merge`",
             "",
             f"{len(rows)} tasks merged into one LoRA adapter ({report.modules} modules) with "
-            f"MAny's {'least-squares (LPM)' if options.method == 'many' else options.method} merge.",
+            f"MAny's {method.title} merge.",
             f"Base model: `{base_model or 'unknown'}` (config fingerprint `{base_fingerprint or 'unknown'}`).",
             "",
             "| order | task | adapter fingerprint | from |",
@@ -56,7 +59,7 @@ def model_card(
             "directions, default η.",
             *(
                 ["- `many_state.safetensors`: sufficient statistics; `many merge NEW --resume THIS` adds tasks."]
-                if options.method == "many"
+                if method.resumable
                 else []
             ),
             *(
@@ -90,9 +93,10 @@ def _task_rows(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], re
     ]
 
 
-def _settings(options: "MergeOptions") -> list[str]:
+def _settings(options: "MergeOptions", method: "Method") -> list[str]:
     settings = [f"- method: `{options.method}`", f"- scale λ: {options.scale:g}"]
-    if options.method == "many":
+    own = method.settings(options)
+    if "ridge" in own:
         weighting = (
             "balanced (each task divided by its token count)"
             if options.balance
@@ -105,13 +109,13 @@ def _settings(options: "MergeOptions") -> list[str]:
         if options.alpha != 1:
             settings.append(f"- off-diagonal reduction α: {options.alpha:g} (RegMean: α C + (1 − α) diag C)")
         settings.append(f"- merge state stored in {options.state_precision}")
-    if options.method == "ties":
+    if "density" in own:
         settings.append(f"- TIES density: {options.density:g}")
     settings.append(f"- default routing temperature η: {options.eta:g}")
     if options.rank is not None:
         settings.append(
             f"- rank budget: --rank {options.rank} (one uniform r; the best rank-{options.rank} fit "
-            f"in each layer's output space{'' if options.method == 'many' else ', plain Frobenius'})"
+            f"in {method.rank_fit})"
         )
     return settings
 
@@ -120,6 +124,7 @@ def _front_matter(
     tasks: list[tuple[str, str]],
     previous: list[tuple[str, str]],
     options: "MergeOptions",
+    method: "Method",
     base_model: str | None,
     base_fingerprint: str,
     report: "MergeReport",
@@ -135,12 +140,7 @@ def _front_matter(
         "base_model": base_model,
         "base_fingerprint": base_fingerprint or None,
     }
-    if options.method == "many":
-        merge.update(
-            ridge=options.ridge, balance=options.balance, alpha=options.alpha, state_precision=options.state_precision
-        )
-    if options.method == "ties":
-        merge["density"] = options.density
+    merge.update(method.settings(options))
     if options.rank is not None:
         merge.update(rank=options.rank, energy_kept=round(report.energy_kept(), 6))
     return ModelCardData(

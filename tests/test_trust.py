@@ -19,9 +19,9 @@ from conftest import many_as_ordinary_user, run_cli
 from PIL import Image
 
 from many_cli import files
-from many_cli import merge as merge_module
 from many_cli.data import load_image
 from many_cli.errors import InputError, Terminated
+from many_cli.merge import outputs as merge_outputs
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -116,7 +116,7 @@ def test_an_interrupted_merge_keeps_the_old_output_and_leaves_nothing(
     def interrupted(*args, **kwargs):
         raise signal_exception()
 
-    monkeypatch.setattr(merge_module, "_write_bundle", interrupted)  # late: the staging copy is nearly whole
+    monkeypatch.setattr(merge_outputs, "write_bundle", interrupted)  # late: the staging copy is nearly whole
     status, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
     assert (status, err) == (code, f"many: error: {line}\n")
     assert digest(out) == before and hidden(tmp_path) == []

@@ -1,0 +1,71 @@
+"""`many merge`: read and check the inputs, merge with the chosen method, write the output
+directory all or nothing.
+
+The package, one job per module:
+- `inputs`: the new tasks and the resumed merge, read and checked once (`MergeInputs`);
+- `methods`: the table of merge methods;
+- `solve`: LPM, one input group at a time, and how torchrun ranks share the groups;
+- `baselines`: average, task arithmetic and TIES;
+- `budget`: the merged adapter's ranks and the `--rank` fit;
+- `outputs`: the bundle, the experts and the model card;
+- `report`: what the merge tells its user.
+
+Memory stays flat in the depth of the model: for one group of modules that read the same
+input, each task's covariance streams from its file a block of rows at a time into one Gram
+matrix, which is factored in place; the state and the merged adapter stream to disk as each
+group is solved.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+from many_cli.distributed import init_distributed
+from many_cli.files import atomic_output_dir
+from many_cli.merge import outputs
+from many_cli.merge.budget import Track
+from many_cli.merge.inputs import RESERVED_NAMES, modules_pattern, read_inputs
+from many_cli.merge.methods import METHOD_TABLE
+from many_cli.merge.report import MergeReport
+from many_cli.options import DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions
+from many_cli.state import BUNDLE_FILE, EXPERTS_DIR
+
+__all__ = [
+    "merge",
+    "MergeOptions",
+    "MergeReport",
+    "METHODS",
+    "DEFAULT_ETA",
+    "DEFAULT_RIDGE",
+    "RESERVED_NAMES",
+    "modules_pattern",
+]
+
+
+def merge(
+    adapter_paths: list[Path],
+    out: Path,
+    options: MergeOptions = MergeOptions(),
+    resume: Path | None = None,
+    track: Track = lambda items, _: items,
+) -> MergeReport:
+    """Merge the adapters (in task order) into `out`, after the merge at `resume` if given."""
+    options.check()
+    method = METHOD_TABLE[options.method]
+    report = MergeReport(out, [], 0)
+    with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
+        inputs = read_inputs(adapter_paths, out, options, resume, method, report, converted)
+        report.rank, world = init_distributed(inputs.options.device)
+        if report.rank != 0:  # another torchrun rank: it does its share, rank 0 writes
+            if method.distributed:
+                method.run(inputs, None, report, track, world)
+            return report
+        with atomic_output_dir(out, inputs.options.force) as staging:
+            method.run(inputs, staging, report, track, world)
+            report.note_energy(inputs.options.rank)
+            outputs.write_bundle(inputs, staging / BUNDLE_FILE)
+            if inputs.options.experts:
+                outputs.write_experts(inputs, staging / EXPERTS_DIR, report)
+            outputs.write_card(inputs, method, staging / "README.md", report)
+    return report

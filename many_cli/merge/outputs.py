@@ -1,0 +1,78 @@
+"""What a merge writes beside the merged adapter: the bundle (every task's projector, prototype
+and calibration-image directions), each task's own LoRA under experts/, and the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from many_cli.adapters import MergedAdapterWriter, MergedModule, read_adapter
+from many_cli.card import model_card
+from many_cli.errors import InputError
+from many_cli.merge.inputs import MergeInputs
+from many_cli.merge.methods import Method
+from many_cli.merge.report import MergeReport
+from many_cli.state import StateHeader
+from many_cli.state import write_bundle as write_bundle_file
+
+
+def write_bundle(inputs: MergeInputs, path: Path) -> None:
+    """Task names, per-task projectors, prototypes and exemplars, and the default η."""
+    tasks, projector_module = inputs.bundle_tasks()
+    write_bundle_file(path, tasks, projector_module, inputs.options.eta)
+
+
+def write_experts(inputs: MergeInputs, folder: Path, report: MergeReport) -> None:
+    """Each task's own LoRA as a PEFT adapter of scale 1 (B scaled by s_i), so that inference can
+    route the language model too; earlier tasks' are carried over from the resumed output."""
+    missing = inputs.copy_earlier_experts(folder, check_expert)
+    if missing:
+        report.notes.append(
+            f"the resumed merge kept no experts for {', '.join(missing)} "
+            f"(made with --no-experts); --lm-routing experts will not offer them"
+        )
+    for task in inputs.tasks:
+        modules = [MergedModule(m.name, m.rank, m.d_in, m.d_out) for m in task.adapter.modules.values()]
+        writer = MergedAdapterWriter(folder / task.adapter.name, modules, inputs.base_model)
+        for module in task.adapter.modules.values():
+            a, b = task.adapter.lora_factors(module.name)
+            writer.write(module.name, a, b.to(torch.float64) * module.scale)
+        writer.close()
+
+
+def write_card(inputs: MergeInputs, method: Method, path: Path, report: MergeReport) -> None:
+    new, earlier = inputs.card_tasks()
+    path.write_text(
+        model_card(
+            tasks=new,
+            previous=earlier,
+            resume=inputs.resume,
+            options=inputs.options,
+            method=method,
+            base_model=inputs.base_model,
+            base_fingerprint=inputs.base_fingerprint,
+            report=report,
+        )
+    )
+
+
+def check_expert(expert: Path, state: StateHeader, index: int) -> None:
+    """A resumed expert is copied only once it is that task's LoRA in the state: the same modules,
+    each with the state's scaled B."""
+    adapter = read_adapter(expert)
+    if set(adapter.modules) != set(state.tasks[index].modules):
+        raise InputError(
+            expert,
+            f"adapts other modules than task {state.tasks[index].name!r} in the merge state "
+            f"{state.path}: not this merge's expert; re-create the merge",
+        )
+    for module in adapter.modules:
+        _, b = adapter.lora_factors(module)
+        expected = state.factors(index, module)[2]
+        if b.shape != expected.shape or not torch.allclose(b.double(), expected, rtol=1e-5, atol=1e-7):
+            raise InputError(
+                expert,
+                f"its {module} differs from task {state.tasks[index].name!r} in the merge state "
+                f"{state.path}: not this merge's expert; re-create the merge",
+            )
