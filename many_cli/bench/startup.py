@@ -66,14 +66,15 @@ def imports_torch(importtime_report: str) -> bool:
 
 
 def bench_startup(quick: bool = False) -> StartupResult:
-    """Each case run twice as a fresh process: once timed, once under `-X importtime` to see what
-    it imported. The reference is one `import torch` process, timed after a warm-up run so that
+    """Each case run as a fresh process: once to warm the page cache (not with `quick`), once
+    timed, once under `-X importtime` to see what it imported. The reference is one `import torch` process, timed after a warm-up run so that
     both sides read their files from the page cache."""
     _timed(["-c", "import torch"])
     torch_seconds, _ = _timed(["-c", "import torch"])
     cases = []
     for name, arguments in QUICK_CASES if quick else CASES:
-        _timed(["-m", "many_cli", *arguments])  # warm-up: the page cache, as for torch
+        if not quick:  # warm-up: the page cache, as for torch (the quick run reads it warm enough)
+            _timed(["-m", "many_cli", *arguments])
         seconds, done = _timed(["-m", "many_cli", *arguments])
         _, traced = _timed(["-X", "importtime", "-m", "many_cli", *arguments])
         cases.append(Case(name, seconds, done.returncode, imports_torch(traced.stderr)))
