@@ -1,15 +1,13 @@
-"""LPM, one input group at a time: gather the group's Gram matrix H and every task's factors
-(reading the next group in a background thread while this one is factored), keep them in the
-state, solve, and emit the merged factors. Under torchrun, group n is solved by rank n mod the
+"""LPM, one input group at a time: gather the group's Gram matrix H and every task's factors,
+keep them in the state, solve, and emit the merged factors. Under torchrun, group n is solved by rank n mod the
 world size, and rank 0 alone writes, taking the other ranks' groups through `send_solved` and
 `receive_solved`."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -45,16 +43,6 @@ class Contribution:
 
 
 @dataclass
-class Gathered:
-    """One group's weighted Gram matrix H (float64, upper triangle filled) and every task's share;
-    `kept` once both are in the merge state."""
-
-    gram: torch.Tensor | None
-    contributions: list[Contribution]
-    kept: bool
-
-
-@dataclass
 class SolvedGroup:
     """What one input group adds to the output: its tasks' shares (for the state), the merged
     (module, A, B), the energy a rank budget kept, and whether H needed the minimum-norm solve.
@@ -79,23 +67,14 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
         report.modules = len(modules)
         writer = _state_writer(inputs, staging / STATE_FILE, all_tasks)
     device = rank_device(options.device, world)
-    background_writes = writer is not None and world == 1
-
-    def prepare(group: Group) -> Gathered:
-        gram, contributions = gather_group(group, inputs, device)
-        if background_writes:  # the state in the order declared: each group's H, then its factors
-            _keep(writer, group, gram, contributions)
-        return Gathered(gram, contributions, kept=background_writes)
-
     singular, underdetermined = [], []
-    mine = _one_ahead([group for number, group in enumerate(groups) if number % world == rank], prepare)
     for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
         owner = number % world
         if owner == rank:
-            gathered = next(mine)
-            if writer and not gathered.kept:
-                _keep(writer, group, gathered.gram, gathered.contributions)
-            solved = solve_group(group, gathered, inputs, device, pack=rank != 0)
+            gram, contributions = gather_group(group, inputs, device)
+            if writer:  # the state in the order declared: each group's H, then its factors
+                _keep(writer, group, gram, contributions)
+            solved = solve_group(group, gram, contributions, inputs, device, pack=rank != 0)
             if rank:
                 send_solved(solved)
                 continue
@@ -156,25 +135,17 @@ def _contribution_keys(group: Group, all_tasks: list[StateTask]) -> list[tuple[i
     ]
 
 
-def _one_ahead(groups: list[Group], prepare: Callable[[Group], Gathered]) -> Iterator[Gathered]:
-    """prepare(group) for each group in order, the next one prepared in a background thread while
-    the caller solves this one: reading, summing and writing run beside the factorization."""
-    if not groups:
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="many-gather") as pool:
-        pending = pool.submit(prepare, groups[0])
-        for following in [*groups[1:], None]:
-            ready = pending.result()
-            if following is not None:
-                pending = pool.submit(prepare, following)
-            yield ready
-
-
-def solve_group(group: Group, gathered: Gathered, inputs: MergeInputs, device: torch.device, pack: bool) -> SolvedGroup:
+def solve_group(
+    group: Group,
+    gram: torch.Tensor,
+    contributions: list[Contribution],
+    inputs: MergeInputs,
+    device: torch.device,
+    pack: bool,
+) -> SolvedGroup:
     """Solve and factor one gathered group (its Gram matrix is factored in place); with `pack`,
     the result keeps H's upper triangle for rank 0 to write."""
-    options, contributions = inputs.options, gathered.contributions
-    gram, gathered.gram = gathered.gram, None
+    options = inputs.options
     packed = pack_symmetric(gram) if pack else None
     rhs = torch.cat([part.rhs(options.alpha) for part in contributions]).to(device)
     solution = lpm.cholesky_solve_right_(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
