@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, stats_covariances
-from families import build_llava, build_qwen2_vl
+from families import build_llava, build_qwen2_vl, family_adapter, write_records
+from helpers import run_cli, stats_covariances
 from safetensors.torch import load_file, save_file
-from test_families import family_adapter, write_records
 
 # Today's prefix -> the one transformers < 4.52 saved (as PEFT wrote it, after base_model.model.).
 OLD_NAMES = {

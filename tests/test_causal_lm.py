@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
+from helpers import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli_output
+from helpers import run_cli_output
 
 from many_cli.bench.continual import (
     BASELINES,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, stats_covariances
+from helpers import run_cli, stats_covariances
 
 from many_cli.data import BadRecord
 from many_cli.errors import InputError
@@ -155,7 +155,7 @@ def test_a_conversation_of_several_turns_and_images_against_a_brute_force_forwar
     one exemplar."""
     import shutil
 
-    from conftest import load_base, lora_input_sums
+    from helpers import load_base, lora_input_sums
     from peft import PeftModel
     from PIL import Image
     from safetensors import safe_open

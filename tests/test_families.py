@@ -12,56 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import invoke, load_base, lora_input_sums, make_adapter, run_cli, stats_covariances
-from families import AUDIO_FAMILIES, FAMILIES
-from peft import LoraConfig, PeftModel
+from families import AUDIO_FAMILIES, COLOURS, FAMILIES, SHAPES, family_adapter, write_records
+from helpers import invoke, load_base, lora_input_sums, run_cli, stats_covariances
+from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor
 
 from many_cli.bench.tiny import WORDS
-from many_cli.families import find_projector, projector_paths
+from many_cli.families import find_projector
 from many_cli.state import STATS_FILE
-
-# The language model's projections, whatever the family calls it (Idefics3: text_model).
-TEXT_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-COLOURS = (np.array([200, 40, 40]), np.array([40, 40, 200]))  # task 0's images are red, task 1's blue
-SHAPES = ((20, 20, 3), (20, 40, 3), (40, 20, 3))  # cut into different numbers of crops, tiles or patches
-
-
-def family_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA on the language model with the family's projector and its companions (Qwen3-VL's
-    DeepStack mergers) trained (modules_to_save)."""
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=TEXT_TARGETS, modules_to_save=projector_paths(load_base(base))
-    )
-    return make_adapter(base, out, config, seed)
-
-
-def write_records(folder: Path, name: str, count: int, seed: int, task: int, audio: bool) -> Path:
-    """Images in the task's colour and of three shapes (or one-second 16 kHz clips: noise, and a
-    tone in task 1's), with
-    prompts of varied words, so that calibration spans every layer's input."""
-    rng = np.random.default_rng(seed)
-    (folder / name).mkdir(parents=True)
-    with open(folder / f"{name}.jsonl", "w") as handle:
-        for index in range(count):
-            if audio:
-                media = {"audio": f"{name}/{index}.wav"}
-                with wave.open(str(folder / media["audio"]), "wb") as clip:
-                    clip.setnchannels(1), clip.setsampwidth(2), clip.setframerate(16000)
-                    tone = 8000 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * task  # task 1 hums
-                    clip.writeframes((tone + rng.normal(0, 3000, 16000)).astype("<i2").tobytes())
-            else:
-                media = {"image": f"{name}/{index}.png"}
-                shape = SHAPES[index % len(SHAPES)]
-                pixels = np.clip(COLOURS[task] + rng.normal(0, 30, shape), 0, 255).astype("uint8")
-                Image.fromarray(pixels).save(folder / media["image"])
-            handle.write(
-                json.dumps({**media, "prompt": " ".join(rng.choice(WORDS, 12)), "answer": str(rng.choice(WORDS))})
-                + "\n"
-            )
-    return folder / f"{name}.jsonl"
 
 
 def encode_one(processor, entry: dict, root: Path, with_answer: bool):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LM_TARGETS, invoke, make_adapter, many_as_ordinary_user, run_cli, run_cli_output
+from helpers import LM_TARGETS, invoke, make_adapter, many_as_ordinary_user, run_cli, run_cli_output
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors.torch import load_file, save_file

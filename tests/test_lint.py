@@ -1,5 +1,8 @@
 """The tree is clean under ruff, lint and format, as configured in pyproject.toml."""
 
+import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,3 +16,25 @@ def test_ruff_lint_and_format_are_clean():
             [sys.executable, "-m", "ruff", *command, "many_cli", "tests"], cwd=ROOT, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+# Import names that differ from their distribution's name.
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def test_every_package_the_code_imports_is_declared():
+    requirements = importlib.metadata.requires("many-cli")  # as pyproject.toml declares them, extras included
+    declared = {
+        re.split(r"[<>=!\[ ;]", requirement, maxsplit=1)[0].lower().replace("-", "_") for requirement in requirements
+    }
+    imported = set()
+    for path in (ROOT / "many_cli").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "many_cli"}
+    assert {"torch", "transformers", "matplotlib"} <= third_party  # the scan sees the code's imports
+    missing = {name for name in third_party if DISTRIBUTION.get(name, name).lower().replace("-", "_") not in declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"

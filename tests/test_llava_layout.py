@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke, run_cli
+from helpers import invoke, run_cli
 from safetensors.torch import load_file
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_adapters"

@@ -12,69 +12,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import input_key, load_base, run_cli
+from helpers import (
+    RIDGE,
+    dense_reference,
+    input_key,
+    load_base,
+    lora_rank,
+    merged_deltas,
+    output_error,
+    run_cli,
+    task_vector,
+)
 from peft import PeftModel
 from safetensors import safe_open
 
 from many_cli.state import STATS_FILE
-
-RIDGE = 1e-4
-
-
-def task_vector(adapter, module: str) -> torch.Tensor:
-    """s·B A in float64, with s worked out here from the config, as PEFT documents it."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
-        prefix = f"base_model.model.{module}"
-        if f"{prefix}.lora_A.weight" not in handle.keys():
-            return None
-        a = handle.get_tensor(f"{prefix}.lora_A.weight").double()
-        b = handle.get_tensor(f"{prefix}.lora_B.weight").double()
-    rank = a.shape[0]
-    projection = module.rsplit(".", 1)[1]
-    alpha = config["alpha_pattern"].get(projection, config["lora_alpha"])
-    scale = alpha / rank**0.5 if config["use_rslora"] else alpha / rank
-    return scale * b @ a
-
-
-def lora_rank(adapter, module: str) -> int:
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
-        key = f"base_model.model.{module}.lora_A.weight"
-        return handle.get_slice(key).get_shape()[0] if key in handle.keys() else 0
-
-
-def dense_reference(world, module: str, ridge: float, tasks=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """τ_ref = (Σ τ_i C_i)(H + ρ·mean(diag H)·I)⁻¹ with an explicit dense solve; and H."""
-    tasks = range(len(world.adapters)) if tasks is None else tasks
-    covariances = [world.covariances[i][input_key(module)] for i in tasks]
-    gram = sum(covariances)
-    numerator = 0
-    for i, covariance in zip(tasks, covariances):
-        tau = task_vector(world.adapters[i], module)
-        if tau is not None:
-            numerator = numerator + tau @ covariance
-    loaded = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(loaded, numerator.T).T, gram
-
-
-def merged_deltas(world, out) -> dict[str, torch.Tensor]:
-    """Each module's delta as PEFT applies it after PeftModel.from_pretrained."""
-    model = PeftModel.from_pretrained(load_base(world.base), out)
-    deltas = {}
-    for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-            deltas[name] = module.get_delta_weight("default").double()
-    return deltas
-
-
-def output_error(delta: torch.Tensor, reference: torch.Tensor, gram: torch.Tensor) -> float:
-    """‖(τ* − τ_ref) H½‖ / ‖τ_ref H½‖, i.e. the error in the layer's outputs over the
-    calibration inputs."""
-
-    def norm(matrix):
-        return torch.sqrt(torch.trace(matrix @ gram @ matrix.T).clamp(min=0))
-
-    return float(norm(delta - reference) / norm(reference))
 
 
 def test_merged_adapter_equals_dense_least_squares(world, tmp_path, capsys):
@@ -231,7 +183,7 @@ def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_p
 def test_resume_refuses_other_settings_and_bases(world, tmp_path, capsys):
     import shutil
 
-    from conftest import write_task_stats
+    from helpers import write_task_stats
 
     first = tmp_path / "m1"
     assert run_cli(capsys, "merge", world.adapters[0], "--out", first)[0] == 0
@@ -258,7 +210,7 @@ def test_folder_of_adapters_merges_in_name_order(world, tmp_path, capsys):
 def test_balance_weighs_tasks_by_mean_covariance(world, tmp_path, capsys):
     """Tasks with 12, 36 and 90 calibration tokens: --balance divides each covariance by its
     count, the default does not, and the two answers differ."""
-    from conftest import write_task_stats
+    from helpers import write_task_stats
 
     counts = [12, 36, 90]
     copies = []
@@ -318,7 +270,7 @@ def test_alpha_reduces_the_off_diagonals_as_regmean_does_and_resumes_exactly(wor
 def test_one_task_at_ridge_zero_answers_like_the_adapter(world, tmp_path, capsys):
     """Few calibration tokens make H singular: the minimum-norm solution must still give
     the adapter's own outputs on its calibration data, with no NaN or Inf."""
-    from conftest import brute_force_covariances, calibration_records, make_adapter, task_configs, write_task_stats
+    from helpers import brute_force_covariances, calibration_records, make_adapter, task_configs, write_task_stats
 
     adapter = make_adapter(world.base, tmp_path / "solo", task_configs()[0], seed=5)
     records = calibration_records(1, seed=6)  # 12 tokens, fewer than any layer's width

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     LM_TARGETS,
     brute_force_covariances,
     build_base,

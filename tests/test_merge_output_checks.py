@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -18,7 +18,7 @@ BUNDLE, STATE = "many_bundle.safetensors", "many_state.safetensors"
 @pytest.fixture(scope="module")
 def merges(world, tmp_path_factory):
     """A merge of the world's first two tasks, and another of its first task alone."""
-    from conftest import invoke
+    from helpers import invoke
 
     root = tmp_path_factory.mktemp("merges")
     assert invoke("merge", *world.adapters[:2], "--out", root / "two") == 0

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli_output
+from helpers import run_cli_output
 from PIL import Image
 
 # Task a: 4/4 after step 1, 3/4 after step 2, 2/4 after step 3; b: 2/4, then 3/4; c: 1/4.

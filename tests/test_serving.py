@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_output
+from helpers import RIDGE, dense_reference, merged_deltas, output_error, run_cli, run_cli_output
 from peft import PeftModel
-from test_merge import RIDGE, dense_reference, merged_deltas, output_error
 from torch import nn
 
 from many_cli.adapters import MergedAdapterWriter, MergedModule

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LM_TARGETS, make_adapter, run_cli
+from helpers import LM_TARGETS, make_adapter, run_cli
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import many_as_ordinary_user, run_cli
+from helpers import many_as_ordinary_user, run_cli
 from PIL import Image
 
 from many_cli import files
