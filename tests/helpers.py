@@ -105,36 +105,27 @@ def calibration_records(count: int, seed: int, length: int = 12) -> list[dict[st
 def brute_force_covariances(base: Path, adapter: Path, records) -> dict[str, torch.Tensor]:
     """Σ x xᵀ of every language-model projection's input, float64, one record at a time,
     in base + adapter (its LoRA and its projector)."""
-    from peft import PeftModel
-
     model = PeftModel.from_pretrained(load_base(base), adapter).eval()
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.base_model.model.named_modules():
-        if re.search(r"language_model\.layers\.\d+\.\w+\.(%s)$" % "|".join(PROJECTIONS), name):
-
-            def hook(_, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                sums[name] = sums.get(name, 0) + x.T @ x
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for record in records:
-            model(**record)
-    for handle in hooks:
-        handle.remove()
-    return sums
+    pattern = re.compile(r"language_model\.layers\.\d+\.\w+\.(%s)$" % "|".join(PROJECTIONS))
+    return input_sums(model, lambda: [model(**record) for record in records], select=lambda name: pattern.search(name))
 
 
-def lora_input_sums(model, run) -> dict[str, torch.Tensor]:
-    """Σ x xᵀ, float64, of the input of every layer PEFT adapted in `model`, over what `run()` feeds it."""
+def input_sums(model, run, select=None, weight=None, rows=None) -> dict[str, torch.Tensor]:
+    """The tests' one brute-force reference for `many stats`: Σ w x xᵀ, float64, of the input of
+    each layer of `model` (a PeftModel) that `select(name)` picks (default: every layer PEFT
+    adapted), over what `run()` feeds it through forward hooks. `weight(name)` gives the weight of
+    each row of the layer's current input (None: 1); `rows`, if given, receives each layer's row count."""
     sums, hooks = {}, []
     for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A"):
+        if select(name) if select else hasattr(module, "lora_A"):
 
             def hook(_, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                sums[name] = sums.get(name, 0) + x.T @ x
+                weights = weight(name) if weight else None
+                weighted = x if weights is None else x * weights.sqrt()[:, None]
+                sums[name] = sums.get(name, 0) + weighted.T @ weighted
+                if rows is not None:
+                    rows[name] = rows.get(name, 0) + x.shape[0]
 
             hooks.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import lora_input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
+from helpers import input_sums, make_adapter, run_cli, run_cli_output, stats_covariances
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -54,7 +54,7 @@ def brute_force(base: Path, adapter: Path, data: Path) -> dict[str, torch.Tensor
         )
         for entry in map(json.loads, open(data))
     ]
-    return lora_input_sums(
+    return input_sums(
         model, lambda: [model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)) for text in texts]
     )
 

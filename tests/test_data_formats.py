@@ -1,17 +1,20 @@
 """Training data as the tools write it: the same records in LLaVA's JSON, LLaMA-Factory's sharegpt
 (both tag styles) and alpaca, and ms-swift's JSONL read as many's own JSONL does, give the same
-statistics; no media a record names is ever dropped."""
+statistics; no media a record names is ever dropped; images are read as they are stored (16-bit,
+EXIF orientation)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli, stats_covariances
+from PIL import Image
 
-from many_cli.data import BadRecord
+from many_cli.data import BadRecord, load_image
 from many_cli.errors import InputError
 from many_cli.formats import read_records
 
@@ -155,7 +158,7 @@ def test_a_conversation_of_several_turns_and_images_against_a_brute_force_forwar
     one exemplar."""
     import shutil
 
-    from helpers import load_base, lora_input_sums
+    from helpers import input_sums, load_base
     from peft import PeftModel
     from PIL import Image
     from safetensors import safe_open
@@ -205,7 +208,7 @@ def test_a_conversation_of_several_turns_and_images_against_a_brute_force_forwar
             images = [Image.open(path).convert("RGB") for path in entry["images"]]
             model(**processor(text=[text], images=[images], return_tensors="pt"))
 
-    expected = lora_input_sums(model, run)
+    expected = input_sums(model, run)
     got = stats_covariances(adapter / "many_stats.safetensors")
     assert len(expected) == 14 and set(expected) <= set(got)
     for name, covariance in expected.items():
@@ -442,3 +445,23 @@ def test_a_dataset_without_the_datasets_package_gets_a_one_line_hint(tmp_path, m
     (tmp_path / "colour.parquet").write_bytes(b"PAR1")
     with pytest.raises(InputError, match=r"needs the datasets package: pip install 'many-cli\[datasets\]'"):
         list(read_records(tmp_path / "colour.parquet"))
+
+
+def test_a_16_bit_grey_image_reads_as_its_8_bit_values(tmp_path):
+    values = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values * 257).save(path)  # 16-bit PNG: v·257 is v at 8 bits
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")
+    pixels = np.asarray(load_image("grey16", path))
+    assert pixels.shape == (16, 16, 3) and (pixels == values[..., None]).all()
+
+
+def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "sideways.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    upright = np.asarray(load_image("sideways", path))
+    assert (upright == np.rot90(pixels, k=-1)).all()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from families import AUDIO_FAMILIES, COLOURS, FAMILIES, SHAPES, family_adapter, write_records
-from helpers import invoke, load_base, lora_input_sums, run_cli, stats_covariances
+from helpers import input_sums, invoke, load_base, run_cli, stats_covariances
 from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
@@ -55,7 +55,7 @@ def brute_force(base: Path, adapter: Path, records: Path) -> tuple[dict[str, tor
 
     handle = find_projector(model.get_base_model()).register_forward_pre_hook(pool)
     lines = [json.loads(line) for line in open(records)]
-    sums = lora_input_sums(
+    sums = input_sums(
         model, lambda: [model(**encode_one(processor, entry, records.parent, with_answer=True)) for entry in lines]
     )
     handle.remove()
@@ -388,7 +388,7 @@ def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path,
                 layer.base_layer.weight += factors[key.replace("lora_A", "lora_B")] @ factors[key]
                 layer.lora_B["default"].weight.zero_()  # the first stage: the merge, not the task's own LoRA
         processor = AutoProcessor.from_pretrained(base)
-        expected = lora_input_sums(
+        expected = input_sums(
             model,
             lambda model=model, processor=processor, records=records: [
                 model(**encode_one(processor, json.loads(line), records.parent, with_answer=True))

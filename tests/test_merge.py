@@ -325,3 +325,29 @@ def test_ties_is_the_best_low_rank_fit_of_dense_ties(world, tmp_path, capsys):
         u, s, vh = np.linalg.svd(dense)
         best = (u[:, :rank] * s[:rank]) @ vh[:rank]
         np.testing.assert_allclose(delta.numpy(), best, atol=1e-5, err_msg=module)
+
+
+def test_the_card_is_a_hugging_face_card_with_the_merge_in_its_metadata(world, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    copies = []
+    for adapter in world.adapters:  # as trained from a hub model
+        copies.append(tmp_path / "in" / adapter.name)
+        shutil.copytree(adapter, copies[-1])
+        config = json.loads((copies[-1] / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "llava-hf/llava-1.5-7b-hf"
+        (copies[-1] / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *copies, "--out", out, "--rank", "4", "--ridge", "0.01")[0] == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "llava-hf/llava-1.5-7b-hf"
+    assert {"lora", "model-merging"} <= set(card.data.tags)
+    many = card.data.to_dict()["many"]
+    assert many["method"] == "many" and many["rank"] == 4 and many["ridge"] == 0.01
+    assert many["tasks"] == ["task0", "task1", "task2"] and 0 < many["energy_kept"] <= 1
+    assert "PeftModel.from_pretrained" in card.text
+
+    local = tmp_path / "local"  # a local base path is no hub id: kept under `many` only
+    assert run_cli(capsys, "merge", *world.adapters, "--out", local)[0] == 0
+    data = ModelCard.load(local / "README.md").data.to_dict()
+    assert "base_model" not in data and data["many"]["base_model"] == str(world.base)

@@ -64,3 +64,22 @@ def test_wrong_arguments_raise_an_argument_error_naming_them(call, argument):
 def test_bad_input_through_the_api_is_an_input_error_naming_the_file(tmp_path):
     with pytest.raises(many_cli.InputError, match="adapter directory not found"):
         many_cli.merge_adapters([tmp_path / "a", str(tmp_path / "b")], tmp_path / "out")
+
+
+def test_the_readmes_python_api_example_runs_and_its_two_paths_agree(monkeypatch, capsys):
+    """The README's Python API block, executed as written from the repository root: the merge
+    keeps some energy at rank 8, and `many_cli.answer` and transformers' own `generate` on the
+    loaded model give the same words."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    block = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("merged ['1_colour', '2_count'], ") and "% of the output energy kept" in lines[0]
+    answer, generated = lines[1].split(" {")[0].removeprefix("many_cli.answer: "), lines[2].removeprefix("generate: ")
+    assert answer and answer == generated.strip()
+    assert "'2_count': " in lines[1]
+    assert not list((root / "sample_adapters" / "adapters").glob("*/many_stats.safetensors"))

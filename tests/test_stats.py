@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import LM_TARGETS, make_adapter, run_cli
+from helpers import LM_TARGETS, input_sums, make_adapter, run_cli
 from peft import LoraConfig, PeftModel
 from PIL import Image
 from safetensors import safe_open
@@ -87,35 +87,26 @@ def brute_force(
     `exemplars` each image's normalised pooled projector input."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
-    sums, pooled = {}, [] if exemplars is None else exemplars
+    pooled = [] if exemplars is None else exemplars
     rows = {} if rows is None else rows
-    hooks = []
-    weights = None  # the current record's, per position
-    for name, module in model.get_base_model().named_modules():
-        if hasattr(module, "lora_A"):
-
-            def hook(_, args, name=name):
-                x = args[0][0].double()
-                weighted = x * weights.sqrt()[:, None] if "language_model" in name else x
-                sums[name] = sums.get(name, 0) + weighted.T @ weighted
-                rows[name] = rows.get(name, 0) + x.shape[0]
-
-            hooks.append(module.register_forward_pre_hook(hook))
+    current = {}  # the record being run: the weight of each of its positions
     projector = model.get_base_model().model.multi_modal_projector
-    hooks.append(
-        projector.register_forward_pre_hook(
-            lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))
-        )
+    pooling = projector.register_forward_pre_hook(
+        lambda _, args: pooled.append(torch.nn.functional.normalize(args[0][0].double().mean(0), dim=0))
     )
-    with torch.no_grad():
+
+    def run():
         for line in open(data):
             entry = json.loads(line)
             encoded = encode_entry(processor, entry, data.parent)
-            weights = torch.ones(encoded["input_ids"].shape[1], dtype=torch.float64)
-            weights[deciding_positions(processor, entry, data.parent)] = answer_weight
+            current["weights"] = torch.ones(encoded["input_ids"].shape[1], dtype=torch.float64)
+            current["weights"][deciding_positions(processor, entry, data.parent)] = answer_weight
             model(**encoded)
-    for handle in hooks:
-        handle.remove()
+
+    sums = input_sums(
+        model, run, weight=lambda name: current["weights"] if "language_model" in name else None, rows=rows
+    )
+    pooling.remove()
     return sums, torch.stack(pooled).mean(0)
 
 
@@ -691,24 +682,11 @@ def covariances_of(base: Path, adapter: Path, data: Path, modules: list[str]) ->
     """Σ x xᵀ (float64) of the inputs of `modules` in base + adapter, one record at a time."""
     processor = AutoProcessor.from_pretrained(base)
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), adapter).eval()
-    sums = {}
-
-    def hook(_, args, name):
-        x = args[0][0].double()
-        sums[name] = sums.get(name, 0) + x.T @ x
-
-    hooks = [
-        model.get_base_model()
-        .get_submodule(name)
-        .register_forward_pre_hook(lambda module, args, name=name: hook(module, args, name))
-        for name in modules
-    ]
-    with torch.no_grad():
-        for line in open(data):
-            model(**encode_entry(processor, json.loads(line), data.parent))
-    for handle in hooks:
-        handle.remove()
-    return sums
+    return input_sums(
+        model,
+        lambda: [model(**encode_entry(processor, json.loads(line), data.parent)) for line in open(data)],
+        select=lambda name: name in modules,
+    )
 
 
 def test_adapters_of_other_modules_merge_once_stats_cover_their_union(task, tmp_path, capsys):

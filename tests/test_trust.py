@@ -13,13 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import many_as_ordinary_user, run_cli
-from PIL import Image
 
 from many_cli import files
-from many_cli.data import load_image
 from many_cli.errors import InputError, Terminated
 from many_cli.merge import outputs as merge_outputs
 
@@ -242,16 +239,6 @@ def test_the_same_merge_writes_the_same_bytes(world, tmp_path):
     assert len(first) > 6 and first == second
 
 
-def test_a_16_bit_grey_image_reads_as_its_8_bit_values(tmp_path):
-    values = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
-    path = tmp_path / "grey16.png"
-    Image.fromarray(values * 257).save(path)  # 16-bit PNG: v·257 is v at 8 bits
-    with Image.open(path) as opened:
-        assert opened.mode.startswith("I")
-    pixels = np.asarray(load_image("grey16", path))
-    assert pixels.shape == (16, 16, 3) and (pixels == values[..., None]).all()
-
-
 def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(tmp_path):
     out = tmp_path / "preds.jsonl"
     out.write_text("old\n")
@@ -297,16 +284,6 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
     assert hidden(tmp_path) == [] and list(locked.iterdir()) == []
 
 
-def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
-    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-    path = tmp_path / "sideways.png"
-    Image.fromarray(pixels).save(path, exif=exif)
-    upright = np.asarray(load_image("sideways", path))
-    assert (upright == np.rot90(pixels, k=-1)).all()
-
-
 def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothing(world, tmp_path):
     """As an ordinary user: the old output cannot be removed (mode 555), so it cannot be replaced;
     it used to be swapped out and left hidden beside the new one, one more each run."""
@@ -338,3 +315,22 @@ def test_standard_output_closed_early_full_or_closed(tmp_path):
     )
     run = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
     assert run.returncode == 1 and run.stderr == "many: error: standard output: cannot write (it is closed)\n"
+
+
+def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world.base / name, bare / name)
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    for args in (
+        ["stats", "--model", bare, "--adapter", world.adapters[0], "--data", data, "--out", tmp_path / "s"],
+        ["infer", "--model", bare, "--merged", merged, "--prompt", "hi"],
+        ["export", "--model", bare, "--merged", merged, "--out", tmp_path / "exported"],
+    ):
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and f"{bare}: has no processor or tokenizer" in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "s").exists()
