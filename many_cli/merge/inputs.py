@@ -11,7 +11,7 @@ from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
@@ -153,7 +153,7 @@ class MergeInputs:
             )
         return bundled, projector_module
 
-    def copy_earlier_experts(self, folder: Path, check: callable) -> list[str]:
+    def copy_earlier_experts(self, folder: Path, check: Callable[[Path, StateHeader, int], None]) -> list[str]:
         """Copy the resumed merge's experts into `folder`, each passed to `check(path, state,
         index)` first; return the earlier tasks that kept none."""
         if not self.previous:
@@ -185,12 +185,16 @@ class MergeInputs:
         return max(min(d_in, d_out) for d_in, d_out in shapes)
 
 
+if TYPE_CHECKING:
+    from many_cli.merge.methods import Method
+
+
 def read_inputs(
     adapter_paths: list[Path],
     out: Path,
     options: MergeOptions,
     resume: Path | None,
-    method,
+    method: "Method",
     report: MergeReport,
     converted: ExitStack,
 ) -> MergeInputs:
