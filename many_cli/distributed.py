@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -12,25 +13,36 @@ import torch
 from many_cli.models import resolve_device
 
 
-def init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size): under torchrun, join the process group (gloo on CPU, NCCL on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
+@dataclass(frozen=True)
+class World:
+    """This process among torchrun's: its rank, how many ranks there are, and the device it
+    computes on (resolved from --device once, here)."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    def leave(self) -> None:
+        """Wait for every rank, then leave the process group (nothing to do for one process)."""
+        if self.size > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def join_world(device: str) -> World:
+    """This process's World: under torchrun, it joins the process group (gloo on CPU, NCCL on
+    CUDA) and computes on its own GPU (LOCAL_RANK) when --device resolves to CUDA."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    compute = resolve_device(device)
+    if size <= 1:
+        return World(0, 1, compute)
+    if compute.type == "cuda":
+        compute = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        compute = rank_device(device, world)
         if compute.type == "cuda":
             torch.cuda.set_device(compute)  # NCCL sends from, and collects on, this rank's GPU
         torch.distributed.init_process_group("nccl" if compute.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world
-
-
-def rank_device(device: str, world: int) -> torch.device:
-    """The device this process computes on: under torchrun with CUDA, its own GPU (LOCAL_RANK)."""
-    resolved = resolve_device(device)
-    if world > 1 and resolved.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return resolved
+    return World(torch.distributed.get_rank(), size, compute)
 
 
 def _wire_device() -> torch.device:

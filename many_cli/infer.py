@@ -31,7 +31,14 @@ from many_cli.families import (
     replace_projectors,
 )
 from many_cli.files import file_fingerprint
-from many_cli.models import apply_adapters, load_base_model, lora_layers, resolve_device, resolve_dtype, text_layers
+from many_cli.models import (
+    apply_adapters,
+    base_fingerprint,
+    load_base_model,
+    lora_layers,
+    resolve_device,
+    text_layers,
+)
 from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
 
@@ -76,8 +83,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_merge_output(merged)
-    device = resolve_device(options.device)
-    model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
+    model, device = _base_model(base, options)
     notes = []
     if bundle.projector_module and find_projector(model) is None:
         notes.append(
@@ -125,10 +131,8 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
             f"nothing is routed); leave it out",
         )
     check_supported_config(adapter)
-    device = resolve_device(options.device)
-    model = apply_adapters(
-        load_base_model(base, resolve_dtype(options.dtype), device, options.device_map), base, [(adapter, "default")]
-    )
+    model, device = _base_model(base, options)
+    model = apply_adapters(model, base, [(adapter, "default")])
     model = model.merge_and_unload() if options.fold else model
     return MergedModel(
         model.eval(),
@@ -144,11 +148,17 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     projectors routed again from the bundle beside the weights."""
     options.check()
     bundle = read_bundle_header(path / BUNDLE_FILE)
-    device = resolve_device(options.device)
-    model = load_base_model(str(path), resolve_dtype(options.dtype), device, options.device_map)
+    model, device = _base_model(str(path), options)
     notes = []
     router, tracker = install_router(model, _routed_projectors(model, bundle, options, notes), device)
     return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)
+
+
+def _base_model(base: str, options: InferOptions) -> tuple[nn.Module, torch.device]:
+    """The base model (checked) where the options place it, and the device the router runs on."""
+    base_fingerprint(base)
+    device = resolve_device(options.device)
+    return load_base_model(base, device, options.placement), device
 
 
 def install_router(

@@ -14,9 +14,8 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
-from many_cli.files import read_json
 from many_cli.layouts import module_renames, rename_key, renamer
-from many_cli.options import PLACEMENTS
+from many_cli.options import Placement
 from many_cli.tensorfiles import check_tensors, open_safetensors
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
@@ -83,14 +82,12 @@ def auto_model_classes() -> tuple[type, ...]:
     return AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM
 
 
-def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
-    """accelerate's placement for `--device-map` (checked by the options): a strategy by name, or
-    the JSON file's {module: device}, whose GPUs must exist here (an index or "cuda:N")."""
-    if device_map is None or device_map in PLACEMENTS:
-        return device_map
-    placement = read_json(Path(device_map))
+def _check_gpus(placement: Placement) -> None:
+    """The GPUs a --device-map file names must exist here (an index or "cuda:N")."""
+    if not isinstance(placement.device_map, dict):
+        return
     gpus = torch.cuda.device_count()
-    for module, device in placement.items():
+    for module, device in placement.device_map.items():
         index = (
             device
             if isinstance(device, int) and not isinstance(device, bool)
@@ -98,28 +95,30 @@ def resolve_device_map(device_map: str | None) -> str | dict[str, Any] | None:
         )
         if device != "cpu" and not (index is not None and 0 <= index < gpus):
             choices = f'"cpu", a GPU index below {gpus} or "cuda:N"' if gpus else '"cpu" (torch sees no GPU)'
-            raise InputError(device_map, f"places {module} on {device!r}; use {choices}")
-    return placement
+            raise InputError(placement.map_file, f"places {module} on {device!r}; use {choices}")
 
 
-def load_base_model(
-    base: str, dtype: torch.dtype | str, device: torch.device, device_map: str | None = None
-) -> nn.Module:
-    """The base model on `device`, or placed by accelerate over the devices `--device-map`
-    (`device_map`, as `resolve_device_map` reads it) names."""
-    base_fingerprint(base)  # a clear error for a missing or broken base before transformers' own
-    placement = {} if device_map is None else {"device_map": resolve_device_map(device_map)}
+def load_base_model(base: str, device: torch.device, placement: Placement = Placement()) -> nn.Module:
+    """The base model in the placement's dtype, on `device` or placed by accelerate as the
+    placement's device map says. `base` is one `base_fingerprint` has checked (a missing or
+    broken base is refused there, in one line, before transformers' own error)."""
+    _check_gpus(placement)
+    mapped = placement.device_map is not None
+    where = {"device_map": placement.device_map} if mapped else {}
     for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
-            model = auto.from_pretrained(base, dtype=dtype, use_safetensors=True, trust_remote_code=False, **placement)
-            if isinstance(placement.get("device_map"), dict):
-                _check_placed_modules(model, placement["device_map"], device_map)
-            return (model if device_map is not None else model.to(device)).eval()
+            model = auto.from_pretrained(
+                base, dtype=resolve_dtype(placement.dtype), use_safetensors=True, trust_remote_code=False, **where
+            )
+            if isinstance(placement.device_map, dict):
+                _check_placed_modules(model, placement.device_map, placement.map_file)
+            return (model if mapped else model.to(device)).eval()
         except ValueError as error:
-            if device_map is not None and "offload" in str(error):
+            if mapped and "offload" in str(error):
                 raise InputError(
                     base,
-                    f"does not fit in the devices --device-map {device_map} may use, and many does not offload to disk",
+                    f"does not fit in the devices --device-map {placement.map_file or placement.device_map} "
+                    f"may use, and many does not offload to disk",
                 ) from None
             continue
         except OSError as error:
@@ -268,12 +267,11 @@ def _check_loaded(directory: Path, base: str, loaded) -> None:
         )
 
 
-def load_adapted_model(
-    base: str, adapter: Path, dtype: torch.dtype | str, device: torch.device, device_map: str | None = None
-):
-    """base + adapter (its LoRA and its modules_to_save projector), through PEFT."""
-    model = apply_adapters(load_base_model(base, dtype, device, device_map), base, [(adapter, "default")])
-    return (model if device_map is not None else model.to(device)).eval()
+def load_adapted_model(base: str, adapter: Path, device: torch.device, placement: Placement = Placement()):
+    """base (checked) + adapter (its LoRA and its modules_to_save projector), through PEFT."""
+    base_fingerprint(base)
+    model = apply_adapters(load_base_model(base, device, placement), base, [(adapter, "default")])
+    return (model if placement.device_map is not None else model.to(device)).eval()
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -54,38 +55,54 @@ def _one_of(flag: str, value: object, kind: Any) -> None:
         raise InputError(None, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _check_device_map(device_map: str | None) -> None:
-    """Refuse a --device-map that cannot apply; its GPU indices are checked where torch is loaded."""
-    if device_map is None or device_map in PLACEMENTS:
-        pass
-    elif not device_map.strip():
-        raise InputError(
-            None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
-        )
-    else:
-        placement = read_json(Path(device_map))
-        if not placement:
-            raise InputError(
-                device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
-            )
-        if "disk" in placement.values():
-            raise InputError(
-                device_map,
-                "places modules on disk; many does not offload to disk (PEFT would "
-                "rewrite the base checkpoint's files): give them to cpu",
-            )
+@dataclass(frozen=True)
+class Placement:
+    """Where a model loads, as the options give it and checked: the device and dtype by name, and
+    --device-map as accelerate takes it: None, a strategy, or the {module: device} its JSON file
+    (`map_file`) holds, read once, here. Its GPU indices are checked where torch is loaded."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | dict[str, Any] | None = None
+    map_file: str | None = None
+
+
+def _placement(device: str, dtype: str, device_map: str | None) -> Placement:
+    _one_of("--device", device, Device)
+    _one_of("--dtype", dtype, Dtype)
     if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError(
             None,
             "--device-map places one model over this machine's devices; under torchrun "
             "each rank holds a model of its own: use one or the other",
         )
+    if device_map is None or device_map in PLACEMENTS:
+        return Placement(device, dtype, device_map)
+    if not device_map.strip():
+        raise InputError(
+            None, f"--device-map is empty: give {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
+        )
+    placement = read_json(Path(device_map))
+    if not placement:
+        raise InputError(
+            device_map, f"--device-map takes {', '.join(PLACEMENTS)} or a JSON file of {{module name: device}}"
+        )
+    if "disk" in placement.values():
+        raise InputError(
+            device_map,
+            "places modules on disk; many does not offload to disk (PEFT would "
+            "rewrite the base checkpoint's files): give them to cpu",
+        )
+    return Placement(device, dtype, placement, device_map)
 
 
-def _check_placement(device: str, dtype: str, device_map: str | None) -> None:
-    _one_of("--device", device, Device)
-    _one_of("--dtype", dtype, Dtype)
-    _check_device_map(device_map)
+class LoadsModel:
+    """What the settings of a command that loads a model (fields `device`, `dtype`, `device_map`)
+    have in common: their placement, checked and read once, by `check()`."""
+
+    @cached_property
+    def placement(self) -> Placement:
+        return _placement(self.device, self.dtype, self.device_map)
 
 
 @dataclass(frozen=True)
@@ -125,7 +142,7 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
-class StatsOptions(DataOptions):
+class StatsOptions(DataOptions, LoadsModel):
     """Every setting of one `many stats` run."""
 
     batch_size: int = option(8, "--batch-size", "Records per forward pass.")
@@ -180,7 +197,7 @@ class StatsOptions(DataOptions):
         if self.max_samples is not None and self.max_samples < 1:
             raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
         _one_of("--padding-side", self.padding_side, PaddingSide)
-        _check_placement(self.device, self.dtype, self.device_map)
+        self.placement  # noqa: B018 (checks --device, --dtype and --device-map, and keeps the result)
 
 
 # Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
@@ -262,7 +279,7 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
-class InferOptions(DataOptions):
+class InferOptions(DataOptions, LoadsModel):
     """Every setting of one `many infer` run."""
 
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
@@ -325,7 +342,7 @@ class InferOptions(DataOptions):
                 f"--confidence does not apply to --lm-routing {self.lm_routing} (it applies to "
                 f"--lm-routing experts); leave it out",
             )
-        _check_placement(self.device, self.dtype, self.device_map)
+        self.placement  # noqa: B018 (checks --device, --dtype and --device-map, and keeps the result)
 
 
 @dataclass(frozen=True)

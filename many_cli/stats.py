@@ -25,7 +25,7 @@ from many_cli.adapters import (
 )
 from many_cli.cpm import pooled_direction
 from many_cli.data import BadRecord, Record, answer_token_counts, encode_loaded, load_inputs
-from many_cli.distributed import all_gather_json, all_gather_rows, init_distributed, rank_device
+from many_cli.distributed import World, all_gather_json, all_gather_rows, join_world
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
@@ -40,7 +40,6 @@ from many_cli.models import (
     load_base_model,
     load_processor,
     lora_layers,
-    resolve_dtype,
     text_layers,
 )
 from many_cli.options import StatsOptions
@@ -97,20 +96,20 @@ def collect_stats(
 def _collect(
     base: str, adapter: Path, data: Path, out: Path, options: StatsOptions, progress: Callable[[int | None], Progress]
 ) -> StatsReport:
-    rank, world = init_distributed(options.device)
-    device = rank_device(options.device, world)
+    world = join_world(options.device)
+    device = world.device
     records = read_records(data, options.reading)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
     model, processor, layers, renames = _load(base, adapter, options, device)
-    report = StatsReport(out, rank)
+    report = StatsReport(out, world.rank)
     note = other_base_note(read_adapter(adapter), base)
     if note:
         report.notes.append(note)
     covariances = InputCovariances(layers, device, text_layers(model.get_base_model(), layers))
     exemplars = Exemplars(find_projector(model))
     ImageTracker(model, exemplars)
-    start, stop = _shard(data, options, rank, world)
+    start, stop = _shard(data, options, world)
     tracker = progress(stop - start if stop is not None else None)
 
     def done(records: int, tokens: int) -> None:
@@ -124,14 +123,12 @@ def _collect(
     finally:
         covariances.remove_hooks()
         exemplars.remove_hook()
-    totals = _totals(covariances, exemplars, world, report, device)
+    totals = _totals(covariances, exemplars, world, report)
     media_expected = find_projector(model) is not None and not options.text_only
     _check_totals(totals, report, data, adapter, media_expected, remedy=_overflow_remedy(model, options))
-    if rank == 0:
+    if world.rank == 0:
         _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    world.leave()
     return report
 
 
@@ -160,16 +157,25 @@ class _Totals:
     rows: dict[str, int]  # input -> rows counted
     members: dict[str, list[str]]  # input -> the modules that read it, in the order the forward met them
     exemplars: torch.Tensor | None  # (images, width): each image's pooled direction, in record order
+    batches: list[int]  # how many of the exemplars each forward met, in order
 
     @property
     def images(self) -> int:
         return 0 if self.exemplars is None else self.exemplars.shape[0]
 
+    def prototype(self) -> torch.Tensor | None:
+        """The mean exemplar, summed a forward at a time, as stats files have always been written
+        (the order of a float32 sum decides its last bit, and the file's bytes)."""
+        if not self.images:
+            return None
+        sums = [batch.sum(dim=0) for batch in self.exemplars.split(self.batches)]
+        return sum(sums[1:], sums[0]) / self.images
+
 
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     processor = load_processor(base, options.padding_side)  # a folder without one fails before the model loads
-    model = load_base_model(base, resolve_dtype(options.dtype), device, options.device_map)
+    model = load_base_model(base, device, options.placement)
     renames = {
         saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items() if saved != loaded
     }
@@ -186,11 +192,11 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     return model, processor, layers, renames
 
 
-def _shard(data: Path, options: StatsOptions, rank: int, world: int) -> tuple[int, int | None]:
+def _shard(data: Path, options: StatsOptions, world: World) -> tuple[int, int | None]:
     """Records [start, stop) of this rank: consecutive whole batches, so that the ranks' exemplars,
     gathered in rank order, are in record order and every batch holds the records one process's
     would. One process reads them all (stop None: however many there are)."""
-    if world == 1:
+    if world.size == 1:
         return 0, None
     total = count_records(data)
     if total is None:  # a format that cannot be counted without reading it: read it once
@@ -198,8 +204,8 @@ def _shard(data: Path, options: StatsOptions, rank: int, world: int) -> tuple[in
     if options.max_samples is not None:
         total = min(total, options.max_samples)
     batches = -(-total // options.batch_size)
-    chunk = -(-batches // world) * options.batch_size
-    return min(rank * chunk, total), min((rank + 1) * chunk, total)
+    chunk = -(-batches // world.size) * options.batch_size
+    return min(world.rank * chunk, total), min((world.rank + 1) * chunk, total)
 
 
 def encoded_batches(
@@ -228,16 +234,15 @@ def deciding_weights(mask: torch.Tensor, answer_tokens: list[int], weight: float
     return weights
 
 
-def _totals(
-    covariances: "InputCovariances", exemplars: "Exemplars", world: int, report: StatsReport, device: torch.device
-) -> _Totals:
+def _totals(covariances: "InputCovariances", exemplars: "Exemplars", world: World, report: StatsReport) -> _Totals:
     totals = _Totals(
         {key: triangle.packed() for key, triangle in covariances.sums.items()},
         {key: triangle.rows_added for key, triangle in covariances.sums.items()},
         covariances.members,
         exemplars.result(),
+        exemplars.batches,
     )
-    return _all_reduce(totals, report, device) if world > 1 else totals
+    return _all_reduce(totals, report, world.device) if world.size > 1 else totals
 
 
 def _check_totals(
@@ -291,7 +296,7 @@ def _write(
         covariances={name: totals.sums[key].cpu() for name, key in named.items()},
         tokens={name: totals.rows[key] for name, key in named.items()},
         modules={name: totals.members[key] for name, key in named.items()},
-        prototype=totals.exemplars.sum(dim=0) / totals.images if totals.images else None,
+        prototype=totals.prototype(),
         exemplars=totals.exemplars,
         images=totals.images,
         adapter_fingerprint=adapter_fingerprint,
@@ -481,11 +486,13 @@ class Exemplars:
 
     def __init__(self, projector: nn.Module | None):
         self.directions: list[torch.Tensor] = []
+        self.batches: list[int] = []
         self.image_shares: list[int] | None = None  # set before each forward (families.ImageTracker)
         self._hook = projector.register_forward_pre_hook(self._add) if projector is not None else None
 
     def _add(self, _module: nn.Module, args: tuple) -> None:
         self.directions.append(pooled_direction(args[0], self.image_shares).float().cpu())
+        self.batches.append(self.directions[-1].shape[0])
 
     def result(self) -> torch.Tensor | None:
         return torch.cat(self.directions) if self.directions else None
@@ -503,7 +510,9 @@ def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _
     lengths = {key: packed.numel() for key, packed in totals.sums.items()}
     width = None if totals.exemplars is None else totals.exemplars.shape[1]
     layouts = all_gather_json(
-        {"members": totals.members, "lengths": lengths, "width": width} if totals.members else None
+        {"members": totals.members, "lengths": lengths, "width": width, "batches": totals.batches}
+        if totals.members
+        else None
     )
     known = [layout for layout in layouts if layout is not None]
     if not known:
@@ -529,4 +538,4 @@ def _all_reduce(totals: _Totals, report: StatsReport, device: torch.device) -> _
     if width is not None:
         mine = totals.exemplars if totals.exemplars is not None else torch.zeros(0, width)
         exemplars = all_gather_rows(mine)
-    return _Totals(sums, rows, members, exemplars)
+    return _Totals(sums, rows, members, exemplars, [batch for layout in known for batch in layout["batches"]])

@@ -5,6 +5,7 @@ command line run in-process or as an ordinary user."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -15,14 +16,16 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from many_cli.adapters import adapter_fingerprint
+from many_cli.bench.tiny import IMAGE_SIZE, PATCH_SIZE, build_tiny_llava, tiny_tokenizer
 from many_cli.state import STATS_FILE, pack_symmetric, unpack_symmetric, write_stats
 
 transformers.utils.logging.disable_progress_bar()
 
-IMAGE_TOKEN = 63
+IMAGE_TOKEN = tiny_tokenizer().convert_tokens_to_ids("<image>")  # the last special token: words follow it
+VOCABULARY = len(tiny_tokenizer())
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # the tokens an image becomes (the CLS feature dropped)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Which projections read the same input in a Llama block (the test knows; the merge is told
 # through the stats file).
@@ -37,47 +40,17 @@ SHARED_INPUT = {
 }
 
 
-def tiny_llava_config(hidden: int = 32) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=8,
-        patch_size=4,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu"
-    )
-
-
 def build_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A tiny LLaVA fed token ids directly; its folder also holds a processor, as every model
-    folder does (`many export` copies it), though its vocabulary is not this model's."""
-    from many_cli.bench.tiny import tiny_processor
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(hidden)).eval()
-    model.save_pretrained(path)
-    tiny_processor(image_size=8, patch_size=4).save_pretrained(path)
-    return path
+    """The tests' tiny LLaVA (the one the benchmarks and the sample use), fed token ids directly."""
+    return build_tiny_llava(path, hidden=hidden, seed=seed)
 
 
 def load_base(path: Path):
     """A saved tiny model in float32 on the CPU, loaded as `many` loads a base."""
     from many_cli.models import load_base_model
+    from many_cli.options import Placement
 
-    return load_base_model(str(path), torch.float32, torch.device("cpu"))
+    return load_base_model(str(path), torch.device("cpu"), Placement(dtype="float32"))
 
 
 def make_adapter(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:
@@ -96,9 +69,11 @@ def calibration_records(count: int, seed: int, length: int = 12) -> list[dict[st
     generator = torch.Generator().manual_seed(seed)
     records = []
     for _ in range(count):
-        text = torch.randint(0, IMAGE_TOKEN, (length - 4,), generator=generator)
-        input_ids = torch.cat([text[:2], torch.full((4,), IMAGE_TOKEN), text[2:]])[None]
-        records.append({"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 8, 8, generator=generator)})
+        text = torch.randint(IMAGE_TOKEN + 1, VOCABULARY, (length - IMAGE_TOKENS,), generator=generator)
+        input_ids = torch.cat([text[:2], torch.full((IMAGE_TOKENS,), IMAGE_TOKEN), text[2:]])[None]
+        records.append(
+            {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+        )
     return records
 
 
@@ -257,13 +232,31 @@ def invoke(*args) -> int:
         sys.argv = argv
 
 
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of the file itself), by path relative to it."""
+    paths = [path] if path.is_file() else sorted(item for item in path.rglob("*") if item.is_file())
+    return {
+        str(item.relative_to(path) if path.is_dir() else item.name): hashlib.sha256(item.read_bytes()).hexdigest()
+        for item in paths
+    }
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(item.name for item in folder.iterdir() if item.name.startswith("."))
+
+
+def console_script() -> list[str]:
+    """The installed `many` command (or `python -m many_cli` where there is none)."""
+    script = Path(sys.executable).with_name("many")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
+
+
 def many_as_ordinary_user() -> list[str]:
     """The console script, run (when the tests run as root) without the powers that ignore
     file permissions, so that permission bugs fail here as they would for any user."""
     import os
 
-    script = Path(sys.executable).with_name("many")
-    many = [str(script)] if script.exists() else [sys.executable, "-m", "many_cli"]
+    many = console_script()
     if os.geteuid() == 0:
         many = [
             "setpriv",

@@ -108,6 +108,7 @@ def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
     from many_cli.data import encode_records, load_image
     from many_cli.formats import read_records
     from many_cli.models import load_base_model
+    from many_cli.options import Placement
 
     work, names = recipe_run
     report = json.loads((work / "report" / "report.json").read_text())
@@ -116,7 +117,8 @@ def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
     for task in names:
         records = list(read_records(work / "data" / task / "evaluation.jsonl"))
         model = PeftModel.from_pretrained(
-            load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")), str(SAMPLE / "adapters" / task)
+            load_base_model(str(SAMPLE / "base"), torch.device("cpu"), Placement(dtype="float32")),
+            str(SAMPLE / "adapters" / task),
         ).eval()
         encoded = encode_records(
             processor, records, [load_image(r.source, r.image) for r in records], with_answers=False

@@ -38,6 +38,7 @@ from many_cli.bench.world import TASKS
 from many_cli.formats import read_records
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE
 from many_cli.models import load_base_model
+from many_cli.options import Placement
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_adapters"
 
@@ -90,14 +91,14 @@ def test_shipped_adapters_know_their_task_and_the_base_does_not():
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(SAMPLE / "base")
-    base = load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu"))
+    base = load_base_model(str(SAMPLE / "base"), torch.device("cpu"), Placement(dtype="float32"))
     for task in TASKS:
         data = SAMPLE / "data" / task.name / "evaluation.jsonl"
         assert _greedy_accuracy(base, processor, data) <= 0.5
     for task in TASKS:
         data = SAMPLE / "data" / task.name / "evaluation.jsonl"
         model = PeftModel.from_pretrained(
-            load_base_model(str(SAMPLE / "base"), torch.float32, torch.device("cpu")),
+            load_base_model(str(SAMPLE / "base"), torch.device("cpu"), Placement(dtype="float32")),
             str(SAMPLE / "adapters" / task.name),
         ).eval()
         assert _greedy_accuracy(model, processor, data) >= 0.85, task.name

@@ -6,6 +6,7 @@ own task, a mixed batch answering as one record at a time."""
 from __future__ import annotations
 
 import json
+import shutil
 import wave
 from pathlib import Path
 
@@ -403,3 +404,22 @@ def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path,
                 assert torch.linalg.norm(original[module] - matrix) > 1e-3 * torch.linalg.norm(matrix), module
             elif first(module):
                 assert torch.equal(measured[module], original[module]), module
+
+
+def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world.base / name, bare / name)
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", merged)[0] == 0
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    for args in (
+        ["stats", "--model", bare, "--adapter", world.adapters[0], "--data", data, "--out", tmp_path / "s"],
+        ["infer", "--model", bare, "--merged", merged, "--prompt", "hi"],
+        ["export", "--model", bare, "--merged", merged, "--out", tmp_path / "exported"],
+    ):
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and f"{bare}: has no processor or tokenizer" in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "s").exists()

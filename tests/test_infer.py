@@ -142,12 +142,23 @@ LAYER_BY_LAYER = {
 }
 
 
-def test_batched_answers_equal_single_ones_and_folding_and_placement_change_nothing(tasks, tmp_path, capsys):
+def test_batched_answers_equal_single_ones_and_folding_and_placement_change_nothing(
+    tasks, tmp_path, capsys, monkeypatch
+):
     root, base, adapters, heldout = tasks
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
     placement = tmp_path / "device_map.json"
     placement.write_text(json.dumps(LAYER_BY_LAYER))
+    placement_reads = []
+    read_text = Path.read_text
+
+    def counted_read_text(path, *args, **kwargs):
+        if path == placement:
+            placement_reads.append(path)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted_read_text)
     runs = {}
     for name, extra in {
         "single": ["--batch-size", 1],
@@ -181,6 +192,7 @@ def test_batched_answers_equal_single_ones_and_folding_and_placement_change_noth
             for task, weight in single["routing"].items():
                 assert mine["routing"][task] == pytest.approx(weight, abs=1e-5)
     assert all(sum(r["routing"].values()) == pytest.approx(1.0) for r in runs["single"])
+    assert len(placement_reads) == 1  # the options are resolved once, where they are checked
 
 
 def test_accuracy_table_and_min_accuracy_gate(tasks, tmp_path, capsys):

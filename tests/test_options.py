@@ -1,4 +1,5 @@
-"""One source per option: the command line is built from the settings objects."""
+"""One source per option: the command line is built from the settings objects, and a bad setting
+is refused in one line before any work."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import typer
+from helpers import run_cli
 from typer.testing import CliRunner
 
 from many_cli.cli import with_options
@@ -136,3 +138,33 @@ def test_an_option_with_fixed_values_shows_them_and_refuses_others(command, flag
     assert "<" + "|".join(CHOICES[command, flag]) + ">" in help_text
     refused = runner.invoke(app, [command, flag, "nonsense"])
     assert refused.exit_code == 2 and "nonsense" in refused.output
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["infer", "--image", "x.png", "--eta", "inf"], "--eta"),
+        (["infer", "--image", "x.png", "--confidence", "1.5", "--lm-routing", "experts"], "--confidence"),
+        (["infer", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+        (["infer", "--data", "x.jsonl", "--min-accuracy", "nan"], "--min-accuracy"),
+        (["infer", "--data", "x.jsonl", "--min-accuracy", "1.5"], "--min-accuracy"),
+        (["infer", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["infer", "--image", "x.png", "--device", "tpu"], "--device"),
+        (["infer", "--image", "x.png", "--out", "p.jsonl"], "--out or --min-accuracy does not apply"),
+        (["infer", "--prompt", "hi", "--min-accuracy", "0.5"], "--out or --min-accuracy does not apply"),
+        (["infer", "--data", "x.jsonl", "--json"], "--json does not apply"),
+        (["infer", "--image", "x.png", "--eta", "0.1"], "--eta does not apply to --routing nearest"),
+        (["infer", "--image", "x.png", "--confidence", "0.9"], "--confidence does not apply to --lm-routing merged"),
+        (["merge", "nowhere", "--out", "m", "--eta", "inf"], "--eta"),
+        (["merge", "nowhere", "--out", "m", "--ridge", "nan"], "--ridge"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--dtype", "float8"], "--dtype"),
+        (["stats", "--adapter", "nowhere", "--data", "x.jsonl", "--device-map", ""], "--device-map is empty"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option):
+    command, rest = args[0], args[1:]
+    model = [] if command == "merge" else ["--model", tmp_path / "no-model"]
+    merged = ["--merged", tmp_path / "no-merge"] if command == "infer" else []
+    code, err = run_cli(capsys, command, *model, *merged, *rest)
+    assert code == 2 and option in err and "no-model" not in err and err.count("\n") == 1, err

@@ -24,6 +24,7 @@ from many_cli.formats import read_records
 from many_cli.infer import InferOptions, MergedModel, answer_all, load_merged, load_processor, load_task_projectors
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
 from many_cli.models import apply_adapters, load_adapted_model, load_base_model
+from many_cli.options import Placement
 from many_cli.report import Predictions, build_report
 from many_cli.state import BUNDLE_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
@@ -273,14 +274,14 @@ def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
 
 def _adapted(base: str, adapter: Path) -> MergedModel:
     """base + one adapter (its LoRA and its projector), as PEFT loads it."""
-    model = load_adapted_model(base, adapter, torch.float32, torch.device("cpu"))
+    model = load_adapted_model(base, adapter, torch.device("cpu"), Placement(dtype="float32"))
     return MergedModel(model, load_processor(base), None, torch.device("cpu"))
 
 
 def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
     """The merged LoRA with one task's projector (a merge without CPM)."""
     model = apply_adapters(
-        load_base_model(base, torch.float32, torch.device("cpu")), base, [(merged, "default")]
+        load_base_model(base, torch.device("cpu"), Placement(dtype="float32")), base, [(merged, "default")]
     ).merge_and_unload()
     bundle = read_bundle_header(merged / BUNDLE_FILE)
     load_task_projectors(model, bundle, index)

@@ -237,7 +237,7 @@ report = collect_stats(base, Path(adapter), Path(data), None, options)
 result = {"seconds": time.perf_counter() - start, "tokens": report.tokens}
 if measure == "1":  # the statistics pass against a plain forward, same model, same batches
     compute = resolve_device(device)
-    model = load_adapted_model(base, Path(adapter), "auto", compute)
+    model = load_adapted_model(base, Path(adapter), compute)
     batches = [encoded for encoded, _ in encoded_batches(load_processor(base), read_records(Path(data)),
                                                          options, StatsReport(Path(data)))]
     run_forward(model, batches[:1], compute)
@@ -262,7 +262,7 @@ compute = resolve_device(device)
 processor = load_processor(base)
 inputs = [encode_loaded(processor, [record], [load_inputs(processor, record)], with_answers=False).to(compute)
           for record in read_records(Path(data))]
-plain = load_base_model(base, "auto", compute)
+plain = load_base_model(base, compute)
 ours = load_merged(base, Path(merged), InferOptions(device=device)).model
 seconds_per_image(plain, inputs[:1], 2)
 seconds_per_image(ours, inputs[:1], 2)

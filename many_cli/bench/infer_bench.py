@@ -129,7 +129,7 @@ def bench_infer(
     compute = resolve_device(device)
     with tempfile.TemporaryDirectory() as folder:
         base, merged = build_world(Path(folder), tasks, hidden, layers)
-        plain, base_load = _timed(lambda: load_base_model(str(base), "auto", compute))
+        plain, base_load = _timed(lambda: load_base_model(str(base), compute))
         ours, many_load = _timed(lambda: load_merged(str(base), merged, InferOptions(device=str(compute.type))))
         routed = load_merged(str(base), merged, InferOptions(device=str(compute.type), lm_routing="experts"))
         processor = AutoProcessor.from_pretrained(base)

@@ -25,6 +25,7 @@ from many_cli.formats import read_records
 from many_cli.infer import load_processor
 from many_cli.merge import MergeOptions, merge
 from many_cli.models import apply_adapters, load_base_model, lora_layers, text_layers
+from many_cli.options import Placement
 from many_cli.state import STATS_FILE, read_stats_header, write_stats
 from many_cli.stats import TOKEN_RULE, InputCovariances, StatsOptions, StatsReport, accumulate, encoded_batches
 
@@ -72,7 +73,9 @@ def layerwise_adapters(
 def _retake_stage(base: str, adapter: Path, merged: Path, data: Path, stage: int, by_module: bool) -> None:
     """Rewrite `adapter`'s stats: the inputs of stage `stage` measured with the merge below it."""
     model = apply_adapters(
-        load_base_model(base, torch.float32, torch.device("cpu")), base, [(adapter, "task"), (merged, "merged")]
+        load_base_model(base, torch.device("cpu"), Placement(dtype="float32")),
+        base,
+        [(adapter, "task"), (merged, "merged")],
     ).eval()
     layers = lora_layers(model)
     for name, layer in layers.items():

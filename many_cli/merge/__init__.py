@@ -21,7 +21,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from many_cli.distributed import init_distributed
+from many_cli.distributed import join_world
 from many_cli.files import atomic_output_dir
 from many_cli.merge import outputs
 from many_cli.merge.budget import Track
@@ -56,8 +56,9 @@ def merge(
     report = MergeReport(out, [], 0)
     with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
         inputs = read_inputs(adapter_paths, out, options, resume, method, report, converted)
-        report.rank, world = init_distributed(inputs.options.device)
-        if report.rank != 0:  # another torchrun rank: it does its share, rank 0 writes
+        world = join_world(inputs.options.device)
+        report.rank = world.rank
+        if world.rank != 0:  # another torchrun rank: it does its share, rank 0 writes
             if method.distributed:
                 method.run(inputs, None, report, track, world)
             return report

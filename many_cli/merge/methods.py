@@ -18,7 +18,7 @@ class Method:
     needs_stats: bool  # reads each adapter's many_stats.safetensors
     resumable: bool  # keeps a state that `--resume` extends
     distributed: bool  # torchrun ranks share the work (else rank 0 does it all)
-    run: Callable  # (inputs, staging, report, track, world) -> None: the merged adapter into staging
+    run: Callable  # (inputs, staging, report, track, World) -> None: the merged adapter into staging
     settings: Callable[[MergeOptions], dict]  # its own settings, as the card's metadata lists them
     rank_fit: str  # where a --rank budget's best approximation is taken
 

@@ -13,7 +13,7 @@ import torch
 
 from many_cli import lpm
 from many_cli.adapters import MergedAdapterWriter
-from many_cli.distributed import rank_device, receive_tensors, send_tensors
+from many_cli.distributed import World, receive_tensors, send_tensors
 from many_cli.errors import InputError
 from many_cli.merge.budget import Track, fit_rank, merged_modules
 from many_cli.merge.inputs import Group, MergeInputs
@@ -55,10 +55,10 @@ class SolvedGroup:
     gram: torch.Tensor | None = None
 
 
-def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, track: Track, world: int) -> None:
+def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, track: Track, world: World) -> None:
     """The merged adapter (and the state) of `inputs` into `staging`; on ranks other than 0
     (`staging` None) only this rank's share of the groups, sent to rank 0."""
-    rank, options, groups = report.rank, inputs.options, inputs.groups
+    rank, device, options, groups = world.rank, world.device, inputs.options, inputs.groups
     all_tasks = inputs.state_tasks()
     writer = adapter = None
     if rank == 0:
@@ -66,10 +66,9 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
         adapter = MergedAdapterWriter(staging, modules, inputs.base_model)
         report.modules = len(modules)
         writer = _state_writer(inputs, staging / STATE_FILE, all_tasks)
-    device = rank_device(options.device, world)
     singular, underdetermined = [], []
     for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
-        owner = number % world
+        owner = number % world.size
         if owner == rank:
             gram, contributions = gather_group(group, inputs, device)
             if writer:  # the state in the order declared: each group's H, then its factors
@@ -93,9 +92,7 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
     if writer:
         writer.close()
         adapter.close()
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    world.leave()
     report.note_conditioning(singular, underdetermined, len(groups), options.ridge)
 
 

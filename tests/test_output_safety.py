@@ -1,0 +1,165 @@
+"""Output safety: an output never destroys an input nor the current directory; a second writer
+of one output is refused; a failed write leaves the old file; the same command writes the same
+bytes; what an ordinary user cannot read or write is named in one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import console_script, digest, hidden, many_as_ordinary_user, run_cli
+
+from many_cli import files
+
+
+@pytest.fixture
+def adapters(world, tmp_path) -> Path:
+    """A folder holding copies of two of the world's adapters (with their stats)."""
+    folder = tmp_path / "adapters"
+    for adapter in world.adapters[:2]:
+        shutil.copytree(adapter, folder / adapter.name)
+    return folder
+
+
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(world, adapters, tmp_path, capsys):
+    first = sorted(adapters.iterdir())[0]
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hello"}\n')
+    before = digest(tmp_path)
+    cases = [
+        ["merge", adapters, "--out", adapters, "--force"],  # the folder holding the inputs
+        ["merge", *sorted(adapters.iterdir()), "--out", first, "--force"],  # one of the inputs
+        ["merge", adapters, "--out", adapters / "merged"],  # inside the inputs' folder
+        ["merge", first, "--out", tmp_path, "--force"],  # a folder that contains the inputs
+        [
+            "stats",
+            "--model",
+            world.base,
+            "--adapter",
+            first,
+            "--data",
+            data,
+            "--out",
+            first / "adapter_model.safetensors",
+            "--force",
+        ],
+        ["stats", "--model", world.base, "--adapter", first, "--data", data, "--out", data, "--force"],
+        [
+            "stats",
+            "--model",
+            world.base,
+            "--adapter",
+            first,
+            "--data",
+            data,
+            "--out",
+            world.base / "many_stats.safetensors",
+        ],
+        ["convert", first, "--out", first, "--force"],
+    ]
+    for args in cases:
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and "would overwrite the input" in err and err.count("\n") == 1, (args, err)
+    assert digest(tmp_path) == before
+
+
+def test_the_current_directory_and_files_are_not_replaced_by_a_directory(adapters, tmp_path, capsys, monkeypatch):
+    first = sorted(adapters.iterdir())[0]
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    for out in (".", ".."):
+        code, err = run_cli(capsys, "merge", first, "--out", out, "--force")
+        assert code == 2 and "current directory" in err, err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    code, err = run_cli(capsys, "merge", first, "--out", a_file, "--force")
+    assert code == 2 and "not a directory" in err and a_file.read_text() == "mine"
+    assert hidden(tmp_path) == [] and sorted(os.listdir(elsewhere)) == []
+
+
+def test_a_second_writer_of_one_output_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    with files.atomic_output_dir(out, force=True) as staging:  # another process, as far as flock knows
+        (staging / "x").write_text("first")
+        code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
+        assert code == 2 and "another many process is writing" in err, err
+    assert (out / "x").read_text() == "first" and hidden(tmp_path) == []
+
+
+def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(tmp_path):
+    out = tmp_path / "preds.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(OSError), files.atomic_output_file(out) as partial:
+        partial.write_text("half")
+        raise OSError(28, "No space left on device")
+    assert out.read_text() == "old\n" and hidden(tmp_path) == []
+
+
+def test_the_same_merge_writes_the_same_bytes(world, tmp_path):
+    """Two processes with different string hashing (set order) and fresh safetensors state."""
+    for seed in ("1", "2"):
+        run = subprocess.run(
+            [*console_script(), "merge", *map(str, world.adapters), "--out", str(tmp_path / seed)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert run.returncode == 0, run.stderr
+    first, second = digest(tmp_path / "1"), digest(tmp_path / "2")
+    assert len(first) > 6 and first == second
+
+
+def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    unreadable = shutil.copytree(world.adapters[0], tmp_path / "unreadable")
+    (unreadable / "adapter_model.safetensors").chmod(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    data.chmod(0)
+    cases = [
+        (
+            [
+                "stats",
+                "--model",
+                world.base,
+                "--adapter",
+                world.adapters[0],
+                "--data",
+                data,
+                "--out",
+                tmp_path / "s.safetensors",
+            ],
+            "data.jsonl: cannot be read (Permission denied)",
+        ),
+        (["merge", world.adapters[0], "--out", locked / "m"], "locked/m: cannot write here (Permission denied)"),
+        (["merge", world.adapters[0], "--out", locked / "sub" / "m"], "cannot create its folder (Permission denied)"),
+        (
+            ["merge", unreadable, "--out", tmp_path / "m"],
+            "adapter_model.safetensors: cannot be read (Permission denied)",
+        ),
+    ]
+    for args, message in cases:
+        run = subprocess.run([*many_as_ordinary_user(), *map(str, args)], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert hidden(tmp_path) == [] and list(locked.iterdir()) == []
+
+
+def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothing(world, tmp_path):
+    """As an ordinary user: the old output cannot be removed (mode 555), so it cannot be replaced;
+    it used to be swapped out and left hidden beside the new one, one more each run."""
+    out = tmp_path / "M"
+    merge = [*many_as_ordinary_user(), "merge", str(world.adapters[0]), "--out", str(out)]
+    assert subprocess.run(merge, capture_output=True).returncode == 0
+    out.chmod(0o555)
+    try:
+        before = sorted(path.name for path in out.iterdir())
+        run = subprocess.run([*merge, "--force"], capture_output=True, text=True)
+        assert run.returncode == 2 and "cannot be replaced" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert sorted(path.name for path in out.iterdir()) == before and hidden(tmp_path) == []
+    finally:
+        out.chmod(0o755)
