@@ -29,35 +29,15 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(world, ad
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hello"}\n')
     before = digest(tmp_path)
+    stats = ["stats", "--model", world.base, "--adapter", first, "--data", data]
     cases = [
         ["merge", adapters, "--out", adapters, "--force"],  # the folder holding the inputs
         ["merge", *sorted(adapters.iterdir()), "--out", first, "--force"],  # one of the inputs
         ["merge", adapters, "--out", adapters / "merged"],  # inside the inputs' folder
         ["merge", first, "--out", tmp_path, "--force"],  # a folder that contains the inputs
-        [
-            "stats",
-            "--model",
-            world.base,
-            "--adapter",
-            first,
-            "--data",
-            data,
-            "--out",
-            first / "adapter_model.safetensors",
-            "--force",
-        ],
-        ["stats", "--model", world.base, "--adapter", first, "--data", data, "--out", data, "--force"],
-        [
-            "stats",
-            "--model",
-            world.base,
-            "--adapter",
-            first,
-            "--data",
-            data,
-            "--out",
-            world.base / "many_stats.safetensors",
-        ],
+        [*stats, "--out", first / "adapter_model.safetensors", "--force"],
+        [*stats, "--out", data, "--force"],
+        [*stats, "--out", world.base / "many_stats.safetensors"],
         ["convert", first, "--out", first, "--force"],
     ]
     for args in cases:
