@@ -38,3 +38,39 @@ def test_every_package_the_code_imports_is_declared():
     assert {"torch", "transformers", "matplotlib"} <= third_party  # the scan sees the code's imports
     missing = {name for name in third_party if DISTRIBUTION.get(name, name).lower().replace("-", "_") not in declared}
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+
+
+def module_imports(path: Path) -> set[str]:
+    """Every module `path` imports anywhere in its code (a lazy import inside a function too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+# The architecture's import rules, as the README states them.
+MATH = {"lpm", "cpm"}  # pure functions on tensors: no file, no other many module
+COMMANDS = {"stats", "merge", "infer", "export", "report"}  # each command's work
+PART_OF = {"report_page": "report"}  # a command's module outside its own file or package
+CALLERS = {"cli", "api", "demo", "bench", "__init__"}  # what runs commands: the only importers of their work
+
+
+def test_modules_import_only_what_the_architecture_allows():
+    imports = {
+        ".".join(path.relative_to(ROOT / "many_cli").with_suffix("").parts): module_imports(path)
+        for path in (ROOT / "many_cli").rglob("*.py")
+    }
+    assert "many_cli.merge.inputs" in imports["merge.solve"]  # the scan sees the code's imports
+    for module in MATH:
+        assert not {name for name in imports[module] if name.startswith("many_cli")}, module
+    for module, names in imports.items():
+        home = PART_OF.get(module.split(".")[0], module.split(".")[0])
+        if home in CALLERS:
+            continue
+        for command in COMMANDS - {home}:
+            used = {name for name in names if name == f"many_cli.{command}" or name.startswith(f"many_cli.{command}.")}
+            assert not used, f"{module} imports the {command} command's work ({sorted(used)})"

@@ -7,7 +7,7 @@ The package, one job per module:
 - `solve`: LPM, one input group at a time, and how torchrun ranks share the groups;
 - `baselines`: average, task arithmetic and TIES;
 - `budget`: the merged adapter's ranks and the `--rank` fit;
-- `outputs`: the bundle, the experts and the model card;
+- `outputs`: the bundle, the experts and the model card (`card`);
 - `report`: what the merge tells its user.
 
 Memory stays flat in the depth of the model: for one group of modules that read the same

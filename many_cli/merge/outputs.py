@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from many_cli.adapters import MergedAdapterWriter, MergedModule, read_adapter
-from many_cli.card import model_card
 from many_cli.errors import InputError
+from many_cli.merge.card import model_card
 from many_cli.merge.inputs import MergeInputs
 from many_cli.merge.methods import Method
 from many_cli.merge.report import MergeReport
