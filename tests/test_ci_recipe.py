@@ -1,4 +1,4 @@
-"""The README's CI job after each fine-tune, run as written on the sample with the four tasks
+"""The README's CI job after each fine-tune, run as written on the sample with three of its tasks
 arriving one at a time; the report's numbers are checked against the prediction rows, and the
 upper bounds against PEFT's own model."""
 
@@ -17,6 +17,7 @@ from many_cli.bench.world import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATED = 12  # records per task scored at each step
+STEPS = 3  # enough for forgetting and backward transfer; each step is five `many` processes
 SAMPLE = ROOT / "sample_adapters"
 
 
@@ -41,7 +42,8 @@ def recipe_run(tmp_path_factory):
     """The shell recipe, run once per task in a folder laid out as the README says."""
     work = tmp_path_factory.mktemp("continual")
     shutil.copytree(SAMPLE / "adapters", work / "adapters")
-    for task in (task.name for task in TASKS):  # the sample's data, the first 12 evaluation records of each task
+    names = [task.name for task in TASKS[:STEPS]]
+    for task in names:  # the sample's data, the first 12 evaluation records of each task
         shutil.copytree(SAMPLE / "data" / task, work / "data" / task)
         evaluation = work / "data" / task / "evaluation.jsonl"
         evaluation.write_text("".join(evaluation.read_text().splitlines(keepends=True)[:EVALUATED]))
@@ -50,7 +52,6 @@ def recipe_run(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "BASE": str(SAMPLE / "base"),
     }
-    names = [task.name for task in TASKS]
     for step, task in enumerate(names, start=1):
         environment |= {
             "TASK": task,
@@ -95,7 +96,7 @@ def test_the_recipe_reports_what_the_rows_say(recipe_run):
         sum(final[index] - matrix[index][index] for index in range(len(names) - 1)) / (len(names) - 1)
     )
     assert (work / "report" / "index.html").stat().st_size > 10_000
-    assert "| 4 |" in (work / "report" / "report.md").read_text()
+    assert f"| {STEPS} |" in (work / "report" / "report.md").read_text()
 
 
 def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
