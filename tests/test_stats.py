@@ -410,42 +410,15 @@ def test_a_device_map_gathers_the_same_statistics(task, tmp_path, capsys, monkey
             assert (one[module] - two[module]).norm() / one[module].norm() <= 1e-6, module
         assert torch.allclose(prototype_one, prototype_two, atol=1e-6)
 
+    placed_stats = ["stats", "--model", base, "--adapter", adapter, "--data", data, "--out", placed, "--force"]
     for device, fault in [("disk", "does not offload to disk"), ("gpu7", "'gpu7'"), (torch.cuda.device_count(), "GPU")]:
         bad = tmp_path / "bad_map.json"
         bad.write_text(json.dumps({"model": device, "lm_head": "cpu"}))
-        code, err = run_cli(
-            capsys,
-            "stats",
-            "--model",
-            base,
-            "--adapter",
-            adapter,
-            "--data",
-            data,
-            "--out",
-            placed,
-            "--device-map",
-            bad,
-            "--force",
-        )
+        code, err = run_cli(capsys, *placed_stats, "--device-map", bad)
         assert code == 2 and str(bad) in err and fault in err and len(err.strip().splitlines()) == 1, err
     misspelt = tmp_path / "misspelt_map.json"  # transformers ignores a key that names no module
     misspelt.write_text(json.dumps({"model": "cpu", "lm_head": "cpu", "model.langauge_model.layers.1": "cpu"}))
-    code, err = run_cli(
-        capsys,
-        "stats",
-        "--model",
-        base,
-        "--adapter",
-        adapter,
-        "--data",
-        data,
-        "--out",
-        placed,
-        "--device-map",
-        misspelt,
-        "--force",
-    )
+    code, err = run_cli(capsys, *placed_stats, "--device-map", misspelt)
     assert code == 2 and str(misspelt) in err and "'model.langauge_model.layers.1'" in err, err
     assert len(err.strip().splitlines()) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import AutoModelForImageTextToText, CLIPVisionConfig, PretrainedConfig
+from transformers import AutoModelForImageTextToText, PretrainedConfig
 
 from many_cli.bench.merge_bench import run_merge, run_python
-from many_cli.bench.tiny import IMAGE_SIZE, WORDS, qwen_vl_parts, tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import IMAGE_SIZE, WORDS, clip_vit_l_336, qwen_vl_parts, tiny_llava_config, tiny_processor
 from many_cli.families import projector_paths
 from many_cli.models import resolve_device
 from many_cli.state import STATS_FILE
@@ -35,15 +35,7 @@ LORA_RANK = 16
 def llava_15_7b(layers: int | None, vision_layers: int | None) -> tuple[PretrainedConfig, object]:
     """LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, features from the second to last),
     a two-layer GELU projector, Llama-2-7B (32 layers, 4096 wide, MLP 11008, vocabulary 32064)."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=vision_layers or 24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
+    vision = clip_vit_l_336(vision_layers or 24)
     config = tiny_llava_config(
         hidden=4096, layers=layers or 32, intermediate=11008, heads=32, kv_heads=32, vision=vision
     )

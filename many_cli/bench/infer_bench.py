@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, clip_vit_l_336, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
 from many_cli.infer import InferOptions, MergedModel, choose_adapters, load_merged
 from many_cli.merge import MergeOptions, merge
@@ -50,14 +50,7 @@ class InferBenchResult:
 
 def build_world(root: Path, tasks: int, hidden: int, layers: int, seed: int = 0) -> tuple[Path, Path]:
     """A base model, `tasks` adapters with stats files, and their merge; returns (base, merged)."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    )
+    vision = clip_vit_l_336()
     config = tiny_llava_config(
         hidden=hidden,
         layers=layers,

@@ -18,9 +18,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, clip_vit_l_336, tiny_llava_config, tiny_processor
 from many_cli.data import Record, encode_records
 from many_cli.families import find_projector
 from many_cli.models import lora_layers, resolve_device, text_layers
@@ -48,14 +48,7 @@ class StatsBenchResult:
 
 
 def build_model(layers: int, hidden: int, intermediate: int, device: torch.device) -> nn.Module:
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    )
+    vision = clip_vit_l_336()
     config = tiny_llava_config(
         hidden=hidden,
         layers=layers,

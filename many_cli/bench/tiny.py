@@ -126,6 +126,18 @@ def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -
     )
 
 
+def clip_vit_l_336(layers: int = 1) -> CLIPVisionConfig:
+    """LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336 px, with `layers` layers (24 in the real one)."""
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+
+
 def tiny_llava_config(
     hidden: int = 32,
     layers: int = 2,
