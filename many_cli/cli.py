@@ -323,10 +323,11 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     quiet_libraries()
     from many_cli import infer
     from many_cli.data import Record
-    from many_cli.formats import read_all_records
+    from many_cli.formats import read_all_records, refuse_output_over_data
 
     if out is not None:
-        refuse_overlap(out, [answering, model, *(data or [])])
+        refuse_overlap(out, [answering, model])
+        refuse_output_over_data(out, data, options.reading, infer.is_predictions_file)
         refuse_foreign_file(out, force, infer.is_predictions_file, "many infer output (JSON lines)")
     loaded = infer.load_merged(model, merged, options) if merged else infer.load_task_adapter(model, adapter, options)
     for note in loaded.notes:

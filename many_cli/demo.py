@@ -3,8 +3,6 @@ adapter, the merge, and an answer for one held-out image of each task."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +10,12 @@ from typing import Callable
 
 from many_cli.data import BadRecord, Record
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_dir, file_fingerprint, refuse_overlap
+from many_cli.files import atomic_output_dir, refuse_overlap, written_by_many
 from many_cli.formats import read_records
 from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.state import STATS_FILE
 from many_cli.stats import StatsOptions, collect_stats
-
-# Written last into the demo's output: every file the demo wrote and its fingerprint, so that a
-# later `many demo` replaces that folder only while it holds exactly what the demo left there.
-MANIFEST = "many-demo.json"
 
 
 @dataclass
@@ -54,33 +48,14 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
             copies.append(copy)
         say(f"many merge {out / 'adapters'} --out {out / 'merged'} --force")
         merge(copies, staging / "merged", MergeOptions())
-        (staging / MANIFEST).write_text(json.dumps(_files(staging), indent=1, sort_keys=True) + "\n")
     say(f"many infer --model {base} --merged {out / 'merged'} --image ... (one per task)")
     model = load_merged(str(base), out / "merged", InferOptions(device="cpu"))
     return DemoReport(out / "merged", answer(model, records, max_new_tokens=4))
 
 
 def is_demo_output(path: Path) -> bool:
-    """Whether `path` holds exactly the files an earlier `many demo` wrote, unchanged."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return manifest == _files(path)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-
-
-def _files(folder: Path) -> dict[str, str]:
-    """Every entry under `folder` but the manifest: relative path -> fingerprint (a folder or a
-    link gets its kind instead, so that nothing of the user's can hide as one)."""
-    entries = {}
-    for root, directories, files in os.walk(folder):
-        for name in directories + files:
-            path = Path(root) / name
-            relative = path.relative_to(folder).as_posix()
-            if relative == MANIFEST:
-                continue
-            entries[relative] = "link" if path.is_symlink() else "folder" if path.is_dir() else file_fingerprint(path)
-    return entries
+    """Whether `path` is an earlier `many demo`'s output, holding just what the demo wrote."""
+    return (path / "adapters").is_dir() and (path / "merged").is_dir() and written_by_many(path)
 
 
 def _first_record(path: Path) -> Record:

@@ -97,22 +97,77 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
     """Yield a temporary sibling directory; on success it becomes `out`, on any failure (or
     signal) it is removed, so no command leaves a half-written output behind and `out` is at
     every moment either the old output or the new one. An existing `out` is replaced only with
-    `force`, or when `is_own_output` recognises it as this command's own complete earlier output."""
+    `force`, or when `is_own_output` recognises it as this command's own complete earlier output,
+    and even then only when it is empty or holds exactly what `many` wrote there (its manifest):
+    no folder is ever emptied that `many` did not fill."""
     with _locked_output(out):  # checked under the lock, after a killed run's output is put back
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
-        if out.exists() and not force and not (is_own_output and is_own_output(out)):
-            mine = " and is not this command's own earlier output, untouched" if is_own_output else ""
-            raise InputError(out, f"output directory already exists{mine}; choose another --out or pass --force")
-        if out.exists():
+        if out.exists() and any(out.iterdir()):
+            _refuse_foreign_folder(out)
+            if not force and not (is_own_output and is_own_output(out)):
+                mine = " and is not this command's own earlier output" if is_own_output else ""
+                raise InputError(out, f"output directory already exists{mine}; choose another --out or pass --force")
             _check_removable(out)
         staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
         try:
             yield staging
+            (staging / OUTPUT_MANIFEST).write_text(json.dumps(_entries(staging), indent=1, sort_keys=True) + "\n")
             _swap_in(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+# Written last into every output folder: each entry `many` put there (relative path -> size in
+# bytes, or the kind of a folder or link), so that --force replaces that folder only while it holds
+# nothing else. Sizes, not digests: hashing an exported 7B model would cost more than writing it.
+OUTPUT_MANIFEST = ".many-output.json"
+
+
+def written_by_many(folder: Path) -> bool:
+    """Whether `folder` holds exactly the entries `many` wrote there, each of the size it wrote."""
+    return _first_foreign_entry(folder) is None
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    foreign = _first_foreign_entry(out)
+    if foreign is not None:
+        raise InputError(
+            out,
+            f"holds {foreign}, which many did not write there; many replaces only an empty folder or "
+            f"its own output, even with --force: choose another --out (or empty the folder yourself)",
+        )
+
+
+def _first_foreign_entry(folder: Path) -> str | None:
+    """The first entry under `folder` (in name order) that its manifest does not list as it is now,
+    or the manifest itself when it is missing or unreadable; None when all of it is many's."""
+    manifest = folder / OUTPUT_MANIFEST
+    try:
+        written = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        written = None
+    entries = _entries(folder)
+    if not isinstance(written, dict):
+        return str(folder / min(entries)) if entries else None
+    for name, kind in sorted(entries.items()):
+        if written.get(name) != kind:
+            return str(folder / name) + ("" if name not in written else " (changed since)")
+    return None
+
+
+def _entries(folder: Path) -> dict[str, int | str]:
+    """Every entry under `folder` but the manifest: relative path -> size, or "folder" / "link"
+    (a link is never followed, so nothing of the user's can hide behind one)."""
+    entries: dict[str, int | str] = {}
+    for root, directories, names in os.walk(folder):
+        for name in directories + names:
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative != OUTPUT_MANIFEST:
+                entries[relative] = "link" if path.is_symlink() else "folder" if path.is_dir() else path.lstat().st_size
+    return entries
 
 
 # Hidden siblings of an output NAME: the lock of the writing process, the staging copy being

@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
 from many_cli.data import IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
 from many_cli.errors import InputError
-from many_cli.files import check_readable
+from many_cli.files import check_readable, refuse_overlap
 from many_cli.options import FORMATS, DataOptions, Reading  # noqa: F401 - public names
 
 _SHAPE_OF_FORMAT = {
@@ -70,6 +70,43 @@ def read_all_records(sources: list[Path], reading: Reading = Reading()) -> Itera
             if isinstance(record, BadRecord):
                 raise InputError(record.source, record.fault)
             yield record
+
+
+def input_files(data: Path) -> list[Path]:
+    """The files DATA leads to besides its records' media: DATA itself, a `dataset_info.json` and
+    the file its entry names, an InternVL meta file and its annotations (for --out checks; a
+    fault in them is left for reading to report)."""
+    try:
+        if data.name.startswith(f"{_DATASET_INFO}:"):
+            info = data.with_name(_DATASET_INFO)
+            return [info, _dataset_info_file(info, _load_json(info), data.name.split(":", 1)[1])[1]]
+        if data.suffix == ".json" and data.is_file():
+            meta = _load_json(data)
+            if _is_internvl_meta(meta):
+                return [data, *(_annotation(data, name, entry) for name, entry in meta.items())]
+    except InputError:
+        pass
+    return [data]
+
+
+def media_files(sources: list[Path], reading: Reading = Reading()) -> Iterator[Path]:
+    """Every media file (or video folder) the records of `sources` name, read without opening any."""
+    for source in sources:
+        for record in read_records(source, reading):
+            if isinstance(record, Record):
+                yield from (path for path in record.images if isinstance(path, Path))
+                yield from (path for path in (record.audio, record.video) if path is not None)
+
+
+def refuse_output_over_data(
+    out: Path, sources: list[Path], reading: Reading, is_own_kind: Callable[[Path], bool]
+) -> None:
+    """Refuse an `out` that is, holds or lies inside a file that reading `sources` opens: the data
+    files always, and, when `out` exists as something other than this command's own kind of
+    output, every media file the records name (so that not even --force replaces one)."""
+    refuse_overlap(out, [path for source in sources for path in input_files(source)])
+    if out.exists() and not is_own_kind(out):
+        refuse_overlap(out, media_files(sources, reading))
 
 
 def count_records(data: Path) -> int | None:
@@ -133,11 +170,7 @@ def _json_records(path: Path, reading: Reading) -> Iterator[Record | BadRecord]:
             f"is LLaMA-Factory's list of datasets: give one as --data {path}:NAME (its datasets: "
             f"{', '.join(sorted(entries)) or 'none'})",
         )
-    if (
-        isinstance(entries, dict)
-        and entries
-        and all(isinstance(v, dict) and "annotation" in v for v in entries.values())
-    ):
+    if _is_internvl_meta(entries):
         return _internvl_records(path, entries, reading)
     if not isinstance(entries, list):
         raise InputError(
@@ -155,13 +188,26 @@ def _list_records(path: Path, entries: list, root: Path, task: str, shape: str |
         yield _entry_record(f"{path}[{index}]", root, entry, task, shape)
 
 
+def _is_internvl_meta(entries: object) -> bool:
+    return (
+        isinstance(entries, dict)
+        and bool(entries)
+        and all(isinstance(v, dict) and "annotation" in v for v in entries.values())
+    )
+
+
+def _annotation(path: Path, name: str, entry: dict) -> Path:
+    annotation = path.parent / str(entry["annotation"])
+    if not annotation.is_file():
+        raise InputError(path, f"dataset {name!r}: annotation {annotation} not found")
+    return annotation
+
+
 def _internvl_records(path: Path, meta: dict, reading: Reading) -> Iterator[Record | BadRecord]:
     """InternVL's meta file: {name: {"root": media folder, "annotation": a JSONL of conversations}};
     each dataset is a task of its name. Relative paths are taken from the meta file's folder."""
     for name, entry in meta.items():
-        annotation = path.parent / str(entry["annotation"])
-        if not annotation.is_file():
-            raise InputError(path, f"dataset {name!r}: annotation {annotation} not found")
+        annotation = _annotation(path, name, entry)
         root = reading.media_dir or path.parent / str(entry.get("root", ""))
         yield from _jsonl_records(annotation, reading, root=root, task=name, shape="conversation")
 
@@ -169,16 +215,7 @@ def _internvl_records(path: Path, meta: dict, reading: Reading) -> Iterator[Reco
 def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[Record | BadRecord]:
     """LLaMA-Factory's `dataset_info.json` entry NAME: its file (relative to the dataset folder, as
     its media), read with the entry's formatting, column and tag mapping."""
-    datasets = _load_json(info)
-    entry = datasets.get(name) if isinstance(datasets, dict) else None
-    if not isinstance(entry, dict):
-        known = ", ".join(sorted(datasets)) if isinstance(datasets, dict) and datasets else "none"
-        raise InputError(info, f"has no dataset {name!r} (its datasets: {known})")
-    if "file_name" not in entry:
-        raise InputError(info, f"dataset {name!r} names no local file_name (hub and script datasets are not read)")
-    path = info.parent / str(entry["file_name"])
-    if not path.is_file():
-        raise InputError(info, f"dataset {name!r}: {path} not found")
+    entry, path = _dataset_info_file(info, _load_json(info), name)
     mapping = _LlamaFactoryMapping(entry)
     raw = (
         (
@@ -192,6 +229,20 @@ def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[R
     root = reading.media_dir or info.parent
     for source, value in raw:
         yield _entry_record(source, root, mapping.apply(value), name, mapping.shape)
+
+
+def _dataset_info_file(info: Path, datasets: object, name: str) -> tuple[dict, Path]:
+    """The entry NAME of a `dataset_info.json` and the data file it names."""
+    entry = datasets.get(name) if isinstance(datasets, dict) else None
+    if not isinstance(entry, dict):
+        known = ", ".join(sorted(datasets)) if isinstance(datasets, dict) and datasets else "none"
+        raise InputError(info, f"has no dataset {name!r} (its datasets: {known})")
+    if "file_name" not in entry:
+        raise InputError(info, f"dataset {name!r} names no local file_name (hub and script datasets are not read)")
+    path = info.parent / str(entry["file_name"])
+    if not path.is_file():
+        raise InputError(info, f"dataset {name!r}: {path} not found")
+    return entry, path
 
 
 class _LlamaFactoryMapping:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from many_cli.errors import InputError
-from many_cli.files import check_readable
+from many_cli.files import OUTPUT_MANIFEST, check_readable
 
 MERGE, ADAPTER = "merge", "adapter"  # the row field naming what answered: a merge, or one task's own adapter
 REPORT_FILES = ("report.json", "report.md", "index.html")
@@ -334,7 +334,7 @@ def is_report_dir(path: Path) -> bool:
     """Whether `path` is an earlier report (which `--out` may replace): exactly the report's files."""
     try:
         return (
-            sorted(entry.name for entry in path.iterdir()) == sorted(REPORT_FILES)
+            sorted(entry.name for entry in path.iterdir()) == sorted([*REPORT_FILES, OUTPUT_MANIFEST])
             and all((path / name).is_file() for name in REPORT_FILES)
             and "accuracy_matrix" in json.loads((path / "report.json").read_text())
         )

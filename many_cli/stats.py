@@ -29,7 +29,7 @@ from many_cli.distributed import World, all_gather_json, all_gather_rows, join_w
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
 from many_cli.files import refuse_foreign_file, refuse_overlap
-from many_cli.formats import count_records, read_records
+from many_cli.formats import count_records, read_records, refuse_output_over_data
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (
     adapter_renames,
@@ -87,7 +87,8 @@ def collect_stats(
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
     options.check()
     out = out or adapter / STATS_FILE
-    refuse_overlap(out, [data, base, *(adapter / name for name in ADAPTER_FILES)])
+    refuse_overlap(out, [base, *(adapter / name for name in ADAPTER_FILES)])
+    refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
     with peft_adapter_dir(adapter) as converted:
         return _collect(base, converted, data, out, options, progress)

@@ -531,7 +531,10 @@ def test_infer_out_never_replaces_its_input_or_a_foreign_file(tasks, tmp_path, c
     assert code == 2 and "would overwrite the input" in err
     code, err = run_cli(capsys, *common, "--out", foreign)
     assert code == 2 and "--force" in err and foreign.read_text() == "mine\n"
-    code, err = run_cli(capsys, *common, "--out", tmp_path / "red")
+    code, err = run_cli(capsys, *common, "--out", tmp_path / "red")  # the folder of the records' images
+    assert code == 2 and "would overwrite the input" in err
+    (tmp_path / "a folder").mkdir()
+    code, err = run_cli(capsys, *common, "--out", tmp_path / "a folder")
     assert code == 2 and "is a directory" in err
     lookalikes = {
         "blank first line": "\nmy notes\n",

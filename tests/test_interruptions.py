@@ -63,8 +63,8 @@ with files.atomic_output_dir(out, force=True) as staging:
 @pytest.mark.parametrize("moment", ["writing", "between renames"])
 def test_a_killed_writer_is_recovered_by_the_next_run(tmp_path, moment):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "version.txt").write_text("old")
+    with files.atomic_output_dir(out, force=False) as staging:  # an earlier output of many's
+        (staging / "version.txt").write_text("old")
     run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out), moment], capture_output=True)
     assert run.returncode == -signal.SIGKILL
     assert hidden(tmp_path), "the kill should have left something behind"

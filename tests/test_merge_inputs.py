@@ -22,6 +22,8 @@ from peft import IA3Config, LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from many_cli.state import read_bundle_header
+
 
 def copy_adapters(world, root: Path) -> list[Path]:
     copies = []
@@ -190,15 +192,14 @@ def test_bad_input_exits_2_with_one_line_and_no_output(world, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()  # nor the folder made for it
 
 
-def test_existing_output_needs_force(world, tmp_path, capsys):
+def test_an_existing_merge_is_replaced_only_with_force(world, tmp_path, capsys):
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run_cli(capsys, "merge", world.adapters[1], "--out", out)[0] == 0
     code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out)
-    assert code == 2 and "--force" in err and (out / "keep.txt").exists()
+    assert code == 2 and "--force" in err
     code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    assert read_bundle_header(out / "many_bundle.safetensors").tasks == (world.adapters[0].name,)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 

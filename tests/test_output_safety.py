@@ -143,3 +143,89 @@ def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothi
         assert sorted(path.name for path in out.iterdir()) == before and hidden(tmp_path) == []
     finally:
         out.chmod(0o755)
+
+
+def _image(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return path
+
+
+def test_no_file_the_records_lead_to_is_ever_an_output_even_with_force(world, tmp_path, capsys):
+    """Every media file the records name, the annotation files and dataset_info.json followed, under
+    whatever --media-dir: refused as an --out, with --force or without (never suggesting it)."""
+    data = tmp_path / "d"
+    calibration = _image(data / "calibration" / "000.png")
+    evaluation = _image(data / "evaluation" / "047.png")
+    media = _image(tmp_path / "media" / "m.png")
+    (data / "many.jsonl").write_text(
+        '{"image": "calibration/000.png", "prompt": "colour?"}\n{"image": "evaluation/047.png", "prompt": "x"}\n'
+    )
+    (data / "media.jsonl").write_text('{"image": "m.png", "prompt": "colour?"}\n')
+    (data / "train.json").write_text(
+        '[{"conversations": [{"from": "human", "value": "<image>colour?"}, {"from": "gpt", "value": "red"}], '
+        '"images": ["calibration/000.png"]}]'
+    )
+    (data / "dataset_info.json").write_text('{"colours": {"file_name": "train.json", "formatting": "sharegpt"}}')
+    (data / "annotation.jsonl").write_text(
+        '{"image": "047.png", "conversations": [{"from": "human", "value": "<image>x"}]}\n'
+    )
+    (data / "meta.json").write_text('{"eval": {"root": "evaluation", "annotation": "annotation.jsonl"}}')
+    stats = ["stats", "--model", world.base, "--adapter", world.adapters[0]]
+    infer = ["infer", "--model", world.base, "--merged", world.adapters[0]]
+    cases = [
+        ([*stats, "--data", data / "many.jsonl", "--out", calibration], calibration),
+        ([*infer, "--data", data / "many.jsonl", "--out", evaluation], evaluation),
+        ([*stats, "--data", f"{data}/dataset_info.json:colours", "--out", calibration], calibration),
+        ([*stats, "--data", f"{data}/dataset_info.json:colours", "--out", data / "dataset_info.json"], None),
+        ([*stats, "--data", f"{data}/dataset_info.json:colours", "--out", data / "train.json"], None),
+        ([*infer, "--data", data / "meta.json", "--out", data / "annotation.jsonl"], None),
+        ([*infer, "--data", data / "meta.json", "--out", evaluation], evaluation),
+        ([*stats, "--data", data / "media.jsonl", "--media-dir", media.parent, "--out", media], media),
+    ]
+    before = digest(tmp_path)
+    for args, _ in cases:
+        for force in ([], ["--force"]):
+            code, err = run_cli(capsys, *args, *force)
+            assert code == 2 and "would overwrite the input" in err and "--force" not in err, (args, err)
+            assert err.count("\n") == 1, err
+    assert digest(tmp_path) == before
+
+
+def test_force_replaces_only_an_empty_folder_or_many_own_output(world, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "thesis.txt").write_text("four years")
+    (home / "Documents" / "zz.txt").write_text("more")
+    monkeypatch.setenv("HOME", str(home))
+    adapter = world.adapters[0]
+    code, err = run_cli(capsys, "merge", adapter, "--out", home, "--force")
+    assert code == 2 and f"holds {home / 'Documents'}, which many did not write" in err, err
+    assert (home / "Documents" / "thesis.txt").read_text() == "four years"
+
+    out = tmp_path / "merged"
+    out.mkdir()  # an empty folder: replaced
+    assert run_cli(capsys, "merge", adapter, "--out", out, "--force")[0] == 0
+    first = digest(out)
+    assert run_cli(capsys, "merge", adapter, "--out", out, "--force")[0] == 0  # many's own output
+    assert digest(out) == first
+    (out / "experts" / "mine.txt").parent.mkdir(exist_ok=True)
+    (out / "experts" / "mine.txt").write_text("a note of mine")
+    code, err = run_cli(capsys, "merge", adapter, "--out", out, "--force")
+    assert code == 2 and f"holds {out / 'experts' / 'mine.txt'}, which many did not write" in err, err
+    (out / "experts" / "mine.txt").unlink()
+    (out / "README.md").write_text("my own card")  # a file many wrote, changed since
+    code, err = run_cli(capsys, "merge", adapter, "--out", out, "--force")
+    assert code == 2 and f"holds {out / 'README.md'} (changed since)" in err, err
+    assert (out / "README.md").read_text() == "my own card"
+    # Every folder output (merge, export, report, convert, demo) is written by atomic_output_dir.
+    stranger = tmp_path / "stranger"
+    (stranger / "sub").mkdir(parents=True)
+    (stranger / "sub" / "a.txt").write_text("x")
+    for own in (None, lambda path: True):
+        with pytest.raises(files.InputError, match="sub, which many did not write"):
+            with files.atomic_output_dir(stranger, force=True, is_own_output=own):
+                pass
+    assert (stranger / "sub" / "a.txt").read_text() == "x"
