@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -17,15 +17,21 @@ from torch import nn
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
-from many_cli.files import atomic_output_dir, read_json, refuse_overlap
+from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.layouts import renamer
-from many_cli.models import auto_model_classes, base_fingerprint, load_processor
+from many_cli.models import (
+    WEIGHTS_INDEX,
+    auto_model_classes,
+    base_fingerprint,
+    load_processor,
+    refuse_other_base,
+    weight_files,
+)
 from many_cli.options import MEAN, ROUTED, ExportOptions
-from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output
+from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output, recorded_base
 from many_cli.tensorfiles import DTYPES, StreamingSafetensorsWriter, open_safetensors
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_INDEX = "model.safetensors.index.json"
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
@@ -49,9 +55,12 @@ def export(
             base,
             "export reads the base model's own files: give a local model directory (for a hub id, its snapshot folder)",
         )
-    base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
+    fingerprint = base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
     load_processor(str(base_dir))  # the export must load as the base does, processor included
     bundle = read_merge_output(merged)
+    built_on = recorded_base(merged)
+    if built_on:
+        refuse_other_base(*built_on, base, fingerprint)
     adapter = read_adapter(merged)
     refuse_overlap(out, [base_dir, merged])
     shards = _shards(base_dir)
@@ -65,8 +74,8 @@ def export(
         for path in base_dir.iterdir():
             if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "README.md":
                 shutil.copy2(path, staging / path.name)
-        if (base_dir / _INDEX).is_file():
-            shutil.copy2(base_dir / _INDEX, staging / _INDEX)
+        if (base_dir / WEIGHTS_INDEX).is_file():
+            shutil.copy2(base_dir / WEIGHTS_INDEX, staging / WEIGHTS_INDEX)
         if options.projector == ROUTED:
             shutil.copy2(bundle.path, staging / BUNDLE_FILE)
         (staging / "README.md").write_text(_card(base, merged, adapter, options.projector))
@@ -75,33 +84,11 @@ def export(
 
 def _shards(base_dir: Path) -> dict[str, list[str]]:
     """The base checkpoint's safetensors files and the keys of each."""
-    if (base_dir / _INDEX).is_file():
-        weight_map = read_json(base_dir / _INDEX).get("weight_map", {})
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(base_dir / _INDEX, 'has no "weight_map" object naming the shards')
-        files = sorted(set(weight_map.values()), key=str)
-        for name in files:
-            _check_shard_name(base_dir / _INDEX, name)
-    else:
-        files = ["model.safetensors"]
     shards = {}
-    for name in files:
+    for name in weight_files(base_dir):
         with open_safetensors(base_dir / name) as handle:
             shards[name] = handle.keys()
     return shards
-
-
-def _check_shard_name(index: Path, name: object) -> None:
-    """A shard is named relative to the model's folder and stays inside it: the export writes
-    the same name under --out, so an absolute name or a `..` would lead outside it (or onto the
-    shard being read)."""
-    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise InputError(
-            index,
-            f"names the shard {name!r}, which is not a path inside the model's folder; "
-            f"name each shard relative to it (for example model-00001-of-00002.safetensors)",
-        )
 
 
 def _meta_model(base_dir: Path) -> nn.Module:

@@ -36,11 +36,21 @@ from many_cli.models import (
     base_fingerprint,
     load_base_model,
     lora_layers,
+    refuse_other_base,
     resolve_device,
     text_layers,
 )
 from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
-from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, BundleHeader, read_bundle_header, read_merge_output
+from many_cli.state import (
+    BUNDLE_FILE,
+    EXPERTS_DIR,
+    STATS_FILE,
+    BundleHeader,
+    read_bundle_header,
+    read_merge_output,
+    read_stats_header,
+    recorded_base,
+)
 
 MERGED = "merged"  # the PEFT adapter name of the merged LoRA in experts mode
 
@@ -83,7 +93,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_merge_output(merged)
-    model, device = _base_model(base, options)
+    model, device = _base_model(base, options, recorded_base(merged))
     notes = []
     if bundle.projector_module and find_projector(model) is None:
         notes.append(
@@ -131,7 +141,10 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
             f"nothing is routed); leave it out",
         )
     check_supported_config(adapter)
-    model, device = _base_model(base, options)
+    stats = adapter / STATS_FILE
+    model, device = _base_model(
+        base, options, (stats, read_stats_header(stats).base_fingerprint) if stats.is_file() else None
+    )
     model = apply_adapters(model, base, [(adapter, "default")])
     model = model.merge_and_unload() if options.fold else model
     return MergedModel(
@@ -154,9 +167,14 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)
 
 
-def _base_model(base: str, options: InferOptions) -> tuple[nn.Module, torch.device]:
-    """The base model (checked) where the options place it, and the device the router runs on."""
-    base_fingerprint(base)
+def _base_model(
+    base: str, options: InferOptions, built_on: tuple[Path, str] | None = None
+) -> tuple[nn.Module, torch.device]:
+    """The base model (checked, and refused when it is not the base `built_on` = (file, fingerprint)
+    records) where the options place it, and the device the router runs on."""
+    fingerprint = base_fingerprint(base)
+    if built_on:
+        refuse_other_base(*built_on, base, fingerprint)
     device = resolve_device(options.device)
     return load_base_model(base, device, options.placement), device
 

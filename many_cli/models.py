@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -14,10 +14,12 @@ from torch import nn
 
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
+from many_cli.files import read_json
 from many_cli.layouts import module_renames, rename_key, renamer
 from many_cli.options import Placement
-from many_cli.tensorfiles import check_tensors, open_safetensors
+from many_cli.tensorfiles import check_tensors, open_safetensors, weights_fingerprint
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
@@ -39,8 +41,9 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 
 
 def base_fingerprint(base: str) -> str:
-    """sha256 of the base model's config.json as saved, less fields that do not change the
-    model (its path, dtype, the transformers version that wrote it)."""
+    """The base model's identity, "CONFIG-WEIGHTS": sha256 of its config.json as saved, less
+    fields that do not change the model (its path, dtype, the transformers version that wrote
+    it), and `weights_fingerprint` of its safetensors weights as stored (however sharded)."""
     from transformers import PretrainedConfig
 
     local = Path(base).expanduser()
@@ -65,7 +68,63 @@ def base_fingerprint(base: str) -> str:
             f"OpenGVLab InternVL, the -hf checkpoints)",
         )
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(_weight_files(base))}"
+
+
+def _weight_files(base: str) -> list[Path]:
+    """The base's safetensors files (a hub id's from its cached snapshot, fetched as loading would)."""
+    local = Path(base).expanduser()
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(base, allow_patterns=["*.safetensors", WEIGHTS_INDEX]))
+        except Exception as error:  # noqa: BLE001 - the hub client raises many kinds
+            raise InputError(base, f"its weights cannot be fetched ({type(error).__name__}: {error})") from None
+    return [local / name for name in weight_files(local)]
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files transformers loads a model from, relative to its folder: those its
+    index names (each checked to stay inside the folder), else model.safetensors."""
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        if not (folder / "model.safetensors").is_file():
+            raise InputError(folder, "holds no model.safetensors nor its index (many loads no pickled checkpoint)")
+        return ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(index, 'has no "weight_map" object naming the shards')
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        _check_shard_name(index, name)
+    return names
+
+
+def _check_shard_name(index: Path, name: object) -> None:
+    """A shard is named relative to the model's folder and stays inside it: the export writes
+    the same name under --out, so an absolute name or a `..` would lead outside it (or onto the
+    shard being read)."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise InputError(
+            index,
+            f"names the shard {name!r}, which is not a path inside the model's folder; "
+            f"name each shard relative to it (for example model-00001-of-00002.safetensors)",
+        )
+
+
+def refuse_other_base(recorded_by: Path, recorded: str, base: str, actual: str) -> None:
+    """Refuse `base` (fingerprint `actual`) for what `recorded_by` says was built on `recorded`."""
+    if recorded == actual:
+        return
+    same_config = recorded.partition("-")[0] == actual.partition("-")[0]
+    how = "the same config but other weights" if same_config else "another config"
+    raise InputError(
+        recorded_by,
+        f"was built on another base model than {base} ({how}); give the base it was built on, "
+        f"or re-run many stats (and the merge) on this one",
+    )
 
 
 def _without_volatile(value):

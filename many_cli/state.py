@@ -492,6 +492,14 @@ def read_merge_output(merged: Path) -> BundleHeader:
     return bundle
 
 
+def recorded_base(merged: Path) -> tuple[Path, str] | None:
+    """(the file that records it, the fingerprint) of the base a merge output was built on; None
+    for a merge of adapters without stats files, which knows no base."""
+    state = merged / STATE_FILE
+    fingerprint = read_state_header(state).base_fingerprint if state.is_file() else ""
+    return (state, fingerprint) if fingerprint else None
+
+
 def check_one_merge(state: "StateHeader", bundle: BundleHeader) -> None:
     """A merge output's state and bundle must hold the same tasks in the same order."""
     names = tuple(task.name for task in state.tasks)

@@ -3,11 +3,12 @@ and files far larger than memory are written one tensor at a time (writes)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import BinaryIO, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -100,6 +101,60 @@ def check_tensors(path: Path) -> None:
     with open_safetensors(path) as handle:
         for key in handle.keys():
             handle.get(key)
+
+
+# A tensor's bytes are sampled, not read whole: a window at its start, middle and end. Any change
+# that reaches a whole tensor (another seed, a fine-tune, a LoRA folded in) shows in each window,
+# and the reads stay a few KiB a tensor however large the model.
+_WINDOW = 1024
+_HEADER_LIMIT = 100 << 20  # safetensors' own cap on a header
+
+
+def weights_fingerprint(files: Sequence[Path]) -> str:
+    """sha256, over every tensor of the safetensors `files` in name order, of its name, dtype,
+    shape and three windows of its bytes as stored: the same weights however they are sharded."""
+    tensors = {}
+    for path in files:
+        for name, (dtype, shape, start, end) in _header(path).items():
+            tensors.setdefault(name, []).append((path, dtype, shape, start, end))
+    digest = hashlib.sha256()
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        for name in sorted(tensors):
+            for path, dtype, shape, start, end in tensors[name]:
+                digest.update(json.dumps([name, dtype, shape]).encode())
+                handle = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                middle = (start + end - _WINDOW) // 2
+                for offset in sorted({start, max(start, middle), max(start, end - _WINDOW)}):
+                    handle.seek(offset)
+                    digest.update(handle.read(min(_WINDOW, end - offset)))
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return digest.hexdigest()[:16]
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """name -> (dtype, shape, first byte, end) of every tensor of a safetensors file, in file
+    offsets (which safe_open does not tell: the fingerprint reads byte windows)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > _HEADER_LIMIT:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(handle.read(length))
+        size = path.stat().st_size
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = (8 + length + int(offset) for offset in entry["data_offsets"])
+            if not 8 + length <= start <= end <= size:
+                raise ValueError(f"tensor {name!r} lies outside the file")
+            tensors[name] = (str(entry["dtype"]), list(entry["shape"]), start, end)
+        return tensors
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(path, f"not a readable safetensors file ({error}); re-create it") from None
 
 
 class StreamingSafetensorsWriter:

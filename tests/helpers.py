@@ -17,6 +17,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
+from many_cli import models
 from many_cli.adapters import adapter_fingerprint
 from many_cli.bench.tiny import IMAGE_SIZE, PATCH_SIZE, build_tiny_llava, tiny_tokenizer
 from many_cli.state import STATS_FILE, pack_symmetric, unpack_symmetric, write_stats
@@ -135,11 +136,16 @@ def write_task_stats(
     adapter: Path,
     covariances: dict[str, torch.Tensor],
     tokens: int,
-    base_fingerprint: str = "base-A",
+    base_fingerprint: str | None = None,
     prototype: torch.Tensor | None = None,
 ) -> None:
     """Write the stats file `many merge` reads, through the project's own writer, storing
-    each shared input once (float32, as `many stats` accumulates)."""
+    each shared input once (float32, as `many stats` accumulates); its base is the one the
+    adapter's config names, unless `base_fingerprint` says otherwise."""
+    if base_fingerprint is None:
+        base_fingerprint = models.base_fingerprint(
+            json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
     by_input: dict[str, list[str]] = {}
     for module in covariances:
         by_input.setdefault(input_key(module), []).append(module)

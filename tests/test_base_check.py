@@ -1,0 +1,88 @@
+"""A merge, a stats file and an `infer --adapter` run know their base by its config and its
+weights: another base is refused in one line naming the file that records it; the same weights
+sharded otherwise are the same base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import build_base, invoke, run_cli, write_task_stats
+from safetensors.torch import load_file, save_file
+
+from many_cli.models import base_fingerprint
+
+
+@pytest.fixture(scope="module")
+def bases(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    other_config = shutil.copytree(world.base, root / "other_config")
+    config = json.loads((other_config / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-5 if config["text_config"].get("rms_norm_eps") != 1e-5 else 1e-6
+    (other_config / "config.json").write_text(json.dumps(config))
+    other_weights = build_base(root / "other_weights", seed=1)
+    nudged = shutil.copytree(world.base, root / "nudged")  # one tensor of the language model changed
+    weights = load_file(nudged / "model.safetensors")
+    name = next(key for key in sorted(weights) if "layers.0.self_attn.q_proj" in key)
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, nudged / "model.safetensors", metadata={"format": "pt"})
+    return {"other config": other_config, "other weights": other_weights, "nudged": nudged}
+
+
+@pytest.fixture(scope="module")
+def merged(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    assert invoke("merge", *world.adapters[:2], "--out", out) == 0
+    return out
+
+
+def test_another_base_is_refused_naming_the_file_that_records_the_base(world, bases, merged, tmp_path, capsys):
+    state, stats = merged / "many_state.safetensors", world.adapters[0] / "many_stats.safetensors"
+    for kind, base in bases.items():
+        how = "another config" if kind == "other config" else "the same config but other weights"
+        cases = [
+            (["infer", "--model", base, "--merged", merged, "--prompt", "hi"], state),
+            (["infer", "--model", base, "--adapter", world.adapters[0], "--prompt", "hi"], stats),
+            (["export", "--model", base, "--merged", merged, "--out", tmp_path / "exported"], state),
+        ]
+        for args, named in cases:
+            code, err = run_cli(capsys, *args)
+            assert code == 2 and err.count("\n") == 1, (args, err)
+            assert f"{named}: was built on another base model than {base} ({how})" in err, (args, err)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_resuming_with_stats_taken_on_another_base_is_refused(world, bases, merged, tmp_path, capsys):
+    adapter = shutil.copytree(world.adapters[2], tmp_path / world.adapters[2].name)
+    write_task_stats(adapter, world.covariances[2], 36, base_fingerprint=base_fingerprint(str(bases["nudged"])))
+    code, err = run_cli(capsys, "merge", adapter, "--resume", merged, "--out", tmp_path / "next")
+    assert code == 2 and "was computed on another base model" in err and str(adapter) in err, err
+
+
+def test_the_same_weights_sharded_otherwise_are_the_same_base(world, merged, tmp_path, capsys):
+    sharded = shutil.copytree(world.base, tmp_path / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(world.base / "model.safetensors")
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({key: weights[key] for key in keys}, sharded / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {key: shard for shard, keys in halves.items() for key in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert base_fingerprint(str(sharded)) == base_fingerprint(str(world.base))
+    code, err = run_cli(capsys, "infer", "--model", sharded, "--merged", merged, "--prompt", "hi")
+    assert code == 0, err
+
+
+def test_every_tensor_counts_and_a_copy_is_the_same_base(world, bases, tmp_path):
+    copy = shutil.copytree(world.base, tmp_path / "copy")
+    fingerprints = {base_fingerprint(str(path)) for path in [world.base, copy]}
+    assert len(fingerprints) == 1
+    assert base_fingerprint(str(bases["nudged"])) not in fingerprints
+    weights = load_file(world.base / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name in sorted(weights)[:: max(1, len(weights) // 6)]:  # a fine-tune's change to any one tensor shows
+        update = 1e-4 * torch.randn(weights[name].shape, generator=generator)
+        save_file({**weights, name: weights[name] + update}, copy / "model.safetensors", metadata={"format": "pt"})
+        assert base_fingerprint(str(copy)) not in fingerprints, name
