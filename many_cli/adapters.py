@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -187,12 +188,12 @@ def loading_config(adapter: Adapter, renames: Mapping[str, str]):
     from peft import LoraConfig
 
     saved = read_json(adapter.path / ADAPTER_CONFIG)
-    rank, alpha = saved.get("r", 8), saved.get("lora_alpha", saved.get("r", 8))
+    rank, alpha = saved.get("r", PEFT_DEFAULT_RANK), saved.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     ranks, alphas = {}, {}
     for module in adapter.modules.values():
         name = f"^{re.escape(renames[module.name])}"  # PEFT matches pattern keys anchored so, this module alone
         ranks[name] = module.rank
-        alphas[name] = declared_rank_and_alpha(saved, module.name, module.rank)[1]
+        alphas[name] = declared_rank_and_alpha(saved, module.name)[1]
     fields = {field.name for field in dataclasses.fields(LoraConfig)}
     config = LoraConfig(
         **{key: value for key, value in saved.items() if key in fields}
@@ -249,6 +250,16 @@ def _common_parent(modules: tuple[str, ...]) -> str:
     return ".".join(parts[0][: len(common)])
 
 
+# PEFT's LoraConfig defaults, for a config that leaves a field out: read as PEFT reads it.
+PEFT_DEFAULT_RANK = 8
+PEFT_DEFAULT_ALPHA = 8
+
+# Initialisations that change the base as well as the adapter (PiSSA, CorDA, OLoRA and LoRA-GA
+# move the adapter's initial product out of the base weights; LoftQ quantises them): saved
+# unconverted, the adapter belongs to that changed base, not to the one given.
+_RESIDUAL_BASE_INITS = re.compile(r"(pissa|corda)(_niter_\d+)?|olora|loftq|lora_ga", re.IGNORECASE)
+
+
 def check_supported_config(path: Path) -> dict:
     """The adapter's config, if it is of a kind many can merge (else an InputError naming it)."""
     config_path = path / ADAPTER_CONFIG
@@ -256,6 +267,16 @@ def check_supported_config(path: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(config_path, f"peft_type {peft_type!r} is not supported; {SUPPORTED}")
+    _check_scaling_fields(config_path, config)
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and _RESIDUAL_BASE_INITS.fullmatch(init):
+        raise InputError(
+            config_path,
+            f"init_lora_weights {init!r} trains the adapter on a changed base, and it was saved "
+            f"unconverted; save it as a plain LoRA of the original base with PEFT's "
+            f"model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INITIAL_ADAPTER) "
+            f"(LoftQ: merge onto the quantised base it was trained on, which many does not)",
+        )
     for flag, what in [
         ("use_dora", "DoRA"),
         ("lora_bias", "lora_bias"),
@@ -266,6 +287,37 @@ def check_supported_config(path: Path) -> dict:
         if config.get(flag):
             raise InputError(config_path, f"{what} is not supported; {SUPPORTED}")
     return config
+
+
+def _check_scaling_fields(config_path: Path, config: dict) -> None:
+    """The fields that scale the weights must have PEFT's types, so that many reads them as PEFT does."""
+
+    def number(value: object, positive_integer: bool = False) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if positive_integer else (int, float)):
+            return False
+        return value > 0 if positive_integer else math.isfinite(value)
+
+    for field, default, integer in (("r", PEFT_DEFAULT_RANK, True), ("lora_alpha", PEFT_DEFAULT_ALPHA, False)):
+        value = config.get(field, default)
+        if not number(value, integer):
+            kind = "a positive integer" if integer else "a number"
+            raise InputError(config_path, f"{field} is {value!r}: PEFT expects {kind}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise InputError(config_path, f"use_rslora is {config['use_rslora']!r}: PEFT expects true or false")
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(config_path, f"{field} is {pattern!r}: PEFT expects an object of module patterns")
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise InputError(config_path, f"{field} key {key!r} is not a regular expression ({error})") from None
+            if not number(value, integer):
+                raise InputError(
+                    config_path,
+                    f"{field} gives {key!r} {value!r}: PEFT expects a {'positive integer' if integer else 'number'}",
+                )
 
 
 def _split_saved_module(name: str, saved: list[str]) -> tuple[str, str] | None:
@@ -287,20 +339,21 @@ def _lora_module(
         raise InputError(
             weights, f"module {module}: lora_A {a_shape} and lora_B {b_shape} are not the factors of one linear layer"
         )
-    declared, alpha = declared_rank_and_alpha(config, module, rank)
+    declared, alpha = declared_rank_and_alpha(config, module)
     if declared != rank:
         raise InputError(weights, f"module {module}: the config declares rank {declared}, the weights have rank {rank}")
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     return LoraModule(module, rank, float(scale), a_shape[1], b_shape[0])
 
 
-def declared_rank_and_alpha(config: dict, module: str, rank: int) -> tuple[int, float]:
+def declared_rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
     """The rank and lora_alpha an adapter's config gives `module` (its rank_pattern and
-    alpha_pattern matched as PEFT matches them); `rank` is the alpha when none is given."""
+    alpha_pattern matched as PEFT matches them), with PEFT's defaults where it gives none."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    declared = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r"))
-    return declared, alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", rank))
+    declared = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r", PEFT_DEFAULT_RANK))
+    alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    return declared, alpha
 
 
 def pattern_key(pattern_keys: Iterable[str], module: str) -> str:

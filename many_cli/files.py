@@ -39,6 +39,8 @@ def read_json(path: Path) -> dict:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(path, f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(path, "not valid JSON for many (nested too deeply)") from None
     if not isinstance(value, dict):
         raise InputError(path, "expected a JSON object")
     return value

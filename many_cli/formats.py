@@ -146,6 +146,9 @@ def _jsonl_records(
             except json.JSONDecodeError as error:
                 yield BadRecord(source, f"not JSON ({error.msg})")
                 continue
+            except RecursionError:
+                yield BadRecord(source, "nested too deeply")
+                continue
             yield _entry_record(
                 source,
                 reading.media_dir or root or path.parent,
@@ -160,6 +163,8 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(path, f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(path, "not valid JSON for many (nested too deeply)") from None
 
 
 def _json_records(path: Path, reading: Reading) -> Iterator[Record | BadRecord]:

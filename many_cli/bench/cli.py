@@ -86,6 +86,31 @@ def bench_stats_command(
     )
 
 
+@bench_app.command("base-check")
+def bench_base_check_command(
+    layers: Annotated[int, typer.Option("--layers", help="Language-model depth (LLaVA-1.5-7B: 32).")] = 32,
+    work: Annotated[
+        Optional[Path], typer.Option("--work", help="Where the base is written (default: a temporary folder).")
+    ] = None,
+) -> None:
+    """Checking a base by its weights against loading it: a 7B-shaped sharded LLaVA, bfloat16."""
+    import tempfile
+
+    from many_cli.bench.base_check import bench_base_check
+
+    with tempfile.TemporaryDirectory(dir=work) as folder:
+        result = bench_base_check(Path(folder), layers)
+    _print_measures(
+        f"many bench base-check: LLaVA-1.5-7B-shaped base, {layers} language layers, "
+        f"{result.weight_bytes / 1e9:.1f} GB in {result.shards} shards, CPU",
+        [
+            ("base check (config + every tensor's byte windows)", f"{result.check_seconds * 1000:.1f} ms"),
+            ("loading the base (bfloat16)", f"{result.load_seconds:.2f} s"),
+            ("check / load (goal ≤ 0.05)", f"{result.ratio:.4f}"),
+        ],
+    )
+
+
 @bench_app.command("infer")
 def bench_infer_command(
     tasks: Annotated[int, typer.Option("--tasks", help="Merged tasks (routed projectors).")] = 4,
