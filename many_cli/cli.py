@@ -431,7 +431,8 @@ def report_command(
     """The continual run after each step: accuracy matrix, forgetting, backward transfer, routing, wrong answers."""
     options.check()
     require_inputs({path: "prediction file not found" for path in [*predictions, *(upper or [])]})
-    from many_cli.report import ADAPTER, MERGE, build_report, gate, read_predictions, write_report
+    from many_cli.report import build_report, gate, read_predictions, write_report
+    from many_cli.rows import ADAPTER, MERGE
 
     report = build_report(
         [read_predictions(path, MERGE) for path in predictions],

@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
-import string
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from many_cli.models import (
     text_layers,
 )
 from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
+from many_cli.rows import ADAPTER, MERGE, is_correct, is_prediction_row
 from many_cli.state import (
     BUNDLE_FILE,
     EXPERTS_DIR,
@@ -116,7 +115,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
         experts,
         tracker,
         notes,
-        Answerer("merge", bundle.tasks, merge_fingerprint(merged)),
+        Answerer(MERGE, bundle.tasks, merge_fingerprint(merged)),
     )
 
 
@@ -152,7 +151,7 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
         load_processor(base),
         None,
         device,
-        answered_by=Answerer("adapter", (adapter.name,), adapter_fingerprint(adapter)),
+        answered_by=Answerer(ADAPTER, (adapter.name,), adapter_fingerprint(adapter)),
     )
 
 
@@ -350,9 +349,7 @@ class Prediction:
     @property
     def correct(self) -> bool | None:
         """Whether the prediction matches the record's answer (normalised exact match); None without one."""
-        if self.record.answer is None:
-            return None
-        return normalise_answer(self.prediction) == normalise_answer(self.record.answer)
+        return is_correct(self.prediction, self.record.answer)
 
     def as_json(self) -> dict:
         row = {
@@ -394,7 +391,8 @@ def answer(merged: MergedModel, records: list[Record], max_new_tokens: int) -> l
     seconds = (time.perf_counter() - start) / len(records)
     texts = merged.processor.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     routing = _routing_per_record(merged, records)
-    names = extra.get("adapter_names", [MERGED] * len(records))
+    own = merged.answered_by.tasks[0] if merged.answered_by and merged.answered_by.kind == ADAPTER else MERGED
+    names = extra.get("adapter_names", [own] * len(records))
     return [
         Prediction(record, text.strip(), weights, seconds, name, merged.answered_by)
         for record, text, weights, name in zip(records, texts, routing, names, strict=True)
@@ -473,44 +471,9 @@ def is_predictions_file(path: Path) -> bool:
             return True
         if not text.endswith("\n"):
             return False
-        return all(_is_prediction_row(json.loads(line)) for line in text[:-1].split("\n"))
+        return all(is_prediction_row(json.loads(line)) for line in text[:-1].split("\n"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-
-
-_ROW_FIELDS = {
-    "prediction",
-    "routing",
-    "routed_task",
-    "correct",
-    "lm",
-    "seconds",
-    "prompt",
-    "image",
-    "images",
-    "audio",
-    "video",
-    "task",
-    "answer",
-    "merge",
-    "adapter",
-}
-
-
-def _is_prediction_row(row: object) -> bool:
-    return (
-        isinstance(row, dict)
-        and isinstance(row.get("prediction"), str)
-        and isinstance(row.get("routing"), (dict, list))
-        and set(row) <= _ROW_FIELDS
-    )
-
-
-def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces: the usual VQA exact-match rule."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
 
 
 def accuracy_by_task(predictions: Iterable[Prediction]) -> dict[str, tuple[int, int]]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from many_cli.errors import InputError
 from many_cli.files import OUTPUT_MANIFEST, check_readable
+from many_cli.rows import MERGE, is_correct
 
-MERGE, ADAPTER = "merge", "adapter"  # the row field naming what answered: a merge, or one task's own adapter
 REPORT_FILES = ("report.json", "report.md", "index.html")
 
 
@@ -66,6 +66,7 @@ def read_predictions(path: Path, kind: str) -> Predictions:
                 f"whether it is correct and the {kind} that answered (a file of an older "
                 f"many: score again)",
             )
+        _check_correct(path, number, row)
         if answered_by is None:
             answered_by = source
         elif source != answered_by:
@@ -78,6 +79,20 @@ def read_predictions(path: Path, kind: str) -> Predictions:
     if not rows:
         raise InputError(path, "holds no prediction rows")
     return Predictions(path, answered_by, rows)
+
+
+def _check_correct(path: Path, number: int, row: dict) -> None:
+    """A row's `correct` is what its prediction and answer say (recomputed, never believed)."""
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise InputError(path, f"line {number}: its answer {answer!r} is not a string")
+    if row["correct"] != is_correct(row["prediction"], answer):
+        raise InputError(
+            path,
+            f"line {number} says correct {json.dumps(row['correct'])}, but its prediction "
+            f"{row['prediction']!r} and answer {answer!r} say {json.dumps(is_correct(row['prediction'], answer))} "
+            f"(normalised exact match): the row was edited; score again with many infer",
+        )
 
 
 def scores(rows: list[dict]) -> dict[str, tuple[int, int]]:
@@ -149,6 +164,7 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
     per_step: list[dict[str, tuple[int, int]]] = []
     for number, step in enumerate(steps):
         found = scores(step.rows)
+        _check_merge(step, found, steps[number - 1] if number else None)
         if per_step:
             _check_growth(step, steps[number - 1], found, per_step[-1])
         order = {task: index for index, task in enumerate(step.answered_by["tasks"])}
@@ -202,6 +218,38 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
     }
 
 
+def _check_merge(step: Predictions, found: dict[str, tuple[int, int]], previous: Predictions | None) -> None:
+    """A step scores exactly the tasks its merge holds, routes only to them, and its merge holds
+    the previous step's tasks first, in their order: one run of continual merges."""
+    merged = step.answered_by["tasks"]
+    for task in found:
+        if task not in merged:
+            raise InputError(
+                step.path,
+                f"scores task {task!r}, which the merge that answered it does not hold (it holds "
+                f"{', '.join(merged)}); a record's task (its task field, else its file's name) must be "
+                f"the name of the adapter that learned it",
+            )
+    unscored = [task for task in merged if task not in found]
+    if unscored:
+        raise InputError(
+            step.path,
+            f"scores no record of task {', '.join(map(repr, unscored))}, which its merge holds: each step "
+            f"scores every task merged so far",
+        )
+    for number, row in enumerate(step.rows, start=1):
+        stray = [task for task in routed_tasks(row) if task not in merged]
+        if stray:
+            raise InputError(step.path, f"row {number} is routed to {stray[0]!r}, a task its merge does not hold")
+    if previous is not None and merged[: len(previous.answered_by["tasks"])] != previous.answered_by["tasks"]:
+        raise InputError(
+            step.path,
+            f"was answered by a merge of {', '.join(merged)}, which does not extend the merge of "
+            f"{previous.path} ({', '.join(previous.answered_by['tasks'])}): give one file per "
+            f"merge of one continual run, in merge order",
+        )
+
+
 def _check_growth(
     step: Predictions, previous: Predictions, found: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
 ) -> None:
@@ -231,7 +279,12 @@ def _upper_accuracy(upper: list[Predictions], tasks: list[str]) -> dict[str, flo
     """Each task's accuracy with its own adapter alone, from `infer --adapter` files."""
     accuracy: dict[str, float] = {}
     for predictions in upper:
+        own = predictions.answered_by["tasks"]
         for task, (correct, scored) in scores(predictions.rows).items():
+            if [task] != own:
+                raise InputError(
+                    predictions.path, f"scores task {task!r} with the adapter of {', '.join(own)}: not that task's own"
+                )
             if task in accuracy:
                 raise InputError(predictions.path, f"scores task {task!r} again: give one --upper file per task")
             if task not in tasks:

@@ -128,7 +128,7 @@ def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
             words = processor.tokenizer.convert_ids_to_tokens(model(**encoded).logits[:, -1].argmax(-1).tolist())
         rows = [json.loads(line) for line in (work / "upper" / f"{task}.jsonl").read_text().splitlines()]
         assert [r["prediction"].split()[0] for r in rows] == words
-        assert {r["adapter"]["tasks"][0] for r in rows} == {task}
+        assert {r["adapter"]["tasks"][0] for r in rows} == {r["lm"] for r in rows} == {task}
         assert report["upper_accuracy"][task] == pytest.approx(
             sum(w == r.answer for w, r in zip(words, records)) / len(records)
         )

@@ -151,6 +151,10 @@ def test_gates_that_hold_pass(capsys, tmp_path):
     assert _report(capsys, tmp_path, "--min-final-accuracy", "0.5", "--max-forgetting", "0.5")[0] == 0
 
 
+def _unanswered(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != "answer"} | {"correct": None}
+
+
 def _rewrite(path: Path, change) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     _write(path, change(rows))
@@ -165,6 +169,12 @@ def _rewrite(path: Path, change) -> None:
         ("no new task", "scores the same tasks as"),
         ("two merges in one file", "was answered by another merge than line 1"),
         ("no answers for a task", "no record of task 'c' has an answer"),
+        ("a merge without a task it scores", "scores task 'c', which the merge that answered it does not hold"),
+        ("a merge with a task it does not score", "scores no record of task 'd', which its merge holds"),
+        ("an edited correct", "line 1 says correct true, but its prediction 'zzz' and answer 'yes' say false"),
+        ("correct without an answer", "line 1 says correct true, but its prediction 'yes' and answer None say null"),
+        ("routed to a task of no merge", "row 1 is routed to 'zz', a task its merge does not hold"),
+        ("a merge that does not extend the last", "which does not extend the merge of"),
     ],
 )
 def test_files_that_are_not_a_continual_run_are_refused_naming_the_file(capsys, tmp_path, case, fault):
@@ -180,8 +190,30 @@ def test_files_that_are_not_a_continual_run_are_refused_naming_the_file(capsys, 
         shutil.copy(steps[1], broken)
     elif case == "two merges in one file":
         _rewrite(broken, lambda rows: rows[:-1] + [{**rows[-1], "merge": {"tasks": ["a"], "fingerprint": "other"}}])
+    elif case == "no answers for a task":
+        _rewrite(broken, lambda rows: [_unanswered(row) if row["task"] == "c" else row for row in rows])
     else:
-        _rewrite(broken, lambda rows: [{**row, "correct": None} if row["task"] == "c" else row for row in rows])
+        merge = {
+            "a merge without a task it scores": ["a", "b"],
+            "a merge with a task it does not score": ["a", "b", "c", "d"],
+            "a merge that does not extend the last": ["b", "a", "c"],
+        }.get(case)
+        first = {
+            "an edited correct": {"prediction": "zzz", "correct": True},
+            "correct without an answer": {"answer": None, "correct": True},
+            "routed to a task of no merge": {"routed_task": "zz", "routing": {"zz": 1.0}},
+        }.get(case, {})
+        _rewrite(
+            broken,
+            lambda rows: [
+                {
+                    **row,
+                    **(first if index == 0 else {}),
+                    **({"merge": {**row["merge"], "tasks": merge}} if merge else {}),
+                }
+                for index, row in enumerate(rows)
+            ],
+        )
     code, _, err = run_cli_output(capsys, "report", *steps, "--out", tmp_path / "report")
     assert code == 2
     assert err.startswith(f"many: error: {broken}:") and fault in err and len(err.strip().splitlines()) == 1
@@ -269,3 +301,10 @@ def test_the_page_renders_in_a_browser_with_the_report_s_numbers(capsys, tmp_pat
     near = lambda target: any(sum(abs(a - b) for a, b in zip(colour, target)) < 12 for colour in colours)  # noqa: E731
     # The heat map's cells at 100% and 25% (viridis) are on screen.
     assert near((253, 231, 37)) and near((59, 82, 139))
+
+
+def test_an_upper_bound_scored_with_another_task_s_adapter_is_refused(capsys, tmp_path):
+    steps, upper = _run(tmp_path)
+    _rewrite(upper[1], lambda rows: [{**row, "adapter": {"tasks": ["a"], "fingerprint": "adapter-a"}} for row in rows])
+    code, _, err = run_cli_output(capsys, "report", *steps, "--upper", upper[1], "--out", tmp_path / "report")
+    assert code == 2 and err == f"many: error: {upper[1]}: scores task 'b' with the adapter of a: not that task's own\n"
