@@ -22,7 +22,7 @@ from rich.console import Console
 
 from many_cli.bench.cli import bench_app
 from many_cli.errors import InputError, OutputError, Terminated
-from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs
+from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs, signals_held
 from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
 app = typer.Typer(
@@ -75,9 +75,19 @@ def with_options(settings: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
+@contextmanager
+def importing(transformers: bool = True) -> Iterator[None]:
+    """The block where a command imports its work (and torch with it), once its arguments have
+    passed, with Ctrl-C and SIGTERM held back until the imports end: torch's import runs Python
+    from C++, where the exception a signal raises is lost, or aborts the process (exit 134)."""
+    with signals_held():
+        if transformers:
+            quiet_libraries()
+        yield
+
+
 def quiet_libraries() -> None:
-    """Libraries' own progress bars and notices would bury the one-line reports: called by each
-    command that loads transformers, once its arguments have passed."""
+    """Libraries' own progress bars and notices would bury the one-line reports."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
@@ -134,7 +144,8 @@ def merge_command(
             **({resume: "merge directory to resume from not found"} if resume else {}),
         }
     )
-    from many_cli.merge import merge
+    with importing(transformers=False):
+        from many_cli.merge import merge
 
     report = merge(adapters, out, options, resume=resume, track=_track)
     if report.rank != 0:
@@ -172,8 +183,8 @@ def export_command(
             "directory (for a hub id, its snapshot folder)",
         }
     )
-    quiet_libraries()
-    from many_cli.export import export
+    with importing():
+        from many_cli.export import export
 
     report = export(model, merged, out, options, track=_track)
     stderr.print(
@@ -232,8 +243,8 @@ def stats_command(
     """Accumulate one task's input covariances and visual prototype for `many merge`."""
     options.check()
     require_inputs({adapter: "adapter directory not found", data: "data not found"})
-    quiet_libraries()
-    from many_cli.stats import collect_stats
+    with importing():
+        from many_cli.stats import collect_stats
 
     bars: list[_RecordsBar] = []
 
@@ -320,10 +331,10 @@ def infer_command(  # long only by the parameters typer declares: the body is si
             **{source: "data not found" for source in data or []},
         }
     )
-    quiet_libraries()
-    from many_cli import infer
-    from many_cli.data import Record
-    from many_cli.formats import read_all_records, refuse_output_over_data
+    with importing():
+        from many_cli import infer
+        from many_cli.data import Record
+        from many_cli.formats import read_all_records, refuse_output_over_data
 
     if out is not None:
         refuse_overlap(out, [answering, model])
@@ -462,7 +473,8 @@ def convert_command(
 ) -> None:
     """Write an original-LLaVA-layout checkpoint as a standard PEFT adapter (transformers names)."""
     require_inputs({source: "checkpoint not found"})
-    from many_cli.llava_layout import convert
+    with importing(transformers=False):
+        from many_cli.llava_layout import convert
 
     convert(source, out, force)
     stderr.print(
@@ -484,8 +496,8 @@ def demo_command(
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
     require_inputs({sample: "sample folder not found"})
-    quiet_libraries()
-    from many_cli.demo import run_demo
+    with importing():
+        from many_cli.demo import run_demo
 
     report = run_demo(sample, out, force, say=lambda command: stderr.print(f"[dim]$ {command}[/dim]"))
     print(f"many infer with {report.merged} (MAny: merged LoRA + routed projectors):")

@@ -297,7 +297,7 @@ def _swap_in(staging: Path, out: Path) -> None:
         _remove(staging)  # now the old output (or the symbolic link that named it)
     else:
         old = _old_path(out)
-        with _signals_held():
+        with signals_held():
             out.rename(old)
             staging.rename(out)
         _remove(old)
@@ -313,7 +313,8 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this block, delivered (if they came) as it ends."""
     held = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:

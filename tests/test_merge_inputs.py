@@ -162,7 +162,7 @@ def lm_head_saved_whole(world, root: Path) -> Path:
 
 
 CASES = {
-    "different base": (other_width_adapter, "different base models"),
+    "different base": (other_width_adapter, "was computed on another base model"),
     "missing covariance": (stats_without_down_proj, "no covariance for the input of"),
     "stale stats": (stale_stats, "stale"),
     "missing stats": (missing_stats, "many_stats.safetensors: file not found"),
