@@ -140,6 +140,14 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
                 base_weights.append(name.removesuffix(BASE_LAYER))
                 continue
             split = _split_saved_module(name, saved)
+            if split is None and _is_vocabulary_layer(name):
+                raise InputError(
+                    weights,
+                    f"holds the whole layer {key!r}, as PEFT's save_embedding_layers saves an input or "
+                    f"output embedding after the vocabulary was resized: the adapter needs that resized "
+                    f"vocabulary, which the base does not have; many merges LoRA and modules_to_save "
+                    f"only (train the layer under modules_to_save, or merge onto the resized base)",
+                )
             if split is None:
                 raise InputError(weights, f"unexpected tensor {key!r}: neither a LoRA factor nor under modules_to_save")
             saved_shapes[split] = handle.shape(key)
@@ -318,6 +326,11 @@ def _check_scaling_fields(config_path: Path, config: dict) -> None:
                     config_path,
                     f"{field} gives {key!r} {value!r}: PEFT expects a {'positive integer' if integer else 'number'}",
                 )
+
+
+def _is_vocabulary_layer(name: str) -> bool:
+    """An input or output embedding's weight, as transformers names them across families."""
+    return re.search(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)\.weight$", name) is not None
 
 
 def _split_saved_module(name: str, saved: list[str]) -> tuple[str, str] | None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from many_cli.data import IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
 from many_cli.errors import InputError
@@ -131,7 +131,12 @@ def _folder_records(folder: Path, prompt: str) -> Iterator[Record]:
 
 
 def _jsonl_records(
-    path: Path, reading: Reading, root: Path | None = None, task: str | None = None, shape: str | None = None
+    path: Path,
+    reading: Reading,
+    root: Path | None = None,
+    task: str | None = None,
+    shape: str | None = None,
+    mapping: Callable[[object], object] = lambda entry: entry,
 ) -> Iterator[Record | BadRecord]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -152,7 +157,7 @@ def _jsonl_records(
             yield _entry_record(
                 source,
                 reading.media_dir or root or path.parent,
-                entry,
+                mapping(entry),
                 task or path.stem,
                 shape or _SHAPE_OF_FORMAT.get(reading.format),
             )
@@ -214,26 +219,46 @@ def _internvl_records(path: Path, meta: dict, reading: Reading) -> Iterator[Reco
     for name, entry in meta.items():
         annotation = _annotation(path, name, entry)
         root = reading.media_dir or path.parent / str(entry.get("root", ""))
-        yield from _jsonl_records(annotation, reading, root=root, task=name, shape="conversation")
+        for _ in range(_repeat_time(path, name, entry)):
+            yield from _jsonl_records(annotation, reading, root=root, task=name, shape="conversation")
+
+
+def _repeat_time(path: Path, name: str, entry: dict) -> int:
+    """How many times InternVL trains on each record of a dataset: its whole `repeat_time`. A
+    fraction (InternVL then trains on a random share of the records) is refused: name the share
+    in the annotation file instead."""
+    repeat = entry.get("repeat_time", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or repeat <= 0:
+        raise InputError(path, f"dataset {name!r}: repeat_time {repeat!r} is not a positive number")
+    if repeat != int(repeat):
+        raise InputError(
+            path,
+            f"dataset {name!r}: repeat_time {repeat!r} makes InternVL train on a random share of its "
+            f"records, which many cannot repeat; give it a whole number and the records to read in its annotation",
+        )
+    return int(repeat)
 
 
 def _dataset_info_records(info: Path, name: str, reading: Reading) -> Iterator[Record | BadRecord]:
     """LLaMA-Factory's `dataset_info.json` entry NAME: its file (relative to the dataset folder, as
     its media), read with the entry's formatting, column and tag mapping."""
     entry, path = _dataset_info_file(info, _load_json(info), name)
-    mapping = _LlamaFactoryMapping(entry)
-    raw = (
-        (
-            (f"{path}:{number}", json.loads(line))
-            for number, line in enumerate(open(path, encoding="utf-8"), 1)
-            if line.strip()
-        )
-        if path.suffix == ".jsonl"
-        else ((f"{path}[{index}]", value) for index, value in enumerate(_load_json(path)))
-    )
+    mapping = _LlamaFactoryMapping(info, name, entry)
     root = reading.media_dir or info.parent
-    for source, value in raw:
-        yield _entry_record(source, root, mapping.apply(value), name, mapping.shape)
+    if path.suffix == ".jsonl":
+        records = _jsonl_records(path, reading, root=root, task=name, shape=mapping.shape, mapping=mapping.apply)
+    else:
+        try:
+            entries = _load_json(path)
+        except InputError as error:
+            raise InputError(info, f"dataset {name!r}: its file_name {path}: {error.fault}") from None
+        if not isinstance(entries, list):
+            raise InputError(info, f"dataset {name!r}: its file_name {path} holds no list of records")
+        records = (
+            _entry_record(f"{path}[{index}]", root, mapping.apply(value), name, mapping.shape)
+            for index, value in enumerate(entries)
+        )
+    yield from records
 
 
 def _dataset_info_file(info: Path, datasets: object, name: str) -> tuple[dict, Path]:
@@ -253,8 +278,24 @@ def _dataset_info_file(info: Path, datasets: object, name: str) -> tuple[dict, P
 class _LlamaFactoryMapping:
     """A dataset_info.json entry's `formatting`, `columns` and `tags`, applied to one raw record."""
 
-    def __init__(self, entry: dict):
-        self.shape = "conversation" if entry.get("formatting", "alpaca") == "sharegpt" else "alpaca"
+    def __init__(self, info: Path, name: str, entry: dict):
+        formatting = entry.get("formatting", "alpaca")
+        refusals = {
+            "formatting": (formatting not in ("alpaca", "sharegpt"), f"is {formatting!r}: expected alpaca or sharegpt"),
+            "ranking": (
+                bool(entry.get("ranking")),
+                "marks preference pairs (chosen and rejected), which many does not read",
+            ),
+            "num_samples": (
+                "num_samples" in entry,
+                "makes LLaMA-Factory train on a random sample of the records, which many cannot repeat "
+                "(leave it out, and give --max-samples for the first N)",
+            ),
+        }
+        for field, (refused, why) in refusals.items():
+            if refused:
+                raise InputError(info, f"dataset {name!r}: {field} {why}")
+        self.shape = "conversation" if formatting == "sharegpt" else "alpaca"
         defaults = (
             {"messages": "conversations", "system": "system"}
             if self.shape == "conversation"
@@ -302,13 +343,21 @@ def _is_saved_dataset(data: Path) -> bool:
 
 def _hf_records(data: Path, reading: Reading) -> Iterator[Record | BadRecord]:
     """A Hugging Face dataset: a save_to_disk folder, or a parquet, arrow, JSON or JSONL file. Its
-    rows have the shapes above; image columns hold PIL images, {"bytes", "path"} or paths."""
+    rows have the shapes above; image columns hold PIL images, {"bytes", "path"} or paths. The
+    dataset is opened now (its faults raised at once), its rows read lazily."""
+    return _hf_rows(data, _load_dataset(data), reading)
+
+
+def _load_dataset(data: Path):
+    """The one split of the dataset at `data`, its image columns left undecoded (many opens each
+    image itself, so that one that cannot be read names its record)."""
     try:
         import datasets
     except ImportError:
         raise InputError(
             data, "is a Hugging Face dataset; reading it needs the datasets package: pip install 'many-cli[datasets]'"
         ) from None
+    datasets.disable_progress_bars()  # its bars would bury many's one-line reports
     try:
         if data.is_dir():
             loaded = datasets.load_from_disk(str(data))
@@ -328,14 +377,28 @@ def _hf_records(data: Path, reading: Reading) -> Iterator[Record | BadRecord]:
         if len(loaded) != 1:
             raise InputError(data, f"holds the splits {', '.join(loaded)}: give one split's folder ({data}/SPLIT)")
         loaded = next(iter(loaded.values()))
+    for column, feature in loaded.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            loaded = loaded.cast_column(column, datasets.Image(decode=False))
+    return loaded
+
+
+def _hf_rows(data: Path, loaded, reading: Reading) -> Iterator[Record | BadRecord]:
+    """A Hugging Face dataset's rows as records; an image column's unreadable bytes are a BadRecord."""
     root = reading.media_dir or (data if data.is_dir() else data.parent)
     task = data.name if data.is_dir() else data.stem
-    return (
-        _entry_record(
-            f"{data}[{index}]", root, _inline_media(f"{data}[{index}]", row), task, _SHAPE_OF_FORMAT.get(reading.format)
-        )
-        for index, row in enumerate(loaded)
-    )
+    for index, row in enumerate(loaded):
+        source = f"{data}[{index}]"
+        try:
+            entry = _inline_media(source, row)
+        except _UnreadableImage as fault:
+            yield BadRecord(source, str(fault))
+            continue
+        yield _entry_record(source, root, entry, task, _SHAPE_OF_FORMAT.get(reading.format))
+
+
+class _UnreadableImage(Exception):
+    """An image column's bytes that Pillow cannot read."""
 
 
 def _inline_media(source: str, row: dict) -> dict:
@@ -347,15 +410,21 @@ def _inline_media(source: str, row: dict) -> dict:
             continue
         values = row[field] if isinstance(row[field], list) else [row[field]]
         row.pop(field)
-        row["images"] = [_inline_image(f"{source}.{field}[{index}]", value) for index, value in enumerate(values)]
+        row["images"] = [_inline_image(source, f"{field}[{index}]", value) for index, value in enumerate(values)]
     return row
 
 
-def _inline_image(label: str, value: object) -> object:
+def _inline_image(source: str, column: str, value: object) -> object:
+    """One image of a dataset row, as an InlineImage named `SOURCE.COLUMN` or a path."""
+    label = f"{source}.{column}"
     if isinstance(value, Image.Image):
         return InlineImage(label, value)
     if isinstance(value, dict) and value.get("bytes"):
-        return InlineImage(label, Image.open(io.BytesIO(value["bytes"])))
+        try:
+            return InlineImage(label, Image.open(io.BytesIO(value["bytes"])))
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+            why = "not an image format Pillow knows" if isinstance(error, UnidentifiedImageError) else str(error)
+            raise _UnreadableImage(f"its {column} holds bytes that are not a readable image ({why})") from None
     if isinstance(value, dict) and value.get("path"):
         return value["path"]
     return value

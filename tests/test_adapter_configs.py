@@ -106,3 +106,14 @@ def test_a_config_nested_too_deeply_is_one_line_naming_it(world, tmp_path, capsy
         code == 2
         and err == f"many: error: {adapter / 'adapter_config.json'}: not valid JSON for many (nested too deeply)\n"
     )
+
+
+def test_an_adapter_saved_with_its_embedding_layers_is_refused_saying_why(world, tmp_path, capsys):
+    from peft import get_peft_model
+
+    model = get_peft_model(load_base(world.base), LoraConfig(r=2, lora_alpha=4, target_modules=LM_TARGETS))
+    model.save_pretrained(tmp_path / "task", save_embedding_layers=True)  # PEFT's own writer, as after a resize
+    shutil.copy(world.adapters[0] / "many_stats.safetensors", tmp_path / "task" / "many_stats.safetensors")
+    code, err = run_cli(capsys, "merge", tmp_path / "task", "--out", tmp_path / "merged")
+    assert code == 2 and err.count("\n") == 1
+    assert "as PEFT's save_embedding_layers saves an input or output embedding after the vocabulary was resized" in err

@@ -14,7 +14,7 @@ import torch
 from helpers import run_cli, stats_covariances
 from PIL import Image
 
-from many_cli.data import BadRecord, load_image
+from many_cli.data import BadRecord, Record, load_image
 from many_cli.errors import InputError
 from many_cli.formats import read_records
 
@@ -408,10 +408,12 @@ def test_hugging_face_datasets_with_image_columns(kind, tmp_path):
     read = records_of(path, **({"format": "hf"} if kind == "json" else {}))
     if kind == "json":
         assert read == expected_rows(rows, "colour")
-    else:
-        assert [(images, prompt, answer) for images, prompt, answer, _ in read] == [
-            ((pixels[row["image"]].tobytes(),), row["prompt"], row["answer"]) for row in rows
+    else:  # the images as many opens them (bytes embedded, or a path parquet kept), pixel for pixel
+        opened = [
+            (tuple(load_image(record.source, image).tobytes() for image in record.images), record.prompt, record.answer)
+            for record in read_records(path)
         ]
+        assert opened == [((pixels[row["image"]].tobytes(),), row["prompt"], row["answer"]) for row in rows]
 
 
 def test_ambiguous_records_need_format_and_the_format_is_checked(tmp_path, capsys):
@@ -465,3 +467,79 @@ def test_an_image_is_read_upright_as_its_exif_orientation_says(tmp_path):
     Image.fromarray(pixels).save(path, exif=exif)
     upright = np.asarray(load_image("sideways", path))
     assert (upright == np.rot90(pixels, k=-1)).all()
+
+
+def test_every_field_that_changes_what_is_read_is_honoured_or_refused(tmp_path):
+    rows = own_records()
+    relative = [{**row, "image": Path(row["image"]).name} for row in rows]
+    write(tmp_path / "colour.jsonl", [in_format("llava", row) for row in relative])
+    root = str(CALIBRATION.parent / "calibration")
+
+    def meta(**fields) -> Path:
+        return write(tmp_path / "meta.json", {"colour": {"root": root, "annotation": "colour.jsonl", **fields}})
+
+    # InternVL trains on each record repeat_time times: read it that many times, in order.
+    assert records_of(meta(repeat_time=2)) == expected_rows(rows, "colour") * 2
+    for repeat, fault in ((0.5, "random share"), (1.5, "random share"), (0, "not a positive number"), ("2", "not a")):
+        with pytest.raises(InputError, match=rf"dataset 'colour': repeat_time .*{fault}"):
+            list(read_records(meta(repeat_time=repeat)))
+
+    write(tmp_path / "train.json", [in_format("sharegpt", row) for row in rows])
+    for fields, fault in (
+        ({"num_samples": 2}, "num_samples makes LLaMA-Factory train on a random sample"),
+        ({"ranking": True}, "ranking marks preference pairs"),
+        ({"formatting": "openai"}, "formatting is 'openai'"),
+    ):
+        info = write(
+            tmp_path / "dataset_info.json", {"d": {"file_name": "train.json", "formatting": "sharegpt", **fields}}
+        )
+        with pytest.raises(InputError, match=rf"^{info}: dataset 'd': {fault}"):
+            list(read_records(Path(f"{info}:d")))
+
+
+def test_a_file_a_dataset_info_entry_names_is_faulted_through_that_entry(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "broken.json").write_text("{not json")
+    (tmp_path / "data").mkdir()
+    info = write(tmp_path / "data" / "dataset_info.json", {"d": {"file_name": "../elsewhere/broken.json"}})
+    with pytest.raises(InputError) as raised:
+        list(read_records(Path(f"{info}:d")))
+    assert str(raised.value).startswith(
+        f"{info}: dataset 'd': its file_name {info.parent / '../elsewhere/broken.json'}: not valid JSON"
+    )
+    (tmp_path / "elsewhere" / "broken.jsonl").write_text(
+        '{"conversations": [{"from": "human", "value": "hi"}]}\n{oops\n'
+    )
+    write(info, {"d": {"file_name": "../elsewhere/broken.jsonl", "formatting": "sharegpt"}})
+    read = list(read_records(Path(f"{info}:d")))
+    assert isinstance(read[0], Record) and isinstance(read[1], BadRecord) and read[1].fault.startswith("not JSON")
+
+
+def test_a_dataset_image_that_is_not_an_image_names_its_record(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    image = Path(own_records()[0]["image"])
+    features = datasets.Features({"prompt": datasets.Value("string"), "image": datasets.Image()})
+    table = {
+        "prompt": ["a", "b"],
+        "image": [{"bytes": image.read_bytes(), "path": None}, {"bytes": b"not a png", "path": None}],
+    }
+    path = tmp_path / "colour.parquet"
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+    read = list(read_records(path))
+    assert isinstance(read[0], Record) and isinstance(read[1], BadRecord)
+    fault = "its image[0] holds bytes that are not a readable image (not an image format Pillow knows)"
+    assert read[1].source == f"{path}[1]" and read[1].fault == fault
+    code, err = run_cli(
+        capsys,
+        "stats",
+        "--model",
+        SAMPLE / "base",
+        "--adapter",
+        SAMPLE / "adapters" / "1_colour",
+        "--data",
+        path,
+        "--out",
+        tmp_path / "s.safetensors",
+    )
+    assert code == 2 and err.startswith(f"many: error: {path}[1]: ") and err.count("\n") == 1, err
+    assert "Generating" not in err and "%|" not in err  # no progress bar of the datasets library
