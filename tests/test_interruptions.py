@@ -84,21 +84,27 @@ def test_a_killed_writer_is_recovered_by_the_next_run(tmp_path, moment):
 @pytest.mark.parametrize("sent,code,line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, line):
     # The moments fall inside the imports of torch and transformers, where torch runs Python from
-    # C++ (a signal's exception there was lost, or aborted the process). The child's dispositions
-    # are set here: a suite started in the background (`nohup`, `&`) runs with SIGINT ignored.
-    for moment in (0.3, 0.5, 0.7, 0.9):
-        process = subprocess.Popen(
-            [*console_script(), "merge", *world.adapters, "--out", tmp_path / "m"],
+    # C++ (a signal's exception there was lost, or aborted the process); the runs go side by side.
+    # The child's dispositions are set here: a suite started in the background runs with SIGINT ignored.
+    moments = (0.3, 0.5, 0.7, 0.9)
+    processes = [
+        subprocess.Popen(
+            [*console_script(), "merge", *world.adapters, "--out", tmp_path / f"m{index}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)],
         )
-        time.sleep(moment)
+        for index in range(len(moments))
+    ]
+    start = time.monotonic()
+    for moment, process in zip(moments, processes):
+        time.sleep(max(0.0, start + moment - time.monotonic()))
         process.send_signal(sent)
+    for moment, process in zip(moments, processes):
         _, err = process.communicate(timeout=60)
         assert process.returncode == code and err == f"many: error: {line}\n", (moment, err)
-        assert not (tmp_path / "m").exists() and hidden(tmp_path) == []
+    assert not any(tmp_path.iterdir()) and hidden(tmp_path) == []
 
 
 def test_standard_output_closed_early_full_or_closed(tmp_path):
