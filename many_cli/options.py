@@ -12,6 +12,8 @@ import dataclasses
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +48,41 @@ DEFAULT_CONFIDENCE = 0.5
 def option(default: Any, flag: str, help: str) -> Any:
     """A settings field that is also a command-line option."""
     return dataclasses.field(default=default, metadata={"flag": flag, "help": help})
+
+
+def check_types(settings: object) -> None:
+    """The Python API's check that every option holds a value of its declared type (the command
+    line's parser converts them first): a str where a number goes is one line naming the option."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if "flag" in field.metadata and not _conforms(value, hints[field.name]):
+            raise InputError(None, f"{field.metadata['flag']} must be {_described(hints[field.name])}, got {value!r}")
+
+
+def _conforms(value: object, kind: Any) -> bool:
+    if typing.get_origin(kind) is Literal:
+        return value in get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in get_args(kind))
+    checks = {
+        type(None): lambda: value is None,
+        bool: lambda: isinstance(value, bool),
+        int: lambda: isinstance(value, int) and not isinstance(value, bool),
+        float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: lambda: isinstance(value, str),
+        Path: lambda: isinstance(value, (str, os.PathLike)),
+    }
+    return checks[kind]() if kind in checks else True
+
+
+def _described(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, get_args(kind)))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_described(arm) for arm in get_args(kind))
+    names = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+    return names.get(kind, "a path" if kind is Path else getattr(kind, "__name__", str(kind)))
 
 
 def _one_of(flag: str, value: object, kind: Any) -> None:
@@ -117,6 +154,7 @@ class Reading:
     media_dir: Path | None = None
 
     def check(self) -> None:
+        check_types(self)
         _one_of("--format", self.format, DataFormat)
         if self.media_dir is not None and not self.media_dir.is_dir():
             raise InputError(self.media_dir, "--media-dir is not a folder")
@@ -183,6 +221,7 @@ class StatsOptions(DataOptions, LoadsModel):
     )
 
     def check(self) -> None:
+        check_types(self)
         """Refuse every invalid setting before any work starts."""
         self.reading.check()
         if self.modules is not None:
@@ -250,6 +289,7 @@ class MergeOptions:
     )
 
     def check(self) -> None:
+        check_types(self)
         """Refuse every invalid setting before any work starts."""
         _one_of("--method", self.method, Method)
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
@@ -318,6 +358,7 @@ class InferOptions(DataOptions, LoadsModel):
     )
 
     def check(self) -> None:
+        check_types(self)
         """Refuse every invalid setting before any work starts."""
         self.reading.check()
         _one_of("--routing", self.routing, Routing)
@@ -358,6 +399,7 @@ class ExportOptions:
     force: bool = option(False, "--force", "Replace --out if it exists.")
 
     def check(self) -> None:
+        check_types(self)
         """Refuse every invalid setting before any work starts (a task's name is checked against the merge)."""
         if not self.projector:
             raise InputError(None, f"--projector is empty: give a task's name, {MEAN} or {ROUTED}")
@@ -378,6 +420,7 @@ class ReportOptions:
     force: bool = option(False, "--force", "Replace an --out that is not an earlier report.")
 
     def check(self) -> None:
+        check_types(self)
         """Refuse every invalid setting before any work starts."""
         for flag, value in (
             ("--min-final-accuracy", self.min_final_accuracy),

@@ -83,3 +83,20 @@ def test_the_readmes_python_api_example_runs_and_its_two_paths_agree(monkeypatch
     assert answer and answer == generated.strip()
     assert "'2_count': " in lines[1]
     assert not list((root / "sample_adapters" / "adapters").glob("*/many_stats.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "options, line",
+    [
+        (lambda: many_cli.MergeOptions(scale="x"), "--scale must be a number, got 'x'"),
+        (lambda: many_cli.MergeOptions(rank=2.5), "--rank must be an integer or None, got 2.5"),
+        (lambda: many_cli.StatsOptions(batch_size=True), "--batch-size must be an integer, got True"),
+        (lambda: many_cli.InferOptions(eta="1"), "--eta must be a number or None, got '1'"),
+        (lambda: many_cli.ExportOptions(force="yes"), "--force must be True or False, got 'yes'"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_an_input_error_naming_it(options, line, tmp_path):
+    """Every function the API exports refuses them the same way, before any work (never a TypeError)."""
+    with pytest.raises(many_cli.InputError) as raised:
+        options().check()
+    assert str(raised.value) == line
