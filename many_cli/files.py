@@ -61,7 +61,10 @@ def refuse_overlap(out: Path, inputs: Iterable[Path | str]) -> None:
     target = out.resolve()
     for source in inputs:
         path = Path(source)
-        if not path.exists():
+        try:
+            if not path.exists():
+                continue
+        except OSError:  # a name too long for the file system: nothing there to overwrite
             continue
         resolved = path.resolve()
         same = out.exists() and os.path.samefile(out, path)

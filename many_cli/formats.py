@@ -8,8 +8,11 @@ its fields onto the shapes below), and its name in FORMATS."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -460,7 +463,13 @@ def _entry_record(source: str, root: Path, entry: object, task: str, shape: str 
         return BadRecord(source, "field task is not a string")
     last_user = max(index for index, (role, _) in enumerate(turns) if role == "user")
     answer = turns[last_user + 1][1] if last_user + 1 < len(turns) else None
-    images = tuple(image if isinstance(image, InlineImage) else root / image for image in media["images"])
+    try:
+        images = tuple(_image_source(source, root, index, image) for index, image in enumerate(media["images"]))
+        remote = next((media[kind] for kind in ("audio", "video") if _is_inline_or_remote(media.get(kind))), None)
+    except _UnreadableImage as fault:
+        return BadRecord(source, str(fault))
+    if remote is not None:
+        return BadRecord(source, f"names its audio or video as {remote[:40]!r}: many reads those from local files only")
     return Record(
         source,
         images,
@@ -471,6 +480,48 @@ def _entry_record(source: str, root: Path, entry: object, task: str, shape: str 
         _path(root, media.get("video")),
         tuple(turns[:last_user]),
     )
+
+
+_REMOTE = re.compile(r"(?i)(https?|ftp|s3|gs)://")
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}")
+
+
+def _image_source(source: str, root: Path, index: int, image: str | InlineImage) -> Path | InlineImage:
+    """An image as a record names it: a path (relative to `root`), a `data:` URI or a bare base64
+    string (as ms-swift and many Hub data sets carry them), read into an InlineImage; a URL is
+    refused, since many fetches nothing."""
+    if isinstance(image, InlineImage):
+        return image
+    column = f"image[{index}]"
+    if _REMOTE.match(image):
+        raise _UnreadableImage(
+            f"its {column} is the URL {image[:80]}: many fetches no remote media; download it first "
+            f"(for example with huggingface_hub or curl) and name the local file"
+        )
+    encoded = image.partition(",")[2] if image.startswith("data:") else image
+    bare_base64 = len(image) >= 64 and _BASE64.fullmatch(image) and not _is_file(root / image)
+    if image.startswith("data:") or bare_base64:
+        if image.startswith("data:") and ";base64," not in image[:100]:
+            raise _UnreadableImage(f"its {column} is a data: URI that is not base64-encoded")
+        try:
+            data = base64.b64decode(encoded, validate=False)
+        except (binascii.Error, ValueError):
+            data = b""
+        if not data:
+            raise _UnreadableImage(f"its {column} is not valid base64")
+        return _inline_image(source, column, {"bytes": data})
+    return root / image
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system is no file
+        return False
+
+
+def _is_inline_or_remote(value: str | None) -> bool:
+    return isinstance(value, str) and (value.startswith("data:") or bool(_REMOTE.match(value)))
 
 
 def _shape_of(entry: dict) -> str:

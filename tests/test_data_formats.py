@@ -117,18 +117,7 @@ def test_what_cannot_be_read_is_refused_naming_the_record(entry, fault, tmp_path
     data = write(tmp_path / "data.json", [entry])
     [record] = list(read_records(data))
     assert isinstance(record, BadRecord) and fault in record.fault and record.source == f"{data}[0]"
-    code, err = run_cli(
-        capsys,
-        "stats",
-        "--model",
-        SAMPLE / "base",
-        "--adapter",
-        SAMPLE / "adapters" / "1_colour",
-        "--data",
-        data,
-        "--out",
-        tmp_path / "stats.safetensors",
-    )
+    code, err = stats_on_sample(capsys, data, tmp_path / "stats.safetensors")
     assert code == 2 and str(data) in err and fault in err and err.count("\n") == 1, err
 
 
@@ -279,6 +268,22 @@ def test_infer_routes_each_image_of_a_record_and_answers_its_last_turn(tmp_path,
         "1_colour",
         "2_count",
     ] * 2
+
+
+def stats_on_sample(capsys, data: Path, out: Path) -> tuple[int, str]:
+    """`many stats` of the sample's first task over `data`: (exit status, stderr)."""
+    return run_cli(
+        capsys,
+        "stats",
+        "--model",
+        SAMPLE / "base",
+        "--adapter",
+        SAMPLE / "adapters" / "1_colour",
+        "--data",
+        data,
+        "--out",
+        out,
+    )
 
 
 def records_of(data, **reading) -> list[tuple]:
@@ -529,17 +534,38 @@ def test_a_dataset_image_that_is_not_an_image_names_its_record(tmp_path, capsys)
     assert isinstance(read[0], Record) and isinstance(read[1], BadRecord)
     fault = "its image[0] holds bytes that are not a readable image (not an image format Pillow knows)"
     assert read[1].source == f"{path}[1]" and read[1].fault == fault
-    code, err = run_cli(
-        capsys,
-        "stats",
-        "--model",
-        SAMPLE / "base",
-        "--adapter",
-        SAMPLE / "adapters" / "1_colour",
-        "--data",
-        path,
-        "--out",
-        tmp_path / "s.safetensors",
-    )
+    code, err = stats_on_sample(capsys, path, tmp_path / "s.safetensors")
     assert code == 2 and err.startswith(f"many: error: {path}[1]: ") and err.count("\n") == 1, err
     assert "Generating" not in err and "%|" not in err  # no progress bar of the datasets library
+
+
+def test_images_as_base64_or_data_uris_read_as_their_files_and_urls_are_refused(tmp_path):
+    import base64
+
+    rows = own_records(3)
+    encoded = [base64.b64encode(Path(row["image"]).read_bytes()).decode() for row in rows]
+    as_file = [{**in_format("swift", row)} for row in rows]
+    inline = [
+        {**entry, "images": [text if index % 2 else f"data:image/png;base64,{text}"]}
+        for index, (entry, text) in enumerate(zip(as_file, encoded))
+    ]
+    files = list(read_records(write(tmp_path / "files.jsonl", as_file)))
+    inlined = list(read_records(write(tmp_path / "inline.jsonl", inline)))
+    assert [load_image(r.source, r.image).tobytes() for r in inlined] == [
+        load_image(r.source, r.image).tobytes() for r in files
+    ]
+    assert [r.prompt for r in inlined] == [r.prompt for r in files]
+    bad = [
+        (
+            "https://example.com/x.png",
+            "its image[0] is the URL https://example.com/x.png: many fetches no remote media",
+        ),
+        ("data:image/png;base64,!!!!", "its image[0] is not valid base64"),
+        ("data:image/png,rawbytes", "its image[0] is a data: URI that is not base64-encoded"),
+        (base64.b64encode(b"not a png" * 40).decode(), "its image[0] holds bytes that are not a readable image"),
+    ]
+    for image, fault in bad:
+        [record] = read_records(write(tmp_path / "bad.jsonl", [{**as_file[0], "images": [image]}]))
+        assert isinstance(record, BadRecord) and record.fault.startswith(fault), record
+    [record] = read_records(write(tmp_path / "bad.jsonl", [{"prompt": "hi", "video": "http://example.com/v.mp4"}]))
+    assert isinstance(record, BadRecord) and "local files only" in record.fault
