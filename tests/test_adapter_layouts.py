@@ -66,7 +66,9 @@ def family_world(request, tmp_path_factory):
     return request.param, root, base, adapters, data
 
 
-@pytest.mark.parametrize("targets", ["full", "short", "regex"])
+@pytest.mark.parametrize(
+    "targets", ["regex", pytest.param("full", marks=pytest.mark.slow), pytest.param("short", marks=pytest.mark.slow)]
+)
 def test_old_layout_gives_the_same_statistics_and_merge(family_world, tmp_path, capsys, targets):
     family, root, base, adapters, data = family_world
     new = [tmp_path / "new0", tmp_path / "new1"]

@@ -2,11 +2,13 @@
 (the dense RegMean reference) must agree with the merge."""
 
 import pytest
+import torch
 
 from many_cli.bench.e2e import bench_e2e
 from many_cli.bench.merge_bench import Shape, bench_merge
 
 
+@pytest.mark.slow
 def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
     result = bench_merge(
         layers=2, tasks=2, shape=Shape(hidden=64, intermediate=128, rank=4, vision=16), workdir=tmp_path, dense_layers=2
@@ -21,6 +23,7 @@ def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the synthetic world is cleaned up
 
 
+@pytest.mark.slow
 def test_bench_e2e_runs_every_phase_on_the_tiny_family(tmp_path):
     result = bench_e2e("tiny", tasks=2, records=3, new_tokens=2, device="cpu", workdir=tmp_path)
     assert result.stats_tokens > 3 * 10  # three records of image tokens and text
@@ -49,3 +52,19 @@ def test_the_e2e_configurations_have_their_published_sizes(family, published, la
     assert sum(parameter.numel() for parameter in model.parameters()) == published
     assert config.get_text_config().num_hidden_layers == layers
     assert vision_depth(config) == vision_layers
+
+
+def test_bench_base_check_writes_the_sharded_base_it_times(tmp_path, monkeypatch):
+    """A small base cut into several shards, every parameter written once, then checked and loaded."""
+    from transformers import LlavaForConditionalGeneration
+
+    from many_cli.bench import base_check
+    from many_cli.bench.tiny import clip_vit_l_336, tiny_llava_config
+
+    monkeypatch.setattr(base_check, "SHARD_BYTES", 4 << 20)
+    result = base_check.bench_base_check(tmp_path, layers=2, hidden=256, intermediate=512, vision_layers=1)
+    config = tiny_llava_config(hidden=256, layers=2, intermediate=512, heads=2, kv_heads=2, vision=clip_vit_l_336(1))
+    with torch.device("meta"):
+        parameters = sum(t.numel() for t in LlavaForConditionalGeneration(config).state_dict().values())
+    assert result.weight_bytes == 2 * parameters  # bfloat16
+    assert result.shards == len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1

@@ -15,6 +15,8 @@ import yaml
 
 from many_cli.bench.world import TASKS
 
+pytestmark = pytest.mark.slow  # the CI job as written: the full suite runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATED = 12  # records per task scored at each step
 STEPS = 3  # enough for forgetting and backward transfer; each step is five `many` processes

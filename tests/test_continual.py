@@ -160,6 +160,7 @@ def reduced_run(tmp_path_factory):
     return run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options), options
 
 
+@pytest.mark.slow
 def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     run, _ = reduced_run
     upper = run.faa(UPPER)
@@ -183,6 +184,7 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     assert run.faa(MANY) == pytest.approx(statistics.fmean(statistics.fmean(marks) for marks in by_task.values()))
 
 
+@pytest.mark.slow
 def test_sweeps_at_the_defaults_repeat_the_main_run(reduced_run):
     run, _ = reduced_run
     # A fresh merge at the default ridge and fresh stats over all 16 calibration records
@@ -213,6 +215,7 @@ def test_sample_data_is_what_the_world_writes(tmp_path):
                 assert image.read_bytes() == (shipped.parent / split / image.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_markdown_table_agrees_with_the_runs(reduced_run):
     run, options = reduced_run
     table = markdown([run], options)

@@ -64,7 +64,15 @@ def brute_force(base: Path, adapter: Path, records: Path) -> tuple[dict[str, tor
     return sums, torch.stack(directions).mean(dim=0)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+# The quick loop (`-m "not slow"`) builds two families, one of each projector layout (a
+# `multi_modal_projector` and Qwen's `visual.merger`); the full suite builds every one.
+QUICK_FAMILIES = ("llava", "qwen2_vl")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=() if name in QUICK_FAMILIES else pytest.mark.slow) for name in sorted(FAMILIES)],
+)
 def family(request, tmp_path_factory):
     """A tiny base of the family, two task adapters with their calibration and held-out records,
     and each adapter's stats."""
@@ -185,7 +193,7 @@ def write_videos(folder: Path, name: str, count: int, seed: int, task: int) -> P
     return records
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", ["qwen2_vl", pytest.param("llava_onevision", marks=pytest.mark.slow)])
 def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
     base = FAMILIES[name](tmp_path / "base")
     adapters = [family_adapter(base, tmp_path / "adapters" / f"task{index}", seed=index) for index in range(2)]
@@ -234,7 +242,7 @@ def test_a_video_pools_every_frame_and_routes_as_one(name, tmp_path, capsys):
         assert max(mixed["routing"], key=mixed["routing"].get) == mixed["task"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl"], indirect=True)
+@pytest.mark.parametrize("family", [pytest.param("qwen3_vl", marks=pytest.mark.slow)], indirect=True)
 def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_path, capsys):
     """Hard routing: each image is answered by the merged LoRA with its own task's main merger
     *and* DeepStack mergers, copied straight from that task's adapter file into the base model."""
@@ -285,7 +293,9 @@ def test_qwen3_vl_deepstack_mergers_follow_the_main_mergers_route(family, tmp_pa
             assert row["prediction"] == direct[0].strip()
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"], indirect=True)
+@pytest.mark.parametrize(
+    "family", ["llava", "qwen2_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)], indirect=True
+)
 def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tmp_path, capsys, monkeypatch):
     """`many export --projector task1` loads with transformers alone and answers task 1's images
     as `many infer --routing hard` does (which sends them to task 1's projector); `routed`
@@ -360,7 +370,7 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
         assert prediction.routing == pytest.approx(row["routing"], abs=1e-5)
 
 
-@pytest.mark.parametrize("by_module", [False, True])
+@pytest.mark.parametrize("by_module", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", ["llava"], indirect=True)
 def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path, by_module):
     """RegMean++ (a benchmark experiment): the second stage's covariances (layer 1's, or by

@@ -438,6 +438,7 @@ def test_experts_below_confidence_fall_back_to_the_merged_path(tasks, tmp_path, 
     assert code == 2 and "--no-experts" in err
 
 
+@pytest.mark.slow
 def test_an_ordinary_user_merges_resumes_and_routes_experts(tasks, tmp_path):
     """As root, run the console script without the powers that ignore file permissions, so that a
     directory without its search bit fails here as it would for any user."""

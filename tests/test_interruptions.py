@@ -81,6 +81,7 @@ def test_a_killed_writer_is_recovered_by_the_next_run(tmp_path, moment):
     assert (out / "version.txt").read_text() == "newer" and hidden(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sent,code,line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_start_up_ends_in_one_line(world, tmp_path, sent, code, line):
     # The moments fall inside the imports of torch and transformers, where torch runs Python from

@@ -142,6 +142,7 @@ def test_an_option_the_method_ignores_is_refused(world, tmp_path, capsys, args, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_the_groups_and_equal_a_single_process(world, tmp_path, capsys):
     single, split = tmp_path / "single", tmp_path / "split"
     settings = ["--rank", "3", "--ridge", "0.01"]  # a rank budget: the energy travels too

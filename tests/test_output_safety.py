@@ -79,6 +79,7 @@ def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(tmp_path):
     assert out.read_text() == "old\n" and hidden(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_same_merge_writes_the_same_bytes(world, tmp_path):
     """Two processes with different string hashing (set order) and fresh safetensors state."""
     for seed in ("1", "2"):
@@ -93,6 +94,7 @@ def test_the_same_merge_writes_the_same_bytes(world, tmp_path):
     assert len(first) > 6 and first == second
 
 
+@pytest.mark.slow
 def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
@@ -129,6 +131,7 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
     assert hidden(tmp_path) == [] and list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_force_over_an_output_the_user_may_not_empty_is_refused_and_leaves_nothing(world, tmp_path):
     """As an ordinary user: the old output cannot be removed (mode 555), so it cannot be replaced;
     it used to be swapped out and left hidden beside the new one, one more each run."""

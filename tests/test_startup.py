@@ -20,6 +20,7 @@ def _imported(*arguments: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     return done, modules
 
 
+@pytest.mark.slow
 def test_the_quick_startup_bench_finds_no_torch_import():
     done = subprocess.run(
         [sys.executable, "-m", "many_cli", "bench", "startup", "--quick"], capture_output=True, text=True
@@ -55,6 +56,7 @@ def test_refusals_answer_in_one_line_before_torch(arguments):
     assert lines and (len(lines) == 1 or "Usage:" in lines[0]), lines
 
 
+@pytest.mark.slow
 def test_merge_imports_neither_transformers_nor_peft(world, tmp_path):
     done, modules = _imported("merge", *map(str, world.adapters), "--out", str(tmp_path / "merged"))
     assert done.returncode == 0, done.stderr[-2000:]

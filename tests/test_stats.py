@@ -283,6 +283,7 @@ def test_bad_records_stop_with_a_line_naming_them_or_are_skipped(task, tmp_path,
         assert code == 2 and message in err, err
 
 
+@pytest.mark.slow
 def test_torchrun_shards_equal_a_single_process(task, tmp_path):
     root, base, adapter = task
     data = root / "data" / "calib.jsonl"

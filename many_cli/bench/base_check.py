@@ -32,10 +32,12 @@ class BaseCheckResult:
         return self.check_seconds / self.load_seconds
 
 
-def bench_base_check(work: Path, layers: int = 32) -> BaseCheckResult:
+def bench_base_check(
+    work: Path, layers: int = 32, hidden: int = 4096, intermediate: int = 11008, vision_layers: int = 24
+) -> BaseCheckResult:
     """Write the base under `work`, then time the check (best of three) and one load."""
     base = work / "base"
-    shards, weight_bytes = _write_base(base, layers)
+    shards, weight_bytes = _write_base(base, layers, hidden, intermediate, vision_layers)
     checks = []
     for _ in range(3):
         start = time.perf_counter()
@@ -48,13 +50,19 @@ def bench_base_check(work: Path, layers: int = 32) -> BaseCheckResult:
     return BaseCheckResult(layers, shards, weight_bytes, min(checks), load_seconds)
 
 
-def _write_base(out: Path, layers: int) -> tuple[int, int]:
-    """config.json and the shards of the 7B-shaped model (zero weights: the check and the load
-    read the same bytes whatever they hold), written one tensor at a time."""
+def _write_base(out: Path, layers: int, hidden: int, intermediate: int, vision_layers: int) -> tuple[int, int]:
+    """config.json and the shards of the model (zero weights: the check and the load read the
+    same bytes whatever they hold), written one tensor at a time."""
     from transformers import LlavaForConditionalGeneration
 
+    heads = max(1, hidden // 128)
     config = tiny_llava_config(
-        hidden=4096, layers=layers, intermediate=11008, heads=32, kv_heads=32, vision=clip_vit_l_336(24)
+        hidden=hidden,
+        layers=layers,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=heads,
+        vision=clip_vit_l_336(vision_layers),
     )
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in LlavaForConditionalGeneration(config).state_dict().items()}
