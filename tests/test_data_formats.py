@@ -270,8 +270,8 @@ def test_infer_routes_each_image_of_a_record_and_answers_its_last_turn(tmp_path,
     ] * 2
 
 
-def stats_on_sample(capsys, data: Path, out: Path) -> tuple[int, str]:
-    """`many stats` of the sample's first task over `data`: (exit status, stderr)."""
+def stats_on_sample(capsys, data: Path, out: Path, *options) -> tuple[int, str]:
+    """`many stats` of the sample's first task over `data` with `options`: (exit status, stderr)."""
     return run_cli(
         capsys,
         "stats",
@@ -281,6 +281,7 @@ def stats_on_sample(capsys, data: Path, out: Path) -> tuple[int, str]:
         SAMPLE / "adapters" / "1_colour",
         "--data",
         data,
+        *options,
         "--out",
         out,
     )
@@ -430,20 +431,7 @@ def test_ambiguous_records_need_format_and_the_format_is_checked(tmp_path, capsy
     alpaca = write(tmp_path / "alpaca.json", [in_format("alpaca", row)])
     [record] = list(read_records(alpaca, __import__("many_cli.formats").formats.Reading(format="sharegpt")))
     assert isinstance(record, BadRecord) and "lacks a list of turns" in record.fault
-    code, err = run_cli(
-        capsys,
-        "stats",
-        "--model",
-        SAMPLE / "base",
-        "--adapter",
-        SAMPLE / "adapters" / "1_colour",
-        "--data",
-        alpaca,
-        "--format",
-        "nope",
-        "--out",
-        tmp_path / "s.safetensors",
-    )
+    code, err = stats_on_sample(capsys, alpaca, tmp_path / "s.safetensors", "--format", "nope")
     assert code == 2 and "'--format'" in err and "'nope'" in err and err.count("\n") == 1
 
 
