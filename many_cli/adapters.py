@@ -380,6 +380,24 @@ def pattern_key(pattern_keys: Iterable[str], module: str) -> str:
     return module
 
 
+def _pattern_key(module: str, older_peft: bool) -> str:
+    r"""The rank_pattern key that matches `module` alone, never one whose name ends like it
+    (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`). PEFT matches a key K against each
+    module's full name as `(.*\.)?(K)$`, first key first, so an anchor does it; the PEFT of the
+    stacks before transformers 4.52 matches `.*\.K$`, which needs a dot before K: the name's
+    first part then goes into a look-behind that both forms accept."""
+    if not older_peft:
+        return f"^{re.escape(module)}"
+    first, dot, rest = module.partition(".")
+    if not dot:
+        raise InputError(
+            None,
+            f"module {module} needs a rank of its own, which PEFT 0.13 cannot give a "
+            f"top-level module: --rank R gives every module one rank",
+        )
+    return rf"(?<=^{re.escape(first)}\.){re.escape(rest)}"
+
+
 @dataclass(frozen=True)
 class MergedModule:
     """One module of a merged adapter: its LoRA factors are A (rank, d_in) and B (d_out, rank)."""
@@ -393,15 +411,28 @@ class MergedModule:
 class MergedAdapterWriter:
     """Writes a merged LoRA as a standard PEFT adapter with scale 1 everywhere (lora_alpha = r,
     per-module ranks through rank_pattern and alpha_pattern), streaming the factors to disk
-    module by module, in the order declared, so that they never all sit in memory."""
+    module by module, in the order declared, so that they never all sit in memory. `names` maps
+    a module's name in the model to the name the adapter is to give it (an older layout)."""
 
-    def __init__(self, out_dir: Path, modules: list[MergedModule], base_model: str | None):
-        ranks = {module.name: module.rank for module in modules}
+    def __init__(
+        self,
+        out_dir: Path,
+        modules: list[MergedModule],
+        base_model: str | None,
+        names: Mapping[str, str] | None = None,
+    ):
+        if names is not None:
+            unnamed = [module.name for module in modules if module.name not in names]
+            if unnamed:
+                raise InputError(
+                    base_model,
+                    f"its checkpoint holds no weight of {unnamed[0]}: the merged adapter cannot be "
+                    f"named as the checkpoint names its modules (leave out --for-transformers)",
+                )
+        self._names = dict(names) if names is not None else {module.name: module.name for module in modules}
+        ranks = {self._names[module.name]: module.rank for module in modules}
         common = Counter(ranks.values()).most_common(1)[0][0]
-        # PEFT matches a pattern key K as `(.*\.)?(K)$` against each module's full name, first
-        # key first: the anchor makes a key match its own module only, never one whose name
-        # ends like it (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`).
-        pattern = {f"^{re.escape(name)}": rank for name, rank in ranks.items() if rank != common}
+        pattern = {_pattern_key(name, names is not None): rank for name, rank in ranks.items() if rank != common}
         config = {
             "peft_type": "LORA",
             "task_type": None,
@@ -424,13 +455,15 @@ class MergedAdapterWriter:
         (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         layout = []
         for module in modules:
-            layout.append((f"{PEFT_PREFIX}{module.name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))
-            layout.append((f"{PEFT_PREFIX}{module.name}.lora_B.weight", torch.float32, (module.d_out, module.rank)))
+            name = self._names[module.name]
+            layout.append((f"{PEFT_PREFIX}{name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))
+            layout.append((f"{PEFT_PREFIX}{name}.lora_B.weight", torch.float32, (module.d_out, module.rank)))
         self._writer = StreamingSafetensorsWriter(out_dir / ADAPTER_WEIGHTS, layout, {"format": "pt"})
 
     def write(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self._writer.write(f"{PEFT_PREFIX}{module}.lora_A.weight", a.to(torch.float32))
-        self._writer.write(f"{PEFT_PREFIX}{module}.lora_B.weight", b.to(torch.float32))
+        name = self._names[module]
+        self._writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", a.to(torch.float32))
+        self._writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", b.to(torch.float32))
 
     def close(self) -> None:
         self._writer.close()

@@ -18,12 +18,12 @@ from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
 from many_cli.files import atomic_output_dir, refuse_overlap
-from many_cli.layouts import renamer
+from many_cli.layouts import checkpoint_names
 from many_cli.models import (
     WEIGHTS_INDEX,
-    auto_model_classes,
     base_fingerprint,
     load_processor,
+    meta_model,
     refuse_other_base,
     weight_files,
 )
@@ -64,8 +64,8 @@ def export(
     adapter = read_adapter(merged)
     refuse_overlap(out, [base_dir, merged])
     shards = _shards(base_dir)
-    model = _meta_model(base_dir)
-    raw_names = _checkpoint_names(model, [key for keys in shards.values() for key in keys])
+    model = meta_model(base_dir)
+    raw_names = checkpoint_names(model, [key for keys in shards.values() for key in keys])
     changes = {**_folds(adapter, raw_names, merged), **_projector(model, bundle, options.projector, raw_names)}
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):
@@ -89,30 +89,6 @@ def _shards(base_dir: Path) -> dict[str, list[str]]:
         with open_safetensors(base_dir / name) as handle:
             shards[name] = handle.keys()
     return shards
-
-
-def _meta_model(base_dir: Path) -> nn.Module:
-    """The base model's structure without its weights (on the meta device): its parameter names."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
-    for auto in auto_model_classes():
-        try:
-            with torch.device("meta"):
-                return auto.from_config(config)
-        except ValueError:
-            continue
-    raise InputError(
-        base_dir, "is neither an image-text-to-text, a multimodal nor a causal language model transformers knows"
-    )
-
-
-def _checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """Each parameter's name in the model -> its key in the checkpoint, through the renamings
-    transformers applies when it loads (checkpoints keep older layouts); keys that transformers
-    converts (fuses, splits) are left out: they cannot be rewritten one at a time."""
-    rename = renamer(model)
-    return {name: key for key in keys if (name := rename(key)) is not None}
 
 
 Change = Callable[[torch.Tensor], torch.Tensor]

@@ -53,3 +53,11 @@ def rename_key(key: str, renames: dict[str, str]) -> str:
         if key == module or key.startswith(f"{module}."):
             return renames[module] + key[len(module) :]
     return key
+
+
+def checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """Each parameter's name in `model` -> its key among a checkpoint's `keys`, through the
+    renamings transformers applies when it loads (checkpoints keep older layouts); keys that
+    transformers converts (fuses, splits) are left out: they cannot be rewritten one at a time."""
+    rename = renamer(model)
+    return {name: key for key in keys if (name := rename(key)) is not None}

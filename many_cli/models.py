@@ -15,7 +15,7 @@ from torch import nn
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import read_json
-from many_cli.layouts import module_renames, rename_key, renamer
+from many_cli.layouts import checkpoint_names, module_renames, rename_key, renamer
 from many_cli.options import Placement
 from many_cli.tensorfiles import check_tensors, open_safetensors, weights_fingerprint
 
@@ -139,6 +139,45 @@ def auto_model_classes() -> tuple[type, ...]:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     return AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM
+
+
+def meta_model(base_dir: Path) -> nn.Module:
+    """The base model's structure without its weights (on the meta device): its parameter names."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+    for auto in auto_model_classes():
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except ValueError:
+            continue
+    raise InputError(
+        base_dir, "is neither an image-text-to-text, a multimodal nor a causal language model transformers knows"
+    )
+
+
+def checkpoint_module_names(base: str) -> dict[str, str]:
+    """Each module's name in the base model as transformers builds it now -> its name in the
+    base's checkpoint, which keeps the layout of the transformers that wrote it (the hub's
+    checkpoints, and the language model of any LLaVA-like save, that of transformers < 4.52)."""
+    base_dir = Path(base).expanduser()
+    if not (base_dir / "config.json").is_file():
+        raise InputError(
+            base,
+            "is not a local model folder: naming modules as its checkpoint does needs the base's own files",
+        )
+    keys = []
+    for name in weight_files(base_dir):
+        with open_safetensors(base_dir / name) as handle:
+            keys += handle.keys()
+    names = checkpoint_names(meta_model(base_dir), keys)
+    suffix = ".weight"
+    return {
+        name.removesuffix(suffix): key.removesuffix(suffix)
+        for name, key in names.items()
+        if name.endswith(suffix) and key.endswith(suffix)
+    }
 
 
 def _check_gpus(placement: Placement) -> None:

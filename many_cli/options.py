@@ -287,11 +287,20 @@ class MergeOptions:
         "--experts/--no-experts",
         "Keep each task's own LoRA under experts/ for `many infer --lm-routing experts`.",
     )
+    for_transformers: str | None = option(
+        None,
+        "--for-transformers",
+        "The transformers version the merged adapter is to load with (e.g. 4.46.3): below 4.52 "
+        "its modules are named as the base checkpoint names them (LLaVA's language_model.model."
+        "layers…), as PEFT needs there; experts/ keep today's names. Default: 4.52 and later.",
+    )
 
     def check(self) -> None:
-        check_types(self)
         """Refuse every invalid setting before any work starts."""
+        check_types(self)
         _one_of("--method", self.method, Method)
+        if self.for_transformers is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.for_transformers):
+            raise InputError(None, f"--for-transformers takes a version such as 4.46.3, got {self.for_transformers!r}")
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
         if not math.isfinite(self.scale):
@@ -316,6 +325,15 @@ class MergeOptions:
                     f"{'--method ties' if name == 'density' else '--method many'}); leave it out",
                 )
         _one_of("--device", self.device, Device)
+
+    @property
+    def checkpoint_names(self) -> bool:
+        """Whether the merged adapter names its modules as the base checkpoint does: for a
+        transformers before 4.52, which moved the vision-language models' language model (and
+        tower and projector) under `model.`."""
+        if self.for_transformers is None:
+            return False
+        return tuple(int(part) for part in self.for_transformers.split(".")[:2]) < (4, 52)
 
 
 @dataclass(frozen=True)

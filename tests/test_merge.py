@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -352,3 +353,56 @@ def test_the_card_is_a_hugging_face_card_with_the_merge_in_its_metadata(world, t
     assert run_cli(capsys, "merge", *world.adapters, "--out", local)[0] == 0
     data = ModelCard.load(local / "README.md").data.to_dict()
     assert "base_model" not in data and data["many"]["base_model"] == str(world.base)
+
+
+def test_for_an_older_transformers_modules_are_named_as_the_base_checkpoint(world, tmp_path, capsys):
+    """Before transformers 4.52 a LLaVA's language model was `language_model.model`: the merged
+    adapter for such a stack names each module by its weight's key in the base checkpoint, with
+    the same tensors and ranks (rank_pattern keys that PEFT 0.13 and today's PEFT both match to
+    their own module alone), and it answers as today's adapter once mapped back onto the model."""
+    from helpers import calibration_records
+
+    from many_cli.models import apply_adapters
+
+    current, older = tmp_path / "current", tmp_path / "older"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", current)[0] == 0
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", older, "--for-transformers", "4.46.3")
+    assert code == 0, err
+    with safe_open(str(world.base / "model.safetensors"), "pt") as base:
+        checkpoint = set(base.keys())
+    weights = "adapter_model.safetensors"
+    with safe_open(str(current / weights), "pt") as now, safe_open(str(older / weights), "pt") as then:
+        renamed = {
+            key.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): key
+            for key in now.keys()
+        }
+        assert set(then.keys()) == set(renamed)
+        ranks = {}
+        for old_key, key in renamed.items():
+            assert torch.equal(then.get_tensor(old_key), now.get_tensor(key))
+            module = old_key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            assert f"{module}.weight" in checkpoint
+            if old_key.endswith("lora_A.weight"):
+                ranks[module] = then.get_slice(old_key).get_shape()[0]
+    config = json.loads((older / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(ranks)
+    assert config["rank_pattern"]
+    for module in ranks:
+        older_peft = [key for key in config["rank_pattern"] if re.match(rf".*\.{key}$", module)]
+        today_peft = [key for key in config["rank_pattern"] if re.match(rf"(.*\.)?({key})$", module)]
+        assert older_peft == today_peft and len(older_peft) <= 1
+        assert (config["rank_pattern"][older_peft[0]] if older_peft else config["r"]) == ranks[module]
+    expert = "experts/task0/adapter_model.safetensors"
+    assert (older / expert).read_bytes() == (current / expert).read_bytes()  # many infer's, today's names
+
+    record = calibration_records(1, seed=7)[0]
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_base(world.base), current).eval()(**record).logits
+        mapped = apply_adapters(load_base(world.base), str(world.base), [(older, "merged")]).eval()
+        assert torch.allclose(mapped(**record).logits, expected, atol=1e-6)
+
+    same = tmp_path / "same"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", same, "--for-transformers", "4.52")[0] == 0
+    assert (same / weights).read_bytes() == (current / weights).read_bytes()
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "bad", "--for-transformers", "4.46.x")
+    assert code == 2 and "--for-transformers takes a version such as 4.46.3" in err

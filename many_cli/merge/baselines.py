@@ -45,7 +45,7 @@ def merge_baseline(inputs: MergeInputs, staging: Path, report: MergeReport, trac
     factorization error too, reported as a note."""
     names = sorted({module for task in inputs.tasks for module in task.adapter.modules})
     modules = merged_modules(inputs, [(name, inputs.d_in(name)) for name in names], full_rank_cap=dense)
-    writer = MergedAdapterWriter(staging, modules, inputs.base_model)
+    writer = MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
     worst = 0.0
     for module in track(names, "merging"):
         a_blocks, b_blocks = [], []

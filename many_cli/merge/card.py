@@ -117,6 +117,11 @@ def _settings(options: "MergeOptions", method: "Method") -> list[str]:
             f"- rank budget: --rank {options.rank} (one uniform r; the best rank-{options.rank} fit "
             f"in {method.rank_fit})"
         )
+    if options.checkpoint_names:
+        settings.append(
+            f"- module names: the base checkpoint's, for transformers {options.for_transformers} "
+            f"(--for-transformers); experts/ keep those of transformers 4.52 and later"
+        )
     return settings
 
 

@@ -21,6 +21,7 @@ from many_cli.families import routable_modules
 from many_cli.files import refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.merge.report import MergeReport
+from many_cli.models import checkpoint_module_names
 from many_cli.options import MergeOptions
 from many_cli.state import (
     BUNDLE_FILE,
@@ -77,6 +78,8 @@ class MergeInputs:
     resume: Path | None
     base_fingerprint: str
     groups: list[Group] = field(default_factory=list)  # LPM's input groups (empty for a baseline)
+    # --for-transformers below 4.52: each module's name in the model -> its name in the base checkpoint
+    adapter_names: dict[str, str] | None = None
 
     @property
     def offset(self) -> int:
@@ -216,6 +219,14 @@ def read_inputs(
     _note_inputs(inputs, report)
     if method.needs_stats:
         inputs.groups = _plan_groups(tasks, previous)
+    if options.checkpoint_names:
+        if inputs.base_model is None:
+            raise InputError(
+                paths[0],
+                "names no base model (base_model_name_or_path): --for-transformers names the modules "
+                "as the base's checkpoint does",
+            )
+        inputs.adapter_names = checkpoint_module_names(inputs.base_model)
     return inputs
 
 

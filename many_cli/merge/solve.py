@@ -63,7 +63,7 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
     writer = adapter = None
     if rank == 0:
         modules = merged_modules(inputs, [(m, g.dim) for g in groups for m in g.modules])
-        adapter = MergedAdapterWriter(staging, modules, inputs.base_model)
+        adapter = MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
         report.modules = len(modules)
         writer = _state_writer(inputs, staging / STATE_FILE, all_tasks)
     singular, underdetermined = [], []
