@@ -1,8 +1,8 @@
 """The interop suite's inputs, written with `many`'s own environment: for each family, the
 tokenizer and chat template its base is built with (`spec.json`, read by make_base.py under
 an older transformers), and two tasks' pictures with their training, calibration and
-evaluation splits as the training tools take them: LLaMA-Factory's sharegpt JSON declared in
-its `dataset_info.json`, and ms-swift's JSONL.
+evaluation splits (data/SPLIT/) as the training tools take them: LLaMA-Factory's sharegpt JSON
+declared in the split's `dataset_info.json` under the task's name, and ms-swift's JSONL.
 
     python make_data.py OUT
 """
@@ -101,7 +101,9 @@ def write_task(folder: Path, task) -> dict[str, list[dict]]:
     return splits
 
 
-def write_tool_data(folder: Path, task: str, splits: dict[str, list[dict]], info: dict) -> None:
+def write_tool_data(data: Path, task: str, splits: dict[str, list[dict]], infos: dict[str, dict]) -> None:
+    """data/SPLIT/TASK.json (sharegpt) and TASK.jsonl (ms-swift), each split's dataset_info.json
+    naming the task's file as TASK."""
     for split, records in splits.items():
         conversations = [
             {
@@ -113,12 +115,13 @@ def write_tool_data(folder: Path, task: str, splits: dict[str, list[dict]], info
             }
             for record in records
         ]
-        name = f"{task}_{split}"
-        (folder / f"{name}.json").write_text(json.dumps(conversations, indent=1))
-        with open(folder / f"{name}.jsonl", "w") as handle:  # ms-swift's: one conversation a line
+        folder = data / split
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{task}.json").write_text(json.dumps(conversations, indent=1))
+        with open(folder / f"{task}.jsonl", "w") as handle:  # ms-swift's: one conversation a line
             handle.writelines(json.dumps(conversation) + "\n" for conversation in conversations)
-        info[name] = {
-            "file_name": f"{name}.json",
+        infos.setdefault(split, {})[task] = {
+            "file_name": f"{task}.json",
             "formatting": "sharegpt",
             "columns": {"messages": "messages", "images": "images"},
             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
@@ -133,10 +136,11 @@ def main(out: Path) -> None:
         (folder / "spec.json").write_text(
             json.dumps({**spec, "tokenizer": spec["tokenizer"](spec["special"])}, indent=1)
         )
-        data, info = folder / "data", {}
+        data, infos = folder / "data", {}
         for task in FAMILY_TASKS:
-            write_tool_data(data, task, write_task(data, by_name[task]), info)
-        (data / "dataset_info.json").write_text(json.dumps(info, indent=1))
+            write_tool_data(data, task, write_task(data, by_name[task]), infos)
+        for split, info in infos.items():
+            (data / split / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
 if __name__ == "__main__":

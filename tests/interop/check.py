@@ -1,0 +1,60 @@
+"""The interop suite's comparisons and its table, in `many`'s environment.
+
+    python check.py same LABEL A B     A, B: answers (answer.py, serve.py) or `many infer` rows
+    python check.py table WORK         per-task accuracy of each tool's adapters and merges
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def answers(path: Path) -> list[tuple[str, str]]:
+    """(image, answer) in order, from a JSON list or JSON lines."""
+    text = path.read_text()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()]
+    return [(row["image"], row["prediction"]) for row in rows]
+
+
+def same(label: str, first: Path, second: Path) -> None:
+    a, b = answers(first), answers(second)
+    if [image for image, _ in a] != [image for image, _ in b]:
+        sys.exit(f"{label}: {first} and {second} answer other images")
+    differ = [(image, x, y) for (image, x), (_, y) in zip(a, b) if x != y]
+    if differ or not a:
+        sys.exit(f"{label}: {len(differ)} of {len(a)} answers differ, first {differ[:1]}")
+    print(f"{label}: {len(a)} of {len(a)} greedy answers equal")
+
+
+def accuracy(path: Path) -> dict[str, tuple[int, int]]:
+    """Per task: (correct, records) of a `many infer` predictions file."""
+    counts: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        tally = counts.setdefault(row["task"], [0, 0])
+        tally[0] += bool(row["correct"])
+        tally[1] += 1
+    return {task: (correct, total) for task, (correct, total) in counts.items()}
+
+
+def table(work: Path) -> None:
+    lines = [
+        "| family | tool | task | its own adapter | merged (LPM + CPM) | merged, `--lm-routing experts` |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted(path for path in work.glob("*/*") if (path / "final.jsonl").is_file()):
+        merged, experts = accuracy(run / "final.jsonl"), accuracy(run / "experts.jsonl")
+        for task in sorted(merged):
+            own = accuracy(run / "upper" / f"{task}.jsonl")[task]
+            cells = [f"{c}/{t} ({c / t:.0%})" for c, t in (own, merged[task], experts[task])]
+            lines.append(f"| {run.parent.name} | {run.name} | {task} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (work / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    same(arguments[0], Path(arguments[1]), Path(arguments[2])) if command == "same" else table(Path(arguments[0]))
