@@ -36,7 +36,8 @@ def main(base: str, adapter: str, data: Path, out: Path) -> None:
         prompt = record["messages"][0]["content"].replace("<image>", "").strip()
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[[Image.open(record["images"][0]).convert("RGB")]], return_tensors="pt")
+        inputs = processor(text=[text], images=[Image.open(record["images"][0]).convert("RGB")], return_tensors="pt")
+        inputs.pop("token_type_ids", None)  # what a fast tokenizer of 4.46 adds, and its generate refuses
         with torch.inference_mode():
             generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]

@@ -1,7 +1,7 @@
 """The interop suite's comparisons and its table, in `many`'s environment.
 
-    python check.py same LABEL A B     A, B: answers (answer.py, serve.py) or `many infer` rows
-    python check.py table WORK         per-task accuracy of each tool's adapters and merges
+python check.py same LABEL A B     A, B: answers (answer.py, serve.py) or `many infer` rows
+python check.py table WORK         per-task accuracy of each tool's adapters and merges
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ def tokenizer(spec: dict) -> PreTrainedTokenizerFast:
         eos_token="<|im_end|>" if qwen else "</s>",
         unk_token="<unk>",
         pad_token="<|endoftext|>" if qwen else "<pad>",
-        additional_special_tokens=[token for token in spec["special"] if token not in ("<s>", "</s>", "<unk>", "<pad>")],
+        additional_special_tokens=[
+            token for token in spec["special"] if token not in ("<s>", "</s>", "<unk>", "<pad>")
+        ],
     )
 
 
@@ -52,17 +54,31 @@ def llava(spec: dict, out: Path) -> None:
     ids = words.convert_tokens_to_ids
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8, projection_dim=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=64,
         ),
         text_config=LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=len(words),
-            max_position_embeddings=512, initializer_range=INIT_STD, bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>"),
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            vocab_size=len(words),
+            max_position_embeddings=512,
+            initializer_range=INIT_STD,
+            bos_token_id=ids("<s>"),
+            eos_token_id=ids("</s>"),
+            pad_token_id=ids("<pad>"),
         ),
         image_token_index=ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
+        image_seq_length=(32 // 8) ** 2,  # else 4.46 takes 16 image tokens for unexpanded (legacy) input
         initializer_range=INIT_STD,
     )
     model = LlavaForConditionalGeneration(config).eval()
@@ -71,8 +87,11 @@ def llava(spec: dict, out: Path) -> None:
     model.save_pretrained(out)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=words, patch_size=8,
-        vision_feature_select_strategy="default", chat_template=spec["chat_template"],
+        image_processor=image_processor,
+        tokenizer=words,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=spec["chat_template"],
     )
     processor.save_pretrained(out)
     # The hub's LLaVA processors carry this since transformers 4.47 counted the tower's CLS token:
@@ -86,23 +105,42 @@ def qwen2_vl(spec: dict, out: Path) -> None:
     words = tokenizer(spec)
     ids = words.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        vocab_size=len(words), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=512, initializer_range=INIT_STD,
+        vocab_size=len(words),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=512,
+        initializer_range=INIT_STD,
         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},  # halves of head_dim 64
         vision_config={
-            "depth": 1, "embed_dim": 64, "hidden_size": HIDDEN, "num_heads": 2, "mlp_ratio": 2,
-            "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "depth": 1,
+            "embed_dim": 64,
+            "hidden_size": HIDDEN,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
         },
-        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=None,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.save_pretrained(out)
-    image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8)
-    Qwen2VLProcessor(image_processor=image_processor, tokenizer=words, chat_template=spec["chat_template"]).save_pretrained(out)
+    # Qwen2-VL's own patch (14): ms-swift resizes images with qwen_vl_utils to multiples of 28 first.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14)
+    Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=words, chat_template=spec["chat_template"]
+    ).save_pretrained(out)
 
 
 if __name__ == "__main__":

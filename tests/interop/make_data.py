@@ -75,15 +75,28 @@ def qwen_tokenizer(special: list[str]) -> str:
     words = sorted(set(WORDS) | set(TEMPLATE_WORDS))
     corpus = [" ".join(words), "\n".join(words), *words, *(f" {word}" for word in words)]
     trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=2000,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
     return backend.to_str()
 
 
 FAMILIES = {
-    "llava": {"special": SPECIAL, "chat_template": LLAVA_TEMPLATE, "tokenizer": word_tokenizer},
-    "qwen2_vl": {"special": ["<unk>", *QWEN_SPECIAL], "chat_template": QWEN_TEMPLATE, "tokenizer": qwen_tokenizer},
+    "llava": {
+        "special": SPECIAL,
+        "chat_template": LLAVA_TEMPLATE,
+        "system": VICUNA_SYSTEM,
+        "tokenizer": word_tokenizer,
+    },
+    "qwen2_vl": {
+        "special": ["<unk>", *QWEN_SPECIAL],
+        "chat_template": QWEN_TEMPLATE,
+        "system": "You are a helpful assistant.",
+        "tokenizer": qwen_tokenizer,
+    },
 }
 
 
