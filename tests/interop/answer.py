@@ -40,8 +40,9 @@ def main(base: str, adapter: str, data: Path, out: Path) -> None:
         inputs.pop("token_type_ids", None)  # what a fast tokenizer of 4.46 adds, and its generate refuses
         with torch.inference_mode():
             generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-        answers.append({"image": record["images"][0], "prediction": answer.strip()})
+        tokens = generated[0, inputs["input_ids"].shape[1] :]
+        answer = processor.batch_decode([tokens], skip_special_tokens=True)[0]
+        answers.append({"image": record["images"][0], "prediction": answer.strip(), "tokens": tokens.tolist()})
     out.write_text(json.dumps(answers, indent=1))
 
 

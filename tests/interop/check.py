@@ -11,21 +11,27 @@ import sys
 from pathlib import Path
 
 
-def answers(path: Path) -> list[tuple[str, str]]:
-    """(image, answer) in order, from a JSON list or JSON lines."""
+def rows(path: Path) -> list[dict]:
+    """A JSON list or JSON lines."""
     text = path.read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()]
-    return [(row["image"], row["prediction"]) for row in rows]
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()]
+
+
+def answers(path: Path, tokens: bool) -> list[tuple[str, object]]:
+    """(image, answer) in order: the generated token ids where both sides have them (engines
+    detokenize an unfinished character differently), else the answer's text."""
+    return [(row["image"], row["tokens"] if tokens else row["prediction"]) for row in rows(path)]
 
 
 def same(label: str, first: Path, second: Path) -> None:
-    a, b = answers(first), answers(second)
+    tokens = all("tokens" in row for path in (first, second) for row in rows(path))
+    a, b = answers(first, tokens), answers(second, tokens)
     if [image for image, _ in a] != [image for image, _ in b]:
         sys.exit(f"{label}: {first} and {second} answer other images")
     differ = [(image, x, y) for (image, x), (_, y) in zip(a, b) if x != y]
     if differ or not a:
         sys.exit(f"{label}: {len(differ)} of {len(a)} answers differ, first {differ[:1]}")
-    print(f"{label}: {len(a)} of {len(a)} greedy answers equal")
+    print(f"{label}: {len(a)} of {len(a)} greedy answers equal{' (token for token)' if tokens else ''}")
 
 
 def accuracy(path: Path) -> dict[str, tuple[int, int]]:

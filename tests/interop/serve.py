@@ -42,7 +42,11 @@ def main(model: str, lora: str, rank: str, data: Path, out: Path) -> None:
     request = LoRARequest("merged", 1, lora) if lora != "-" else None
     outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), lora_request=request)
     answers = [
-        {"image": record["images"][0], "prediction": output.outputs[0].text.strip()}
+        {
+            "image": record["images"][0],
+            "prediction": output.outputs[0].text.strip(),
+            "tokens": list(output.outputs[0].token_ids),
+        }
         for record, output in zip(records, outputs)
     ]
     out.write_text(json.dumps(answers, indent=1))
