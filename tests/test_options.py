@@ -40,7 +40,7 @@ def test_every_declared_field_becomes_an_option_with_its_default():
     assert all(text in help_text for text in ("How many.", "Who.", "--quiet"))
 
 
-# The command line's documented options and defaults (README, DESIGN.md), written out here rather
+# The command line's documented options and defaults (the README's), written out here rather
 # than read from the settings objects the CLI is generated from.
 DOCUMENTED = {
     "merge": {
@@ -55,6 +55,7 @@ DOCUMENTED = {
         "--force": False,
         "--device": "cpu",
         "--experts": True,
+        "--for-transformers": None,
         "--density": 0.2,
         "--out": None,
         "--resume": None,
