@@ -51,10 +51,6 @@ class Record:
         """The record's first image."""
         return self.images[0] if self.images else None
 
-    @property
-    def has_media(self) -> bool:
-        return bool(self.images) or self.audio is not None or self.video is not None
-
 
 @dataclass(frozen=True)
 class Media:
