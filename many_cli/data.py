@@ -1,5 +1,5 @@
-"""Calibration and evaluation records: a folder of images, a JSONL file, or a LLaVA-style JSON
-conversation list. Records are read lazily; images are opened only when a batch needs them."""
+"""A record once read (`formats` reads the files): its media opened when a batch needs them, its
+conversation through the chat template, and the batch encoded as the model takes it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from many_cli.errors import InputError
-from many_cli.options import DEFAULT_PROMPT  # noqa: F401 - public name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

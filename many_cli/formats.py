@@ -4,7 +4,7 @@ ms-swift's JSONL, InternVL's meta JSON) or a Hugging Face dataset. Each record's
 its fields (`--format` forces one); records come back lazily, malformed ones as BadRecord.
 
 Adding a format: a reader here that yields `_entry_record(...)` for each raw entry (after mapping
-its fields onto the shapes below), and its name in FORMATS."""
+its fields onto the shapes below), and its name in `options.DataFormat` (FORMATS follows from it)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from many_cli.data import IMAGE_SUFFIXES, IMAGE_TAG, OTHER_TAGS, BadRecord, InlineImage, Record
 from many_cli.errors import InputError
 from many_cli.files import check_readable, refuse_overlap
-from many_cli.options import FORMATS, DataOptions, Reading  # noqa: F401 - public names
+from many_cli.options import FORMATS, Reading
 
 _SHAPE_OF_FORMAT = {
     "many": "prompt",
