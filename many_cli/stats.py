@@ -6,6 +6,7 @@ all-reduced before rank 0 writes the file."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -187,7 +188,8 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
     if options.modules is not None:
         extra = linear_layers(model.get_base_model(), options.modules)
-        if not extra:
+        if not extra and not any(re.fullmatch(options.modules, name) for name in layers):
+            # a pattern that names only layers the adapter adapts already asks for nothing more
             raise InputError(base, f"no linear layer's name matches --modules {options.modules!r}")
         layers = {**extra, **layers}
     return model, processor, layers, renames

@@ -746,3 +746,20 @@ def test_tensor_core_sums_equal_float32_sums_of_the_same_values(dtype):
     float32 = torch.cat([(x.float().T @ x.float())[row, row:] for row in range(1536)]).double()
     assert (packed - expected).abs().max() <= 1e-6 * expected.abs().max() * 4
     assert (packed - float32).abs().max() <= 1e-6 * expected.abs().max() * 4
+
+
+def test_modules_naming_only_adapted_layers_asks_for_nothing_more(task, tmp_path, capsys):
+    """One --modules pattern for every task of a run: for an adapter that adapts every layer it
+    names, the statistics are those without it; a pattern naming no layer at all is refused."""
+    root, base, adapter = task
+    data = root / "data" / "calib.jsonl"
+    plain, covered = tmp_path / "plain.safetensors", tmp_path / "covered.safetensors"
+    common = ["stats", "--model", base, "--adapter", adapter, "--data", data]
+    assert run_cli(capsys, *common, "--out", plain)[0] == 0
+    code, err = run_cli(capsys, *common, "--out", covered, "--modules", LM_TARGETS)
+    assert code == 0, err
+    without, with_pattern = read_stats(plain)[0], read_stats(covered)[0]
+    assert without.keys() == with_pattern.keys()
+    assert all(torch.equal(without[key], with_pattern[key]) for key in without)
+    code, err = run_cli(capsys, *common, "--out", tmp_path / "none.safetensors", "--modules", r".*no_such_layer")
+    assert code == 2 and "no linear layer's name matches" in err
