@@ -436,20 +436,31 @@ def report_command(
             help="`many infer --adapter ... --data` outputs: each task's own adapter, its upper bound; repeat per task.",
         ),
     ] = None,
+    experts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--experts",
+            readable=False,
+            help="The last step's merge scored on the same records with `many infer --lm-routing experts`: "
+            "what serving it so keeps, beside the merged model's forgetting.",
+        ),
+    ] = None,
     *,
     options: ReportOptions,
 ) -> None:
     """The continual run after each step: accuracy matrix, forgetting, backward transfer, routing, wrong answers."""
     options.check()
-    require_inputs({path: "prediction file not found" for path in [*predictions, *(upper or [])]})
+    inputs = [*predictions, *(upper or []), *([experts] if experts else [])]
+    require_inputs({path: "prediction file not found" for path in inputs})
     from many_cli.report import build_report, gate, read_predictions, write_report
     from many_cli.rows import ADAPTER, MERGE
 
     report = build_report(
         [read_predictions(path, MERGE) for path in predictions],
         [read_predictions(path, ADAPTER) for path in upper or []],
+        read_predictions(experts, MERGE) if experts else None,
     )
-    refuse_overlap(out, [*predictions, *(upper or [])])
+    refuse_overlap(out, inputs)
     write_report(report, out, options.force)
     print(
         f"final average accuracy {100 * report['final_average_accuracy']:.1f}% after {len(predictions)} step(s) "

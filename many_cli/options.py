@@ -219,10 +219,17 @@ class StatsOptions(DataOptions, LoadsModel):
         "names match this regular expression (full match, as PEFT's target_modules string), "
         "so that the stats cover modules other tasks' adapters target.",
     )
+    under: Path | None = option(
+        None,
+        "--under",
+        "Take the inputs in the merged model of this `many merge` output (its LoRA, this task's "
+        "projector) rather than under the task's own adapter: RegMean++'s inputs, which the merged "
+        "layers below a layer give it. Merge again with the files so written.",
+    )
 
     def check(self) -> None:
-        check_types(self)
         """Refuse every invalid setting before any work starts."""
+        check_types(self)
         self.reading.check()
         if self.modules is not None:
             try:
@@ -376,8 +383,8 @@ class InferOptions(DataOptions, LoadsModel):
     )
 
     def check(self) -> None:
-        check_types(self)
         """Refuse every invalid setting before any work starts."""
+        check_types(self)
         self.reading.check()
         _one_of("--routing", self.routing, Routing)
         if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
@@ -438,8 +445,8 @@ class ReportOptions:
     force: bool = option(False, "--force", "Replace an --out that is not an earlier report.")
 
     def check(self) -> None:
-        check_types(self)
         """Refuse every invalid setting before any work starts."""
+        check_types(self)
         for flag, value in (
             ("--min-final-accuracy", self.min_final_accuracy),
             ("--max-forgetting", self.max_forgetting),

@@ -1,7 +1,8 @@
 """`many report`: what a team asks after each fine-tune of a continual run, from `many infer`'s
 prediction rows alone: the accuracy matrix (step × task), average accuracy per step, final
 average accuracy, forgetting, backward transfer, each task's ratio to its own adapter (the upper
-bound), routing accuracy and the routing confusion matrix, and the wrong answers.
+bound), routing accuracy and the routing confusion matrix, the wrong answers, and the trade-off:
+what the last merge keeps served with `--lm-routing experts`, or how to see it.
 
 Step k is one prediction file: a merge of the first tasks, scoring every task merged so far.
 Reading and checking the files is here; the metrics are pure functions of the rows; the page
@@ -156,9 +157,9 @@ def step_costs(matrix: list[list[float | None]], routing: list[list[float | None
     return costs
 
 
-def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dict:
+def build_report(steps: list[Predictions], upper: list[Predictions] = (), experts: Predictions | None = None) -> dict:
     """The report as report.json holds it (see the module's docstring); bad steps are InputErrors
-    naming the file."""
+    naming the file. `experts`: the last step's merge scored with `--lm-routing experts`."""
     tasks: list[str] = []
     first_steps: list[int] = []
     per_step: list[dict[str, tuple[int, int]]] = []
@@ -215,7 +216,58 @@ def build_report(steps: list[Predictions], upper: list[Predictions] = ()) -> dic
         "step_costs": step_costs(matrix, routing_matrix, tasks),
         "routing_confusion": confusion,
         "wrong_answers": [_wrong(row) for row in steps[-1].rows if row["correct"] is False],
+        "experts": None if experts is None else _experts(experts, steps[-1], per_step[-1]),
     }
+
+
+def _experts(experts: Predictions, last: Predictions, found: dict[str, tuple[int, int]]) -> dict:
+    """What `--lm-routing experts` keeps of the last step: its accuracy per task on the same
+    records, its average, and the share of rows a task's own LoRA answered."""
+    if experts.answered_by != last.answered_by:
+        raise InputError(
+            experts.path,
+            f"was answered by merge {experts.answered_by['fingerprint']}, not by the last step's "
+            f"({last.answered_by['fingerprint']}, {last.path}): score the last step's merge with --lm-routing experts",
+        )
+    scored = scores(experts.rows)
+    if {task: count for task, (_, count) in scored.items()} != {task: count for task, (_, count) in found.items()}:
+        raise InputError(
+            experts.path,
+            f"scores other records than {last.path}: give `many infer --lm-routing experts` the same --data",
+        )
+    own = sum(row.get("lm") == row["task"] for row in experts.rows)
+    if not any(row.get("lm") in found for row in experts.rows):
+        raise InputError(
+            experts.path, "no row was answered by a task's own LoRA: not a `many infer --lm-routing experts` output"
+        )
+    accuracy = {task: correct / count for task, (correct, count) in scored.items()}
+    return {
+        "file": str(experts.path),
+        "accuracy": accuracy,
+        "final_average_accuracy": statistics.fmean(accuracy.values()),
+        "answered_by_own_lora": own / len(experts.rows),
+    }
+
+
+def trade_off(report: dict) -> str | None:
+    """The choice the report puts to its reader: what serving the merge with its experts keeps,
+    or, when the merged model forgot and no experts file was given, how to forget nothing."""
+    experts = report["experts"]
+    if experts is not None:
+        return (
+            f"Served with `--lm-routing experts` (each image's task answering with its own LoRA beside "
+            f"the merge), the same merge answers {_percent(experts['final_average_accuracy'])}% of these "
+            f"records (merged: {_percent(report['final_average_accuracy'])}%), "
+            f"{_percent(experts['answered_by_own_lora'])}% of them by their own task's LoRA."
+        )
+    if any(value is not None and value > 0 for value in report["forgetting"].values()):
+        return (
+            "To forget nothing, serve this merge with `many infer --lm-routing experts`: each image's "
+            "task answers with its own LoRA from the merge's experts/ folder, every task's LoRA held "
+            "beside the merged model. Score the same records that way and pass the file as "
+            "`--experts` to see what it keeps here."
+        )
+    return None
 
 
 def _check_merge(step: Predictions, found: dict[str, tuple[int, int]], previous: Predictions | None) -> None:
@@ -341,15 +393,18 @@ def markdown(report: dict) -> str:
         f"{len(report['steps'])} step(s); average forgetting {_percent(report['average_forgetting'])} points; "
         f"backward transfer {_percent(report['backward_transfer'])} points.",
         "",
+        *([choice, ""] if (choice := trade_off(report)) else []),
         "| step | " + " | ".join(tasks) + " | average |",
         "|---" * (len(tasks) + 2) + "|",
     ]
     for number, (row, average) in enumerate(zip(report["accuracy_matrix"], report["average_accuracy"]), start=1):
         lines.append(f"| {number} | " + " | ".join(_percent(value) for value in row) + f" | {_percent(average)} |")
+    experts = report["experts"]
     lines += [
         "",
-        "| task | final | best before | forgetting | own adapter | final / own | routed home |",
-        "|---|---|---|---|---|---|---|",
+        "| task | final | best before | forgetting | own adapter | final / own | routed home |"
+        + (" with experts |" if experts else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if experts else ""),
     ]
     last = len(report["accuracy_matrix"]) - 1
     for index, task in enumerate(tasks):
@@ -360,6 +415,7 @@ def markdown(report: dict) -> str:
             f"{_percent(max(history)) if history else '—'} | {_percent(report['forgetting'][task])} | "
             f"{_percent(report['upper_accuracy'].get(task))} | {'—' if ratio is None else f'{ratio:.3f}'} | "
             f"{_percent(report['routing_accuracy'][task])} |"
+            + (f" {_percent(experts['accuracy'][task])} |" if experts else "")
         )
     confusion = report["routing_confusion"]
     if any(map(any, confusion["counts"])):

@@ -10,7 +10,7 @@ import html
 import io
 from pathlib import Path
 
-from many_cli.report import markdown
+from many_cli.report import markdown, trade_off
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -173,6 +173,7 @@ def write_page(report: dict, path: Path) -> None:
         "<tr><th>average forgetting</th>" + _metric("average_forgetting", report["average_forgetting"], True) + "</tr>",
         "<tr><th>backward transfer</th>" + _metric("backward_transfer", report["backward_transfer"], True) + "</tr>",
         "</table>",
+        *([f'<p id="trade-off">{html.escape(choice)}</p>'] if (choice := trade_off(report)) else []),
         _costs(report["step_costs"]),
         f'<figure id="accuracy-heatmap">{_svg(heat)}<figcaption>Rows: steps; columns: tasks. A cell that darkens '
         f"down its column is a task a later merge cost.</figcaption></figure>",
@@ -181,7 +182,9 @@ def write_page(report: dict, path: Path) -> None:
         f"<figcaption>Rows: true task; columns: the task its images were routed to.</figcaption></figure>",
         "<h2>Per task, after the last step</h2>",
         '<table class="summary"><tr><th>task</th><th>final</th>'
-        "<th>forgetting</th><th>own adapter</th><th>final / own</th><th>routed home</th></tr>",
+        "<th>forgetting</th><th>own adapter</th><th>final / own</th><th>routed home</th>"
+        + ("<th>with experts</th>" if report["experts"] else "")
+        + "</tr>",
     ]
     final = report["accuracy_matrix"][-1]
     for index, task in enumerate(report["tasks"]):
@@ -193,6 +196,7 @@ def write_page(report: dict, path: Path) -> None:
             + _metric(f"upper:{task}", report["upper_accuracy"].get(task))
             + f'<td data-metric="ratio:{html.escape(task)}">{"—" if ratio is None else f"{ratio:.3f}"}</td>'
             + _metric(f"routing:{task}", report["routing_accuracy"][task])
+            + (_metric(f"experts:{task}", report["experts"]["accuracy"][task]) if report["experts"] else "")
             + "</tr>"
         )
     parts.append("</table>")

@@ -29,7 +29,7 @@ from many_cli.data import BadRecord, Record, answer_token_counts, encode_loaded,
 from many_cli.distributed import World, all_gather_json, all_gather_rows, join_world
 from many_cli.errors import InputError
 from many_cli.families import ImageTracker, find_projector
-from many_cli.files import refuse_foreign_file, refuse_overlap
+from many_cli.files import file_fingerprint, refuse_foreign_file, refuse_overlap
 from many_cli.formats import count_records, read_records, refuse_output_over_data
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (
@@ -41,16 +41,18 @@ from many_cli.models import (
     load_base_model,
     load_processor,
     lora_layers,
+    refuse_other_base,
     text_layers,
 )
 from many_cli.options import StatsOptions
-from many_cli.state import BLOCK, STATS_FILE, is_stats_file, write_stats
+from many_cli.state import BLOCK, BUNDLE_FILE, STATS_FILE, is_stats_file, recorded_base, write_stats
 
 TOKEN_RULE = (
     "chat template over one user turn [image, prompt], plus the assistant answer when "
     "there is one (else the generation prompt); every position whose attention mask is 1, "
     "image tokens included"
 )
+UNDER = "merged"  # the PEFT name of the merge's LoRA that --under runs the task's data through
 
 
 @dataclass
@@ -88,7 +90,9 @@ def collect_stats(
     An original-LLaVA-layout adapter is run through its PEFT conversion."""
     options.check()
     out = out or adapter / STATS_FILE
-    refuse_overlap(out, [base, *(adapter / name for name in ADAPTER_FILES)])
+    refuse_overlap(
+        out, [base, *(adapter / name for name in ADAPTER_FILES), *([options.under] if options.under else [])]
+    )
     refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
     with peft_adapter_dir(adapter) as converted:
@@ -103,6 +107,8 @@ def _collect(
     records = read_records(data, options.reading)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
     fingerprint = base_fingerprint(base)
+    if options.under is not None:
+        _check_merge(options.under, base, fingerprint)
     model, processor, layers, renames = _load(base, adapter, options, device)
     report = StatsReport(out, world.rank)
     note = other_base_note(read_adapter(adapter), base)
@@ -181,18 +187,38 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     renames = {
         saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items() if saved != loaded
     }
-    model = apply_adapters(model, base, [(adapter, "default")])
+    model = apply_adapters(model, base, [(adapter, "default"), *([(options.under, UNDER)] if options.under else [])])
     model = (model if options.device_map is not None else model.to(device)).eval()
-    layers = lora_layers(model)
+    layers = {  # the task's own layers; under a merge, others may be the merge's alone
+        name: layer
+        for name, layer in lora_layers(model).items()
+        if "default" in {*layer.lora_A, *layer.lora_embedding_A}
+    }
     if not layers:
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
+    if options.under:  # the merged LoRA everywhere (none where the merge has none); the projector stays the task's
+        for layer in lora_layers(model).values():
+            layer.set_adapter(UNDER)
     if options.modules is not None:
-        extra = linear_layers(model.get_base_model(), options.modules)
+        merge_only = {name: layer for name, layer in lora_layers(model).items() if name not in layers}
+        extra = {
+            **linear_layers(model.get_base_model(), options.modules),
+            **{name: layer for name, layer in merge_only.items() if re.fullmatch(options.modules, name)},
+        }
         if not extra and not any(re.fullmatch(options.modules, name) for name in layers):
             # a pattern that names only layers the adapter adapts already asks for nothing more
             raise InputError(base, f"no linear layer's name matches --modules {options.modules!r}")
         layers = {**extra, **layers}
     return model, processor, layers, renames
+
+
+def _check_merge(merged: Path, base: str, fingerprint: str) -> None:
+    """--under needs a merge output built on this base."""
+    if not (merged / ADAPTER_WEIGHTS).is_file() or not (merged / BUNDLE_FILE).is_file():
+        raise InputError(merged, f"--under is not a `many merge` output (it needs {ADAPTER_WEIGHTS} and {BUNDLE_FILE})")
+    built_on = recorded_base(merged)
+    if built_on:
+        refuse_other_base(*built_on, base, fingerprint)
 
 
 def _shard(data: Path, options: StatsOptions, world: World) -> tuple[int, int | None]:
@@ -293,6 +319,8 @@ def _write(
         if options.answer_weight == 1
         else (f"{TOKEN_RULE}; the last prompt position and the answer's tokens weigh {options.answer_weight:g}")
     )
+    if options.under:
+        token_rule += "; inputs taken in the merged model (the merge's LoRA, this task's projector)"
     named = {min(totals.members[key]): key for key in totals.sums}  # an input is named after its first module
     write_stats(
         out,
@@ -311,6 +339,7 @@ def _write(
             "answer_weight": repr(options.answer_weight),
             "tokens": str(report.tokens),  # text tokens; media layers count rows
             **({"modules_pattern": pattern} if pattern else {}),
+            **({"under_merge": file_fingerprint(options.under / ADAPTER_WEIGHTS)} if options.under else {}),
             **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {}),
         },
     )

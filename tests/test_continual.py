@@ -20,10 +20,12 @@ from many_cli.bench.continual import (
     ETA,
     EXPERTS,
     EXPERTS_SOFT,
+    LEAD_UNDER,
     LPM,
     MANY,
     MANY_HARD,
     MANY_SOFT,
+    REFINEMENTS,
     REGMEAN,
     REGMEAN_CPM,
     SEQUENTIAL,
@@ -147,6 +149,7 @@ def reduced_run(tmp_path_factory):
     options = ContinualOptions(
         seeds=(0,),
         bases=("blank",),
+        orders=("forward",),
         train=TrainOptions(task_steps=150),
         calibration=16,
         evaluation=24,
@@ -157,7 +160,8 @@ def reduced_run(tmp_path_factory):
         alphas=(1.0,),
         answer_weights=(1.0,),
     )
-    return run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options), options
+    [run] = run_world(tmp_path_factory.mktemp("continual"), "blank", 0, options)
+    return run, options
 
 
 @pytest.mark.slow
@@ -232,6 +236,21 @@ def test_markdown_table_agrees_with_the_runs(reduced_run):
     routing = next(line for line in table.splitlines() if line.startswith("| routing accuracy"))
     cells = [float(cell) for cell in routing.strip("|").split("|")[1 : 1 + len(TASKS)]]
     assert cells == [round(100 * run.routing[task.name], 1) for task in TASKS]
+    # MAny's worst forgetting, worked out from its rows: per task, its best accuracy before the
+    # last step minus its final one, the largest over the tasks learned before the last step.
+    accuracy = [
+        {task.name: statistics.fmean(r["correct"] for r in rows if r["task"] == task.name) for task in TASKS[:k]}
+        for k, rows in enumerate(run.steps[MANY], start=1)
+    ]
+    worst = max(max(step[t.name] for step in accuracy[i:-1]) - accuracy[-1][t.name] for i, t in enumerate(TASKS[:-1]))
+    row = next(line for line in table.splitlines() if line.startswith(f"| **{MANY}** |"))
+    assert float(row.strip("|").split("|")[3 + len(TASKS)].strip("* ")) == round(100 * worst, 1)
+    # The refined merge re-takes every task seen so far, REFINEMENTS times, after the new task's pass.
+    row = next(
+        line for line in table.splitlines() if line.startswith(f"| {LEAD_UNDER} |") and "(" in line.split("|")[2]
+    )
+    passes = [1 + REFINEMENTS * step for step in range(1, len(TASKS) + 1)]
+    assert row.split("|")[2].strip() == f"{statistics.fmean(passes):g} ({passes[-1]})"
 
 
 def test_demo_on_a_broken_sample_says_so_and_leaves_nothing(capsys, tmp_path):

@@ -370,34 +370,33 @@ def test_an_exported_model_answers_like_many_infer_with_its_projector(family, tm
         assert prediction.routing == pytest.approx(row["routing"], abs=1e-5)
 
 
-@pytest.mark.parametrize("by_module", [False, pytest.param(True, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("family", ["llava"], indirect=True)
-def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path, by_module):
-    """RegMean++ (a benchmark experiment): the second stage's covariances (layer 1's, or by
-    module group layer 0's o_proj) are those of a model whose first stage (layer 0, or layer 0's
-    q/k/v) carries the merged update (folded here by hand from the merged adapter's factors) and
-    whose other layers carry the task's own LoRA; the first stage's stay as `many stats` took them."""
+@pytest.mark.parametrize("family", ["llava", pytest.param("qwen2_vl", marks=pytest.mark.slow)], indirect=True)
+def test_statistics_under_a_merge_see_the_merged_layers(family, tmp_path, capsys):
+    """`many stats --under MERGE` (RegMean++'s inputs): every covariance equals a float64 brute
+    force through the task's adapter whose LoRA is replaced, layer by layer, by the merged update
+    (folded by hand from the merge's factors), its projector kept; the prototype is the task's."""
     from safetensors.torch import load_file
 
-    from many_cli.bench.layerwise import layerwise_adapters
-
-    def first(name: str) -> bool:
-        return ".layers.0." in name and (not by_module or any(f"{p}_proj" in name for p in "qkv"))
-
-    def second(name: str) -> bool:
-        return name.endswith(".layers.0.self_attn.o_proj") if by_module else ".layers.1." in name
-
     root, base, adapters, calibration, _ = family
-    copies = layerwise_adapters(str(base), adapters, calibration, tmp_path / "layerwise", by_module=by_module)
-    factors = load_file(tmp_path / "layerwise" / "merged_below_1" / "adapter_model.safetensors")
-    for adapter, copy, records in zip(adapters, copies, calibration, strict=True):
+    merged = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
+    assert code == 0, err
+    config = json.loads((merged / "adapter_config.json").read_text())
+    assert not config.get("rank_pattern")  # one scale for every module
+    factors = load_file(merged / "adapter_model.safetensors")
+    for adapter, records in zip(adapters, calibration, strict=True):
+        copy = shutil.copytree(adapter, tmp_path / adapter.name)
+        stats = ("stats", "--model", base, "--adapter", copy, "--data", records, "--batch-size", "4")
+        code, err = run_cli(capsys, *stats, "--under", merged)
+        assert code == 0, err
         model = PeftModel.from_pretrained(load_base(base), adapter).eval()
         with torch.no_grad():
-            for key in [key for key in factors if first(key) and "lora_A" in key]:
+            for key in [key for key in factors if "lora_A" in key]:
                 module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 layer = model.get_base_model().get_submodule(module)
-                layer.base_layer.weight += factors[key.replace("lora_A", "lora_B")] @ factors[key]
-                layer.lora_B["default"].weight.zero_()  # the first stage: the merge, not the task's own LoRA
+                update = factors[key.replace("lora_A", "lora_B")] @ factors[key]
+                layer.base_layer.weight += update * config["lora_alpha"] / config["r"]
+                layer.lora_B["default"].weight.zero_()  # the merge's update, not the task's own
         processor = AutoProcessor.from_pretrained(base)
         expected = input_sums(
             model,
@@ -407,13 +406,15 @@ def test_layer_by_layer_statistics_see_the_merged_layers_below(family, tmp_path,
             ],
         )
         measured, original = stats_covariances(copy / STATS_FILE), stats_covariances(adapter / STATS_FILE)
-        assert any(second(module) for module in expected)
+        assert measured.keys() == expected.keys()
         for module, matrix in expected.items():
-            if second(module):
-                assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
-                assert torch.linalg.norm(original[module] - matrix) > 1e-3 * torch.linalg.norm(matrix), module
-            elif first(module):
-                assert torch.equal(measured[module], original[module]), module
+            assert torch.linalg.norm(measured[module] - matrix) <= 1e-5 * torch.linalg.norm(matrix), module
+        assert any(  # the merge changed what later layers read
+            torch.linalg.norm(original[module] - matrix) > 1e-3 * torch.linalg.norm(matrix)
+            for module, matrix in expected.items()
+        )
+        with safe_open(str(copy / STATS_FILE), "pt") as under, safe_open(str(adapter / STATS_FILE), "pt") as own:
+            assert torch.equal(under.get_tensor("prototype"), own.get_tensor("prototype"))
 
 
 def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path, capsys):

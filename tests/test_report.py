@@ -308,3 +308,53 @@ def test_an_upper_bound_scored_with_another_task_s_adapter_is_refused(capsys, tm
     _rewrite(upper[1], lambda rows: [{**row, "adapter": {"tasks": ["a"], "fingerprint": "adapter-a"}} for row in rows])
     code, _, err = run_cli_output(capsys, "report", *steps, "--upper", upper[1], "--out", tmp_path / "report")
     assert code == 2 and err == f"many: error: {upper[1]}: scores task 'b' with the adapter of a: not that task's own\n"
+
+
+def _experts_file(tmp_path: Path, change=lambda rows: rows) -> Path:
+    """The last step's merge answered with --lm-routing experts: each record by the LoRA of the
+    task its image was routed to, right when that is its own task (10 of the 12 rows)."""
+    rows = [
+        {**row, "lm": row["routed_task"], "correct": row["routed_task"] == row["task"]}
+        | {"prediction": "yes" if row["routed_task"] == row["task"] else "no"}
+        for row in _rows(2, ["a", "b", "c"])
+    ]
+    return _write(tmp_path / "experts.jsonl", change(rows))
+
+
+def test_the_report_shows_what_routed_experts_keep_beside_the_merged_model_s_forgetting(capsys, tmp_path):
+    code, _, err = _report(capsys, tmp_path)
+    assert code == 0, err
+    hint = (tmp_path / "report" / "report.md").read_text()
+    assert "To forget nothing, serve this merge with `many infer --lm-routing experts`" in hint  # a forgot 50 points
+    code, _, err = _report(capsys, tmp_path, "--experts", _experts_file(tmp_path))
+    assert code == 0, err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    # By hand: b's and c's fourth records were routed away (to c and a), everything else home.
+    assert report["experts"]["accuracy"] == pytest.approx({"a": 1.0, "b": 0.75, "c": 0.75})
+    assert report["experts"]["final_average_accuracy"] == pytest.approx(2.5 / 3)
+    assert report["experts"]["answered_by_own_lora"] == pytest.approx(10 / 12)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "the same merge answers 83.3% of these records (merged: 50.0%), 83.3% of them by their own" in markdown
+    assert "| a | 50.0 | 100.0 | 50.0 | 100.0 | 0.500 | 100.0 | 100.0 |" in markdown
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'id="trade-off"' in page and 'data-metric="experts:c" data-value="0.75"' in page
+
+
+@pytest.mark.parametrize(
+    "case, fault",
+    [
+        ("another merge", "was answered by merge merge1, not by the last step's (merge2"),
+        ("fewer records", "scores other records than"),
+        ("the merged LoRA only", "no row was answered by a task's own LoRA"),
+    ],
+)
+def test_an_experts_file_of_other_records_or_another_merge_is_refused(capsys, tmp_path, case, fault):
+    change = {
+        "another merge": lambda rows: [{**row, "merge": {**row["merge"], "fingerprint": "merge1"}} for row in rows],
+        "fewer records": lambda rows: rows[1:],
+        "the merged LoRA only": lambda rows: [{**row, "lm": "merged"} for row in rows],
+    }[case]
+    experts = _experts_file(tmp_path, change)
+    code, _, err = _report(capsys, tmp_path, "--experts", experts)
+    assert code == 2 and err.startswith(f"many: error: {experts}: ") and fault in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "report").exists()

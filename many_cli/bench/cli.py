@@ -221,6 +221,9 @@ def bench_continual_command(
     ] = Path("continual"),
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per base (mean ± std over them).")] = 3,
     bases: Annotated[str, typer.Option("--bases", help="Comma-separated: generalist, blank.")] = "generalist,blank",
+    orders: Annotated[
+        str, typer.Option("--orders", help="Comma-separated task orders: forward, reverse.")
+    ] = "forward,reverse",
     task_steps: Annotated[
         Optional[int], typer.Option("--task-steps", help="Training steps per task [default: 400].")
     ] = None,
@@ -246,7 +249,7 @@ def bench_continual_command(
     bound and sequential fine-tuning, trained and scored on the synthetic world."""
     import tempfile
 
-    from many_cli.bench.continual import BASES, MANY, ContinualOptions, markdown, plot, run_benchmark
+    from many_cli.bench.continual import BASES, MANY, ORDERS, ContinualOptions, markdown, plot, run_benchmark
     from many_cli.bench.training import TrainOptions
     from many_cli.report import write_report
 
@@ -255,10 +258,14 @@ def bench_continual_command(
     kinds = tuple(kind.strip() for kind in bases.split(","))
     if not kinds or any(kind not in BASES for kind in kinds):
         raise InputError(None, f"--bases takes a comma-separated list of {', '.join(BASES)}, got {bases!r}")
+    sequences = tuple(order.strip() for order in orders.split(","))
+    if not sequences or any(order not in ORDERS for order in sequences):
+        raise InputError(None, f"--orders takes a comma-separated list of {', '.join(ORDERS)}, got {orders!r}")
     steps = {"task_steps": task_steps, "pretrain_steps": pretrain_steps}
     options = ContinualOptions(
         seeds=tuple(range(seeds)),
         bases=kinds,
+        orders=sequences,
         train=TrainOptions(**{key: value for key, value in steps.items() if value is not None}),
     )
     if not sweeps:
@@ -267,7 +274,7 @@ def bench_continual_command(
     with tempfile.TemporaryDirectory(prefix="many-continual-") as scratch:
         runs = run_benchmark(workdir or Path(scratch), options, say=lambda message: stderr.print(message, markup=False))
         for run in runs:  # MAny's own `many report`, written while its images are still there
-            write_report(run.report(MANY), out / "reports" / f"{run.base}_seed{run.seed}", force=True)
+            write_report(run.report(MANY), out / "reports" / f"{run.base}_seed{run.seed}_{run.order}", force=True)
     table = markdown(runs, options)
     with atomic_output_file(out / "continual.md") as partial:
         partial.write_text(table + "\n")

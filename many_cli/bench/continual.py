@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from many_cli.bench.layerwise import layerwise_adapters
 from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
-from many_cli.bench.world import TASKS, write_split
+from many_cli.bench.world import TASKS, WorldTask, write_split
 from many_cli.data import Record
 from many_cli.formats import read_records
 from many_cli.infer import InferOptions, MergedModel, answer_all, load_merged, load_processor, load_task_projectors
@@ -26,7 +26,7 @@ from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
 from many_cli.models import apply_adapters, load_adapted_model, load_base_model
 from many_cli.options import Placement
 from many_cli.report import Predictions, build_report, scores
-from many_cli.state import BUNDLE_FILE, read_bundle_header
+from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
 
 UPPER = "each adapter alone (upper bound)"
@@ -54,8 +54,13 @@ REGMEAN_OPTIONS = MergeOptions(balance=True, alpha=0.6, ridge=0.0)
 # Issue 15's leads: MAny with one change each, scored after every task as MAny is.
 LEAD_ALPHA = "MAny, α = 0.6 (RegMean's off-diagonal reduction)"
 LEAD_ANSWERS = "MAny, answer positions × 64"
-LEAD_LAYERWISE = "MAny, layer by layer (RegMean++)"
-LEAD_MODULEWISE = "MAny, module group by group (RegMean++)"
+# Issue 36's: the statistics taken again in the merged model (`many stats --under`), merged again,
+# REFINEMENTS times; a module's inputs depend only on the stages below it, so the refinements
+# reach RegMean++'s layer-by-layer merge, one stage of a layer's four (q/k/v, o, gate/up, down) each.
+REFINEMENTS = 4
+LEAD_UNDER_ONCE = "MAny, inputs of the merged model (1 refinement)"
+LEAD_UNDER = f"MAny, inputs of the merged model ({REFINEMENTS} refinements, RegMean++)"
+LEAD_UNDER_ANSWERS = f"MAny, inputs of the merged model ({REFINEMENTS} refinements) + answer positions × 64"
 SYSTEMS = (
     UPPER,
     SEQUENTIAL,
@@ -69,11 +74,15 @@ SYSTEMS = (
     MANY,
     LEAD_ALPHA,
     LEAD_ANSWERS,
-    LEAD_LAYERWISE,
-    LEAD_MODULEWISE,
+    LEAD_UNDER_ONCE,
+    LEAD_UNDER,
+    LEAD_UNDER_ANSWERS,
     EXPERTS_SOFT,
     EXPERTS,
 )
+# The systems whose cost the benchmark measures: what one step of the CI job does for each.
+COSTED = (MANY, LEAD_ANSWERS, LEAD_UNDER_ONCE, LEAD_UNDER, LEAD_UNDER_ANSWERS, EXPERTS)
+ORDERS = {"forward": TASKS, "reverse": TASKS[::-1]}
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
 
@@ -81,6 +90,7 @@ BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad 
 class ContinualOptions:
     seeds: tuple[int, ...] = (0, 1, 2)
     bases: tuple[str, ...] = tuple(BASES)
+    orders: tuple[str, ...] = tuple(ORDERS)  # the task orders, each run on the same trained adapters
     train: TrainOptions = TrainOptions()
     calibration: int = 32  # records per task for `many stats`
     evaluation: int = 48  # held-out records per task
@@ -97,13 +107,25 @@ Rows = list[dict]  # `many infer`'s prediction rows of one step
 
 
 @dataclass
+class Cost:
+    """What a system's CI steps took: stats passes over one task's calibration data, seconds of
+    `many stats` and `many merge`, and the bytes of its stats files and merge output (last step)."""
+
+    passes: list[int] = field(default_factory=list)  # per step
+    seconds: list[float] = field(default_factory=list)  # per step
+    disk: int = 0
+
+
+@dataclass
 class WorldRun:
     """One seed on one base: per system, its prediction rows after each step, read as `many
     report` reads a user's run, so that the benchmark and the users' reports cannot disagree."""
 
     base: str
     seed: int
+    order: str = "forward"
     steps: dict[str, list[Rows]] = field(default_factory=dict)
+    costs: dict[str, Cost] = field(default_factory=dict)
     sweeps: dict[tuple[str, float], float] = field(default_factory=dict)  # (setting, value) -> MAny FAA
 
     def report(self, system: str) -> dict:
@@ -118,6 +140,13 @@ class WorldRun:
 
     def forgetting(self, system: str) -> float | None:
         return self.report(system)["average_forgetting"]
+
+    def worst_forgetting(self, system: str) -> float | None:
+        lost = [value for value in self.report(system)["forgetting"].values() if value is not None]
+        return max(lost) if lost else None
+
+    def backward_transfer(self, system: str) -> float | None:
+        return self.report(system)["backward_transfer"]
 
     @property
     def routing(self) -> Scores:
@@ -143,64 +172,73 @@ def report_of(steps: list[Rows], system: str) -> dict:
 @dataclass(frozen=True)
 class TrainedWorld:
     base: str
-    adapters: list[Path]  # one per task, trained from the base, with its stats file
-    sequential: list[Path]  # the sequential fine-tune after each task
+    adapters: dict[str, Path]  # task -> its adapter, trained from the base, with its stats file
+    stats_seconds: dict[str, float]  # task -> its `many stats` run
     calibration: dict[str, Path]
     evaluation: dict[str, list[Record]]
 
-    def seen(self, steps: int) -> list[Record]:
-        return [record for task in TASKS[:steps] for record in self.evaluation[task.name]]
+    def seen(self, tasks: tuple[WorldTask, ...]) -> list[Record]:
+        return [record for task in tasks for record in self.evaluation[task.name]]
 
 
 def run_world(
     root: Path, base_kind: str, seed: int, options: ContinualOptions, say: Callable[[str], None] = lambda message: None
-) -> WorldRun:
-    run = WorldRun(base_kind, seed)
-    say(f"[{base_kind} seed {seed}] base, data, {len(TASKS)} adapters and the sequential fine-tune")
+) -> list[WorldRun]:
+    """One seed on one base: the base and the per-task adapters trained once, then each task
+    order merged, fine-tuned sequentially and scored; the sweeps in the first order."""
+    say(f"[{base_kind} seed {seed}] base, data and {len(TASKS)} adapters")
     world = _train_world(root, base_kind, seed, options)
-    say(f"[{base_kind} seed {seed}] merging after every task and scoring")
-    _score_steps(run, world, root)
+    runs = []
+    for order in options.orders:
+        run = WorldRun(base_kind, seed, order)
+        say(f"[{base_kind} seed {seed}, {order}] the sequential fine-tune, merging after every task and scoring")
+        _score_steps(run, world, root / order, options.train)
+        runs.append(run)
     if options.ridges or options.etas or options.calibration_sizes:
         say(f"[{base_kind} seed {seed}] MAny against ridge, η and calibration size")
-        _sweep(run, world, root, options)
-    return run
+        _sweep(runs[0], world, root / options.orders[0], ORDERS[options.orders[0]], options)
+    return runs
 
 
 def _train_world(root: Path, base_kind: str, seed: int, options: ContinualOptions) -> TrainedWorld:
     base = build_base(root / "base", BASES[base_kind], seed, options.train)
-    calibration, evaluation = {}, {}
+    calibration, evaluation, adapters, seconds = {}, {}, {}, {}
     for task in TASKS:
         folder = root / "data" / task.name
         calibration[task.name] = write_split(folder, task, "calibration", options.calibration, seed)
         evaluation[task.name] = list(read_records(write_split(folder, task, "evaluation", options.evaluation, seed)))
-    adapters = [train_adapter(base, task, root / "adapters" / task.name, seed, options.train) for task in TASKS]
-    for adapter, task in zip(adapters, TASKS):
-        collect_stats(str(base), adapter, calibration[task.name], None, StatsOptions(device="cpu"))
-    sequential = train_sequentially(base, TASKS, root / "sequential", seed, options.train)
-    return TrainedWorld(str(base), adapters, sequential, calibration, evaluation)
+        adapters[task.name] = train_adapter(base, task, root / "adapters" / task.name, seed, options.train)
+        start = time.perf_counter()
+        collect_stats(str(base), adapters[task.name], calibration[task.name], None, StatsOptions(device="cpu"))
+        seconds[task.name] = time.perf_counter() - start
+    return TrainedWorld(str(base), adapters, seconds, calibration, evaluation)
 
 
-def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
-    """Every system after every task, on the tasks seen so far; the routing of MAny's last step."""
-    base, names = world.base, [task.name for task in TASKS]
+def _score_steps(run: WorldRun, world: TrainedWorld, root: Path, train: TrainOptions) -> None:
+    """Every system after every task of the run's order, on the tasks seen so far; each costed
+    system's passes, seconds and disk."""
+    base, tasks = world.base, ORDERS[run.order]
+    adapters = [world.adapters[task.name] for task in tasks]
+    sequential = train_sequentially(Path(base), tasks, root / "sequential", run.seed, train)
     run.steps[UPPER] = [
-        [
-            row
-            for name, adapter in zip(names, world.adapters)
-            for row in _rows(_adapted(base, adapter), world.evaluation[name])
-        ]
+        [row for task in tasks for row in _rows(_adapted(base, world.adapters[task.name]), world.evaluation[task.name])]
     ]
     for system in SYSTEMS[1:]:
         run.steps[system] = []
-    answer_weighted = _restat(world, root / "leads" / "answers", StatsOptions(device="cpu", answer_weight=64.0))
-    for step in range(1, len(TASKS) + 1):
-        seen = world.seen(step)
-        run.steps[SEQUENTIAL].append(_rows(_adapted(base, world.sequential[step - 1]), seen))
-        merged = {
-            method: _merge(world.adapters[:step], root / "merged" / f"{method}_{step}", MergeOptions(method=method))
-            for method in ("many", *BASELINES)
-        }
-        merged["regmean"] = _merge(world.adapters[:step], root / "merged" / f"regmean_{step}", REGMEAN_OPTIONS)
+    run.costs = {system: Cost() for system in COSTED}
+    answers_seconds: dict[str, float] = {}
+    answer_weighted = _restat(
+        world, tasks, root / "leads" / "answers", StatsOptions(device="cpu", answer_weight=64.0), answers_seconds
+    )
+    for step in range(1, len(tasks) + 1):
+        seen, new = world.seen(tasks[:step]), tasks[step - 1].name
+        run.steps[SEQUENTIAL].append(_rows(_adapted(base, sequential[step - 1]), seen))
+        merged, seconds = {}, {}
+        for method in ("many", *BASELINES):
+            merged[method], seconds[method] = _timed_merge(
+                adapters[:step], root / "merged" / f"{method}_{step}", MergeOptions(method=method)
+            )
+        merged["regmean"] = _merge(adapters[:step], root / "merged" / f"regmean_{step}", REGMEAN_OPTIONS)
         for method, system in BASELINES.items():
             run.steps[system].append(_rows(_fixed_projector(base, merged[method], step - 1), seen))
         run.steps[REGMEAN].append(_rows(_fixed_projector(base, merged["regmean"], step - 1), seen))
@@ -214,37 +252,72 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path) -> None:
             run.steps[system].append(
                 _rows(load_merged(base, merged["many"], replace(options, lm_routing="experts")), seen)
             )
-        calibration = [world.calibration[task.name] for task in TASKS[:step]]
-        layerwise = layerwise_adapters(base, world.adapters[:step], calibration, root / "leads" / f"layerwise_{step}")
-        modulewise = layerwise_adapters(
-            base, world.adapters[:step], calibration, root / "leads" / f"modulewise_{step}", by_module=True
+        today = world.stats_seconds[new] + seconds["many"]
+        for system in (MANY, EXPERTS):
+            _charge(run.costs[system], 1, today, adapters[:step], merged["many"])
+        alpha, _ = _timed_merge(adapters[:step], root / "leads" / f"alpha_merged_{step}", MergeOptions(alpha=0.6))
+        run.steps[LEAD_ALPHA].append(_rows(load_merged(base, alpha, InferOptions(device="cpu")), seen))
+        answers, merging = _timed_merge(
+            answer_weighted[:step], root / "leads" / f"answers_merged_{step}", MergeOptions()
         )
-        for system, name, adapters, options in (
-            (LEAD_ALPHA, "alpha", world.adapters, MergeOptions(alpha=0.6)),
-            (LEAD_ANSWERS, "answers", answer_weighted, MergeOptions()),
-            (LEAD_LAYERWISE, "layerwise", layerwise, MergeOptions()),
-            (LEAD_MODULEWISE, "modulewise", modulewise, MergeOptions()),
+        run.steps[LEAD_ANSWERS].append(_rows(load_merged(base, answers, InferOptions(device="cpu")), seen))
+        weighted = answers_seconds[new] + merging
+        _charge(run.costs[LEAD_ANSWERS], 1, weighted, answer_weighted[:step], answers)
+        for (once, refined), start, weight, spent in (
+            ((LEAD_UNDER_ONCE, LEAD_UNDER), merged["many"], 1.0, today),
+            ((None, LEAD_UNDER_ANSWERS), answers, 64.0, weighted),
         ):
-            out = _merge(adapters[:step], root / "leads" / f"{name}_merged_{step}", options)
-            run.steps[system].append(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
+            copies = [
+                shutil.copytree(adapter, root / "leads" / f"under_{weight:g}_{step}" / adapter.name)
+                for adapter in (answer_weighted if weight != 1 else adapters)[:step]
+            ]
+            under = start
+            for refinement in range(1, REFINEMENTS + 1):
+                clock = time.perf_counter()
+                for copy, task in zip(copies, tasks):
+                    stats = StatsOptions(device="cpu", under=under, answer_weight=weight, force=True)
+                    collect_stats(base, copy, world.calibration[task.name], None, stats)
+                under = _merge(copies, root / "leads" / f"under_{weight:g}_{step}_merged_{refinement}", MergeOptions())
+                spent += time.perf_counter() - clock
+                for system, after in ((once, 1), (refined, REFINEMENTS)):
+                    if system and refinement == after:
+                        run.steps[system].append(_rows(load_merged(base, under, InferOptions(device="cpu")), seen))
+                        _charge(run.costs[system], 1 + refinement * step, spent, copies, under)
 
 
-def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOptions) -> None:
+def _timed_merge(adapters: list[Path], out: Path, options: MergeOptions) -> tuple[Path, float]:
+    start = time.perf_counter()
+    _merge(adapters, out, options)
+    return out, time.perf_counter() - start
+
+
+def _charge(cost: Cost, passes: int, seconds: float, adapters: list[Path], merged: Path) -> None:
+    """One step's cost; the disk is the step's stats files and merge output (the last step's stays)."""
+    cost.passes.append(passes)
+    cost.seconds.append(seconds)
+    files = [adapter / STATS_FILE for adapter in adapters] + [path for path in merged.rglob("*") if path.is_file()]
+    cost.disk = sum(path.stat().st_size for path in files)
+
+
+def _sweep(
+    run: WorldRun, world: TrainedWorld, root: Path, tasks: tuple[WorldTask, ...], options: ContinualOptions
+) -> None:
     """MAny's FAA with one setting changed at a time: ridge, η, calibration records per task,
     the merged adapter's rank budget."""
-    base, seen = world.base, world.seen(len(TASKS))
+    base, seen = world.base, world.seen(tasks)
+    adapters = [world.adapters[task.name] for task in tasks]
     for ridge in options.ridges:
-        out = _merge(world.adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
+        out = _merge(adapters, root / "sweep" / f"ridge_{ridge}", MergeOptions(ridge=ridge))
         run.sweeps[("ridge", ridge)] = _faa(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
     for rank in options.ranks:
-        out = _merge(world.adapters, root / "sweep" / f"rank_{rank}", MergeOptions(rank=rank))
+        out = _merge(adapters, root / "sweep" / f"rank_{rank}", MergeOptions(rank=rank))
         run.sweeps[("rank", rank)] = _faa(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
     for alpha in options.alphas:
-        out = _merge(world.adapters, root / "sweep" / f"alpha_{alpha}", MergeOptions(alpha=alpha))
+        out = _merge(adapters, root / "sweep" / f"alpha_{alpha}", MergeOptions(alpha=alpha))
         run.sweeps[("alpha", alpha)] = _faa(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
     for weight in options.answer_weights:
         copies = _restat(
-            world, root / "sweep" / f"answer_weight_{weight}", StatsOptions(device="cpu", answer_weight=weight)
+            world, tasks, root / "sweep" / f"answer_weight_{weight}", StatsOptions(device="cpu", answer_weight=weight)
         )
         out = _merge(copies, root / "sweep" / f"answer_weight_{weight}_merged", MergeOptions())
         run.sweeps[("answer weight", weight)] = _faa(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
@@ -252,17 +325,28 @@ def _sweep(run: WorldRun, world: TrainedWorld, root: Path, options: ContinualOpt
     for eta in options.etas:
         run.sweeps[(ETA, eta)] = _faa(_rows(load_merged(base, final, replace(SOFT, eta=eta)), seen))
     for size in options.calibration_sizes:
-        copies = _restat(world, root / "sweep" / f"calibration_{size}", StatsOptions(device="cpu", max_samples=size))
+        stats = StatsOptions(device="cpu", max_samples=size)
+        copies = _restat(world, tasks, root / "sweep" / f"calibration_{size}", stats)
         out = _merge(copies, root / "sweep" / f"calibration_{size}_merged", MergeOptions())
         run.sweeps[("calibration", size)] = _faa(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
 
 
-def _restat(world: TrainedWorld, folder: Path, options: StatsOptions) -> list[Path]:
-    """Copies of the task adapters with their stats taken again under `options`."""
+def _restat(
+    world: TrainedWorld,
+    tasks: tuple[WorldTask, ...],
+    folder: Path,
+    options: StatsOptions,
+    seconds: dict[str, float] | None = None,
+) -> list[Path]:
+    """Copies of the tasks' adapters, in order, with their stats taken again under `options`
+    (each run's seconds into `seconds`)."""
     copies = []
-    for adapter, task in zip(world.adapters, TASKS):
-        copy = shutil.copytree(adapter, folder / task.name, dirs_exist_ok=True)
+    for task in tasks:
+        copy = shutil.copytree(world.adapters[task.name], folder / task.name, dirs_exist_ok=True)
+        start = time.perf_counter()
         collect_stats(world.base, copy, world.calibration[task.name], None, replace(options, force=True))
+        if seconds is not None:
+            seconds[task.name] = time.perf_counter() - start
         copies.append(copy)
     return copies
 
@@ -303,7 +387,10 @@ def run_benchmark(
     root: Path, options: ContinualOptions, say: Callable[[str], None] = lambda message: None
 ) -> list[WorldRun]:
     return [
-        run_world(root / f"{base}_{seed}", base, seed, options, say) for base in options.bases for seed in options.seeds
+        run
+        for base in options.bases
+        for seed in options.seeds
+        for run in run_world(root / f"{base}_{seed}", base, seed, options, say)
     ]
 
 
@@ -315,30 +402,39 @@ def _mean_spread(values: list[float], percent: bool = True) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 
+def _spread_or_dash(values: list[float | None]) -> str:
+    return "—" if any(value is None for value in values) else _mean_spread(values)
+
+
 def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
-    """Per base: per-task accuracy, FAA and forgetting of every system (mean ± standard deviation
-    over seeds, in %), routing accuracy, and MAny's FAA against ridge, η and calibration size."""
+    """Per base: per-task accuracy, FAA, average and worst forgetting and backward transfer of
+    every system (mean ± standard deviation over seeds and task orders, in %), routing accuracy,
+    what a CI step of each costed system costs, and MAny's FAA against each swept setting."""
     names = [task.name for task in TASKS]
     lines = []
     for base in dict.fromkeys(run.base for run in runs):
         group = [run for run in runs if run.base == base]
+        seeds, orders = len({run.seed for run in group}), list(dict.fromkeys(run.order for run in group))
         lines += [
-            f"### {base} base ({len(group)} seed{'s' * (len(group) > 1)}; accuracy in %, mean ± std)",
+            f"### {base} base ({seeds} seed{'s' * (seeds > 1)} × {len(orders)} task order{'s' * (len(orders) > 1)} "
+            f"({', '.join(orders)}); accuracy in %, mean ± std over the {len(group)} runs)",
             "",
-            "| system | " + " | ".join(names) + " | FAA | forgetting |",
-            "|---" * (len(names) + 3) + "|",
+            "| system | " + " | ".join(names) + " | FAA | forgetting | worst forgetting | backward transfer |",
+            "|---" * (len(names) + 5) + "|",
         ]
         upper = statistics.fmean(run.faa(UPPER) for run in group)
         for system in SYSTEMS:
             cells = [_mean_spread([run.final(system)[name] for run in group]) for name in names]
-            forgetting = [run.forgetting(system) for run in group]
             faa = _mean_spread([run.faa(system) for run in group])
             bold = "**" if system in (MANY, EXPERTS) else ""
             lines.append(
                 f"| {bold}{system}{bold} | "
                 + " | ".join(cells)
                 + f" | {bold}{faa}{bold} | "
-                + ("—" if forgetting[0] is None else _mean_spread(forgetting))
+                + " | ".join(
+                    _spread_or_dash([measure(run, system) for run in group])
+                    for measure in (WorldRun.forgetting, WorldRun.worst_forgetting, WorldRun.backward_transfer)
+                )
                 + " |"
             )
         for label, found in (
@@ -351,15 +447,16 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
                 + " | ".join(routing)
                 + " | "
                 + _mean_spread([statistics.fmean(found(run).values()) for run in group])
-                + " | |"
+                + " | | | |"
             )
         lines.append("")
         if upper > 0:  # adapters trained too briefly may know nothing
             ratios = [
                 f"{system}: {statistics.fmean(run.faa(system) for run in group) / upper:.3f}"
-                for system in (MANY_SOFT, MANY, LEAD_MODULEWISE, EXPERTS_SOFT, EXPERTS)
+                for system in (MANY_SOFT, *COSTED[:-1], EXPERTS_SOFT, EXPERTS)
             ]
             lines += ["FAA / upper bound: " + "; ".join(ratios) + ".", ""]
+        lines += _cost_table(group)
         routed = [(run, name) for run in group for name in names if run.routing[name] >= 0.98]
         if routed:
             ratio = statistics.fmean(run.final(EXPERTS)[name] for run, name in routed) / statistics.fmean(
@@ -387,6 +484,33 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
                 )
             lines.append("")
     return "\n".join(lines)
+
+
+def _cost_table(group: list[WorldRun]) -> list[str]:
+    """What one CI step of each costed system takes, over the group's runs."""
+    steps = len(TASKS)
+    lines = [
+        "What a CI step costs (mean over the steps and runs; the stats passes are over one task's "
+        "calibration data; seconds of `many stats` and `many merge`, not of scoring):",
+        "",
+        f"| system | stats passes a step (at step {steps}) | seconds a step (at step {steps}) | "
+        f"disk at step {steps}: stats files + merge output (MB) |",
+        "|---|---|---|---|",
+    ]
+    for system in COSTED:
+        costs = [run.costs[system] for run in group]
+        passes = statistics.fmean(value for cost in costs for value in cost.passes)
+        last = statistics.fmean(cost.passes[-1] for cost in costs)
+        seconds = statistics.fmean(value for cost in costs for value in cost.seconds)
+        final = statistics.fmean(cost.seconds[-1] for cost in costs)
+        disk = statistics.fmean(cost.disk for cost in costs) / 1e6
+        lines.append(f"| {system} | {passes:g} ({last:g}) | {seconds:.1f} ({final:.1f}) | {disk:.1f} |")
+    return lines + [
+        "",
+        f"{EXPERTS} is the merge of {MANY}, served with every task's own LoRA beside it "
+        "(`many infer --lm-routing experts`).",
+        "",
+    ]
 
 
 def plot(runs: list[WorldRun], path: Path) -> None:
