@@ -17,7 +17,7 @@ import torch
 from many_cli.errors import InputError
 from many_cli.files import file_fingerprint, read_json
 from many_cli.layouts import rename_key
-from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors
+from many_cli.tensorfiles import StreamingSafetensorsWriter, StreamWrapper, open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -408,7 +408,7 @@ class MergedModule:
     d_out: int
 
 
-class MergedAdapterWriter:
+class MergedAdapterWriter(StreamWrapper):
     """Writes a merged LoRA as a standard PEFT adapter with scale 1 everywhere (lora_alpha = r,
     per-module ranks through rank_pattern and alpha_pattern), streaming the factors to disk
     module by module, in the order declared, so that they never all sit in memory. `names` maps
@@ -464,6 +464,3 @@ class MergedAdapterWriter:
         name = self._names[module]
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", a.to(torch.float32))
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", b.to(torch.float32))
-
-    def close(self) -> None:
-        self._writer.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 import sys
 import typing
 import warnings
@@ -21,7 +20,8 @@ import typer
 from rich.console import Console
 
 from many_cli.bench.cli import bench_app
-from many_cli.errors import InputError, OutputError, Terminated
+from many_cli.errors import InputError
+from many_cli.exits import fail, run
 from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs, signals_held
 from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
@@ -335,6 +335,7 @@ def infer_command(  # long only by the parameters typer declares: the body is si
         from many_cli import infer
         from many_cli.data import Record
         from many_cli.formats import read_all_records, refuse_output_over_data
+        from many_cli.rows import accuracy_gate, average_accuracy, scored_tasks
 
     if out is not None:
         refuse_overlap(out, [answering, model])
@@ -352,24 +353,17 @@ def infer_command(  # long only by the parameters typer declares: the body is si
         print(json.dumps(prediction.as_json()) if json_output else prediction.prediction)
         return
 
-    predictions = []
+    rows = []
     with _json_lines(out) as sink:
         for prediction in infer.answer_all(loaded, read_all_records(data, options.reading), options):
-            sink.write(json.dumps(prediction.as_json()) + "\n")
-            predictions.append(prediction)
-    scores = infer.accuracy_by_task(predictions)
-    if not scores:
-        if options.min_accuracy is not None:  # a gate that scored nothing must not pass
-            _fail(
-                1,
-                f"--min-accuracy {options.min_accuracy}: no record of {', '.join(map(str, data))} "
-                f"has an answer, so nothing was scored",
-            )
-        return
-    average = infer.average_accuracy(scores)
-    _print_accuracy(scores, average)
-    if options.min_accuracy is not None and average < options.min_accuracy:
-        _fail(1, f"average accuracy {average:.4f} is below --min-accuracy {options.min_accuracy}")
+            rows.append(prediction.as_json())
+            sink.write(json.dumps(rows[-1]) + "\n")
+    scored = scored_tasks(rows)
+    if scored:
+        _print_accuracy(scored, average_accuracy(scored))
+    failed = accuracy_gate(scored, options.min_accuracy, ", ".join(map(str, data)))
+    if failed:
+        fail(1, failed)
 
 
 def _check_infer_mode(single: bool, data: bool, data_only_options: bool, json_output: bool) -> None:
@@ -468,7 +462,7 @@ def report_command(
     )
     failed = gate(report, options.min_final_accuracy, options.max_forgetting)
     if failed:
-        _fail(1, failed)
+        fail(1, failed)
 
 
 @app.command("convert")
@@ -522,91 +516,5 @@ def demo_command(
 
 
 def main() -> None:
-    """Run the command line: usage errors exit 2 (typer's message); bad input exits 2 with one
-    line; Ctrl-C exits 130 and SIGTERM 143, each with one line, after the outputs in progress
-    are cleaned up; any other failure exits 1 with one line (MANY_DEBUG=1 shows the traceback)."""
-    warnings.showwarning = _warn_in_one_line
-    sys.stdout = _StandardOutput(sys.stdout)
-    try:
-        try:
-            status = app(standalone_mode=False)
-        finally:
-            sys.stdout.flush()  # a full disk shows here, while it can still be reported
-        if isinstance(status, int) and status:
-            sys.exit(status)
-    except _ReaderGone:  # the reader went away (`many … | head`): stop quietly, as other tools do
-        sys.stdout = open(os.devnull, "w")  # nothing left to flush at exit
-        sys.exit(0)
-    except OutputError as error:
-        sys.stdout = open(os.devnull, "w")
-        _fail(1, str(error))
-    except SystemExit as done:
-        if done.code == 130:  # typer's silent exit on Ctrl-C inside a command
-            _fail(130, "interrupted")
-        raise
-    except (KeyboardInterrupt, typer.Abort):
-        _fail(130, "interrupted")
-    except typer.TyperException as error:  # a usage error: one line like any bad input
-        _usage_error(error)
-    except Terminated:
-        _fail(143, "terminated")
-    except InputError as error:
-        _fail(2, str(error))
-    except Exception as error:  # noqa: BLE001 - the last line of defence, reported in one line
-        if os.environ.get("MANY_DEBUG"):
-            raise
-        _fail(1, f"{type(error).__name__}: {error}")
-
-
-def _usage_error(error) -> None:
-    """The parser's refusal (an unknown option, a value outside an option's choices, a missing
-    argument) in one line, exit 2; no arguments at all show the help."""
-    message = error.format_message()
-    context = getattr(error, "ctx", None)
-    if not message and context is not None:
-        print(context.get_help())
-        sys.exit(2)
-    where = f" (`{context.command_path} --help` lists the options)" if context is not None else ""
-    _fail(2, f"{message}{where}")
-
-
-class _ReaderGone(Exception):
-    """The reader of standard output closed it."""
-
-
-class _StandardOutput:
-    """sys.stdout whose failures (closed, a full disk) are an OutputError naming it, and a reader
-    that went away is _ReaderGone."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._guarded(lambda: self._stream.write(text))
-
-    def flush(self) -> None:
-        self._guarded(lambda: self._stream.flush())
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-    def _guarded(self, call):
-        if self._stream is None:
-            raise OutputError("standard output: cannot write (it is closed)")
-        try:
-            return call()
-        except BrokenPipeError:
-            raise _ReaderGone() from None  # not an OSError: click would turn that into exit 1
-        except OSError as error:
-            raise OutputError(f"standard output: cannot write ({error.strerror or error})") from None
-
-
-def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """Library warnings (PEFT, Pillow) as one line each, not a source excerpt."""
-    text = " ".join(str(message).split())
-    print(f"many: warning: {text[:300]}", file=sys.stderr)
-
-
-def _fail(code: int, message: str) -> None:
-    print(f"many: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(code)
+    """Run the command line (see `exits.run` for how it ends)."""
+    run(app)

@@ -170,11 +170,10 @@ def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> Non
     with open_safetensors(source) as handle:
         keys = handle.keys()
         layout = [(key, DTYPES[handle.dtype(key)], handle.shape(key)) for key in keys]
-        writer = StreamingSafetensorsWriter(target, layout, handle.metadata() or {"format": "pt"})
-        for key in keys:
-            tensor = handle.raw(key)
-            writer.write(key, changes[key](tensor) if key in changes else tensor)
-        writer.close()
+        with StreamingSafetensorsWriter(target, layout, handle.metadata() or {"format": "pt"}) as writer:
+            for key in keys:
+                tensor = handle.raw(key)
+                writer.write(key, changes[key](tensor) if key in changes else tensor)
 
 
 def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:

@@ -41,7 +41,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_file
-from many_cli.tensorfiles import StreamingSafetensorsWriter, open_safetensors, save_tensors
+from many_cli.tensorfiles import StreamingSafetensorsWriter, StreamWrapper, open_safetensors, save_tensors
 
 STATS_FILE = "many_stats.safetensors"
 BUNDLE_FILE = "many_bundle.safetensors"
@@ -252,7 +252,7 @@ def _covariance_key(input_key: str) -> str:
     return f"covariance/{input_key}"
 
 
-class StatsWriter:
+class StatsWriter(StreamWrapper):
     """Streams a stats file: each input's packed covariance in key order, then the prototype,
     so that a 7B model's covariances never sit in memory together.
 
@@ -306,9 +306,6 @@ class StatsWriter:
     def exemplars(self, exemplars: torch.Tensor) -> None:
         self._writer.write("exemplars", exemplars.to(torch.float32).contiguous())
 
-    def close(self) -> None:
-        self._writer.close()
-
 
 def write_stats(
     path: Path,
@@ -328,8 +325,9 @@ def write_stats(
     of one dtype; `modules[input]` lists the modules that read that input; `exemplars` (with a
     prototype) holds each image's pooled direction."""
     dtype = next(iter(covariances.values())).dtype if covariances else torch.float32
-    with atomic_output_file(path) as partial:
-        writer = StatsWriter(
+    with (
+        atomic_output_file(path) as partial,
+        StatsWriter(
             partial,
             dims={key: dim_of_packed(packed.numel()) for key, packed in covariances.items()},
             tokens=tokens,
@@ -342,14 +340,14 @@ def write_stats(
             prototype_width=None if prototype is None else prototype.numel(),
             extra=extra,
             exemplars=0 if prototype is None or exemplars is None else exemplars.shape[0],
-        )
+        ) as writer,
+    ):
         for key in writer.keys:
             writer.covariance(key, covariances[key])
         if prototype is not None:
             writer.prototype(prototype)
             if exemplars is not None:
                 writer.exemplars(exemplars)
-        writer.close()
 
 
 # ---------------------------------------------------------------- bundle
@@ -654,7 +652,7 @@ class StateGroup:
     factors: tuple[tuple[int, str, int, int], ...]
 
 
-class StateWriter:
+class StateWriter(StreamWrapper):
     """Streams a merge state to disk group by group: declared first, then written in order."""
 
     def __init__(
@@ -706,6 +704,3 @@ class StateWriter:
         self._writer.write(_ac_key(index, module), ac.to(self._dtype))
         self._writer.write(_ad_key(index, module), ad.to(self._dtype))
         self._writer.write(_b_key(index, module), b.to(self._dtype))
-
-    def close(self) -> None:
-        self._writer.close()

@@ -160,13 +160,16 @@ def _header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
 class StreamingSafetensorsWriter:
     """Writes a safetensors file one tensor at a time, so that a file far larger than
     memory (a 7B merge state) never has to be held whole. The header is laid out first
-    from the declared shapes; tensors must then be written in the declared order.
+    from the declared shapes; tensors must then be written in the declared order. Used as a
+    context manager: closed (and checked complete) when the block ends, its partial file
+    removed when the block fails.
 
     safetensors' own `save_file` needs every tensor in memory at once, hence this."""
 
     def __init__(
         self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
     ):
+        self._path = path
         self._layout = list(layout)
         self._next = 0
         header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
@@ -210,17 +213,45 @@ class StreamingSafetensorsWriter:
         if self._next != len(self._layout):
             raise ValueError(f"{len(self._layout) - self._next} declared tensors never written")
 
+    def abort(self) -> None:
+        """Close and remove the partial file."""
+        self._file.close()
+        self._path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class StreamWrapper:
+    """A writer of one file format over a StreamingSafetensorsWriter (`_writer`), used as a
+    context manager as that one is."""
+
+    _writer: StreamingSafetensorsWriter
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self._writer.__exit__(kind, error, trace)
+
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """safetensors' `save_file`, but byte for byte the same on every run (its metadata order
     is not): tensors by element size, then name, as safetensors lays them out."""
     names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    writer = StreamingSafetensorsWriter(
-        path, [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names], metadata
-    )
-    for name in names:
-        writer.write(name, tensors[name])
-    writer.close()
+    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names]
+    with StreamingSafetensorsWriter(path, layout, metadata) as writer:
+        for name in names:
+            writer.write(name, tensors[name])
 
 
 def _numel(shape: tuple[int, ...]) -> int:

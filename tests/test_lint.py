@@ -55,7 +55,6 @@ def module_imports(path: Path) -> set[str]:
 # The architecture's import rules, as the README states them.
 MATH = {"lpm", "cpm"}  # pure functions on tensors: no file, no other many module
 COMMANDS = {"stats", "merge", "infer", "export", "report"}  # each command's work
-PART_OF = {"report_page": "report"}  # a command's module outside its own file or package
 CALLERS = {"cli", "api", "demo", "bench", "__init__"}  # what runs commands: the only importers of their work
 
 
@@ -68,7 +67,7 @@ def test_modules_import_only_what_the_architecture_allows():
     for module in MATH:
         assert not {name for name in imports[module] if name.startswith("many_cli")}, module
     for module, names in imports.items():
-        home = PART_OF.get(module.split(".")[0], module.split(".")[0])
+        home = module.split(".")[0]
         if home in CALLERS:
             continue
         for command in COMMANDS - {home}:

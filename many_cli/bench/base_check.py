@@ -79,12 +79,10 @@ def _write_base(out: Path, layers: int, hidden: int, intermediate: int, vision_l
     weight_map = {}
     for number, names in enumerate(groups, start=1):
         shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        writer = StreamingSafetensorsWriter(
-            out / shard, [(name, torch.bfloat16, shapes[name]) for name in names], {"format": "pt"}
-        )
-        for name in names:
-            writer.write(name, torch.zeros(shapes[name], dtype=torch.bfloat16))
-            weight_map[name] = shard
-        writer.close()
+        layout = [(name, torch.bfloat16, shapes[name]) for name in names]
+        with StreamingSafetensorsWriter(out / shard, layout, {"format": "pt"}) as writer:
+            for name in names:
+                writer.write(name, torch.zeros(shapes[name], dtype=torch.bfloat16))
+                weight_map[name] = shard
     (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     return len(groups), sum(2 * torch.Size(shape).numel() for shape in shapes.values())

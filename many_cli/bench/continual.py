@@ -25,7 +25,8 @@ from many_cli.infer import InferOptions, MergedModel, answer_all, load_merged, l
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
 from many_cli.models import apply_adapters, load_adapted_model, load_base_model
 from many_cli.options import Placement
-from many_cli.report import Predictions, build_report, scores
+from many_cli.report import Predictions, build_report
+from many_cli.rows import scores
 from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
 

@@ -91,7 +91,7 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
     ).save_pretrained(str(out))
 
     inputs = {key: value for layer in range(layers) for key, value in inputs_of_layer(layer, shape).items()}
-    writer = StatsWriter(
+    with StatsWriter(
         out / STATS_FILE,
         dims={key: width for key, (_, width) in inputs.items()},
         tokens={key: 100_000 for key in inputs},
@@ -101,11 +101,10 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
         base_fingerprint="synthetic-llava-7b",
         token_rule="synthetic",
         prototype_width=shape.vision,
-    )
-    for key in writer.keys:
-        writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
-    writer.prototype(torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
-    writer.close()
+    ) as writer:
+        for key in writer.keys:
+            writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
+        writer.prototype(torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
     return out
 
 

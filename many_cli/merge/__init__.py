@@ -3,6 +3,7 @@ directory all or nothing.
 
 The package, one job per module:
 - `inputs`: the new tasks and the resumed merge, read and checked once (`MergeInputs`);
+- `groups`: LPM's input groups, planned from the stats files and the resumed state;
 - `methods`: the table of merge methods;
 - `solve`: LPM, one input group at a time, and how torchrun ranks share the groups;
 - `baselines`: average, task arithmetic and TIES;
@@ -22,10 +23,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from many_cli.distributed import join_world
+from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir
 from many_cli.merge import outputs
 from many_cli.merge.budget import Track
-from many_cli.merge.inputs import RESERVED_NAMES, modules_pattern, read_inputs
+from many_cli.merge.groups import modules_pattern, plan_groups
+from many_cli.merge.inputs import RESERVED_NAMES, read_inputs
 from many_cli.merge.methods import METHOD_TABLE
 from many_cli.merge.report import MergeReport
 from many_cli.options import DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions
@@ -55,7 +58,11 @@ def merge(
     method = METHOD_TABLE[options.method]
     report = MergeReport(out, [], 0)
     with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
-        inputs = read_inputs(adapter_paths, out, options, resume, method, report, converted)
+        if resume is not None and not method.resumable:
+            raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
+        inputs = read_inputs(adapter_paths, out, options, resume, method.needs_stats, report, converted)
+        if method.needs_stats:
+            inputs.groups = plan_groups(inputs.tasks, inputs.previous)
         world = join_world(inputs.options.device)
         report.rank = world.rank
         if world.rank != 0:  # another torchrun rank: it does its share, rank 0 writes

@@ -45,21 +45,20 @@ def merge_baseline(inputs: MergeInputs, staging: Path, report: MergeReport, trac
     factorization error too, reported as a note."""
     names = sorted({module for task in inputs.tasks for module in task.adapter.modules})
     modules = merged_modules(inputs, [(name, inputs.d_in(name)) for name in names], full_rank_cap=dense)
-    writer = MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
     worst = 0.0
-    for module in track(names, "merging"):
-        a_blocks, b_blocks = [], []
-        for task in inputs.tasks:
-            if module in task.adapter.modules:
-                a, b = task.adapter.lora_factors(module)
-                a_blocks.append(a.to(torch.float64))
-                b_blocks.append(b.to(torch.float64) * task.adapter.modules[module].scale)
-        a, b, *error = rule(a_blocks, b_blocks, inputs.options, len(inputs.tasks))
-        worst = max([worst, *error])
-        if inputs.options.rank is not None:
-            a, b = fit_rank(module, a, b, inputs.options.rank, report.energy)
-        writer.write(module, a, b)
-    writer.close()
+    with MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names) as writer:
+        for module in track(names, "merging"):
+            a_blocks, b_blocks = [], []
+            for task in inputs.tasks:
+                if module in task.adapter.modules:
+                    a, b = task.adapter.lora_factors(module)
+                    a_blocks.append(a.to(torch.float64))
+                    b_blocks.append(b.to(torch.float64) * task.adapter.modules[module].scale)
+            a, b, *error = rule(a_blocks, b_blocks, inputs.options, len(inputs.tasks))
+            worst = max([worst, *error])
+            if inputs.options.rank is not None:
+                a, b = fit_rank(module, a, b, inputs.options.rank, report.energy)
+            writer.write(module, a, b)
     report.modules = len(modules)
     if dense:
         report.notes.append(

@@ -5,13 +5,10 @@ whether this is a resume."""
 
 from __future__ import annotations
 
-import re
-import shutil
-from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -25,7 +22,6 @@ from many_cli.models import checkpoint_module_names
 from many_cli.options import MergeOptions
 from many_cli.state import (
     BUNDLE_FILE,
-    EXPERTS_DIR,
     STATE_FILE,
     STATS_FILE,
     BundleHeader,
@@ -156,21 +152,6 @@ class MergeInputs:
             )
         return bundled, projector_module
 
-    def copy_earlier_experts(self, folder: Path, check: Callable[[Path, StateHeader, int], None]) -> list[str]:
-        """Copy the resumed merge's experts into `folder`, each passed to `check(path, state,
-        index)` first; return the earlier tasks that kept none."""
-        if not self.previous:
-            return []
-        earlier = self.previous.state.path.parent / EXPERTS_DIR
-        missing = []
-        for index, task in enumerate(self.previous.state.tasks):
-            if (earlier / task.name).is_dir():
-                check(earlier / task.name, self.previous.state, index)
-                shutil.copytree(earlier / task.name, folder / task.name)
-            else:
-                missing.append(task.name)
-        return missing
-
     def card_tasks(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """(name, adapter fingerprint) of the new tasks and of the earlier ones."""
         return (
@@ -188,37 +169,28 @@ class MergeInputs:
         return max(min(d_in, d_out) for d_in, d_out in shapes)
 
 
-if TYPE_CHECKING:
-    from many_cli.merge.methods import Method
-
-
 def read_inputs(
     adapter_paths: list[Path],
     out: Path,
     options: MergeOptions,
     resume: Path | None,
-    method: "Method",
+    needs_stats: bool,
     report: MergeReport,
     converted: ExitStack,
 ) -> MergeInputs:
     """Read and check everything the merge starts from; notes and resolved options go to `report`.
     `method` is the merge's entry in `methods.METHOD_TABLE`. Original-LLaVA-layout adapters are
     read through PEFT copies that live as long as `converted`."""
-    if resume is not None and not method.resumable:
-        raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
     paths = find_adapter_dirs(adapter_paths)
     refuse_overlap(out, [*adapter_paths, *paths, *([resume] if resume else [])])
     tasks = [
-        _load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE, method.needs_stats)
-        for path in paths
+        _load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE, needs_stats) for path in paths
     ]
     previous = _read_previous(resume) if resume is not None else None
     inputs = MergeInputs(tasks, previous, options, resume, _check_compatible(tasks, previous, options))
     report.tasks = inputs.names
     inputs.options = _resolve_options(inputs, report)
     _note_inputs(inputs, report)
-    if method.needs_stats:
-        inputs.groups = _plan_groups(tasks, previous)
     if options.checkpoint_names:
         if inputs.base_model is None:
             raise InputError(
@@ -392,96 +364,3 @@ def _check_projectors(tasks: list[Task], previous: Previous | None) -> None:
                 f"the one in {reference[2]} ({reference[0] or 'none'}: "
                 f"{reference[1]}); every task must train the same projector",
             )
-
-
-def _plan_groups(tasks: list[Task], previous: Previous | None) -> list[Group]:
-    """Group the adapted modules by the input they read, as the stats files record it."""
-    union = {module for task in tasks for module in task.adapter.modules}
-    if previous:
-        union.update(module for modules in previous.state.groups.values() for module in modules)
-    signatures = {module: _input_signature(tasks, module, union) for module in sorted(union)}
-    members = _resumed_members(tasks, previous, signatures) if previous else _fresh_members(signatures)
-    return [
-        Group(
-            key,
-            _group_width(tasks, previous, key, modules, signatures[modules[0]]),
-            tuple(sorted(modules)),
-            signatures[modules[0]],
-        )
-        for key, modules in sorted(members.items())
-    ]
-
-
-def _input_signature(tasks: list[Task], module: str, union: set[str]) -> tuple[str, ...]:
-    """The key of the input `module` reads, in each new task's stats file."""
-    keys = []
-    for task in tasks:
-        stats = task.stats.input_of(module)
-        if stats is None:
-            raise InputError(
-                task.stats.path,
-                f"holds no covariance for the input of {module}, which "
-                f"{'its' if module in task.adapter.modules else 'another'} adapter "
-                f"adapts; to cover every merged module, re-run: many stats --model BASE "
-                f"--adapter {task.adapter.path} --data DATA --modules "
-                f"'{modules_pattern(union)}'",
-            )
-        keys.append(stats.key)
-    return tuple(keys)
-
-
-def modules_pattern(modules: Iterable[str]) -> str:
-    """A regular expression matching `modules` (and the same modules of every layer)."""
-    shapes = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(module)) for module in modules})
-    return shapes[0] if len(shapes) == 1 else f"({'|'.join(shapes)})"
-
-
-def _fresh_members(signatures: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
-    """Modules reading one input in every task form a group, named after its first module."""
-    by_signature: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    for module, keys in signatures.items():
-        by_signature[keys].append(module)
-    return {modules[0]: modules for modules in by_signature.values()}
-
-
-def _resumed_members(
-    tasks: list[Task], previous: Previous, signatures: dict[str, tuple[str, ...]]
-) -> dict[str, list[str]]:
-    """The state's groups, joined by new modules that read one of their inputs."""
-    members = {key: list(modules) for key, modules in previous.state.groups.items()}
-    for modules in previous.state.groups.values():
-        if len({signatures[module] for module in modules}) > 1:
-            raise InputError(
-                tasks[0].stats.path,
-                f"the new stats files do not agree with the state on which modules read one input: {modules}",
-            )
-    by_signature = {signatures[modules[0]]: key for key, modules in previous.state.groups.items()}
-    for module in sorted(set(signatures) - {m for modules in previous.state.groups.values() for m in modules}):
-        key = by_signature.get(signatures[module])
-        if key is None:
-            raise InputError(
-                previous.state.path,
-                f"cannot add {module} on resume: the state holds "
-                f"no statistics of its input for the earlier "
-                f"tasks; merge all adapters afresh",
-            )
-        members[key].append(module)
-    return members
-
-
-def _group_width(
-    tasks: list[Task], previous: Previous | None, key: str, modules: list[str], inputs: tuple[str, ...]
-) -> int:
-    """The input's width, which every stats file, the state and every adapter must agree on."""
-    dims = {task.stats.inputs[name].dim for task, name in zip(tasks, inputs)}
-    if previous and key in previous.state.groups:
-        dims.add(previous.state.gram_dim(key))
-    dims.update(
-        task.adapter.modules[module].d_in for task in tasks for module in modules if module in task.adapter.modules
-    )
-    if len(dims) != 1:
-        raise InputError(
-            tasks[0].stats.path,
-            f"the input of {key} has differing widths {sorted(dims)} across stats files and adapters",
-        )
-    return dims.pop()

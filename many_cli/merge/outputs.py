@@ -3,6 +3,7 @@ and calibration-image directions), each task's own LoRA under experts/, and the 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from many_cli.merge.card import model_card
 from many_cli.merge.inputs import MergeInputs
 from many_cli.merge.methods import Method
 from many_cli.merge.report import MergeReport
-from many_cli.state import StateHeader
+from many_cli.state import EXPERTS_DIR, StateHeader
 from many_cli.state import write_bundle as write_bundle_file
 
 
@@ -26,7 +27,7 @@ def write_bundle(inputs: MergeInputs, path: Path) -> None:
 def write_experts(inputs: MergeInputs, folder: Path, report: MergeReport) -> None:
     """Each task's own LoRA as a PEFT adapter of scale 1 (B scaled by s_i), so that inference can
     route the language model too; earlier tasks' are carried over from the resumed output."""
-    missing = inputs.copy_earlier_experts(folder, check_expert)
+    missing = _copy_earlier_experts(inputs, folder)
     if missing:
         report.notes.append(
             f"the resumed merge kept no experts for {', '.join(missing)} "
@@ -34,11 +35,27 @@ def write_experts(inputs: MergeInputs, folder: Path, report: MergeReport) -> Non
         )
     for task in inputs.tasks:
         modules = [MergedModule(m.name, m.rank, m.d_in, m.d_out) for m in task.adapter.modules.values()]
-        writer = MergedAdapterWriter(folder / task.adapter.name, modules, inputs.base_model)
-        for module in task.adapter.modules.values():
-            a, b = task.adapter.lora_factors(module.name)
-            writer.write(module.name, a, b.to(torch.float64) * module.scale)
-        writer.close()
+        with MergedAdapterWriter(folder / task.adapter.name, modules, inputs.base_model) as writer:
+            for module in task.adapter.modules.values():
+                a, b = task.adapter.lora_factors(module.name)
+                writer.write(module.name, a, b.to(torch.float64) * module.scale)
+
+
+def _copy_earlier_experts(inputs: MergeInputs, folder: Path) -> list[str]:
+    """Copy the resumed merge's experts into `folder`, each checked first; return the earlier
+    tasks that kept none."""
+    if not inputs.previous:
+        return []
+    state = inputs.previous.state
+    earlier = state.path.parent / EXPERTS_DIR
+    missing = []
+    for index, task in enumerate(state.tasks):
+        if (earlier / task.name).is_dir():
+            check_expert(earlier / task.name, state, index)
+            shutil.copytree(earlier / task.name, folder / task.name)
+        else:
+            missing.append(task.name)
+    return missing
 
 
 def write_card(inputs: MergeInputs, method: Method, path: Path, report: MergeReport) -> None:

@@ -5,6 +5,7 @@ world size, and rank 0 alone writes, taking the other ranks' groups through `sen
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,37 +62,37 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
     rank, device, options, groups = world.rank, world.device, inputs.options, inputs.groups
     all_tasks = inputs.state_tasks()
     writer = adapter = None
-    if rank == 0:
-        modules = merged_modules(inputs, [(m, g.dim) for g in groups for m in g.modules])
-        adapter = MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
-        report.modules = len(modules)
-        writer = _state_writer(inputs, staging / STATE_FILE, all_tasks)
     singular, underdetermined = [], []
-    for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
-        owner = number % world.size
-        if owner == rank:
-            gram, contributions = gather_group(group, inputs, device)
-            if writer:  # the state in the order declared: each group's H, then its factors
-                _keep(writer, group, gram, contributions)
-            solved = solve_group(group, gram, contributions, inputs, device, pack=rank != 0)
-            if rank:
-                send_solved(solved)
+    with ExitStack() as files:  # closed in order when the groups are done, removed if they fail
+        if rank == 0:
+            modules = merged_modules(inputs, [(m, g.dim) for g in groups for m in g.modules])
+            adapter = files.enter_context(
+                MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
+            )
+            report.modules = len(modules)
+            writer = files.enter_context(_state_writer(inputs, staging / STATE_FILE, all_tasks))
+        for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
+            owner = number % world.size
+            if owner == rank:
+                gram, contributions = gather_group(group, inputs, device)
+                if writer:  # the state in the order declared: each group's H, then its factors
+                    _keep(writer, group, gram, contributions)
+                solved = solve_group(group, gram, contributions, inputs, device, pack=rank != 0)
+                if rank:
+                    send_solved(solved)
+                    continue
+            elif rank == 0:
+                solved = receive_solved(owner, group, _contribution_keys(group, all_tasks), options.rank)
+                _keep(writer, group, solved.gram, solved.contributions)
+            else:
                 continue
-        elif rank == 0:
-            solved = receive_solved(owner, group, _contribution_keys(group, all_tasks), options.rank)
-            _keep(writer, group, solved.gram, solved.contributions)
-        else:
-            continue
-        for module, a, b in solved.merged:
-            adapter.write(module, a, b)
-        report.energy.update(solved.energy)
-        if solved.singular:
-            singular.append(group.key)
-        if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
-            underdetermined.append(group.key)
-    if writer:
-        writer.close()
-        adapter.close()
+            for module, a, b in solved.merged:
+                adapter.write(module, a, b)
+            report.energy.update(solved.energy)
+            if solved.singular:
+                singular.append(group.key)
+            if sum(task.tokens[group.key] for task in all_tasks) < group.dim:
+                underdetermined.append(group.key)
     world.leave()
     report.note_conditioning(singular, underdetermined, len(groups), options.ridge)
 

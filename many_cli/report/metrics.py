@@ -1,12 +1,6 @@
-"""`many report`: what a team asks after each fine-tune of a continual run, from `many infer`'s
-prediction rows alone: the accuracy matrix (step × task), average accuracy per step, final
-average accuracy, forgetting, backward transfer, each task's ratio to its own adapter (the upper
-bound), routing accuracy and the routing confusion matrix, the wrong answers, and the trade-off:
-what the last merge keeps served with `--lm-routing experts`, or how to see it.
-
-Step k is one prediction file: a merge of the first tasks, scoring every task merged so far.
-Reading and checking the files is here; the metrics are pure functions of the rows; the page
-is `report_page`."""
+"""`many report`'s figures: the prediction files read and checked as one continual run (step k:
+a merge of the first tasks, scoring every task merged so far), the metrics as pure functions of
+the rows, and the CI gate."""
 
 from __future__ import annotations
 
@@ -16,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from many_cli.errors import InputError
-from many_cli.files import OUTPUT_MANIFEST, check_readable
-from many_cli.rows import MERGE, is_correct
-
-REPORT_FILES = ("report.json", "report.md", "index.html")
+from many_cli.files import check_readable
+from many_cli.rows import MERGE, is_correct, is_scored_row, routed_tasks, scores
 
 
 @dataclass(frozen=True)
@@ -49,17 +41,7 @@ def read_predictions(path: Path, kind: str) -> Predictions:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise InputError(path, f"line {number} is not JSON: not a `many infer` prediction file") from None
-        source = row.get(kind) if isinstance(row, dict) else None
-        if not (
-            isinstance(row, dict)
-            and isinstance(row.get("prediction"), str)
-            and isinstance(row.get("task"), str)
-            and "correct" in row
-            and row["correct"] in (True, False, None)
-            and isinstance(source, dict)
-            and isinstance(source.get("tasks"), list)
-            and isinstance(source.get("fingerprint"), str)
-        ):
+        if not is_scored_row(row, kind):
             made_by = "many infer --merged" if kind == MERGE else "many infer --adapter"
             raise InputError(
                 path,
@@ -69,12 +51,12 @@ def read_predictions(path: Path, kind: str) -> Predictions:
             )
         _check_correct(path, number, row)
         if answered_by is None:
-            answered_by = source
-        elif source != answered_by:
+            answered_by = row[kind]
+        elif row[kind] != answered_by:
             raise InputError(
                 path,
                 f"line {number} was answered by another {kind} than line 1 "
-                f"({source['fingerprint']} against {answered_by['fingerprint']}): one file per step",
+                f"({row[kind]['fingerprint']} against {answered_by['fingerprint']}): one file per step",
             )
         rows.append(row)
     if not rows:
@@ -94,23 +76,6 @@ def _check_correct(path: Path, number: int, row: dict) -> None:
             f"{row['prediction']!r} and answer {answer!r} say {json.dumps(is_correct(row['prediction'], answer))} "
             f"(normalised exact match): the row was edited; score again with many infer",
         )
-
-
-def scores(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    """task -> (correct, scored) over the rows that carry an answer, tasks in order of first row."""
-    found: dict[str, list[int]] = {}
-    for row in rows:
-        score = found.setdefault(row["task"], [0, 0])
-        if row["correct"] is not None:
-            score[0] += row["correct"]
-            score[1] += 1
-    return {task: (correct, scored) for task, (correct, scored) in found.items()}
-
-
-def routed_tasks(row: dict) -> list[str]:
-    """The task each image (audio, video) of a row was routed to; none without routing."""
-    routed = row.get("routed_task")
-    return [task for task in (routed if isinstance(routed, list) else [routed]) if isinstance(task, str)]
 
 
 def forgetting(matrix: list[list[float | None]], first_steps: list[int]) -> list[float | None]:
@@ -249,27 +214,6 @@ def _experts(experts: Predictions, last: Predictions, found: dict[str, tuple[int
     }
 
 
-def trade_off(report: dict) -> str | None:
-    """The choice the report puts to its reader: what serving the merge with its experts keeps,
-    or, when the merged model forgot and no experts file was given, how to forget nothing."""
-    experts = report["experts"]
-    if experts is not None:
-        return (
-            f"Served with `--lm-routing experts` (each image's task answering with its own LoRA beside "
-            f"the merge), the same merge answers {_percent(experts['final_average_accuracy'])}% of these "
-            f"records (merged: {_percent(report['final_average_accuracy'])}%), "
-            f"{_percent(experts['answered_by_own_lora'])}% of them by their own task's LoRA."
-        )
-    if any(value is not None and value > 0 for value in report["forgetting"].values()):
-        return (
-            "To forget nothing, serve this merge with `many infer --lm-routing experts`: each image's "
-            "task answers with its own LoRA from the merge's experts/ folder, every task's LoRA held "
-            "beside the merged model. Score the same records that way and pass the file as "
-            "`--experts` to see what it keeps here."
-        )
-    return None
-
-
 def _check_merge(step: Predictions, found: dict[str, tuple[int, int]], previous: Predictions | None) -> None:
     """A step scores exactly the tasks its merge holds, routes only to them, and its merge holds
     the previous step's tasks first, in their order: one run of continual merges."""
@@ -379,78 +323,6 @@ def _wrong(row: dict) -> dict:
     }
 
 
-def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def markdown(report: dict) -> str:
-    """The report as tables short enough for a CI job summary (accuracies in %)."""
-    tasks = report["tasks"]
-    lines = [
-        "## Continual report",
-        "",
-        f"Final average accuracy **{_percent(report['final_average_accuracy'])}%** after "
-        f"{len(report['steps'])} step(s); average forgetting {_percent(report['average_forgetting'])} points; "
-        f"backward transfer {_percent(report['backward_transfer'])} points.",
-        "",
-        *([choice, ""] if (choice := trade_off(report)) else []),
-        "| step | " + " | ".join(tasks) + " | average |",
-        "|---" * (len(tasks) + 2) + "|",
-    ]
-    for number, (row, average) in enumerate(zip(report["accuracy_matrix"], report["average_accuracy"]), start=1):
-        lines.append(f"| {number} | " + " | ".join(_percent(value) for value in row) + f" | {_percent(average)} |")
-    experts = report["experts"]
-    lines += [
-        "",
-        "| task | final | best before | forgetting | own adapter | final / own | routed home |"
-        + (" with experts |" if experts else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if experts else ""),
-    ]
-    last = len(report["accuracy_matrix"]) - 1
-    for index, task in enumerate(tasks):
-        history = [row[index] for row in report["accuracy_matrix"][:last] if row[index] is not None]
-        ratio = report["ratio_to_upper"].get(task)
-        lines.append(
-            f"| {task} | {_percent(report['accuracy_matrix'][last][index])} | "
-            f"{_percent(max(history)) if history else '—'} | {_percent(report['forgetting'][task])} | "
-            f"{_percent(report['upper_accuracy'].get(task))} | {'—' if ratio is None else f'{ratio:.3f}'} | "
-            f"{_percent(report['routing_accuracy'][task])} |"
-            + (f" {_percent(experts['accuracy'][task])} |" if experts else "")
-        )
-    confusion = report["routing_confusion"]
-    if any(map(any, confusion["counts"])):
-        lines += [
-            "",
-            "Routing of the last step's images (rows: true task; columns: routed to):",
-            "",
-            "| | " + " | ".join(confusion["routed"]) + " |",
-            "|---" * (len(confusion["routed"]) + 1) + "|",
-        ]
-        lines += [
-            f"| {task} | " + " | ".join(map(str, counts)) + " |"
-            for task, counts in zip(confusion["true"], confusion["counts"])
-        ]
-    lines += ["", f"{len(report['wrong_answers'])} wrong answers in the last step (index.html shows them)."]
-    return "\n".join(lines) + "\n"
-
-
-def as_json(report: dict) -> str:
-    """report.json's text: the same bytes for the same rows."""
-    return json.dumps(report, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def is_report_dir(path: Path) -> bool:
-    """Whether `path` is an earlier report (which `--out` may replace): exactly the report's files."""
-    try:
-        return (
-            sorted(entry.name for entry in path.iterdir()) == sorted([*REPORT_FILES, OUTPUT_MANIFEST])
-            and all((path / name).is_file() for name in REPORT_FILES)
-            and "accuracy_matrix" in json.loads((path / "report.json").read_text())
-        )
-    except (OSError, ValueError):
-        return False
-
-
 def gate(report: dict, min_final_accuracy: float | None, max_forgetting: float | None) -> str | None:
     """The CI gate's one line when the report fails it, naming the worst task and its figure."""
     tasks, final = report["tasks"], report["accuracy_matrix"][-1]
@@ -465,14 +337,3 @@ def gate(report: dict, min_final_accuracy: float | None, max_forgetting: float |
         worst = max(lost, key=lost.get)
         return f"task {worst} forgot {lost[worst]:.4f} (best earlier accuracy minus final), above --max-forgetting {max_forgetting}"
     return None
-
-
-def write_report(report: dict, out: Path, force: bool) -> None:
-    """report.json, report.md and index.html into `out`, all or none."""
-    from many_cli.files import atomic_output_dir
-    from many_cli.report_page import write_page
-
-    with atomic_output_dir(out, force, is_own_output=is_report_dir) as staging:
-        (staging / "report.json").write_text(as_json(report), encoding="utf-8")
-        (staging / "report.md").write_text(markdown(report), encoding="utf-8")
-        write_page(report, staging / "index.html")

@@ -10,7 +10,7 @@ import html
 import io
 from pathlib import Path
 
-from many_cli.report import markdown, trade_off
+from many_cli.report.markdown import markdown, trade_off
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
