@@ -21,13 +21,14 @@ from typing import Any, Literal, get_args
 
 from many_cli.errors import InputError
 from many_cli.files import read_json
+from many_cli.methods import REGISTRY, ignored, readers
 
 DEFAULT_PROMPT = "Describe the image."
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "many", "llava", "sharegpt", "alpaca", "swift", "internvl", "hf"]
-Method = Literal["many", "average", "task-arithmetic", "ties"]
+Method = Literal[tuple(REGISTRY)]  # the registered merge methods (`many_cli/methods/`)
 StatePrecision = Literal["float64", "float32"]
 Routing = Literal["nearest", "soft", "hard"]
 LmRouting = Literal["merged", "experts"]
@@ -133,9 +134,25 @@ def _placement(device: str, dtype: str, device_map: str | None) -> Placement:
     return Placement(device, dtype, placement, device_map)
 
 
+@dataclass(frozen=True)
 class LoadsModel:
-    """What the settings of a command that loads a model (fields `device`, `dtype`, `device_map`)
-    have in common: their placement, checked and read once, by `check()`."""
+    """The settings of a command that loads a model: where it runs, in which dtype, and how
+    accelerate places it; their placement is checked and read once, by `check()`."""
+
+    device: Device = option(
+        "auto",
+        "--device",
+        "Where the model runs, and the statistics or the routed projector (auto: CUDA when torch sees it).",
+    )
+    dtype: Dtype = option(
+        "auto", "--dtype", "Model dtype (auto: the checkpoint's; statistics sum in float32 regardless)."
+    )
+    device_map: str | None = option(
+        None,
+        "--device-map",
+        "Place the model with accelerate over this machine's GPUs and CPU: auto, balanced, sequential, or a "
+        "JSON file {module: device}; the statistics gather and the routed projector runs on --device.",
+    )
 
     @cached_property
     def placement(self) -> Placement:
@@ -185,15 +202,6 @@ class StatsOptions(DataOptions, LoadsModel):
 
     batch_size: int = option(8, "--batch-size", "Records per forward pass.")
     max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
-    device: Device = option("auto", "--device", "Where the statistics gather (auto: CUDA when torch sees it).")
-    dtype: Dtype = option("auto", "--dtype", "Model dtype (statistics are float32 regardless).")
-    device_map: str | None = option(
-        None,
-        "--device-map",
-        "Place the model with accelerate over this machine's GPUs "
-        "and CPU: auto, balanced, sequential, or a JSON file "
-        "{module: device}; statistics gather on --device.",
-    )
     prompt: str = option(DEFAULT_PROMPT, "--prompt", "Prompt for a folder of images.")
     skip_bad: bool = option(
         False, "--skip-bad", "Skip unreadable records (counted in the metadata) instead of stopping."
@@ -244,15 +252,6 @@ class StatsOptions(DataOptions, LoadsModel):
             raise InputError(None, f"--max-samples must be ≥ 1, got {self.max_samples}")
         _one_of("--padding-side", self.padding_side, PaddingSide)
         self.placement  # noqa: B018 (checks --device, --dtype and --device-map, and keeps the result)
-
-
-# Options that only LPM reads (flag, field, default): a baseline that would ignore one refuses it.
-_LPM_ONLY = [
-    ("--ridge", "ridge", DEFAULT_RIDGE),
-    ("--balance", "balance", False),
-    ("--alpha", "alpha", 1.0),
-    ("--state-precision", "state_precision", None),
-]
 
 
 @dataclass(frozen=True)
@@ -322,14 +321,14 @@ class MergeOptions:
             _one_of("--state-precision", self.state_precision, StatePrecision)
         if self.rank is not None and self.rank < 1:
             raise InputError(None, f"--rank must be ≥ 1, got {self.rank}")
-        density = ("--density", "density", DEFAULT_DENSITY)
-        ignored = {"many": [density], "ties": _LPM_ONLY}.get(self.method, [*_LPM_ONLY, density])
-        for flag, name, default in ignored:
-            if getattr(self, name) != default:
+        others = ignored(self.method)
+        for field in dataclasses.fields(self):  # another method's setting, given to this one
+            if field.name in others and getattr(self, field.name) != field.default:
+                applies = ", ".join(f"--method {method}" for method in readers(field.name))
                 raise InputError(
                     None,
-                    f"{flag} does not apply to --method {self.method} (it applies to "
-                    f"{'--method ties' if name == 'density' else '--method many'}); leave it out",
+                    f"{field.metadata['flag']} does not apply to --method {self.method} "
+                    f"(it applies to {applies}); leave it out",
                 )
         _one_of("--device", self.device, Device)
 
@@ -356,15 +355,6 @@ class InferOptions(DataOptions, LoadsModel):
     )
     max_new_tokens: int = option(32, "--max-new-tokens", "Tokens generated per answer, at most.")
     batch_size: int = option(8, "--batch-size", "Records per generate call.")
-    device: Device = option("auto", "--device", "Where the model runs (auto: CUDA when torch sees it).")
-    dtype: Dtype = option("auto", "--dtype", "Model dtype.")
-    device_map: str | None = option(
-        None,
-        "--device-map",
-        "Place the model with accelerate over this machine's GPUs "
-        "and CPU: auto, balanced, sequential, or a JSON file "
-        "{module: device}; the routed projector runs on --device.",
-    )
     fold: bool = option(
         True, "--fold/--no-fold", "Fold the merged LoRA into the weights (decoding then costs what the base costs)."
     )

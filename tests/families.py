@@ -416,6 +416,34 @@ def build_idefics3(out: Path) -> Path:
     return save_model(Idefics3ForConditionalGeneration, config, processor, out)
 
 
+def build_smolvlm(out: Path) -> Path:
+    """Idefics3's layout under SmolVLM's own classes (its processor also takes videos)."""
+    from transformers import (
+        LlamaConfig,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    tokenizer, image_processor, vision = _idefics_parts(SmolVLMImageProcessorPil)
+    processor = SmolVLMProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=4,
+        chat_template=tokenizer.chat_template,
+    )
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=_text_config(LlamaConfig, tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+    )
+    return save_model(SmolVLMForConditionalGeneration, config, processor, out)
+
+
 def build_paligemma(out: Path) -> Path:
     from transformers import (
         GemmaConfig,
@@ -486,7 +514,11 @@ def build_llava_onevision(out: Path) -> Path:
 
 
 FAMILIES.update(
-    mistral3=build_mistral3, idefics3=build_idefics3, paligemma=build_paligemma, llava_onevision=build_llava_onevision
+    mistral3=build_mistral3,
+    idefics3=build_idefics3,
+    smolvlm=build_smolvlm,
+    paligemma=build_paligemma,
+    llava_onevision=build_llava_onevision,
 )
 
 

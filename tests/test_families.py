@@ -434,3 +434,11 @@ def test_a_base_without_a_processor_is_refused_by_every_command(world, tmp_path,
         code, err = run_cli(capsys, *args)
         assert code == 2 and f"{bare}: has no processor or tokenizer" in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "exported").exists() and not (tmp_path / "s").exists()
+
+
+def test_every_family_many_knows_has_a_builder_that_goes_through_the_family_tests():
+    """`many_cli.families.FAMILIES` and the tests' builders name the same families (the family
+    fixture above takes every builder)."""
+    import many_cli.families
+
+    assert set(FAMILIES) == set(many_cli.families.FAMILIES)

@@ -406,3 +406,57 @@ def test_for_an_older_transformers_modules_are_named_as_the_base_checkpoint(worl
     assert (same / weights).read_bytes() == (current / weights).read_bytes()
     code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "bad", "--for-transformers", "4.46.x")
     assert code == 2 and "--for-transformers takes a version such as 4.46.3" in err
+
+
+PLUGIN = """
+import sys
+
+from many_cli.methods import MergeMethod, register
+
+
+def first(a_blocks, b_blocks, options, tasks):
+    return a_blocks[0], options.scale * b_blocks[0]  # the first adapting task's update, as it is
+
+
+register(
+    MergeMethod(
+        name="first-task",
+        title="the first task alone",
+        reads=(),
+        runner="factors",
+        card_lines=lambda options: ["- the first adapting task's update, unchanged"],
+        rule=first,
+    )
+)
+from many_cli.cli import main
+
+sys.argv = ["many", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_method_registered_in_its_own_module_is_offered_refused_and_carded(world, tmp_path):
+    """A throwaway method, registered by one module as a plugin would be, is in `--help`'s
+    choices, refuses another method's option in one line, and merges with its card line."""
+
+    def many(*args):
+        done = subprocess.run(
+            [sys.executable, "-c", PLUGIN, *map(str, args)], capture_output=True, text=True, cwd=tmp_path
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = many("merge", "--help")
+    assert code == 0 and "first-task" in out, err
+    code, _, err = many("merge", *world.adapters, "--out", tmp_path / "no", "--method", "first-task", "--ridge", "1")
+    assert code == 2 and err.strip().endswith(
+        "--ridge does not apply to --method first-task (it applies to --method many); leave it out"
+    ), err
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "merged"
+    code, _, err = many("merge", *world.adapters, "--out", out, "--method", "first-task")
+    assert code == 0, err
+    for module, delta in merged_deltas(world, out).items():
+        expected = next(v for v in (task_vector(a, module) for a in world.adapters) if v is not None)
+        assert torch.allclose(delta, expected, rtol=1e-5, atol=1e-6), module
+    card = (out / "README.md").read_text()
+    assert "method: `first-task`" in card and "- the first adapting task's update, unchanged" in card

@@ -3,6 +3,9 @@ is refused in one line before any work."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from dataclasses import dataclass
 
 import pytest
@@ -75,6 +78,7 @@ DOCUMENTED = {
         "--force": False,
         "--answer-weight": 1.0,
         "--modules": None,
+        "--under": None,
         "--device-map": None,
         "--format": "auto",
         "--media-dir": None,
@@ -83,6 +87,7 @@ DOCUMENTED = {
     "infer": {
         "--model": None,
         "--merged": None,
+        "--adapter": None,
         "--image": None,
         "--prompt": None,
         "--data": None,
@@ -98,8 +103,22 @@ DOCUMENTED = {
         "--media-dir": None,
         "--confidence": 0.5,
         "--force": False,
+        "--fold": True,
+        "--device": "auto",
+        "--dtype": "auto",
+        "--device-map": None,
     },
     "export": {"--model": None, "--merged": None, "--out": None, "--projector": "routed", "--force": False},
+    "report": {
+        "--out": None,
+        "--upper": None,
+        "--experts": None,
+        "--min-final-accuracy": None,
+        "--max-forgetting": None,
+        "--force": False,
+    },
+    "convert": {"--out": None, "--force": False},
+    "demo": {"--sample": Path("sample_adapters"), "--out": Path("many-demo"), "--force": False},
 }
 
 
@@ -108,10 +127,21 @@ def test_the_cli_offers_the_documented_options_with_their_defaults(command):
     from many_cli.cli import app
 
     click_command = typer.main.get_command(app).commands[command]
-    offered = {name: parameter for parameter in click_command.params for name in parameter.opts}
+    offered = {name: parameter for parameter in click_command.params for name in parameter.opts if name != "--help"}
+    assert set(offered) == set(DOCUMENTED[command])  # both ways: nothing undocumented, nothing gone
     for flag, default in DOCUMENTED[command].items():
-        assert flag in offered, flag
         assert offered[flag].default == default or (default is None and offered[flag].required), flag
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED))
+def test_the_readme_s_synopsis_names_every_option_of_each_command(command):
+    """Each command's synopsis in the README's command section names exactly its options (a
+    switch by either of its names, --experts or --no-experts)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The commands") : readme.index("## After each fine-tune")]
+    synopsis = re.search(rf"^    many {command} (.*?)(?=\n\n)", section, re.M | re.S).group(1)
+    named = {re.sub(r"^--no-", "--", flag) for flag in re.findall(r"--[a-z][a-z-]*", synopsis)}
+    assert named == set(DOCUMENTED[command])
 
 
 # The options with a fixed set of values, and that set, as the README documents them.

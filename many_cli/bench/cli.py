@@ -12,7 +12,15 @@ from rich.console import Console
 
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_file
+from many_cli.options import Device
 
+# Where a benchmark writes its synthetic models, adapters and merges.
+Workdir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--workdir", readable=False, help="Keep the models, adapters and merges here (default: a temp folder, removed)."
+    ),
+]
 bench_app = typer.Typer(no_args_is_help=True, help="Measured ratios: ours against a baseline or a floor.")
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -64,7 +72,7 @@ def bench_stats_command(
     intermediate: Annotated[int, typer.Option("--intermediate", help="MLP size (LLaVA-1.5-7B: 11008).")] = 11008,
     records: Annotated[int, typer.Option("--records", help="Records (each 576 image tokens plus text).")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 2,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """`many stats` against a plain forward pass and against the FLOP floor, in one run."""
     from many_cli.bench.stats_bench import bench_stats
@@ -118,7 +126,7 @@ def bench_infer_command(
     layers: Annotated[int, typer.Option("--layers", help="Language-model depth.")] = 4,
     images: Annotated[int, typer.Option("--images", help="Images answered per timing.")] = 4,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """`many infer`'s per-image latency against the plain base model, and load times, in one run."""
     from many_cli.bench.infer_bench import bench_infer
@@ -151,12 +159,7 @@ def bench_merge_command(
     dense_layers: Annotated[
         int, typer.Option("--dense-layers", help="Layers the (slow) dense reference is timed and checked on.")
     ] = 1,
-    workdir: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--workdir", readable=False, help="Where to write the synthetic adapters (default: the temp folder)."
-        ),
-    ] = None,
+    workdir: Workdir = None,
 ) -> None:
     """`many merge` on 7B-shaped adapters against dense RegMean and the Cholesky floor, in one run."""
     from many_cli.bench.merge_bench import bench_merge
@@ -236,14 +239,7 @@ def bench_continual_command(
             "--sweeps/--no-sweeps", help="MAny against ridge, η, calibration size, rank budget, α and answer weight."
         ),
     ] = True,
-    workdir: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--workdir",
-            readable=False,
-            help="Keep the models, adapters and merges here (default: a temp folder, removed).",
-        ),
-    ] = None,
+    workdir: Workdir = None,
 ) -> None:
     """A miniature continual benchmark: every merge method and MAny against the per-task upper
     bound and sequential fine-tuning, trained and scored on the synthetic world."""
@@ -301,14 +297,9 @@ def bench_e2e_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per stats forward.")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image by infer.")] = 8,
     device: Annotated[
-        str, typer.Option("--device", help="auto, cpu or cuda: where the weights are created and every phase runs.")
+        Device, typer.Option("--device", help="auto, cpu or cuda: where the weights are created and every phase runs.")
     ] = "auto",
-    workdir: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--workdir", readable=False, help="Where to write the model and adapters (default: the temp folder)."
-        ),
-    ] = None,
+    workdir: Workdir = None,
 ) -> None:
     """stats, merge and infer at a real model's size (random bf16 weights), each timed in one run."""
     from many_cli.bench.e2e import FAMILIES, bench_e2e

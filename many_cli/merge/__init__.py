@@ -4,9 +4,9 @@ directory all or nothing.
 The package, one job per module:
 - `inputs`: the new tasks and the resumed merge, read and checked once (`MergeInputs`);
 - `groups`: LPM's input groups, planned from the stats files and the resumed state;
-- `methods`: the table of merge methods;
+- the methods themselves are `many_cli/methods/` (one module each, a registry);
 - `solve`: LPM, one input group at a time, and how torchrun ranks share the groups;
-- `baselines`: average, task arithmetic and TIES;
+- `baselines`: a method's rule over the tasks' factors, module by module (average, TIES ...);
 - `budget`: the merged adapter's ranks and the `--rank` fit;
 - `outputs`: the bundle, the experts and the model card (`card`);
 - `report`: what the merge tells its user.
@@ -26,11 +26,13 @@ from many_cli.distributed import join_world
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir
 from many_cli.merge import outputs
+from many_cli.merge.baselines import merge_baseline
 from many_cli.merge.budget import Track
 from many_cli.merge.groups import modules_pattern, plan_groups
 from many_cli.merge.inputs import RESERVED_NAMES, read_inputs
-from many_cli.merge.methods import METHOD_TABLE
 from many_cli.merge.report import MergeReport
+from many_cli.merge.solve import merge_lpm
+from many_cli.methods import REGISTRY, MergeMethod
 from many_cli.options import DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions
 from many_cli.state import BUNDLE_FILE, EXPERTS_DIR
 
@@ -55,7 +57,7 @@ def merge(
 ) -> MergeReport:
     """Merge the adapters (in task order) into `out`, after the merge at `resume` if given."""
     options.check()
-    method = METHOD_TABLE[options.method]
+    method = REGISTRY[options.method]
     report = MergeReport(out, [], 0)
     with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
         if resume is not None and not method.resumable:
@@ -67,13 +69,21 @@ def merge(
         report.rank = world.rank
         if world.rank != 0:  # another torchrun rank: it does its share, rank 0 writes
             if method.distributed:
-                method.run(inputs, None, report, track, world)
+                _run(method, inputs, None, report, track, world)
             return report
         with atomic_output_dir(out, inputs.options.force) as staging:
-            method.run(inputs, staging, report, track, world)
+            _run(method, inputs, staging, report, track, world)
             report.note_energy(inputs.options.rank)
             outputs.write_bundle(inputs, staging / BUNDLE_FILE)
             if inputs.options.experts:
                 outputs.write_experts(inputs, staging / EXPERTS_DIR, report)
             outputs.write_card(inputs, method, staging / "README.md", report)
     return report
+
+
+def _run(method: MergeMethod, inputs, staging: Path | None, report: MergeReport, track: Track, world) -> None:
+    """The merged adapter (and for LPM the state) into `staging`, by the method's runner."""
+    if method.runner == "lpm":
+        merge_lpm(inputs, staging, report, track, world)
+    else:
+        merge_baseline(inputs, staging, report, track, method.rule, method.dense)

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
-if TYPE_CHECKING:
-    from many_cli.merge.methods import Method
-    from many_cli.merge.report import MergeReport
-    from many_cli.options import MergeOptions
+from many_cli.merge.inputs import MergeInputs
+from many_cli.merge.report import MergeReport
+from many_cli.methods import MergeMethod
+from many_cli.options import MergeOptions
 
 
-def model_card(
-    *,
-    tasks: list[tuple[str, str]],
-    previous: list[tuple[str, str]],
-    resume: Path | None,
-    options: "MergeOptions",
-    method: "Method",
-    base_model: str | None,
-    base_fingerprint: str,
-    report: "MergeReport",
-) -> str:
-    rows = _task_rows(tasks, previous, resume)
+def model_card(inputs: MergeInputs, method: MergeMethod, report: MergeReport) -> str:
+    """The card of the merge of `inputs` by `method`, with what `report` noted."""
+    tasks, previous = inputs.card_tasks()
+    options, base_model, base_fingerprint = inputs.options, inputs.base_model, inputs.base_fingerprint
+    rows = _task_rows(tasks, previous, inputs.resume)
     settings = _settings(options, method)
     notes = [f"- {line}" for line in report.warnings + report.notes]
     base = base_model or "BASE"
@@ -33,7 +25,7 @@ def model_card(
     return "\n".join(
         [
             "---",
-            _front_matter(tasks, previous, options, method, base_model, base_fingerprint, report).strip(),
+            _front_matter(inputs, method, report).strip(),
             "---",
             "",
             "# Merged adapter made by `many merge`",
@@ -93,24 +85,9 @@ def _task_rows(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], re
     ]
 
 
-def _settings(options: "MergeOptions", method: "Method") -> list[str]:
+def _settings(options: MergeOptions, method: MergeMethod) -> list[str]:
     settings = [f"- method: `{options.method}`", f"- scale λ: {options.scale:g}"]
-    own = method.settings(options)
-    if "ridge" in own:
-        weighting = (
-            "balanced (each task divided by its token count)"
-            if options.balance
-            else "by calibration tokens (plain least squares)"
-        )
-        settings += [
-            f"- ridge ρ: {options.ridge:g} (relative to the mean diagonal of each Gram matrix)",
-            f"- weighting: {weighting}",
-        ]
-        if options.alpha != 1:
-            settings.append(f"- off-diagonal reduction α: {options.alpha:g} (RegMean: α C + (1 − α) diag C)")
-        settings.append(f"- merge state stored in {options.state_precision}")
-    if "density" in own:
-        settings.append(f"- TIES density: {options.density:g}")
+    settings += method.card_lines(options)
     settings.append(f"- default routing temperature η: {options.eta:g}")
     if options.rank is not None:
         settings.append(
@@ -125,17 +102,11 @@ def _settings(options: "MergeOptions", method: "Method") -> list[str]:
     return settings
 
 
-def _front_matter(
-    tasks: list[tuple[str, str]],
-    previous: list[tuple[str, str]],
-    options: "MergeOptions",
-    method: "Method",
-    base_model: str | None,
-    base_fingerprint: str,
-    report: "MergeReport",
-) -> str:
+def _front_matter(inputs: MergeInputs, method: MergeMethod, report: MergeReport) -> str:
     """The Hugging Face card metadata (YAML): the hub's own fields, and the merge under `many`.
     A local base path is not a hub id, so it is kept under `many` only."""
+    tasks, previous = inputs.card_tasks()
+    options, base_model = inputs.options, inputs.base_model
     is_hub_id = base_model is not None and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
     merge = {
         "method": options.method,
@@ -143,9 +114,9 @@ def _front_matter(
         "scale": options.scale,
         "eta": options.eta,
         "base_model": base_model,
-        "base_fingerprint": base_fingerprint or None,
+        "base_fingerprint": inputs.base_fingerprint or None,
     }
-    merge.update(method.settings(options))
+    merge.update({field: getattr(options, field) for field in method.reads})
     if options.rank is not None:
         merge.update(rank=options.rank, energy_kept=round(report.energy_kept(), 6))
     return ModelCardData(
@@ -156,7 +127,7 @@ def _front_matter(
     ).to_yaml()
 
 
-def _energy_table(report: "MergeReport") -> list[str]:
+def _energy_table(report: MergeReport) -> list[str]:
     """Under --rank: the fraction of each module's output energy kept."""
     if not report.energy:
         return []

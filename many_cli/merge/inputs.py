@@ -179,7 +179,7 @@ def read_inputs(
     converted: ExitStack,
 ) -> MergeInputs:
     """Read and check everything the merge starts from; notes and resolved options go to `report`.
-    `method` is the merge's entry in `methods.METHOD_TABLE`. Original-LLaVA-layout adapters are
+    `needs_stats`: whether the method reads stats files. Original-LLaVA-layout adapters are
     read through PEFT copies that live as long as `converted`."""
     paths = find_adapter_dirs(adapter_paths)
     refuse_overlap(out, [*adapter_paths, *paths, *([resume] if resume else [])])

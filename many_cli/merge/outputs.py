@@ -12,8 +12,8 @@ from many_cli.adapters import MergedAdapterWriter, MergedModule, read_adapter
 from many_cli.errors import InputError
 from many_cli.merge.card import model_card
 from many_cli.merge.inputs import MergeInputs
-from many_cli.merge.methods import Method
 from many_cli.merge.report import MergeReport
+from many_cli.methods import MergeMethod
 from many_cli.state import EXPERTS_DIR, StateHeader
 from many_cli.state import write_bundle as write_bundle_file
 
@@ -58,20 +58,8 @@ def _copy_earlier_experts(inputs: MergeInputs, folder: Path) -> list[str]:
     return missing
 
 
-def write_card(inputs: MergeInputs, method: Method, path: Path, report: MergeReport) -> None:
-    new, earlier = inputs.card_tasks()
-    path.write_text(
-        model_card(
-            tasks=new,
-            previous=earlier,
-            resume=inputs.resume,
-            options=inputs.options,
-            method=method,
-            base_model=inputs.base_model,
-            base_fingerprint=inputs.base_fingerprint,
-            report=report,
-        )
-    )
+def write_card(inputs: MergeInputs, method: MergeMethod, path: Path, report: MergeReport) -> None:
+    path.write_text(model_card(inputs, method, report))
 
 
 def check_expert(expert: Path, state: StateHeader, index: int) -> None:
