@@ -362,13 +362,6 @@ def _check_loaded(directory: Path, base: str, loaded) -> None:
         )
 
 
-def load_adapted_model(base: str, adapter: Path, device: torch.device, placement: Placement = Placement()):
-    """base (checked) + adapter (its LoRA and its modules_to_save projector), through PEFT."""
-    base_fingerprint(base)
-    model = apply_adapters(load_base_model(base, device, placement), base, [(adapter, "default")])
-    return (model if placement.device_map is not None else model.to(device)).eval()
-
-
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     """The layers PEFT adapted, by their name in the base model."""
     from peft.tuners.lora import LoraLayer

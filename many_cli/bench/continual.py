@@ -20,10 +20,12 @@ import torch
 from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
 from many_cli.bench.world import TASKS, WorldTask, write_split
 from many_cli.data import Record
+from many_cli.families import module_at
 from many_cli.formats import read_records
-from many_cli.infer import InferOptions, MergedModel, answer_all, load_merged, load_processor, load_task_projectors
+from many_cli.infer import InferOptions, MergedModel, answer_all, load_merged, load_processor, load_task_adapter
+from many_cli.infer.load import bundled_modules, load_task_module
 from many_cli.merge import DEFAULT_ETA, DEFAULT_RIDGE, MergeOptions, merge
-from many_cli.models import apply_adapters, load_adapted_model, load_base_model
+from many_cli.models import apply_adapters, load_base_model
 from many_cli.options import Placement
 from many_cli.report import Predictions, build_report
 from many_cli.rows import scores
@@ -359,7 +361,7 @@ def _merge(adapters: list[Path], out: Path, options: MergeOptions) -> Path:
 
 def _adapted(base: str, adapter: Path) -> MergedModel:
     """base + one adapter (its LoRA and its projector), as PEFT loads it."""
-    model = load_adapted_model(base, adapter, torch.device("cpu"), Placement(dtype="float32"))
+    model = load_task_adapter(base, adapter, InferOptions(device="cpu", dtype="float32", fold=False)).model
     return MergedModel(model, load_processor(base), None, torch.device("cpu"))
 
 
@@ -369,7 +371,8 @@ def _fixed_projector(base: str, merged: Path, index: int) -> MergedModel:
         load_base_model(base, torch.device("cpu"), Placement(dtype="float32")), base, [(merged, "default")]
     ).merge_and_unload()
     bundle = read_bundle_header(merged / BUNDLE_FILE)
-    load_task_projectors(model, bundle, index)
+    for path in bundled_modules(model, bundle):
+        load_task_module(module_at(model, path), bundle, index, path)
     return MergedModel(model.eval(), load_processor(base), None, torch.device("cpu"))
 
 

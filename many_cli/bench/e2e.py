@@ -219,8 +219,8 @@ from pathlib import Path
 import torch
 from many_cli.bench.stats_bench import run_forward, run_stats
 from many_cli.formats import read_records
-from many_cli.infer import load_processor
-from many_cli.models import load_adapted_model, resolve_device
+from many_cli.infer import InferOptions, load_processor, load_task_adapter
+from many_cli.models import resolve_device
 from many_cli.stats import StatsOptions, StatsReport, collect_stats, encoded_batches
 base, adapter, data, device, batch_size, measure = sys.argv[1:]
 options = StatsOptions(device=device, batch_size=int(batch_size))
@@ -229,7 +229,7 @@ report = collect_stats(base, Path(adapter), Path(data), None, options)
 result = {"seconds": time.perf_counter() - start, "tokens": report.tokens}
 if measure == "1":  # the statistics pass against a plain forward, same model, same batches
     compute = resolve_device(device)
-    model = load_adapted_model(base, Path(adapter), compute)
+    model = load_task_adapter(base, Path(adapter), InferOptions(device=device, fold=False)).model
     batches = [encoded for encoded, _ in encoded_batches(load_processor(base), read_records(Path(data)),
                                                          options, StatsReport(Path(data)))]
     run_forward(model, batches[:1], compute)

@@ -16,7 +16,6 @@ from many_cli.infer.load import (
     load_processor,
     load_routed,
     load_task_adapter,
-    load_task_projectors,
     merge_fingerprint,
 )
 from many_cli.options import InferOptions
@@ -35,6 +34,5 @@ __all__ = [
     "load_processor",
     "load_routed",
     "load_task_adapter",
-    "load_task_projectors",
     "merge_fingerprint",
 ]

@@ -215,7 +215,7 @@ def _routed_projectors(
             prototypes, owners = exemplars
             routing = "hard"
     versions = {}  # module name -> each task's copy, loaded
-    for name in _bundled_modules(model, bundle):
+    for name in bundled_modules(model, bundle):
         versions[name] = [_task_copy(module_at(model, name)) for _ in bundle.tasks]
         for index, module in enumerate(versions[name]):
             load_task_module(module, bundle, index, name)
@@ -262,7 +262,7 @@ def _task_copy(module: nn.Module) -> nn.Module:
     return clone.to_empty(device="cpu") if any(p.is_meta for p in clone.parameters()) else clone
 
 
-def _bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:
+def bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:
     """The projector and those of its companions the bundle's tasks hold weights for, by name in
     the base model; a bundle whose weights do not all fit there is an InputError."""
     paths = projector_paths(model)
@@ -274,12 +274,6 @@ def _bundled_modules(model: nn.Module, bundle: BundleHeader) -> list[str]:
             f"belong to the base model's {' and '.join(paths)}: merged for another model?",
         )
     return [path for path in paths if held[path]]
-
-
-def load_task_projectors(model: nn.Module, bundle: BundleHeader, index: int) -> None:
-    """Load task `index`'s projector (and companions) from the bundle into `model` itself."""
-    for path in _bundled_modules(model, bundle):
-        load_task_module(module_at(model, path), bundle, index, path)
 
 
 def load_task_module(module: nn.Module, bundle: BundleHeader, index: int, path: str) -> None:

@@ -46,9 +46,9 @@ from many_cli.stats.accumulate import Exemplars, InputCovariances, accumulate
 from many_cli.stats.reduce import Totals, gather_totals
 
 TOKEN_RULE = (
-    "chat template over one user turn [image, prompt], plus the assistant answer when "
-    "there is one (else the generation prompt); every position whose attention mask is 1, "
-    "image tokens included"
+    "chat template over every turn of the record (its images at their tags, else opening the "
+    "first user turn), plus the assistant answer when there is one (else the generation "
+    "prompt); every position whose attention mask is 1, image tokens included"
 )
 
 
