@@ -183,7 +183,7 @@ class StatsHeader:
             return handle.get("prototype")
 
     def exemplars(self) -> torch.Tensor | None:
-        """Each calibration image's pooled direction; None in files from before they were kept."""
+        """Each calibration image's pooled direction; None where the file has no prototype."""
         with open_safetensors(self.path) as handle:
             return handle.get("exemplars") if "exemplars" in handle.keys() else None
 
@@ -217,6 +217,12 @@ def read_stats_header(path: Path) -> StatsHeader:
                     f"expected the packed triangle of a {dim}×{dim} matrix",
                 )
             inputs[key] = InputStats(key, tuple(entry["modules"]), dim, int(entry["tokens"]))
+        if ("prototype" in handle.keys()) != ("exemplars" in handle.keys()):
+            raise InputError(
+                path,
+                "holds a prototype without its calibration images' directions (exemplars), or "
+                "those without a prototype: not a stats file of this many; run `many stats` again",
+            )
         return StatsHeader(
             path=path,
             adapter_fingerprint=metadata.get("adapter_fingerprint", ""),
@@ -403,8 +409,7 @@ class BundleHeader:
             return handle.get(_prototype_key(index))
 
     def exemplars(self, index: int) -> torch.Tensor | None:
-        """Task `index`'s calibration images' pooled directions, or None where its stats file
-        did not keep them."""
+        """Task `index`'s calibration images' pooled directions, or None where it has no prototype."""
         if _exemplars_key(index) not in self.shapes:
             return None
         with open_safetensors(self.path) as handle:
@@ -480,6 +485,13 @@ def _check_bundle_tensors(bundle: BundleHeader) -> None:
     ]
     if len(widths) > 1 or bad:
         raise fault(f"prototypes and exemplars of different widths or shapes ({sorted(widths)})")
+    alone = [
+        index
+        for index in range(count)
+        if (_prototype_key(index) in bundle.shapes) != (_exemplars_key(index) in bundle.shapes)
+    ]
+    if alone:
+        raise fault(f"task {bundle.tasks[alone[0]]} has a prototype without exemplars, or exemplars without one")
 
 
 def read_merge_output(merged: Path) -> BundleHeader:

@@ -137,7 +137,6 @@ def write_task_stats(
     covariances: dict[str, torch.Tensor],
     tokens: int,
     base_fingerprint: str | None = None,
-    prototype: torch.Tensor | None = None,
 ) -> None:
     """Write the stats file `many merge` reads, through the project's own writer, storing
     each shared input once (float32, as `many stats` accumulates); its base is the one the
@@ -154,8 +153,8 @@ def write_task_stats(
         covariances={key: pack_symmetric(covariances[key].to(torch.float32)) for key in by_input},
         tokens={key: tokens for key in by_input},
         modules=by_input,
-        prototype=prototype if prototype is not None else torch.randn(16),
-        exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1) if prototype is None else None,
+        prototype=torch.randn(16),
+        exemplars=torch.nn.functional.normalize(torch.randn(3, 16), dim=1),
         images=1,
         adapter_fingerprint=adapter_fingerprint(adapter),
         base_fingerprint=base_fingerprint,

@@ -4,9 +4,8 @@ is refused in one line before any work."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import typer

@@ -101,10 +101,13 @@ def write_task(out: Path, layers: int, shape: Shape, seed: int) -> Path:
         base_fingerprint="synthetic-llava-7b",
         token_rule="synthetic",
         prototype_width=shape.vision,
+        exemplars=1,
     ) as writer:
         for key in writer.keys:
             writer.covariance(key, pack_symmetric(synthetic_covariance(inputs[key][1], generator)))
-        writer.prototype(torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0))
+        prototype = torch.nn.functional.normalize(torch.randn(shape.vision, generator=generator), dim=0)
+        writer.prototype(prototype)
+        writer.exemplars(prototype[None])
     return out
 
 

@@ -202,18 +202,9 @@ def _routed_projectors(
             )
         prototypes.append(prototype)
     routing, owners = options.routing, None
-    if routing == NEAREST:
-        exemplars = _exemplars(bundle, prototypes[0].numel())
-        if exemplars is None:
-            routing = "soft"
-            notes.append(
-                "the merge keeps no calibration images for some task (its stats file predates them): "
-                "routing by prototypes (--routing soft); run `many stats` again and merge for "
-                "nearest-image routing"
-            )
-        else:
-            prototypes, owners = exemplars
-            routing = "hard"
+    if routing == NEAREST:  # hard routing over every calibration image
+        prototypes, owners = _exemplars(bundle, prototypes[0].numel())
+        routing = "hard"
     versions = {}  # module name -> each task's copy, loaded
     for name in bundled_modules(model, bundle):
         versions[name] = [_task_copy(module_at(model, name)) for _ in bundle.tasks]
@@ -234,14 +225,12 @@ def _routed_projectors(
     return router, {name: DeferredProjector(versions[name]) for name in companions}
 
 
-def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every task's calibration-image directions, stacked, and the task each row belongs to;
-    None if some task has none."""
+def _exemplars(bundle: BundleHeader, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's calibration-image directions, stacked, and the task each row belongs to
+    (the bundle holds them for every task with a prototype)."""
     rows = []
     for index, task in enumerate(bundle.tasks):
         exemplars = bundle.exemplars(index)
-        if exemplars is None:
-            return None
         if exemplars.dim() != 2 or exemplars.shape[0] == 0 or exemplars.shape[1] != width:
             raise InputError(
                 bundle.path,
