@@ -415,7 +415,10 @@ from many_cli.methods import MergeMethod, register
 
 
 def first(a_blocks, b_blocks, options, tasks):
-    return a_blocks[0], options.scale * b_blocks[0]  # the first adapting task's update, as it is
+    from many_cli import lpm
+
+    # the first adapting task's update as it is (the others' factors kept at weight 0: rank Σ r_i)
+    return lpm.stack_factors(a_blocks, b_blocks, [options.scale] + [0.0] * (len(a_blocks) - 1))
 
 
 register(
