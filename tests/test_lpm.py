@@ -46,6 +46,28 @@ def test_streaming_writer_output_reads_back_with_safetensors(tmp_path):
         writer.write("a", torch.zeros(3))
 
 
+def test_a_writer_whose_block_fails_leaves_no_partial_file(tmp_path):
+    """A stream writer used in a `with` block removes its file when the block fails, and checks
+    it complete when the block ends; the merged-adapter writer over it does the same."""
+    from many_cli.adapters import MergedAdapterWriter, MergedModule
+
+    path = tmp_path / "partial.safetensors"
+    with pytest.raises(RuntimeError):
+        with StreamingSafetensorsWriter(path, [("a", torch.float32, (2,)), ("b", torch.float32, (2,))], {}) as writer:
+            writer.write("a", torch.zeros(2))
+            raise RuntimeError("the work failed midway")
+    assert not path.exists()
+    with pytest.raises(ValueError, match="never written"):
+        with StreamingSafetensorsWriter(path, [("a", torch.float32, (2,))], {}):
+            pass
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    with pytest.raises(RuntimeError):
+        with MergedAdapterWriter(folder, [MergedModule("model.layer", 1, 2, 2)], None):
+            raise RuntimeError("the solve failed")
+    assert not (folder / "adapter_model.safetensors").exists()
+
+
 def test_cholesky_solve_matches_dense_solve():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(50, 20, dtype=torch.float64, generator=generator)
