@@ -32,7 +32,7 @@ def test_the_github_actions_job_runs_the_same_commands():
     job = yaml.safe_load(_block("github-actions"))
     runs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "stats" in step.get("run", "")]
     assert runs == [_block("shell")]
-    assert set(job["jobs"]["merge-and-report"]["env"]) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN"}
+    assert set(job["jobs"]["merge-and-report"]["env"]) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "REFINE"}
 
 
 def _words(text: str) -> str:

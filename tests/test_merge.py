@@ -433,31 +433,44 @@ register(
 )
 from many_cli.cli import main
 
-sys.argv = ["many", *sys.argv[1:]]
-main()
+for line in sys.stdin:  # one command line a line, each run as `many` runs it; its status after it
+    sys.argv = ["many", *line.rstrip("\\n").split("\\t")]
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    print(f"exit {code}", flush=True)
+    print(f"exit {code}", file=sys.stderr, flush=True)
 """
 
 
 def test_a_method_registered_in_its_own_module_is_offered_refused_and_carded(world, tmp_path):
     """A throwaway method, registered by one module as a plugin would be, is in `--help`'s
     choices, refuses another method's option in one line, and merges with its card line."""
-
-    def many(*args):
-        done = subprocess.run(
-            [sys.executable, "-c", PLUGIN, *map(str, args)], capture_output=True, text=True, cwd=tmp_path
-        )
-        return done.returncode, done.stdout, done.stderr
-
-    code, out, err = many("merge", "--help")
-    assert code == 0 and "first-task" in out, err
-    code, _, err = many("merge", *world.adapters, "--out", tmp_path / "no", "--method", "first-task", "--ridge", "1")
-    assert code == 2 and err.strip().endswith(
-        "--ridge does not apply to --method first-task (it applies to --method many); leave it out"
-    ), err
-    assert not (tmp_path / "no").exists()
     out = tmp_path / "merged"
-    code, _, err = many("merge", *world.adapters, "--out", out, "--method", "first-task")
-    assert code == 0, err
+    commands = [
+        ["merge", "--help"],
+        ["merge", *world.adapters, "--out", tmp_path / "no", "--method", "first-task", "--ridge", "1"],
+        ["merge", *world.adapters, "--out", out, "--method", "first-task"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", PLUGIN],
+        input="".join("\t".join(map(str, command)) + "\n" for command in commands),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    outs, errs = done.stdout.split("exit "), done.stderr.split("exit ")
+    assert [part.split("\n", 1)[0] for part in outs[1:]] == ["0", "2", "0"], done.stderr
+    assert "first-task" in outs[0]
+    assert (
+        errs[1]
+        .split("\n", 1)[1]
+        .strip()
+        .endswith("--ridge does not apply to --method first-task (it applies to --method many); leave it out")
+    ), done.stderr
+    assert not (tmp_path / "no").exists()
     for module, delta in merged_deltas(world, out).items():
         expected = next(v for v in (task_vector(a, module) for a in world.adapters) if v is not None)
         assert torch.allclose(delta, expected, rtol=1e-5, atol=1e-6), module
