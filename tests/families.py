@@ -400,26 +400,32 @@ def build_idefics3(out: Path) -> Path:
         Idefics3ForConditionalGeneration,
         Idefics3ImageProcessorPil,
         Idefics3Processor,
-        LlamaConfig,
     )
 
     tokenizer, image_processor, vision = _idefics_parts(Idefics3ImageProcessorPil)
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
     )
-    config = Idefics3Config(
+    return _save_idefics(out, Idefics3Config, Idefics3ForConditionalGeneration, processor, vision)
+
+
+def _save_idefics(out: Path, config_class, model_class, processor, vision: dict) -> Path:
+    """An Idefics3-layout model (Idefics3, SmolVLM) of `processor` saved to `out`."""
+    from transformers import LlamaConfig
+
+    tokenizer = processor.tokenizer
+    config = config_class(
         vision_config=vision,
         text_config=_text_config(LlamaConfig, tokenizer).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=2,
     )
-    return save_model(Idefics3ForConditionalGeneration, config, processor, out)
+    return save_model(model_class, config, processor, out)
 
 
 def build_smolvlm(out: Path) -> Path:
     """Idefics3's layout under SmolVLM's own classes (its processor also takes videos)."""
     from transformers import (
-        LlamaConfig,
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
         SmolVLMImageProcessorPil,
@@ -435,13 +441,7 @@ def build_smolvlm(out: Path) -> Path:
         image_seq_len=4,
         chat_template=tokenizer.chat_template,
     )
-    config = SmolVLMConfig(
-        vision_config=vision,
-        text_config=_text_config(LlamaConfig, tokenizer).to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-    )
-    return save_model(SmolVLMForConditionalGeneration, config, processor, out)
+    return _save_idefics(out, SmolVLMConfig, SmolVLMForConditionalGeneration, processor, vision)
 
 
 def build_paligemma(out: Path) -> Path:
