@@ -21,6 +21,8 @@ Workdir = Annotated[
         "--workdir", readable=False, help="Keep the models, adapters and merges here (default: a temp folder, removed)."
     ),
 ]
+# Where a benchmark creates its weights and runs.
+Where = Annotated[Device, typer.Option("--device", help="auto, cpu or cuda: where the weights are made and it runs.")]
 bench_app = typer.Typer(no_args_is_help=True, help="Measured ratios: ours against a baseline or a floor.")
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -72,7 +74,7 @@ def bench_stats_command(
     intermediate: Annotated[int, typer.Option("--intermediate", help="MLP size (LLaVA-1.5-7B: 11008).")] = 11008,
     records: Annotated[int, typer.Option("--records", help="Records (each 576 image tokens plus text).")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 2,
-    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Where = "auto",
 ) -> None:
     """`many stats` against a plain forward pass and against the FLOP floor, in one run."""
     from many_cli.bench.stats_bench import bench_stats
@@ -126,7 +128,7 @@ def bench_infer_command(
     layers: Annotated[int, typer.Option("--layers", help="Language-model depth.")] = 4,
     images: Annotated[int, typer.Option("--images", help="Images answered per timing.")] = 4,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image.")] = 16,
-    device: Annotated[Device, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Where = "auto",
 ) -> None:
     """`many infer`'s per-image latency against the plain base model, and load times, in one run."""
     from many_cli.bench.infer_bench import bench_infer
@@ -296,9 +298,7 @@ def bench_e2e_command(
     records: Annotated[int, typer.Option("--records", help="Calibration records per task.")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per stats forward.")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per image by infer.")] = 8,
-    device: Annotated[
-        Device, typer.Option("--device", help="auto, cpu or cuda: where the weights are created and every phase runs.")
-    ] = "auto",
+    device: Where = "auto",
     workdir: Workdir = None,
 ) -> None:
     """stats, merge and infer at a real model's size (random bf16 weights), each timed in one run."""
