@@ -442,3 +442,20 @@ def test_every_family_many_knows_has_a_builder_that_goes_through_the_family_test
     import many_cli.families
 
     assert set(FAMILIES) == set(many_cli.families.FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["llava"], indirect=True)
+def test_stats_under_what_is_not_a_merge_or_into_the_merge_is_refused(family, tmp_path, capsys):
+    root, base, adapters, calibration, _ = family
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", *adapters, "--out", merged)[0] == 0
+    stats = ("stats", "--model", base, "--adapter", adapters[0], "--data", calibration[0])
+    for under, out, fault in (
+        (adapters[1], tmp_path / "s.safetensors", "--under is not a `many merge` output"),
+        (tmp_path / "nowhere", tmp_path / "s.safetensors", "--under: merge directory not found"),
+        (merged, merged / "s.safetensors", "the output would overwrite the input"),
+    ):
+        before = sorted(path.name for path in merged.iterdir())
+        code, err = run_cli(capsys, *stats, "--under", under, "--out", out)
+        assert code == 2 and fault in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and sorted(path.name for path in merged.iterdir()) == before

@@ -41,6 +41,7 @@ from many_cli.models import (
     text_layers,
 )
 from many_cli.options import StatsOptions
+from many_cli.rows import MERGED  # the PEFT name of the merge's LoRA, as infer names it
 from many_cli.state import BUNDLE_FILE, STATS_FILE, is_stats_file, recorded_base, write_stats
 from many_cli.stats.accumulate import Exemplars, InputCovariances, accumulate
 from many_cli.stats.reduce import Totals, gather_totals
@@ -50,9 +51,6 @@ TOKEN_RULE = (
     "first user turn), plus the assistant answer when there is one (else the generation "
     "prompt); every position whose attention mask is 1, image tokens included"
 )
-
-
-UNDER = "merged"  # the PEFT name of the merge's LoRA that --under runs the task's data through
 
 
 @dataclass
@@ -147,7 +145,7 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
     renames = {
         saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items() if saved != loaded
     }
-    model = apply_adapters(model, base, [(adapter, "default"), *([(options.under, UNDER)] if options.under else [])])
+    model = apply_adapters(model, base, [(adapter, "default"), *([(options.under, MERGED)] if options.under else [])])
     model = (model if options.device_map is not None else model.to(device)).eval()
     layers = {  # the task's own layers; under a merge, others may be the merge's alone
         name: layer
@@ -158,7 +156,7 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
         raise InputError(adapter, "PEFT created no LoRA layer in the base model")
     if options.under:  # the merged LoRA everywhere (none where the merge has none); the projector stays the task's
         for layer in lora_layers(model).values():
-            layer.set_adapter(UNDER)
+            layer.set_adapter(MERGED)
     if options.modules is not None:
         merge_only = {name: layer for name, layer in lora_layers(model).items() if name not in layers}
         extra = {
@@ -174,6 +172,8 @@ def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device)
 
 def _check_merge(merged: Path, base: str, fingerprint: str) -> None:
     """--under needs a merge output built on this base."""
+    if not merged.is_dir():
+        raise InputError(merged, "--under: merge directory not found")
     if not (merged / ADAPTER_WEIGHTS).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"--under is not a `many merge` output (it needs {ADAPTER_WEIGHTS} and {BUNDLE_FILE})")
     built_on = recorded_base(merged)
