@@ -85,16 +85,15 @@ def refuse_foreign_file(out: Path, force: bool, is_own_kind: Callable[[Path], bo
 
 @contextmanager
 def atomic_output_file(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling file; on success it replaces `out` in one rename, on any
-    failure (or signal) it is removed."""
+    """Yield a temporary path for `out` (of the same name, inside a hidden staging folder beside
+    it); on success it replaces `out` in one rename, on any failure (or signal) it is removed."""
     with _locked_output(out):
-        partial = _fresh_sibling(out, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+        staging = _fresh_staging(out)
         try:
-            yield partial
-            os.replace(partial, out)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+            yield staging / out.name
+            os.replace(staging / out.name, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
@@ -114,10 +113,13 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
                 mine = " and is not this command's own earlier output" if is_own_output else ""
                 raise InputError(out, f"output directory already exists{mine}; choose another --out or pass --force")
             _check_removable(out)
-        staging = _fresh_sibling(out, lambda path: os.mkdir(path, 0o777))
+        staging = _fresh_staging(out)
         try:
             yield staging
-            (staging / OUTPUT_MANIFEST).write_text(json.dumps(_entries(staging), indent=1, sort_keys=True) + "\n")
+            written = {name: kind for name, kind in _entries(staging).items() if name != _STAGING_MARKER}
+            (staging / OUTPUT_MANIFEST).write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
+            (staging / _STAGING_MARKER).unlink()  # from here the manifest alone tells it is many's
+            _check_still_replaceable(out)
             _swap_in(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -142,6 +144,22 @@ def _refuse_foreign_folder(out: Path) -> None:
             out,
             f"holds {foreign}, which many did not write there; many replaces only an empty folder or "
             f"its own output, even with --force: choose another --out (or empty the folder yourself)",
+        )
+
+
+def _check_still_replaceable(out: Path) -> None:
+    """Checked again at the swap: what appeared in `out` while the new output was written (a note
+    saved into it, a folder made at its name) is the user's, and the old output stays as it is."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise InputError(out, "appeared while many was writing it and is not a directory; nothing was replaced")
+    foreign = _first_foreign_entry(out)
+    if foreign is not None:
+        raise InputError(
+            out,
+            f"{foreign} appeared in it while many was writing the new output; nothing was replaced "
+            f"(your file is kept): move it out of the folder and run again, or choose another --out",
         )
 
 
@@ -236,16 +254,27 @@ def _acquire_lock(out: Path):
 
 
 def _recover(out: Path) -> None:
-    """Undo what a killed writer left: put the old output back if the new one never arrived,
-    and remove staging copies."""
+    """Undo what a killed writer left: put the old output back if the new one never arrived, and
+    remove staging folders. Only what carries many's own mark is touched (a staging marker inside,
+    or a manifest its entries still match): a user's folder of the same name is left as it is."""
     old = _old_path(out)
-    if old.exists() or old.is_symlink():
-        if out.exists():
-            _remove(old)
+    if old.is_dir() and not old.is_symlink() and _is_many_leftover(old):
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
         else:
             old.rename(out)
     for leftover in out.parent.glob(glob.escape(_partial_prefix(out)) + "*"):
-        _remove(leftover)
+        if leftover.is_dir() and not leftover.is_symlink() and _is_many_leftover(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _is_many_leftover(folder: Path) -> bool:
+    """A staging folder (its marker inside), or an output of many's whole as it wrote it, or an
+    empty folder (an empty output moved aside): nothing of anyone else's is in it."""
+    try:
+        return (folder / _STAGING_MARKER).is_file() or not any(folder.iterdir()) or written_by_many(folder)
+    except OSError:
+        return False
 
 
 def _check_removable(out: Path) -> None:
@@ -261,22 +290,27 @@ def _check_removable(out: Path) -> None:
                 )
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+# Inside every staging folder from its creation until its output is complete: it tells a later run
+# that the folder is many's to remove, whatever its name.
+_STAGING_MARKER = ".many-staging"
 
 
-def _fresh_sibling(out: Path, create: Callable[[str], None]) -> Path:
-    """A new hidden sibling of `out`, made by `create` with the user's usual permissions (umask)."""
+def _fresh_staging(out: Path) -> Path:
+    """A new hidden staging folder beside `out`, made with the user's usual permissions (umask)
+    and marked as many's."""
     while True:
         path = out.with_name(_partial_prefix(out) + secrets.token_hex(4))
         try:
-            create(str(path))
-            return path
+            path.mkdir(0o777)
+            break
         except FileExistsError:
             continue
+    try:
+        (path / _STAGING_MARKER).write_text("a staging folder of many's; the next run on this output removes it\n")
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -297,13 +331,24 @@ def _swap_in(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
     elif _exchange(staging, out):
-        _remove(staging)  # now the old output (or the symbolic link that named it)
+        _remove_replaced(staging)  # now the old output (or the symbolic link that named it)
     else:
         old = _old_path(out)
+        if old.exists() or old.is_symlink():  # a user's, left by _recover
+            raise InputError(old, f"is not many's, and many needs that name to replace {out}; rename it and run again")
         with signals_held():
             out.rename(old)
             staging.rename(out)
-        _remove(old)
+        _remove_replaced(old)
+
+
+def _remove_replaced(old: Path) -> None:
+    """Remove the replaced output, unless something of the user's reached it in the instant
+    between the last check and the swap: then it stays, hidden beside the new output, whole."""
+    if old.is_symlink():
+        old.unlink()
+    elif _is_many_leftover(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(first: Path, second: Path) -> bool:

@@ -232,3 +232,66 @@ def test_force_replaces_only_an_empty_folder_or_many_own_output(world, tmp_path,
             with files.atomic_output_dir(stranger, force=True, is_own_output=own):
                 pass
     assert (stranger / "sub" / "a.txt").read_text() == "x"
+
+
+def test_force_keeps_what_appeared_in_the_output_while_the_new_one_was_written(world, tmp_path, capsys, monkeypatch):
+    """The folder is checked again at the swap: a note saved into the old output meanwhile (a 7B
+    merge leaves minutes for it) refuses the run, and the old output and the note stay."""
+    from many_cli.merge import outputs as merge_outputs
+
+    out = tmp_path / "M"
+    assert run_cli(capsys, "merge", world.adapters[0], "--out", out)[0] == 0
+    before = digest(out)
+    write_bundle = merge_outputs.write_bundle
+
+    def bundle_then_a_user_note(*args, **kwargs):
+        write_bundle(*args, **kwargs)
+        (out / "notes.txt").write_text("notes")
+
+    monkeypatch.setattr(merge_outputs, "write_bundle", bundle_then_a_user_note)
+    code, err = run_cli(capsys, "merge", *world.adapters[:2], "--out", out, "--force")
+    assert code == 2 and f"{out / 'notes.txt'} appeared in it while many was writing" in err, err
+    assert err.count("\n") == 1 and (out / "notes.txt").read_text() == "notes"
+    assert {name: sha for name, sha in digest(out).items() if name != "notes.txt"} == before
+    assert hidden(tmp_path) == []
+    # A folder made at the output's name meanwhile is the user's too.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(files.InputError, match="appeared in it while many was writing"):
+        with files.atomic_output_dir(fresh, force=False) as staging:
+            (staging / "x").write_text("new")
+            fresh.mkdir()
+            (fresh / "mine.txt").write_text("mine")
+    assert os.listdir(fresh) == ["mine.txt"] and hidden(tmp_path) == []
+
+
+def test_nothing_beside_an_output_is_removed_unless_many_marked_it(world, tmp_path, capsys):
+    """Hidden siblings named as many names its staging copies are removed only when they carry
+    many's own mark, whether the run is refused or succeeds."""
+    out = tmp_path / "X"
+    out.mkdir()
+    (out / "own.txt").write_text("m")
+    siblings = {
+        ".X.many-old/a": "t",
+        ".X.many-partial-mine/b": "u",
+        ".X.many-partial-file": "v",
+        ".S.many-old/a": "w",
+        ".S.many-partial-1234": "x",
+    }
+    for name, text in siblings.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    def kept() -> bool:
+        return all((tmp_path / name).read_text() == text for name, text in siblings.items())
+
+    code, err = run_cli(capsys, "merge", world.adapters[0], "--out", out)
+    assert code == 2 and "own.txt" in err and kept() and (out / "own.txt").read_text() == "m"
+    (out / "own.txt").unlink()
+    assert run_cli(capsys, "merge", world.adapters[0], "--out", out, "--force")[0] == 0
+    assert kept() and (out / "adapter_model.safetensors").is_file()
+    stats = tmp_path / "S"
+    for _ in range(2):  # written, then replaced
+        with files.atomic_output_file(stats) as partial:
+            partial.write_text("new")
+    assert kept() and stats.read_text() == "new"
+    assert hidden(tmp_path) == sorted({name.split("/")[0] for name in siblings})
