@@ -22,7 +22,14 @@ from rich.console import Console
 from many_cli.bench.cli import bench_app
 from many_cli.errors import InputError
 from many_cli.exits import fail, run
-from many_cli.files import atomic_output_file, refuse_foreign_file, refuse_overlap, require_inputs, signals_held
+from many_cli.files import (
+    atomic_output_file,
+    refuse_foreign_file,
+    refuse_overlap,
+    refuse_special_file,
+    require_inputs,
+    signals_held,
+)
 from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
 app = typer.Typer(
@@ -323,8 +330,10 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     _check_infer_mode(single, bool(data), out is not None or options.min_accuracy is not None, json_output)
     options = replace(options, prompt=DEFAULT_PROMPT if prompt is None else prompt)
     options.check()
-    if image is not None and not image.is_file():
-        raise InputError(image, "image not found")
+    if image is not None:
+        refuse_special_file(image)
+        if not image.is_file():
+            raise InputError(image, "image not found")
     require_inputs(
         {
             answering: "merge directory not found" if merged else "adapter directory not found",

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from many_cli.errors import InputError
+from many_cli.files import refuse_special_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -70,6 +71,7 @@ def load_image(source: str, path: Path | InlineImage) -> Image.Image:
     """An image of the record `source` as 8-bit RGB; InputError naming the record if it cannot be read."""
     if isinstance(path, InlineImage):
         return _as_rgb(path.image)
+    refuse_special_file(path, source, "image")
     try:
         with Image.open(path) as image:
             return _as_rgb(image)
@@ -93,6 +95,7 @@ def _as_rgb(image: Image.Image) -> Image.Image:
 def load_audio(record: Record, sampling_rate: int) -> np.ndarray:
     """The record's WAV file as mono float32 in [-1, 1]; InputError naming the record if it cannot
     be read or is not at the model's sampling rate (resample it first: many does not)."""
+    refuse_special_file(record.audio, record.source, "audio")
     try:
         with wave.open(str(record.audio), "rb") as handle:
             if handle.getsampwidth() != 2:
@@ -117,6 +120,7 @@ def load_video(record: Record) -> list[Image.Image] | str:
     if not record.video.exists():
         raise InputError(record.source, f"video {record.video} not found")
     if not record.video.is_dir():
+        refuse_special_file(record.video, record.source, "video")
         return str(record.video)
     frames = sorted(path for path in record.video.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not frames:

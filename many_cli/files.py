@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -20,8 +21,37 @@ from typing import Callable, Iterable, Iterator, Mapping
 from many_cli.errors import InputError
 
 
+def special_file_kind(path: Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder ("a FIFO", "a character
+    device", ...): reading one can wait forever (a pipe with no writer) or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    kinds = {
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), None)
+
+
+def refuse_special_file(path: Path, source: object = None, what: str = "") -> None:
+    """An InputError naming `source` (or `path`) when `path` is a FIFO, a device or a socket."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        named = f"{what} {path} is" if source is not None else "is"
+        raise InputError(
+            path if source is None else source,
+            f"{named.strip()} {kind}, not a regular file; many reads regular files only (save it to a file first)",
+        )
+
+
 def check_readable(path: Path) -> None:
-    """An unreadable input is named as such (not as missing or corrupt, as libraries report it)."""
+    """An unreadable input is named as such (not as missing or corrupt, as libraries report it);
+    so is one that is not a regular file or a folder, before anything waits on it."""
+    refuse_special_file(path)
     try:
         if path.is_dir():
             next(os.scandir(path), None)
@@ -32,6 +62,7 @@ def check_readable(path: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
+    refuse_special_file(path)
     if not path.is_file():
         raise InputError(path, "file not found")
     check_readable(path)

@@ -6,6 +6,10 @@ EXIF orientation)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -557,3 +561,48 @@ def test_images_as_base64_or_data_uris_read_as_their_files_and_urls_are_refused(
         assert isinstance(record, BadRecord) and record.fault.startswith(fault), record
     [record] = read_records(write(tmp_path / "bad.jsonl", [{"prompt": "hi", "video": "http://example.com/v.mp4"}]))
     assert isinstance(record, BadRecord) and "local files only" in record.fault
+
+
+@contextmanager
+def fails_within(seconds: int):
+    """A test that would wait forever fails instead (SIGALRM interrupts a blocking open)."""
+
+    def expired(*_):
+        raise TimeoutError(f"still waiting after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_and_devices_are_refused_without_waiting(tmp_path, capsys):
+    """A FIFO with no writer waits forever in open(); a device never ends: both refused in one line
+    wherever a file is read (the data file, a record's image, a folder's image, --image)."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    data_fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(data_fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(own_records()[0]["image"], folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    records = write(tmp_path / "fifo_image.jsonl", [{"image": str(fifo), "prompt": "colour?"}])
+    device = write(tmp_path / "device_image.jsonl", [{"image": "/dev/zero", "prompt": "colour?"}])
+    cases = [
+        (data_fifo, f"{data_fifo}: is a FIFO (named pipe), not a regular file"),
+        (records, f"{records}:1: image {fifo} is a FIFO (named pipe), not a regular file"),
+        (device, f"{device}:1: image /dev/zero is a character device, not a regular file"),
+        (folder, f"{folder / 'b.png'}: image {folder / 'b.png'} is a FIFO (named pipe)"),
+    ]
+    with fails_within(120):
+        for data, line in cases:
+            code, err = stats_on_sample(capsys, data, tmp_path / "stats.safetensors")
+            assert code == 2 and line in err and err.count("\n") == 1, err
+        infer = ["infer", "--model", SAMPLE / "base", "--adapter", SAMPLE / "adapters" / "1_colour", "--image", fifo]
+        code, err = run_cli(capsys, *infer)
+    assert code == 2 and f"{fifo}: is a FIFO (named pipe)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "stats.safetensors").exists()
