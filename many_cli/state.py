@@ -15,7 +15,10 @@ Bundle (`many_bundle.safetensors`, in a merge output):
   projector/<i>/<param>, prototype/<i>, exemplars/<i> for task i (0-based, merge order); <param> is named
                        inside projector_module: the module the adapters saved whole, or the
                        parent of several (Qwen3-VL's merger with its DeepStack mergers)
-  metadata             format, format_version, tasks = JSON [names], projector_module, eta
+  metadata             format, format_version, tasks = JSON [names], projector_module, eta,
+                       base_fingerprint (the base the merge was built on; "" when unknown),
+                       parts = JSON {file: fingerprint} of the merged LoRA and the experts beside it
+                       (relative paths), so a reader knows the merge's files belong together
 
 State (`many_state.safetensors`, in a merge output; the sufficient statistics of a merge):
   gram/<group>         1-D, packed upper triangle of H = Σ_i w_i C_i (no ridge)
@@ -40,7 +43,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from many_cli.errors import InputError
-from many_cli.files import atomic_output_file
+from many_cli.files import atomic_output_file, file_fingerprint
 from many_cli.tensorfiles import StreamingSafetensorsWriter, StreamWrapper, open_safetensors, save_tensors
 
 STATS_FILE = "many_stats.safetensors"
@@ -378,6 +381,8 @@ class BundleHeader:
     projector_module: str | None
     eta: float
     shapes: Mapping[str, tuple[int, ...]]
+    base_fingerprint: str = ""
+    parts: Mapping[str, str] = field(default_factory=dict)  # empty in bundles older than the record
 
     def projector_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         """Task `index`'s projector: parameter name -> shape."""
@@ -434,12 +439,19 @@ def read_bundle_header(path: Path) -> BundleHeader:
                 path,
                 f"its metadata field 'tasks' is not a list of distinct task names ({tasks!r}); re-create the merge",
             )
+        parts = _json_field(path, metadata, "parts") if "parts" in metadata else {}
+        if not isinstance(parts, dict) or not all(isinstance(v, str) for v in parts.values()):
+            raise InputError(
+                path, "its metadata field 'parts' is not an object of file fingerprints; re-create the merge"
+            )
         header = BundleHeader(
             path,
             tuple(tasks),
             metadata.get("projector_module") or None,
             eta,
             {key: handle.shape(key) for key in handle.keys()},
+            metadata.get("base_fingerprint", ""),
+            parts,
         )
         _check_bundle_tensors(header)
         return header
@@ -495,16 +507,53 @@ def _check_bundle_tensors(bundle: BundleHeader) -> None:
 
 
 def read_merge_output(merged: Path) -> BundleHeader:
-    """A merge output's bundle, checked against its merge state when the state is there."""
+    """A merge output's bundle, checked to belong with the merged LoRA and experts beside it (the
+    fingerprints it records) and with its merge state when the state is there."""
     bundle = read_bundle_header(merged / BUNDLE_FILE)
+    if bundle.parts:
+        found = merge_parts(merged)
+        for name in sorted(set(bundle.parts) | set(found)):
+            if found.get(name) != bundle.parts.get(name):
+                fault = (
+                    f"file not found (the merge's bundle {BUNDLE_FILE} records it)"
+                    if name not in found
+                    else f"is not the file this merge wrote (its bundle {BUNDLE_FILE} records another): "
+                    f"the merge's files do not belong together, another merge's copied in?"
+                )
+                raise InputError(merged / name, f"{fault}; restore the merge's own files or re-create it")
     if (merged / STATE_FILE).exists():
-        check_one_merge(read_state_header(merged / STATE_FILE), bundle)
+        state = read_state_header(merged / STATE_FILE)
+        check_one_merge(state, bundle)
+        if bundle.base_fingerprint and state.base_fingerprint != bundle.base_fingerprint:
+            raise InputError(
+                state.path,
+                f"was built on another base than its bundle {BUNDLE_FILE} records: not the files of one "
+                f"merge; re-create the merge",
+            )
     return bundle
 
 
+def merge_parts(merged: Path) -> dict[str, str]:
+    """Fingerprints of what a reader of the merge uses beside the bundle, by path relative to the
+    merge: the merged LoRA's two files and each expert's."""
+    names = ["adapter_config.json", "adapter_model.safetensors"]
+    experts = merged / EXPERTS_DIR
+    if experts.is_dir():
+        names += sorted(
+            path.relative_to(merged).as_posix()
+            for path in experts.glob("*/*")
+            if path.name in ("adapter_config.json", "adapter_model.safetensors")
+        )
+    return {name: file_fingerprint(merged / name) for name in names if (merged / name).is_file()}
+
+
 def recorded_base(merged: Path) -> tuple[Path, str] | None:
-    """(the file that records it, the fingerprint) of the base a merge output was built on; None
-    for a merge of adapters without stats files, which knows no base."""
+    """(the file that records it, the fingerprint) of the base a merge output was built on: its
+    bundle's record (its state's, for merges made before the bundle kept it); None for a merge of
+    adapters without stats files, which knows no base."""
+    bundle = read_bundle_header(merged / BUNDLE_FILE)
+    if bundle.base_fingerprint:
+        return bundle.path, bundle.base_fingerprint
     state = merged / STATE_FILE
     fingerprint = read_state_header(state).base_fingerprint if state.is_file() else ""
     return (state, fingerprint) if fingerprint else None
@@ -531,7 +580,11 @@ class BundleTask:
     exemplars: torch.Tensor | None = None
 
 
-def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | None, eta: float) -> None:
+def write_bundle(
+    path: Path, tasks: list[BundleTask], projector_module: str | None, eta: float, base_fingerprint: str
+) -> None:
+    """Written last of the merge's files that readers use: it records the fingerprints of the others
+    (`merge_parts` of its folder) and the base the merge was built on."""
     tensors: dict[str, torch.Tensor] = {}
     for index, task in enumerate(tasks):
         for name, weight in task.projector.items():
@@ -546,6 +599,8 @@ def write_bundle(path: Path, tasks: list[BundleTask], projector_module: str | No
         "tasks": json.dumps([t.name for t in tasks]),
         "projector_module": projector_module or "",
         "eta": repr(eta),
+        "base_fingerprint": base_fingerprint,
+        "parts": json.dumps(merge_parts(path.parent), sort_keys=True),
     }
     save_tensors(path, tensors, metadata)
 

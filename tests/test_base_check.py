@@ -39,13 +39,22 @@ def merged(world, tmp_path_factory):
 
 
 def test_another_base_is_refused_naming_the_file_that_records_the_base(world, bases, merged, tmp_path, capsys):
-    state, stats = merged / "many_state.safetensors", world.adapters[0] / "many_stats.safetensors"
+    """The bundle records the base, so a merge without its state (the largest file, which only
+    --resume needs) still refuses another base."""
+    bundle, stats = merged / "many_bundle.safetensors", world.adapters[0] / "many_stats.safetensors"
+    stateless = shutil.copytree(merged, tmp_path / "stateless")
+    (stateless / "many_state.safetensors").unlink()
     for kind, base in bases.items():
         how = "another config" if kind == "other config" else "the same config but other weights"
         cases = [
-            (["infer", "--model", base, "--merged", merged, "--prompt", "hi"], state),
+            (["infer", "--model", base, "--merged", merged, "--prompt", "hi"], bundle),
+            (["infer", "--model", base, "--merged", stateless, "--prompt", "hi"], stateless / bundle.name),
             (["infer", "--model", base, "--adapter", world.adapters[0], "--prompt", "hi"], stats),
-            (["export", "--model", base, "--merged", merged, "--out", tmp_path / "exported"], state),
+            (["export", "--model", base, "--merged", merged, "--out", tmp_path / "exported"], bundle),
+            (
+                ["export", "--model", base, "--merged", stateless, "--out", tmp_path / "exported"],
+                stateless / bundle.name,
+            ),
         ]
         for args, named in cases:
             code, err = run_cli(capsys, *args)

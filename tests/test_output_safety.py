@@ -295,3 +295,38 @@ def test_nothing_beside_an_output_is_removed_unless_many_marked_it(world, tmp_pa
             partial.write_text("new")
     assert kept() and stats.read_text() == "new"
     assert hidden(tmp_path) == sorted({name.split("/")[0] for name in siblings})
+
+
+def test_a_merge_is_read_as_one_whole(world, tmp_path, capsys, monkeypatch):
+    """Another merge's LoRA copied into a merge folder, or a merge replaced while it is read, is
+    refused in one line: a reader never answers with one merge's bundle and another's LoRA."""
+    from many_cli.infer import load as infer_load
+
+    first, second = tmp_path / "A", tmp_path / "B"
+    assert run_cli(capsys, "merge", world.adapters[0], "--out", first)[0] == 0
+    assert run_cli(capsys, "merge", *world.adapters[:2], "--out", second)[0] == 0
+    mixed = shutil.copytree(first, tmp_path / "mixed")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(second / name, mixed / name)
+    infer = ["infer", "--model", world.base, "--prompt", "hi", "--max-new-tokens", "1"]
+    cases = [
+        [*infer, "--merged", mixed],
+        ["export", "--model", world.base, "--merged", mixed, "--out", tmp_path / "exported"],
+    ]
+    for args in cases:
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{mixed / 'adapter_config.json'}: is not the file this merge wrote" in err, err
+    assert not (tmp_path / "exported").exists()
+
+    load_base_model = infer_load.load_base_model
+
+    def loaded_while_the_merge_is_replaced(*args, **kwargs):
+        model = load_base_model(*args, **kwargs)
+        shutil.rmtree(first)
+        shutil.copytree(second, first)
+        return model
+
+    monkeypatch.setattr(infer_load, "load_base_model", loaded_while_the_merge_is_replaced)
+    code, err = run_cli(capsys, *infer, "--merged", first)
+    assert code == 2 and f"{first}: was replaced while it was being read" in err and err.count("\n") == 1, err

@@ -86,6 +86,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     if not (merged / ADAPTER_CONFIG).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"is not a `many merge` output (it needs {ADAPTER_CONFIG} and {BUNDLE_FILE})")
     bundle = read_merge_output(merged)
+    fingerprint = merge_fingerprint(merged)
     model, device = _base_model(base, options, recorded_base(merged))
     notes = []
     if bundle.projector_module and find_projector(model) is None:
@@ -101,6 +102,12 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
     else:
         model = _apply_lora(model, base, merged, options.fold)
     router, tracker = install_router(model, routed, device) if routed else (None, None)
+    if merge_fingerprint(merged) != fingerprint:  # the bundle records the rest (experts) by fingerprint
+        raise InputError(
+            merged,
+            "was replaced while it was being read (a `many merge --force` onto it meanwhile?); "
+            "nothing was answered: run again once the merge is written",
+        )
     return MergedModel(
         model.eval(),
         load_processor(base),
@@ -109,7 +116,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
         experts,
         tracker,
         notes,
-        Answerer(MERGE, bundle.tasks, merge_fingerprint(merged)),
+        Answerer(MERGE, bundle.tasks, fingerprint),
     )
 
 

@@ -74,9 +74,9 @@ def merge(
         with atomic_output_dir(out, inputs.options.force) as staging:
             _run(method, inputs, staging, report, track, world)
             report.note_energy(inputs.options.rank)
-            outputs.write_bundle(inputs, staging / BUNDLE_FILE)
             if inputs.options.experts:
                 outputs.write_experts(inputs, staging / EXPERTS_DIR, report)
+            outputs.write_bundle(inputs, staging / BUNDLE_FILE)  # after what it records
             outputs.write_card(inputs, method, staging / "README.md", report)
     return report
 

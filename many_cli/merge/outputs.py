@@ -19,9 +19,10 @@ from many_cli.state import write_bundle as write_bundle_file
 
 
 def write_bundle(inputs: MergeInputs, path: Path) -> None:
-    """Task names, per-task projectors, prototypes and exemplars, and the default η."""
+    """Task names, per-task projectors, prototypes and exemplars, the default η, the base, and the
+    fingerprints of the merged LoRA and experts already written beside it."""
     tasks, projector_module = inputs.bundle_tasks()
-    write_bundle_file(path, tasks, projector_module, inputs.options.eta)
+    write_bundle_file(path, tasks, projector_module, inputs.options.eta, inputs.base_fingerprint)
 
 
 def write_experts(inputs: MergeInputs, folder: Path, report: MergeReport) -> None:
