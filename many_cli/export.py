@@ -98,8 +98,10 @@ def _folds(adapter: Adapter, raw_names: dict[str, str], merged: Path) -> dict[st
     """Checkpoint key -> W ↦ W + s·B A for every merged module (computed in float32, stored in
     W's dtype)."""
     changes = {}
+    checkpoint_keys = set(raw_names.values())  # a merge written --for-transformers < 4.52 names these
     for module in adapter.modules.values():
-        key = raw_names.get(f"{module.name}.weight")
+        weight_name = f"{module.name}.weight"
+        key = raw_names.get(weight_name) or (weight_name if weight_name in checkpoint_keys else None)
         if key is None:
             raise InputError(
                 merged,

@@ -300,6 +300,12 @@ class MergeOptions:
         "its modules are named as the base checkpoint names them (LLaVA's language_model.model."
         "layers…), as PEFT needs there; experts/ keep today's names. Default: 4.52 and later.",
     )
+    model: Path | None = option(
+        None,
+        "--model",
+        "The base model folder whose checkpoint names the modules under --for-transformers below "
+        "4.52 (checked against the base the stats files record).",
+    )
 
     def check(self) -> None:
         """Refuse every invalid setting before any work starts."""
@@ -307,6 +313,14 @@ class MergeOptions:
         _one_of("--method", self.method, Method)
         if self.for_transformers is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.for_transformers):
             raise InputError(None, f"--for-transformers takes a version such as 4.46.3, got {self.for_transformers!r}")
+        if self.checkpoint_names and self.model is None:
+            raise InputError(
+                None,
+                f"--for-transformers {self.for_transformers} names the modules as the base's checkpoint does: "
+                f"give that base with --model BASE",
+            )
+        if self.model is not None and not self.checkpoint_names:
+            raise InputError(None, "--model applies to --for-transformers below 4.52 only; leave it out")
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
         if not math.isfinite(self.scale):

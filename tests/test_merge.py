@@ -366,7 +366,8 @@ def test_for_an_older_transformers_modules_are_named_as_the_base_checkpoint(worl
 
     current, older = tmp_path / "current", tmp_path / "older"
     assert run_cli(capsys, "merge", *world.adapters, "--out", current)[0] == 0
-    code, err = run_cli(capsys, "merge", *world.adapters, "--out", older, "--for-transformers", "4.46.3")
+    older_stack = ["--for-transformers", "4.46.3", "--model", world.base]
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", older, *older_stack)
     assert code == 0, err
     with safe_open(str(world.base / "model.safetensors"), "pt") as base:
         checkpoint = set(base.keys())
@@ -406,6 +407,37 @@ def test_for_an_older_transformers_modules_are_named_as_the_base_checkpoint(worl
     assert (same / weights).read_bytes() == (current / weights).read_bytes()
     code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "bad", "--for-transformers", "4.46.x")
     assert code == 2 and "--for-transformers takes a version such as 4.46.3" in err
+
+
+def test_for_an_older_transformers_the_base_is_named_and_checked(world, tmp_path, capsys, monkeypatch):
+    """The checkpoint's names come from the base given with --model, checked against the base the
+    stats files record; never from the adapter's base_model_name_or_path resolved from the current
+    folder (a hub id for LLaMA-Factory and ms-swift, another model from elsewhere)."""
+    other = tmp_path / "other"
+    shutil.copytree(world.base, other)
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (other / "config.json").write_text(json.dumps(config))
+    merge = ["merge", *world.adapters, "--out", tmp_path / "older", "--for-transformers", "4.46.3"]
+    code, err = run_cli(capsys, *merge)
+    assert code == 2 and "give that base with --model BASE" in err and err.count("\n") == 1, err
+    code, err = run_cli(capsys, *merge, "--model", other)
+    assert code == 2 and f"was built on another base model than {other}" in err and err.count("\n") == 1, err
+    code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "older", "--model", world.base)
+    assert code == 2 and "--model applies to --for-transformers below 4.52 only" in err, err
+    monkeypatch.chdir(tmp_path)  # the adapters' relative base path leads nowhere from here
+    assert run_cli(capsys, *merge, "--model", world.base)[0] == 0
+    # export takes that merge as it takes today's, to the same weights
+    current = tmp_path / "current"
+    assert run_cli(capsys, "merge", *world.adapters, "--out", current)[0] == 0
+    for merged in (current, tmp_path / "older"):
+        code, err = run_cli(
+            capsys, "export", "--model", world.base, "--merged", merged, "--out", merged.with_suffix(".x")
+        )
+        assert code == 0, err
+    exported = "model.safetensors"
+    assert (tmp_path / "older.x" / exported).read_bytes() == (tmp_path / "current.x" / exported).read_bytes()
+    assert not (other / "adapter_config.json").exists() and not (tmp_path / "bad").exists()
 
 
 PLUGIN = """

@@ -18,7 +18,7 @@ from many_cli.families import routable_modules
 from many_cli.files import refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.merge.report import MergeReport
-from many_cli.models import checkpoint_module_names
+from many_cli.models import base_fingerprint, checkpoint_module_names, refuse_other_base
 from many_cli.options import MergeOptions
 from many_cli.state import (
     BUNDLE_FILE,
@@ -192,13 +192,12 @@ def read_inputs(
     inputs.options = _resolve_options(inputs, report)
     _note_inputs(inputs, report)
     if options.checkpoint_names:
-        if inputs.base_model is None:
-            raise InputError(
-                paths[0],
-                "names no base model (base_model_name_or_path): --for-transformers names the modules "
-                "as the base's checkpoint does",
-            )
-        inputs.adapter_names = checkpoint_module_names(inputs.base_model)
+        base = str(options.model)
+        fingerprint = base_fingerprint(base)  # a missing, broken or remote-code base is refused here
+        recorded_by = previous.state.path if previous else next((t.stats.path for t in tasks if t.stats), None)
+        if recorded_by and inputs.base_fingerprint:
+            refuse_other_base(recorded_by, inputs.base_fingerprint, base, fingerprint)
+        inputs.adapter_names = checkpoint_module_names(base)
     return inputs
 
 
