@@ -5,9 +5,10 @@ for standard output), never a raw TypeError and never an exit of the interpreter
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from many_cli import export, infer, merge, stats
 from many_cli.data import Record
@@ -25,7 +26,8 @@ def collect_stats(
     **kwargs: Any,
 ) -> stats.StatsReport:
     """`many stats`: statistics of base + adapter over data, written to out (default: beside the adapter)."""
-    return stats.collect_stats(
+    return _call(
+        stats.collect_stats,
         _base(base),
         _path(adapter, "adapter"),
         _path(data, "data"),
@@ -48,7 +50,8 @@ def merge_adapters(
     paths = [_path(adapter, "adapters") for adapter in adapters]
     if not paths:
         raise ArgumentError("adapters", "is empty: give at least one adapter directory")
-    return merge.merge(
+    return _call(
+        merge.merge,
         paths,
         _path(out, "out"),
         _of(options, merge.MergeOptions, "options"),
@@ -88,13 +91,29 @@ def export_model(
     **kwargs: Any,
 ) -> export.ExportReport:
     """`many export`: the base with the merged LoRA folded in and one projector chosen, written to out."""
-    return export.export(
-        _base(base), _path(merged, "merged"), _path(out, "out"), _of(options, export.ExportOptions, "options"), **kwargs
+    return _call(
+        export.export,
+        _base(base),
+        _path(merged, "merged"),
+        _path(out, "out"),
+        _of(options, export.ExportOptions, "options"),
+        **kwargs,
     )
+
+
+def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)`, an unknown keyword refused as an ArgumentError naming it."""
+    accepted = inspect.signature(function).parameters
+    unknown = sorted(name for name in kwargs if name not in accepted)
+    if unknown:
+        raise ArgumentError(unknown[0], f"is not an argument of many_cli's {function.__name__}; check its spelling")
+    return function(*args, **kwargs)
 
 
 def _path(value: object, argument: str) -> Path:
     if isinstance(value, (str, os.PathLike)) and str(value):
+        if "\0" in str(value):
+            raise ArgumentError(argument, "holds a NUL byte, which no file name can hold")
         return Path(value)
     raise ArgumentError(argument, f"must be a path (str or os.PathLike), got {value!r}")
 

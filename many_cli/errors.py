@@ -21,7 +21,8 @@ class Terminated(BaseException):
 
 
 class OutputError(Exception):
-    """Standard output cannot be written (closed, or its disk full): exit 1 with one line naming it."""
+    """Standard output or an output file cannot be written (closed, its disk full): exit 1 with one
+    line naming it."""
 
 
 class ArgumentError(InputError):

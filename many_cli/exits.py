@@ -95,10 +95,15 @@ class _StandardOutput:
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings (PEFT, Pillow) as one line each, not a source excerpt."""
-    text = " ".join(str(message).split())
-    print(f"many: warning: {text[:300]}", file=sys.stderr)
+    print(f"many: warning: {one_line(str(message))[:300]}", file=sys.stderr)
 
 
 def fail(code: int, message: str) -> None:
-    print(f"many: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"many: error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
+
+
+def one_line(text: str) -> str:
+    """`text` on one line, every control character escaped (a file name from a data file can hold
+    the terminal's escape sequences: they are shown, never obeyed)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in " ".join(text.split()))

@@ -5,6 +5,7 @@ the command line uses it before any heavy import (safetensors files are `tensorf
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import glob
 import hashlib
@@ -18,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from many_cli.errors import InputError
+from many_cli.errors import InputError, OutputError
 
 
 def special_file_kind(path: Path) -> str | None:
@@ -79,6 +80,7 @@ def read_json(path: Path) -> dict:
 
 def file_fingerprint(path: Path) -> str:
     """sha256 of a file's bytes, read in chunks (adapters can be hundreds of MB)."""
+    check_readable(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -89,7 +91,7 @@ def file_fingerprint(path: Path) -> str:
 def refuse_overlap(out: Path, inputs: Iterable[Path | str]) -> None:
     """An output that is, contains or lies inside an input would destroy it: refuse it
     (symbolic links and hard links are seen through)."""
-    target = out.resolve()
+    target = resolved_path(out)
     for source in inputs:
         path = Path(source)
         try:
@@ -97,12 +99,23 @@ def refuse_overlap(out: Path, inputs: Iterable[Path | str]) -> None:
                 continue
         except OSError:  # a name too long for the file system: nothing there to overwrite
             continue
-        resolved = path.resolve()
+        resolved = resolved_path(path)
         same = out.exists() and os.path.samefile(out, path)
         if same or target == resolved or target in resolved.parents or resolved in target.parents:
             raise InputError(out, f"the output would overwrite the input {source}; choose an --out outside every input")
     if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
         raise InputError(out, "the output may not be the current directory or one of its parents")
+
+
+def resolved_path(path: Path) -> Path:
+    """`path` made absolute, its symbolic links and `..` resolved; a symbolic link loop is an
+    InputError naming it."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: a loop (Python < 3.13)
+        raise InputError(
+            path, f"cannot be resolved ({getattr(error, 'strerror', None) or error}: a symbolic link loop?)"
+        ) from None
 
 
 def refuse_foreign_file(out: Path, force: bool, is_own_kind: Callable[[Path], bool], kind: str) -> None:
@@ -118,7 +131,8 @@ def refuse_foreign_file(out: Path, force: bool, is_own_kind: Callable[[Path], bo
 def atomic_output_file(out: Path) -> Iterator[Path]:
     """Yield a temporary path for `out` (of the same name, inside a hidden staging folder beside
     it); on success it replaces `out` in one rename, on any failure (or signal) it is removed."""
-    with _locked_output(out):
+    with _locked_output(out), _naming_a_full_disk(out):
+        _refuse_another_users_in_a_sticky_folder(out)
         staging = _fresh_staging(out)
         try:
             yield staging / out.name
@@ -135,7 +149,10 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
     `force`, or when `is_own_output` recognises it as this command's own complete earlier output,
     and even then only when it is empty or holds exactly what `many` wrote there (its manifest):
     no folder is ever emptied that `many` did not fill."""
-    with _locked_output(out):  # checked under the lock, after a killed run's output is put back
+    with (
+        _locked_output(out),
+        _naming_a_full_disk(out),
+    ):  # checked under the lock, after a killed run's output is put back
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
         if out.exists() and any(out.iterdir()):
@@ -144,6 +161,7 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
                 mine = " and is not this command's own earlier output" if is_own_output else ""
                 raise InputError(out, f"output directory already exists{mine}; choose another --out or pass --force")
             _check_removable(out)
+        _refuse_another_users_in_a_sticky_folder(out)
         staging = _fresh_staging(out)
         try:
             yield staging
@@ -155,6 +173,20 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextmanager
+def _naming_a_full_disk(out: Path) -> Iterator[None]:
+    """A write that fails for want of space (or a read-only disk) names the output it was for."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _DISK_FULL:
+            raise
+        raise OutputError(f"{out}: cannot be written ({os.strerror(error.errno)}); nothing was replaced") from None
 
 
 # Written last into every output folder: each entry `many` put there (relative path -> size in
@@ -200,7 +232,7 @@ def _first_foreign_entry(folder: Path) -> str | None:
     manifest = folder / OUTPUT_MANIFEST
     try:
         written = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # a forged manifest is no manifest
         written = None
     entries = _entries(folder)
     if not isinstance(written, dict):
@@ -243,6 +275,7 @@ def _partial_prefix(out: Path) -> str:
 def _locked_output(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` while it is written: a second writer is refused at once.
     Parent directories this creates are removed again if the write fails."""
+    _refuse_passing_through_missing_folders(out)
     try:
         created = _make_parents(out.parent)
     except OSError as error:
@@ -260,6 +293,18 @@ def _locked_output(out: Path) -> Iterator[None]:
             with suppress(OSError):
                 directory.rmdir()
         raise
+
+
+def _refuse_passing_through_missing_folders(out: Path) -> None:
+    """`D/sub/..` names D, but making its folders would create D/sub first: refuse such a path,
+    naming the output it means."""
+    prefix = Path(out.anchor)
+    for part in out.parts[len(out.anchor and [out.anchor]) :]:
+        if part == ".." and not prefix.exists():
+            raise InputError(
+                out, f"passes through {prefix}, which does not exist; write the output as {resolved_path(out)}"
+            )
+        prefix = prefix / part
 
 
 def _acquire_lock(out: Path):
@@ -319,6 +364,22 @@ def _check_removable(out: Path) -> None:
                     f"cannot be replaced: you may not remove what {folder} holds (no write "
                     f"permission); choose another --out or fix its permissions",
                 )
+
+
+def _refuse_another_users_in_a_sticky_folder(out: Path) -> None:
+    """In a sticky folder (/tmp) only the owner of an entry (or of the folder) may rename or remove
+    it: replacing another user's output there would fail at the swap, after all the work."""
+    try:
+        entry, folder = out.lstat(), out.parent.stat()
+    except OSError:
+        return  # nothing there to replace
+    me = os.geteuid()
+    if folder.st_mode & stat.S_ISVTX and me != 0 and me not in (entry.st_uid, folder.st_uid):
+        raise InputError(
+            out,
+            "cannot be replaced: it belongs to another user, in a folder where only an entry's owner may "
+            "replace it (the sticky bit, as in /tmp); choose another --out",
+        )
 
 
 # Inside every staging folder from its creation until its output is complete: it tells a later run

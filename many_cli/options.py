@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -57,8 +58,19 @@ def check_types(settings: object) -> None:
     hints = typing.get_type_hints(type(settings))
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        if "flag" in field.metadata and not _conforms(value, hints[field.name]):
-            raise InputError(None, f"{field.metadata['flag']} must be {_described(hints[field.name])}, got {value!r}")
+        if "flag" not in field.metadata:
+            continue
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        if not _conforms(value, hints[field.name]):
+            raise InputError(None, f"{field.metadata['flag']} must be {_described(hints[field.name])}, got {shown}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = sys.float_info.max if float in (hints[field.name], *get_args(hints[field.name])) else sys.maxsize
+            if abs(value) > limit:
+                raise InputError(None, f"{field.metadata['flag']} is too large ({shown}); at most {limit:.4g}")
+        if isinstance(value, (str, os.PathLike)) and "\0" in str(value):
+            raise InputError(None, f"{field.metadata['flag']} holds a NUL byte, which no name can hold")
+        if isinstance(value, (str, os.PathLike)) and Path in (hints[field.name], *get_args(hints[field.name])):
+            object.__setattr__(settings, field.name, Path(value))  # a str where a folder goes, as the parser gives it
 
 
 def _conforms(value: object, kind: Any) -> bool:

@@ -137,6 +137,7 @@ def weights_fingerprint(files: Sequence[Path]) -> str:
 def _header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
     """name -> (dtype, shape, first byte, end) of every tensor of a safetensors file, in file
     offsets (which safe_open does not tell: the fingerprint reads byte windows)."""
+    check_readable(path)
     try:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))

@@ -13,6 +13,7 @@ import pytest
 from helpers import console_script, digest, hidden, many_as_ordinary_user, run_cli
 
 from many_cli import files
+from many_cli.errors import OutputError
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_a_second_writer_of_one_output_is_refused(world, tmp_path, capsys):
 def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(tmp_path):
     out = tmp_path / "preds.jsonl"
     out.write_text("old\n")
-    with pytest.raises(OSError), files.atomic_output_file(out) as partial:
+    with pytest.raises(OutputError, match=f"{out}: cannot be written"), files.atomic_output_file(out) as partial:
         partial.write_text("half")
         raise OSError(28, "No space left on device")
     assert out.read_text() == "old\n" and hidden(tmp_path) == []
@@ -103,7 +104,20 @@ def test_what_an_ordinary_user_cannot_read_or_write_is_named_in_one_line(world, 
     data = tmp_path / "data.jsonl"
     data.write_text("{}\n")
     data.chmod(0)
+    readable = tmp_path / "readable.jsonl"
+    readable.write_text("{}\n")
+    base = shutil.copytree(world.base, tmp_path / "base")
+    (base / "model.safetensors").chmod(0)
+    stats = ["stats", "--data", readable, "--out", tmp_path / "s.safetensors"]
     cases = [
+        (
+            [*stats, "--model", world.base, "--adapter", unreadable],
+            "adapter_model.safetensors: cannot be read (Permission denied)",
+        ),
+        (
+            [*stats, "--model", base, "--adapter", world.adapters[0]],
+            "base/model.safetensors: cannot be read (Permission denied)",
+        ),
         (
             [
                 "stats",
