@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 import torch
 
 from many_cli.errors import InputError
-from many_cli.files import file_fingerprint, read_json
+from many_cli.files import file_fingerprint, read_json, refuse_special_file
 from many_cli.layouts import rename_key
 from many_cli.tensorfiles import StreamingSafetensorsWriter, StreamWrapper, open_safetensors
 
@@ -115,6 +115,7 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
     renames = renames or {}
     config = check_supported_config(path)
     weights = path / ADAPTER_WEIGHTS
+    refuse_special_file(weights)
     if not weights.is_file():
         pickled = path / PICKLED_WEIGHTS
         hint = " (adapter_model.bin is not read: re-save with safe_serialization=True)" if pickled.exists() else ""

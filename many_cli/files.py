@@ -467,6 +467,7 @@ def require_inputs(inputs: Mapping[Path, str]) -> None:
     """Refuse the first input path that does not exist with its fault ("adapter directory not
     found"). A DATA of the form `dataset_info.json:NAME` exists when its file does."""
     for path, fault in inputs.items():
+        refuse_special_file(path)
         file_part = str(path).rpartition(":")[0]
         if not (path.exists() or (file_part and Path(file_part).is_file())):
             raise InputError(path, fault)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from many_cli.errors import InputError
-from many_cli.files import check_readable
+from many_cli.files import check_readable, refuse_special_file
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -35,6 +35,7 @@ DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 def open_safetensors(path: Path) -> Iterator:
     """Open a safetensors file lazily (memory-mapped), turning every way it can be bad
     into an InputError naming the file."""
+    refuse_special_file(path)  # a FIFO is no file, and is not "not found"
     if not path.is_file():
         raise InputError(path, "file not found")
     check_readable(path)

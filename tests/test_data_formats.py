@@ -606,3 +606,21 @@ def test_fifos_and_devices_are_refused_without_waiting(tmp_path, capsys):
         code, err = run_cli(capsys, *infer)
     assert code == 2 and f"{fifo}: is a FIFO (named pipe)" in err and err.count("\n") == 1, err
     assert not (tmp_path / "stats.safetensors").exists()
+
+
+def test_a_fifo_named_on_the_command_line_is_refused_by_every_command(tmp_path, capsys):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(SAMPLE / "adapters" / "1_colour", adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    os.mkfifo(adapter / "adapter_model.safetensors")
+    cases = [
+        (["report", fifo, "--out", tmp_path / "r"], fifo),
+        (["merge", adapter, "--method", "average", "--out", tmp_path / "m"], adapter / "adapter_model.safetensors"),
+    ]
+    with fails_within(120):
+        for args, named in cases:
+            code, err = run_cli(capsys, *args)
+            assert code == 2 and f"{named}: is a FIFO (named pipe)" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "pipe.jsonl"]
