@@ -19,6 +19,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional, TextIO
 import typer
 from rich.console import Console
 
+from many_cli import __version__
 from many_cli.bench.cli import bench_app
 from many_cli.errors import InputError
 from many_cli.exits import fail, run
@@ -36,10 +37,34 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny).",
 )
 app.add_typer(bench_app, name="bench")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"many {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top_level(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Merge the LoRA adapters and projectors of continual multimodal fine-tunes (MAny)."""
+
+
 stderr = Console(stderr=True, soft_wrap=True)
+
+
+def _help_of(settings: type, text: str) -> str:
+    """An option's help as the command it is in says it (LoadsModel's name what runs beside the model)."""
+    beside = getattr(settings, "BESIDE_THE_MODEL", None)
+    return text if beside is None else text.format(beside_the_model=beside, dtype_note=settings.DTYPE_NOTE)
 
 
 def with_options(settings: type) -> Callable[[Callable], Callable]:
@@ -61,7 +86,8 @@ def with_options(settings: type) -> Callable[[Callable], Callable]:
                 inspect.Parameter.KEYWORD_ONLY,
                 default=field.default,
                 annotation=Annotated[
-                    hints[field.name], typer.Option(field.metadata["flag"], help=field.metadata["help"])
+                    hints[field.name],
+                    typer.Option(field.metadata["flag"], help=_help_of(settings, field.metadata["help"])),
                 ],
             )
             for field in fields

@@ -52,14 +52,13 @@ def run(app: typer.Typer) -> None:
 
 def _usage_error(error) -> None:
     """The parser's refusal (an unknown option, a value outside an option's choices, a missing
-    argument) in one line, exit 2; no arguments at all show the help."""
+    argument) in one line, exit 2; no arguments at all: the help typer has just shown, exit 2."""
     message = error.format_message()
     context = getattr(error, "ctx", None)
     if not message and context is not None:
-        print(context.get_help())
         sys.exit(2)
     where = f" (`{context.command_path} --help` lists the options)" if context is not None else ""
-    fail(2, f"{message}{where}")
+    fail(2, f"{message.replace('Value error, ', '')}{where}")  # typer's validator wording
 
 
 class _ReaderGone(Exception):

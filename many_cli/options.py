@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from many_cli.errors import InputError
 from many_cli.files import read_json
@@ -151,19 +151,21 @@ class LoadsModel:
     """The settings of a command that loads a model: where it runs, in which dtype, and how
     accelerate places it; their placement is checked and read once, by `check()`."""
 
+    # What the command computes beside the model, named in the help of the options below.
+    BESIDE_THE_MODEL: ClassVar[str] = "the rest"
+    DTYPE_NOTE: ClassVar[str] = ""
+
     device: Device = option(
         "auto",
         "--device",
-        "Where the model runs, and the statistics or the routed projector (auto: CUDA when torch sees it).",
+        "Where the model runs, and {beside_the_model} (auto: CUDA when torch sees it).",
     )
-    dtype: Dtype = option(
-        "auto", "--dtype", "Model dtype (auto: the checkpoint's; statistics sum in float32 regardless)."
-    )
+    dtype: Dtype = option("auto", "--dtype", "Model dtype (auto: the checkpoint's{dtype_note}).")
     device_map: str | None = option(
         None,
         "--device-map",
         "Place the model with accelerate over this machine's GPUs and CPU: auto, balanced, sequential, or a "
-        "JSON file {module: device}; the statistics gather and the routed projector runs on --device.",
+        "JSON file {{module: device}}; {beside_the_model} on --device.",
     )
 
     @cached_property
@@ -211,6 +213,9 @@ class DataOptions:
 @dataclass(frozen=True)
 class StatsOptions(DataOptions, LoadsModel):
     """Every setting of one `many stats` run."""
+
+    BESIDE_THE_MODEL: ClassVar[str] = "the statistics gather"
+    DTYPE_NOTE: ClassVar[str] = "; the statistics sum in float32 regardless"
 
     batch_size: int = option(8, "--batch-size", "Records per forward pass.")
     max_samples: int | None = option(None, "--max-samples", "Use at most this many records.")
@@ -371,6 +376,8 @@ class MergeOptions:
 @dataclass(frozen=True)
 class InferOptions(DataOptions, LoadsModel):
     """Every setting of one `many infer` run."""
+
+    BESIDE_THE_MODEL: ClassVar[str] = "the routed projector runs"
 
     eta: float | None = option(None, "--eta", "Routing temperature η (default: the bundle's).")
     routing: Routing = option(

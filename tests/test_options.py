@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from helpers import run_cli
+from helpers import run_cli, run_cli_output
 from typer.testing import CliRunner
 
 from many_cli.cli import with_options
@@ -201,3 +201,25 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, args, option)
     merged = ["--merged", tmp_path / "no-merge"] if command == "infer" else []
     code, err = run_cli(capsys, command, *model, *merged, *rest)
     assert code == 2 and option in err and "no-model" not in err and err.count("\n") == 1, err
+
+
+def test_the_habits_users_bring_to_a_command_line(capsys):
+    """-h as --help everywhere, --version, no arguments: the help once; a refused choice in words."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    code, out, _ = run_cli_output(capsys, "--version")
+    assert (code, out) == (0, f"many {project['version']}\n")
+    for command in ([], ["merge"], ["infer"], ["bench"], ["bench", "sample"]):
+        code, out, err = run_cli_output(capsys, *command, "-h")
+        usage = f" {' '.join(command)} [OPTIONS]" if command else " [OPTIONS] COMMAND"
+        assert code == 0 and "Usage:" in out and usage in out and not err, (command, out, err)
+    for command in ([], ["bench"]):
+        code, out, _ = run_cli_output(capsys, *command)
+        assert code == 2 and out.count("Usage:") == 1, out
+    code, _, err = run_cli_output(capsys, "merge", "a", "--out", "b", "--method", "regmean")
+    assert code == 2 and "'regmean' is not one of 'many'" in err and "Value error" not in err, err
+    _, infer_help, _ = run_cli_output(capsys, "infer", "--help")
+    _, stats_help, _ = run_cli_output(capsys, "stats", "--help")
+    assert "statistics" not in " ".join(infer_help.split()) and "routed projector" in " ".join(infer_help.split())
+    assert "statistics sum in float32" in " ".join(stats_help.replace("│", " ").split())

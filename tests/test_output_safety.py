@@ -323,9 +323,12 @@ def test_a_merge_is_read_as_one_whole(world, tmp_path, capsys, monkeypatch):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy(second / name, mixed / name)
     infer = ["infer", "--model", world.base, "--prompt", "hi", "--max-new-tokens", "1"]
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hello"}\n')
     cases = [
         [*infer, "--merged", mixed],
         ["export", "--model", world.base, "--merged", mixed, "--out", tmp_path / "exported"],
+        ["stats", "--model", world.base, "--adapter", world.adapters[0], "--data", data, "--under", mixed],
     ]
     for args in cases:
         code, err = run_cli(capsys, *args)

@@ -42,7 +42,7 @@ from many_cli.models import (
 )
 from many_cli.options import StatsOptions
 from many_cli.rows import MERGED  # the PEFT name of the merge's LoRA, as infer names it
-from many_cli.state import BUNDLE_FILE, STATS_FILE, is_stats_file, recorded_base, write_stats
+from many_cli.state import BUNDLE_FILE, STATS_FILE, is_stats_file, read_merge_output, recorded_base, write_stats
 from many_cli.stats.accumulate import Exemplars, InputCovariances, accumulate
 from many_cli.stats.reduce import Totals, gather_totals
 
@@ -176,6 +176,7 @@ def _check_merge(merged: Path, base: str, fingerprint: str) -> None:
         raise InputError(merged, "--under: merge directory not found")
     if not (merged / ADAPTER_WEIGHTS).is_file() or not (merged / BUNDLE_FILE).is_file():
         raise InputError(merged, f"--under is not a `many merge` output (it needs {ADAPTER_WEIGHTS} and {BUNDLE_FILE})")
+    read_merge_output(merged)  # its files belong together
     built_on = recorded_base(merged)
     if built_on:
         refuse_other_base(*built_on, base, fingerprint)
