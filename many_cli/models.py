@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from many_cli import internvl_layout
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.files import read_json
@@ -56,7 +57,9 @@ def base_fingerprint(base: str) -> str:
     except (OSError, ValueError) as error:
         where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
-    if "auto_map" in config:  # transformers would run the model's own code (and first ask in a terminal)
+    if internvl_layout.is_opengvlab_internvl(config):  # read without its code, translated
+        internvl_layout.check_readable_layout(base, config)
+    elif "auto_map" in config:  # transformers would run the model's own code (and first ask in a terminal)
         raise InputError(
             base,
             f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
@@ -142,6 +145,12 @@ def meta_model(base_dir: Path) -> nn.Module:
     """The base model's structure without its weights (on the meta device): its parameter names."""
     from transformers import AutoConfig
 
+    opengvlab = internvl_layout.config_of(str(base_dir))
+    if opengvlab is not None:
+        from transformers import InternVLForConditionalGeneration
+
+        with torch.device("meta"):
+            return InternVLForConditionalGeneration(internvl_layout.native_config(str(base_dir), opengvlab))
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     for auto in auto_model_classes():
         try:
@@ -199,6 +208,10 @@ def load_base_model(base: str, device: torch.device, placement: Placement = Plac
     broken base is refused there, in one line, before transformers' own error)."""
     _check_gpus(placement)
     mapped = placement.device_map is not None
+    opengvlab = internvl_layout.config_of(base)
+    if opengvlab is not None:
+        model = internvl_layout.load_model(base, opengvlab, resolve_dtype(placement.dtype), placement.device_map)
+        return (model if mapped else model.to(device)).eval()
     where = {"device_map": placement.device_map} if mapped else {}
     for auto in auto_model_classes():
         try:  # safetensors only: a pickled checkpoint could run code when loaded
@@ -234,8 +247,12 @@ def load_processor(base: str, padding_side: str = "right"):
 
     from many_cli.data import tokenizer_of
 
+    opengvlab = internvl_layout.config_of(base)
     try:
-        processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
+        if opengvlab is not None:
+            processor = internvl_layout.load_processor(base, opengvlab)
+        else:
+            processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
         raise InputError(
             base,

@@ -1,0 +1,264 @@
+"""OpenGVLab's own InternVL-Chat checkpoints (`model_type: internvl_chat`, written for their remote
+code) read as transformers' `InternVLForConditionalGeneration`, without running that code: the
+config translated, the weights renamed (and the tower's fused qkv split) by transformers' own
+loader as it streams the shards, and the processor built as the checkpoint's own code prepares
+an image (448 px tiles up to `max_dynamic_patch`, a thumbnail, ImageNet normalisation,
+`<img><IMG_CONTEXT>…</img>`) and the chat template its config names.
+
+Language models read: Qwen2/Qwen2.5 and Llama (InternVL2, 2.5, 3, 3.5 and their -MPO, -Instruct and
+-Pretrained variants). InternLM2 (fused `wqkv` per key-value group, its own tokenizer) is refused
+in one line."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from many_cli.errors import InputError
+
+MODEL_TYPE = "internvl_chat"
+_LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+_IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# The conversation templates of OpenGVLab's `internvl/conversation.py` that InternVL-Chat configs
+# name: (system message, the separator ending each turn). All are ChatML-shaped.
+_SYSTEM_2024 = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+_SYSTEM_2025 = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+_TEMPLATES = {
+    "Hermes-2": (_SYSTEM_2024, "<|im_end|>"),
+    "internlm2-chat": (_SYSTEM_2024, "<|im_end|>"),
+    "internvl2_5": (_SYSTEM_2025, "<|im_end|>\n"),
+}
+
+
+def is_opengvlab_internvl(config: Mapping) -> bool:
+    return config.get("model_type") == MODEL_TYPE
+
+
+def check_readable_layout(base: str, config: Mapping) -> None:
+    """Refuse, in one line, an InternVL-Chat checkpoint whose parts many does not translate."""
+    architecture = (config.get("llm_config") or {}).get("architectures", [None])[0]
+    template = config.get("template")
+    faults = [
+        (
+            architecture not in _LANGUAGE_MODELS,
+            f"its language model {architecture} is not read yet (many reads InternVL-Chat with "
+            f"{' or '.join(_LANGUAGE_MODELS)}; InternLM2-based checkpoints are not)",
+        ),
+        (config.get("ps_version", "v1") != "v2", f"its pixel shuffle {config.get('ps_version', 'v1')!r} is not v2"),
+        (
+            bool(config.get("dynamic_image_size")) and not config.get("use_thumbnail"),
+            "it tiles images without a thumbnail, which transformers' InternVL does not do",
+        ),
+        (template not in _TEMPLATES, f"its chat template {template!r} is none of {', '.join(_TEMPLATES)}"),
+        (bool(config.get("use_backbone_lora") or config.get("use_llm_lora")), _WHOLE_MODEL_LORA),
+    ]
+    for failed, fault in faults:
+        if failed:
+            raise InputError(base, f"is an OpenGVLab InternVL-Chat checkpoint, but {fault}")
+
+
+_WHOLE_MODEL_LORA = (
+    "it carries a LoRA inside the whole model (use_llm_lora or use_backbone_lora: a checkpoint "
+    "internvl_chat_finetune.py saved), which many does not take apart yet; merge it with InternVL's "
+    "tools/merge_lora.py, or train with PEFT's save_pretrained"
+)
+
+
+def native_config(base: str, config: Mapping):
+    """The `InternVLConfig` transformers builds for what the InternVL-Chat `config` of `base`
+    describes (its image token is the tokenizer's `<IMG_CONTEXT>`)."""
+    from transformers import CONFIG_MAPPING, InternVLConfig, InternVLVisionConfig
+
+    vision = dict(config["vision_config"])
+    image_size = config.get("force_image_size") or vision["image_size"]
+    tower = InternVLVisionConfig(
+        hidden_size=vision["hidden_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        intermediate_size=vision["intermediate_size"],
+        hidden_act=vision.get("hidden_act", "gelu"),
+        attention_bias=vision.get("qkv_bias", True),
+        use_qk_norm=vision.get("qk_normalization", False),
+        norm_type=vision.get("norm_type", "layer_norm"),
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+        image_size=image_size,
+        patch_size=vision["patch_size"],
+        num_channels=vision.get("num_channels", 3),
+        use_absolute_position_embeddings=True,
+        use_mean_pooling=True,
+    )
+    language = dict(config["llm_config"])
+    tied = bool(config.get("tie_word_embeddings", False))  # OpenGVLab unties them for every size
+    text = CONFIG_MAPPING[_LANGUAGE_MODELS[language["architectures"][0]]](
+        **{key: value for key, value in language.items() if key not in ("architectures", "auto_map", "model_type")}
+        | {"tie_word_embeddings": tied}
+    )
+    patches = (tower.image_size[0] // tower.patch_size[0]) * (tower.image_size[1] // tower.patch_size[1])
+    return InternVLConfig(
+        vision_config=tower,
+        text_config=text,
+        image_token_id=load_tokenizer(base).context_image_token_id,
+        image_seq_length=int(patches * config.get("downsample_ratio", 0.5) ** 2),
+        downsample_ratio=config.get("downsample_ratio", 0.5),
+        vision_feature_layer=config.get("select_layer", -1),
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=tied,
+    )
+
+
+def _opengvlab_transforms() -> list:
+    """OpenGVLab's names -> the names transformers' InternVL loader already maps (its LLaVA-style
+    older layout), and the tower's fused qkv split into q, k and v (bias too). One group per
+    pattern: transformers joins the patterns, and numbers only the first group of each."""
+    from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
+
+    renames = [
+        (r"^vision_model\.", "vision_tower."),
+        (r"^(vision_tower\.encoder\.)layers\.", r"\1layer."),
+        (r"^(vision_tower\.embeddings\.)class_embedding$", r"\1cls_token"),
+        (r"^(vision_tower\.embeddings\.)position_embedding$", r"\1position_embeddings"),
+        (r"^(vision_tower\.embeddings\.)patch_embedding\.", r"\1patch_embeddings.projection."),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)ls1$", r"\1lambda_1"),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)ls2$", r"\1lambda_2"),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)norm1\.", r"\1layernorm_before."),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)norm2\.", r"\1layernorm_after."),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.proj\.", r"\1attention.projection_layer."),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.q_norm\.", r"\1attention.q_norm."),
+        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.k_norm\.", r"\1attention.k_norm."),
+        (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
+        (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
+        (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
+    ]
+    split = WeightConverter(
+        source_patterns="attn.qkv",
+        target_patterns=["attention.q_proj", "attention.k_proj", "attention.v_proj"],
+        operations=[Chunk(dim=0)],
+    )
+    return [*(WeightRenaming(source, target) for source, target in renames), split]
+
+
+@contextmanager
+def opengvlab_names() -> Iterator[None]:
+    """transformers' InternVL loader reads OpenGVLab's names while this lasts (and only then: the
+    same mapping, reversed, would rename what transformers saves)."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    previous = get_checkpoint_conversion_mapping("internvl") or []
+    register_checkpoint_conversion_mapping("internvl", [*_opengvlab_transforms(), *previous], overwrite=True)
+    try:
+        yield
+    finally:
+        register_checkpoint_conversion_mapping("internvl", previous, overwrite=True)
+
+
+def load_model(base: str, config: Mapping, dtype, device_map):
+    """The checkpoint as `InternVLForConditionalGeneration`, every tensor accounted for: one that
+    loads nowhere, or a parameter left without one, is refused naming the base."""
+    from transformers import InternVLForConditionalGeneration
+
+    native = native_config(base, config)
+    where = {"device_map": device_map} if device_map is not None else {}
+    with opengvlab_names():
+        model, loading = InternVLForConditionalGeneration.from_pretrained(
+            base, config=native, dtype=dtype, use_safetensors=True, output_loading_info=True, **where
+        )
+    leftover = sorted(loading["unexpected_keys"]) or sorted(loading["missing_keys"])
+    if leftover:
+        what = "loads nowhere in" if loading["unexpected_keys"] else "is missing for"
+        raise InputError(
+            base,
+            f"its tensor {leftover[0]} {what} transformers' InternVL ({len(leftover)} such): "
+            f"an InternVL-Chat layout many does not translate",
+        )
+    return model
+
+
+def load_tokenizer(base: str):
+    """The checkpoint's own tokenizer (transformers' class for it), told InternVL's image tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False, extra_special_tokens=_IMAGE_TOKENS)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(base, f"its tokenizer cannot be read ({' '.join(str(error).split())[:200]})") from None
+    missing = [token for token in list(_IMAGE_TOKENS.values())[:3] if token not in tokenizer.get_vocab()]
+    if missing:
+        raise InputError(base, f"its tokenizer has no {missing[0]} token: not an InternVL-Chat tokenizer")
+    return tokenizer
+
+
+def load_processor(base: str, config: Mapping):
+    """InternVL's processor for the checkpoint: its tiling and image size, its tokenizer, the chat
+    template its config names."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, InternVLVideoProcessor
+
+    native = native_config(base, config)
+    size = {"height": native.vision_config.image_size[0], "width": native.vision_config.image_size[1]}
+    tokenizer = load_tokenizer(base)
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(
+            size=size,
+            crop_to_patches=bool(config.get("dynamic_image_size")),
+            min_patches=config.get("min_dynamic_patch", 1),
+            max_patches=config.get("max_dynamic_patch", 6),
+            image_mean=_IMAGENET_MEAN,
+            image_std=_IMAGENET_STD,
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD),
+        image_seq_length=native.image_seq_length,
+        chat_template=chat_template(config["template"]),
+    )
+
+
+def chat_template(name: str) -> str:
+    """The Jinja chat template of OpenGVLab's conversation template `name`: its system message,
+    then each turn `<|im_start|>ROLE\\n…SEP`, an image as `<IMG_CONTEXT>\\n` before the turn's text
+    (as `chat()` puts `<image>\\n` before the question)."""
+    system, separator = _TEMPLATES[name]
+    sep = separator.replace("\n", "\\n")
+    return (
+        "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+        f"{{{{ '<|im_start|>system\\n' }}}}"
+        f"{{% if system is none %}}{{{{ '{system}' }}}}"
+        "{% elif system is string %}{{ system }}"
+        "{% else %}{% for part in system %}{{ part['text'] }}{% endfor %}{% endif %}"
+        f"{{{{ '{sep}' }}}}"
+        "{% for message in messages if message['role'] != 'system' %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}"
+        "{% for part in message['content'] if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}{% endfor %}"
+        "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+        "{% endif %}"
+        f"{{{{ '{sep}' }}}}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+def config_of(base: str) -> dict | None:
+    """The base's config.json when it is an OpenGVLab InternVL-Chat checkpoint, else None."""
+    from many_cli.files import read_json
+
+    path = Path(base).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    return config if is_opengvlab_internvl(config) else None

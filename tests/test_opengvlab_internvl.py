@@ -1,0 +1,136 @@
+"""OpenGVLab's own InternVL-Chat checkpoints, read as they are: the fixtures were written by
+OpenGVLab's code (tests/fixtures/opengvlab_internvl/make.py, its pins in its header), with what
+that code answers; here nothing of it runs. The checkpoint read as transformers' InternVL gives
+the remote code's logits, the processor gives its tiles and tokens, greedy decoding its tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from many_cli.data import Record, encode_records, load_image
+from many_cli.models import base_fingerprint, load_base_model, load_processor
+
+FIXTURES = Path(__file__).parent / "fixtures" / "opengvlab_internvl"
+BASE = str(FIXTURES / "base")
+CASES = json.loads((FIXTURES / "reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / "reference.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model():
+    base_fingerprint(BASE)  # not refused as remote code
+    return load_base_model(BASE, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_the_checkpoint_answers_as_opengvlabs_own_code(model, reference, index):
+    case = CASES[index]
+    processor = load_processor(BASE)
+    image = load_image(case["image"], FIXTURES / case["image"])
+    record = Record(case["image"], (FIXTURES / case["image"],), case["question"], None)
+    inputs = encode_records(processor, [record], [image], with_answers=False)
+    assert inputs["input_ids"][0].tolist() == reference[f"input_ids/{index}"].tolist()
+    torch.testing.assert_close(inputs["pixel_values"], reference[f"pixel_values/{index}"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    torch.testing.assert_close(logits, reference[f"logits/{index}"], rtol=0, atol=1e-6)  # float32 rounding
+    assert generated.tolist() == reference[f"generated/{index}"].tolist()
+
+
+def inputs_of(index: int) -> dict:
+    case = CASES[index]
+    record = Record(case["image"], (FIXTURES / case["image"],), case["question"], None)
+    return encode_records(load_processor(BASE), [record], [load_image(case["image"], FIXTURES / case["image"])], False)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_an_ms_swift_lora_answers_as_under_opengvlabs_own_code(reference, index):
+    """ms-swift's LoRA for an internvl_chat model (a regex on `language_model` linears, saved by
+    PEFT on the remote model) mapped onto transformers' InternVL, folded in or not."""
+    from many_cli.infer import InferOptions, load_task_adapter
+
+    inputs = inputs_of(index)
+    for fold in (True, False):
+        adapted = load_task_adapter(BASE, FIXTURES / "adapter_swift", InferOptions(device="cpu", fold=fold)).model
+        with torch.no_grad():
+            logits = adapted(**inputs).logits[0]
+            generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        torch.testing.assert_close(logits, reference[f"adapted_logits/{index}"], rtol=0, atol=2e-6)
+        assert generated.tolist() == reference[f"adapted_generated/{index}"].tolist()
+    assert not torch.allclose(reference[f"adapted_logits/{index}"], reference[f"logits/{index}"], atol=1e-2)
+
+
+def test_stats_merge_and_infer_run_on_the_checkpoint_as_it_is(tmp_path, capsys):
+    """The command line on OpenGVLab's layout: statistics of the ms-swift adapter, a one-task merge
+    (least squares without ridge: the adapter itself), and its answers equal the adapter's own."""
+    import shutil
+
+    from helpers import run_cli, run_cli_output
+
+    adapter = shutil.copytree(FIXTURES / "adapter_swift", tmp_path / "swift_task")
+    data = tmp_path / "calibration.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"image": str(FIXTURES / case["image"]), "prompt": case["question"], "answer": "red"}) + "\n"
+            for case in CASES
+        )
+    )
+    code, err = run_cli(capsys, "stats", "--model", BASE, "--adapter", adapter, "--data", data, "--device", "cpu")
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", adapter, "--out", merged, "--ridge", "0")[0] == 0
+    for case in CASES:
+        ask = ["infer", "--model", BASE, "--image", FIXTURES / case["image"], "--prompt", case["question"], "--json"]
+        answers = []
+        for answering in (["--merged", merged], ["--adapter", adapter]):
+            code, out, err = run_cli_output(capsys, *ask, *answering, "--max-new-tokens", "4", "--device", "cpu")
+            assert code == 0, err
+            answers.append(json.loads(out)["prediction"])
+        assert answers[0] == answers[1] and answers[0], answers
+
+    # export keeps OpenGVLab's layout (what LMDeploy and vLLM's InternVL-Chat read), the LoRA folded in
+    exported = tmp_path / "exported"
+    code, err = run_cli(capsys, "export", "--model", BASE, "--merged", merged, "--out", exported)
+    assert code == 0, err
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "internvl_chat"
+    folded = load_base_model(str(exported), torch.device("cpu"))
+    adapted = PeftModel.from_pretrained(load_base_model(BASE, torch.device("cpu")), merged).eval()
+    with torch.no_grad():
+        for index in range(len(CASES)):
+            inputs = inputs_of(index)
+            torch.testing.assert_close(folded(**inputs).logits, adapted(**inputs).logits, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "change, fault",
+    [
+        ({"llm_config": {"architectures": ["InternLM2ForCausalLM"]}}, "its language model InternLM2ForCausalLM"),
+        ({"use_llm_lora": 8}, "it carries a LoRA inside the whole model"),
+        ({"template": "vicuna_v1.1"}, "its chat template 'vicuna_v1.1' is none of"),
+        ({"ps_version": "v1"}, "its pixel shuffle 'v1' is not v2"),
+    ],
+)
+def test_what_is_not_translated_is_refused_in_one_line(change, fault, tmp_path, capsys):
+    import shutil
+
+    from helpers import run_cli
+
+    base = shutil.copytree(FIXTURES / "base", tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (base / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, "infer", "--model", base, "--adapter", FIXTURES / "adapter_swift", "--prompt", "hi")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{base}: is an OpenGVLab InternVL-Chat checkpoint, but {fault}" in err, err
