@@ -64,8 +64,8 @@ def base_fingerprint(base: str) -> str:
             base,
             f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
             f"to its own code, model_type {config.get('model_type')!r}); many runs models "
-            f"transformers implements itself: use the transformers-native conversion (for "
-            f"OpenGVLab InternVL, the -hf checkpoints)",
+            f"transformers implements itself (and OpenGVLab's InternVL-Chat, translated): use the "
+            f"model's transformers-native conversion",
         )
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(_weight_files(base))}"
