@@ -195,16 +195,17 @@ def test_adapters_written_by_the_old_stack_load_as_their_weights_renamed_by_hand
 
 
 def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, capsys):
-    """OpenGVLab's own InternVL runs its code from the checkpoint; transformers would ask first."""
-    base = tmp_path / "InternVL2-1B"
+    """A model that runs its own code from the checkpoint (MiniCPM-V's); transformers would ask first.
+    (OpenGVLab's InternVL-Chat is translated instead: tests/test_opengvlab_internvl.py.)"""
+    base = tmp_path / "MiniCPM-V-2_6"
     base.mkdir()
     (base / "config.json").write_text(
         json.dumps(
             {
-                "model_type": "internvl_chat",
+                "model_type": "minicpmv",
                 "auto_map": {
-                    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                    "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+                    "AutoModel": "modeling_minicpmv.MiniCPMV",
                 },
             }
         )
@@ -212,7 +213,7 @@ def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, caps
     adapter, data = FIXTURES / "llava" / "adapter", tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi"}\n')
     code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--out", tmp_path / "s")
-    assert code == 2 and "remote-code model" in err and "-hf" in err and err.count("\n") == 1, err
+    assert code == 2 and "remote-code model" in err and "'minicpmv'" in err and err.count("\n") == 1, err
 
 
 def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
