@@ -171,7 +171,7 @@ def read_adapter(path: Path, renames: Mapping[str, str] | None = None) -> Adapte
     saved_modules = tuple(sorted({renames.get(module, module) for module, _ in saved_shapes}))
     projector_module = _common_parent(saved_modules) if saved_modules else None
     projector_shapes = {
-        f"{renames.get(module, module)}.{parameter}".removeprefix(f"{projector_module}."): shape
+        rename_key(f"{module}.{parameter}", renames).removeprefix(f"{projector_module}."): shape
         for (module, parameter), shape in saved_shapes.items()
     }
     saved_names = {loaded: saved for saved, loaded in renames.items() if loaded != saved}

@@ -119,7 +119,7 @@ def native_config(base: str, config: Mapping):
     )
 
 
-def _opengvlab_transforms() -> list:
+def opengvlab_transforms() -> list:
     """OpenGVLab's names -> the names transformers' InternVL loader already maps (its LLaVA-style
     older layout), and the tower's fused qkv split into q, k and v (bias too). One group per
     pattern: transformers joins the patterns, and numbers only the first group of each."""
@@ -160,7 +160,7 @@ def opengvlab_names() -> Iterator[None]:
     )
 
     previous = get_checkpoint_conversion_mapping("internvl") or []
-    register_checkpoint_conversion_mapping("internvl", [*_opengvlab_transforms(), *previous], overwrite=True)
+    register_checkpoint_conversion_mapping("internvl", [*opengvlab_transforms(), *previous], overwrite=True)
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ def renamer(model: nn.Module) -> Rename:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
-    transforms = get_model_conversion_mapping(model)
+    transforms = [*opengvlab_transforms(model), *get_model_conversion_mapping(model)]
     renamings = [item for item in transforms if not isinstance(item, WeightConverter)]
     converters = [item for item in transforms if isinstance(item, WeightConverter)]
     state = dict.fromkeys(model.state_dict())
@@ -33,18 +33,50 @@ def renamer(model: nn.Module) -> Rename:
 
 def module_renames(rename: Rename, lora_modules: Iterable[str], saved: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Each adapted module's saved name -> its name in the model, for the LoRA modules (named
-    through their `.weight`) and the modules saved whole (`saved`: (module, parameter) pairs)."""
+    through their `.weight`) and the modules saved whole (`saved`: (module, parameter) pairs).
+    Where a saved module's inner names change too (OpenGVLab's `mlp1.1` is the projector's
+    `linear_1`), each inner module gets its own entry and the saved module maps to the model's
+    module that holds them all."""
     names = {}
     for module in lora_modules:
         names[module] = _module_of(rename(f"{module}.weight"), "weight") or module
+    inner: dict[str, list[str]] = {}
     for module, parameter in saved:
-        names[module] = _module_of(rename(f"{module}.{parameter}"), parameter) or module
+        key = rename(f"{module}.{parameter}")
+        names[module] = _module_of(key, parameter) or names.get(module, module)
+        if key is not None and _module_of(key, parameter) is None and "." in parameter:
+            owner, leaf = parameter.rsplit(".", 1)
+            renamed_owner = _module_of(key, leaf)
+            if renamed_owner is not None:
+                names[f"{module}.{owner}"] = renamed_owner
+                inner.setdefault(module, []).append(renamed_owner)
+    for module, owners in inner.items():
+        names[module] = _common_prefix(owners)
     return names
+
+
+def _common_prefix(modules: list[str]) -> str:
+    """The deepest module that holds every one of `modules` (dotted names)."""
+    parts = [module.split(".") for module in modules]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
 
 
 def _module_of(key: str | None, parameter: str) -> str | None:
     suffix = f".{parameter}"
     return key[: -len(suffix)] if key is not None and key.endswith(suffix) else None
+
+
+def opengvlab_transforms(model: nn.Module) -> list:
+    """OpenGVLab's own InternVL-Chat names, for a model transformers builds as InternVL (they match
+    no key of transformers' own layouts)."""
+    from many_cli.internvl_layout import opengvlab_transforms as transforms
+
+    return transforms() if getattr(model.config, "model_type", None) == "internvl" else []
 
 
 def rename_key(key: str, renames: dict[str, str]) -> str:

@@ -54,21 +54,23 @@ def inputs_of(index: int) -> dict:
     return encode_records(load_processor(BASE), [record], [load_image(case["image"], FIXTURES / case["image"])], False)
 
 
+@pytest.mark.parametrize("adapter, prefix", [("swift", "adapted_"), ("task_a", "task_a_"), ("task_b", "task_b_")])
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_an_ms_swift_lora_answers_as_under_opengvlabs_own_code(reference, index):
+def test_an_ms_swift_lora_answers_as_under_opengvlabs_own_code(reference, index, adapter, prefix):
     """ms-swift's LoRA for an internvl_chat model (a regex on `language_model` linears, saved by
-    PEFT on the remote model) mapped onto transformers' InternVL, folded in or not."""
+    PEFT on the remote model; with `--modules_to_save mlp1`, the task's own projector too) mapped
+    onto transformers' InternVL, folded in or not."""
     from many_cli.infer import InferOptions, load_task_adapter
 
     inputs = inputs_of(index)
     for fold in (True, False):
-        adapted = load_task_adapter(BASE, FIXTURES / "adapter_swift", InferOptions(device="cpu", fold=fold)).model
+        adapted = load_task_adapter(BASE, FIXTURES / f"adapter_{adapter}", InferOptions(device="cpu", fold=fold)).model
         with torch.no_grad():
             logits = adapted(**inputs).logits[0]
             generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-        torch.testing.assert_close(logits, reference[f"adapted_logits/{index}"], rtol=0, atol=2e-6)
-        assert generated.tolist() == reference[f"adapted_generated/{index}"].tolist()
-    assert not torch.allclose(reference[f"adapted_logits/{index}"], reference[f"logits/{index}"], atol=1e-2)
+        torch.testing.assert_close(logits, reference[f"{prefix}logits/{index}"], rtol=0, atol=2e-6)
+        assert generated.tolist() == reference[f"{prefix}generated/{index}"].tolist()
+    assert not torch.allclose(reference[f"{prefix}logits/{index}"], reference[f"logits/{index}"], atol=1e-2)
 
 
 def test_stats_merge_and_infer_run_on_the_checkpoint_as_it_is(tmp_path, capsys):
@@ -134,3 +136,48 @@ def test_what_is_not_translated_is_refused_in_one_line(change, fault, tmp_path, 
     code, err = run_cli(capsys, "infer", "--model", base, "--adapter", FIXTURES / "adapter_swift", "--prompt", "hi")
     assert code == 2 and err.count("\n") == 1, err
     assert f"{base}: is an OpenGVLab InternVL-Chat checkpoint, but {fault}" in err, err
+
+
+def test_two_tasks_with_their_own_mlp1_merge_route_and_answer(tmp_path, capsys):
+    """Two ms-swift tasks, each with its own projector (mlp1): statistics on each task's own image,
+    a merge, and each image routed to its task's projector; answered by that task's own LoRA
+    (--lm-routing experts) it says what the task's adapter says alone."""
+    import shutil
+
+    from helpers import run_cli, run_cli_output
+
+    adapters = []
+    for task, case in zip(("task_a", "task_b"), CASES):
+        adapter = shutil.copytree(FIXTURES / f"adapter_{task}", tmp_path / task)
+        data = tmp_path / f"{task}.jsonl"
+        record = {"image": str(FIXTURES / case["image"]), "prompt": case["question"], "answer": "red"}
+        data.write_text(json.dumps(record) + "\n")
+        code, err = run_cli(capsys, "stats", "--model", BASE, "--adapter", adapter, "--data", data, "--device", "cpu")
+        assert code == 0, err
+        adapters.append(adapter)
+    merged = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
+    assert code == 0, err
+    for adapter, case in zip(adapters, CASES):
+        ask = ["infer", "--model", BASE, "--image", FIXTURES / case["image"], "--prompt", case["question"], "--json"]
+        ask += ["--max-new-tokens", "4", "--device", "cpu"]
+        code, out, err = run_cli_output(capsys, *ask, "--merged", merged, "--lm-routing", "experts")
+        assert code == 0, err
+        routed = json.loads(out)
+        assert routed["routing"] == {
+            "task_a": float(adapter.name == "task_a"),
+            "task_b": float(adapter.name == "task_b"),
+        }
+        code, out, err = run_cli_output(capsys, *ask, "--adapter", adapter)
+        assert code == 0, err
+        assert routed["prediction"] == json.loads(out)["prediction"], (routed, out)
+    # export writes the chosen task's projector under OpenGVLab's own keys
+    exported = tmp_path / "exported"
+    code, err = run_cli(
+        capsys, "export", "--model", BASE, "--merged", merged, "--projector", "task_b", "--out", exported
+    )
+    assert code == 0, err
+    written = load_file(exported / "model.safetensors")
+    saved = load_file(FIXTURES / "adapter_task_b" / "adapter_model.safetensors")
+    for key in ("mlp1.0.weight", "mlp1.0.bias", "mlp1.1.weight", "mlp1.1.bias", "mlp1.3.weight", "mlp1.3.bias"):
+        assert torch.equal(written[key], saved[f"base_model.model.{key}"]), key
