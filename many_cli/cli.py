@@ -522,11 +522,22 @@ def convert_command(
     )
 
 
+def _shipped_sample() -> Path:
+    """The sample that comes with many: inside the installed package (a wheel), or at the top of
+    the source tree (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "sample_adapters"
+    return installed if installed.is_dir() else package.parent / "sample_adapters"
+
+
 @app.command("demo")
 def demo_command(
     sample: Annotated[
-        Path, typer.Option("--sample", readable=False, help="The sample folder (base/, adapters/, data/).")
-    ] = Path("sample_adapters"),
+        Optional[Path],
+        typer.Option(
+            "--sample", readable=False, help="The sample folder (base/, adapters/, data/). Default: the one many ships."
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", readable=False, help="Where the adapters' copies, their stats and the merge go.")
     ] = Path("many-demo"),
@@ -535,6 +546,7 @@ def demo_command(
     ] = False,
 ) -> None:
     """The whole job on the shipped sample: stats for each adapter, merge, one answer per task."""
+    sample = _shipped_sample() if sample is None else sample
     require_inputs({sample: "sample folder not found"})
     with importing():
         from many_cli.demo import run_demo

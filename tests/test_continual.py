@@ -106,10 +106,13 @@ def test_shipped_adapters_know_their_task_and_the_base_does_not():
         assert _greedy_accuracy(model, processor, data) >= 0.85, task.name
 
 
-def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path):
-    code, out, err = run_cli_output(capsys, "demo", "--sample", SAMPLE, "--out", tmp_path / "demo")
+def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path, monkeypatch):
+    """Run from an empty folder, with no --sample: the sample that ships with many."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli_output(capsys, "demo")
     assert code == 0, err
-    assert (tmp_path / "demo" / "merged" / "adapter_model.safetensors").is_file()
+    assert f"--model {SAMPLE.resolve() / 'base'}" in err, err
+    assert (tmp_path / "many-demo" / "merged" / "adapter_model.safetensors").is_file()
     assert not list(SAMPLE.rglob("many_stats.safetensors"))  # the sample stays as shipped
     rows = [line for line in out.splitlines() if "evaluation/" in line]
     assert len(rows) == len(TASKS)

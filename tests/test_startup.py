@@ -2,8 +2,10 @@
 transformers nor PEFT. What a process imported is read from Python's own `-X importtime` report,
 not from the code under test."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from peft.utils.other import get_pattern_key
@@ -96,3 +98,24 @@ def test_the_pattern_key_agrees_with_peft(module):
         keys = PATTERNS[start:] + PATTERNS[:start]
         assert pattern_key(keys, module) == get_pattern_key(keys, module)
     assert pattern_key([], module) == get_pattern_key([], module) == module
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_module_and_the_sample(tmp_path):
+    """`pip wheel .` of the tracked files: every module of many_cli and every file of the sample
+    (so that `many demo` runs from a wheel in an empty folder)."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, source]
+    subprocess.run(list(map(str, build)), check=True, capture_output=True)
+    [wheel] = tmp_path.glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {name for name in tracked if name.startswith("many_cli/") and name.endswith(".py")}
+    expected |= {"many_cli/" + name for name in tracked if name.startswith("sample_adapters/")}
+    assert expected <= shipped, sorted(expected - shipped)[:5]
