@@ -32,7 +32,10 @@ def test_the_github_actions_job_runs_the_same_commands():
     job = yaml.safe_load(_block("github-actions"))
     runs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "stats" in step.get("run", "")]
     assert runs == [_block("shell")]
-    assert set(job["jobs"]["merge-and-report"]["env"]) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "REFINE"}
+    env = job["jobs"]["merge-and-report"]["env"]
+    assert set(env) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "REFINE", "MANY_WHEEL"}
+    installs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "pip install" in step.get("run", "")]
+    assert installs == ['pip install "$MANY_WHEEL"'] and env["MANY_WHEEL"].endswith("-py3-none-any.whl")
 
 
 def _words(text: str) -> str:
