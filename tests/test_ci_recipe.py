@@ -34,7 +34,9 @@ def test_the_github_actions_job_runs_the_same_commands():
     assert runs == [_block("shell")]
     env = job["jobs"]["merge-and-report"]["env"]
     assert set(env) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "REFINE", "MANY_WHEEL"}
-    installs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "pip install" in step.get("run", "")]
+    installs = [
+        step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "pip install" in step.get("run", "")
+    ]
     assert installs == ['pip install "$MANY_WHEEL"'] and env["MANY_WHEEL"].endswith("-py3-none-any.whl")
 
 

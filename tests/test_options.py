@@ -118,7 +118,7 @@ DOCUMENTED = {
         "--force": False,
     },
     "convert": {"--out": None, "--force": False},
-    "demo": {"--sample": Path("sample_adapters"), "--out": Path("many-demo"), "--force": False},
+    "demo": {"--sample": None, "--out": Path("many-demo"), "--force": False},
 }
 
 
