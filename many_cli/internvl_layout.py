@@ -7,10 +7,17 @@ an image (448 px tiles up to `max_dynamic_patch`, a thumbnail, ImageNet normalis
 
 Language models read: Qwen2/Qwen2.5 and Llama (InternVL2, 2.5, 3, 3.5 and their -MPO, -Instruct and
 -Pretrained variants). InternLM2 (fused `wqkv` per key-value group, its own tokenizer) is refused
-in one line."""
+in one line.
+
+Also InternVL's own LoRA fine-tuning (`internvl_chat_finetune.py --use_llm_lora R`), which saves
+the whole model with the LoRA inside: its LoRA (rank R, alpha 2R, as `wrap_llm_lora` is called)
+and its `mlp1` are taken out as a PEFT adapter; anything else that differs from the base is
+refused."""
 
 from __future__ import annotations
 
+import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -62,17 +69,16 @@ def check_readable_layout(base: str, config: Mapping) -> None:
             "it tiles images without a thumbnail, which transformers' InternVL does not do",
         ),
         (template not in _TEMPLATES, f"its chat template {template!r} is none of {', '.join(_TEMPLATES)}"),
-        (bool(config.get("use_backbone_lora") or config.get("use_llm_lora")), _WHOLE_MODEL_LORA),
+        (bool(config.get("use_backbone_lora") or config.get("use_llm_lora")), _NOT_A_BASE),
     ]
     for failed, fault in faults:
         if failed:
             raise InputError(base, f"is an OpenGVLab InternVL-Chat checkpoint, but {fault}")
 
 
-_WHOLE_MODEL_LORA = (
+_NOT_A_BASE = (
     "it carries a LoRA inside the whole model (use_llm_lora or use_backbone_lora: a checkpoint "
-    "internvl_chat_finetune.py saved), which many does not take apart yet; merge it with InternVL's "
-    "tools/merge_lora.py, or train with PEFT's save_pretrained"
+    "internvl_chat_finetune.py saved): give it as the adapter, and as --model the base it was trained from"
 )
 
 
@@ -262,3 +268,93 @@ def config_of(base: str) -> dict | None:
         return None
     config = read_json(path)
     return config if is_opengvlab_internvl(config) else None
+
+
+# ---------------------------------------------------------------- InternVL's whole-model LoRA checkpoints
+
+_WRAPPED = "language_model.base_model.model."  # PEFT's wrapping of the language model, inside the whole model
+_WHOLE_LORA_KEY = re.compile(
+    r"^language_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.default\.weight$"
+)
+
+
+def is_whole_model_lora(path: Path) -> bool:
+    """A folder InternVL's fine-tuning saved with --use_llm_lora (no PEFT adapter beside it)."""
+    config = config_of(str(path))
+    return bool(config and config.get("use_llm_lora")) and not (path / "adapter_config.json").exists()
+
+
+def _whole_model_tensors(path: Path) -> Iterator[tuple[str, object]]:
+    """(key, tensor) of every weight of a whole-model checkpoint, shard by shard."""
+    from many_cli.models import weight_files
+    from many_cli.tensorfiles import open_safetensors
+
+    for name in weight_files(path):
+        with open_safetensors(path / name) as handle:
+            for key in handle.keys():
+                yield key, handle.get(key)
+
+
+def write_peft_adapter(source: Path, out: Path) -> None:
+    """The LoRA and the projector of a whole-model checkpoint as a PEFT adapter `out`, named as
+    ms-swift names them for the same model (`language_model.model.…`, `mlp1`)."""
+    from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+    from many_cli.tensorfiles import save_tensors
+
+    rank = config_of(str(source))["use_llm_lora"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InputError(source / "config.json", f"its use_llm_lora {rank!r} is not a rank ≥ 1")
+    tensors, targets = {}, set()
+    for key, value in _whole_model_tensors(source):
+        match = _WHOLE_LORA_KEY.match(key)
+        if match:
+            targets.add(f"language_model.{match['module']}")
+            tensors[f"{PEFT_PREFIX}language_model.{match['module']}.lora_{match['part']}.weight"] = value.contiguous()
+        elif key.startswith("mlp1."):
+            tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous()
+        elif "lora_" in key:
+            raise InputError(
+                source, f"holds the LoRA tensor {key!r} outside the language model, which many does not map"
+            )
+    if not targets:
+        raise InputError(source, "holds no LoRA weights in its language model (use_llm_lora is set)")
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,  # internvl_chat_finetune.py: wrap_llm_lora(r=R, lora_alpha=2 * R)
+        "target_modules": sorted(targets),
+        "modules_to_save": ["mlp1"],
+        "base_model_name_or_path": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_tensors(out / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+
+
+def check_against_base(source: Path, base: str) -> None:
+    """Every tensor of the whole-model checkpoint but its LoRA and `mlp1` must be the base's own:
+    many merges the LoRA and the projector, so a changed tower or embedding would be lost."""
+    import torch
+
+    from many_cli.models import weight_files
+    from many_cli.tensorfiles import open_safetensors
+
+    base_dir = Path(base).expanduser()
+    owners = {}
+    for name in weight_files(base_dir):
+        with open_safetensors(base_dir / name) as handle:
+            owners.update(dict.fromkeys(handle.keys(), base_dir / name))
+    for key, value in _whole_model_tensors(source):
+        if _WHOLE_LORA_KEY.match(key) or key.startswith("mlp1."):
+            continue
+        plain = key.replace(_WRAPPED, "language_model.", 1).replace(".base_layer.", ".")
+        if plain not in owners:
+            raise InputError(source, f"holds {key!r}, which the base {base} does not have: trained from another base?")
+        with open_safetensors(owners[plain]) as handle:
+            own = handle.get(plain)
+        if own.shape != value.shape or not torch.equal(own, value):
+            raise InputError(
+                source,
+                f"its {key} differs from the base {base}'s: its fine-tuning changed more than the LoRA "
+                f"and mlp1, which is all many merges (or it was trained from another base)",
+            )

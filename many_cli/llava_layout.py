@@ -127,15 +127,24 @@ def convert(source: Path, out: Path, force: bool) -> Path:
 
 
 @contextmanager
-def peft_adapter_dir(path: Path) -> Iterator[Path]:
-    """`path` itself for a PEFT adapter; for an original-layout checkpoint, a temporary PEFT copy
-    of the same name (the conversion is deterministic, so its fingerprint is too)."""
-    if not is_llava_layout(path):
+def peft_adapter_dir(path: Path, base: str | None = None) -> Iterator[Path]:
+    """`path` itself for a PEFT adapter; for a checkpoint in its maker's own layout (the original
+    LLaVA code's, InternVL's whole-model LoRA, checked against `base` when given), a temporary PEFT
+    copy of the same name (the conversion is deterministic, so its fingerprint is too)."""
+    from many_cli import internvl_layout
+
+    if is_llava_layout(path):
+        write = write_peft_adapter
+    elif internvl_layout.is_whole_model_lora(path):
+        write = internvl_layout.write_peft_adapter
+        if base is not None:
+            internvl_layout.check_against_base(path, base)
+    else:
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="many-llava-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="many-layout-") as scratch:
         converted = Path(scratch) / path.name
-        write_peft_adapter(path, converted)
+        write(path, converted)
         try:
             yield converted
         except InputError as error:  # name the user's checkpoint, not the copy that is gone

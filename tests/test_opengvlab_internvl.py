@@ -181,3 +181,58 @@ def test_two_tasks_with_their_own_mlp1_merge_route_and_answer(tmp_path, capsys):
     saved = load_file(FIXTURES / "adapter_task_b" / "adapter_model.safetensors")
     for key in ("mlp1.0.weight", "mlp1.0.bias", "mlp1.1.weight", "mlp1.1.bias", "mlp1.3.weight", "mlp1.3.bias"):
         assert torch.equal(written[key], saved[f"base_model.model.{key}"]), key
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_internvls_whole_model_lora_answers_as_under_its_own_code(reference, index, tmp_path):
+    """A checkpoint internvl_chat_finetune.py saved with --use_llm_lora (the whole model, the LoRA
+    inside, mlp1 trained): its LoRA (rank R, alpha 2R) and mlp1 taken out as a PEFT adapter give
+    what OpenGVLab's code gave with that checkpoint."""
+    from many_cli.infer import InferOptions, load_task_adapter
+    from many_cli.internvl_layout import write_peft_adapter
+
+    write_peft_adapter(FIXTURES / "whole_model_lora", tmp_path / "taken_out")
+    adapted = load_task_adapter(BASE, tmp_path / "taken_out", InferOptions(device="cpu")).model
+    inputs = inputs_of(index)
+    with torch.no_grad():
+        logits = adapted(**inputs).logits[0]
+        generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    torch.testing.assert_close(logits, reference[f"whole_model_lora_logits/{index}"], rtol=0, atol=2e-6)
+    assert generated.tolist() == reference[f"whole_model_lora_generated/{index}"].tolist()
+
+
+def test_a_whole_model_lora_checkpoint_merges_as_it_is_and_nothing_else_may_differ(tmp_path, capsys):
+    import shutil
+
+    from helpers import run_cli, run_cli_output
+    from safetensors.torch import save_file
+
+    from many_cli.internvl_layout import write_peft_adapter
+
+    whole = shutil.copytree(FIXTURES / "whole_model_lora", tmp_path / "internvl_task")
+    data = tmp_path / "calibration.jsonl"
+    data.write_text(
+        "".join(json.dumps({"image": str(FIXTURES / c["image"]), "prompt": c["question"]}) + "\n" for c in CASES)
+    )
+    stats = ["stats", "--model", BASE, "--data", data, "--device", "cpu"]
+    code, err = run_cli(capsys, *stats, "--adapter", whole)
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", whole, "--out", merged, "--ridge", "0")[0] == 0
+    write_peft_adapter(whole, tmp_path / "taken_out")
+    for case in CASES:
+        ask = ["infer", "--model", BASE, "--image", FIXTURES / case["image"], "--prompt", case["question"], "--json"]
+        ask += ["--max-new-tokens", "4", "--device", "cpu"]
+        answers = []
+        for answering in (["--merged", merged], ["--adapter", tmp_path / "taken_out"]):
+            code, out, err = run_cli_output(capsys, *ask, *answering)
+            assert code == 0, err
+            answers.append(json.loads(out)["prediction"])
+        assert answers[0] == answers[1], answers
+    # a tower weight that differs from the base's: more than the LoRA and mlp1 was trained
+    weights = load_file(whole / "model.safetensors")
+    weights["vision_model.encoder.layers.0.mlp.fc1.weight"] += 0.01
+    save_file(weights, whole / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_cli(capsys, *stats, "--adapter", whole, "--force")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{whole}: its vision_model.encoder.layers.0.mlp.fc1.weight differs from the base" in err, err

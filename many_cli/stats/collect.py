@@ -85,7 +85,8 @@ def collect_stats(
     progress: Callable[[int | None], Progress] = Progress,
 ) -> StatsReport:
     """Statistics of base + adapter over `data`, written to `out` (default: next to the adapter).
-    An original-LLaVA-layout adapter is run through its PEFT conversion."""
+    An adapter in its maker's own layout (original LLaVA, InternVL's whole-model LoRA) is run
+    through its PEFT conversion."""
     options.check()
     out = out or adapter / STATS_FILE
     refuse_overlap(
@@ -93,7 +94,7 @@ def collect_stats(
     )
     refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
-    with peft_adapter_dir(adapter) as converted:
+    with peft_adapter_dir(adapter, base) as converted:
         return _collect(base, converted, data, out, options, progress)
 
 
