@@ -97,11 +97,11 @@ class Adapter:
 
 def find_adapter_dirs(paths: list[Path]) -> list[Path]:
     """Adapter directories in task order: as given, or, for one folder that holds adapters,
-    its adapter subdirectories in name order (an InternVL whole-model LoRA checkpoint is one)."""
-    from many_cli.internvl_layout import is_whole_model_lora
+    its adapter subdirectories in name order. A model folder (config.json) is one adapter in its
+    maker's layout (InternVL's whole-model LoRA), converted or refused when it is read."""
 
     def is_adapter(path: Path) -> bool:
-        return (path / ADAPTER_CONFIG).is_file() or is_whole_model_lora(path)
+        return (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file()
 
     if len(paths) == 1 and not (paths[0] / ADAPTER_CONFIG).exists() and paths[0].is_dir() and not is_adapter(paths[0]):
         found = sorted(child for child in paths[0].iterdir() if child.is_dir() and is_adapter(child))

@@ -18,18 +18,12 @@ from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
 from many_cli.files import atomic_output_dir, refuse_overlap
+from many_cli.internvl_layout import opengvlab_names
 from many_cli.layouts import checkpoint_names
-from many_cli.models import (
-    WEIGHTS_INDEX,
-    base_fingerprint,
-    load_processor,
-    meta_model,
-    refuse_other_base,
-    weight_files,
-)
+from many_cli.models import base_fingerprint, load_processor, meta_model, refuse_other_base
 from many_cli.options import MEAN, ROUTED, ExportOptions
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output, recorded_base
-from many_cli.tensorfiles import DTYPES, StreamingSafetensorsWriter, open_safetensors
+from many_cli.tensorfiles import DTYPES, WEIGHTS_INDEX, StreamingSafetensorsWriter, open_safetensors, weight_files
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -65,7 +59,8 @@ def export(
     refuse_overlap(out, [base_dir, merged])
     shards = _shards(base_dir)
     model = meta_model(base_dir)
-    raw_names = checkpoint_names(model, [key for keys in shards.values() for key in keys])
+    with opengvlab_names():  # an InternVL-Chat base keeps OpenGVLab's names
+        raw_names = checkpoint_names(model, [key for keys in shards.values() for key in keys])
     changes = {**_folds(adapter, raw_names, merged), **_projector(model, bundle, options.projector, raw_names)}
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):

@@ -286,8 +286,7 @@ def is_whole_model_lora(path: Path) -> bool:
 
 def _whole_model_tensors(path: Path) -> Iterator[tuple[str, object]]:
     """(key, tensor) of every weight of a whole-model checkpoint, shard by shard."""
-    from many_cli.models import weight_files
-    from many_cli.tensorfiles import open_safetensors
+    from many_cli.tensorfiles import open_safetensors, weight_files
 
     for name in weight_files(path):
         with open_safetensors(path / name) as handle:
@@ -336,8 +335,7 @@ def check_against_base(source: Path, base: str) -> None:
     many merges the LoRA and the projector, so a changed tower or embedding would be lost."""
     import torch
 
-    from many_cli.models import weight_files
-    from many_cli.tensorfiles import open_safetensors
+    from many_cli.tensorfiles import open_safetensors, weight_files
 
     base_dir = Path(base).expanduser()
     owners = {}

@@ -1,7 +1,8 @@
 """Module names across transformers versions: an adapter or checkpoint saved under an older
 layout of a family (before transformers 4.52 a LLaVA's language model was `language_model.model`,
 a Qwen2-VL's `model`) is mapped onto the base model as transformers builds it now, through
-transformers' own record of its renamings (its checkpoint conversion mapping)."""
+transformers' own record of its renamings (its checkpoint conversion mapping, with the makers'
+own layouts registered there while the callers in `models` ask: `internvl_layout`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def renamer(model: nn.Module) -> Rename:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
-    transforms = [*opengvlab_transforms(model), *get_model_conversion_mapping(model)]
+    transforms = get_model_conversion_mapping(model)
     renamings = [item for item in transforms if not isinstance(item, WeightConverter)]
     converters = [item for item in transforms if isinstance(item, WeightConverter)]
     state = dict.fromkeys(model.state_dict())
@@ -69,14 +70,6 @@ def _common_prefix(modules: list[str]) -> str:
 def _module_of(key: str | None, parameter: str) -> str | None:
     suffix = f".{parameter}"
     return key[: -len(suffix)] if key is not None and key.endswith(suffix) else None
-
-
-def opengvlab_transforms(model: nn.Module) -> list:
-    """OpenGVLab's own InternVL-Chat names, for a model transformers builds as InternVL (they match
-    no key of transformers' own layouts)."""
-    from many_cli.internvl_layout import opengvlab_transforms as transforms
-
-    return transforms() if getattr(model.config, "model_type", None) == "internvl" else []
 
 
 def rename_key(key: str, renames: dict[str, str]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,12 +15,10 @@ from torch import nn
 from many_cli import internvl_layout
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
-from many_cli.files import read_json
 from many_cli.layouts import checkpoint_names, module_renames, rename_key, renamer
 from many_cli.options import Placement
-from many_cli.tensorfiles import check_tensors, open_safetensors, weights_fingerprint
+from many_cli.tensorfiles import WEIGHTS_INDEX, check_tensors, open_safetensors, weight_files, weights_fingerprint
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 
@@ -82,36 +80,6 @@ def _weight_files(base: str) -> list[Path]:
         except Exception as error:  # noqa: BLE001 - the hub client raises many kinds
             raise InputError(base, f"its weights cannot be fetched ({type(error).__name__}: {error})") from None
     return [local / name for name in weight_files(local)]
-
-
-def weight_files(folder: Path) -> list[str]:
-    """The safetensors files transformers loads a model from, relative to its folder: those its
-    index names (each checked to stay inside the folder), else model.safetensors."""
-    index = folder / WEIGHTS_INDEX
-    if not index.is_file():
-        if not (folder / "model.safetensors").is_file():
-            raise InputError(folder, "holds no model.safetensors nor its index (many loads no pickled checkpoint)")
-        return ["model.safetensors"]
-    weight_map = read_json(index).get("weight_map", {})
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(index, 'has no "weight_map" object naming the shards')
-    names = sorted(set(weight_map.values()), key=str)
-    for name in names:
-        _check_shard_name(index, name)
-    return names
-
-
-def _check_shard_name(index: Path, name: object) -> None:
-    """A shard is named relative to the model's folder and stays inside it: the export writes
-    the same name under --out, so an absolute name or a `..` would lead outside it (or onto the
-    shard being read)."""
-    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise InputError(
-            index,
-            f"names the shard {name!r}, which is not a path inside the model's folder; "
-            f"name each shard relative to it (for example model-00001-of-00002.safetensors)",
-        )
 
 
 def refuse_other_base(recorded_by: Path, recorded: str, base: str, actual: str) -> None:
@@ -177,7 +145,8 @@ def checkpoint_module_names(base: str) -> dict[str, str]:
     for name in weight_files(base_dir):
         with open_safetensors(base_dir / name) as handle:
             keys += handle.keys()
-    names = checkpoint_names(meta_model(base_dir), keys)
+    with internvl_layout.opengvlab_names():
+        names = checkpoint_names(meta_model(base_dir), keys)
     suffix = ".weight"
     return {
         name.removesuffix(suffix): key.removesuffix(suffix)
@@ -317,7 +286,9 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
 def adapter_renames(model: nn.Module, adapter: Adapter) -> dict[str, str]:
     """Each module the adapter adapts or saves -> its name in `model` (the base, before PEFT wraps
     it), through transformers' renamings of older layouts."""
-    return module_renames(renamer(model), adapter.modules, adapter.saved_parameters)
+    with internvl_layout.opengvlab_names():  # OpenGVLab's own names too (mlp1), for an InternVL model
+        rename = renamer(model)
+    return module_renames(rename, adapter.modules, adapter.saved_parameters)
 
 
 def _saved_keys(adapter: Adapter) -> list[str]:

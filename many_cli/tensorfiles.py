@@ -7,14 +7,14 @@ import hashlib
 import json
 import struct
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from many_cli.errors import InputError
-from many_cli.files import check_readable, refuse_special_file
+from many_cli.files import check_readable, read_json, refuse_special_file
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -261,3 +261,36 @@ def _numel(shape: tuple[int, ...]) -> int:
     for size in shape:
         count *= size
     return count
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files transformers loads a model from, relative to its folder: those its
+    index names (each checked to stay inside the folder), else model.safetensors."""
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        if not (folder / "model.safetensors").is_file():
+            raise InputError(folder, "holds no model.safetensors nor its index (many loads no pickled checkpoint)")
+        return ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(index, 'has no "weight_map" object naming the shards')
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        _check_shard_name(index, name)
+    return names
+
+
+def _check_shard_name(index: Path, name: object) -> None:
+    """A shard is named relative to the model's folder and stays inside it: the export writes
+    the same name under --out, so an absolute name or a `..` would lead outside it (or onto the
+    shard being read)."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise InputError(
+            index,
+            f"names the shard {name!r}, which is not a path inside the model's folder; "
+            f"name each shard relative to it (for example model-00001-of-00002.safetensors)",
+        )

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from many_cli.bench.tiny import clip_vit_l_336, tiny_llava_config
-from many_cli.models import WEIGHTS_INDEX, base_fingerprint, load_base_model
+from many_cli.models import base_fingerprint, load_base_model
 from many_cli.options import Placement
-from many_cli.tensorfiles import StreamingSafetensorsWriter
+from many_cli.tensorfiles import WEIGHTS_INDEX, StreamingSafetensorsWriter
 
 SHARD_BYTES = 5 << 30  # as transformers' save_pretrained shards a 7B model
 
