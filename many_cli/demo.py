@@ -3,6 +3,7 @@ adapter, the merge, and an answer for one held-out image of each task."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from many_cli.infer import InferOptions, Prediction, answer, load_merged
 from many_cli.merge import MergeOptions, merge
 from many_cli.state import STATS_FILE
 from many_cli.stats import StatsOptions, collect_stats
+
+ANSWER_TOKENS = 4  # the sample's answers are one word
 
 
 @dataclass
@@ -42,15 +45,22 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
         for task in tasks:
             copy = shutil.copytree(adapters / task, staging / "adapters" / task)
             calibration = sample / "data" / task / "calibration.jsonl"
-            say(f"many stats --model {base} --adapter {out / 'adapters' / task} --data {calibration}")
+            say(_command("stats", "--model", base, "--adapter", out / "adapters" / task, "--data", calibration))
             # Run on the sample's own adapter, so that errors name it; the stats go beside the copy.
             collect_stats(str(base), adapters / task, calibration, copy / STATS_FILE, StatsOptions(device="cpu"))
             copies.append(copy)
-        say(f"many merge {out / 'adapters'} --out {out / 'merged'} --force")
+        say(_command("merge", out / "adapters", "--out", out / "merged", "--force"))
         merge(copies, staging / "merged", MergeOptions())
-    say(f"many infer --model {base} --merged {out / 'merged'} --image ... (one per task)")
+    for record in records:
+        infer = ("infer", "--model", base, "--merged", out / "merged", "--image", record.image)
+        say(_command(*infer, "--prompt", record.prompt, "--max-new-tokens", ANSWER_TOKENS))
     model = load_merged(str(base), out / "merged", InferOptions(device="cpu"))
-    return DemoReport(out / "merged", answer(model, records, max_new_tokens=4))
+    return DemoReport(out / "merged", answer(model, records, max_new_tokens=ANSWER_TOKENS))
+
+
+def _command(*words: object) -> str:
+    """`many WORDS`, quoted so that it can be copied and run as it is."""
+    return shlex.join(["many", *map(str, words)])
 
 
 def is_demo_output(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import shlex
 import shutil
 import statistics
 from pathlib import Path
@@ -120,6 +121,13 @@ def test_demo_merges_the_sample_and_routes_every_task(capsys, tmp_path, monkeypa
         image_task = re.search(r"data/(\w+)/evaluation/", row)[1]
         assert re.search(r"routed to (\w+),", row)[1] == image_task, row
     assert sorted(re.search(r"data/(\w+)/", row)[1] for row in rows) == sorted(task.name for task in TASKS)
+    # each `many infer` line it prints runs as it is and answers as the demo did
+    commands = [line.removeprefix("$ ") for line in err.splitlines() if line.startswith("$ many infer ")]
+    assert len(commands) == len(TASKS)
+    for command, row in zip(commands, rows):
+        code, printed, failed = run_cli_output(capsys, *shlex.split(command)[1:])
+        assert code == 0, failed
+        assert f"-> {printed.strip()!r}" in row, (printed, row)
 
 
 def test_demo_replaces_only_its_own_untouched_output(capsys, tmp_path):
