@@ -103,10 +103,10 @@ def find_adapter_dirs(paths: list[Path]) -> list[Path]:
     def is_adapter(path: Path) -> bool:
         return (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file()
 
-    if len(paths) == 1 and not (paths[0] / ADAPTER_CONFIG).exists() and paths[0].is_dir() and not is_adapter(paths[0]):
+    if len(paths) == 1 and paths[0].is_dir() and not is_adapter(paths[0]):
         found = sorted(child for child in paths[0].iterdir() if child.is_dir() and is_adapter(child))
         if not found:
-            raise InputError(paths[0], f"holds no adapter directory (none has {ADAPTER_CONFIG})")
+            raise InputError(paths[0], f"holds no adapter directory (none has {ADAPTER_CONFIG} or config.json)")
         return found
     for path in paths:
         if not path.is_dir():

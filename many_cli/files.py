@@ -149,10 +149,8 @@ def atomic_output_dir(out: Path, force: bool, is_own_output: Callable[[Path], bo
     `force`, or when `is_own_output` recognises it as this command's own complete earlier output,
     and even then only when it is empty or holds exactly what `many` wrote there (its manifest):
     no folder is ever emptied that `many` did not fill."""
-    with (
-        _locked_output(out),
-        _naming_a_full_disk(out),
-    ):  # checked under the lock, after a killed run's output is put back
+    # Checked under the lock, after a killed run's output is put back.
+    with _locked_output(out), _naming_a_full_disk(out):
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a directory; remove it or choose another --out")
         if out.exists() and any(out.iterdir()):

@@ -82,9 +82,9 @@ _NOT_A_BASE = (
 )
 
 
-def native_config(base: str, config: Mapping):
-    """The `InternVLConfig` transformers builds for what the InternVL-Chat `config` of `base`
-    describes (its image token is the tokenizer's `<IMG_CONTEXT>`)."""
+def native_config(config: Mapping, image_token_id: int):
+    """The `InternVLConfig` transformers builds for what the InternVL-Chat `config` describes;
+    `image_token_id` is its tokenizer's `<IMG_CONTEXT>`."""
     from transformers import CONFIG_MAPPING, InternVLConfig, InternVLVisionConfig
 
     vision = dict(config["vision_config"])
@@ -115,7 +115,7 @@ def native_config(base: str, config: Mapping):
     return InternVLConfig(
         vision_config=tower,
         text_config=text,
-        image_token_id=load_tokenizer(base).context_image_token_id,
+        image_token_id=image_token_id,
         image_seq_length=int(patches * config.get("downsample_ratio", 0.5) ** 2),
         downsample_ratio=config.get("downsample_ratio", 0.5),
         vision_feature_layer=config.get("select_layer", -1),
@@ -178,7 +178,7 @@ def load_model(base: str, config: Mapping, dtype, device_map):
     loads nowhere, or a parameter left without one, is refused naming the base."""
     from transformers import InternVLForConditionalGeneration
 
-    native = native_config(base, config)
+    native = native_config(config, load_tokenizer(base).context_image_token_id)
     where = {"device_map": device_map} if device_map is not None else {}
     with opengvlab_names():
         model, loading = InternVLForConditionalGeneration.from_pretrained(
@@ -214,9 +214,9 @@ def load_processor(base: str, config: Mapping):
     template its config names."""
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, InternVLVideoProcessor
 
-    native = native_config(base, config)
-    size = {"height": native.vision_config.image_size[0], "width": native.vision_config.image_size[1]}
     tokenizer = load_tokenizer(base)
+    native = native_config(config, tokenizer.context_image_token_id)
+    size = {"height": native.vision_config.image_size[0], "width": native.vision_config.image_size[1]}
     return InternVLProcessor(
         image_processor=GotOcr2ImageProcessorPil(
             size=size,

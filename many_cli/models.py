@@ -118,7 +118,8 @@ def meta_model(base_dir: Path) -> nn.Module:
         from transformers import InternVLForConditionalGeneration
 
         with torch.device("meta"):
-            return InternVLForConditionalGeneration(internvl_layout.native_config(str(base_dir), opengvlab))
+            image_token_id = internvl_layout.load_tokenizer(str(base_dir)).context_image_token_id
+            return InternVLForConditionalGeneration(internvl_layout.native_config(opengvlab, image_token_id))
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     for auto in auto_model_classes():
         try:
