@@ -236,3 +236,21 @@ def test_a_whole_model_lora_checkpoint_merges_as_it_is_and_nothing_else_may_diff
     code, err = run_cli(capsys, *stats, "--adapter", whole, "--force")
     assert code == 2 and err.count("\n") == 1, err
     assert f"{whole}: its vision_model.encoder.layers.0.mlp.fc1.weight differs from the base" in err, err
+
+
+def test_a_tensor_the_translation_does_not_place_is_refused(tmp_path, capsys):
+    """Every tensor of the checkpoint must land on transformers' InternVL, and every parameter get
+    one: a tensor under a name the translation does not know is one line, not a silent skip."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from helpers import run_cli
+
+    base = shutil.copytree(FIXTURES / "base", tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    weights["mlp1.9.weight"] = weights.pop("mlp1.3.weight")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_cli(capsys, "infer", "--model", base, "--adapter", FIXTURES / "adapter_swift", "--prompt", "hi")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{base}: its tensor mlp1.9.weight loads nowhere in transformers' InternVL" in err, err
