@@ -243,9 +243,8 @@ def test_a_tensor_the_translation_does_not_place_is_refused(tmp_path, capsys):
     one: a tensor under a name the translation does not know is one line, not a silent skip."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from helpers import run_cli
+    from safetensors.torch import save_file
 
     base = shutil.copytree(FIXTURES / "base", tmp_path / "base")
     weights = load_file(base / "model.safetensors")
