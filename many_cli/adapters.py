@@ -7,10 +7,12 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -470,3 +472,19 @@ class MergedAdapterWriter(StreamWrapper):
         name = self._names[module]
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", a.to(torch.float32))
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", b.to(torch.float32))
+
+
+@contextmanager
+def converted_copy(path: Path, write: Callable[[Path, Path], None]) -> Iterator[Path]:
+    """A temporary PEFT copy of the adapter `path`, of the same name, that `write(path, copy)`
+    converts; an error about the copy names `path`, the user's folder."""
+    with tempfile.TemporaryDirectory(prefix="many-layout-") as scratch:
+        converted = Path(scratch) / path.name
+        write(path, converted)
+        try:
+            yield converted
+        except InputError as error:
+            raise InputError(
+                str(error.path).replace(str(converted), str(path)) if error.path else None,
+                error.fault.replace(str(converted), str(path)),
+            ) from None

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
+from many_cli import internlm2
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
 from many_cli.files import atomic_output_dir, refuse_overlap
 from many_cli.internvl_layout import opengvlab_names
-from many_cli.layouts import checkpoint_names
+from many_cli.layouts import checkpoint_names, converted_names
 from many_cli.models import base_fingerprint, load_processor, meta_model, refuse_other_base
 from many_cli.options import MEAN, ROUTED, ExportOptions
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output, recorded_base
@@ -59,9 +61,12 @@ def export(
     refuse_overlap(out, [base_dir, merged])
     shards = _shards(base_dir)
     model = meta_model(base_dir)
+    keys = [key for shard_keys in shards.values() for key in shard_keys]
     with opengvlab_names():  # an InternVL-Chat base keeps OpenGVLab's names
-        raw_names = checkpoint_names(model, [key for keys in shards.values() for key in keys])
-    changes = {**_folds(adapter, raw_names, merged), **_projector(model, bundle, options.projector, raw_names)}
+        raw_names = checkpoint_names(model, keys)
+        fused = internlm2.fused_rows(model, converted_names(model, keys))
+    folds = _folds(adapter, raw_names, set(keys), fused, merged)
+    changes = {**folds, **_projector(model, bundle, options.projector, raw_names)}
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):
             (staging / shard).parent.mkdir(parents=True, exist_ok=True)
@@ -89,14 +94,26 @@ def _shards(base_dir: Path) -> dict[str, list[str]]:
 Change = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _folds(adapter: Adapter, raw_names: dict[str, str], merged: Path) -> dict[str, Change]:
+def _folds(
+    adapter: Adapter,
+    raw_names: dict[str, str],
+    checkpoint_keys: set[str],
+    fused: dict[str, tuple[str, torch.Tensor]],
+    merged: Path,
+) -> dict[str, Change]:
     """Checkpoint key -> W ↦ W + s·B A for every merged module (computed in float32, stored in
-    W's dtype)."""
-    changes = {}
-    checkpoint_keys = set(raw_names.values())  # a merge written --for-transformers < 4.52 names these
+    W's dtype). A module named by the checkpoint's own key (a merge written --for-transformers
+    < 4.52, or one of adapters merged in their saved names) folds there; a module the checkpoint
+    holds inside a fused tensor (`fused`: its key and rows there, InternLM2's wqkv) adds into its
+    rows."""
+    changes: dict[str, Change] = {}
     for module in adapter.modules.values():
         weight_name = f"{module.name}.weight"
         key = raw_names.get(weight_name) or (weight_name if weight_name in checkpoint_keys else None)
+        if key is None and weight_name in fused:
+            key, rows = fused[weight_name]
+            changes[key] = partial(_fold_rows, changes.get(key), adapter, module, rows, merged)
+            continue
         if key is None:
             raise InputError(
                 merged,
@@ -116,6 +133,21 @@ def _folds(adapter: Adapter, raw_names: dict[str, str], merged: Path) -> dict[st
 
         changes[key] = fold
     return changes
+
+
+def _fold_rows(
+    previous: Change | None, adapter: Adapter, module, rows: torch.Tensor, merged: Path, weight: torch.Tensor
+) -> torch.Tensor:
+    """W with s·B A added into its `rows` (after what `previous` folds into its other rows)."""
+    weight = previous(weight) if previous else weight
+    a, b = adapter.lora_factors(module.name)
+    if weight.shape[1:] != (a.shape[1],) or rows.shape[0] != b.shape[0] or weight.shape[0] <= int(rows.max()):
+        raise InputError(
+            merged,
+            f"module {module.name} is {b.shape[0]}×{a.shape[1]}, the base's fused weight "
+            f"{tuple(weight.shape)}: merged for another model?",
+        )
+    return weight.float().index_add(0, rows, b.float() @ a.float(), alpha=module.scale).to(weight.dtype)
 
 
 def _projector(model: nn.Module, bundle: BundleHeader, choice: str, raw_names: dict[str, str]) -> dict[str, Change]:

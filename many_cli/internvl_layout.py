@@ -5,9 +5,8 @@ loader as it streams the shards, and the processor built as the checkpoint's own
 an image (448 px tiles up to `max_dynamic_patch`, a thumbnail, ImageNet normalisation,
 `<img><IMG_CONTEXT>…</img>`) and the chat template its config names.
 
-Language models read: Qwen2/Qwen2.5 and Llama (InternVL2, 2.5, 3, 3.5 and their -MPO, -Instruct and
--Pretrained variants). InternLM2 (fused `wqkv` per key-value group, its own tokenizer) is refused
-in one line.
+Language models read: Qwen2/Qwen2.5, Llama and InternLM2 (InternVL2, 2.5, 3, 3.5 and their -MPO,
+-Instruct and -Pretrained variants); InternLM2 is read as Llama (`internlm2`).
 
 Also InternVL's own LoRA fine-tuning (`internvl_chat_finetune.py --use_llm_lora R`), which saves
 the whole model with the LoRA inside: its LoRA (rank R, alpha 2R, as `wrap_llm_lora` is called)
@@ -25,7 +24,8 @@ from typing import Iterator, Mapping
 from many_cli.errors import InputError
 
 MODEL_TYPE = "internvl_chat"
-_LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+_LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama"}
+_INTERNLM2 = "InternLM2ForCausalLM"
 _IMAGE_TOKENS = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -61,7 +61,7 @@ def check_readable_layout(base: str, config: Mapping) -> None:
         (
             architecture not in _LANGUAGE_MODELS,
             f"its language model {architecture} is not read yet (many reads InternVL-Chat with "
-            f"{' or '.join(_LANGUAGE_MODELS)}; InternLM2-based checkpoints are not)",
+            f"{', '.join(_LANGUAGE_MODELS)})",
         ),
         (config.get("ps_version", "v1") != "v2", f"its pixel shuffle {config.get('ps_version', 'v1')!r} is not v2"),
         (
@@ -107,10 +107,15 @@ def native_config(config: Mapping, image_token_id: int):
     )
     language = dict(config["llm_config"])
     tied = bool(config.get("tie_word_embeddings", False))  # OpenGVLab unties them for every size
-    text = CONFIG_MAPPING[_LANGUAGE_MODELS[language["architectures"][0]]](
-        **{key: value for key, value in language.items() if key not in ("architectures", "auto_map", "model_type")}
-        | {"tie_word_embeddings": tied}
-    )
+    if language["architectures"][0] == _INTERNLM2:
+        from many_cli import internlm2
+
+        text = internlm2.llama_config(language)
+    else:
+        text = CONFIG_MAPPING[_LANGUAGE_MODELS[language["architectures"][0]]](
+            **{key: value for key, value in language.items() if key not in ("architectures", "auto_map", "model_type")}
+            | {"tie_word_embeddings": tied}
+        )
     patches = (tower.image_size[0] // tower.patch_size[0]) * (tower.image_size[1] // tower.patch_size[1])
     return InternVLConfig(
         vision_config=tower,
@@ -127,9 +132,12 @@ def native_config(config: Mapping, image_token_id: int):
 
 def opengvlab_transforms() -> list:
     """OpenGVLab's names -> the names transformers' InternVL loader already maps (its LLaVA-style
-    older layout), and the tower's fused qkv split into q, k and v (bias too). One group per
-    pattern: transformers joins the patterns, and numbers only the first group of each."""
+    older layout), the tower's fused qkv split into q, k and v (bias too), and InternLM2 read as
+    Llama. One group per pattern: transformers joins the patterns, and numbers only the first
+    group of each."""
     from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
+
+    from many_cli import internlm2
 
     renames = [
         (r"^vision_model\.", "vision_tower."),
@@ -153,7 +161,7 @@ def opengvlab_transforms() -> list:
         target_patterns=["attention.q_proj", "attention.k_proj", "attention.v_proj"],
         operations=[Chunk(dim=0)],
     )
-    return [*(WeightRenaming(source, target) for source, target in renames), split]
+    return [*(WeightRenaming(source, target) for source, target in renames), split, *internlm2.weight_transforms()]
 
 
 @contextmanager
@@ -178,7 +186,7 @@ def load_model(base: str, config: Mapping, dtype, device_map):
     loads nowhere, or a parameter left without one, is refused naming the base."""
     from transformers import InternVLForConditionalGeneration
 
-    native = native_config(config, load_tokenizer(base).context_image_token_id)
+    native = native_config(config, load_tokenizer(base, config).context_image_token_id)
     where = {"device_map": device_map} if device_map is not None else {}
     with opengvlab_names():
         model, loading = InternVLForConditionalGeneration.from_pretrained(
@@ -195,12 +203,17 @@ def load_model(base: str, config: Mapping, dtype, device_map):
     return model
 
 
-def load_tokenizer(base: str):
-    """The checkpoint's own tokenizer (transformers' class for it), told InternVL's image tokens."""
+def load_tokenizer(base: str, config: Mapping):
+    """The checkpoint's own tokenizer (transformers' class for it; InternLM2's run as its remote
+    code runs it), told InternVL's image tokens."""
     from transformers import AutoTokenizer
 
+    if config["llm_config"]["architectures"][0] == _INTERNLM2:
+        from many_cli.internlm2 import InternLM2Tokenizer as kind
+    else:
+        kind = AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False, extra_special_tokens=_IMAGE_TOKENS)
+        tokenizer = kind.from_pretrained(base, trust_remote_code=False, extra_special_tokens=_IMAGE_TOKENS)
     except (OSError, ValueError, TypeError) as error:
         raise InputError(base, f"its tokenizer cannot be read ({' '.join(str(error).split())[:200]})") from None
     missing = [token for token in list(_IMAGE_TOKENS.values())[:3] if token not in tokenizer.get_vocab()]
@@ -214,7 +227,7 @@ def load_processor(base: str, config: Mapping):
     template its config names."""
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, InternVLVideoProcessor
 
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, config)
     native = native_config(config, tokenizer.context_image_token_id)
     size = {"height": native.vision_config.image_size[0], "width": native.vision_config.image_size[1]}
     return InternVLProcessor(

@@ -13,9 +13,10 @@ from torch import nn
 Rename = Callable[[str], "str | None"]
 
 
-def renamer(model: nn.Module) -> Rename:
+def renamer(model: nn.Module, converted: bool = False) -> Rename:
     """A parameter key as some transformers version saved it -> its key in `model`, or None
-    where transformers converts the tensor (fuses or splits it) instead of renaming it."""
+    where transformers converts the tensor (fuses or splits it) instead of renaming it; with
+    `converted`, only those keys are named (after the first tensor they become), others None."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
@@ -26,8 +27,8 @@ def renamer(model: nn.Module) -> Rename:
     prefix = model.base_model_prefix
 
     def rename(key: str) -> str | None:
-        name, converted = rename_source_key(key, renamings, converters, prefix, state)
-        return name if converted is None else None
+        name, conversion = rename_source_key(key, renamings, converters, prefix, state)
+        return name if (conversion is not None) == converted else None
 
     return rename
 
@@ -85,4 +86,10 @@ def checkpoint_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
     renamings transformers applies when it loads (checkpoints keep older layouts); keys that
     transformers converts (fuses, splits) are left out: they cannot be rewritten one at a time."""
     rename = renamer(model)
+    return {name: key for key in keys if (name := rename(key)) is not None}
+
+
+def converted_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """The first parameter each converted key among `keys` becomes in `model` -> that key."""
+    rename = renamer(model, converted=True)
     return {name: key for key in keys if (name := rename(key)) is not None}

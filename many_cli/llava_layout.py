@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +23,7 @@ from many_cli.adapters import (
     NON_LORA_TRAINABLES,
     PEFT_PREFIX,
     PICKLED_WEIGHTS,
+    converted_copy,
 )
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, read_json, refuse_overlap
@@ -142,13 +142,5 @@ def peft_adapter_dir(path: Path, base: str | None = None) -> Iterator[Path]:
     else:
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="many-layout-") as scratch:
-        converted = Path(scratch) / path.name
-        write(path, converted)
-        try:
-            yield converted
-        except InputError as error:  # name the user's checkpoint, not the copy that is gone
-            raise InputError(
-                str(error.path).replace(str(converted), str(path)) if error.path else None,
-                error.fault.replace(str(converted), str(path)),
-            ) from None
+    with converted_copy(path, write) as converted:
+        yield converted

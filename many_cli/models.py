@@ -118,7 +118,7 @@ def meta_model(base_dir: Path) -> nn.Module:
         from transformers import InternVLForConditionalGeneration
 
         with torch.device("meta"):
-            image_token_id = internvl_layout.load_tokenizer(str(base_dir)).context_image_token_id
+            image_token_id = internvl_layout.load_tokenizer(str(base_dir), opengvlab).context_image_token_id
             return InternVLForConditionalGeneration(internvl_layout.native_config(opengvlab, image_token_id))
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     for auto in auto_model_classes():
@@ -252,35 +252,44 @@ def apply_adapters(model: nn.Module, base: str, adapters: list[tuple[Path, str]]
     active. Module names saved under an older transformers layout are mapped onto the model;
     an adapter with a tensor that loads nowhere, or that does not fit, is an InputError naming
     its directory (PEFT itself only warns)."""
+    from many_cli import internlm2
+
+    adapted, layout = None, internlm2.head_layout(model)
+    for given, name in adapters:
+        with internlm2.split_adapter(given, layout) as directory:  # InternLM2's wqkv LoRA as q, k, v
+            adapted = _load_adapter(adapted, model, base, directory, name)
+    return adapted
+
+
+def _load_adapter(adapted, model: nn.Module, base: str, directory: Path, name: str):
+    """`adapted` (None before the first) with the PEFT adapter `directory` loaded as `name`."""
     from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
     from safetensors import SafetensorError
 
-    adapted = None
-    for directory, name in adapters:
-        adapter = read_adapter(directory)
-        check_tensors(adapter.weights)
-        renames = adapter_renames(model, adapter)
-        _check_targets(directory, base, model, adapter, renames)
-        _check_base_weights(directory, base, model, adapter, renames)
-        config = loading_config(adapter, renames)
-        key_mapping = {
-            f"^{re.escape(key)}$": rename_key(key, renames)
-            for key in _saved_keys(adapter)
-            if rename_key(key, renames) != key
-        }
-        try:
-            if adapted is None:
-                kind = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # as from_pretrained picks
-                adapted = kind(model, config, adapter_name=name)
-            else:
-                adapted.add_adapter(name, config)
-            loaded = adapted.load_adapter(str(directory), adapter_name=name, key_mapping=key_mapping)
-        except SafetensorError as error:
-            raise InputError(directory, f"its adapter weights are not a readable safetensors file ({error})") from None
-        except (RuntimeError, ValueError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(directory, f"does not fit the base model {base} ({first_line})") from None
-        _check_loaded(directory, base, loaded)
+    adapter = read_adapter(directory)
+    check_tensors(adapter.weights)
+    renames = adapter_renames(model, adapter)
+    _check_targets(directory, base, model, adapter, renames)
+    _check_base_weights(directory, base, model, adapter, renames)
+    config = loading_config(adapter, renames)
+    key_mapping = {
+        f"^{re.escape(key)}$": rename_key(key, renames)
+        for key in _saved_keys(adapter)
+        if rename_key(key, renames) != key
+    }
+    try:
+        if adapted is None:
+            kind = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # as from_pretrained picks
+            adapted = kind(model, config, adapter_name=name)
+        else:
+            adapted.add_adapter(name, config)
+        loaded = adapted.load_adapter(str(directory), adapter_name=name, key_mapping=key_mapping)
+    except SafetensorError as error:
+        raise InputError(directory, f"its adapter weights are not a readable safetensors file ({error})") from None
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(directory, f"does not fit the base model {base} ({first_line})") from None
+    _check_loaded(directory, base, loaded)
     return adapted
 
 

@@ -158,6 +158,7 @@ class StatsHeader:
     has_prototype: bool
     answer_weight: float = 1.0  # the weight of the positions that decide the answer
     module_names: Mapping[str, str] = field(default_factory=dict)  # saved name -> name on the base, where they differ
+    split_qkv: tuple[int, int] | None = None  # (heads, kv heads): the adapter's InternLM2 wqkv LoRA was split
 
     def input_of(self, module: str) -> InputStats | None:
         for stats in self.inputs.values():
@@ -235,7 +236,17 @@ def read_stats_header(path: Path) -> StatsHeader:
             has_prototype="prototype" in handle.keys(),
             answer_weight=float(metadata.get("answer_weight", "1.0")),
             module_names=_string_map(path, metadata, "module_names"),
+            split_qkv=_head_layout(path, metadata),
         )
+
+
+def _head_layout(path: Path, metadata: Mapping[str, str]) -> tuple[int, int] | None:
+    if "split_qkv" not in metadata:
+        return None
+    heads, kv_heads = (int(count) for count in json.loads(metadata["split_qkv"]))
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise InputError(path, f"its split_qkv {metadata['split_qkv']} is no (heads, key-value heads) layout")
+    return heads, kv_heads
 
 
 def _string_map(path: Path, metadata: Mapping[str, str], field_name: str) -> dict[str, str]:

@@ -184,7 +184,8 @@ def read_inputs(
     paths = find_adapter_dirs(adapter_paths)
     refuse_overlap(out, [*adapter_paths, *paths, *([resume] if resume else [])])
     tasks = [
-        _load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE, needs_stats) for path in paths
+        _load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE, needs_stats, converted)
+        for path in paths
     ]
     previous = _read_previous(resume) if resume is not None else None
     inputs = MergeInputs(tasks, previous, options, resume, _check_compatible(tasks, previous, options))
@@ -247,15 +248,20 @@ def _note_inputs(inputs: MergeInputs, report: MergeReport) -> None:
         )
 
 
-def _load_task(path: Path, stats_path: Path, needs_stats: bool) -> Task:
+def _load_task(path: Path, stats_path: Path, needs_stats: bool, converted: ExitStack) -> Task:
     """The adapter, named as its stats file found its modules on the base (an adapter saved under an
-    older transformers layout is merged under today's names), and its statistics."""
+    older transformers layout is merged under today's names; InternLM2's wqkv LoRA split as there),
+    and its statistics."""
     check_supported_config(path)  # IA3, DoRA ... are named before a missing stats file
     if not stats_path.exists():
         if needs_stats:
             raise InputError(stats_path, f"file not found; run `many stats --adapter {stats_path.parent} ...` first")
         return Task(read_adapter(path), None)
     stats = read_stats_header(stats_path)
+    if stats.split_qkv:
+        from many_cli.internlm2 import split_adapter
+
+        path = converted.enter_context(split_adapter(path, stats.split_qkv))
     adapter = read_adapter(path, stats.module_names)
     if stats.adapter_fingerprint != adapter.fingerprint:
         raise InputError(

@@ -94,12 +94,22 @@ def collect_stats(
     )
     refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
-    with peft_adapter_dir(adapter, base) as converted:
-        return _collect(base, converted, data, out, options, progress)
+    from many_cli import internlm2
+
+    layout = internlm2.base_layout(base)
+    with peft_adapter_dir(adapter, base) as converted, internlm2.split_adapter(converted, layout) as loadable:
+        split = layout if loadable != converted else None  # recorded: the merge splits the adapter as here
+        return _collect(base, loadable, data, out, options, progress, split)
 
 
 def _collect(
-    base: str, adapter: Path, data: Path, out: Path, options: StatsOptions, progress: Callable[[int | None], Progress]
+    base: str,
+    adapter: Path,
+    data: Path,
+    out: Path,
+    options: StatsOptions,
+    progress: Callable[[int | None], Progress],
+    split: tuple[int, int] | None,
 ) -> StatsReport:
     world = join_world(options.device)
     device = world.device
@@ -134,7 +144,7 @@ def _collect(
     media_expected = find_projector(model) is not None and not options.text_only
     _check_totals(totals, report, data, adapter, media_expected, remedy=_overflow_remedy(model, options))
     if world.rank == 0:
-        _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames)
+        _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames, split)
     world.leave()
     return report
 
@@ -263,6 +273,7 @@ def _write(
     fingerprint: str,
     options: StatsOptions,
     renames: dict[str, str],
+    split: tuple[int, int] | None,
 ) -> None:
     pattern = options.modules
     token_rule = (
@@ -292,6 +303,7 @@ def _write(
             **({"modules_pattern": pattern} if pattern else {}),
             **({"under_merge": file_fingerprint(options.under / ADAPTER_WEIGHTS)} if options.under else {}),
             **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {}),
+            **({"split_qkv": json.dumps(list(split))} if split else {}),
         },
     )
 
