@@ -80,7 +80,9 @@ def test_the_checkpoint_answers_as_opengvlabs_own_code(kit, model, reference, in
 def inputs_of(kit: Kit, index: int) -> dict:
     case = kit.cases[index]
     record = Record(case["image"], (kit.folder / case["image"],), case["question"], None)
-    return encode_records(load_processor(kit.base), [record], [load_image(case["image"], kit.folder / case["image"])], False)
+    return encode_records(
+        load_processor(kit.base), [record], [load_image(case["image"], kit.folder / case["image"])], False
+    )
 
 
 @pytest.mark.parametrize("adapter, prefix", [("swift", "adapted_"), ("task_a", "task_a_"), ("task_b", "task_b_")])
@@ -93,7 +95,9 @@ def test_an_ms_swift_lora_answers_as_under_opengvlabs_own_code(kit, reference, i
 
     inputs = inputs_of(kit, index)
     for fold in (True, False):
-        adapted = load_task_adapter(kit.base, kit.folder / f"adapter_{adapter}", InferOptions(device="cpu", fold=fold)).model
+        adapted = load_task_adapter(
+            kit.base, kit.folder / f"adapter_{adapter}", InferOptions(device="cpu", fold=fold)
+        ).model
         with torch.no_grad():
             logits = adapted(**inputs).logits[0]
             generated = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
@@ -122,7 +126,16 @@ def test_stats_merge_and_infer_run_on_the_checkpoint_as_it_is(kit, tmp_path, cap
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", adapter, "--out", merged, "--ridge", "0")[0] == 0
     for case in kit.cases:
-        ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"], "--json"]
+        ask = [
+            "infer",
+            "--model",
+            kit.base,
+            "--image",
+            kit.folder / case["image"],
+            "--prompt",
+            case["question"],
+            "--json",
+        ]
         answers = []
         for answering in (["--merged", merged], ["--adapter", adapter]):
             code, out, err = run_cli_output(capsys, *ask, *answering, "--max-new-tokens", "4", "--device", "cpu")
@@ -182,14 +195,25 @@ def test_two_tasks_with_their_own_mlp1_merge_route_and_answer(kit, tmp_path, cap
         data = tmp_path / f"{task}.jsonl"
         record = {"image": str(kit.folder / case["image"]), "prompt": case["question"], "answer": "red"}
         data.write_text(json.dumps(record) + "\n")
-        code, err = run_cli(capsys, "stats", "--model", kit.base, "--adapter", adapter, "--data", data, "--device", "cpu")
+        code, err = run_cli(
+            capsys, "stats", "--model", kit.base, "--adapter", adapter, "--data", data, "--device", "cpu"
+        )
         assert code == 0, err
         adapters.append(adapter)
     merged = tmp_path / "merged"
     code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
     assert code == 0, err
     for adapter, case in zip(adapters, kit.cases):
-        ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"], "--json"]
+        ask = [
+            "infer",
+            "--model",
+            kit.base,
+            "--image",
+            kit.folder / case["image"],
+            "--prompt",
+            case["question"],
+            "--json",
+        ]
         ask += ["--max-new-tokens", "4", "--device", "cpu"]
         code, out, err = run_cli_output(capsys, *ask, "--merged", merged, "--lm-routing", "experts")
         assert code == 0, err
@@ -251,7 +275,16 @@ def test_a_whole_model_lora_checkpoint_merges_as_it_is_and_nothing_else_may_diff
     assert run_cli(capsys, "merge", whole, "--out", merged, "--ridge", "0")[0] == 0
     write_peft_adapter(whole, tmp_path / "taken_out")
     for case in kit.cases:
-        ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"], "--json"]
+        ask = [
+            "infer",
+            "--model",
+            kit.base,
+            "--image",
+            kit.folder / case["image"],
+            "--prompt",
+            case["question"],
+            "--json",
+        ]
         ask += ["--max-new-tokens", "4", "--device", "cpu"]
         answers = []
         for answering in (["--merged", merged], ["--adapter", tmp_path / "taken_out"]):
