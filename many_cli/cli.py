@@ -10,7 +10,6 @@ import functools
 import inspect
 import sys
 import typing
-import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -22,14 +21,13 @@ from rich.console import Console
 from many_cli import __version__
 from many_cli.bench.cli import bench_app
 from many_cli.errors import InputError
-from many_cli.exits import fail, run
+from many_cli.exits import fail, importing, run
 from many_cli.files import (
     atomic_output_file,
     refuse_foreign_file,
     refuse_overlap,
     refuse_special_file,
     require_inputs,
-    signals_held,
 )
 from many_cli.options import DEFAULT_PROMPT, ExportOptions, InferOptions, MergeOptions, ReportOptions, StatsOptions
 
@@ -106,28 +104,6 @@ def with_options(settings: type) -> Callable[[Callable], Callable]:
         return run
 
     return decorate
-
-
-@contextmanager
-def importing(transformers: bool = True) -> Iterator[None]:
-    """The block where a command imports its work (and torch with it), once its arguments have
-    passed, with Ctrl-C and SIGTERM held back until the imports end: torch's import runs Python
-    from C++, where the exception a signal raises is lost, or aborts the process (exit 134)."""
-    with signals_held():
-        if transformers:
-            quiet_libraries()
-        yield
-
-
-def quiet_libraries() -> None:
-    """Libraries' own progress bars and notices would bury the one-line reports."""
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as transformers_logging
-
-    hub_logging.set_verbosity_error()  # its retry notices, one per attempt, would bury the one-line error
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _track(items, description):

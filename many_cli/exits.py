@@ -1,16 +1,19 @@
 """How the command line ends: usage errors, bad input and failures as one line with their exit
 status, Ctrl-C and SIGTERM as one line after cleanup, and standard output guarded (a closed pipe
-ends quietly, a full disk is an error naming it)."""
+ends quietly, a full disk is an error naming it); the libraries' own bars and notices kept out."""
 
 from __future__ import annotations
 
 import os
 import sys
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 
 from many_cli.errors import InputError, OutputError, Terminated
+from many_cli.files import signals_held
 
 
 def run(app: typer.Typer) -> None:
@@ -106,3 +109,25 @@ def one_line(text: str) -> str:
     """`text` on one line, every control character escaped (a file name from a data file can hold
     the terminal's escape sequences: they are shown, never obeyed)."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in " ".join(text.split()))
+
+
+@contextmanager
+def importing(transformers: bool = True) -> Iterator[None]:
+    """The block where a command imports its work (and torch with it), once its arguments have
+    passed, with Ctrl-C and SIGTERM held back until the imports end: torch's import runs Python
+    from C++, where the exception a signal raises is lost, or aborts the process (exit 134)."""
+    with signals_held():
+        if transformers:
+            quiet_libraries()
+        yield
+
+
+def quiet_libraries() -> None:
+    """Libraries' own progress bars and notices would bury the one-line reports."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    hub_logging.set_verbosity_error()  # its retry notices, one per attempt, would bury the one-line error
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -68,3 +68,25 @@ def test_bench_base_check_writes_the_sharded_base_it_times(tmp_path, monkeypatch
         parameters = sum(t.numel() for t in LlavaForConditionalGeneration(config).state_dict().values())
     assert result.weight_bytes == 2 * parameters  # bfloat16
     assert result.shards == len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1
+
+
+def test_bench_sample_keeps_the_libraries_bars_and_notices_out(tmp_path, monkeypatch, capsys):
+    """transformers' progress bars and warnings, as training the sample raises them, do not reach
+    the terminal: `many bench sample` prints its one line."""
+    from helpers import run_cli_output
+    from transformers.utils import logging as transformers_logging
+
+    import many_cli.bench.sample
+
+    def noisy(out, force):
+        transformers_logging.get_logger("transformers.modeling_utils").warning("a notice users cannot act on")
+        for _ in transformers_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+        return out
+
+    transformers_logging.set_verbosity_warning()  # as a fresh process starts (other tests quieted it)
+    transformers_logging.enable_progress_bar()
+    monkeypatch.setattr(many_cli.bench.sample, "write_sample", noisy)
+    code, out, err = run_cli_output(capsys, "bench", "sample", "--out", str(tmp_path / "sample"))
+    assert code == 0, err
+    assert out == "" and err.strip() == f"wrote {tmp_path / 'sample'}", (out, err)

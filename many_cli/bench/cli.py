@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from many_cli.errors import InputError
+from many_cli.exits import importing
 from many_cli.files import atomic_output_file
 from many_cli.options import Device
 
@@ -62,9 +63,9 @@ def bench_startup_command(
     )
     slowest = max(result.cases, key=lambda case: case.seconds)
     Console().print(f"slowest: {slowest.name}, {slowest.seconds / result.torch_seconds:.2f}x import torch (goal ≤ 0.5)")
-    importing = [case.name for case in result.cases if case.imports_torch]
-    if importing:
-        raise InputError(None, f"torch was imported by: {', '.join(importing)}")
+    importers = [case.name for case in result.cases if case.imports_torch]
+    if importers:
+        raise InputError(None, f"torch was imported by: {', '.join(importers)}")
 
 
 @bench_app.command("stats")
@@ -77,7 +78,8 @@ def bench_stats_command(
     device: Where = "auto",
 ) -> None:
     """`many stats` against a plain forward pass and against the FLOP floor, in one run."""
-    from many_cli.bench.stats_bench import bench_stats
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.stats_bench import bench_stats
 
     result = bench_stats(
         layers=layers, hidden=hidden, intermediate=intermediate, records=records, batch_size=batch_size, device=device
@@ -106,7 +108,8 @@ def bench_base_check_command(
     """Checking a base by its weights against loading it: a 7B-shaped sharded LLaVA, bfloat16."""
     import tempfile
 
-    from many_cli.bench.base_check import bench_base_check
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.base_check import bench_base_check
 
     with tempfile.TemporaryDirectory(dir=work) as folder:
         result = bench_base_check(Path(folder), layers)
@@ -131,7 +134,8 @@ def bench_infer_command(
     device: Where = "auto",
 ) -> None:
     """`many infer`'s per-image latency against the plain base model, and load times, in one run."""
-    from many_cli.bench.infer_bench import bench_infer
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.infer_bench import bench_infer
 
     result = bench_infer(tasks=tasks, hidden=hidden, layers=layers, images=images, new_tokens=new_tokens, device=device)
     _print_measures(
@@ -164,7 +168,8 @@ def bench_merge_command(
     workdir: Workdir = None,
 ) -> None:
     """`many merge` on 7B-shaped adapters against dense RegMean and the Cholesky floor, in one run."""
-    from many_cli.bench.merge_bench import bench_merge
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.merge_bench import bench_merge
 
     result = bench_merge(layers=layers, tasks=tasks, workdir=workdir, dense_layers=dense_layers)
     gigabyte = 1e9
@@ -247,9 +252,10 @@ def bench_continual_command(
     bound and sequential fine-tuning, trained and scored on the synthetic world."""
     import tempfile
 
-    from many_cli.bench.continual import BASES, MANY, ORDERS, ContinualOptions, markdown, plot, run_benchmark
-    from many_cli.bench.training import TrainOptions
-    from many_cli.report import write_report
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.continual import BASES, MANY, ORDERS, ContinualOptions, markdown, plot, run_benchmark
+        from many_cli.bench.training import TrainOptions
+        from many_cli.report import write_report
 
     if seeds < 1:
         raise InputError(None, f"--seeds is how many seeds to run per base (at least 1), got {seeds}")
@@ -302,7 +308,8 @@ def bench_e2e_command(
     workdir: Workdir = None,
 ) -> None:
     """stats, merge and infer at a real model's size (random bf16 weights), each timed in one run."""
-    from many_cli.bench.e2e import FAMILIES, bench_e2e
+    with importing():  # transformers' bars and notices would bury the table
+        from many_cli.bench.e2e import FAMILIES, bench_e2e
 
     if family not in FAMILIES:
         raise InputError(None, f"--family takes one of {', '.join(FAMILIES)}, got {family!r}")
@@ -346,7 +353,8 @@ def bench_sample_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing sample.")] = False,
 ) -> None:
     """Regenerate the shipped sample (tiny LLaVA, four trained task adapters, their data)."""
-    from many_cli.bench.sample import write_sample
+    with importing():  # transformers' bars and notices would bury the one line it ends on
+        from many_cli.bench.sample import write_sample
 
     write_sample(out, force)
     stderr.print(f"wrote {out}")
