@@ -132,7 +132,9 @@ def merge_command(
     adapters: Annotated[
         list[Path],
         typer.Argument(
-            readable=False, help="Adapter directories in task order, or one folder holding them (name order)."
+            readable=False,
+            help="Adapter directories in task order, or one folder holding them (name order). A task is "
+            "named after its folder; TASK=ADAPTER names it (a tool's checkpoint-N folders).",
         ),
     ],
     out: Annotated[
@@ -147,6 +149,8 @@ def merge_command(
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options.check()
+    named = [task_and_path(adapter) for adapter in adapters]
+    adapters = [path for _, path in named]
     require_inputs(
         {
             **{adapter: "adapter directory not found" for adapter in adapters},
@@ -156,7 +160,8 @@ def merge_command(
     with importing(transformers=False):
         from many_cli.merge import merge
 
-    report = merge(adapters, out, options, resume=resume, track=_track)
+    task_names = {path: name for name, path in named if name is not None}
+    report = merge(adapters, out, options, resume=resume, track=_track, task_names=task_names)
     if report.rank != 0:
         return
     for line in report.warnings:
@@ -304,7 +309,10 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     data: Annotated[
         Optional[list[Path]],
         typer.Option(
-            "--data", readable=False, help="A data set (folder, .jsonl or LLaVA .json); repeat for several tasks."
+            "--data",
+            readable=False,
+            help="A data set (folder, .jsonl, LLaVA .json, DIR/dataset_info.json:NAME); repeat for several "
+            "tasks. A record's task is its task field, else its file's or entry's name; TASK=DATA names it.",
         ),
     ] = None,
     out: Annotated[
@@ -327,6 +335,8 @@ def infer_command(  # long only by the parameters typer declares: the body is si
             "give --merged MERGE (a `many merge` output) or --adapter ADAPTER (one task's own adapter), one of them",
         )
     answering = merged or adapter
+    sources = [task_and_path(source) for source in data or []]
+    data = [path for _, path in sources]
 
     single = image is not None or (prompt is not None and not data)
     _check_infer_mode(single, bool(data), out is not None or options.min_accuracy is not None, json_output)
@@ -366,7 +376,7 @@ def infer_command(  # long only by the parameters typer declares: the body is si
 
     rows = []
     with _json_lines(out) as sink:
-        for prediction in infer.answer_all(loaded, read_all_records(data, options.reading), options):
+        for prediction in infer.answer_all(loaded, read_all_records(sources, options.reading), options):
             rows.append(prediction.as_json())
             sink.write(json.dumps(rows[-1]) + "\n")
     scored = scored_tasks(rows)
@@ -375,6 +385,14 @@ def infer_command(  # long only by the parameters typer declares: the body is si
     failed = accuracy_gate(scored, options.min_accuracy, ", ".join(map(str, data)))
     if failed:
         fail(1, failed)
+
+
+def task_and_path(value: Path) -> tuple[str | None, Path]:
+    """`TASK=PATH` names a task (unless a file of that whole name exists); else (None, PATH)."""
+    task, equals, path = str(value).partition("=")
+    if equals and task and path and "/" not in task and not value.exists():
+        return task, Path(path)
+    return None, value
 
 
 def _check_infer_mode(single: bool, data: bool, data_only_options: bool, json_output: bool) -> None:

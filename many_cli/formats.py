@@ -13,6 +13,7 @@ import binascii
 import io
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,13 +67,14 @@ def read_records(data: Path, reading: Reading = Reading()) -> Iterator[Record | 
     )
 
 
-def read_all_records(sources: list[Path], reading: Reading = Reading()) -> Iterator[Record]:
-    """The records of every source in turn; the first malformed one is an InputError naming it."""
-    for source in sources:
+def read_all_records(sources: list[tuple[str | None, Path]], reading: Reading = Reading()) -> Iterator[Record]:
+    """The records of every (task, source) in turn, each of the task named there (None: as the
+    source names it); the first malformed one is an InputError naming it."""
+    for task, source in sources:
         for record in read_records(source, reading):
             if isinstance(record, BadRecord):
                 raise InputError(record.source, record.fault)
-            yield record
+            yield record if task is None else replace(record, task=task)
 
 
 def input_files(data: Path) -> list[Path]:

@@ -241,3 +241,23 @@ def test_overflowing_statistics_name_the_answer_weight(tmp_path, capsys):
     )
     assert code == 2 and "holds NaN or Inf" in err and "smaller --answer-weight than 1e+38" in err, err
     assert "--dtype float32" not in err  # the sample runs in float32 already
+
+
+def test_a_task_is_named_on_the_command_line(world, tmp_path, capsys):
+    """TASK=ADAPTER names a task (ms-swift's checkpoint-N folders would all be `checkpoint-40`);
+    a folder whose own name holds `=` is still a folder."""
+    from many_cli.state import read_bundle_header
+
+    first = shutil.copytree(world.adapters[0], tmp_path / "run1" / "checkpoint-40")
+    second = shutil.copytree(world.adapters[1], tmp_path / "run2" / "checkpoint-40")
+    code, err = run_cli(capsys, "merge", first, second, "--out", tmp_path / "clash")
+    assert code == 2 and "'checkpoint-40' is already taken" in err and f"TASK={second}" in err, err
+    code, err = run_cli(capsys, "merge", f"colour={first}", f"count={second}", "--out", tmp_path / "named")
+    assert code == 0, err
+    assert read_bundle_header(tmp_path / "named" / "many_bundle.safetensors").tasks == ("colour", "count")
+    literal = shutil.copytree(world.adapters[0], tmp_path / "a=b")
+    code, err = run_cli(capsys, "merge", literal, "--out", tmp_path / "literal")
+    assert code == 0, err
+    assert read_bundle_header(tmp_path / "literal" / "many_bundle.safetensors").tasks == ("a=b",)
+    code, err = run_cli(capsys, "merge", f"merged={first}", "--out", tmp_path / "reserved")
+    assert code == 2 and "task name 'merged' cannot be used" in err, err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Mapping
 
 from many_cli.distributed import join_world
 from many_cli.errors import InputError
@@ -54,15 +55,19 @@ def merge(
     options: MergeOptions = MergeOptions(),
     resume: Path | None = None,
     track: Track = lambda items, _: items,
+    task_names: Mapping[Path, str] | None = None,
 ) -> MergeReport:
-    """Merge the adapters (in task order) into `out`, after the merge at `resume` if given."""
+    """Merge the adapters (in task order) into `out`, after the merge at `resume` if given. A task
+    is named after its adapter's folder, or as `task_names` names that folder."""
     options.check()
     method = REGISTRY[options.method]
     report = MergeReport(out, [], 0)
     with ExitStack() as converted:  # original-LLaVA-layout adapters are read through PEFT copies
         if resume is not None and not method.resumable:
             raise InputError(resume, "--resume works with --method many only (baselines keep no state)")
-        inputs = read_inputs(adapter_paths, out, options, resume, method.needs_stats, report, converted)
+        inputs = read_inputs(
+            adapter_paths, out, options, resume, method.needs_stats, report, converted, task_names or {}
+        )
         if method.needs_stats:
             inputs.groups = plan_groups(inputs.tasks, inputs.previous)
         world = join_world(inputs.options.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -177,6 +177,7 @@ def read_inputs(
     needs_stats: bool,
     report: MergeReport,
     converted: ExitStack,
+    task_names: Mapping[Path, str],
 ) -> MergeInputs:
     """Read and check everything the merge starts from; notes and resolved options go to `report`.
     `needs_stats`: whether the method reads stats files. Original-LLaVA-layout adapters are
@@ -186,6 +187,10 @@ def read_inputs(
     tasks = [
         _load_task(converted.enter_context(peft_adapter_dir(path)), path / STATS_FILE, needs_stats, converted)
         for path in paths
+    ]
+    tasks = [  # a task named on the command line (NAME=ADAPTER) rather than by its folder
+        Task(replace(task.adapter, name=task_names[path]), task.stats) if path in task_names else task
+        for path, task in zip(paths, tasks)
     ]
     previous = _read_previous(resume) if resume is not None else None
     inputs = MergeInputs(tasks, previous, options, resume, _check_compatible(tasks, previous, options))
@@ -288,8 +293,8 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
         if task.adapter.name in names:
             raise InputError(
                 task.adapter.path,
-                f"task name {task.adapter.name!r} is already taken; "
-                f"task names (adapter directory names) must be unique",
+                f"task name {task.adapter.name!r} is already taken; task names (adapter directory "
+                f"names) must be unique: name it on the command line, TASK={task.adapter.path}",
             )
         if task.adapter.name in RESERVED_NAMES or "." in task.adapter.name:
             raise InputError(
@@ -297,7 +302,7 @@ def _check_compatible(tasks: list[Task], previous: Previous | None, options: Mer
                 f"task name {task.adapter.name!r} cannot be used: a task is named "
                 f"after its adapter directory, and {', '.join(RESERVED_NAMES)} (infer "
                 f"and export words) and names with a dot (PEFT adapter names) are "
-                f"taken; rename the directory",
+                f"taken; rename the directory, or name the task on the command line: TASK=ADAPTER",
             )
         names.append(task.adapter.name)
 

@@ -224,7 +224,7 @@ def _check_merge(step: Predictions, found: dict[str, tuple[int, int]], previous:
                 step.path,
                 f"scores task {task!r}, which the merge that answered it does not hold (it holds "
                 f"{', '.join(merged)}); a record's task (its task field, else its file's name) must be "
-                f"the name of the adapter that learned it",
+                f"the name of the adapter that learned it: name it with `many infer --data TASK=DATA`",
             )
     unscored = [task for task in merged if task not in found]
     if unscored:
