@@ -14,9 +14,8 @@ def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
         layers=2, tasks=2, shape=Shape(hidden=64, intermediate=128, rank=4, vision=16), workdir=tmp_path, dense_layers=2
     )
     assert result.dense_error <= 1e-6
-    # The whole process holds the merge and its start-up (the two are timed apart: no order between them).
-    assert result.process_seconds > result.merge_seconds > 0 and result.startup_seconds > 0
-    assert result.dense32_seconds_per_layer > 0
+    # The whole process holds the merge (timings are `many bench`'s to report, not a test's to judge).
+    assert result.process_seconds > result.merge_seconds
     assert result.adapter_bytes < result.dense_delta_bytes
     assert 0 < result.float32_state_error <= 1e-4
     assert result.float32_state_bytes_per_layer < 0.6 * result.state_bytes_per_layer
@@ -27,10 +26,8 @@ def test_bench_merge_agrees_with_dense_regmean_at_a_tiny_size(tmp_path):
 def test_bench_e2e_runs_every_phase_on_the_tiny_family(tmp_path):
     result = bench_e2e("tiny", tasks=2, records=3, new_tokens=2, device="cpu", workdir=tmp_path)
     assert result.stats_tokens > 3 * 10  # three records of image tokens and text
-    assert result.stats_loop_seconds > 0 and result.forward_seconds > 0 and result.merge_seconds > 0
-    assert result.infer_base_seconds > 0 and result.infer_many_seconds > 0
     assert min(result.stats_peak_host, result.merge_peak_host, result.infer_peak_host) > 50e6  # torch is loaded
-    assert result.stats_bytes_per_task > 0 and result.merged_bytes > result.adapter_bytes_per_task
+    assert result.merged_bytes > result.adapter_bytes_per_task  # the merge holds every task's projector
     assert list(tmp_path.iterdir()) == []
 
 

@@ -107,35 +107,39 @@ def test_the_recipe_reports_what_the_rows_say(recipe_run):
 
 
 def test_each_upper_bound_is_the_adapter_alone_as_peft_loads_it(recipe_run):
-    """`infer --adapter` against PeftModel with the adapter's own projector: the first answer word
-    of one forward pass (the sample's answers are one word)."""
+    """`infer --adapter` against PeftModel with the adapter's own projector, on inputs built as
+    transformers' documentation builds them (none of many's readers or encoders): the first
+    answer word of one forward pass (the sample's answers are one word)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoProcessor
-
-    from many_cli.data import encode_records, load_image
-    from many_cli.formats import read_records
-    from many_cli.models import load_base_model
-    from many_cli.options import Placement
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     work, names = recipe_run
     report = json.loads((work / "report" / "report.json").read_text())
     processor = AutoProcessor.from_pretrained(SAMPLE / "base")
     processor.tokenizer.padding_side = "left"
     for task in names:
-        records = list(read_records(work / "data" / task / "evaluation.jsonl"))
+        folder = work / "data" / task
+        records = [json.loads(line) for line in (folder / "evaluation.jsonl").read_text().splitlines()]
         model = PeftModel.from_pretrained(
-            load_base_model(str(SAMPLE / "base"), torch.device("cpu"), Placement(dtype="float32")),
+            LlavaForConditionalGeneration.from_pretrained(SAMPLE / "base", dtype=torch.float32),
             str(SAMPLE / "adapters" / task),
         ).eval()
-        encoded = encode_records(
-            processor, records, [load_image(r.source, r.image) for r in records], with_answers=False
-        )
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
+                add_generation_prompt=True,
+            )
+            for r in records
+        ]
+        images = [[Image.open(folder / r["image"]).convert("RGB")] for r in records]
+        encoded = processor(text=texts, images=images, padding=True, return_tensors="pt")
         with torch.inference_mode():
             words = processor.tokenizer.convert_ids_to_tokens(model(**encoded).logits[:, -1].argmax(-1).tolist())
         rows = [json.loads(line) for line in (work / "upper" / f"{task}.jsonl").read_text().splitlines()]
         assert [r["prediction"].split()[0] for r in rows] == words
         assert {r["adapter"]["tasks"][0] for r in rows} == {r["lm"] for r in rows} == {task}
         assert report["upper_accuracy"][task] == pytest.approx(
-            sum(w == r.answer for w, r in zip(words, records)) / len(records)
+            sum(w == r["answer"] for w, r in zip(words, records)) / len(records)
         )

@@ -27,6 +27,7 @@ from helpers import (
 from peft import PeftModel
 from safetensors import safe_open
 
+from many_cli.options import DEFAULT_ETA
 from many_cli.state import STATS_FILE
 
 
@@ -59,7 +60,7 @@ def test_bundle_and_card_describe_the_inputs(world, tmp_path, capsys):
     with safe_open(str(out / "many_bundle.safetensors"), "pt") as bundle:
         metadata = bundle.metadata()
         assert json.loads(metadata["tasks"]) == ["task0", "task1", "task2"]
-        assert float(metadata["eta"]) > 0
+        assert float(metadata["eta"]) == DEFAULT_ETA  # the merge's own default, recorded for infer
         for index, adapter in enumerate(world.adapters):
             with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as source:
                 weight = source.get_tensor("base_model.model.model.multi_modal_projector.linear_1.weight")

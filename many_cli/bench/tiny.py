@@ -138,6 +138,21 @@ def clip_vit_l_336(layers: int = 1) -> CLIPVisionConfig:
     )
 
 
+def tiny_clip(
+    hidden: int = 16, layers: int = 1, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE
+) -> CLIPVisionConfig:
+    """A small CLIP tower: two heads, an MLP twice its width, a projection as wide as it."""
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+
+
 def tiny_llava_config(
     hidden: int = 32,
     layers: int = 2,
@@ -149,15 +164,7 @@ def tiny_llava_config(
     """Defaults make a model of a few hundred kB; LLaVA-1.5-7B's language model is
     hidden=4096, intermediate=11008, heads=kv_heads=32 (at any depth)."""
     tokenizer = tiny_tokenizer()
-    vision = vision or CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=16,
-    )
+    vision = vision or tiny_clip()
     text = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 3 // 2,

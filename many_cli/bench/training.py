@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_llava_config, tiny_processor
+from many_cli.bench.tiny import LLAMA_PROJECTIONS, tiny_clip, tiny_llava_config, tiny_processor
 from many_cli.bench.world import IMAGE_SIZE, Example, WorldTask, generalist_example, task_rng
 from many_cli.data import Record, encode_records
 
@@ -41,15 +41,7 @@ def world_processor():
 def world_model(seed: int) -> LlavaForConditionalGeneration:
     """Random weights; the vision tower stays as initialised (frozen random features, as a
     LLaVA's CLIP stays frozen), the language model's matrices drawn at INIT_STD."""
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=32,
-    )
+    vision = tiny_clip(hidden=32, layers=2, image_size=IMAGE_SIZE, patch_size=PATCH)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(
         tiny_llava_config(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vision=vision)
