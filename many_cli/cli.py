@@ -133,6 +133,7 @@ def merge_command(
         list[Path],
         typer.Argument(
             readable=False,
+            metavar="[TASK=]ADAPTER",
             help="Adapter directories in task order, or one folder holding them (name order). A task is "
             "named after its folder; TASK=ADAPTER names it (a tool's checkpoint-N folders).",
         ),
