@@ -420,7 +420,10 @@ class MergedAdapterWriter(StreamWrapper):
     """Writes a merged LoRA as a standard PEFT adapter with scale 1 everywhere (lora_alpha = r,
     per-module ranks through rank_pattern and alpha_pattern), streaming the factors to disk
     module by module, in the order declared, so that they never all sit in memory. `names` maps
-    a module's name in the model to the name the adapter is to give it (an older layout)."""
+    a module's name in the model to the name the adapter is to give it (an older layout).
+    `fused` maps a module to (the module a checkpoint fuses it into, its rows there): the parts'
+    LoRAs are written as one LoRA on the fused module, A stacked and B placed by rows (rank the
+    sum of theirs), which updates the fused weight exactly as the parts update theirs."""
 
     def __init__(
         self,
@@ -428,9 +431,11 @@ class MergedAdapterWriter(StreamWrapper):
         modules: list[MergedModule],
         base_model: str | None,
         names: Mapping[str, str] | None = None,
+        fused: Mapping[str, tuple[str, torch.Tensor]] | None = None,
     ):
+        self._fused = {module.name: fused[module.name] for module in modules if module.name in (fused or {})}
         if names is not None:
-            unnamed = [module.name for module in modules if module.name not in names]
+            unnamed = [module.name for module in modules if module.name not in names and module.name not in self._fused]
             if unnamed:
                 raise InputError(
                     base_model,
@@ -438,7 +443,23 @@ class MergedAdapterWriter(StreamWrapper):
                     f"named as the checkpoint names its modules (leave out --for-transformers)",
                 )
         self._names = dict(names) if names is not None else {module.name: module.name for module in modules}
-        ranks = {self._names[module.name]: module.rank for module in modules}
+        self._parts: dict[str, list[MergedModule]] = {}  # fused module -> its parts, in write order
+        for module in modules:
+            if module.name in self._fused:
+                self._parts.setdefault(self._fused[module.name][0], []).append(module)
+        self._rows = {  # the fused weight's rows: every part's rows, merged or not
+            target: sum(len(rows) for other, (group, rows) in (fused or {}).items() if group == target)
+            for target in self._parts
+        }
+        self._pending: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        shapes = {}  # output module -> (rank, d_in, d_out), a fused one declared where its last part is written
+        for module in modules:
+            if module.name not in self._fused:
+                shapes[self._names[module.name]] = (module.rank, module.d_in, module.d_out)
+            elif module is self._parts[self._fused[module.name][0]][-1]:
+                target = self._fused[module.name][0]
+                shapes[target] = (sum(part.rank for part in self._parts[target]), module.d_in, self._rows[target])
+        ranks = {name: rank for name, (rank, _, _) in shapes.items()}
         common = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {_pattern_key(name, names is not None): rank for name, rank in ranks.items() if rank != common}
         config = {
@@ -462,14 +483,28 @@ class MergedAdapterWriter(StreamWrapper):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         layout = []
-        for module in modules:
-            name = self._names[module.name]
-            layout.append((f"{PEFT_PREFIX}{name}.lora_A.weight", torch.float32, (module.rank, module.d_in)))
-            layout.append((f"{PEFT_PREFIX}{name}.lora_B.weight", torch.float32, (module.d_out, module.rank)))
+        for name, (rank, d_in, d_out) in shapes.items():
+            layout.append((f"{PEFT_PREFIX}{name}.lora_A.weight", torch.float32, (rank, d_in)))
+            layout.append((f"{PEFT_PREFIX}{name}.lora_B.weight", torch.float32, (d_out, rank)))
         self._writer = StreamingSafetensorsWriter(out_dir / ADAPTER_WEIGHTS, layout, {"format": "pt"})
 
     def write(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        name = self._names[module]
+        if module in self._fused:
+            target = self._fused[module][0]
+            self._pending.setdefault(target, {})[module] = (a, b)
+            if len(self._pending[target]) < len(self._parts[target]):
+                return
+            parts = self._pending.pop(target)
+            a = torch.cat([parts[part.name][0].to(torch.float32) for part in self._parts[target]])
+            b = torch.zeros(self._rows[target], a.shape[0])
+            column = 0
+            for part in self._parts[target]:
+                factor = parts[part.name][1]
+                b[self._fused[part.name][1], column : column + factor.shape[1]] = factor.to(torch.float32)
+                column += factor.shape[1]
+            name = target
+        else:
+            name = self._names[module]
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", a.to(torch.float32))
         self._writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", b.to(torch.float32))
 

@@ -163,18 +163,14 @@ def write_split_adapter(source: Path, out: Path, heads: int, kv_heads: int) -> N
     """A PEFT copy of the adapter `source` with each `wqkv` LoRA as q, k and v LoRAs (Llama's
     names under the same prefix; A shared, B split): exactly the same update of the model."""
     import json
+    import re
 
-    from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+    from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, declared_rank_and_alpha, read_adapter
     from many_cli.files import read_json
     from many_cli.tensorfiles import open_safetensors, save_tensors
 
     adapter = read_adapter(source)
     config = read_json(source / ADAPTER_CONFIG)
-    for option in ("rank_pattern", "alpha_pattern"):
-        if config.get(option):
-            raise InputError(
-                source / ADAPTER_CONFIG, f"its {option} names InternLM2 modules, which many does not map yet"
-            )
     if config.get("use_dora"):
         raise InputError(source / ADAPTER_CONFIG, "is a DoRA adapter on InternLM2's wqkv, which many does not split")
     tensors, targets = {}, []
@@ -188,10 +184,15 @@ def write_split_adapter(source: Path, out: Path, heads: int, kv_heads: int) -> N
             parts = (value,) * 3 if ".lora_A." in f".{tail}" else split_qkv(value, heads, kv_heads)
             for target, part in zip(SPLIT_TARGETS, parts):
                 tensors[f"{head}.{target}.{tail}"] = part.contiguous()
+    ranks, alphas = {}, {}  # each module's own, as its config declares them, under its new names
     for module in adapter.modules:
         prefix, fused, _ = module.partition(f".{FUSED_QKV}")
-        targets += [f"{prefix}.{target}" for target in SPLIT_TARGETS] if fused else [module]
-    config["target_modules"] = sorted(targets)
+        names = [f"{prefix}.{target}" for target in SPLIT_TARGETS] if fused else [module]
+        rank, alpha = declared_rank_and_alpha(config, module)
+        targets += names
+        ranks |= {f"^{re.escape(name)}": rank for name in names}
+        alphas |= {f"^{re.escape(name)}": alpha for name in names}
+    config |= {"target_modules": sorted(targets), "rank_pattern": ranks, "alpha_pattern": alphas}
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_tensors(out / ADAPTER_WEIGHTS, tensors, {"format": "pt"})

@@ -15,7 +15,7 @@ from torch import nn
 from many_cli import internvl_layout
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
-from many_cli.layouts import checkpoint_names, module_renames, rename_key, renamer
+from many_cli.layouts import checkpoint_names, converted_names, module_renames, rename_key, renamer
 from many_cli.options import Placement
 from many_cli.tensorfiles import WEIGHTS_INDEX, check_tensors, open_safetensors, weight_files, weights_fingerprint
 
@@ -132,10 +132,12 @@ def meta_model(base_dir: Path) -> nn.Module:
     )
 
 
-def checkpoint_module_names(base: str) -> dict[str, str]:
+def checkpoint_module_names(base: str) -> tuple[dict[str, str], dict[str, tuple[str, torch.Tensor]]]:
     """Each module's name in the base model as transformers builds it now -> its name in the
     base's checkpoint, which keeps the layout of the transformers that wrote it (the hub's
-    checkpoints, and the language model of any LLaVA-like save, that of transformers < 4.52)."""
+    checkpoints, and the language model of any LLaVA-like save, that of transformers < 4.52);
+    and the modules the checkpoint holds fused (InternLM2's q, k, v in `wqkv`) -> (the fused
+    module, their rows in its weight)."""
     base_dir = Path(base).expanduser()
     if not (base_dir / "config.json").is_file():
         raise InputError(
@@ -146,14 +148,21 @@ def checkpoint_module_names(base: str) -> dict[str, str]:
     for name in weight_files(base_dir):
         with open_safetensors(base_dir / name) as handle:
             keys += handle.keys()
+    from many_cli import internlm2
+
+    model = meta_model(base_dir)
     with internvl_layout.opengvlab_names():
-        names = checkpoint_names(meta_model(base_dir), keys)
+        names = checkpoint_names(model, keys)
+        fused = internlm2.fused_rows(model, converted_names(model, keys))
     suffix = ".weight"
-    return {
-        name.removesuffix(suffix): key.removesuffix(suffix)
-        for name, key in names.items()
-        if name.endswith(suffix) and key.endswith(suffix)
-    }
+    return (
+        {
+            name.removesuffix(suffix): key.removesuffix(suffix)
+            for name, key in names.items()
+            if name.endswith(suffix) and key.endswith(suffix)
+        },
+        {name.removesuffix(suffix): (key.removesuffix(suffix), rows) for name, (key, rows) in fused.items()},
+    )
 
 
 def _check_gpus(placement: Placement) -> None:

@@ -317,11 +317,18 @@ class MergeOptions:
         "its modules are named as the base checkpoint names them (LLaVA's language_model.model."
         "layers…), as PEFT needs there; experts/ keep today's names. Default: 4.52 and later.",
     )
+    name_as_checkpoint: bool = option(
+        False,
+        "--checkpoint-names",
+        "Name the merged LoRA's modules as the base checkpoint (--model) names its weights: for "
+        "OpenGVLab's InternVL-Chat, its own names, InternLM2's q/k/v fused into wqkv again (LMDeploy, "
+        "vLLM's InternVL-Chat, InternVL's merge_lora.py); experts/ keep today's names.",
+    )
     model: Path | None = option(
         None,
         "--model",
-        "The base model folder whose checkpoint names the modules under --for-transformers below "
-        "4.52 (checked against the base the stats files record).",
+        "The base model folder whose checkpoint names the modules under --checkpoint-names or "
+        "--for-transformers below 4.52 (checked against the base the stats files record).",
     )
 
     def check(self) -> None:
@@ -331,13 +338,14 @@ class MergeOptions:
         if self.for_transformers is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.for_transformers):
             raise InputError(None, f"--for-transformers takes a version such as 4.46.3, got {self.for_transformers!r}")
         if self.checkpoint_names and self.model is None:
+            asked = "--checkpoint-names" if self.name_as_checkpoint else f"--for-transformers {self.for_transformers}"
             raise InputError(
-                None,
-                f"--for-transformers {self.for_transformers} names the modules as the base's checkpoint does: "
-                f"give that base with --model BASE",
+                None, f"{asked} names the modules as the base's checkpoint does: give that base with --model BASE"
             )
         if self.model is not None and not self.checkpoint_names:
-            raise InputError(None, "--model applies to --for-transformers below 4.52 only; leave it out")
+            raise InputError(
+                None, "--model applies to --checkpoint-names and --for-transformers below 4.52 only; leave it out"
+            )
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
         if not math.isfinite(self.scale):
@@ -365,9 +373,11 @@ class MergeOptions:
 
     @property
     def checkpoint_names(self) -> bool:
-        """Whether the merged adapter names its modules as the base checkpoint does: for a
-        transformers before 4.52, which moved the vision-language models' language model (and
-        tower and projector) under `model.`."""
+        """Whether the merged adapter names its modules as the base checkpoint does: when asked,
+        and for a transformers before 4.52, which moved the vision-language models' language model
+        (and tower and projector) under `model.`."""
+        if self.name_as_checkpoint:
+            return True
         if self.for_transformers is None:
             return False
         return tuple(int(part) for part in self.for_transformers.split(".")[:2]) < (4, 52)

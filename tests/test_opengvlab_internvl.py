@@ -346,3 +346,52 @@ def test_an_average_merge_keeps_the_adapters_own_names_and_still_loads_and_expor
     with torch.no_grad():
         inputs = inputs_of(kit, 0)
         torch.testing.assert_close(folded(**inputs).logits, adapted(**inputs).logits, rtol=0, atol=kit.atol)
+
+
+def test_the_merged_lora_in_opengvlabs_own_names_folds_as_todays_export(kit, tmp_path, capsys):
+    """`merge --checkpoint-names --model BASE`: the merged LoRA named as the checkpoint names its
+    weights (OpenGVLab's names; InternLM2's q/k/v LoRAs as one LoRA on wqkv, A stacked, B by rows),
+    for the stacks that serve the original checkpoints. Folded by hand into the checkpoint's own
+    tensors it gives what `many export` writes from today's merge, and `infer` answers alike."""
+    import shutil
+
+    from helpers import run_cli, run_cli_output
+
+    adapters = []
+    for task, case in zip(("task_a", "task_b"), kit.cases):
+        adapter = shutil.copytree(kit.folder / f"adapter_{task}", tmp_path / task)
+        data = tmp_path / f"{task}.jsonl"
+        data.write_text(json.dumps({"image": str(kit.folder / case["image"]), "prompt": case["question"]}) + "\n")
+        code, err = run_cli(capsys, "stats", "--model", kit.base, "--adapter", adapter, "--data", data)
+        assert code == 0, err
+        adapters.append(adapter)
+    today, named = tmp_path / "today", tmp_path / "named"
+    assert run_cli(capsys, "merge", *adapters, "--out", today)[0] == 0
+    code, err = run_cli(capsys, "merge", *adapters, "--out", named, "--checkpoint-names", "--model", kit.base)
+    assert code == 0, err
+    exported = tmp_path / "exported"
+    code, err = run_cli(capsys, "export", "--model", kit.base, "--merged", today, "--out", exported)
+    assert code == 0, err
+    base = load_file(Path(kit.base) / "model.safetensors")
+    written = load_file(exported / "model.safetensors")
+    lora = load_file(named / "adapter_model.safetensors")
+    config = json.loads((named / "adapter_config.json").read_text())
+    modules = sorted({key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in lora})
+    assert sorted(config["target_modules"]) == modules
+    assert all(f"{module}.weight" in base for module in modules)  # the checkpoint's own names
+    fused = [module for module in modules if module.endswith("attention.wqkv")]
+    assert len(fused) == (2 if kit.folder.name == "internlm2" else 0)  # one per layer
+    assert config["lora_alpha"] == config["r"] and config.get("alpha_pattern") == config.get("rank_pattern")
+    for module in modules:
+        a, b = lora[f"base_model.model.{module}.lora_A.weight"], lora[f"base_model.model.{module}.lora_B.weight"]
+        folded = base[f"{module}.weight"] + b @ a  # scale 1: lora_alpha = r, module by module
+        torch.testing.assert_close(folded, written[f"{module}.weight"], rtol=0, atol=1e-6)
+    case = kit.cases[0]
+    ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"]]
+    ask += ["--json", "--max-new-tokens", "4"]
+    answers = []
+    for merge in (today, named):
+        code, out, err = run_cli_output(capsys, *ask, "--merged", merge)
+        assert code == 0, err
+        answers.append(json.loads(out)["prediction"])
+    assert answers[0] == answers[1]

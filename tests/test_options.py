@@ -58,6 +58,7 @@ DOCUMENTED = {
         "--device": "cpu",
         "--experts": True,
         "--for-transformers": None,
+        "--checkpoint-names": False,
         "--model": None,
         "--density": 0.2,
         "--out": None,

@@ -21,7 +21,7 @@ def merge_baseline(inputs: MergeInputs, staging: Path, report: MergeReport, trac
     names = sorted({module for task in inputs.tasks for module in task.adapter.modules})
     modules = merged_modules(inputs, [(name, inputs.d_in(name)) for name in names], full_rank_cap=dense)
     worst = 0.0
-    with MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names) as writer:
+    with MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names, inputs.fused_modules) as writer:
         for module in track(names, "merging"):
             a_blocks, b_blocks = [], []
             for task in inputs.tasks:

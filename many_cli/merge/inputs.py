@@ -76,6 +76,7 @@ class MergeInputs:
     groups: list[Group] = field(default_factory=list)  # LPM's input groups (empty for a baseline)
     # --for-transformers below 4.52: each module's name in the model -> its name in the base checkpoint
     adapter_names: dict[str, str] | None = None
+    fused_modules: dict[str, tuple[str, torch.Tensor]] | None = None  # module -> (checkpoint's fused module, rows)
 
     @property
     def offset(self) -> int:
@@ -203,7 +204,7 @@ def read_inputs(
         recorded_by = previous.state.path if previous else next((t.stats.path for t in tasks if t.stats), None)
         if recorded_by and inputs.base_fingerprint:
             refuse_other_base(recorded_by, inputs.base_fingerprint, base, fingerprint)
-        inputs.adapter_names = checkpoint_module_names(base)
+        inputs.adapter_names, inputs.fused_modules = checkpoint_module_names(base)
     return inputs
 
 

@@ -67,7 +67,7 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
         if rank == 0:
             modules = merged_modules(inputs, [(m, g.dim) for g in groups for m in g.modules])
             adapter = files.enter_context(
-                MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names)
+                MergedAdapterWriter(staging, modules, inputs.base_model, inputs.adapter_names, inputs.fused_modules)
             )
             report.modules = len(modules)
             writer = files.enter_context(_state_writer(inputs, staging / STATE_FILE, all_tasks))
