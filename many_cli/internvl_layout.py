@@ -63,7 +63,10 @@ def check_readable_layout(base: str, config: Mapping) -> None:
             f"its language model {architecture} is not read yet (many reads InternVL-Chat with "
             f"{', '.join(_LANGUAGE_MODELS)})",
         ),
-        (config.get("ps_version", "v1") != "v2", f"its pixel shuffle {config.get('ps_version', 'v1')!r} is not v2"),
+        (
+            config.get("ps_version", "v1") not in ("v1", "v2"),
+            f"its pixel shuffle {config.get('ps_version')!r} is neither v1 nor v2",
+        ),
         (
             bool(config.get("dynamic_image_size")) and not config.get("use_thumbnail"),
             "it tiles images without a thumbnail, which transformers' InternVL does not do",
@@ -192,6 +195,8 @@ def load_model(base: str, config: Mapping, dtype, device_map):
         model, loading = InternVLForConditionalGeneration.from_pretrained(
             base, config=native, dtype=dtype, use_safetensors=True, output_loading_info=True, **where
         )
+    if config.get("ps_version", "v1") == "v1":
+        _keep_tiles_transposed(model.model)
     leftover = sorted(loading["unexpected_keys"]) or sorted(loading["missing_keys"])
     if leftover:
         what = "loads nowhere in" if loading["unexpected_keys"] else "is missing for"
@@ -201,6 +206,18 @@ def load_model(base: str, config: Mapping, dtype, device_map):
             f"an InternVL-Chat layout many does not translate",
         )
     return model
+
+
+def _keep_tiles_transposed(model) -> None:
+    """OpenGVLab's pixel shuffle `v1` (InternVL-Chat-V1-5, Mini-InternVL-V1-5) leaves each tile's
+    token grid transposed, where v2 (what transformers implements) swaps height and width back:
+    this model's tiles keep v1's order, as the checkpoint was trained."""
+    shuffle = type(model).pixel_shuffle
+
+    def pixel_shuffle_v1(vision_features, scale_factor: float = 0.5):
+        return shuffle(model, vision_features, scale_factor).transpose(1, 2).contiguous()
+
+    model.pixel_shuffle = pixel_shuffle_v1
 
 
 def load_tokenizer(base: str, config: Mapping):
