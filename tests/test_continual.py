@@ -21,6 +21,7 @@ from many_cli.bench.continual import (
     ETA,
     EXPERTS,
     EXPERTS_SOFT,
+    JOINT,
     LEAD_UNDER,
     LPM,
     MANY,
@@ -189,6 +190,10 @@ def test_reduced_continual_benchmark_keeps_its_ordering(reduced_run):
     assert run.faa(EXPERTS) >= run.faa(EXPERTS_SOFT)
     for system in (SEQUENTIAL, LPM, CPM, *BASELINES.values(), REGMEAN, REGMEAN_CPM):
         assert run.faa(MANY) > run.faa(system), system
+    # The other ceiling, one model of the merged rank trained on every task at once, holds them all
+    # and at least what the merge keeps; its rows are one step over every task.
+    assert run.faa(JOINT) >= 0.8 and run.faa(JOINT) >= run.faa(MANY)
+    assert [len(step) for step in run.steps[JOINT]] == [len(TASKS) * 24]
     assert run.faa(EXPERTS) >= run.faa(MANY) - 0.01
     # Accuracy after a step is over the tasks seen so far, and only those, read from the rows by
     # `many report`: its final average accuracy is the mean over tasks of the rows' correctness.

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_sequentially
+from many_cli.bench.training import TrainOptions, build_base, train_adapter, train_jointly, train_sequentially
 from many_cli.bench.world import TASKS, WorldTask, write_split
 from many_cli.data import Record
 from many_cli.families import module_at
@@ -33,6 +33,7 @@ from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
 
 UPPER = "each adapter alone (upper bound)"
+JOINT = "joint multi-task fine-tuning (one LoRA of rank Σ r_i)"
 SEQUENTIAL = "sequential fine-tuning"
 LPM = "LPM alone (last projector)"
 CPM = "CPM alone (averaged LoRA)"
@@ -66,6 +67,7 @@ LEAD_UNDER = f"MAny, inputs of the merged model ({REFINEMENTS} refinements, RegM
 LEAD_UNDER_ANSWERS = f"MAny, inputs of the merged model ({REFINEMENTS} refinements) + answer positions × 64"
 SYSTEMS = (
     UPPER,
+    JOINT,
     SEQUENTIAL,
     *BASELINES.values(),
     REGMEAN,
@@ -179,6 +181,7 @@ class TrainedWorld:
     stats_seconds: dict[str, float]  # task -> its `many stats` run
     calibration: dict[str, Path]
     evaluation: dict[str, list[Record]]
+    joint: Path  # one adapter trained on every task at once
 
     def seen(self, tasks: tuple[WorldTask, ...]) -> list[Record]:
         return [record for task in tasks for record in self.evaluation[task.name]]
@@ -214,7 +217,8 @@ def _train_world(root: Path, base_kind: str, seed: int, options: ContinualOption
         start = time.perf_counter()
         collect_stats(str(base), adapters[task.name], calibration[task.name], None, StatsOptions(device="cpu"))
         seconds[task.name] = time.perf_counter() - start
-    return TrainedWorld(str(base), adapters, seconds, calibration, evaluation)
+    joint = train_jointly(base, TASKS, root / "joint", seed, options.train)
+    return TrainedWorld(str(base), adapters, seconds, calibration, evaluation, joint)
 
 
 def _score_steps(run: WorldRun, world: TrainedWorld, root: Path, train: TrainOptions) -> None:
@@ -226,7 +230,8 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path, train: TrainOpt
     run.steps[UPPER] = [
         [row for task in tasks for row in _rows(_adapted(base, world.adapters[task.name]), world.evaluation[task.name])]
     ]
-    for system in SYSTEMS[1:]:
+    run.steps[JOINT] = [_rows(_adapted(base, world.joint), world.seen(tasks))]
+    for system in SYSTEMS[2:]:
         run.steps[system] = []
     run.costs = {system: Cost() for system in COSTED}
     answers_seconds: dict[str, float] = {}
@@ -460,6 +465,13 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
                 for system in (MANY_SOFT, *COSTED[:-1], EXPERTS_SOFT, EXPERTS)
             ]
             lines += ["FAA / upper bound: " + "; ".join(ratios) + ".", ""]
+        joint = statistics.fmean(run.faa(JOINT) for run in group)
+        if joint > 0:  # the other ceiling: one model of the merged rank trained on every task at once
+            ratios = [
+                f"{system}: {statistics.fmean(run.faa(system) for run in group) / joint:.3f}"
+                for system in (MANY, LEAD_UNDER, EXPERTS)
+            ]
+            lines += ["FAA / joint multi-task fine-tuning: " + "; ".join(ratios) + ".", ""]
         lines += _cost_table(group)
         routed = [(run, name) for run in group for name in names if run.routing[name] >= 0.98]
         if routed:

@@ -1,6 +1,7 @@
 """Training the tiny LLaVA of the synthetic world: a base (blank, or pretrained on the broad
-mixture), one LoRA + projector adapter per task, and one adapter fine-tuned through all tasks in
-sequence. Plain PyTorch loops over pre-encoded pools; the loss covers the answer tokens only."""
+mixture), one LoRA + projector adapter per task, one adapter fine-tuned through all tasks in
+sequence, and one trained on all tasks at once (the multi-task ceiling of one model). Plain
+PyTorch loops over pre-encoded pools; the loss covers the answer tokens only."""
 
 from __future__ import annotations
 
@@ -177,3 +178,20 @@ def train_sequentially(
         model.save_pretrained(out / f"after_{task.name}")
         saved.append(out / f"after_{task.name}")
     return saved
+
+
+def train_jointly(base: Path, tasks: tuple[WorldTask, ...], out: Path, seed: int, options: TrainOptions) -> Path:
+    """One LoRA + projector of the merged rank (Σ r_i) trained on every task's data at once, for
+    the steps all the per-task adapters take together: what one model of that size holds at best."""
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        LlavaForConditionalGeneration.from_pretrained(base), adapter_config(len(tasks) * options.rank)
+    )
+    examples = []
+    for task in tasks:  # each task's own pool, as its adapter trains on
+        rng = task_rng(task.name, "train", seed)
+        examples += [task.example(rng) for _ in range(POOL)]
+    pool = encode_pool(world_processor(), examples)
+    train(model, pool, len(tasks) * options.task_steps, options.task_lr, options.batch_size, seed)
+    model.save_pretrained(out)
+    return out
