@@ -36,17 +36,23 @@ RENAMES = [
 SPLIT_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 
 
+ROPE_SCALINGS = ("dynamic", "linear")  # InternLM2's, computed as Llama's of the same name
+
+
+def rope_scaling(language: dict) -> str | None:
+    """The kind of rotary scaling an InternLM2 `llm_config` names, if any."""
+    scaling = language.get("rope_scaling") or {}
+    return scaling.get("type") or scaling.get("rope_type") if scaling else None
+
+
 def llama_config(language: dict):
     """The `LlamaConfig` of an InternLM2 `llm_config` (same layers, same rotary embedding)."""
     from transformers import LlamaConfig
 
     scaling = language.get("rope_scaling")
     rope = {"rope_type": "default", "rope_theta": float(language.get("rope_theta", 10000))}
-    if scaling:
-        kind = scaling.get("type") or scaling.get("rope_type")
-        if kind not in ("dynamic", "linear"):
-            raise ValueError(f"InternLM2 rope scaling {kind!r}")
-        rope.update(rope_type=kind, factor=float(scaling["factor"]))
+    if scaling:  # one of ROPE_SCALINGS (checked where the checkpoint is first read)
+        rope.update(rope_type=rope_scaling(language), factor=float(scaling["factor"]))
     return LlamaConfig(
         vocab_size=language["vocab_size"],
         hidden_size=language["hidden_size"],

@@ -55,8 +55,11 @@ def is_opengvlab_internvl(config: Mapping) -> bool:
 
 def check_readable_layout(base: str, config: Mapping) -> None:
     """Refuse, in one line, an InternVL-Chat checkpoint whose parts many does not translate."""
+    from many_cli import internlm2
+
     architecture = (config.get("llm_config") or {}).get("architectures", [None])[0]
     template = config.get("template")
+    rope = internlm2.rope_scaling(config.get("llm_config") or {}) if architecture == _INTERNLM2 else None
     faults = [
         (
             architecture not in _LANGUAGE_MODELS,
@@ -72,6 +75,10 @@ def check_readable_layout(base: str, config: Mapping) -> None:
             "it tiles images without a thumbnail, which transformers' InternVL does not do",
         ),
         (template not in _TEMPLATES, f"its chat template {template!r} is none of {', '.join(_TEMPLATES)}"),
+        (
+            rope is not None and rope not in internlm2.ROPE_SCALINGS,
+            f"its rope scaling {rope!r} is none of {', '.join(internlm2.ROPE_SCALINGS)}",
+        ),
         (bool(config.get("use_backbone_lora") or config.get("use_llm_lora")), _NOT_A_BASE),
     ]
     for failed, fault in faults:

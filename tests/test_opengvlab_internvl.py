@@ -163,6 +163,10 @@ def test_stats_merge_and_infer_run_on_the_checkpoint_as_it_is(kit, tmp_path, cap
         ({"use_llm_lora": 8}, "it carries a LoRA inside the whole model"),
         ({"template": "vicuna_v1.1"}, "its chat template 'vicuna_v1.1' is none of"),
         ({"ps_version": "v3"}, "its pixel shuffle 'v3' is neither v1 nor v2"),
+        (
+            {"llm_config": {"architectures": ["InternLM2ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4}}},
+            "its rope scaling 'yarn' is none of dynamic, linear",
+        ),
     ],
 )
 def test_what_is_not_translated_is_refused_in_one_line(change, fault, tmp_path, capsys):
