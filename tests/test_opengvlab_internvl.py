@@ -27,6 +27,7 @@ class Kit:
     """One checkpoint's fixtures: its folder, base and recorded cases."""
 
     folder: Path
+    GREEDY = ("--max-new-tokens", "4", "--device", "cpu")
 
     @property
     def base(self) -> str:
@@ -41,6 +42,11 @@ class Kit:
     @property
     def cases(self) -> list[dict]:
         return json.loads((self.folder / "reference.json").read_text())
+
+    def infer(self, case: dict) -> list:
+        """`many infer` of one recorded case on the base, four greedy tokens, one JSON answer."""
+        question, image = case["question"], self.folder / case["image"]
+        return ["infer", "--model", self.base, "--image", image, "--prompt", question, "--json", *self.GREEDY]
 
 
 @pytest.fixture(scope="module", params=list(LANGUAGE_MODELS))
@@ -126,19 +132,10 @@ def test_stats_merge_and_infer_run_on_the_checkpoint_as_it_is(kit, tmp_path, cap
     merged = tmp_path / "merged"
     assert run_cli(capsys, "merge", adapter, "--out", merged, "--ridge", "0")[0] == 0
     for case in kit.cases:
-        ask = [
-            "infer",
-            "--model",
-            kit.base,
-            "--image",
-            kit.folder / case["image"],
-            "--prompt",
-            case["question"],
-            "--json",
-        ]
+        ask = kit.infer(case)
         answers = []
         for answering in (["--merged", merged], ["--adapter", adapter]):
-            code, out, err = run_cli_output(capsys, *ask, *answering, "--max-new-tokens", "4", "--device", "cpu")
+            code, out, err = run_cli_output(capsys, *ask, *answering)
             assert code == 0, err
             answers.append(json.loads(out)["prediction"])
         assert answers[0] == answers[1] and answers[0], answers
@@ -208,17 +205,7 @@ def test_two_tasks_with_their_own_mlp1_merge_route_and_answer(kit, tmp_path, cap
     code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
     assert code == 0, err
     for adapter, case in zip(adapters, kit.cases):
-        ask = [
-            "infer",
-            "--model",
-            kit.base,
-            "--image",
-            kit.folder / case["image"],
-            "--prompt",
-            case["question"],
-            "--json",
-        ]
-        ask += ["--max-new-tokens", "4", "--device", "cpu"]
+        ask = kit.infer(case)
         code, out, err = run_cli_output(capsys, *ask, "--merged", merged, "--lm-routing", "experts")
         assert code == 0, err
         routed = json.loads(out)
@@ -279,17 +266,7 @@ def test_a_whole_model_lora_checkpoint_merges_as_it_is_and_nothing_else_may_diff
     assert run_cli(capsys, "merge", whole, "--out", merged, "--ridge", "0")[0] == 0
     write_peft_adapter(whole, tmp_path / "taken_out")
     for case in kit.cases:
-        ask = [
-            "infer",
-            "--model",
-            kit.base,
-            "--image",
-            kit.folder / case["image"],
-            "--prompt",
-            case["question"],
-            "--json",
-        ]
-        ask += ["--max-new-tokens", "4", "--device", "cpu"]
+        ask = kit.infer(case)
         answers = []
         for answering in (["--merged", merged], ["--adapter", tmp_path / "taken_out"]):
             code, out, err = run_cli_output(capsys, *ask, *answering)
@@ -334,8 +311,7 @@ def test_an_average_merge_keeps_the_adapters_own_names_and_still_loads_and_expor
     code, err = run_cli(capsys, "merge", kit.folder / "adapter_swift", "--out", merged, "--method", "average")
     assert code == 0, err
     case = kit.cases[0]
-    ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"]]
-    ask += ["--json", "--max-new-tokens", "4", "--device", "cpu"]
+    ask = kit.infer(case)
     answers = []
     for answering in (["--merged", merged], ["--adapter", kit.folder / "adapter_swift"]):
         code, out, err = run_cli_output(capsys, *ask, *answering)
@@ -391,8 +367,7 @@ def test_the_merged_lora_in_opengvlabs_own_names_folds_as_todays_export(kit, tmp
         folded = base[f"{module}.weight"] + b @ a  # scale 1: lora_alpha = r, module by module
         torch.testing.assert_close(folded, written[f"{module}.weight"], rtol=0, atol=1e-6)
     case = kit.cases[0]
-    ask = ["infer", "--model", kit.base, "--image", kit.folder / case["image"], "--prompt", case["question"]]
-    ask += ["--json", "--max-new-tokens", "4"]
+    ask = kit.infer(case)
     answers = []
     for merge in (today, named):
         code, out, err = run_cli_output(capsys, *ask, "--merged", merge)
