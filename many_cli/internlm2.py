@@ -143,18 +143,6 @@ def head_layout(model) -> tuple[int, int] | None:
     return text.num_attention_heads, text.num_key_value_heads
 
 
-def base_layout(base: str) -> tuple[int, int] | None:
-    """(query heads, key-value heads) of an InternVL-Chat checkpoint `base` with InternLM2 inside,
-    else None."""
-    from many_cli.internvl_layout import config_of
-
-    config = config_of(base)
-    language = (config or {}).get("llm_config") or {}
-    if language.get("architectures", [None])[0] != ARCHITECTURE:
-        return None
-    return language["num_attention_heads"], language.get("num_key_value_heads") or language["num_attention_heads"]
-
-
 def split_adapter(directory: Path, layout: tuple[int, int] | None) -> ContextManager[Path]:
     """The adapter `directory` as it loads on a model of that head `layout`: a temporary copy
     with each `wqkv` LoRA split when it has one, else the folder itself."""

@@ -296,6 +296,15 @@ def chat_template(name: str) -> str:
     )
 
 
+def internlm2_heads(base: str) -> tuple[int, int] | None:
+    """(query heads, key-value heads) of an InternVL-Chat checkpoint `base` with InternLM2 inside
+    (the layout its fused wqkv, and a LoRA on it, split by), else None."""
+    language = (config_of(base) or {}).get("llm_config") or {}
+    if language.get("architectures", [None])[0] != _INTERNLM2:
+        return None
+    return language["num_attention_heads"], language.get("num_key_value_heads") or language["num_attention_heads"]
+
+
 def config_of(base: str) -> dict | None:
     """The base's config.json when it is an OpenGVLab InternVL-Chat checkpoint, else None."""
     from many_cli.files import read_json

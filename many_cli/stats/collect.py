@@ -94,9 +94,9 @@ def collect_stats(
     )
     refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
-    from many_cli import internlm2
+    from many_cli import internlm2, internvl_layout
 
-    layout = internlm2.base_layout(base)
+    layout = internvl_layout.internlm2_heads(base)
     with peft_adapter_dir(adapter, base) as converted, internlm2.split_adapter(converted, layout) as loadable:
         split = layout if loadable != converted else None  # recorded: the merge splits the adapter as here
         return _collect(base, loadable, data, out, options, progress, split)
