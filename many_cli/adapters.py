@@ -440,7 +440,7 @@ class MergedAdapterWriter(StreamWrapper):
                 raise InputError(
                     base_model,
                     f"its checkpoint holds no weight of {unnamed[0]}: the merged adapter cannot be "
-                    f"named as the checkpoint names its modules (leave out --for-transformers)",
+                    f"named as the checkpoint names its modules (leave out --for-transformers and --checkpoint-names)",
                 )
         self._names = dict(names) if names is not None else {module.name: module.name for module in modules}
         self._parts: dict[str, list[MergedModule]] = {}  # fused module -> its parts, in write order
