@@ -6,6 +6,7 @@ and keys (its own layout, whatever transformers version wrote it), so memory hol
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -19,15 +20,32 @@ from many_cli import internlm2
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
-from many_cli.files import atomic_output_dir, refuse_overlap
-from many_cli.internvl_layout import opengvlab_names
+from many_cli.files import atomic_output_dir, read_json, refuse_overlap
 from many_cli.layouts import checkpoint_names, converted_names
-from many_cli.models import base_fingerprint, load_processor, meta_model, refuse_other_base
+from many_cli.models import (
+    base_fingerprint,
+    load_processor,
+    maker_layout,
+    maker_names,
+    meta_model,
+    quantisation,
+    refuse_other_base,
+)
 from many_cli.options import MEAN, ROUTED, ExportOptions
 from many_cli.state import BUNDLE_FILE, BundleHeader, read_merge_output, recorded_base
-from many_cli.tensorfiles import DTYPES, WEIGHTS_INDEX, StreamingSafetensorsWriter, open_safetensors, weight_files
+from many_cli.tensorfiles import (
+    DTYPES,
+    PICKLED_WEIGHTS_INDEX,
+    WEIGHTS_INDEX,
+    StreamingSafetensorsWriter,
+    load_pickled_tensors,
+    model_weight_files,
+    open_safetensors,
+    safetensors_name,
+)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_REWRITTEN = {"README.md", WEIGHTS_INDEX, PICKLED_WEIGHTS_INDEX}  # written by the export itself
 
 T = TypeVar("T")
 Track = Callable[[Sequence[T], str], Iterable[T]]
@@ -51,6 +69,13 @@ def export(
             base,
             "export reads the base model's own files: give a local model directory (for a hub id, its snapshot folder)",
         )
+    quantised = quantisation(read_json(base_dir / "config.json"))
+    if quantised is not None:
+        raise InputError(
+            base,
+            f"is quantised ({quantised}): export folds the merge into full-precision weights; export "
+            f"onto the full-precision base it was quantised from",
+        )
     fingerprint = base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
     load_processor(str(base_dir))  # the export must load as the base does, processor included
     bundle = read_merge_output(merged)
@@ -62,7 +87,7 @@ def export(
     shards = _shards(base_dir)
     model = meta_model(base_dir)
     keys = [key for shard_keys in shards.values() for key in shard_keys]
-    with opengvlab_names():  # an InternVL-Chat base keeps OpenGVLab's names
+    with maker_names():  # a maker's checkpoint keeps its own names (OpenGVLab's, LLaVA's code's)
         raw_names = checkpoint_names(model, keys)
         fused = internlm2.fused_rows(model, converted_names(model, keys))
     folds = _folds(adapter, raw_names, set(keys), fused, merged)
@@ -70,25 +95,41 @@ def export(
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):
             (staging / shard).parent.mkdir(parents=True, exist_ok=True)
-            _stream_shard(base_dir / shard, staging / shard, changes)
+            _stream_shard(base_dir / shard, staging / safetensors_name(shard), changes)
         for path in base_dir.iterdir():
-            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "README.md":
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _REWRITTEN:
                 shutil.copy2(path, staging / path.name)
-        if (base_dir / WEIGHTS_INDEX).is_file():
-            shutil.copy2(base_dir / WEIGHTS_INDEX, staging / WEIGHTS_INDEX)
+        _write_index(base_dir, staging)
+        maker = maker_layout(str(base_dir))
+        config = maker[0].exported_config(str(base_dir), maker[1]) if maker is not None else None
+        if config is not None:
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if options.projector == ROUTED:
             shutil.copy2(bundle.path, staging / BUNDLE_FILE)
-        (staging / "README.md").write_text(_card(base, merged, adapter, options.projector))
+        (staging / "README.md").write_text(_card(base, merged, adapter, options.projector, maker is not None))
     return ExportReport(out, len(adapter.modules), options.projector, sum(len(keys) for keys in shards.values()))
 
 
 def _shards(base_dir: Path) -> dict[str, list[str]]:
-    """The base checkpoint's safetensors files and the keys of each."""
+    """The base checkpoint's weight files and the keys of each."""
     shards = {}
-    for name in weight_files(base_dir):
-        with open_safetensors(base_dir / name) as handle:
-            shards[name] = handle.keys()
+    for name in model_weight_files(base_dir):
+        if name.endswith(".safetensors"):
+            with open_safetensors(base_dir / name) as handle:
+                shards[name] = handle.keys()
+        else:
+            shards[name] = list(load_pickled_tensors(base_dir / name))
     return shards
+
+
+def _write_index(base_dir: Path, staging: Path) -> None:
+    """The base's shard index, naming the shards as the export writes them (safetensors)."""
+    for name in (WEIGHTS_INDEX, PICKLED_WEIGHTS_INDEX):
+        if (base_dir / name).is_file():
+            index = read_json(base_dir / name)
+            index["weight_map"] = {key: safetensors_name(shard) for key, shard in index["weight_map"].items()}
+            (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            return
 
 
 Change = Callable[[torch.Tensor], torch.Tensor]
@@ -196,6 +237,15 @@ def _replace(weight: torch.Tensor, value: torch.Tensor, bundle: Path, key: str) 
 
 
 def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> None:
+    """`source` written to `target` as safetensors, tensor by tensor, each changed as `changes`
+    says (a pickled shard is memory-mapped, so it too is read one tensor at a time)."""
+    if source.suffix != ".safetensors":
+        tensors = load_pickled_tensors(source)
+        layout = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
+        with StreamingSafetensorsWriter(target, layout, {"format": "pt"}) as writer:
+            for key, tensor in tensors.items():
+                writer.write(key, changes[key](tensor) if key in changes else tensor)
+        return
     with open_safetensors(source) as handle:
         keys = handle.keys()
         layout = [(key, DTYPES[handle.dtype(key)], handle.shape(key)) for key in keys]
@@ -205,7 +255,7 @@ def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> Non
                 writer.write(key, changes[key](tensor) if key in changes else tensor)
 
 
-def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:
+def _card(base: str, merged: Path, adapter: Adapter, projector: str, maker: bool) -> str:
     routed = projector == ROUTED
     chosen = {
         MEAN: "the tasks' projectors averaged",
@@ -223,12 +273,21 @@ def _card(base: str, merged: Path, adapter: Adapter, projector: str) -> str:
             f"The base model `{base}` with the merged LoRA of `{merged}` folded into its weights "
             f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. It loads as the base does:",
             "",
-            "```python",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            "",
-            'model = AutoModelForImageTextToText.from_pretrained("THIS_DIRECTORY")',
-            'processor = AutoProcessor.from_pretrained("THIS_DIRECTORY")',
-            "```",
+            *(
+                [
+                    "in its maker's own layout, with the code that reads the base (OpenGVLab's, LLaVA's "
+                    "`load_pretrained_model`), and with `many` (`many infer --model THIS_DIRECTORY`)."
+                ]
+                if maker
+                else [
+                    "```python",
+                    "from transformers import AutoModelForImageTextToText, AutoProcessor",
+                    "",
+                    'model = AutoModelForImageTextToText.from_pretrained("THIS_DIRECTORY")',
+                    'processor = AutoProcessor.from_pretrained("THIS_DIRECTORY")',
+                    "```",
+                ]
+            ),
             *(
                 [
                     "",

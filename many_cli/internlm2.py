@@ -15,7 +15,6 @@ from typing import ContextManager
 
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from many_cli.errors import InputError
 
@@ -116,18 +115,6 @@ def weight_transforms() -> list:
         *(WeightRenaming(source, target) for source, target in RENAMES),
         WeightConverter(source_patterns=FUSED_QKV, target_patterns=SPLIT_TARGETS, operations=[SplitGroupedQKV()]),
     ]
-
-
-class InternLM2Tokenizer(SentencePieceBackend):
-    """InternLM2's tokenizer as its remote code runs it: sentencepiece encodes each text between
-    special tokens as its model file says, `<s>` first; pieces decode through sentencepiece
-    (byte fallback included)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**{"legacy": True, "special_tokens_pattern": "bos", **kwargs})
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return self.sp_model.decode(tokens)
 
 
 def has_fused_qkv(modules) -> bool:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
 from many_cli.errors import InputError
 
 MODEL_TYPE = "internvl_chat"
+NOT_WRITTEN = None  # export and --checkpoint-names write OpenGVLab's layout
 _LANGUAGE_MODELS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "llama"}
 _INTERNLM2 = "InternLM2ForCausalLM"
 _IMAGE_TOKENS = {
@@ -92,14 +92,13 @@ _NOT_A_BASE = (
 )
 
 
-def native_config(config: Mapping, image_token_id: int):
-    """The `InternVLConfig` transformers builds for what the InternVL-Chat `config` describes;
-    `image_token_id` is its tokenizer's `<IMG_CONTEXT>`."""
-    from transformers import CONFIG_MAPPING, InternVLConfig, InternVLVisionConfig
+def internvit_config(vision: Mapping, image_size: int, norm_type: str = "layer_norm"):
+    """transformers' `InternVLVisionConfig` of an InternViT tower that OpenGVLab's `vision` config
+    describes, read at `image_size` (`norm_type`: where the config does not say, as InternViT-6B's
+    first code, which knew RMSNorm only)."""
+    from transformers import InternVLVisionConfig
 
-    vision = dict(config["vision_config"])
-    image_size = config.get("force_image_size") or vision["image_size"]
-    tower = InternVLVisionConfig(
+    return InternVLVisionConfig(
         hidden_size=vision["hidden_size"],
         num_hidden_layers=vision["num_hidden_layers"],
         num_attention_heads=vision["num_attention_heads"],
@@ -107,7 +106,7 @@ def native_config(config: Mapping, image_token_id: int):
         hidden_act=vision.get("hidden_act", "gelu"),
         attention_bias=vision.get("qkv_bias", True),
         use_qk_norm=vision.get("qk_normalization", False),
-        norm_type=vision.get("norm_type", "layer_norm"),
+        norm_type=vision.get("norm_type", norm_type),
         layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
         image_size=image_size,
         patch_size=vision["patch_size"],
@@ -115,6 +114,15 @@ def native_config(config: Mapping, image_token_id: int):
         use_absolute_position_embeddings=True,
         use_mean_pooling=True,
     )
+
+
+def native_config(config: Mapping, image_token_id: int):
+    """The `InternVLConfig` transformers builds for what the InternVL-Chat `config` describes;
+    `image_token_id` is its tokenizer's `<IMG_CONTEXT>`."""
+    from transformers import CONFIG_MAPPING, InternVLConfig
+
+    vision = dict(config["vision_config"])
+    tower = internvit_config(vision, config.get("force_image_size") or vision["image_size"])
     language = dict(config["llm_config"])
     tied = bool(config.get("tie_word_embeddings", False))  # OpenGVLab unties them for every size
     if language["architectures"][0] == _INTERNLM2:
@@ -140,6 +148,23 @@ def native_config(config: Mapping, image_token_id: int):
     )
 
 
+# InternViT's names (OpenGVLab's `modeling_intern_vit.py`) -> transformers' InternVL tower's, each
+# a regex on a key from the tower's root, applied in order; the fused `attn.qkv` is split apart.
+TOWER_RENAMES = [
+    (r"^(encoder\.)layers\.", r"\1layer."),
+    (r"^(embeddings\.)class_embedding$", r"\1cls_token"),
+    (r"^(embeddings\.)position_embedding$", r"\1position_embeddings"),
+    (r"^(embeddings\.)patch_embedding\.", r"\1patch_embeddings.projection."),
+    (r"^(encoder\.layer\.\d+\.)ls1$", r"\1lambda_1"),
+    (r"^(encoder\.layer\.\d+\.)ls2$", r"\1lambda_2"),
+    (r"^(encoder\.layer\.\d+\.)norm1\.", r"\1layernorm_before."),
+    (r"^(encoder\.layer\.\d+\.)norm2\.", r"\1layernorm_after."),
+    (r"^(encoder\.layer\.\d+\.)attn\.proj\.", r"\1attention.projection_layer."),
+    (r"^(encoder\.layer\.\d+\.)attn\.q_norm\.", r"\1attention.q_norm."),
+    (r"^(encoder\.layer\.\d+\.)attn\.k_norm\.", r"\1attention.k_norm."),
+]
+
+
 def opengvlab_transforms() -> list:
     """OpenGVLab's names -> the names transformers' InternVL loader already maps (its LLaVA-style
     older layout), the tower's fused qkv split into q, k and v (bias too), and InternLM2 read as
@@ -151,17 +176,7 @@ def opengvlab_transforms() -> list:
 
     renames = [
         (r"^vision_model\.", "vision_tower."),
-        (r"^(vision_tower\.encoder\.)layers\.", r"\1layer."),
-        (r"^(vision_tower\.embeddings\.)class_embedding$", r"\1cls_token"),
-        (r"^(vision_tower\.embeddings\.)position_embedding$", r"\1position_embeddings"),
-        (r"^(vision_tower\.embeddings\.)patch_embedding\.", r"\1patch_embeddings.projection."),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)ls1$", r"\1lambda_1"),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)ls2$", r"\1lambda_2"),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)norm1\.", r"\1layernorm_before."),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)norm2\.", r"\1layernorm_after."),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.proj\.", r"\1attention.projection_layer."),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.q_norm\.", r"\1attention.q_norm."),
-        (r"^(vision_tower\.encoder\.layer\.\d+\.)attn\.k_norm\.", r"\1attention.k_norm."),
+        *((rf"^(vision_tower\.{pattern[2:]}", replacement) for pattern, replacement in TOWER_RENAMES),
         (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
         (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
         (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
@@ -174,21 +189,29 @@ def opengvlab_transforms() -> list:
     return [*(WeightRenaming(source, target) for source, target in renames), split, *internlm2.weight_transforms()]
 
 
-@contextmanager
-def opengvlab_names() -> Iterator[None]:
-    """transformers' InternVL loader reads OpenGVLab's names while this lasts (and only then: the
-    same mapping, reversed, would rename what transformers saves)."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
+def own_names():
+    """transformers' InternVL loader reads OpenGVLab's names while this lasts."""
+    from many_cli.layouts import registered_names
 
-    previous = get_checkpoint_conversion_mapping("internvl") or []
-    register_checkpoint_conversion_mapping("internvl", [*opengvlab_transforms(), *previous], overwrite=True)
-    try:
-        yield
-    finally:
-        register_checkpoint_conversion_mapping("internvl", previous, overwrite=True)
+    return registered_names("internvl", opengvlab_transforms())
+
+
+def meta_model(base: str, config: Mapping):
+    from transformers import InternVLForConditionalGeneration
+
+    image_token_id = load_tokenizer(base, config).context_image_token_id
+    return InternVLForConditionalGeneration(native_config(config, image_token_id))
+
+
+def exported_config(base: str, config: Mapping) -> None:
+    """None: an export copies the checkpoint's config as it is."""
+    return None
+
+
+def weight_paths(base: str, config: Mapping) -> list[Path]:
+    from many_cli.tensorfiles import weight_files
+
+    return [Path(base).expanduser() / name for name in weight_files(Path(base).expanduser())]
 
 
 def load_model(base: str, config: Mapping, dtype, device_map):
@@ -198,7 +221,7 @@ def load_model(base: str, config: Mapping, dtype, device_map):
 
     native = native_config(config, load_tokenizer(base, config).context_image_token_id)
     where = {"device_map": device_map} if device_map is not None else {}
-    with opengvlab_names():
+    with own_names():
         model, loading = InternVLForConditionalGeneration.from_pretrained(
             base, config=native, dtype=dtype, use_safetensors=True, output_loading_info=True, **where
         )
@@ -233,7 +256,7 @@ def load_tokenizer(base: str, config: Mapping):
     from transformers import AutoTokenizer
 
     if config["llm_config"]["architectures"][0] == _INTERNLM2:
-        from many_cli.internlm2 import InternLM2Tokenizer as kind
+        from many_cli.spm_tokenizer import SentencePieceTokenizer as kind
     else:
         kind = AutoTokenizer
     try:

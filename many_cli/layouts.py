@@ -6,7 +6,8 @@ own layouts registered there while the callers in `models` ask: `internvl_layout
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -93,3 +94,21 @@ def converted_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
     """The first parameter each converted key among `keys` becomes in `model` -> that key."""
     rename = renamer(model, converted=True)
     return {name: key for key in keys if (name := rename(key)) is not None}
+
+
+@contextmanager
+def registered_names(model_type: str, transforms: list) -> Iterator[None]:
+    """transformers' loader of `model_type` reads a maker's own names through `transforms` (its
+    weight renamings and converters) while this lasts, and only then: the same mapping, reversed,
+    would rename what transformers saves."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    previous = get_checkpoint_conversion_mapping(model_type) or []
+    register_checkpoint_conversion_mapping(model_type, [*transforms, *previous], overwrite=True)
+    try:
+        yield
+    finally:
+        register_checkpoint_conversion_mapping(model_type, previous, overwrite=True)

@@ -27,7 +27,7 @@ from many_cli.adapters import (
 )
 from many_cli.errors import InputError
 from many_cli.files import atomic_output_dir, read_json, refuse_overlap
-from many_cli.tensorfiles import open_safetensors, save_tensors
+from many_cli.tensorfiles import load_pickled_tensors, open_safetensors, save_tensors
 
 # LLaVA-1.5's mlp2x_gelu projector: Sequential(Linear, GELU, Linear).
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
@@ -42,18 +42,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         with open_safetensors(path) as handle:
             return {key: handle.get(key) for key in handle.keys()}
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except Exception as error:  # noqa: BLE001 - any unpickling refusal or corruption is bad input
-        raise InputError(
-            path,
-            f"is not a tensors-only torch file ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''})",
-        ) from None
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise InputError(path, "does not hold a dictionary of tensors")
+    loaded = load_pickled_tensors(path)
     for key, value in loaded.items():  # as safetensors reads are checked (tensorfiles.open_safetensors)
         if not value.is_floating_point():
             raise InputError(path, f"tensor {key!r} is {value.dtype}, not floating point; re-create the file")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from many_cli import internvl_layout
+from many_cli import internvl_layout, llava_code
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.layouts import checkpoint_names, converted_names, module_renames, rename_key, renamer
@@ -20,6 +21,36 @@ from many_cli.options import Placement
 from many_cli.tensorfiles import WEIGHTS_INDEX, check_tensors, open_safetensors, weight_files, weights_fingerprint
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+# Checkpoints in a maker's own layout, read without their code as a transformers model: each module
+# tells its own (config_of), refuses what it does not translate, and builds, loads and processes.
+MAKER_LAYOUTS = (internvl_layout, llava_code)
+
+
+@contextmanager
+def maker_names() -> Iterator[None]:
+    """transformers' loaders read every maker's own names while this lasts (`layouts.renamer`
+    then maps a checkpoint's or an adapter's keys in those names)."""
+    with ExitStack() as stack:
+        for layout in MAKER_LAYOUTS:
+            stack.enter_context(layout.own_names())
+        yield
+
+
+def refuse_unwritten_layout(base: str) -> None:
+    """A base whose maker's layout many reads but does not write (export, --checkpoint-names) is
+    refused in one line, before anything is read."""
+    maker = maker_layout(base)
+    if maker is not None and maker[0].NOT_WRITTEN:
+        raise InputError(base, maker[0].NOT_WRITTEN)
+
+
+def maker_layout(base: str):
+    """(the module that reads the base, its config.json) for a maker's own layout, else None."""
+    for layout in MAKER_LAYOUTS:
+        config = layout.config_of(base)
+        if config is not None:
+            return layout, config
+    return None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,18 +86,73 @@ def base_fingerprint(base: str) -> str:
     except (OSError, ValueError) as error:
         where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
-    if internvl_layout.is_opengvlab_internvl(config):  # read without its code, translated
-        internvl_layout.check_readable_layout(base, config)
-    elif "auto_map" in config:  # transformers would run the model's own code (and first ask in a terminal)
+    maker = refuse_untranslated_code(base, config)
+    _check_quantised(base, config)
+    canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
+    files = maker[0].weight_paths(base, config) if maker is not None else _weight_files(base)
+    return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(files)}"
+
+
+def quantisation(config: dict) -> str | None:
+    """What the checkpoint's `quantization_config` says its weights are ("bitsandbytes 4-bit
+    nf4"), or None for full-precision weights."""
+    settings = config.get("quantization_config")
+    if not isinstance(settings, dict):
+        return None
+    method = str(settings.get("quant_method", "an unnamed method"))
+    if method != "bitsandbytes":
+        return method
+    return (
+        f"bitsandbytes 4-bit {settings.get('bnb_4bit_quant_type', 'fp4')}"
+        if settings.get("load_in_4bit")
+        else ("bitsandbytes 8-bit")
+    )
+
+
+def _check_quantised(base: str, config: dict) -> None:
+    """A quantised base is run as transformers loads it, said in one line; without the library
+    that loads it, refused in one line saying what to install."""
+    import importlib.util
+    import warnings
+
+    quantised = quantisation(config)
+    if quantised is None:
+        return
+    if quantised.startswith("bitsandbytes") and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            base,
+            f"is quantised ({quantised}); loading it needs bitsandbytes (pip install bitsandbytes), "
+            f"or give the full-precision base it was quantised from",
+        )
+    warnings.warn(  # printed as one line by the command line
+        f"{base}: its weights are quantised ({quantised}): many runs it as transformers loads it; "
+        f"merges fold into full-precision weights only (README, What many reads: which base a QLoRA adapter wants)",
+        stacklevel=3,
+    )
+
+
+def refuse_untranslated_code(base: str, config: dict):
+    """The maker's layout `base` is read in (see `maker_layout`), else None; a model that runs its
+    own code and is no layout many translates is refused in one line, as is a maker's checkpoint
+    with a part many does not translate."""
+    maker = maker_layout(base)
+    if maker is not None:  # read without its code, translated
+        maker[0].check_readable_layout(base, config)
+    else:
+        refuse_remote_code(base, config)
+    return maker
+
+
+def refuse_remote_code(base: str, config: dict) -> None:
+    """A model that runs its own code, in no maker's layout many translates, refused in one line."""
+    if "auto_map" in config and maker_layout(base) is None:  # transformers would run its code (and ask first)
         raise InputError(
             base,
             f"is a remote-code model (its config.json maps {', '.join(sorted(config['auto_map']))} "
             f"to its own code, model_type {config.get('model_type')!r}); many runs models "
-            f"transformers implements itself (and OpenGVLab's InternVL-Chat, translated): use the "
-            f"model's transformers-native conversion",
+            f"transformers implements itself (and the makers' layouts it translates: OpenGVLab's "
+            f"InternVL-Chat, LLaVA's own code): use the model's transformers-native conversion",
         )
-    canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
-    return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(_weight_files(base))}"
 
 
 def _weight_files(base: str) -> list[Path]:
@@ -113,13 +199,10 @@ def meta_model(base_dir: Path) -> nn.Module:
     """The base model's structure without its weights (on the meta device): its parameter names."""
     from transformers import AutoConfig
 
-    opengvlab = internvl_layout.config_of(str(base_dir))
-    if opengvlab is not None:
-        from transformers import InternVLForConditionalGeneration
-
+    maker = maker_layout(str(base_dir))
+    if maker is not None:
         with torch.device("meta"):
-            image_token_id = internvl_layout.load_tokenizer(str(base_dir), opengvlab).context_image_token_id
-            return InternVLForConditionalGeneration(internvl_layout.native_config(opengvlab, image_token_id))
+            return maker[0].meta_model(str(base_dir), maker[1])
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
     for auto in auto_model_classes():
         try:
@@ -144,6 +227,7 @@ def checkpoint_module_names(base: str) -> tuple[dict[str, str], dict[str, tuple[
             base,
             "is not a local model folder: naming modules as its checkpoint does needs the base's own files",
         )
+    refuse_unwritten_layout(base)
     keys = []
     for name in weight_files(base_dir):
         with open_safetensors(base_dir / name) as handle:
@@ -151,7 +235,7 @@ def checkpoint_module_names(base: str) -> tuple[dict[str, str], dict[str, tuple[
     from many_cli import internlm2
 
     model = meta_model(base_dir)
-    with internvl_layout.opengvlab_names():
+    with maker_names():
         names = checkpoint_names(model, keys)
         fused = internlm2.fused_rows(model, converted_names(model, keys))
     suffix = ".weight"
@@ -187,9 +271,9 @@ def load_base_model(base: str, device: torch.device, placement: Placement = Plac
     broken base is refused there, in one line, before transformers' own error)."""
     _check_gpus(placement)
     mapped = placement.device_map is not None
-    opengvlab = internvl_layout.config_of(base)
-    if opengvlab is not None:
-        model = internvl_layout.load_model(base, opengvlab, resolve_dtype(placement.dtype), placement.device_map)
+    maker = maker_layout(base)
+    if maker is not None:
+        model = maker[0].load_model(base, maker[1], resolve_dtype(placement.dtype), placement.device_map)
         return (model if mapped else model.to(device)).eval()
     where = {"device_map": placement.device_map} if mapped else {}
     for auto in auto_model_classes():
@@ -226,10 +310,10 @@ def load_processor(base: str, padding_side: str = "right"):
 
     from many_cli.data import tokenizer_of
 
-    opengvlab = internvl_layout.config_of(base)
+    maker = maker_layout(base)
     try:
-        if opengvlab is not None:
-            processor = internvl_layout.load_processor(base, opengvlab)
+        if maker is not None:
+            processor = maker[0].load_processor(base, maker[1])
         else:
             processor = AutoProcessor.from_pretrained(base, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
@@ -305,7 +389,7 @@ def _load_adapter(adapted, model: nn.Module, base: str, directory: Path, name: s
 def adapter_renames(model: nn.Module, adapter: Adapter) -> dict[str, str]:
     """Each module the adapter adapts or saves -> its name in `model` (the base, before PEFT wraps
     it), through transformers' renamings of older layouts."""
-    with internvl_layout.opengvlab_names():  # OpenGVLab's own names too (mlp1), for an InternVL model
+    with maker_names():  # a maker's own names too (OpenGVLab's mlp1)
         rename = renamer(model)
     return module_renames(rename, adapter.modules, adapter.saved_parameters)
 

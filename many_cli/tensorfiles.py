@@ -112,31 +112,63 @@ _HEADER_LIMIT = 100 << 20  # safetensors' own cap on a header
 
 
 def weights_fingerprint(files: Sequence[Path]) -> str:
-    """sha256, over every tensor of the safetensors `files` in name order, of its name, dtype,
-    shape and three windows of its bytes as stored: the same weights however they are sharded."""
+    """sha256, over every tensor of the weight `files` in name order, of its name, dtype, shape
+    and three windows of its bytes as stored: the same weights however they are sharded, and
+    whether in safetensors or in a (tensors-only) pickled torch file."""
     tensors = {}
     for path in files:
-        for name, (dtype, shape, start, end) in _header(path).items():
-            tensors.setdefault(name, []).append((path, dtype, shape, start, end))
+        entries = _header(path) if path.suffix == ".safetensors" else _pickled_entries(path)
+        for name, entry in entries.items():
+            tensors.setdefault(name, []).append((path, *entry))
     digest = hashlib.sha256()
     handles: dict[Path, BinaryIO] = {}
     try:
         for name in sorted(tensors):
-            for path, dtype, shape, start, end in tensors[name]:
+            for path, dtype, shape, start, end, data in tensors[name]:
                 digest.update(json.dumps([name, dtype, shape]).encode())
-                handle = handles.get(path) or handles.setdefault(path, open(path, "rb"))
                 middle = (start + end - _WINDOW) // 2
                 for offset in sorted({start, max(start, middle), max(start, end - _WINDOW)}):
+                    size = min(_WINDOW, end - offset)
+                    if data is not None:
+                        digest.update(data[offset : offset + size].numpy().tobytes())
+                        continue
+                    handle = handles.get(path) or handles.setdefault(path, open(path, "rb"))
                     handle.seek(offset)
-                    digest.update(handle.read(min(_WINDOW, end - offset)))
+                    digest.update(handle.read(size))
     finally:
         for handle in handles.values():
             handle.close()
     return digest.hexdigest()[:16]
 
 
-def _header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
-    """name -> (dtype, shape, first byte, end) of every tensor of a safetensors file, in file
+def load_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled torch file (`pytorch_model.bin`, `adapter_model.bin`), read
+    with torch's tensors-only unpickler, memory-mapped: nothing else in the file can run."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    check_readable(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling refusal or corruption is bad input
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        raise InputError(path, f"is not a tensors-only torch file ({type(error).__name__}: {first_line})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise InputError(path, "does not hold a dictionary of tensors")
+    return loaded
+
+
+def _pickled_entries(path: Path) -> dict[str, tuple[str, list[int], int, int, torch.Tensor]]:
+    """name -> (dtype, shape, 0, byte length, its bytes) of every tensor of a pickled file, as
+    `_header` tells a safetensors file's (the same windows of the same bytes)."""
+    entries = {}
+    for name, tensor in load_pickled_tensors(path).items():
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        entries[name] = (_DTYPE_CODES[tensor.dtype], list(tensor.shape), 0, data.numel(), data)
+    return entries
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int], int, int, None]]:
+    """name -> (dtype, shape, first byte, end, None) of every tensor of a safetensors file, in file
     offsets (which safe_open does not tell: the fingerprint reads byte windows)."""
     check_readable(path)
     try:
@@ -153,7 +185,7 @@ def _header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
             start, end = (8 + length + int(offset) for offset in entry["data_offsets"])
             if not 8 + length <= start <= end <= size:
                 raise ValueError(f"tensor {name!r} lies outside the file")
-            tensors[name] = (str(entry["dtype"]), list(entry["shape"]), start, end)
+            tensors[name] = (str(entry["dtype"]), list(entry["shape"]), start, end, None)
         return tensors
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(path, f"not a readable safetensors file ({error}); re-create it") from None
@@ -264,6 +296,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -274,6 +307,11 @@ def weight_files(folder: Path) -> list[str]:
         if not (folder / "model.safetensors").is_file():
             raise InputError(folder, "holds no model.safetensors nor its index (many loads no pickled checkpoint)")
         return ["model.safetensors"]
+    return _indexed_shards(index)
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The shards a weight index names, each checked to stay inside its folder."""
     weight_map = read_json(index).get("weight_map", {})
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(index, 'has no "weight_map" object naming the shards')
@@ -281,6 +319,28 @@ def weight_files(folder: Path) -> list[str]:
     for name in names:
         _check_shard_name(index, name)
     return names
+
+
+def model_weight_files(folder: Path) -> list[str]:
+    """The weight files a model folder is loaded from, relative to it: its safetensors, or else
+    its pickled shards (`pytorch_model.bin`, or those its index names), for the maker's layouts
+    whose checkpoints come so (LLaVA's own code)."""
+    if (folder / "model.safetensors").is_file() or (folder / WEIGHTS_INDEX).is_file():
+        return weight_files(folder)
+    if (folder / PICKLED_WEIGHTS_INDEX).is_file():
+        return _indexed_shards(folder / PICKLED_WEIGHTS_INDEX)
+    if (folder / "pytorch_model.bin").is_file():
+        return ["pytorch_model.bin"]
+    raise InputError(folder, "holds no model weights (model.safetensors, pytorch_model.bin or their index)")
+
+
+def safetensors_name(name: str) -> str:
+    """The safetensors file an export writes for the weight file `name` (a pickled shard's
+    transformers name turned into its safetensors one)."""
+    if not name.endswith(".bin"):
+        return name
+    stem = name.removesuffix(".bin")
+    return ("model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem) + ".safetensors"
 
 
 def _check_shard_name(index: Path, name: object) -> None:

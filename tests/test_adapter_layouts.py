@@ -216,6 +216,45 @@ def test_a_remote_code_base_is_refused_in_one_line_without_asking(tmp_path, caps
     assert code == 2 and "remote-code model" in err and "'minicpmv'" in err and err.count("\n") == 1, err
 
 
+def test_a_baseline_merge_refuses_adapters_of_a_remote_code_base(tmp_path, capsys):
+    """`merge --method average` reads no base, yet adapters whose config names a remote-code base
+    here (MiniCPM-V's) are refused in one line, as every command that reads the base refuses it;
+    the same adapters naming a base many runs merge."""
+    base = tmp_path / "MiniCPM-V-2_6"
+    base.mkdir()
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}})
+    )
+    adapters = []
+    for task in ("1_colour", "2_count"):
+        adapter = shutil.copytree(SAMPLE / "adapters" / task, tmp_path / task)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+        adapters.append(adapter)
+    code, err = run_cli(capsys, "merge", *adapters, "--method", "average", "--out", tmp_path / "merged")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{adapters[0] / 'adapter_config.json'}: names its base {base}: is a remote-code model" in err, err
+    assert not (tmp_path / "merged").exists()
+    code, err = run_cli(
+        capsys,
+        "merge",
+        *(SAMPLE / "adapters" / t for t in ("1_colour", "2_count")),
+        "--method",
+        "average",
+        "--out",
+        tmp_path / "ok",
+    )
+    assert code == 0, err
+    # a maker's layout many translates is not checked further: nothing of it is read here (a
+    # LLaVA-code base whose tower folder is not on this machine, as on a training machine's paths)
+    llava_code = shutil.copytree(Path(__file__).parent / "fixtures" / "llava_code" / "base", tmp_path / "llava-base")
+    for adapter in adapters:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(llava_code)}))
+    code, err = run_cli(capsys, "merge", *adapters, "--method", "average", "--out", tmp_path / "merged")
+    assert code == 0, err
+
+
 def test_a_baseline_merge_of_layouts_it_cannot_map_warns(tmp_path, capsys):
     """Without stats files nothing maps an old layout's names: the merge says so."""
     lora_only = []

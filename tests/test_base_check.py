@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from helpers import build_base, invoke, run_cli, write_task_stats
 from safetensors.torch import load_file, save_file
 
 from many_cli.models import base_fingerprint
+
+SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,30 @@ def test_every_tensor_counts_and_a_copy_is_the_same_base(world, bases, tmp_path)
         update = 1e-4 * torch.randn(weights[name].shape, generator=generator)
         save_file({**weights, name: weights[name] + update}, copy / "model.safetensors", metadata={"format": "pt"})
         assert base_fingerprint(str(copy)) not in fingerprints, name
+
+
+def test_a_quantised_base_is_refused_in_one_line_where_it_cannot_be_run(tmp_path, capsys):
+    """A base saved quantised (bitsandbytes 4-bit, as LLaMA-Factory's `quantization_bit: 4` export
+    or a hub -bnb-4bit checkpoint): without bitsandbytes, one line saying what to install; `export`
+    refuses it before reading anything, since it folds into full-precision weights."""
+    import importlib.util
+
+    base = shutil.copytree(SAMPLE / "base", tmp_path / "base-bnb-4bit")
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = SAMPLE / "adapters" / "1_colour"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        code, err = run_cli(capsys, "infer", "--model", base, "--adapter", adapter, "--prompt", "hi", "--device", "cpu")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{base}: is quantised (bitsandbytes 4-bit nf4); loading it needs bitsandbytes (pip install" in err, err
+    out = tmp_path / "exported"
+    code, err = run_cli(capsys, "export", "--model", base, "--merged", adapter, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is quantised (bitsandbytes 4-bit nf4): export folds the merge into full-precision weights" in err, err
+    assert not out.exists()

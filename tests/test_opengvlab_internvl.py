@@ -18,7 +18,7 @@ from many_cli.data import Record, encode_records, load_image
 from many_cli.models import base_fingerprint, load_base_model, load_processor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opengvlab_internvl"
-LANGUAGE_MODELS = {"qwen2": FIXTURES, "internlm2": FIXTURES / "internlm2"}  # one checkpoint each
+LANGUAGE_MODELS = {"qwen2": FIXTURES, "internlm2": FIXTURES / "internlm2", "llama": FIXTURES / "llama"}  # one each
 INDICES = range(2)  # the cases make.py records
 
 
@@ -35,9 +35,11 @@ class Kit:
 
     @property
     def atol(self) -> float:
-        """Float32 rounding of an adapted model's logits: InternLM2's fixture runs larger hidden
-        states (1.6e-5 between its float32 and float64 logits here), Qwen2's under 1e-6."""
-        return 2e-5 if self.folder.name == "internlm2" else 2e-6
+        """Float32 rounding of an adapted model's logits: the InternViT-6B-style fixtures run larger
+        hidden states (between the float32 and float64 logits of the same adapted model here:
+        1.6e-5 for InternLM2's, 2.4e-5 for Llama's whole-model LoRA, whose float64 logits are
+        OpenGVLab's own to 7e-6), Qwen2's under 1e-6."""
+        return {"internlm2": 2e-5, "llama": 3e-5}.get(self.folder.name, 2e-6)
 
     @property
     def cases(self) -> list[dict]:
@@ -49,7 +51,17 @@ class Kit:
         return ["infer", "--model", self.base, "--image", image, "--prompt", question, "--json", *self.GREEDY]
 
 
-@pytest.fixture(scope="module", params=list(LANGUAGE_MODELS))
+# The quick loop (`-m "not slow"`) reads InternLM2's checkpoint, the one whose fused `wqkv` and
+# own names are translated; the full suite reads every language model.
+QUICK_LANGUAGE_MODEL = "internlm2"
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=() if name == QUICK_LANGUAGE_MODEL else pytest.mark.slow) for name in LANGUAGE_MODELS
+    ],
+)
 def kit(request) -> Kit:
     return Kit(LANGUAGE_MODELS[request.param])
 

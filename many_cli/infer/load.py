@@ -25,6 +25,7 @@ from many_cli.families import (
     replace_projectors,
 )
 from many_cli.files import file_fingerprint
+from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import (
     apply_adapters,
     base_fingerprint,
@@ -140,19 +141,21 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
             f"{routing_options[0]} does not apply to --adapter (one task's own adapter answers, "
             f"nothing is routed); leave it out",
         )
-    check_supported_config(adapter)
     stats = adapter / STATS_FILE
-    model, device = _base_model(
-        base, options, (stats, read_stats_header(stats).base_fingerprint) if stats.is_file() else None
-    )
-    model = apply_adapters(model, base, [(adapter, "default")])
+    with peft_adapter_dir(adapter, base) as loadable:  # a maker's own layout read as PEFT's
+        check_supported_config(loadable)
+        model, device = _base_model(
+            base, options, (stats, read_stats_header(stats).base_fingerprint) if stats.is_file() else None
+        )
+        model = apply_adapters(model, base, [(loadable, "default")])
+        fingerprint = adapter_fingerprint(loadable)
     model = model.merge_and_unload() if options.fold else model
     return MergedModel(
         model.eval(),
         load_processor(base),
         None,
         device,
-        answered_by=Answerer(ADAPTER, (adapter.name,), adapter_fingerprint(adapter)),
+        answered_by=Answerer(ADAPTER, (adapter.name,), fingerprint),
     )
 
 

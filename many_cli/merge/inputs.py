@@ -15,10 +15,10 @@ import torch
 from many_cli.adapters import ADAPTER_CONFIG, Adapter, check_supported_config, find_adapter_dirs, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import routable_modules
-from many_cli.files import refuse_overlap
+from many_cli.files import read_json, refuse_overlap
 from many_cli.llava_layout import peft_adapter_dir
 from many_cli.merge.report import MergeReport
-from many_cli.models import base_fingerprint, checkpoint_module_names, refuse_other_base
+from many_cli.models import base_fingerprint, checkpoint_module_names, refuse_other_base, refuse_remote_code
 from many_cli.options import MergeOptions
 from many_cli.state import (
     BUNDLE_FILE,
@@ -193,6 +193,9 @@ def read_inputs(
         Task(replace(task.adapter, name=task_names[path]), task.stats) if path in task_names else task
         for path, task in zip(paths, tasks)
     ]
+    if not needs_stats:  # no stats file vouches for the base: check the one each adapter names
+        for path, task in zip(paths, tasks):
+            _refuse_untranslated_base(path, task.adapter.base_model)
     previous = _read_previous(resume) if resume is not None else None
     inputs = MergeInputs(tasks, previous, options, resume, _check_compatible(tasks, previous, options))
     report.tasks = inputs.names
@@ -206,6 +209,19 @@ def read_inputs(
             refuse_other_base(recorded_by, inputs.base_fingerprint, base, fingerprint)
         inputs.adapter_names, inputs.fused_modules = checkpoint_module_names(base)
     return inputs
+
+
+def _refuse_untranslated_base(adapter: Path, base: str | None) -> None:
+    """A merge that reads no base still refuses adapters of a base many does not run (a remote-code
+    model), as every command that reads one does, when that base is a folder here; a maker's
+    layout many translates is not checked further, since nothing of it is read."""
+    config_path = Path(base).expanduser() / "config.json" if base else None
+    if config_path is None or not config_path.is_file():
+        return
+    try:
+        refuse_remote_code(base, read_json(config_path))
+    except InputError as error:
+        raise InputError(adapter / ADAPTER_CONFIG, f"names its base {error}") from None
 
 
 def _resolve_options(inputs: MergeInputs, report: MergeReport) -> MergeOptions:
