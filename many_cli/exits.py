@@ -4,6 +4,7 @@ ends quietly, a full disk is an error naming it); the libraries' own bars and no
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -131,3 +132,8 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Where installed (for --qlora), bitsandbytes is imported by PEFT and, on a CPU with bf16,
+    # says on import that it could not fetch an optional kernel from the Hub; its quantisation
+    # compiles with torch, which says it found no CUDA. Neither changes a result.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

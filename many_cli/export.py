@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 from torch import nn
 
-from many_cli import internlm2
+from many_cli import internlm2, qlora
 from many_cli.adapters import Adapter, read_adapter
 from many_cli.errors import InputError
 from many_cli.families import module_name, projector_paths
@@ -76,7 +76,9 @@ def export(
             f"is quantised ({quantised}): export folds the merge into full-precision weights; export "
             f"onto the full-precision base it was quantised from",
         )
-    fingerprint = base_fingerprint(str(base_dir))  # a remote-code or broken config is refused in one line
+    fingerprint = base_fingerprint(
+        str(base_dir), options.qlora
+    )  # a remote-code or broken config is refused in one line
     load_processor(str(base_dir))  # the export must load as the base does, processor included
     bundle = read_merge_output(merged)
     built_on = recorded_base(merged)
@@ -91,6 +93,8 @@ def export(
         raw_names = checkpoint_names(model, keys)
         fused = internlm2.fused_rows(model, converted_names(model, keys))
     folds = _folds(adapter, raw_names, set(keys), fused, merged)
+    if options.qlora != qlora.NONE:
+        folds = _requantised_first(folds, model, raw_names, options.qlora)
     changes = {**folds, **_projector(model, bundle, options.projector, raw_names)}
     with atomic_output_dir(out, options.force) as staging:
         for shard in track(list(shards), "export"):
@@ -106,7 +110,9 @@ def export(
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if options.projector == ROUTED:
             shutil.copy2(bundle.path, staging / BUNDLE_FILE)
-        (staging / "README.md").write_text(_card(base, merged, adapter, options.projector, maker is not None))
+        (staging / "README.md").write_text(
+            _card(base, merged, adapter, options.projector, maker is not None, options.qlora)
+        )
     return ExportReport(out, len(adapter.modules), options.projector, sum(len(keys) for keys in shards.values()))
 
 
@@ -236,6 +242,23 @@ def _replace(weight: torch.Tensor, value: torch.Tensor, bundle: Path, key: str) 
     return value.to(weight.dtype)
 
 
+def _requantised_first(
+    folds: dict[str, Change], model: nn.Module, raw_names: dict[str, str], scheme: str
+) -> dict[str, Change]:
+    """`folds`, with each weight a 4-bit load quantises (`qlora.quantised_modules` of the meta
+    model, by its checkpoint key) first taken to the weights the QLoRA adapters trained on."""
+    changes = dict(folds)
+    for module in qlora.quantised_modules(model):
+        key = raw_names.get(f"{module}.weight", f"{module}.weight")
+        changes[key] = partial(_after_requantising, folds.get(key), scheme)
+    return changes
+
+
+def _after_requantising(change: Change | None, scheme: str, weight: torch.Tensor) -> torch.Tensor:
+    requantised = qlora.requantised(weight, scheme)
+    return change(requantised) if change is not None else requantised
+
+
 def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> None:
     """`source` written to `target` as safetensors, tensor by tensor, each changed as `changes`
     says (a pickled shard is memory-mapped, so it too is read one tensor at a time)."""
@@ -255,7 +278,7 @@ def _stream_shard(source: Path, target: Path, changes: dict[str, Change]) -> Non
                 writer.write(key, changes[key](tensor) if key in changes else tensor)
 
 
-def _card(base: str, merged: Path, adapter: Adapter, projector: str, maker: bool) -> str:
+def _card(base: str, merged: Path, adapter: Adapter, projector: str, maker: bool, scheme: str) -> str:
     routed = projector == ROUTED
     chosen = {
         MEAN: "the tasks' projectors averaged",
@@ -271,7 +294,14 @@ def _card(base: str, merged: Path, adapter: Adapter, projector: str, maker: bool
             "# Model exported by `many export`",
             "",
             f"The base model `{base}` with the merged LoRA of `{merged}` folded into its weights "
-            f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. It loads as the base does:",
+            f"({len(adapter.modules)} modules) and, in the projector's place, {chosen}. "
+            + (
+                f"The base's weights are those its QLoRA adapters trained on (`--qlora {scheme}`: "
+                f"quantised to 4 bits and back), stored at full precision. "
+                if scheme != qlora.NONE
+                else ""
+            )
+            + "It loads as the base does:",
             "",
             *(
                 [

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from many_cli import internvl_layout, llava_code
+from many_cli import qlora as qlora_scheme
 from many_cli.adapters import ADAPTER_CONFIG, BASE_LAYER, PEFT_PREFIX, Adapter, loading_config, read_adapter
 from many_cli.errors import InputError
 from many_cli.layouts import checkpoint_names, converted_names, module_renames, rename_key, renamer
@@ -67,10 +68,11 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def base_fingerprint(base: str) -> str:
+def base_fingerprint(base: str, qlora: str = qlora_scheme.NONE) -> str:
     """The base model's identity, "CONFIG-WEIGHTS": sha256 of its config.json as saved, less
     fields that do not change the model (its path, dtype, the transformers version that wrote
-    it), and `weights_fingerprint` of its safetensors weights as stored (however sharded)."""
+    it), and `weights_fingerprint` of its safetensors weights as stored (however sharded); with
+    "+SCHEME" for the base as a QLoRA adapter saw it (`--qlora`), which is another model."""
     from transformers import PretrainedConfig
 
     local = Path(base).expanduser()
@@ -88,9 +90,24 @@ def base_fingerprint(base: str) -> str:
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
     maker = refuse_untranslated_code(base, config)
     _check_quantised(base, config)
+    if qlora != qlora_scheme.NONE:
+        _check_requantisable(base, config, maker is not None)
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     files = maker[0].weight_paths(base, config) if maker is not None else _weight_files(base)
-    return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(files)}"
+    requantised = "" if qlora == qlora_scheme.NONE else f"+{qlora}"
+    return f"{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{weights_fingerprint(files)}{requantised}"
+
+
+def _check_requantisable(base: str, config: dict, maker: bool) -> None:
+    """--qlora takes a full-precision base that transformers itself builds."""
+    if quantisation(config) is not None:
+        raise InputError(base, f"is quantised already ({quantisation(config)}); --qlora takes the full-precision base")
+    if maker:  # transformers quantised the maker's own modules (InternLM2's fused wqkv): other blocks
+        raise InputError(
+            base,
+            "--qlora is not available for a checkpoint in its maker's own layout yet (its training "
+            "quantised the maker's own modules); give the base without --qlora",
+        )
 
 
 def quantisation(config: dict) -> str | None:
@@ -172,6 +189,14 @@ def refuse_other_base(recorded_by: Path, recorded: str, base: str, actual: str) 
     """Refuse `base` (fingerprint `actual`) for what `recorded_by` says was built on `recorded`."""
     if recorded == actual:
         return
+    (recorded_base, _, recorded_qlora), (actual_base, _, actual_qlora) = recorded.partition("+"), actual.partition("+")
+    if recorded_base == actual_base:
+        given = f"--qlora {recorded_qlora}" if recorded_qlora else "no --qlora"
+        raise InputError(
+            recorded_by,
+            f"was built on {base} {f'as quantised by --qlora {recorded_qlora}' if recorded_qlora else 'at full precision'}, "
+            f"not {f'as --qlora {actual_qlora} gives it' if actual_qlora else 'at full precision'}: give {given}",
+        )
     same_config = recorded.partition("-")[0] == actual.partition("-")[0]
     how = "the same config but other weights" if same_config else "another config"
     raise InputError(
@@ -265,10 +290,13 @@ def _check_gpus(placement: Placement) -> None:
             raise InputError(placement.map_file, f"places {module} on {device!r}; use {choices}")
 
 
-def load_base_model(base: str, device: torch.device, placement: Placement = Placement()) -> nn.Module:
+def load_base_model(
+    base: str, device: torch.device, placement: Placement = Placement(), qlora: str = qlora_scheme.NONE
+) -> nn.Module:
     """The base model in the placement's dtype, on `device` or placed by accelerate as the
-    placement's device map says. `base` is one `base_fingerprint` has checked (a missing or
-    broken base is refused there, in one line, before transformers' own error)."""
+    placement's device map says, and as a QLoRA adapter saw it when `qlora` names a scheme.
+    `base` is one `base_fingerprint` has checked (a missing or broken base is refused there, in
+    one line, before transformers' own error; as is --qlora on a base it does not apply to)."""
     _check_gpus(placement)
     mapped = placement.device_map is not None
     maker = maker_layout(base)
@@ -283,6 +311,8 @@ def load_base_model(base: str, device: torch.device, placement: Placement = Plac
             )
             if isinstance(placement.device_map, dict):
                 _check_placed_modules(model, placement.device_map, placement.map_file)
+            if qlora != qlora_scheme.NONE:
+                qlora_scheme.requantise(model, qlora)
             return (model if mapped else model.to(device)).eval()
         except ValueError as error:
             if mapped and "offload" in str(error):

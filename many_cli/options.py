@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal, get_args
 from many_cli.errors import InputError
 from many_cli.files import read_json
 from many_cli.methods import REGISTRY, ignored, readers
+from many_cli.qlora import NONE as FULL_PRECISION
+from many_cli.qlora import SCHEMES as QLORA_SCHEMES
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -33,6 +35,7 @@ Method = Literal[tuple(REGISTRY)]  # the registered merge methods (`many_cli/met
 StatePrecision = Literal["float64", "float32"]
 Routing = Literal["nearest", "soft", "hard"]
 LmRouting = Literal["merged", "experts"]
+Qlora = Literal[(FULL_PRECISION, *QLORA_SCHEMES)]  # `many_cli/qlora.py`
 PaddingSide = Literal["left", "right"]
 
 FORMATS: tuple[str, ...] = get_args(DataFormat)  # "auto" tells the shape of each record by its fields
@@ -174,6 +177,19 @@ class LoadsModel:
 
 
 @dataclass(frozen=True)
+class ReadsBase:
+    """The setting of a command that reads the base's weights: which weights an adapter trained on."""
+
+    qlora: Qlora = option(
+        FULL_PRECISION,
+        "--qlora",
+        "The base as a QLoRA adapter saw it in training: each weight transformers loads in 4 bits "
+        "quantised (nf4 or fp4, blocks of 64; -double: the block scales quantised too, LLaMA-Factory's "
+        "quantization_bit: 4 default) and back. Give the same to stats, merge, infer and export.",
+    )
+
+
+@dataclass(frozen=True)
 class Reading:
     """How DATA is read: the prompt a folder of images is asked, the format (`auto`: told by each
     record's fields), and the folder that media paths are relative to (default: the data file's,
@@ -211,7 +227,7 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
-class StatsOptions(DataOptions, LoadsModel):
+class StatsOptions(DataOptions, LoadsModel, ReadsBase):
     """Every setting of one `many stats` run."""
 
     BESIDE_THE_MODEL: ClassVar[str] = "the statistics gather"
@@ -272,7 +288,7 @@ class StatsOptions(DataOptions, LoadsModel):
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(ReadsBase):
     """Every setting of one merge."""
 
     method: Method = option(
@@ -384,7 +400,7 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
-class InferOptions(DataOptions, LoadsModel):
+class InferOptions(DataOptions, LoadsModel, ReadsBase):
     """Every setting of one `many infer` run."""
 
     BESIDE_THE_MODEL: ClassVar[str] = "the routed projector runs"
@@ -445,7 +461,7 @@ class InferOptions(DataOptions, LoadsModel):
 
 
 @dataclass(frozen=True)
-class ExportOptions:
+class ExportOptions(ReadsBase):
     """Every setting of one export."""
 
     projector: str = option(
@@ -457,8 +473,8 @@ class ExportOptions:
     force: bool = option(False, "--force", "Replace --out if it exists.")
 
     def check(self) -> None:
-        check_types(self)
         """Refuse every invalid setting before any work starts (a task's name is checked against the merge)."""
+        check_types(self)
         if not self.projector:
             raise InputError(None, f"--projector is empty: give a task's name, {MEAN} or {ROUTED}")
 

@@ -286,8 +286,8 @@ def task_vector(adapter, module: str) -> torch.Tensor:
         b = handle.get_tensor(f"{prefix}.lora_B.weight").double()
     rank = a.shape[0]
     projection = module.rsplit(".", 1)[1]
-    alpha = config["alpha_pattern"].get(projection, config["lora_alpha"])
-    scale = alpha / rank**0.5 if config["use_rslora"] else alpha / rank
+    alpha = (config.get("alpha_pattern") or {}).get(projection, config["lora_alpha"])  # a merge writes none
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     return scale * b @ a
 
 

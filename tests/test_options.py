@@ -63,6 +63,7 @@ DOCUMENTED = {
         "--density": 0.2,
         "--out": None,
         "--resume": None,
+        "--qlora": "none",
     },
     "stats": {
         "--model": None,
@@ -81,6 +82,7 @@ DOCUMENTED = {
         "--modules": None,
         "--under": None,
         "--device-map": None,
+        "--qlora": "none",
         "--format": "auto",
         "--media-dir": None,
         "--text-only": False,
@@ -108,8 +110,16 @@ DOCUMENTED = {
         "--device": "auto",
         "--dtype": "auto",
         "--device-map": None,
+        "--qlora": "none",
     },
-    "export": {"--model": None, "--merged": None, "--out": None, "--projector": "routed", "--force": False},
+    "export": {
+        "--model": None,
+        "--merged": None,
+        "--out": None,
+        "--projector": "routed",
+        "--qlora": "none",
+        "--force": False,
+    },
     "report": {
         "--out": None,
         "--upper": None,
@@ -158,6 +168,7 @@ CHOICES = {
     ("infer", "--routing"): ["nearest", "soft", "hard"],
     ("infer", "--lm-routing"): ["merged", "experts"],
     ("infer", "--device"): ["auto", "cpu", "cuda"],
+    ("stats", "--qlora"): ["none", "nf4-double", "nf4", "fp4-double", "fp4"],
 }
 
 

@@ -35,7 +35,7 @@ from many_cli.models import (
     resolve_device,
     text_layers,
 )
-from many_cli.options import DEFAULT_CONFIDENCE, NEAREST, InferOptions
+from many_cli.options import DEFAULT_CONFIDENCE, FULL_PRECISION, NEAREST, InferOptions
 from many_cli.rows import ADAPTER, MERGE, MERGED
 from many_cli.state import (
     BUNDLE_FILE,
@@ -163,6 +163,8 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     """A model `many export --projector routed` wrote (the merged LoRA folded in), with its task
     projectors routed again from the bundle beside the weights."""
     options.check()
+    if options.qlora != FULL_PRECISION:
+        raise InputError(path, "is an export, served as written (--qlora applied at export): leave --qlora out")
     bundle = read_bundle_header(path / BUNDLE_FILE)
     model, device = _base_model(str(path), options)
     notes = []
@@ -175,11 +177,11 @@ def _base_model(
 ) -> tuple[nn.Module, torch.device]:
     """The base model (checked, and refused when it is not the base `built_on` = (file, fingerprint)
     records) where the options place it, and the device the router runs on."""
-    fingerprint = base_fingerprint(base)
+    fingerprint = base_fingerprint(base, options.qlora)
     if built_on:
         refuse_other_base(*built_on, base, fingerprint)
     device = resolve_device(options.device)
-    return load_base_model(base, device, options.placement), device
+    return load_base_model(base, device, options.placement, options.qlora), device
 
 
 def install_router(

@@ -32,7 +32,13 @@ def model_card(inputs: MergeInputs, method: MergeMethod, report: MergeReport) ->
             "",
             f"{len(rows)} tasks merged into one LoRA adapter ({report.modules} modules) with "
             f"MAny's {method.title} merge.",
-            f"Base model: `{base_model or 'unknown'}` (config fingerprint `{base_fingerprint or 'unknown'}`).",
+            f"Base model: `{base_model or 'unknown'}` (config fingerprint `{base_fingerprint or 'unknown'}`)"
+            + (
+                f", as its QLoRA adapters saw it (`--qlora {base_fingerprint.partition('+')[2]}`: give the same "
+                f"to `many infer` and `many export`)."
+                if "+" in (base_fingerprint or "")
+                else "."
+            ),
             "",
             "| order | task | adapter fingerprint | from |",
             "|---|---|---|---|",

@@ -203,7 +203,7 @@ def read_inputs(
     _note_inputs(inputs, report)
     if options.checkpoint_names:
         base = str(options.model)
-        fingerprint = base_fingerprint(base)  # a missing, broken or remote-code base is refused here
+        fingerprint = base_fingerprint(base, options.qlora)  # a missing, broken or remote-code base is refused here
         recorded_by = previous.state.path if previous else next((t.stats.path for t in tasks if t.stats), None)
         if recorded_by and inputs.base_fingerprint:
             refuse_other_base(recorded_by, inputs.base_fingerprint, base, fingerprint)

@@ -115,7 +115,7 @@ def _collect(
     device = world.device
     records = read_records(data, options.reading)  # raises on a missing or empty source at once
     adapter_fingerprint = _adapter_fingerprint(adapter)
-    fingerprint = base_fingerprint(base)
+    fingerprint = base_fingerprint(base, options.qlora)
     if options.under is not None:
         _check_merge(options.under, base, fingerprint)
     model, processor, layers, renames = _load(base, adapter, options, device)
@@ -152,7 +152,7 @@ def _collect(
 def _load(base: str, adapter: Path, options: StatsOptions, device: torch.device):
     """base + adapter, its processor (padding as asked) and the layers PEFT adapted."""
     processor = load_processor(base, options.padding_side)  # a folder without one fails before the model loads
-    model = load_base_model(base, device, options.placement)
+    model = load_base_model(base, device, options.placement, options.qlora)
     renames = {
         saved: loaded for saved, loaded in adapter_renames(model, read_adapter(adapter)).items() if saved != loaded
     }
