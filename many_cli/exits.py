@@ -4,7 +4,6 @@ ends quietly, a full disk is an error naming it); the libraries' own bars and no
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -13,6 +12,7 @@ from typing import Iterator
 
 import typer
 
+from many_cli import qlora
 from many_cli.errors import InputError, OutputError, Terminated
 from many_cli.files import signals_held
 
@@ -132,8 +132,4 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # Where installed (for --qlora), bitsandbytes is imported by PEFT and, on a CPU with bf16,
-    # says on import that it could not fetch an optional kernel from the Hub; its quantisation
-    # compiles with torch, which says it found no CUDA. Neither changes a result.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    qlora.quiet()  # bitsandbytes, where installed, is imported by PEFT

@@ -118,9 +118,10 @@ def convert(source: Path, out: Path, force: bool) -> Path:
 @contextmanager
 def peft_adapter_dir(path: Path, base: str | None = None) -> Iterator[Path]:
     """`path` itself for a PEFT adapter; for a checkpoint in its maker's own layout (the original
-    LLaVA code's, InternVL's whole-model LoRA, checked against `base` when given), a temporary PEFT
-    copy of the same name (the conversion is deterministic, so its fingerprint is too)."""
-    from many_cli import internvl_layout
+    LLaVA code's, InternVL's whole-model LoRA, checked against `base` when given), or a QLoRA
+    adapter that saved a module in 4 bits, a temporary PEFT copy of the same name (the conversion
+    is deterministic, so its fingerprint is too)."""
+    from many_cli import internvl_layout, qlora
 
     if is_llava_layout(path):
         write = write_peft_adapter
@@ -128,6 +129,8 @@ def peft_adapter_dir(path: Path, base: str | None = None) -> Iterator[Path]:
         write = internvl_layout.write_peft_adapter
         if base is not None:
             internvl_layout.check_against_base(path, base)
+    elif qlora.saves_4bit_modules(path):
+        write = qlora.write_dequantised_adapter
     else:
         yield path
         return

@@ -89,9 +89,9 @@ def base_fingerprint(base: str, qlora: str = qlora_scheme.NONE) -> str:
         where = "" if local.exists() else "not found here, nor as a Hugging Face Hub id: "
         raise InputError(base, f"{where}no readable config.json ({' '.join(str(error).split())[:200]})") from None
     maker = refuse_untranslated_code(base, config)
-    _check_quantised(base, config)
     if qlora != qlora_scheme.NONE:
         _check_requantisable(base, config, maker is not None)
+    _check_quantised(base, config)
     canonical = json.dumps(_without_volatile(config), sort_keys=True, separators=(",", ":"))
     files = maker[0].weight_paths(base, config) if maker is not None else _weight_files(base)
     requantised = "" if qlora == qlora_scheme.NONE else f"+{qlora}"

@@ -6,6 +6,9 @@ dtype. The adapter learnt its correction against these weights, not the full-pre
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from many_cli.errors import InputError
@@ -25,14 +28,21 @@ SCHEMES: dict[str, tuple[str, bool]] = {
 BLOCKSIZE = 64  # what transformers' Linear4bit quantises with (bitsandbytes' default; not configurable there)
 
 
-def _bitsandbytes():
-    """bitsandbytes, or one line saying what to install."""
+def quiet() -> None:
+    """bitsandbytes says on import (by PEFT too, wherever it is installed), on a CPU with bf16,
+    that it could not fetch an optional kernel from the Hub, and its quantisation compiles with
+    torch, which says it found no CUDA: neither changes a result, and they would bury many's lines."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _bitsandbytes(path: Path | None = None, need: str = "--qlora quantises the base as bitsandbytes did in training"):
+    """bitsandbytes, or one line saying what needs it and what to install."""
+    quiet()
     try:
         import bitsandbytes
     except ImportError:
-        raise InputError(
-            None, "--qlora quantises the base as bitsandbytes did in training: pip install bitsandbytes"
-        ) from None
+        raise InputError(path, f"{need}: pip install bitsandbytes") from None
     return bitsandbytes
 
 
@@ -72,3 +82,52 @@ def requantise(model: nn.Module, scheme: str) -> None:
         for name in list(quantised_modules(model)):
             weight = model.get_submodule(name).weight
             weight.copy_(requantised(weight, scheme))
+
+
+# What PEFT saves of a module kept whole (`modules_to_save`, LLaMA-Factory's `additional_target`)
+# that was a 4-bit layer in training: its packed weight and, beside it, bitsandbytes' quant state.
+QUANT_STATE_KEY = re.compile(
+    r"^(?P<weight>.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__(nf4|fp4))$"
+)
+
+
+def saves_4bit_modules(adapter: Path) -> bool:
+    """Whether the PEFT adapter folder `adapter` saved a module in 4 bits (a QLoRA run's projector)."""
+    from many_cli.adapters import ADAPTER_WEIGHTS
+    from many_cli.tensorfiles import open_safetensors
+
+    weights = adapter / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return False
+    with open_safetensors(weights) as handle:
+        return any(QUANT_STATE_KEY.match(key) for key in handle.keys())
+
+
+def write_dequantised_adapter(source: Path, out: Path) -> None:
+    """`source` as a PEFT adapter folder `out` whose 4-bit saved modules hold their weights at
+    full precision (what the layer computed with in training), their quant state dropped."""
+    import torch
+
+    from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from many_cli.tensorfiles import open_safetensors, save_tensors
+
+    functional = _bitsandbytes(
+        source, "saved a module in 4 bits (a QLoRA run's); reading it needs bitsandbytes"
+    ).functional
+    with open_safetensors(source / ADAPTER_WEIGHTS) as handle:
+        tensors = {key: handle.raw(key) for key in handle.keys()}  # packed 4-bit data: checked once unpacked
+        metadata = handle.metadata() or {"format": "pt"}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        found = QUANT_STATE_KEY.match(key)
+        if found:
+            states.setdefault(found["weight"], {})[key[len(found["weight"]) + 1 :]] = tensors.pop(key)
+    for weight, state in states.items():
+        if weight not in tensors:
+            raise InputError(source / ADAPTER_WEIGHTS, f"holds the 4-bit quant state of {weight} but not the weight")
+        quant_state = functional.QuantState.from_dict(state, device=torch.device("cpu"))
+        shape, quant_state.shape = quant_state.shape, torch.Size((quant_state.shape.numel(), 1))  # see requantised
+        tensors[weight] = functional.dequantize_4bit(tensors[weight], quant_state).reshape(shape)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_bytes((source / ADAPTER_CONFIG).read_bytes())
+    save_tensors(out / ADAPTER_WEIGHTS, tensors, metadata)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import LM_TARGETS, console_script, make_adapter, run_cli, run_cli_output, task_vector
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
+from safetensors.torch import load_file
 from test_infer import write_task_data
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
@@ -22,6 +23,7 @@ import many_cli
 from many_cli import qlora
 from many_cli.bench.tiny import tiny_clip, tiny_llava_config, tiny_processor
 from many_cli.errors import InputError
+from many_cli.llava_layout import peft_adapter_dir
 from many_cli.models import load_base_model
 from many_cli.options import InferOptions, Placement
 from many_cli.state import STATS_FILE, read_stats_header
@@ -182,7 +184,7 @@ def test_stats_merge_infer_and_export_run_on_the_base_as_the_adapter_saw_it(kit,
         many_cli.load_routed(exported, InferOptions(qlora="nf4-double"))
 
 
-def test_a_quantised_base_or_no_bitsandbytes_is_one_line(kit, tmp_path, capsys):
+def test_a_quantised_base_or_no_bitsandbytes_is_one_line(kit, qlora_run, tmp_path, capsys):
     base, adapter, calibration, _ = kit
     quantised = tmp_path / "quantised"
     quantised.mkdir()
@@ -203,20 +205,77 @@ def test_a_quantised_base_or_no_bitsandbytes_is_one_line(kit, tmp_path, capsys):
         "nf4",
     ]
     code, _, err = run_cli_output(capsys, *stats, "--model", quantised)
-    assert (
-        code == 2
-        and "is quantised already (bitsandbytes 4-bit nf4); --qlora takes the full-precision base"
-        in err.splitlines()[-1]
-    ), err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{quantised}: is quantised already (bitsandbytes 4-bit nf4); --qlora takes the full-precision base" in err
 
     missing = tmp_path / "no_bitsandbytes" / "bitsandbytes"
     missing.mkdir(parents=True)
     (missing / "__init__.py").write_text("raise ImportError('bitsandbytes is not installed here')\n")
+    without = {**os.environ, "PYTHONPATH": str(missing.parent)}
     ran = subprocess.run(
-        [*console_script(), *map(str, stats), "--model", str(base)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(missing.parent)},
+        [*console_script(), *map(str, stats), "--model", str(base)], capture_output=True, text=True, env=without
     )
     assert ran.returncode == 2 and ran.stderr.count("\n") == 1, ran.stderr
     assert "pip install bitsandbytes" in ran.stderr and not (tmp_path / "s.safetensors").exists()
+    adapter = qlora_run[0]
+    stats = ["stats", "--model", base, "--adapter", adapter, "--data", calibration, "--out", tmp_path / "s.safetensors"]
+    ran = subprocess.run([*console_script(), *map(str, stats)], capture_output=True, text=True, env=without)
+    assert ran.returncode == 2 and ran.stderr.count("\n") == 1, ran.stderr
+    assert (
+        f"{adapter}: saved a module in 4 bits (a QLoRA run's); reading it needs bitsandbytes: pip install" in ran.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def qlora_run(kit, tmp_path_factory):
+    """A QLoRA adapter as PEFT saves it from a 4-bit model (LLaMA-Factory's quantization_bit: 4
+    loading), its projector kept whole (`modules_to_save`, LLaMA-Factory's `additional_target`):
+    packed as bitsandbytes packed it, the quant state beside it. Also what training changed."""
+    quant_type, double = SCHEMES["nf4-double"]
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,  # LLaMA-Factory's: its compute dtype
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        kit[0], quantization_config=config, dtype=torch.float32, device_map="cpu"
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"])
+    peft = get_peft_model(model, lora)
+    generator = torch.Generator().manual_seed(5)
+    trained = {}
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            # What training changes: the LoRA factors and the projector's biases (its packed weight
+            # takes no gradient through the dequantisation, though PEFT marks it trainable).
+            if "lora_" in name or (parameter.requires_grad and name.endswith(".bias")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+                trained[name.replace(".default", "").replace("modules_to_save.", "")] = parameter.detach().clone()
+    adapter = tmp_path_factory.mktemp("qlora_run") / "qlora_run"
+    peft.save_pretrained(adapter)
+    return adapter, trained
+
+
+def test_a_qlora_runs_projector_saved_in_4_bits_is_read_at_full_precision(kit, qlora_run, capsys):
+    """Read as the weights the layer computed with (the 4-bit base's, frozen in training) and the
+    bias it trained."""
+    base, _, calibration, _ = kit
+    adapter, trained = qlora_run
+    saved = load_file(adapter / "adapter_model.safetensors")
+    projector = "base_model.model.model.multi_modal_projector"
+    assert f"{projector}.linear_1.weight.absmax" in saved  # the layout under test: packed, quant state beside
+    stats = ["stats", "--model", base, "--adapter", adapter, "--data", calibration, "--qlora", "nf4-double"]
+    assert run_cli(capsys, *stats)[0] == 0
+    taken_back = transformers_4bit_dequantised(base, "nf4-double").state_dict()
+    with peft_adapter_dir(adapter) as converted:
+        read = load_file(converted / "adapter_model.safetensors")
+    for layer in ("linear_1", "linear_2"):
+        assert torch.equal(
+            read[f"{projector}.{layer}.weight"], taken_back[f"model.multi_modal_projector.{layer}.weight"]
+        )
+        assert torch.equal(read[f"{projector}.{layer}.bias"], trained[f"{projector}.{layer}.bias"])
+    assert not [key for key in read if qlora.QUANT_STATE_KEY.match(key)]
+    assert {key for key in read if "lora_" in key} == {key for key in saved if "lora_" in key}
+    assert all(torch.equal(read[key], saved[key]) for key in read if "lora_" in key)
