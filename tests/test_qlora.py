@@ -119,23 +119,8 @@ def test_nf4_takes_each_weight_to_the_nearest_code_times_its_blocks_largest(shap
 def test_stats_merge_infer_and_export_run_on_the_base_as_the_adapter_saw_it(kit, tmp_path, capsys):
     base, adapter, calibration, heldout = kit
     stats = tmp_path / "red.stats.safetensors"
-    assert (
-        run_cli(
-            capsys,
-            "stats",
-            "--model",
-            base,
-            "--adapter",
-            adapter,
-            "--data",
-            calibration,
-            "--out",
-            stats,
-            "--qlora",
-            "nf4-double",
-        )[0]
-        == 0
-    )
+    qlora_stats = ["stats", "--model", base, "--adapter", adapter, "--data", calibration, "--qlora", "nf4-double"]
+    assert run_cli(capsys, *qlora_stats, "--out", stats)[0] == 0
     assert read_stats_header(stats).base_fingerprint.endswith("+nf4-double")
     (tmp_path / "red").mkdir()
     for path in adapter.iterdir():
@@ -193,17 +178,8 @@ def test_a_quantised_base_or_no_bitsandbytes_is_one_line(kit, qlora_run, tmp_pat
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (quantised / "config.json").write_text(json.dumps(config))
-    stats = [
-        "stats",
-        "--adapter",
-        adapter,
-        "--data",
-        calibration,
-        "--out",
-        tmp_path / "s.safetensors",
-        "--qlora",
-        "nf4",
-    ]
+    out = tmp_path / "s.safetensors"
+    stats = ["stats", "--adapter", adapter, "--data", calibration, "--out", out, "--qlora", "nf4"]
     code, _, err = run_cli_output(capsys, *stats, "--model", quantised)
     assert code == 2 and err.count("\n") == 1, err
     assert f"{quantised}: is quantised already (bitsandbytes 4-bit nf4); --qlora takes the full-precision base" in err
