@@ -30,9 +30,11 @@ BLOCKSIZE = 64  # what transformers' Linear4bit quantises with (bitsandbytes' de
 
 def quiet() -> None:
     """bitsandbytes says on import (by PEFT too, wherever it is installed), on a CPU with bf16,
-    that it could not fetch an optional kernel from the Hub, and its quantisation compiles with
-    torch, which says it found no CUDA: neither changes a result, and they would bury many's lines."""
+    that it could not fetch an optional kernel from the Hub (and `kernels`, offline, that it did
+    not check its publisher), and its quantisation compiles with torch, which says it found no
+    CUDA: none of it changes a result, and it would bury many's lines."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
