@@ -133,3 +133,32 @@ def write_dequantised_adapter(source: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_bytes((source / ADAPTER_CONFIG).read_bytes())
     save_tensors(out / ADAPTER_WEIGHTS, tensors, metadata)
+
+
+def saved_scheme(adapter: Path) -> str | None:
+    """The scheme (a key of SCHEMES) bitsandbytes packed the adapter's 4-bit saved modules by, as
+    their quant state says (its quant type; nested: the scales quantised too), or None."""
+    import json
+
+    from many_cli.adapters import ADAPTER_WEIGHTS
+    from many_cli.tensorfiles import open_safetensors
+
+    if not saves_4bit_modules(adapter):
+        return None
+    with open_safetensors(adapter / ADAPTER_WEIGHTS) as handle:
+        key = next(key for key in handle.keys() if ".quant_state.bitsandbytes__" in key)
+        state = json.loads(bytes(handle.raw(key).tolist()).decode())
+    return f"{state['quant_type']}{'-double' if 'nested_blocksize' in state else ''}"
+
+
+def base_note(adapter: Path, given: str) -> str | None:
+    """A line for an adapter whose saved modules show it trained on a 4-bit base other than the
+    base --qlora gives (None when they agree, or when nothing shows it)."""
+    scheme = saved_scheme(adapter)
+    if scheme is None or scheme == given:
+        return None
+    asked = "the full-precision base" if given == NONE else f"--qlora {given}"
+    return (
+        f"{adapter}: trained on a 4-bit base ({scheme}, its saved modules' quant state says), run here on "
+        f"{asked}; --qlora {scheme} runs the base as it saw it"
+    )

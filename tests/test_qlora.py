@@ -242,8 +242,11 @@ def test_a_qlora_runs_projector_saved_in_4_bits_is_read_at_full_precision(kit, q
     saved = load_file(adapter / "adapter_model.safetensors")
     projector = "base_model.model.model.multi_modal_projector"
     assert f"{projector}.linear_1.weight.absmax" in saved  # the layout under test: packed, quant state beside
-    stats = ["stats", "--model", base, "--adapter", adapter, "--data", calibration, "--qlora", "nf4-double"]
-    assert run_cli(capsys, *stats)[0] == 0
+    stats = ["stats", "--model", base, "--adapter", adapter, "--data", calibration, "--force"]
+    code, err = run_cli(capsys, *stats)  # its quant state says which base it trained on: a note says so
+    assert code == 0 and f"{adapter}: trained on a 4-bit base (nf4-double, its saved modules' quant" in err, err
+    code, err = run_cli(capsys, *stats, "--qlora", "nf4-double")
+    assert code == 0 and "trained on a 4-bit base" not in err, err
     taken_back = transformers_4bit_dequantised(base, "nf4-double").state_dict()
     with peft_adapter_dir(adapter) as converted:
         read = load_file(converted / "adapter_model.safetensors")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from many_cli import models
+from many_cli import models, qlora
 from many_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_fingerprint, check_supported_config
 from many_cli.cpm import DeferredProjector, RoutedProjector
 from many_cli.errors import InputError
@@ -155,6 +155,7 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
         load_processor(base),
         None,
         device,
+        notes=[note for note in [qlora.base_note(adapter, options.qlora)] if note],
         answered_by=Answerer(ADAPTER, (adapter.name,), fingerprint),
     )
 

@@ -94,12 +94,13 @@ def collect_stats(
     )
     refuse_output_over_data(out, [data], options.reading, is_stats_file)
     refuse_foreign_file(out, options.force, is_stats_file, "many stats file")
-    from many_cli import internlm2, internvl_layout
+    from many_cli import internlm2, internvl_layout, qlora
 
     layout = internvl_layout.internlm2_heads(base)
+    notes = [note for note in [qlora.base_note(adapter, options.qlora)] if note]  # the user's folder, unconverted
     with peft_adapter_dir(adapter, base) as converted, internlm2.split_adapter(converted, layout) as loadable:
         split = layout if loadable != converted else None  # recorded: the merge splits the adapter as here
-        return _collect(base, loadable, data, out, options, progress, split)
+        return _collect(base, loadable, data, out, options, progress, split, notes)
 
 
 def _collect(
@@ -110,6 +111,7 @@ def _collect(
     options: StatsOptions,
     progress: Callable[[int | None], Progress],
     split: tuple[int, int] | None,
+    notes: list[str],
 ) -> StatsReport:
     world = join_world(options.device)
     device = world.device
@@ -120,6 +122,7 @@ def _collect(
         _check_merge(options.under, base, fingerprint)
     model, processor, layers, renames = _load(base, adapter, options, device)
     report = StatsReport(out, world.rank)
+    report.notes += notes
     note = other_base_note(read_adapter(adapter), base)
     if note:
         report.notes.append(note)
