@@ -329,3 +329,23 @@ def output_error(delta: torch.Tensor, reference: torch.Tensor, gram: torch.Tenso
         return torch.sqrt(torch.trace(matrix @ gram @ matrix.T).clamp(min=0))
 
     return float(norm(delta - reference) / norm(reference))
+
+
+def merge_recorded_tasks(capsys, base: Path, folder: Path, cases: list[dict], out: Path) -> tuple[list[Path], Path]:
+    """A maker's fixture's two tasks (its `adapter_task_a`, `adapter_task_b`, copied under `out`),
+    each with statistics on its own recorded image and question, merged: (the adapters, the merge)."""
+    import shutil
+
+    adapters = []
+    for task, case in zip(("task_a", "task_b"), cases):
+        adapter = shutil.copytree(folder / f"adapter_{task}", out / task)
+        data = out / f"{task}.jsonl"
+        record = {"image": str(folder / case["image"]), "prompt": case["question"], "answer": "red"}
+        data.write_text(json.dumps(record) + "\n")
+        code, err = run_cli(capsys, "stats", "--model", base, "--adapter", adapter, "--data", data, "--device", "cpu")
+        assert code == 0, err
+        adapters.append(adapter)
+    merged = out / "merged"
+    code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
+    assert code == 0, err
+    return adapters, merged

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, run_cli_output
+from helpers import merge_recorded_tasks, run_cli, run_cli_output
 from safetensors.torch import load_file, save_file
 
 from many_cli.data import Record, encode_records, load_image
@@ -128,21 +128,7 @@ def test_two_lora_runs_merge_route_and_answer(kit, tmp_path, capsys):
     """Two MCITlib tasks, each with its own projector: statistics on each task's own image, a
     merge, each image routed to its task, and answered by that task's own LoRA (--lm-routing
     experts) as the task's run answers alone."""
-    adapters = []
-    for task, case in zip(("task_a", "task_b"), kit.cases):
-        adapter = shutil.copytree(kit.folder / f"adapter_{task}", tmp_path / task)
-        data = tmp_path / f"{task}.jsonl"
-        data.write_text(
-            json.dumps({"image": str(kit.folder / case["image"]), "prompt": case["question"], "answer": "red"}) + "\n"
-        )
-        code, err = run_cli(
-            capsys, "stats", "--model", kit.base, "--adapter", adapter, "--data", data, "--device", "cpu"
-        )
-        assert code == 0, err
-        adapters.append(adapter)
-    merged = tmp_path / "merged"
-    code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
-    assert code == 0, err
+    adapters, merged = merge_recorded_tasks(capsys, kit.base, kit.folder, kit.cases, tmp_path)
     for index, adapter in enumerate(adapters):
         code, out, err = run_cli_output(capsys, *kit.ask(index), "--merged", merged, "--lm-routing", "experts")
         assert code == 0, err

@@ -198,24 +198,9 @@ def test_two_tasks_with_their_own_mlp1_merge_route_and_answer(kit, tmp_path, cap
     """Two ms-swift tasks, each with its own projector (mlp1): statistics on each task's own image,
     a merge, and each image routed to its task's projector; answered by that task's own LoRA
     (--lm-routing experts) it says what the task's adapter says alone."""
-    import shutil
+    from helpers import merge_recorded_tasks, run_cli, run_cli_output
 
-    from helpers import run_cli, run_cli_output
-
-    adapters = []
-    for task, case in zip(("task_a", "task_b"), kit.cases):
-        adapter = shutil.copytree(kit.folder / f"adapter_{task}", tmp_path / task)
-        data = tmp_path / f"{task}.jsonl"
-        record = {"image": str(kit.folder / case["image"]), "prompt": case["question"], "answer": "red"}
-        data.write_text(json.dumps(record) + "\n")
-        code, err = run_cli(
-            capsys, "stats", "--model", kit.base, "--adapter", adapter, "--data", data, "--device", "cpu"
-        )
-        assert code == 0, err
-        adapters.append(adapter)
-    merged = tmp_path / "merged"
-    code, err = run_cli(capsys, "merge", *adapters, "--out", merged)
-    assert code == 0, err
+    adapters, merged = merge_recorded_tasks(capsys, kit.base, kit.folder, kit.cases, tmp_path)
     for adapter, case in zip(adapters, kit.cases):
         ask = kit.infer(case)
         code, out, err = run_cli_output(capsys, *ask, "--merged", merged, "--lm-routing", "experts")
