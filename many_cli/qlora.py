@@ -127,12 +127,28 @@ def write_dequantised_adapter(source: Path, out: Path) -> None:
     for weight, state in states.items():
         if weight not in tensors:
             raise InputError(source / ADAPTER_WEIGHTS, f"holds the 4-bit quant state of {weight} but not the weight")
-        quant_state = functional.QuantState.from_dict(state, device=torch.device("cpu"))
-        shape, quant_state.shape = quant_state.shape, torch.Size((quant_state.shape.numel(), 1))  # see requantised
-        tensors[weight] = functional.dequantize_4bit(tensors[weight], quant_state).reshape(shape)
+        try:
+            quant_state = functional.QuantState.from_dict(state, device=torch.device("cpu"))
+            _check_packing(tensors[weight], quant_state)
+            shape, quant_state.shape = quant_state.shape, torch.Size((quant_state.shape.numel(), 1))  # see requantised
+            tensors[weight] = functional.dequantize_4bit(tensors[weight], quant_state).reshape(shape)
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise InputError(
+                source / ADAPTER_WEIGHTS, f"its 4-bit {weight} cannot be unpacked with its quant state ({error})"
+            ) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_bytes((source / ADAPTER_CONFIG).read_bytes())
     save_tensors(out / ADAPTER_WEIGHTS, tensors, metadata)
+
+
+def _check_packing(packed: torch.Tensor, state) -> None:
+    """Two weights to a byte and one scale a block, as the quant state's shape and blocksize say
+    (checked here: bitsandbytes' own kernels fail on a mismatch with pages of trace)."""
+    count = state.shape.numel()
+    if packed.numel() * packed.element_size() != -(-count // 2):
+        raise ValueError(f"{packed.numel() * packed.element_size()} bytes packed for {count} weights")
+    if state.absmax.numel() != -(-count // state.blocksize):
+        raise ValueError(f"{state.absmax.numel()} block scales for {count} weights in blocks of {state.blocksize}")
 
 
 def saved_scheme(adapter: Path) -> str | None:
@@ -145,10 +161,16 @@ def saved_scheme(adapter: Path) -> str | None:
 
     if not saves_4bit_modules(adapter):
         return None
-    with open_safetensors(adapter / ADAPTER_WEIGHTS) as handle:
-        key = next(key for key in handle.keys() if ".quant_state.bitsandbytes__" in key)
-        state = json.loads(bytes(handle.raw(key).tolist()).decode())
-    return f"{state['quant_type']}{'-double' if 'nested_blocksize' in state else ''}"
+    weights = adapter / ADAPTER_WEIGHTS
+    with open_safetensors(weights) as handle:
+        key = next((key for key in handle.keys() if ".quant_state.bitsandbytes__" in key), None)
+        if key is None:
+            raise InputError(weights, "holds 4-bit quant state without its description (quant_state.bitsandbytes__*)")
+        try:
+            state = json.loads(bytes(handle.raw(key).tolist()).decode())
+            return f"{state['quant_type']}{'-double' if 'nested_blocksize' in state else ''}"
+        except (TypeError, ValueError, KeyError) as error:  # not the JSON bytes bitsandbytes writes
+            raise InputError(weights, f"its {key} is not a readable bitsandbytes quant state ({error})") from None
 
 
 def base_note(adapter: Path, given: str) -> str | None:

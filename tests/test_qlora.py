@@ -15,7 +15,7 @@ import torch
 from helpers import LM_TARGETS, console_script, make_adapter, run_cli, run_cli_output, task_vector
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_infer import write_task_data
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
@@ -258,3 +258,24 @@ def test_a_qlora_runs_projector_saved_in_4_bits_is_read_at_full_precision(kit, q
     assert not [key for key in read if qlora.QUANT_STATE_KEY.match(key)]
     assert {key for key in read if "lora_" in key} == {key for key in saved if "lora_" in key}
     assert all(torch.equal(read[key], saved[key]) for key in read if "lora_" in key)
+
+
+@pytest.mark.parametrize("fault", ["description", "scales"])
+def test_a_broken_4bit_saved_module_is_one_line(kit, qlora_run, tmp_path, capsys, fault):
+    base, _, calibration, _ = kit
+    adapter = tmp_path / "broken"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes((qlora_run[0] / "adapter_config.json").read_bytes())
+    tensors = load_file(qlora_run[0] / "adapter_model.safetensors")
+    layer = "base_model.model.model.multi_modal_projector.linear_1.weight"
+    if fault == "description":
+        tensors[f"{layer}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"{not json"), dtype=torch.uint8)
+    else:
+        tensors[f"{layer}.absmax"] = tensors[f"{layer}.absmax"][:3]
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    out = tmp_path / "s.safetensors"
+    code, _, err = run_cli_output(
+        capsys, "stats", "--model", base, "--adapter", adapter, "--data", calibration, "--out", out
+    )
+    assert code == 2 and err.count("\n") == 1 and str(adapter / "adapter_model.safetensors") in err, err
+    assert not out.exists()
