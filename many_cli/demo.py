@@ -45,9 +45,23 @@ def run_demo(sample: Path, out: Path, force: bool, say: Callable[[str], None]) -
         for task in tasks:
             copy = shutil.copytree(adapters / task, staging / "adapters" / task)
             calibration = sample / "data" / task / "calibration.jsonl"
-            say(_command("stats", "--model", base, "--adapter", out / "adapters" / task, "--data", calibration))
+            say(
+                _command(
+                    "stats",
+                    "--model",
+                    base,
+                    "--adapter",
+                    out / "adapters" / task,
+                    "--data",
+                    calibration,
+                    "--template",
+                    "base",
+                )
+            )
             # Run on the sample's own adapter, so that errors name it; the stats go beside the copy.
-            collect_stats(str(base), adapters / task, calibration, copy / STATS_FILE, StatsOptions(device="cpu"))
+            collect_stats(
+                str(base), adapters / task, calibration, copy / STATS_FILE, StatsOptions(device="cpu", template="base")
+            )
             copies.append(copy)
         say(_command("merge", out / "adapters", "--out", out / "merged", "--force"))
         merge(copies, staging / "merged", MergeOptions())

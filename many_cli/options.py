@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, get_args
 from many_cli.errors import InputError
 from many_cli.files import read_json
 from many_cli.methods import REGISTRY, ignored, readers
+from many_cli.prompting import Asking
 from many_cli.qlora import NONE as FULL_PRECISION
 from many_cli.qlora import SCHEMES as QLORA_SCHEMES
 
@@ -221,9 +222,35 @@ class DataOptions:
         "The folder the data's media paths are relative to (LLaVA's --image_folder, LLaMA-Factory's media_dir).",
     )
 
+    template: str | None = option(
+        None,
+        "--template",
+        "Ask as the adapter was trained: base (the base processor's chat template), a training tool's "
+        "template (llamafactory:llava, llamafactory:qwen2_vl, swift:llava1_5_hf, swift:qwen2_vl: its chat "
+        "template, default system prompt and image sizes) or a chat template file (Jinja). Default: "
+        "ms-swift's args.json beside the adapter, else what many recorded in its stats, else base (with a note).",
+    )
+    system: str | None = option(
+        None, "--system", "The system prompt the adapter trained with (default: the template's; '' for none)."
+    )
+    min_pixels: int | None = option(
+        None,
+        "--min-pixels",
+        "The tool's smallest image, in pixels, as trained (LLaMA-Factory's image_min_pixels, ms-swift's MIN_PIXELS).",
+    )
+    max_pixels: int | None = option(
+        None,
+        "--max-pixels",
+        "The tool's largest image, in pixels, as trained (LLaMA-Factory's image_max_pixels, ms-swift's MAX_PIXELS).",
+    )
+
     @property
     def reading(self) -> Reading:
         return Reading(self.prompt, self.data_format, self.media_dir)
+
+    @property
+    def asking(self) -> Asking:
+        return Asking(self.template, self.system, self.min_pixels, self.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -272,6 +299,7 @@ class StatsOptions(DataOptions, LoadsModel, ReadsBase):
         """Refuse every invalid setting before any work starts."""
         check_types(self)
         self.reading.check()
+        self.asking.check()
         if self.modules is not None:
             try:
                 re.compile(self.modules)
@@ -435,6 +463,7 @@ class InferOptions(DataOptions, LoadsModel, ReadsBase):
         """Refuse every invalid setting before any work starts."""
         check_types(self)
         self.reading.check()
+        self.asking.check()
         _one_of("--routing", self.routing, Routing)
         if self.eta is not None and not (self.eta > 0 and math.isfinite(self.eta)):
             raise InputError(None, f"--eta must be a finite number > 0, got {self.eta}")

@@ -159,6 +159,7 @@ class StatsHeader:
     answer_weight: float = 1.0  # the weight of the positions that decide the answer
     module_names: Mapping[str, str] = field(default_factory=dict)  # saved name -> name on the base, where they differ
     split_qkv: tuple[int, int] | None = None  # (heads, kv heads): the adapter's InternLM2 wqkv LoRA was split
+    asked_as: Mapping[str, object] = field(default_factory=dict)  # the prompting's record; {}: older files
 
     def input_of(self, module: str) -> InputStats | None:
         for stats in self.inputs.values():
@@ -237,6 +238,7 @@ def read_stats_header(path: Path) -> StatsHeader:
             answer_weight=float(metadata.get("answer_weight", "1.0")),
             module_names=_string_map(path, metadata, "module_names"),
             split_qkv=_head_layout(path, metadata),
+            asked_as=_json_object(path, metadata, "asked_as"),
         )
 
 
@@ -247,6 +249,14 @@ def _head_layout(path: Path, metadata: Mapping[str, str]) -> tuple[int, int] | N
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise InputError(path, f"its split_qkv {metadata['split_qkv']} is no (heads, key-value heads) layout")
     return heads, kv_heads
+
+
+def _json_object(path: Path, metadata: Mapping[str, str], field_name: str) -> dict:
+    """An optional metadata field holding a JSON object ({} when absent)."""
+    value = _json_field(path, metadata, field_name) if field_name in metadata else {}
+    if not isinstance(value, dict):
+        raise InputError(path, f"metadata field {field_name!r} is not a JSON object")
+    return value
 
 
 def _string_map(path: Path, metadata: Mapping[str, str], field_name: str) -> dict[str, str]:
@@ -394,6 +404,7 @@ class BundleHeader:
     shapes: Mapping[str, tuple[int, ...]]
     base_fingerprint: str = ""
     parts: Mapping[str, str] = field(default_factory=dict)  # empty in bundles older than the record
+    asked_as: tuple[Mapping[str, object], ...] = ()  # each task's prompting record ({}: unknown)
 
     def projector_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         """Task `index`'s projector: parameter name -> shape."""
@@ -455,6 +466,13 @@ def read_bundle_header(path: Path) -> BundleHeader:
             raise InputError(
                 path, "its metadata field 'parts' is not an object of file fingerprints; re-create the merge"
             )
+        asked_as = _json_field(path, metadata, "asked_as") if "asked_as" in metadata else [{} for _ in tasks]
+        if (
+            not isinstance(asked_as, list)
+            or len(asked_as) != len(tasks)
+            or not all(isinstance(a, dict) for a in asked_as)
+        ):
+            raise InputError(path, "its metadata field 'asked_as' is not one object per task; re-create the merge")
         header = BundleHeader(
             path,
             tuple(tasks),
@@ -463,6 +481,7 @@ def read_bundle_header(path: Path) -> BundleHeader:
             {key: handle.shape(key) for key in handle.keys()},
             metadata.get("base_fingerprint", ""),
             parts,
+            tuple(asked_as),
         )
         _check_bundle_tensors(header)
         return header
@@ -589,6 +608,7 @@ class BundleTask:
     projector: Mapping[str, torch.Tensor]  # parameter name -> weight (empty: no projector)
     prototype: torch.Tensor | None
     exemplars: torch.Tensor | None = None
+    asked_as: Mapping[str, object] = field(default_factory=dict)  # how its records were asked ({}: unknown)
 
 
 def write_bundle(
@@ -612,6 +632,7 @@ def write_bundle(
         "eta": repr(eta),
         "base_fingerprint": base_fingerprint,
         "parts": json.dumps(merge_parts(path.parent), sort_keys=True),
+        "asked_as": json.dumps([dict(task.asked_as) for task in tasks]),
     }
     save_tensors(path, tensors, metadata)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from many_cli.models import (
     text_layers,
 )
 from many_cli.options import DEFAULT_CONFIDENCE, FULL_PRECISION, NEAREST, InferOptions
+from many_cli.prompting import Prompting, described, prompting_for, recorded_prompting
 from many_cli.rows import ADAPTER, MERGE, MERGED
 from many_cli.state import (
     BUNDLE_FILE,
@@ -111,7 +113,7 @@ def load_merged(base: str, merged: Path, options: InferOptions = InferOptions())
         )
     return MergedModel(
         model.eval(),
-        load_processor(base),
+        _merge_prompting(bundle, options).wrap(load_processor(base)),
         router,
         device,
         experts,
@@ -142,20 +144,21 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
             f"nothing is routed); leave it out",
         )
     stats = adapter / STATS_FILE
+    header = read_stats_header(stats) if stats.is_file() else None
+    recorded = recorded_prompting(stats, header.asked_as) if header and header.asked_as else None
+    prompting, note = prompting_for(adapter, options.asking, recorded)
     with peft_adapter_dir(adapter, base) as loadable:  # a maker's own layout read as PEFT's
         check_supported_config(loadable)
-        model, device = _base_model(
-            base, options, (stats, read_stats_header(stats).base_fingerprint) if stats.is_file() else None
-        )
+        model, device = _base_model(base, options, (stats, header.base_fingerprint) if header else None)
         model = apply_adapters(model, base, [(loadable, "default")])
         fingerprint = adapter_fingerprint(loadable)
     model = model.merge_and_unload() if options.fold else model
     return MergedModel(
         model.eval(),
-        load_processor(base),
+        prompting.wrap(load_processor(base)),
         None,
         device,
-        notes=[note for note in [qlora.base_note(adapter, options.qlora)] if note],
+        notes=[note for note in [qlora.base_note(adapter, options.qlora), note] if note],
         answered_by=Answerer(ADAPTER, (adapter.name,), fingerprint),
     )
 
@@ -170,7 +173,25 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
     model, device = _base_model(str(path), options)
     notes = []
     router, tracker = install_router(model, _routed_projectors(model, bundle, options, notes), device)
-    return MergedModel(model.eval(), load_processor(str(path)), router, device, False, tracker, notes)
+    processor = _merge_prompting(bundle, options).wrap(load_processor(str(path)))
+    return MergedModel(model.eval(), processor, router, device, False, tracker, notes)
+
+
+def _merge_prompting(bundle: BundleHeader, options: InferOptions) -> Prompting:
+    """How the merged model is asked: as the user says, else as its tasks' statistics were, when
+    they all were asked alike."""
+    asked = {
+        json.dumps({k: v for k, v in record.items() if k != "source"}, sort_keys=True) for record in bundle.asked_as
+    }
+    if options.template is None and len(asked) > 1:
+        raise InputError(
+            bundle.path,
+            "its tasks' statistics were asked with different templates ("
+            + "; ".join(f"{task}: {described(record)}" for task, record in zip(bundle.tasks, bundle.asked_as))
+            + "): give --template to say how the merged model is asked",
+        )
+    recorded = recorded_prompting(bundle.path, bundle.asked_as[0]) if bundle.asked_as else None
+    return prompting_for(None, options.asking, recorded)[0]
 
 
 def _base_model(

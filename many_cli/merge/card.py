@@ -11,13 +11,14 @@ from many_cli.merge.inputs import MergeInputs
 from many_cli.merge.report import MergeReport
 from many_cli.methods import MergeMethod
 from many_cli.options import MergeOptions
+from many_cli.prompting import described
 
 
 def model_card(inputs: MergeInputs, method: MergeMethod, report: MergeReport) -> str:
     """The card of the merge of `inputs` by `method`, with what `report` noted."""
     tasks, previous = inputs.card_tasks()
     options, base_model, base_fingerprint = inputs.options, inputs.base_model, inputs.base_fingerprint
-    rows = _task_rows(tasks, previous, inputs.resume)
+    rows = _task_rows(tasks, previous, inputs.resume, [described(record) for record in inputs.asked_as()])
     settings = _settings(options, method)
     notes = [f"- {line}" for line in report.warnings + report.notes]
     base = base_model or "BASE"
@@ -40,8 +41,8 @@ def model_card(inputs: MergeInputs, method: MergeMethod, report: MergeReport) ->
                 else "."
             ),
             "",
-            "| order | task | adapter fingerprint | from |",
-            "|---|---|---|---|",
+            "| order | task | adapter fingerprint | from | asked as (stats) |",
+            "|---|---|---|---|---|",
             *rows,
             "",
             "## Settings",
@@ -80,14 +81,16 @@ def model_card(inputs: MergeInputs, method: MergeMethod, report: MergeReport) ->
     ).replace("\n\n\n", "\n\n")
 
 
-def _task_rows(tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None) -> list[str]:
+def _task_rows(
+    tasks: list[tuple[str, str]], previous: list[tuple[str, str]], resume: Path | None, asked: list[str]
+) -> list[str]:
     """One table row per task, in merge order: earlier tasks from the resumed state first."""
     sources = [(name, fingerprint, f"state of `{resume}`") for name, fingerprint in previous] + [
         (name, fingerprint, "adapter") for name, fingerprint in tasks
     ]
     return [
-        f"| {number} | {name} | `{fingerprint}` | {source} |"
-        for number, (name, fingerprint, source) in enumerate(sources, start=1)
+        f"| {number} | {name} | `{fingerprint}` | {source} | {asking} |"
+        for number, ((name, fingerprint, source), asking) in enumerate(zip(sources, asked), start=1)
     ]
 
 

@@ -151,7 +151,8 @@ class MergeInputs:
                     task.stats.exemplars() if task.stats else None,
                 )
             )
-        return bundled, projector_module
+        asked = self.asked_as()
+        return [replace(task, asked_as=asked[index]) for index, task in enumerate(bundled)], projector_module
 
     def card_tasks(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """(name, adapter fingerprint) of the new tasks and of the earlier ones."""
@@ -159,6 +160,11 @@ class MergeInputs:
             [(task.adapter.name, task.adapter.fingerprint) for task in self.tasks],
             [(task.name, task.adapter_fingerprint) for task in self.earlier_state_tasks],
         )
+
+    def asked_as(self) -> list[Mapping[str, object]]:
+        """How each task's records were asked (its prompting's record; {}: unknown), in merge order."""
+        earlier = list(self.previous.bundle.asked_as) if self.previous else []
+        return earlier + [task.stats.asked_as if task.stats else {} for task in self.tasks]
 
     def d_in(self, module: str) -> int:
         return next(task.adapter.modules[module].d_in for task in self.tasks if module in task.adapter.modules)

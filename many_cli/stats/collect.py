@@ -41,6 +41,7 @@ from many_cli.models import (
     text_layers,
 )
 from many_cli.options import StatsOptions
+from many_cli.prompting import Prompting, prompting_for
 from many_cli.rows import MERGED  # the PEFT name of the merge's LoRA, as infer names it
 from many_cli.state import BUNDLE_FILE, STATS_FILE, is_stats_file, read_merge_output, recorded_base, write_stats
 from many_cli.stats.accumulate import Exemplars, InputCovariances, accumulate
@@ -97,10 +98,11 @@ def collect_stats(
     from many_cli import internlm2, internvl_layout, qlora
 
     layout = internvl_layout.internlm2_heads(base)
-    notes = [note for note in [qlora.base_note(adapter, options.qlora)] if note]  # the user's folder, unconverted
+    prompting, asking_note = prompting_for(adapter, options.asking)  # the user's folder, unconverted
+    notes = [note for note in [qlora.base_note(adapter, options.qlora), asking_note] if note]
     with peft_adapter_dir(adapter, base) as converted, internlm2.split_adapter(converted, layout) as loadable:
         split = layout if loadable != converted else None  # recorded: the merge splits the adapter as here
-        return _collect(base, loadable, data, out, options, progress, split, notes)
+        return _collect(base, loadable, data, out, options, progress, split, notes, prompting)
 
 
 def _collect(
@@ -112,6 +114,7 @@ def _collect(
     progress: Callable[[int | None], Progress],
     split: tuple[int, int] | None,
     notes: list[str],
+    prompting: Prompting,
 ) -> StatsReport:
     world = join_world(options.device)
     device = world.device
@@ -121,6 +124,7 @@ def _collect(
     if options.under is not None:
         _check_merge(options.under, base, fingerprint)
     model, processor, layers, renames = _load(base, adapter, options, device)
+    processor = prompting.wrap(processor)
     report = StatsReport(out, world.rank)
     report.notes += notes
     note = other_base_note(read_adapter(adapter), base)
@@ -147,7 +151,7 @@ def _collect(
     media_expected = find_projector(model) is not None and not options.text_only
     _check_totals(totals, report, data, adapter, media_expected, remedy=_overflow_remedy(model, options))
     if world.rank == 0:
-        _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames, split)
+        _write(out, totals, report, adapter_fingerprint, fingerprint, options, renames, split, prompting)
     world.leave()
     return report
 
@@ -277,6 +281,7 @@ def _write(
     options: StatsOptions,
     renames: dict[str, str],
     split: tuple[int, int] | None,
+    prompting: Prompting,
 ) -> None:
     pattern = options.modules
     token_rule = (
@@ -303,6 +308,7 @@ def _write(
             "skipped": str(report.skipped),
             "answer_weight": repr(options.answer_weight),
             "tokens": str(report.tokens),  # text tokens; media layers count rows
+            "asked_as": json.dumps(prompting.record),
             **({"modules_pattern": pattern} if pattern else {}),
             **({"under_merge": file_fingerprint(options.under / ADAPTER_WEIGHTS)} if options.under else {}),
             **({"module_names": json.dumps(renames, sort_keys=True)} if renames else {}),
