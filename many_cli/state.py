@@ -467,12 +467,6 @@ def read_bundle_header(path: Path) -> BundleHeader:
                 path, "its metadata field 'parts' is not an object of file fingerprints; re-create the merge"
             )
         asked_as = _json_field(path, metadata, "asked_as") if "asked_as" in metadata else [{} for _ in tasks]
-        if (
-            not isinstance(asked_as, list)
-            or len(asked_as) != len(tasks)
-            or not all(isinstance(a, dict) for a in asked_as)
-        ):
-            raise InputError(path, "its metadata field 'asked_as' is not one object per task; re-create the merge")
         header = BundleHeader(
             path,
             tuple(tasks),
@@ -481,9 +475,11 @@ def read_bundle_header(path: Path) -> BundleHeader:
             {key: handle.shape(key) for key in handle.keys()},
             metadata.get("base_fingerprint", ""),
             parts,
-            tuple(asked_as),
+            tuple(asked_as) if isinstance(asked_as, list) else (),
         )
         _check_bundle_tensors(header)
+        if len(header.asked_as) != len(tasks) or not all(isinstance(record, dict) for record in header.asked_as):
+            raise InputError(path, "its metadata field 'asked_as' is not one object per task; re-create the merge")
         return header
 
 

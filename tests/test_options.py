@@ -111,6 +111,10 @@ DOCUMENTED = {
         "--dtype": "auto",
         "--device-map": None,
         "--qlora": "none",
+        "--template": None,
+        "--system": None,
+        "--min-pixels": None,
+        "--max-pixels": None,
     },
     "export": {
         "--model": None,

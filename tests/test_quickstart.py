@@ -94,6 +94,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "BASE": str(SAMPLE / "base"),
+        "TEMPLATE": "base",  # the sample's adapters trained on the base's own chat template
     }
     works = {}
     for tool in ("llamafactory", "ms-swift", "peft"):  # one after another, as a user runs them

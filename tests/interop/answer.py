@@ -2,10 +2,7 @@
 give them in whatever environment runs this (a training tool's, an older stack's, `many`'s):
 the reference each tool's output is compared with. One record at a time, no padding.
 
-    python answer.py BASE [ADAPTER|-] DATA.json OUT.json [4BIT]   (DATA: LLaMA-Factory's sharegpt JSON)
-
-With 4BIT (nf4-double, nf4, fp4-double, fp4), the base is loaded in 4 bits by bitsandbytes as a
-QLoRA run loads it (float32 compute): the adapter answers on the weights it trained against.
+    python answer.py BASE [ADAPTER|-] DATA.json OUT.json   (DATA: LLaMA-Factory's sharegpt JSON)
 """
 
 from __future__ import annotations
@@ -27,24 +24,9 @@ def model_class():
     return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
 
 
-def quantised(scheme: str) -> dict:
-    """from_pretrained's arguments for a base loaded in 4 bits by `scheme` ("" for none)."""
-    if not scheme:
-        return {}
-    quant_type, _, double = scheme.partition("-")
-    config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=bool(double),
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,  # LLaMA-Factory's (its compute dtype): a saved 4-bit module's packing
-    )
-    return {"quantization_config": config, "device_map": "cpu"}
-
-
-def main(base: str, adapter: str, data: Path, out: Path, scheme: str = "") -> None:
+def main(base: str, adapter: str, data: Path, out: Path) -> None:
     processor = AutoProcessor.from_pretrained(base)
-    model = model_class().from_pretrained(base, torch_dtype=torch.float32, **quantised(scheme)).eval()
+    model = model_class().from_pretrained(base, torch_dtype=torch.float32).eval()
     if adapter != "-":
         from peft import PeftModel
 
@@ -65,4 +47,4 @@ def main(base: str, adapter: str, data: Path, out: Path, scheme: str = "") -> No
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))

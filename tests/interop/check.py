@@ -1,6 +1,7 @@
 """The interop suite's comparisons and its table, in `many`'s environment.
 
-python check.py same LABEL A B     A, B: answers (answer.py, serve.py) or `many infer` rows
+python check.py same LABEL A B     A, B: answers (answer.py, tool_answer.py, serve.py, `swift infer`) or `many infer` rows
+python check.py ids LABEL A B      A, B: token ids per record (many_ids.py, tool_ids.py)
 python check.py table WORK         per-task accuracy of each tool's adapters and merges
 """
 
@@ -19,8 +20,27 @@ def rows(path: Path) -> list[dict]:
 
 def answers(path: Path, tokens: bool) -> list[tuple[str, object]]:
     """(image, answer) in order: the generated token ids where both sides have them (engines
-    detokenize an unfinished character differently), else the answer's text."""
-    return [(row["image"], row["tokens"] if tokens else row["prediction"]) for row in rows(path)]
+    detokenize an unfinished character differently), else the answer's text (`swift infer`'s
+    result rows: its response, the record's image)."""
+    return [
+        (row["image"], row["tokens"] if tokens else row["prediction"])
+        if "image" in row
+        else (_path(row["images"][0]), row["response"].strip())
+        for row in rows(path)
+    ]
+
+
+def _path(image: object) -> str:
+    return image["path"] if isinstance(image, dict) else image
+
+
+def ids(label: str, first: Path, second: Path) -> None:
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    differ = [index for index, (x, y) in enumerate(zip(a, b)) if x != y]
+    if len(a) != len(b) or differ or not a:
+        first_difference = differ[:1] and [(a[differ[0]], b[differ[0]])]
+        sys.exit(f"{label}: {len(a)} and {len(b)} records, {len(differ)} differ, first {first_difference}")
+    print(f"{label}: {len(a)} of {len(a)} records' ids equal ({sum(map(len, a))} tokens)")
 
 
 def same(label: str, first: Path, second: Path) -> None:
@@ -45,16 +65,27 @@ def accuracy(path: Path) -> dict[str, tuple[int, int]]:
     return {task: (correct, total) for task, (correct, total) in counts.items()}
 
 
+def tool_accuracy(tool_answers: Path, own: Path) -> tuple[int, int]:
+    """(correct, records) of the tool's own answers, scored by many's answer rule against the
+    expected answers that many's rows of the same images carry."""
+    from many_cli.rows import is_correct
+
+    expected = {row["image"]: row["answer"] for row in rows(own)}
+    scored = [is_correct(answer, expected[image]) for image, answer in answers(tool_answers, tokens=False)]
+    return sum(scored), len(scored)
+
+
 def table(work: Path) -> None:
     lines = [
-        "| family | tool | task | its own adapter | merged (LPM + CPM) | merged, `--lm-routing experts` |",
-        "|---|---|---|---|---|---|",
+        "| family | tool | task | under the tool | its own adapter | merged (LPM + CPM) | merged, `--lm-routing experts` |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in sorted(path for path in work.glob("*/*") if (path / "final.jsonl").is_file()):
         merged, experts = accuracy(run / "final.jsonl"), accuracy(run / "experts.jsonl")
         for task in sorted(merged):
-            own = accuracy(run / "upper" / f"{task}.jsonl")[task]
-            cells = [f"{c}/{t} ({c / t:.0%})" for c, t in (own, merged[task], experts[task])]
+            own_rows = run / "upper" / f"{task}.jsonl"
+            counts = (tool_accuracy(run / "tool" / f"{task}.json", own_rows), accuracy(own_rows)[task])
+            cells = [f"{c}/{t} ({c / t:.0%})" for c, t in (*counts, merged[task], experts[task])]
             lines.append(f"| {run.parent.name} | {run.name} | {task} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (work / "results.md").write_text(text)
@@ -63,4 +94,7 @@ def table(work: Path) -> None:
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    same(arguments[0], Path(arguments[1]), Path(arguments[2])) if command == "same" else table(Path(arguments[0]))
+    if command == "table":
+        table(Path(arguments[0]))
+    else:
+        {"same": same, "ids": ids}[command](arguments[0], Path(arguments[1]), Path(arguments[2]))

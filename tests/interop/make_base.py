@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -37,8 +38,13 @@ INIT_STD = 0.15
 def tokenizer(spec: dict) -> PreTrainedTokenizerFast:
     qwen = "<|im_end|>" in spec["special"]
     kind = Qwen2TokenizerFast if qwen else PreTrainedTokenizerFast  # the class Qwen2VLProcessor insists on
+    backend = Tokenizer.from_str(spec["tokenizer"])
+    if not qwen:  # LLaVA-1.5's Llama tokenizer opens every text with its BOS
+        backend.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+        )
     return kind(
-        tokenizer_object=Tokenizer.from_str(spec["tokenizer"]),
+        tokenizer_object=backend,
         bos_token=None if qwen else "<s>",
         eos_token="<|im_end|>" if qwen else "</s>",
         unk_token="<unk>",
@@ -136,8 +142,8 @@ def qwen2_vl(spec: dict, out: Path) -> None:
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.save_pretrained(out)
-    # Qwen2-VL's own patch (14): ms-swift resizes images with qwen_vl_utils to multiples of 28 first.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14)
+    # Qwen2-VL-Instruct's own image sizes (the hub's preprocessor_config.json): patches of 14, merged 2 × 2.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14)
     Qwen2VLProcessor(
         image_processor=image_processor, tokenizer=words, chat_template=spec["chat_template"]
     ).save_pretrained(out)

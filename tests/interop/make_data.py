@@ -22,21 +22,19 @@ FAMILY_TASKS = ("1_colour", "3_shape")
 SPLITS = {"train": 64, "calibration": 16, "evaluation": 12}
 QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>"]
 QWEN_SPECIAL += ["<|image_pad|>", "<|video_pad|>"]
-# The words of the tools' own templates (LLaMA-Factory's default system prompts) beside the tasks'.
+# The words of the tools' own templates (LLaMA-Factory's llava system prompt, Vicuna's; ChatML's) beside the tasks'.
 TEMPLATE_WORDS = (
     "system user assistant You are helpful A The chat between curious and artificial intelligence gives "
     "detailed polite answers questions ' s"
 ).split()
-VICUNA_SYSTEM = (  # LLaVA-1.5's, which LLaMA-Factory's llava template writes before every conversation
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-LLAVA_TEMPLATE = (  # LLaMA-Factory's llava template as a chat template (images and text only)
-    VICUNA_SYSTEM + " {% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}"
-    "{{ item['text'] }}{% endif %}{% endfor %} ASSISTANT:{% else %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+LLAVA_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's chat_template.json: no system prompt
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 QWEN_TEMPLATE = (  # Qwen2-VL-Instruct's ChatML, as its hub checkpoints carry it (images and text only)
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -88,13 +86,11 @@ FAMILIES = {
     "llava": {
         "special": SPECIAL,
         "chat_template": LLAVA_TEMPLATE,
-        "system": VICUNA_SYSTEM,
         "tokenizer": word_tokenizer,
     },
     "qwen2_vl": {
         "special": ["<unk>", *QWEN_SPECIAL],
         "chat_template": QWEN_TEMPLATE,
-        "system": "You are a helpful assistant.",
         "tokenizer": qwen_tokenizer,
     },
 }
