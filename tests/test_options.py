@@ -86,6 +86,10 @@ DOCUMENTED = {
         "--format": "auto",
         "--media-dir": None,
         "--text-only": False,
+        "--template": None,
+        "--system": None,
+        "--min-pixels": None,
+        "--max-pixels": None,
     },
     "infer": {
         "--model": None,

@@ -231,3 +231,23 @@ def test_a_merge_keeps_each_tasks_template_and_asks_as_they_agree(task, tmp_path
     assert code == 2 and "asked with different templates" in err and "give --template" in err
     code, out, err = run_cli_output(capsys, *asking, "--template", "llamafactory:llava")
     assert code == 0, err
+
+
+def test_infer_adapter_asks_as_its_stats_file_recorded(task, tmp_path, capsys):
+    base, adapter, _, data = task
+    import shutil
+
+    folder = shutil.copytree(adapter, tmp_path / "task")
+    common = ["--model", str(base), "--adapter", str(folder), "--data", str(data), "--device", "cpu"]
+    assert run_cli(capsys, "stats", *common, "--template", "llamafactory:llava")[0] == 0
+    predictions = {}
+    for name, extra in {
+        "recorded": [],
+        "said": ["--template", "llamafactory:llava"],
+        "base": ["--template", "base"],
+    }.items():
+        out = tmp_path / f"{name}.jsonl"
+        code, err = run_cli(capsys, "infer", *common, "--out", str(out), "--max-new-tokens", "4", *extra)
+        assert code == 0 and "does not say which chat template" not in err, err
+        predictions[name] = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert predictions["recorded"] == predictions["said"] != predictions["base"]
