@@ -2,6 +2,12 @@
 its template, the adapter loaded as the tool loads it), in the tool's environment: the reference
 `many infer --adapter` and a one-task merge are compared with.
 
+One mend, where the tool's inference does not run the model as its training did: for Qwen2-VL,
+LLaMA-Factory's training collator gives M-RoPE the image tokens' positions (`mm_token_type_ids`,
+1 at each image token), but its ChatModel (0.9.5 under transformers 5.6) passes none to
+`generate`, which then places the image tokens as text (1 of 12 answers differs on the interop
+suite's tiny Qwen2-VL). The ids are added here as the collator builds them.
+
     python tool_answer.py BASE ADAPTER TEMPLATE DATA.json OUT.json [QUANTIZATION_BIT]
 """
 
@@ -29,12 +35,24 @@ def main(base: str, adapter: str, template: str, data: Path, out: Path, bits: st
     if bits:
         arguments.update(quantization_bit=int(bits), quantization_method="bnb")
     chat = ChatModel(arguments)
+    _image_positions_as_trained(chat.engine.model)
     answers = []
     for record in json.loads(data.read_text()):
         turn = record["messages"][0]
         response = chat.chat([{"role": turn["role"], "content": turn["content"]}], images=record["images"])[0]
         answers.append({"image": record["images"][0], "prediction": response.response_text.strip()})
     out.write_text(json.dumps(answers, indent=1))
+
+
+def _image_positions_as_trained(model) -> None:
+    generate, image_token = model.generate, getattr(model.config, "image_token_id", None)
+
+    def as_trained(*args, **kwargs):
+        if kwargs.get("image_grid_thw") is not None and "mm_token_type_ids" not in kwargs:
+            kwargs["mm_token_type_ids"] = (kwargs["inputs"] == image_token).long()
+        return generate(*args, **kwargs)
+
+    model.generate = as_trained
 
 
 if __name__ == "__main__":
