@@ -262,6 +262,10 @@ def encode_records(
         media.update(audio=audios, sampling_rate=processor.feature_extractor.sampling_rate)
     if videos:
         media["videos"] = videos
-    encoded = processor(text=texts, **media, return_tensors="pt", padding=True)
+    # transformers' rule for a chat template's text: the tokenizer adds no special token to a text
+    # whose template wrote the BOS itself (else a template with {{ bos_token }} gets two)
+    bos = tokenizer_of(processor).bos_token
+    own_bos = {"add_special_tokens": False} if bos and all(text.startswith(bos) for text in texts) else {}
+    encoded = processor(text=texts, **media, return_tensors="pt", padding=True, **own_bos)
     encoded.pop("labels", None)  # PaliGemma's processor adds training labels: nothing here trains
     return encoded

@@ -296,6 +296,13 @@ def _named(name: str, source: str) -> Prompting:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(path, f"the chat template file cannot be read ({error})") from None
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:  # transformers compiles it in this environment, at the first record
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as error:
+        raise InputError(path, f"is not a Jinja chat template (line {error.lineno}: {error.message})") from None
     return Prompting(f"{FILE}{path.name}", text, None, None, source)
 
 
@@ -319,9 +326,9 @@ def _swift_arguments(adapter: Path) -> dict:
 
 class AsTrained:
     """A processor that asks as a training tool did: its chat template and system prompt in every
-    conversation, no special token added by the tokenizer (a tool's template writes them; a file's
-    by transformers' rule, when it opens with the BOS), and each image resized by the tool's rule
-    first. Everything else is the wrapped processor's."""
+    conversation, no special token added by the tokenizer (a tool's template writes them; any
+    other template follows transformers' rule, `data.encode_records`'), and each image resized by
+    the tool's rule first. Everything else is the wrapped processor's."""
 
     def __init__(self, processor, prompting: Prompting):
         self._processor = processor
@@ -343,13 +350,6 @@ class AsTrained:
             kwargs["images"] = [[rule.resize(image) for image in images] for images in kwargs["images"]]
             if not rule.processor_resizes:
                 kwargs["do_resize"] = False
-        if self.prompting.template in TOOL_TEMPLATES or self._opens_with_bos(kwargs.get("text")):
+        if self.prompting.template in TOOL_TEMPLATES:
             kwargs["add_special_tokens"] = False
         return self._processor(*args, **kwargs)
-
-    def _opens_with_bos(self, texts) -> bool:
-        """transformers' rule for a chat template's text: the tokenizer adds no special token
-        when the template wrote the BOS itself."""
-        tokenizer = getattr(self._processor, "tokenizer", self._processor)
-        bos = getattr(tokenizer, "bos_token", None)
-        return bool(bos and texts and all(text.startswith(bos) for text in texts))

@@ -251,3 +251,35 @@ def test_infer_adapter_asks_as_its_stats_file_recorded(task, tmp_path, capsys):
         assert code == 0 and "does not say which chat template" not in err, err
         predictions[name] = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
     assert predictions["recorded"] == predictions["said"] != predictions["base"]
+
+
+def test_a_chat_template_file_asks_as_its_text_says(task, tmp_path, capsys):
+    """A file is tokenized by transformers' rule: no BOS added when its text opens with one. So
+    ms-swift's llava1_5_hf text (which opens with <s>) from a file gives the tool template's
+    statistics, and the base's own template from a file the base's."""
+    from many_cli.prompting import TOOL_TEMPLATES
+
+    base, adapter, _, data = task
+    common = ["--model", str(base), "--adapter", str(adapter), "--data", str(data), "--device", "cpu"]
+    files = {"swift.jinja": TOOL_TEMPLATES["swift:llava1_5_hf"].chat_template}
+    files["base.jinja"] = (base / "chat_template.jinja").read_text()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    pairs = {"swift.jinja": "swift:llava1_5_hf", "base.jinja": "base"}
+    for file, template in pairs.items():
+        for out, said in (
+            (tmp_path / f"{file}.safetensors", tmp_path / file),
+            (tmp_path / f"{template}.safetensors", template),
+        ):
+            code, err = run_cli(capsys, "stats", *common, "--template", str(said), "--out", str(out))
+            assert code == 0, err
+        first, second = (
+            stats_covariances(tmp_path / f"{file}.safetensors"),
+            stats_covariances(tmp_path / f"{template}.safetensors"),
+        )
+        assert all(torch.equal(first[name], second[name]) for name in first), file
+    (tmp_path / "broken.jinja").write_text("{% for x %}")
+    code, err = run_cli(
+        capsys, "stats", *common, "--template", str(tmp_path / "broken.jinja"), "--out", str(tmp_path / "no")
+    )
+    assert code == 2 and f"{tmp_path / 'broken.jinja'}: is not a Jinja chat template" in err and err.count("\n") == 1
