@@ -111,7 +111,8 @@ def qwen2_vl(spec: dict, out: Path) -> None:
     words = tokenizer(spec)
     ids = words.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        vocab_size=len(words),
+        vocab_size=len(words),  # Qwen2's special tokens at its own ids: 151,657 rows
+        tie_word_embeddings=True,  # as Qwen2-VL-2B: one matrix of them, not two
         hidden_size=HIDDEN,
         intermediate_size=2 * HIDDEN,
         num_hidden_layers=LAYERS,

@@ -55,10 +55,24 @@ def word_tokenizer(special: list[str]) -> str:
     return backend.to_str()
 
 
+# Qwen2's special tokens at its own ids: ms-swift's Qwen2-VL template finds the image and video
+# tokens by id (151655, 151656), so a tokenizer that numbers them otherwise trains on unexpanded images.
+QWEN_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+
+
 def qwen_tokenizer(special: list[str]) -> str:
     """A byte-level BPE built as Qwen2's is (its split rule, NFC, byte-level bytes), trained on the
-    tiny world's words: transformers 5 rebuilds a Qwen2 tokenizer from its vocab.json and
-    merges.txt alone, so it must be one."""
+    tiny world's words, its special tokens at Qwen2's ids (the ids between them never written):
+    transformers 5 rebuilds a Qwen2 tokenizer from its vocab.json and merges.txt alone, so it must
+    be one."""
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     backend = Tokenizer(models.BPE())
@@ -72,14 +86,26 @@ def qwen_tokenizer(special: list[str]) -> str:
     backend.decoder = decoders.ByteLevel()
     words = sorted(set(WORDS) | set(TEMPLATE_WORDS))
     corpus = [" ".join(words), "\n".join(words), *words, *(f" {word}" for word in words)]
+    ordinary = [token for token in special if token not in QWEN_IDS]
     trainer = trainers.BpeTrainer(
         vocab_size=2000,
-        special_tokens=special,
+        special_tokens=ordinary,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
-    return backend.to_str()
+    tokenizer = json.loads(backend.to_str())
+    vocab = tokenizer["model"]["vocab"]
+    unused = (f"<|unused_{index}|>" for index in range(max(QWEN_IDS.values())))
+    for token, index in sorted(QWEN_IDS.items(), key=lambda item: item[1]):
+        while len(vocab) < index:
+            vocab[next(unused)] = len(vocab)
+        vocab[token] = index
+        tokenizer["added_tokens"].append(
+            {"id": index, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+        )  # fmt: skip
+    return json.dumps(tokenizer)
 
 
 FAMILIES = {
