@@ -1,9 +1,9 @@
 """Asking an adapter as its training tool did: the tool's chat template and default system prompt,
 the special tokens it writes itself, and the sizes it resizes images to before the processor.
 
-What a run uses is an `Asking`: read from what the tool saved beside the adapter (ms-swift's
-`args.json`), else from the user's word (--template, --system, --min-pixels, --max-pixels), else
-the base processor's own template. `AsTrained` wraps the base processor so that every prompt and
+What a run uses is a `Prompting`: the user's word (`Asking`: --template, --system, --min-pixels,
+--max-pixels), else what the tool saved beside the adapter (ms-swift's `args.json`), else what
+`many` recorded before (a stats file, a merge), else the base processor's own template. `AsTrained` wraps the base processor so that every prompt and
 image the commands encode goes through it; the processor itself is not changed.
 
 Adding a tool's template: one `ToolTemplate` in TOOL_TEMPLATES (its Jinja text, written from the
@@ -32,7 +32,8 @@ ARGS_FILE = "args.json"  # what ms-swift saves beside each checkpoint: the run's
 class ImageRule:
     """How a tool resizes an image before the processor: `llamafactory` scales it by √ so that
     its pixels lie in [min, max] (LLaMA-Factory's image_min_pixels and image_max_pixels), then,
-    with `qwen` set, widens a side under 28 pixels (its Qwen2-VL plugin); `qwen_vl_utils` rounds
+    with `qwen` set, widens a side under 28 pixels (its Qwen2-VL plugin; its cap on aspect ratios
+    above 200 is not applied here); `qwen_vl_utils` rounds
     both sides to multiples of 28 within [min, max] pixels (ms-swift's MIN_PIXELS and MAX_PIXELS)
     and the processor does not resize again. Both resize with Pillow's default filter."""
 
@@ -49,16 +50,19 @@ class ImageRule:
         if self.kind == "qwen_vl_utils":
             height, width = qwen_smart_resize(image.height, image.width, 28, self.min_pixels, self.max_pixels)
             return image.resize((width, height))
-        for limit, breaks in (
-            (self.max_pixels, lambda area: area > self.max_pixels),
-            (self.min_pixels, lambda area: area < self.min_pixels),
-        ):
-            if breaks(image.width * image.height):
-                factor = math.sqrt(limit / (image.width * image.height))
-                image = image.resize((int(image.width * factor), int(image.height * factor)))
+        if image.width * image.height > self.max_pixels:
+            image = _scaled(image, self.max_pixels)
+        if image.width * image.height < self.min_pixels:
+            image = _scaled(image, self.min_pixels)
         if self.qwen and min(image.width, image.height) < 28:
             image = image.resize((max(image.width, 28), max(image.height, 28)))
         return image
+
+
+def _scaled(image: Image.Image, pixels: int) -> Image.Image:
+    """The image scaled by √(pixels / its pixels), each side truncated (LLaMA-Factory's rule)."""
+    factor = math.sqrt(pixels / (image.width * image.height))
+    return image.resize((int(image.width * factor), int(image.height * factor)))
 
 
 def qwen_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
