@@ -283,3 +283,38 @@ def test_a_chat_template_file_asks_as_its_text_says(task, tmp_path, capsys):
         capsys, "stats", *common, "--template", str(tmp_path / "broken.jinja"), "--out", str(tmp_path / "no")
     )
     assert code == 2 and f"{tmp_path / 'broken.jinja'}: is not a Jinja chat template" in err and err.count("\n") == 1
+
+
+def test_an_older_tasks_stats_count_as_the_base_template_and_the_users_word_wins(task, tmp_path, capsys):
+    """Stats written before many recorded how it asked were taken on the base's template: merged
+    with a task asked `--template base`, the model is asked so without a word; a bundle naming a
+    template this many does not know is asked as `--template` says."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, records, data = task
+    folders = [shutil.copytree(adapter, tmp_path / name) for name in ("older", "newer")]
+    for folder in folders:
+        common = ["--model", str(base), "--adapter", str(folder), "--data", str(data), "--device", "cpu"]
+        assert run_cli(capsys, "stats", *common, "--template", "base")[0] == 0
+
+    def rewrite(path: Path, change) -> None:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        save_file(load_file(path), path, metadata=change(metadata))
+
+    rewrite(folders[0] / "many_stats.safetensors", lambda m: {k: v for k, v in m.items() if k != "asked_as"})
+    assert run_cli(capsys, "merge", *map(str, folders), "--out", str(tmp_path / "merged"))[0] == 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "unknown (stats of an older many)" in card
+    asking = ["infer", "--model", str(base), "--merged", str(tmp_path / "merged"), "--image", records[0]["image"]]
+    code, _, err = run_cli_output(capsys, *asking, "--device", "cpu")
+    assert code == 0, err
+    bundle = tmp_path / "merged" / "many_bundle.safetensors"
+    rewrite(bundle, lambda m: {**m, "asked_as": json.dumps([{"template": "newtool:x"}, {"template": "base"}])})
+    code, err = run_cli(capsys, *asking, "--device", "cpu")
+    assert code == 2 and "does not know ('newtool:x')" in err
+    code, _, err = run_cli_output(capsys, *asking, "--device", "cpu", "--template", "base")
+    assert code == 0, err

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +144,9 @@ def load_task_adapter(base: str, adapter: Path, options: InferOptions = InferOpt
         )
     stats = adapter / STATS_FILE
     header = read_stats_header(stats) if stats.is_file() else None
-    recorded = recorded_prompting(stats, header.asked_as) if header and header.asked_as else None
+    recorded = (  # what its stats recorded, unless the user says otherwise
+        recorded_prompting(stats, header.asked_as) if header and options.template is None else None
+    )
     prompting, note = prompting_for(adapter, options.asking, recorded)
     with peft_adapter_dir(adapter, base) as loadable:  # a maker's own layout read as PEFT's
         check_supported_config(loadable)
@@ -179,19 +180,18 @@ def load_routed(path: Path, options: InferOptions = InferOptions()) -> MergedMod
 
 def _merge_prompting(bundle: BundleHeader, options: InferOptions) -> Prompting:
     """How the merged model is asked: as the user says, else as its tasks' statistics were, when
-    they all were asked alike."""
-    asked = {
-        json.dumps({k: v for k, v in record.items() if k != "source"}, sort_keys=True) for record in bundle.asked_as
-    }
-    if options.template is None and len(asked) > 1:
+    they all were asked alike (a task of an older many's stats counts as the base's template)."""
+    if options.template is not None:
+        return prompting_for(None, options.asking)[0]
+    askings = [recorded_prompting(bundle.path, record) for record in bundle.asked_as]
+    if len({(asked.template, asked.chat_template, asked.system, asked.images) for asked in askings}) > 1:
         raise InputError(
             bundle.path,
             "its tasks' statistics were asked with different templates ("
             + "; ".join(f"{task}: {described(record)}" for task, record in zip(bundle.tasks, bundle.asked_as))
             + "): give --template to say how the merged model is asked",
         )
-    recorded = recorded_prompting(bundle.path, bundle.asked_as[0]) if bundle.asked_as else None
-    return prompting_for(None, options.asking, recorded)[0]
+    return prompting_for(None, options.asking, askings[0])[0]
 
 
 def _base_model(
