@@ -145,24 +145,38 @@ def merge_command(
         Optional[Path],
         typer.Option("--resume", readable=False, help="A previous merge directory to add these tasks to."),
     ] = None,
+    data: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--data",
+            readable=False,
+            help="--one-pass: each task's calibration data (its stats were taken on), once per adapter in task order.",
+        ),
+    ] = None,
     *,
     options: MergeOptions,
 ) -> None:
     """Merge LoRA adapters (with their many_stats.safetensors) into one PEFT adapter."""
     options.check()
+    if data and not options.one_pass:
+        raise InputError(None, "--data applies to --one-pass only; leave it out")
     named = [task_and_path(adapter) for adapter in adapters]
     adapters = [path for _, path in named]
     require_inputs(
         {
             **{adapter: "adapter directory not found" for adapter in adapters},
             **({resume: "merge directory to resume from not found"} if resume else {}),
+            **{source: "data not found" for source in data or []},
         }
     )
-    with importing(transformers=False):
+    with importing(transformers=options.one_pass):
         from many_cli.merge import merge
 
+        if options.one_pass:
+            from many_cli.stats.walk import walker
     task_names = {path: name for name, path in named if name is not None}
-    report = merge(adapters, out, options, resume=resume, track=_track, task_names=task_names)
+    open_walk = walker(options, data or []) if options.one_pass else None
+    report = merge(adapters, out, options, resume=resume, track=_track, task_names=task_names, open_walk=open_walk)
     if report.rank != 0:
         return
     for line in report.warnings:

@@ -371,8 +371,22 @@ class MergeOptions(ReadsBase):
     model: Path | None = option(
         None,
         "--model",
-        "The base model folder whose checkpoint names the modules under --checkpoint-names or "
-        "--for-transformers below 4.52 (checked against the base the stats files record).",
+        "The base model folder: what --one-pass runs, and whose checkpoint names the modules under "
+        "--checkpoint-names or --for-transformers below 4.52 (checked against the base the stats "
+        "files record).",
+    )
+    one_pass: bool = option(
+        False,
+        "--one-pass",
+        "RegMean++ in one pass: retake every task's statistics in the merged model, one stage of "
+        "each decoder layer at a time (the inputs the merged stages below give it, the task's "
+        "projector), merging each stage before the next; needs --model and --data for each adapter.",
+    )
+    walk_memory: float = option(
+        4.0,
+        "--walk-memory",
+        "--one-pass: GiB of hidden states (one layer's input, for every calibration record) kept "
+        "on the device; the rest is spilled to disk beside --out.",
     )
 
     def check(self) -> None:
@@ -386,10 +400,17 @@ class MergeOptions(ReadsBase):
             raise InputError(
                 None, f"{asked} names the modules as the base's checkpoint does: give that base with --model BASE"
             )
-        if self.model is not None and not self.checkpoint_names:
+        if self.one_pass and self.model is None:
+            raise InputError(None, "--one-pass runs the base model: give it with --model BASE")
+        if self.model is not None and not (self.checkpoint_names or self.one_pass):
             raise InputError(
-                None, "--model applies to --checkpoint-names and --for-transformers below 4.52 only; leave it out"
+                None,
+                "--model applies to --one-pass, --checkpoint-names and --for-transformers below 4.52 only; leave it out",
             )
+        if not (self.walk_memory >= 0 and math.isfinite(self.walk_memory)):
+            raise InputError(None, f"--walk-memory must be a finite number of GiB ≥ 0, got {self.walk_memory}")
+        if self.walk_memory != 4.0 and not self.one_pass:
+            raise InputError(None, "--walk-memory applies to --one-pass only; leave it out")
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise InputError(None, f"--ridge must be a finite number ≥ 0, got {self.ridge}")
         if not math.isfinite(self.scale):

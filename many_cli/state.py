@@ -160,6 +160,9 @@ class StatsHeader:
     module_names: Mapping[str, str] = field(default_factory=dict)  # saved name -> name on the base, where they differ
     split_qkv: tuple[int, int] | None = None  # (heads, kv heads): the adapter's InternLM2 wqkv LoRA was split
     asked_as: Mapping[str, object] = field(default_factory=dict)  # the prompting's record; {}: older files
+    records: int = 0  # the calibration records counted, and those skipped (--skip-bad)
+    skipped: int = 0
+    modules_pattern: str | None = None  # --modules
 
     def input_of(self, module: str) -> InputStats | None:
         for stats in self.inputs.values():
@@ -239,6 +242,9 @@ def read_stats_header(path: Path) -> StatsHeader:
             module_names=_string_map(path, metadata, "module_names"),
             split_qkv=_head_layout(path, metadata),
             asked_as=_json_object(path, metadata, "asked_as"),
+            records=int(metadata.get("records", "0")),
+            skipped=int(metadata.get("skipped", "0")),
+            modules_pattern=metadata.get("modules_pattern"),
         )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from many_cli.distributed import join_world
 from many_cli.errors import InputError
@@ -32,10 +32,10 @@ from many_cli.merge.budget import Track
 from many_cli.merge.groups import modules_pattern, plan_groups
 from many_cli.merge.inputs import RESERVED_NAMES, read_inputs
 from many_cli.merge.report import MergeReport
-from many_cli.merge.solve import merge_lpm
+from many_cli.merge.solve import Walk, merge_lpm
 from many_cli.methods import REGISTRY, MergeMethod
 from many_cli.options import DEFAULT_ETA, DEFAULT_RIDGE, METHODS, MergeOptions
-from many_cli.state import BUNDLE_FILE, EXPERTS_DIR
+from many_cli.state import BUNDLE_FILE, EXPERTS_DIR, StatsHeader
 
 __all__ = [
     "merge",
@@ -56,9 +56,11 @@ def merge(
     resume: Path | None = None,
     track: Track = lambda items, _: items,
     task_names: Mapping[Path, str] | None = None,
+    open_walk: Callable[[list[tuple[Path, StatsHeader]]], Walk] | None = None,
 ) -> MergeReport:
     """Merge the adapters (in task order) into `out`, after the merge at `resume` if given. A task
-    is named after its adapter's folder, or as `task_names` names that folder."""
+    is named after its adapter's folder, or as `task_names` names that folder. Under --one-pass,
+    `open_walk` (`stats.walk.open_walk` with the base and data bound) takes the statistics."""
     options.check()
     method = REGISTRY[options.method]
     report = MergeReport(out, [], 0)
@@ -71,13 +73,14 @@ def merge(
         if method.needs_stats:
             inputs.groups = plan_groups(inputs.tasks, inputs.previous)
         world = join_world(inputs.options.device)
+        walk = _walk(inputs, resume, world, open_walk) if options.one_pass else None
         report.rank = world.rank
         if world.rank != 0:  # another torchrun rank: it does its share, rank 0 writes
             if method.distributed:
-                _run(method, inputs, None, report, track, world)
+                _run(method, inputs, None, report, track, world, walk)
             return report
         with atomic_output_dir(out, inputs.options.force) as staging:
-            _run(method, inputs, staging, report, track, world)
+            _run(method, inputs, staging, report, track, world, walk)
             report.note_energy(inputs.options.rank)
             if inputs.options.experts:
                 outputs.write_experts(inputs, staging / EXPERTS_DIR, report)
@@ -86,9 +89,22 @@ def merge(
     return report
 
 
-def _run(method: MergeMethod, inputs, staging: Path | None, report: MergeReport, track: Track, world) -> None:
+def _walk(inputs, resume: Path | None, world, open_walk) -> Walk:
+    """--one-pass's walk, its groups put in the order the model's forward reaches them."""
+    if resume is not None:
+        raise InputError(
+            resume, "--one-pass retakes every task's statistics: give every task's adapter (and --data), not --resume"
+        )
+    if world.size > 1:
+        raise InputError(None, "--one-pass runs in one process: start it without torchrun")
+    walk = open_walk([(task.adapter.path, task.stats) for task in inputs.tasks])
+    inputs.groups = walk.ordered(inputs.groups)
+    return walk
+
+
+def _run(method: MergeMethod, inputs, staging: Path | None, report, track: Track, world, walk: Walk | None) -> None:
     """The merged adapter (and for LPM the state) into `staging`, by the method's runner."""
     if method.runner == "lpm":
-        merge_lpm(inputs, staging, report, track, world)
+        merge_lpm(inputs, staging, report, track, world, walk)
     else:
         merge_baseline(inputs, staging, report, track, method.rule, method.dense)

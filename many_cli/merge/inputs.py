@@ -207,13 +207,14 @@ def read_inputs(
     report.tasks = inputs.names
     inputs.options = _resolve_options(inputs, report)
     _note_inputs(inputs, report)
-    if options.checkpoint_names:
+    if options.model is not None:
         base = str(options.model)
         fingerprint = base_fingerprint(base, options.qlora)  # a missing, broken or remote-code base is refused here
         recorded_by = previous.state.path if previous else next((t.stats.path for t in tasks if t.stats), None)
         if recorded_by and inputs.base_fingerprint:
             refuse_other_base(recorded_by, inputs.base_fingerprint, base, fingerprint)
-        inputs.adapter_names, inputs.fused_modules = checkpoint_module_names(base)
+    if options.checkpoint_names:
+        inputs.adapter_names, inputs.fused_modules = checkpoint_module_names(str(options.model))
     return inputs
 
 

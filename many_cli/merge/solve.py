@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -20,11 +20,27 @@ from many_cli.merge.budget import Track, fit_rank, merged_modules
 from many_cli.merge.inputs import Group, MergeInputs
 from many_cli.merge.report import MergeReport
 from many_cli.options import MergeOptions
-from many_cli.state import STATE_FILE, StateGroup, StateTask, StateWriter, pack_symmetric
+from many_cli.state import STATE_FILE, StateGroup, StateTask, StateWriter, pack_symmetric, packed_blocks
 
 _STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 Emit = Callable[[str, torch.Tensor, torch.Tensor], None]  # (module, A, B) of the merged adapter
+Taken = list[tuple[torch.Tensor, int]]  # --one-pass: per new task, a group's packed Σ x xᵀ and its rows
+
+
+class TakenGroup(Protocol):
+    group: Group
+    taken: Taken
+
+
+class Walk(Protocol):
+    """--one-pass's statistics (`many_cli.stats.walk.StageWalk`, which the caller gives)."""
+
+    def stages(self, groups: list[Group], scratch: Path) -> Sequence[TakenGroup]:
+        """Every group with its statistics, in the order the model's forward reaches them."""
+
+    def install(self, merged: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """A solved group's merged LoRA, switched on before the next group is taken."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +72,12 @@ class SolvedGroup:
     gram: torch.Tensor | None = None
 
 
-def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, track: Track, world: World) -> None:
+def merge_lpm(
+    inputs: MergeInputs, staging: Path | None, report: MergeReport, track: Track, world: World, walk: Walk | None = None
+) -> None:
     """The merged adapter (and the state) of `inputs` into `staging`; on ranks other than 0
-    (`staging` None) only this rank's share of the groups, sent to rank 0."""
+    (`staging` None) only this rank's share of the groups, sent to rank 0. With `walk` (one
+    process), the new tasks' covariances are taken by it, group after group."""
     rank, device, options, groups = world.rank, world.device, inputs.options, inputs.groups
     all_tasks = inputs.state_tasks()
     writer = adapter = None
@@ -71,13 +90,16 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
             )
             report.modules = len(modules)
             writer = files.enter_context(_state_writer(inputs, staging / STATE_FILE, all_tasks))
-        for number, group in enumerate(track(groups, "merging") if rank == 0 else groups):
-            owner = number % world.size
+        stages = walk.stages(groups, staging) if walk else [_Given(group) for group in groups]
+        for number, stage in enumerate(track(stages, "merging") if rank == 0 else stages):
+            owner, group = number % world.size, stage.group
             if owner == rank:
-                gram, contributions = gather_group(group, inputs, device)
+                gram, contributions = gather_group(group, inputs, device, taken=stage.taken)
                 if writer:  # the state in the order declared: each group's H, then its factors
                     _keep(writer, group, gram, contributions)
-                solved = solve_group(group, gram, contributions, inputs, device, pack=rank != 0)
+                solved = solve_group(group, gram, contributions, inputs, device, rank != 0, stage.taken)
+                if walk:
+                    walk.install(solved.merged)
                 if rank:
                     send_solved(solved)
                     continue
@@ -95,6 +117,18 @@ def merge_lpm(inputs: MergeInputs, staging: Path | None, report: MergeReport, tr
                 underdetermined.append(group.key)
     world.leave()
     report.note_conditioning(singular, underdetermined, len(groups), options.ridge)
+
+
+@dataclass(frozen=True)
+class _Given:
+    """A group whose covariances its tasks' stats files hold."""
+
+    group: Group
+    taken: None = None
+
+    @property
+    def key(self) -> str:
+        return self.group.key
 
 
 def _state_writer(inputs: MergeInputs, path: Path, all_tasks: list[StateTask]) -> StateWriter:
@@ -140,6 +174,7 @@ def solve_group(
     inputs: MergeInputs,
     device: torch.device,
     pack: bool,
+    taken: Taken | None = None,
 ) -> SolvedGroup:
     """Solve and factor one gathered group (its Gram matrix is factored in place); with `pack`,
     the result keeps H's upper triangle for rank 0 to write."""
@@ -151,7 +186,7 @@ def solve_group(
     if singular:
         # The factorization overwrote the Gram matrix: gather it again, now checking every
         # value, so that NaN or Inf in a file is reported as such and not as a singular H.
-        gram, _ = gather_group(group, inputs, device, factors=False)
+        gram, _ = gather_group(group, inputs, device, factors=False, taken=taken)
         solution = lpm.min_norm_solve_right(lpm.reduce_off_diagonal_(gram, options.alpha), rhs, options.ridge)
     del gram
     merged, energy = [], {}
@@ -213,11 +248,13 @@ def _emit_group(
         emit(module, a.cpu(), b.cpu())
 
 
-def gather_group(group: Group, inputs: MergeInputs, device: torch.device, factors: bool = True):
+def gather_group(
+    group: Group, inputs: MergeInputs, device: torch.device, factors: bool = True, taken: Taken | None = None
+):
     """The group's weighted Gram matrix H (float64, upper triangle filled) and, with `factors`,
     every task's (w·A C, w·A diag(C), s·B) for its modules: earlier tasks' from the state, new tasks' from
-    their adapters and stats files. Covariances stream from their files a block of rows at a
-    time; H is the only d×d matrix in memory.
+    their adapters and stats files (or, under --one-pass, the covariances the walk `taken`).
+    Covariances stream from their files a block of rows at a time; H is the only d×d matrix in memory.
 
     The first gather (with factors) skips the NaN scan: NaN anywhere makes the factorization
     fail, and the second gather (without factors), which scans, then names the file."""
@@ -233,13 +270,20 @@ def gather_group(group: Group, inputs: MergeInputs, device: torch.device, factor
         stats = task.stats.inputs[name]
         if stats.tokens <= 0:
             raise InputError(task.stats.path, f"input {name} saw no calibration tokens")
+        if taken is not None:
+            _check_walked(task, name, taken[index - inputs.offset][1])
         weight = 1.0 / stats.tokens if inputs.options.balance else 1.0
         adapted = [module for module in group.modules if module in task.adapter.modules] if factors else []
         pairs = [task.adapter.lora_factors(module) for module in adapted]
         stacked = torch.cat([a for a, _ in pairs]).to(device, torch.float64) if pairs else None
         product = torch.zeros(0 if stacked is None else stacked.shape[0], group.dim, dtype=torch.float64, device=device)
         diagonal = torch.zeros(group.dim, dtype=torch.float64, device=device)
-        for start, rows in task.stats.covariance_blocks(name, check_finite=not factors):
+        blocks = (
+            task.stats.covariance_blocks(name, check_finite=not factors)
+            if taken is None
+            else packed_blocks(taken[index - inputs.offset][0])
+        )
+        for start, rows in blocks:
             rows = rows.to(device, torch.float64)
             gram[start : start + rows.shape[0], start:].add_(rows, alpha=weight)
             diagonal[start : start + rows.shape[0]] = rows.diagonal()
@@ -253,3 +297,14 @@ def gather_group(group: Group, inputs: MergeInputs, device: torch.device, factor
             contributions.append(Contribution(index, module, ac.cpu().contiguous(), ad.cpu().contiguous(), scaled_b))
     contributions.sort(key=lambda part: (part.index, group.modules.index(part.module)))
     return gram, contributions
+
+
+def _check_walked(task, name: str, rows: int) -> None:
+    """The walk counted the positions the task's stats file counted: the same records, asked alike."""
+    counted = task.stats.inputs[name].tokens
+    if rows != counted:
+        raise InputError(
+            task.stats.path,
+            f"--one-pass counted {rows} calibration positions at input {name} where this stats file counted "
+            f"{counted}: give --data the calibration data its stats were taken on",
+        )

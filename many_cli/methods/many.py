@@ -16,13 +16,18 @@ def _card_lines(options) -> list[str]:
     ]
     if options.alpha != 1:
         lines.append(f"- off-diagonal reduction α: {options.alpha:g} (RegMean: α C + (1 − α) diag C)")
+    if options.one_pass:
+        lines.append(
+            "- statistics: retaken in one pass through the merged model (--one-pass: each stage's inputs "
+            "as the merged stages below give them, RegMean++), not the stats files' own"
+        )
     return lines + [f"- merge state stored in {options.state_precision}"]
 
 
 METHOD = MergeMethod(
     name="many",
     title="least-squares (LPM)",
-    reads=("ridge", "balance", "alpha", "state_precision"),
+    reads=("ridge", "balance", "alpha", "state_precision", "one_pass", "walk_memory"),
     runner="lpm",
     card_lines=_card_lines,
     rank_fit="each layer's output space",
