@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import family_adapter, write_records
+from helpers import invoke, load_base, make_adapter, run_cli, task_vector
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from test_families import encode_one
 from transformers import AutoProcessor
 
-from families import TEXT_TARGETS, family_adapter, write_records
-from helpers import invoke, load_base, make_adapter, run_cli, task_vector
 from many_cli.bench.tiny import build_tiny_llava
 from many_cli.families import projector_paths
 from many_cli.merge import DEFAULT_RIDGE
@@ -38,10 +38,10 @@ def deep(tmp_path_factory):
     return base, adapters, calibration
 
 
-def one_pass(capsys, base, adapters, calibration, out: Path, *extra: str) -> Path:
+def one_pass(capsys, base, adapters, calibration, out: Path, *extra: str, said: str = "") -> Path:
     data = [argument for records in calibration for argument in ("--data", records)]
     code, err = run_cli(capsys, "merge", *adapters, "--out", out, "--one-pass", "--model", base, *data, *extra)
-    assert code == 0, err
+    assert code == 0 and said in err, err
     return out
 
 
@@ -220,7 +220,16 @@ def test_one_pass_equals_stats_under_refined_until_it_stops_changing_and_resumes
 def test_hidden_states_spilled_to_disk_give_the_same_merge_and_leave_nothing(shallow_targets, tmp_path, capsys):
     base, adapters, calibration = shallow_targets
     held = merged_updates(one_pass(capsys, base, adapters[:2], calibration[:2], tmp_path / "held"))
-    spilled = one_pass(capsys, base, adapters[:2], calibration[:2], tmp_path / "spilled", "--walk-memory", "0")
+    spilled = one_pass(
+        capsys,
+        base,
+        adapters[:2],
+        calibration[:2],
+        tmp_path / "spilled",
+        "--walk-memory",
+        "0",
+        said="kept 2 batches of hidden states on disk",
+    )
     assert all(torch.equal(update, held[name]) for name, update in merged_updates(spilled).items())
     assert sorted(path.name for path in tmp_path.iterdir()) == ["held", "spilled"]
     assert not list(spilled.rglob("*hidden*"))

@@ -63,6 +63,9 @@ DOCUMENTED = {
         "--density": 0.2,
         "--out": None,
         "--resume": None,
+        "--one-pass": False,
+        "--data": None,
+        "--walk-memory": 4.0,
         "--qlora": "none",
     },
     "stats": {

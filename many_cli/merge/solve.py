@@ -36,6 +36,8 @@ class TakenGroup(Protocol):
 class Walk(Protocol):
     """--one-pass's statistics (`many_cli.stats.walk.StageWalk`, which the caller gives)."""
 
+    spilled: int  # batches of hidden states the walk kept on disk
+
     def stages(self, groups: list[Group], scratch: Path) -> Sequence[TakenGroup]:
         """Every group with its statistics, in the order the model's forward reaches them."""
 
@@ -117,6 +119,11 @@ def merge_lpm(
                 underdetermined.append(group.key)
     world.leave()
     report.note_conditioning(singular, underdetermined, len(groups), options.ridge)
+    if walk and walk.spilled:
+        report.notes.append(
+            f"--one-pass kept {walk.spilled} batches of hidden states on disk beyond --walk-memory "
+            f"{options.walk_memory:g} GiB (more memory is faster)"
+        )
 
 
 @dataclass(frozen=True)

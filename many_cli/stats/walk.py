@@ -94,7 +94,12 @@ class HiddenStates:
     def __init__(self, folder: Path, limit: int):
         self._folder, self._limit, self._held = folder, limit, 0
         self._memory: dict[int, torch.Tensor] = {}
-        self.spilled = 0  # batches written to disk, over the walk
+        self._on_disk: set[int] = set()
+
+    @property
+    def spilled(self) -> int:
+        """The batches whose hidden states went to disk at some layer."""
+        return len(self._on_disk)
 
     def put(self, key: int, tensor: torch.Tensor) -> None:
         self._drop(key)
@@ -105,7 +110,7 @@ class HiddenStates:
             return
         self._folder.mkdir(exist_ok=True)
         save_file({"hidden": tensor.contiguous().cpu()}, self._folder / f"{key}.safetensors")
-        self.spilled += 1
+        self._on_disk.add(key)
 
     def get(self, key: int, device: torch.device) -> torch.Tensor:
         if key in self._memory:
