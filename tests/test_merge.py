@@ -425,7 +425,9 @@ def test_for_an_older_transformers_the_base_is_named_and_checked(world, tmp_path
     code, err = run_cli(capsys, *merge, "--model", other)
     assert code == 2 and f"was built on another base model than {other}" in err and err.count("\n") == 1, err
     code, err = run_cli(capsys, "merge", *world.adapters, "--out", tmp_path / "older", "--model", world.base)
-    assert code == 2 and "--model applies to --one-pass, --checkpoint-names and --for-transformers below 4.52 only" in err, err
+    assert (
+        code == 2 and "--model applies to --one-pass, --checkpoint-names and --for-transformers below 4.52 only" in err
+    ), err
     monkeypatch.chdir(tmp_path)  # the adapters' relative base path leads nowhere from here
     assert run_cli(capsys, *merge, "--model", world.base)[0] == 0
     # export takes that merge as it takes today's, to the same weights
