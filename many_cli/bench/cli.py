@@ -240,6 +240,7 @@ def bench_continual_command(
     pretrain_steps: Annotated[
         Optional[int], typer.Option("--pretrain-steps", help="Generalist pretraining steps [default: 600].")
     ] = None,
+    layers: Annotated[int, typer.Option("--layers", help="The world's language-model layers (a deeper world: 8).")] = 2,
     sweeps: Annotated[
         bool,
         typer.Option(
@@ -265,7 +266,9 @@ def bench_continual_command(
     sequences = tuple(order.strip() for order in orders.split(","))
     if not sequences or any(order not in ORDERS for order in sequences):
         raise InputError(None, f"--orders takes a comma-separated list of {', '.join(ORDERS)}, got {orders!r}")
-    steps = {"task_steps": task_steps, "pretrain_steps": pretrain_steps}
+    if layers < 1:
+        raise InputError(None, f"--layers must be ≥ 1, got {layers}")
+    steps = {"task_steps": task_steps, "pretrain_steps": pretrain_steps, "layers": layers}
     options = ContinualOptions(
         seeds=tuple(range(seeds)),
         bases=kinds,

@@ -31,6 +31,7 @@ from many_cli.report import Predictions, build_report
 from many_cli.rows import scores
 from many_cli.state import BUNDLE_FILE, STATS_FILE, read_bundle_header
 from many_cli.stats import StatsOptions, collect_stats
+from many_cli.stats.walk import walker
 
 UPPER = "each adapter alone (upper bound)"
 JOINT = "joint multi-task fine-tuning (one LoRA of rank Σ r_i)"
@@ -65,6 +66,9 @@ REFINEMENTS = 4
 LEAD_UNDER_ONCE = "MAny, inputs of the merged model (1 refinement)"
 LEAD_UNDER = f"MAny, inputs of the merged model ({REFINEMENTS} refinements, RegMean++)"
 LEAD_UNDER_ANSWERS = f"MAny, inputs of the merged model ({REFINEMENTS} refinements) + answer positions × 64"
+# Issue 44's: RegMean++ in one walk (`many merge --one-pass`), what the refinements tend to.
+ONE_PASS = "MAny, RegMean++ in one pass (merge --one-pass)"
+ONE_PASS_ANSWERS = "MAny, RegMean++ in one pass + answer positions × 64"
 SYSTEMS = (
     UPPER,
     JOINT,
@@ -82,11 +86,13 @@ SYSTEMS = (
     LEAD_UNDER_ONCE,
     LEAD_UNDER,
     LEAD_UNDER_ANSWERS,
+    ONE_PASS,
+    ONE_PASS_ANSWERS,
     EXPERTS_SOFT,
     EXPERTS,
 )
 # The systems whose cost the benchmark measures: what one step of the CI job does for each.
-COSTED = (MANY, LEAD_ANSWERS, LEAD_UNDER_ONCE, LEAD_UNDER, LEAD_UNDER_ANSWERS, EXPERTS)
+COSTED = (MANY, LEAD_ANSWERS, LEAD_UNDER_ONCE, LEAD_UNDER, LEAD_UNDER_ANSWERS, ONE_PASS, ONE_PASS_ANSWERS, EXPERTS)
 ORDERS = {"forward": TASKS, "reverse": TASKS[::-1]}
 BASES = {"generalist": True, "blank": False}  # kind -> pretrained on the broad mixture
 
@@ -291,6 +297,17 @@ def _score_steps(run: WorldRun, world: TrainedWorld, root: Path, train: TrainOpt
                     if system and refinement == after:
                         run.steps[system].append(_rows(load_merged(base, under, InferOptions(device="cpu")), seen))
                         _charge(run.costs[system], 1 + refinement * step, spent, copies, under)
+        calibration = [world.calibration[task.name] for task in tasks[:step]]
+        for system, stated, weight, spent in (
+            (ONE_PASS, adapters, 1.0, world.stats_seconds[new]),
+            (ONE_PASS_ANSWERS, answer_weighted, 64.0, answers_seconds[new]),
+        ):
+            clock, out = time.perf_counter(), root / "leads" / f"one_pass_{weight:g}_{step}"
+            walked = MergeOptions(one_pass=True, model=Path(base), force=True)
+            merge(stated[:step], out, walked, open_walk=walker(walked, calibration))
+            run.steps[system].append(_rows(load_merged(base, out, InferOptions(device="cpu")), seen))
+            # the new task's `many stats`, then the walk: every seen task's data through the model once
+            _charge(run.costs[system], 1 + step, spent + time.perf_counter() - clock, stated[:step], out)
 
 
 def _timed_merge(adapters: list[Path], out: Path, options: MergeOptions) -> tuple[Path, float]:
@@ -425,7 +442,8 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
         group = [run for run in runs if run.base == base]
         seeds, orders = len({run.seed for run in group}), list(dict.fromkeys(run.order for run in group))
         lines += [
-            f"### {base} base ({seeds} seed{'s' * (seeds > 1)} × {len(orders)} task order{'s' * (len(orders) > 1)} "
+            f"### {base} base, {options.train.layers} layers ({seeds} seed{'s' * (seeds > 1)} × {len(orders)} "
+            f"task order{'s' * (len(orders) > 1)} "
             f"({', '.join(orders)}); accuracy in %, mean ± std over the {len(group)} runs)",
             "",
             "| system | " + " | ".join(names) + " | FAA | forgetting | worst forgetting | backward transfer |",
@@ -469,7 +487,7 @@ def markdown(runs: list[WorldRun], options: ContinualOptions) -> str:
         if joint > 0:  # the other ceiling: one model of the merged rank trained on every task at once
             ratios = [
                 f"{system}: {statistics.fmean(run.faa(system) for run in group) / joint:.3f}"
-                for system in (MANY, LEAD_UNDER, EXPERTS)
+                for system in (MANY, LEAD_UNDER, ONE_PASS, ONE_PASS_ANSWERS, EXPERTS)
             ]
             lines += ["FAA / joint multi-task fine-tuning: " + "; ".join(ratios) + ".", ""]
         lines += _cost_table(group)

@@ -33,19 +33,20 @@ class TrainOptions:
     rank: int = 8
     pretrain_lr: float = 2e-3
     task_lr: float = 5e-3
+    layers: int = 2  # the language model's decoder layers
 
 
 def world_processor():
     return tiny_processor(image_size=IMAGE_SIZE, patch_size=PATCH)
 
 
-def world_model(seed: int) -> LlavaForConditionalGeneration:
+def world_model(seed: int, layers: int = 2) -> LlavaForConditionalGeneration:
     """Random weights; the vision tower stays as initialised (frozen random features, as a
     LLaVA's CLIP stays frozen), the language model's matrices drawn at INIT_STD."""
     vision = tiny_clip(hidden=32, layers=2, image_size=IMAGE_SIZE, patch_size=PATCH)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(
-        tiny_llava_config(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vision=vision)
+        tiny_llava_config(hidden=64, layers=layers, intermediate=128, heads=4, kv_heads=2, vision=vision)
     )
     language = [model.get_submodule("model.language_model"), model.lm_head]
     for parameter in (p for module in language for p in module.parameters() if p.dim() == 2):
@@ -133,7 +134,7 @@ def build_base(out: Path, pretrained: bool, seed: int, options: TrainOptions) ->
     """A blank base (random weights: all task knowledge will sit in the adapters), or one whose
     language model and projector were pretrained on the broad mixture."""
     processor = world_processor()
-    model = world_model(seed)
+    model = world_model(seed, options.layers)
     if pretrained:
         train(
             model,
