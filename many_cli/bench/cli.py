@@ -348,6 +348,50 @@ def bench_e2e_command(
     )
 
 
+@bench_app.command("one-pass")
+def bench_one_pass_command(
+    family: Annotated[
+        str, typer.Option("--family", help="llava-1.5-7b or qwen2.5-vl-7b (their real configurations), or tiny.")
+    ] = "llava-1.5-7b",
+    layers: Annotated[int, typer.Option("--layers", help="Language-model layers; figures scale linearly.")] = 1,
+    vision_layers: Annotated[int, typer.Option("--vision-layers", help="Vision-tower layers.")] = 1,
+    tasks: Annotated[int, typer.Option("--tasks", help="Task adapters merged.")] = 2,
+    records: Annotated[int, typer.Option("--records", help="Calibration records per task.")] = 4,
+    device: Where = "auto",
+    workdir: Workdir = None,
+) -> None:
+    """`many merge --one-pass` against today's job (a stats pass per task and a plain merge), at a
+    real model's widths, each phase timed in a process of its own."""
+    with importing():
+        from many_cli.bench.e2e import FAMILIES
+        from many_cli.bench.one_pass_bench import bench_one_pass
+
+    if family not in FAMILIES:
+        raise InputError(None, f"--family takes one of {', '.join(FAMILIES)}, got {family!r}")
+    result = bench_one_pass(family, layers, vision_layers, tasks, records, device, workdir)
+    gigabyte = 1e9
+    _print_measures(
+        f"many bench one-pass: {family} ({result.layers} language layer{'s' * (result.layers > 1)}), "
+        f"{tasks} tasks, {records} records each, on {result.device}",
+        [
+            ("many stats, one task (load and write included)", f"{result.stats_seconds:.1f} s"),
+            ("many merge (plain)", f"{result.merge_seconds:.1f} s"),
+            ("many merge --one-pass, every task", f"{result.one_pass_seconds:.1f} s"),
+            ("  the same, every hidden state spilled to disk", f"{result.spilled_seconds:.1f} s"),
+            ("one pass / (stats per task + plain merge)", f"{result.seconds_ratio:.2f}"),
+            (
+                "peak memory: stats / merge / one pass",
+                " / ".join(
+                    f"{peak / gigabyte:.2f}" for peak in (result.stats_peak, result.merge_peak, result.one_pass_peak)
+                )
+                + " GB",
+            ),
+            ("peak memory: one pass / one stats run", f"{result.peak_ratio:.2f}"),
+            ("peak memory: one pass spilled", f"{result.spilled_peak / gigabyte:.2f} GB"),
+        ],
+    )
+
+
 @bench_app.command("sample")
 def bench_sample_command(
     out: Annotated[Path, typer.Option("--out", readable=False, help="Where to write the sample.")] = Path(
