@@ -274,3 +274,20 @@ def test_what_one_pass_cannot_walk_is_refused_in_one_line(shallow_targets, tmp_p
     code, err = run_cli(capsys, "merge", vision, "--out", out, "--one-pass", "--model", base, *data[:2])
     assert code == 2 and "lies outside them" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_qwen2_vl_walk_replays_its_3d_rotary_positions(tmp_path, capsys):
+    """Qwen2-VL's layers read M-RoPE positions the model derives from the images: the walk
+    replays each layer with the arguments the model gave it, and equals the brute force."""
+    from families import FAMILIES
+
+    base = FAMILIES["qwen2_vl"](tmp_path / "base")
+    adapters = [family_adapter(base, tmp_path / "adapters" / f"task{index}", seed=index) for index in range(2)]
+    calibration = [write_records(tmp_path / "calibration", f"task{i}", 4, i, i, False) for i in range(2)]
+    for adapter, records in zip(adapters, calibration, strict=True):
+        assert invoke("stats", "--model", base, "--adapter", adapter, "--data", records, "--batch-size", "3") == 0
+    measured = merged_updates(one_pass(capsys, base, adapters, calibration, tmp_path / "one_pass"))
+    expected = brute_force_walk(base, adapters, calibration, DEFAULT_RIDGE)
+    assert measured.keys() == expected.keys() and len(expected) >= 14
+    for name, update in expected.items():
+        assert torch.linalg.norm(measured[name] - update) <= 2e-3 * torch.linalg.norm(update), name

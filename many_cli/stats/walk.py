@@ -225,9 +225,8 @@ class StageWalk:
         options, prompting = _asked(task, self._options)
         if first_only:
             options = replace(options, max_samples=min(options.max_samples, options.batch_size))
-        self.counts = StatsReport(task.stats.path)
         records = islice(read_records(task.data, options.reading), options.max_samples)
-        return encoded_batches(prompting.wrap(self._processor), records, options, self.counts)
+        return encoded_batches(prompting.wrap(self._processor), records, options, StatsReport(task.data))
 
     def _first_inputs(self, model: nn.Module, layers: nn.ModuleList, hidden: HiddenStates) -> list[_Batch]:
         """Each task's batches, run up to the first decoder layer (its own projector, no LoRA):
@@ -308,15 +307,18 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _place(groups: list[Stage], modules: dict[str, nn.Module], layers: nn.ModuleList, tasks) -> dict[str, int]:
+def _place(
+    groups: list[Stage], modules: dict[str, nn.Module], layers: nn.ModuleList, tasks: list[WalkedTask]
+) -> dict[str, int]:
     """Group -> the decoder layer its modules sit in; a module outside them cannot be walked."""
     layer_of = {id(module): number for number, layer in enumerate(layers) for module in layer.modules()}
     where = {}
     for group in groups:
         for name in group.modules:
             if id(modules.get(name)) not in layer_of:
+                owner = next(task for task in tasks if task.stats.input_of(name) is not None)
                 raise InputError(
-                    tasks[0].adapter,
+                    owner.adapter,
                     f"--one-pass walks the language model's decoder layers, and {name} lies outside "
                     "them: merge without --one-pass (or refine with `many stats --under`)",
                 )
