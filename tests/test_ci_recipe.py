@@ -33,7 +33,7 @@ def test_the_github_actions_job_runs_the_same_commands():
     runs = [step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "stats" in step.get("run", "")]
     assert runs == [_block("shell")]
     env = job["jobs"]["merge-and-report"]["env"]
-    assert set(env) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "REFINE", "MANY_WHEEL"}
+    assert set(env) == {"BASE", "TASK", "STEP", "PREVIOUS_STEP", "SEEN", "ONE_PASS", "MANY_WHEEL"}
     installs = [
         step["run"] for step in job["jobs"]["merge-and-report"]["steps"] if "pip install" in step.get("run", "")
     ]

@@ -60,7 +60,7 @@ def merge(
 ) -> MergeReport:
     """Merge the adapters (in task order) into `out`, after the merge at `resume` if given. A task
     is named after its adapter's folder, or as `task_names` names that folder. Under --one-pass,
-    `open_walk` (`stats.walk.open_walk` with the base and data bound) takes the statistics."""
+    `open_walk` (`stats.walk.walker`'s, the base and data bound) takes the statistics."""
     options.check()
     method = REGISTRY[options.method]
     report = MergeReport(out, [], 0)

@@ -38,8 +38,11 @@ class Walk(Protocol):
 
     spilled: int  # batches of hidden states the walk kept on disk
 
+    def ordered(self, groups: list[Group]) -> list[Group]:
+        """`groups` in the order the model's forward reaches them."""
+
     def stages(self, groups: list[Group], scratch: Path) -> Sequence[TakenGroup]:
-        """Every group with its statistics, in the order the model's forward reaches them."""
+        """Every group of `ordered`, with every new task's statistics of its input."""
 
     def install(self, merged: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
         """A solved group's merged LoRA, switched on before the next group is taken."""
