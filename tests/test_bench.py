@@ -31,6 +31,16 @@ def test_bench_e2e_runs_every_phase_on_the_tiny_family(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_one_pass_runs_today_s_job_and_the_walk_on_the_tiny_family(tmp_path):
+    from many_cli.bench.one_pass_bench import bench_one_pass
+
+    result = bench_one_pass("tiny", tasks=1, records=1, device="cpu", workdir=tmp_path)
+    assert result.layers == 1 and result.tasks == 1
+    assert min(result.stats_peak, result.merge_peak, result.one_pass_peak, result.spilled_peak) > 50e6  # torch
+    assert result.seconds_ratio > 0 and result.peak_ratio > 0
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "family, published, layers, vision_layers",
     [("llava-1.5-7b", 7_063_427_072, 32, 24), ("qwen2.5-vl-7b", 8_292_166_656, 28, 32)],

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -279,6 +280,42 @@ def _size(path: Path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
+@dataclass(frozen=True)
+class JobInputs:
+    """What a benchmark at a real model's size runs on: a scratch folder, the base, the task
+    adapters and each one's calibration records, the compute device, the base's configuration."""
+
+    root: Path
+    base: Path
+    adapters: list[Path]
+    data: list[Path]
+    compute: torch.device
+    config: PretrainedConfig
+
+
+@contextmanager
+def job_inputs(
+    family: str,
+    layers: int | None,
+    vision_layers: int | None,
+    tasks: int,
+    records: int,
+    device: str,
+    workdir: Path | None,
+) -> Iterator[JobInputs]:
+    """The family's base (random bf16 weights), `tasks` adapters and their records, in a scratch
+    folder removed afterwards."""
+    compute = resolve_device(device)
+    build, image_size = FAMILIES[family]
+    config, processor = build(layers, vision_layers)
+    with tempfile.TemporaryDirectory(prefix="many-bench-", dir=workdir) as folder:
+        root = Path(folder)
+        base = build_base(root / "base", config, processor, compute)
+        adapters = write_adapters(base, root / "adapters", tasks, compute)
+        data = [write_records(root / "data" / a.name, records, image_size, seed=i) for i, a in enumerate(adapters)]
+        yield JobInputs(root, base, adapters, data, compute, config)
+
+
 def bench_e2e(
     family: str = "llava-1.5-7b",
     layers: int | None = None,
@@ -290,17 +327,15 @@ def bench_e2e(
     device: str = "auto",
     workdir: Path | None = None,
 ) -> E2EResult:
-    compute = resolve_device(device)
-    build, image_size = FAMILIES[family]
-    config, processor = build(layers, vision_layers)
-    with tempfile.TemporaryDirectory(prefix="many-e2e-", dir=workdir) as folder:
-        root = Path(folder)
-        base = build_base(root / "base", config, processor, compute)
-        adapters = write_adapters(base, root / "adapters", tasks, compute)
-        data = [
-            write_records(root / "data" / adapter.name, records, image_size, seed=index)
-            for index, adapter in enumerate(adapters)
-        ]
+    with job_inputs(family, layers, vision_layers, tasks, records, device, workdir) as job:
+        root, base, adapters, data, compute, config = (
+            job.root,
+            job.base,
+            job.adapters,
+            job.data,
+            job.compute,
+            job.config,
+        )
         stats = [
             _child(_STATS_IN_CHILD, base, adapter, records_file, compute.type, batch_size, int(index == 0))
             for index, (adapter, records_file) in enumerate(zip(adapters, data))

@@ -8,13 +8,11 @@ memory is its own."""
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from many_cli.bench.e2e import FAMILIES, build_base, write_adapters, write_records
+from many_cli.bench.e2e import job_inputs
 from many_cli.bench.merge_bench import run_python
-from many_cli.models import resolve_device
 
 _STATS = """
 import json, sys, time
@@ -78,22 +76,16 @@ def bench_one_pass(
     device: str = "auto",
     workdir: Path | None = None,
 ) -> OnePassResult:
-    compute = resolve_device(device)
-    build, image_size = FAMILIES[family]
-    config, processor = build(layers, vision_layers)
-    with tempfile.TemporaryDirectory(prefix="many-one-pass-", dir=workdir) as folder:
-        root = Path(folder)
-        base = build_base(root / "base", config, processor, compute)
-        adapters = write_adapters(base, root / "adapters", tasks, compute)
-        data = [write_records(root / "data" / a.name, records, image_size, seed=i) for i, a in enumerate(adapters)]
-        stats = [_child(_STATS, base, adapter, source, compute.type) for adapter, source in zip(adapters, data)]
-        merged = _child(_MERGE, base, root / "merged", compute.type, 0, tasks, *adapters)
-        walked = _child(_MERGE, base, root / "one_pass", compute.type, 4, tasks, *adapters, *data)
-        spilled = _child(_MERGE, base, root / "spilled", compute.type, 0, tasks, *adapters, *data)
+    with job_inputs(family, layers, vision_layers, tasks, records, device, workdir) as job:
+        where = job.compute.type
+        stats = [_child(_STATS, job.base, adapter, data, where) for adapter, data in zip(job.adapters, job.data)]
+        merged = _child(_MERGE, job.base, job.root / "merged", where, 0, tasks, *job.adapters)
+        walked = _child(_MERGE, job.base, job.root / "one_pass", where, 4, tasks, *job.adapters, *job.data)
+        spilled = _child(_MERGE, job.base, job.root / "spilled", where, 0, tasks, *job.adapters, *job.data)
         return OnePassResult(
             family=family,
-            device=str(compute),
-            layers=config.get_text_config().num_hidden_layers,
+            device=str(job.compute),
+            layers=job.config.get_text_config().num_hidden_layers,
             tasks=tasks,
             records=records,
             stats_seconds=sum(seconds for seconds, _ in stats) / tasks,
