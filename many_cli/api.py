@@ -42,19 +42,30 @@ def merge_adapters(
     out: PathLike,
     options: merge.MergeOptions = merge.MergeOptions(),
     resume: PathLike | None = None,
+    data: Iterable[PathLike] | None = None,
     **kwargs: Any,
 ) -> merge.MergeReport:
-    """`many merge`: the adapters (in task order, or one folder holding them) merged into out."""
+    """`many merge`: the adapters (in task order, or one folder holding them) merged into out;
+    under `options.one_pass`, `data` is each task's calibration data, in task order (`--data`)."""
     if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Iterable):
         raise ArgumentError("adapters", f"must be a list of paths, got {type(adapters).__name__}")
     paths = [_path(adapter, "adapters") for adapter in adapters]
     if not paths:
         raise ArgumentError("adapters", "is empty: give at least one adapter directory")
+    options = _of(options, merge.MergeOptions, "options")
+    if data is not None and (isinstance(data, (str, os.PathLike)) or not isinstance(data, Iterable)):
+        raise ArgumentError("data", f"must be a list of paths, got {type(data).__name__}")
+    if data is not None and not options.one_pass:
+        raise ArgumentError("data", "applies to MergeOptions(one_pass=True) only")
+    if options.one_pass:
+        from many_cli.stats.walk import walker
+
+        kwargs["open_walk"] = walker(options, [_path(source, "data") for source in data or []])
     return _call(
         merge.merge,
         paths,
         _path(out, "out"),
-        _of(options, merge.MergeOptions, "options"),
+        options,
         resume=None if resume is None else _path(resume, "resume"),
         **kwargs,
     )

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import invoke
 
 import many_cli
+from many_cli.adapters import ADAPTER_WEIGHTS
 
 SAMPLE = Path(__file__).parent.parent / "sample_adapters"
 
@@ -24,6 +26,19 @@ def test_the_api_takes_str_paths_and_the_exported_cards_example_runs(tmp_path):
         )
     report = many_cli.merge_adapters([str(adapter) for adapter in adapters], str(tmp_path / "merged"))
     assert report.tasks == ["1_colour", "2_count"]
+    data = [SAMPLE / "data" / adapter.name / "calibration.jsonl" for adapter in adapters]
+    walked = many_cli.MergeOptions(one_pass=True, model=SAMPLE / "base")
+    many_cli.merge_adapters(adapters, tmp_path / "one_pass", walked, data=[str(source) for source in data])
+    arguments = [argument for source in data for argument in ("--data", source)]
+    assert (
+        invoke("merge", *adapters, "--out", tmp_path / "cli", "--one-pass", "--model", SAMPLE / "base", *arguments) == 0
+    )
+    assert (tmp_path / "one_pass" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "cli" / ADAPTER_WEIGHTS).read_bytes()
+    assert (tmp_path / "one_pass" / ADAPTER_WEIGHTS).read_bytes() != (
+        tmp_path / "merged" / ADAPTER_WEIGHTS
+    ).read_bytes()
+    with pytest.raises(many_cli.ArgumentError, match="data: applies to MergeOptions"):
+        many_cli.merge_adapters(adapters, tmp_path / "no", data=data)
     exported = tmp_path / "exported"
     many_cli.export_model(
         str(SAMPLE / "base"), str(tmp_path / "merged"), str(exported), many_cli.ExportOptions(projector="routed")
